@@ -1,0 +1,282 @@
+"""Shared plumbing for the four scripts: dataclass-driven CLIs, collected validation, atomic outputs, rank-0 waits
+and checkpoint discovery. Standard library only, so `--help` and validation stay fast."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+import typing
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Optional
+
+log = logging.getLogger("peft_megatron")
+
+USAGE_ERROR = 2  # argparse's exit code for bad usage; validation errors use it too
+
+
+class ConfigError(ValueError):
+    """Every problem found in the user's input, reported together; each line names the flag and the fix."""
+
+    def __init__(self, problems: Iterable[str]):
+        self.problems = list(problems)
+        super().__init__("\n".join(f"  - {p}" for p in self.problems))
+
+
+class PipelineError(RuntimeError):
+    """A failure with a message meant for the user (bad data, missing checkpoint, failed launch); exit code 1."""
+
+
+def setup_logging(level: str = "INFO") -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="[%(asctime)s %(levelname)s %(name)s] %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stdout,
+    )
+
+
+def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> None:
+    """Exit codes: 0 ok, 1 pipeline failure, 2 usage error. Messages go to stderr without a traceback."""
+    try:
+        code = main(argv)
+    except ConfigError as e:
+        print(f"error: invalid arguments:\n{e}", file=sys.stderr)
+        code = USAGE_ERROR
+    except PipelineError as e:
+        print(f"error: {e}", file=sys.stderr)
+        code = 1
+    sys.exit(code)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Dataclass -> argparse. The dataclass is the single source of truth: names, types, defaults and help.
+# --------------------------------------------------------------------------------------------------------------------
+_TRUE, _FALSE = {"true", "1", "yes", "y", "on"}, {"false", "0", "no", "n", "off"}
+
+
+def parse_bool(text: str) -> bool:
+    low = str(text).strip().lower()
+    if low in _TRUE:
+        return True
+    if low in _FALSE:
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+class _BoolAction(argparse.Action):
+    """`--flag`, `--no-flag`, and `--flag true|false` (the form SageMaker uses for hyperparameters)."""
+
+    def __init__(self, option_strings, dest, default=None, help=None, **kwargs):
+        name = option_strings[0][2:]
+        super().__init__([f"--{name}", f"--no-{name}"], dest, nargs="?", default=default, help=help, metavar="BOOL")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if option_string.startswith("--no-"):
+            if values is not None:
+                parser.error(f"{option_string} takes no value")
+            setattr(namespace, self.dest, False)
+        else:
+            try:
+                setattr(namespace, self.dest, True if values is None else parse_bool(values))
+            except argparse.ArgumentTypeError as e:
+                parser.error(f"{option_string}: {e}")
+
+
+def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    if typing.get_origin(tp) is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+def iter_fields(cls: type) -> Iterator[tuple[dataclasses.Field, Any, Optional[str]]]:
+    """(field, resolved type, parent field name or None), flattening nested dataclass fields."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            for sub, sub_tp, _ in iter_fields(tp):
+                yield sub, sub_tp, f.name
+        else:
+            yield f, tp, None
+
+
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One flag per (flattened) field: `--name`, typed from the annotation, help from `metadata["help"]`."""
+    seen: set[str] = set()
+    group = None
+    for f, tp, _ in iter_fields(cls):
+        assert f.name not in seen, f"duplicate field name {f.name} across nested dataclasses"
+        seen.add(f.name)
+        if "group" in f.metadata:
+            group = parser.add_argument_group(f.metadata["group"])
+        target = group or parser
+        help_text = f.metadata.get("help", "")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        base, optional = _unwrap_optional(tp)
+        kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS}
+        if base is bool:
+            target.add_argument(f"--{f.name}", action=_BoolAction, help=f"{help_text} (default: {default})", **kwargs)
+            continue
+        if "choices" in f.metadata:
+            kwargs["choices"] = f.metadata["choices"]
+        if base in (int, float, str):
+            kwargs["type"] = base
+        else:
+            raise TypeError(f"unsupported field type {tp} for {f.name}")
+        shown = "unset" if default is None and optional else default
+        target.add_argument(f"--{f.name}", help=f"{help_text} (default: {shown})", metavar=f.name.upper(), **kwargs)
+
+
+def dataclass_from_namespace(cls: type, ns: argparse.Namespace | dict, explicit: Optional[set] = None) -> Any:
+    """Build `cls` from parsed values; nested dataclasses are filled from the same flat namespace."""
+    values = vars(ns) if isinstance(ns, argparse.Namespace) else ns
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            kwargs[f.name] = dataclass_from_namespace(hints[f.name], values)
+        elif f.name in values:
+            kwargs[f.name] = values[f.name]
+    return cls(**kwargs)
+
+
+def parse_dataclass_args(cls: type, argv: list[str] | None, description: str) -> tuple[Any, set[str]]:
+    """Parse argv into `cls`; also return the names of the flags given explicitly (they beat the environment)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_dataclass_arguments(parser, cls)
+    ns = parser.parse_args(argv)
+    return dataclass_from_namespace(cls, ns), set(vars(ns))
+
+
+def flag_names(cls: type) -> list[str]:
+    return [f.name for f, _, _ in iter_fields(cls)]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Atomic outputs: a crash never leaves a file or directory that looks complete.
+# --------------------------------------------------------------------------------------------------------------------
+def atomic_write_text(path: Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_jsonl(path: Path, rows: Iterable[dict]) -> int:
+    """Write rows as JSON lines through a temporary file; returns the row count."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    count = 0
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            for row in rows:
+                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+                count += 1
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return count
+
+
+@contextlib.contextmanager
+def atomic_dir(path: Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a sibling temporary directory; on success it is renamed to `path`, on failure removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():
+            if not overwrite:
+                raise FileExistsError(f"{path} appeared while it was being written; nothing was replaced")
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def wait_for_file(
+    done: Path, failed: Path, timeout_s: float, what: str, poll_s: float = 2.0, is_done: Callable[[], bool] | None = None
+) -> None:
+    """Wait until `done` exists (or `is_done()`), failing fast when `failed` appears and after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    check = is_done or done.exists
+    next_log = 0.0
+    while True:
+        if check():
+            return
+        if failed.exists():
+            reason = failed.read_text(errors="replace").strip()
+            raise PipelineError(f"{what} failed on global rank 0: {reason} (marker {failed}); fix it and re-run")
+        now = time.monotonic()
+        if now >= deadline:
+            raise PipelineError(
+                f"timed out after {timeout_s:.0f}s waiting for {what} ({done}); is global rank 0 running and "
+                f"is the directory on a filesystem every node shares?"
+            )
+        if now >= next_log:
+            log.info("waiting for %s from global rank 0 (%.0fs left)", what, deadline - now)
+            next_log = now + 30
+        time.sleep(poll_s)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# NeMo checkpoints on disk
+# --------------------------------------------------------------------------------------------------------------------
+_VAL_LOSS = re.compile(r"val_loss=([0-9.]+(?:e[-+]?\d+)?)")
+
+
+def is_nemo_checkpoint(path: Path) -> bool:
+    """A complete NeMo 2 checkpoint has context/ (model config, tokenizer) and weights/ with its metadata."""
+    path = Path(path)
+    weights = path / "weights"
+    return (path / "context").is_dir() and weights.is_dir() and (weights / "metadata.json").exists()
+
+
+def checkpoint_val_loss(path: Path) -> Optional[float]:
+    m = _VAL_LOSS.search(Path(path).name)
+    return float(m.group(1).rstrip(".")) if m else None
+
+
+def find_checkpoint(nemo_logs_dir: Path) -> Path:
+    """The best-val_loss checkpoint under `nemo_logs_dir` (searched recursively), else the `-last` one."""
+    root = Path(nemo_logs_dir)
+    if not root.is_dir():
+        raise PipelineError(f"--nemo_logs_dir {root} does not exist; run peft_megatron.py first (it writes it)")
+    candidates = [p for p in root.rglob("*") if p.is_dir() and is_nemo_checkpoint(p) and "checkpoints" in p.parts]
+    complete = [p for p in candidates if not p.name.endswith("-last") and checkpoint_val_loss(p) is not None]
+    if complete:
+        return min(complete, key=lambda p: (checkpoint_val_loss(p), -p.stat().st_mtime))
+    last = [p for p in candidates if p.name.endswith("-last")]
+    if last:
+        return max(last, key=lambda p: p.stat().st_mtime)
+    raise PipelineError(
+        f"no complete NeMo checkpoint (context/ + weights/metadata.json) under {root}; "
+        "train with peft_megatron.py first, or pass --nemo_checkpoint_path"
+    )

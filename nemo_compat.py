@@ -1,0 +1,252 @@
+"""Run NeMo 2.7.3 + Megatron-Core 0.15.3 correctly without Transformer Engine (TE) and, for checkpoint work,
+without CUDA.
+
+`pip install` users, CPU conversion nodes, CI and our own H100 have no TE, yet the pinned NeMo/Megatron quietly
+assume it, and assume CUDA even for checkpoint import/export, which is CPU work by design. Every adaptation here is a
+runtime shim (installed files are never edited), is applied only when the environment needs it, logs what it did,
+and names the upstream behaviour it works around and when it can go. With TE and CUDA present nothing is changed.
+
+Entry points:
+    prepare_process()           once per process, before NeMo/Megatron are imported (scripts call it first)
+    model_config_overrides()    model-config fields that must change without TE (fusions)
+    optimizer_config_overrides()
+    cpu_checkpoint_io()         context manager around llm.import_ckpt / export_ckpt / merge_lora on a CPU host
+    NoTECompatCallback          a Lightning callback that applies the training shims inside torchrun workers
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib.util
+import logging
+import sys
+import types
+from typing import Iterator, Optional
+
+log = logging.getLogger("peft_megatron.compat")
+
+# Megatron's local layer spec names its norms differently from TE's fused LayerNormLinear. NeMo's HF connectors map
+# only to the fused names, so without TE the import leaves every RMSNorm at 1.0 and the export crashes.
+# Remove when the connectors pick names from the target's layer spec (NeMo > 2.7.3).
+TE_TO_LOCAL_NORM_KEYS = {
+    ".self_attention.linear_qkv.layer_norm_weight": ".input_layernorm.weight",
+    ".self_attention.linear_qkv.layer_norm_bias": ".input_layernorm.bias",
+    ".mlp.linear_fc1.layer_norm_weight": ".pre_mlp_layernorm.weight",
+    ".mlp.linear_fc1.layer_norm_bias": ".pre_mlp_layernorm.bias",
+}
+
+# Fusions whose kernels come from TE or from CUDA extensions the pip wheels lack
+# (`No module named 'scaled_masked_softmax_cuda'` for the first).
+NO_TE_MODEL_OVERRIDES = {
+    "masked_softmax_fusion": False,
+    "cross_entropy_loss_fusion": False,
+    "apply_rope_fusion": False,
+    "gradient_accumulation_fusion": False,
+    "bias_activation_fusion": False,
+    "bias_dropout_fusion": False,
+    "persist_layer_norm": False,
+}
+
+_applied: set[str] = set()
+
+
+@dataclasses.dataclass(frozen=True)
+class Environment:
+    has_te: bool
+    has_cuda: bool
+
+    def describe(self) -> str:
+        return f"transformer_engine={'yes' if self.has_te else 'no'}, cuda={'yes' if self.has_cuda else 'no'}"
+
+
+def detect_environment() -> Environment:
+    """TE counts only if its torch extension imports: Megatron defines placeholder TE names when it is missing."""
+    has_te = False
+    if importlib.util.find_spec("transformer_engine") is not None:
+        try:
+            import transformer_engine.pytorch  # noqa: F401
+
+            has_te = True
+        except Exception as e:  # a broken TE install is treated as absent, loudly
+            log.warning("transformer_engine is installed but does not import (%s); running without it", e)
+    import torch
+
+    return Environment(has_te=has_te, has_cuda=torch.cuda.is_available())
+
+
+def applied() -> frozenset[str]:
+    """Names of the shims applied in this process (for logs and tests)."""
+    return frozenset(_applied)
+
+
+def _mark(name: str, why: str) -> None:
+    if name not in _applied:
+        _applied.add(name)
+        log.info("compat: %s (%s)", name, why)
+
+
+def prepare_process(env: Optional[Environment] = None) -> Environment:
+    """Apply the process-wide adaptations the environment needs; idempotent."""
+    env = env or detect_environment()
+    if env.has_te and env.has_cuda:
+        return env
+    _skip_unified_memory_build(env)
+    if not env.has_te:
+        _patch_peft_te_checks()
+        _patch_norm_mapping()
+    return env
+
+
+def model_config_overrides(env: Environment) -> dict:
+    return {} if env.has_te else dict(NO_TE_MODEL_OVERRIDES)
+
+
+def optimizer_config_overrides(env: Environment) -> dict:
+    # Without TE or apex, Megatron falls back to torch's Adam, and its distributed optimizer then fails at the first
+    # checkpoint save (distrib_optimizer.py sharding assertion, mcore 0.15.3).
+    return {} if env.has_te else {"use_distributed_optimizer": False}
+
+
+def _skip_unified_memory_build(env: Environment) -> None:
+    """megatron/core/inference/unified_memory.py compiles a cudaMallocManaged allocator with nvcc at import time.
+
+    It is used only by dynamic inference with `unified_memory_level > 0`, which we never request. On CPU hosts the
+    build raises IndexError out of the import (not caught upstream); on GPU hosts it is a compile per fresh machine.
+    A stub module with the same public names stands in. Remove when Megatron builds it lazily (mcore > 0.15.3)."""
+    name = "megatron.core.inference.unified_memory"
+    if name in sys.modules:
+        return
+    stub = types.ModuleType(name, "stub installed by nemo_compat: managed-memory allocator not built")
+    stub.has_unified_memory = False
+    stub._alloc = None
+
+    def create_unified_mempool():
+        raise RuntimeError("unified memory was not built (nemo_compat); use unified_memory_level=0")
+
+    stub.create_unified_mempool = create_unified_mempool
+    sys.modules[name] = stub
+    _mark("unified-memory-stub", f"no build of the managed-memory allocator; {env.describe()}")
+
+
+def _patch_peft_te_checks() -> None:
+    """NeMo's LoRA transform compares `m.__class__ == te.Linear` without a TE guard (lora.py), and peft/utils.py
+    trusts HAVE_TE flags computed from Megatron's TE placeholder names. Remove when NeMo guards both (> 2.7.3)."""
+    from nemo.collections.llm.peft import lora, utils
+
+    absent = types.SimpleNamespace(
+        Linear=type("TransformerEngineAbsentLinear", (), {}),
+        LayerNormLinear=type("TransformerEngineAbsentLayerNormLinear", (), {}),
+    )
+    if not isinstance(lora.te, types.SimpleNamespace):
+        lora.te = absent
+    utils.HAVE_TE = False
+    _mark("peft-te-guards", "LoRA wraps Megatron's local ColumnParallel/RowParallel linears")
+
+
+def remap_norm_keys(mapping: dict, nemo_keys, nemo_is_target: bool) -> dict:
+    """Rewrite an HF<->NeMo key mapping for a NeMo model built with the local (non-TE) layer spec."""
+    keys = list(nemo_keys)
+    uses_fused = any(k.endswith(te) for k in keys for te in TE_TO_LOCAL_NORM_KEYS)
+    uses_local = any(k.endswith(local) for k in keys for local in TE_TO_LOCAL_NORM_KEYS.values())
+    if uses_fused or not uses_local:
+        return mapping
+
+    def rename(key: str) -> str:
+        for te, local in TE_TO_LOCAL_NORM_KEYS.items():
+            if key.endswith(te):
+                return key[: -len(te)] + local
+        return key
+
+    if nemo_is_target:
+        return {src: rename(dst) for src, dst in mapping.items()}
+    return {rename(src): dst for src, dst in mapping.items()}
+
+
+def _state_keys(obj) -> list[str]:
+    state_dict = getattr(obj, "state_dict", None)
+    return list(state_dict().keys()) if callable(state_dict) else []
+
+
+def _is_nemo_side(keys: list[str]) -> bool:
+    return any(".decoder.layers." in f".{k}" for k in keys)
+
+
+def _patch_norm_mapping() -> None:
+    from nemo.lightning import io
+    from nemo.lightning.io import state
+
+    original = state.apply_transforms
+    if getattr(io.apply_transforms, "_nemo_compat", False):
+        return
+
+    def apply_transforms(source, target, mapping, *args, **kwargs):
+        target_keys = _state_keys(target)
+        if _is_nemo_side(target_keys):
+            mapping = remap_norm_keys(mapping, target_keys, nemo_is_target=True)
+        else:
+            source_keys = _state_keys(source)
+            if _is_nemo_side(source_keys):
+                mapping = remap_norm_keys(mapping, source_keys, nemo_is_target=False)
+        return original(source, target, mapping, *args, **kwargs)
+
+    apply_transforms._nemo_compat = True
+    io.apply_transforms = apply_transforms
+    state.apply_transforms = apply_transforms
+    _mark("local-spec-norm-mapping", "HF<->NeMo conversion maps RMSNorm weights to the local layer spec")
+
+
+@contextlib.contextmanager
+def cpu_checkpoint_io(env: Optional[Environment] = None) -> Iterator[None]:
+    """Let NeMo's checkpoint import/export/merge run on a host without CUDA.
+
+    Megatron's async checkpoint writer and NeMo's loader call torch.cuda.synchronize(), current_device(), Stream()
+    and assert torch.cuda.is_initialized() although every tensor is on the CPU (filesystem_async.py,
+    state_dict_saver.py, async_utils.py, megatron_parallel.py, nemo/lightning/io/pl.py). Inside this context those
+    calls are CPU no-ops; outside it torch is untouched. With CUDA present it does nothing."""
+    env = env or detect_environment()
+    if env.has_cuda:
+        yield
+        return
+    import torch
+    import nemo.lightning.io.pl as nemo_pl
+
+    saved = {
+        "synchronize": torch.cuda.synchronize,
+        "current_device": torch.cuda.current_device,
+        "Stream": torch.cuda.Stream,
+        "stream": torch.cuda.stream,
+        "is_initialized": torch.cuda.is_initialized,
+    }
+    saved_fix = nemo_pl._fix_tensors_device
+    torch.cuda.synchronize = lambda *a, **k: None
+    torch.cuda.current_device = lambda: "cpu"
+    torch.cuda.Stream = lambda *a, **k: None
+    torch.cuda.stream = lambda *a, **k: contextlib.nullcontext()
+    torch.cuda.is_initialized = lambda: True
+    nemo_pl._fix_tensors_device = lambda ckpt: ckpt
+    _mark("cpu-checkpoint-io", "checkpoint conversion on a host without CUDA")
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(torch.cuda, name, fn)
+        nemo_pl._fix_tensors_device = saved_fix
+
+
+def __getattr__(name: str):
+    # The callback class subclasses Lightning's Callback; building it lazily keeps this module import-light.
+    if name == "NoTECompatCallback":
+        import lightning.pytorch as pl
+
+        class NoTECompatCallback(pl.Callback):
+            """Applies prepare_process() inside each torchrun worker, before the PEFT transform runs."""
+
+            def __init__(self):
+                super().__init__()
+                prepare_process()
+
+        NoTECompatCallback.__module__ = __name__
+        globals()[name] = NoTECompatCallback
+        return NoTECompatCallback
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
