@@ -247,6 +247,7 @@ def __getattr__(name: str):
                 prepare_process()
 
         NoTECompatCallback.__module__ = __name__
+        NoTECompatCallback.__qualname__ = name
         globals()[name] = NoTECompatCallback
         return NoTECompatCallback
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

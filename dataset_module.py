@@ -1,0 +1,524 @@
+"""Any Hugging Face or local dataset -> clean, reproducible train/val/test JSONL -> NeMo fine-tuning batches.
+
+    # prepare only (no GPU): local JSONL + a local model directory for its tokenizer
+    python peft_megatron.py --prepare_data_only --hf_model_id ./my-model --dataset_name data/train.jsonl \
+        --input_column question --output_column answer --prompt_template $'Q: {question}\nA:' --data_dir out/data
+
+The JSONL rows are what NeMo 2.7.3's FineTuningDataModule reads: `{"input": prompt, "output": answer}` (loss on the
+answer only; NeMo joins them as "{input} {output}") or, with --chat, `{"messages": [...]}` rendered with the
+tokenizer's chat template. Preparation is deterministic for a seed, idempotent (a fingerprint of everything that
+shapes the output is kept in `.data_ready.json`), atomic (files are renamed into place, marker last), and done by
+global rank 0 only while other ranks wait with a timeout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from common import PipelineError, atomic_write_jsonl, atomic_write_text, wait_for_file
+
+log = logging.getLogger("peft_megatron.data")
+
+SPLIT_FILES = {"train": "training.jsonl", "val": "validation.jsonl", "test": "test.jsonl"}
+MARKER = ".data_ready.json"
+FAILED_MARKER = ".data_failed"
+FORMAT_VERSION = 1
+LOCAL_SUFFIXES = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+_SPLIT_ALIASES = {"train": ("train",), "val": ("validation", "val", "valid", "dev"), "test": ("test",)}
+TRUNCATION_WARN_FRACTION = 0.02
+
+
+@dataclass
+class HFDatasetConfig:
+    """Where the data comes from and how rows become prompt/answer pairs (flags of peft_megatron.py)."""
+
+    dataset_name: Optional[str] = field(
+        default=None,
+        metadata={
+            "group": "data",
+            "help": "Hugging Face hub id, a local directory (files or a datasets.save_to_disk dump), or a file "
+            "path (.jsonl/.json/.csv/.parquet; several comma-separated). Unset: --data_dir must already hold "
+            "training.jsonl and validation.jsonl",
+        },
+    )
+    dataset_subset: Optional[str] = field(default=None, metadata={"help": "dataset configuration name (hub datasets)"})
+    dataset_revision: Optional[str] = field(default=None, metadata={"help": "hub revision (branch, tag or commit)"})
+    input_column: str = field(default="input", metadata={"help": "column holding the prompt"})
+    output_column: str = field(default="output", metadata={"help": "column holding the answer"})
+    system_column: Optional[str] = field(
+        default=None, metadata={"help": "optional column prepended to the prompt (system prompt or context)"}
+    )
+    prompt_template: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "Python format string over column names that builds the prompt, e.g. "
+            "'### Question:\\n{question}\\n\\n### Answer:'. Default: the --input_column value"
+        },
+    )
+    chat: bool = field(default=False, metadata={"help": "rows carry a 'messages' list rendered by the chat template"})
+    val_fraction: float = field(default=0.05, metadata={"help": "validation share when the source has no such split"})
+    test_fraction: float = field(default=0.05, metadata={"help": "test share when the source has no test split"})
+    seed: int = field(default=1234, metadata={"help": "seed for the shuffle and the split"})
+    max_samples: Optional[int] = field(default=None, metadata={"help": "keep at most this many rows per split"})
+    overwrite_data: bool = field(
+        default=False, metadata={"help": "re-prepare --data_dir even if it holds data prepared with other settings"}
+    )
+
+    def problems(self) -> list[str]:
+        """Validation without touching the data (called before any heavy work)."""
+        out = []
+        for name in ("val_fraction", "test_fraction"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                out.append(f"--{name} {value} must be in [0, 1)")
+        if self.val_fraction + self.test_fraction >= 1.0:
+            out.append(
+                f"--val_fraction + --test_fraction = {self.val_fraction + self.test_fraction:g} leaves no "
+                "training rows; make their sum below 1"
+            )
+        if self.max_samples is not None and self.max_samples <= 0:
+            out.append(f"--max_samples {self.max_samples} must be positive (or unset for all rows)")
+        if self.prompt_template is not None and not self.chat:
+            try:
+                _template_fields(self.prompt_template)
+            except ValueError as e:
+                out.append(f"--prompt_template is not a valid format string ({e}); escape literal braces as {{{{ }}}}")
+        if self.dataset_name:
+            for part in self.dataset_name.split(","):
+                p = Path(part.strip())
+                if p.suffix.lower() in LOCAL_SUFFIXES and not p.exists():
+                    out.append(f"--dataset_name file {p} does not exist")
+        return out
+
+
+def _template_fields(template: str) -> list[str]:
+    import string
+
+    names = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    for name in names:
+        if not name or not name.isidentifier():
+            raise ValueError(f"field {{{name}}} is not a column name")
+    return names
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------------------------------
+def _local_files(spec: str) -> Optional[list[Path]]:
+    parts = [Path(p.strip()) for p in spec.split(",") if p.strip()]
+    if parts and all(p.suffix.lower() in LOCAL_SUFFIXES for p in parts):
+        return parts
+    return None
+
+
+def _check_jsonl(path: Path) -> None:
+    """datasets reports a malformed JSON line without its position; we name the file and line."""
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise PipelineError(f"{path}:{lineno}: malformed JSON line ({e.msg} at column {e.colno})") from None
+            if not isinstance(row, dict):
+                raise PipelineError(f"{path}:{lineno}: expected a JSON object per line, got {type(row).__name__}")
+
+
+def _source_fingerprint(spec: str) -> dict:
+    files = _local_files(spec)
+    if files is None and Path(spec).is_dir():
+        files = sorted(p for p in Path(spec).rglob("*") if p.is_file())
+    if files is None:
+        return {"hub": spec}
+    return {"files": [{"path": str(p.resolve()), "size": p.stat().st_size, "mtime_ns": p.stat().st_mtime_ns} for p in files]}
+
+
+def load_splits(cfg: HFDatasetConfig) -> dict[str, list[dict]]:
+    """Load the source into {split name in the source: rows}."""
+    import datasets
+
+    spec = cfg.dataset_name
+    files = _local_files(spec)
+    try:
+        if files is not None:
+            for p in files:
+                if p.suffix.lower() == ".jsonl" or (p.suffix.lower() == ".json" and _looks_like_jsonl(p)):
+                    _check_jsonl(p)
+            builders = {LOCAL_SUFFIXES[p.suffix.lower()] for p in files}
+            if len(builders) > 1:
+                raise PipelineError(f"--dataset_name mixes file types {sorted(builders)}; use one format")
+            ds = datasets.load_dataset(builders.pop(), data_files={"train": [str(p) for p in files]})
+        elif Path(spec).is_dir() and any((Path(spec) / n).exists() for n in ("dataset_dict.json", "state.json")):
+            ds = datasets.load_from_disk(spec)
+        elif Path(spec).is_dir():
+            for p in Path(spec).rglob("*.jsonl"):
+                _check_jsonl(p)
+            ds = datasets.load_dataset(spec, cfg.dataset_subset)
+        else:
+            ds = datasets.load_dataset(spec, cfg.dataset_subset, revision=cfg.dataset_revision)
+    except PipelineError:
+        raise
+    except FileNotFoundError as e:
+        raise PipelineError(
+            f"dataset {spec!r} not found ({e}). Without network access, point --dataset_name at local files "
+            "(.jsonl/.json/.csv/.parquet, comma-separated) or a datasets.save_to_disk directory"
+        ) from None
+    except Exception as e:  # the hub client raises many types offline (ConnectionError, OfflineModeIsEnabled, ...)
+        raise PipelineError(
+            f"could not load dataset {spec!r}: {type(e).__name__}: {e}. Without network access, point "
+            "--dataset_name at local files or a datasets.save_to_disk directory"
+        ) from None
+    if isinstance(ds, datasets.Dataset):
+        ds = datasets.DatasetDict({"train": ds})
+    return {name: ds[name].to_list() for name in ds}
+
+
+def _looks_like_jsonl(path: Path) -> bool:
+    with open(path, encoding="utf-8") as fh:
+        head = fh.read(1).strip()
+    return head == "{"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Rows
+# --------------------------------------------------------------------------------------------------------------------
+def _is_empty(value: Any) -> bool:
+    return value is None or (isinstance(value, str) and not value.strip())
+
+
+def _to_row(raw: dict, cfg: HFDatasetConfig) -> tuple[Optional[dict], Optional[str]]:
+    """The JSONL row for one source row, or (None, reason it was dropped)."""
+    if cfg.chat:
+        messages = raw.get("messages")
+        if not isinstance(messages, list) or not messages:
+            return None, "empty or missing messages"
+        for m in messages:
+            if not isinstance(m, dict) or "role" not in m or _is_empty(m.get("content")):
+                return None, "message without role or content"
+        if messages[-1]["role"] != "assistant":
+            return None, "last message is not from the assistant"
+        return {"messages": [{"role": m["role"], "content": m["content"]} for m in messages]}, None
+    answer = raw.get(cfg.output_column)
+    if cfg.prompt_template is not None:
+        values = {k: raw.get(k) for k in _template_fields(cfg.prompt_template)}
+        if any(_is_empty(v) for v in values.values()):
+            return None, "empty prompt"
+        prompt = cfg.prompt_template.format(**values)
+    else:
+        prompt = raw.get(cfg.input_column)
+        if _is_empty(prompt):
+            return None, "empty prompt"
+    if _is_empty(answer):
+        return None, "empty answer"
+    prompt = str(prompt)
+    if cfg.system_column is not None and not _is_empty(raw.get(cfg.system_column)):
+        prompt = f"{raw[cfg.system_column]}\n\n{prompt}"
+    return {"input": prompt, "output": str(answer)}, None
+
+
+def _required_columns(cfg: HFDatasetConfig) -> list[str]:
+    if cfg.chat:
+        return ["messages"]
+    cols = _template_fields(cfg.prompt_template) if cfg.prompt_template is not None else [cfg.input_column]
+    cols = list(dict.fromkeys(cols + [cfg.output_column] + ([cfg.system_column] if cfg.system_column else [])))
+    return cols
+
+
+def _check_columns(split: str, rows: list[dict], cfg: HFDatasetConfig) -> None:
+    if not rows:
+        return
+    present = set().union(*(r.keys() for r in rows[:100]))
+    missing = [c for c in _required_columns(cfg) if c not in present]
+    if missing:
+        flags = "--chat expects a 'messages' column" if cfg.chat else "set --input_column/--output_column/--prompt_template"
+        raise PipelineError(
+            f"split {split!r} of {cfg.dataset_name} has no column(s) {missing}; its columns are {sorted(present)} "
+            f"({flags})"
+        )
+
+
+def build_splits(source: dict[str, list[dict]], cfg: HFDatasetConfig) -> tuple[dict[str, list[dict]], dict]:
+    """Map source splits to train/val/test (carving missing ones from train), convert and filter rows."""
+    chosen = {}
+    for ours, aliases in _SPLIT_ALIASES.items():
+        chosen[ours] = next((a for a in aliases if a in source), None)
+    if chosen["train"] is None:
+        if len(source) == 1:
+            chosen["train"] = next(iter(source))
+        else:
+            raise PipelineError(f"{cfg.dataset_name} has splits {sorted(source)} but no 'train' split")
+    dropped: dict[str, int] = {}
+    converted: dict[str, list[dict]] = {}
+    for ours, name in chosen.items():
+        if name is None:
+            continue
+        _check_columns(name, source[name], cfg)
+        rows = []
+        for raw in source[name]:
+            row, reason = _to_row(raw, cfg)
+            if row is None:
+                dropped[f"{ours}: {reason}"] = dropped.get(f"{ours}: {reason}", 0) + 1
+            else:
+                rows.append(row)
+        if source[name] and not rows:
+            raise PipelineError(f"every row of split {name!r} was dropped ({dropped}); check the column flags")
+        converted[ours] = rows
+    train = converted["train"]
+    random.Random(cfg.seed).shuffle(train)
+    n = len(train)
+    carve = {s: cfg.val_fraction if s == "val" else cfg.test_fraction for s in ("val", "test") if s not in converted}
+    counts = {s: max(1, round(n * f)) if f > 0 else 0 for s, f in carve.items()}
+    start = 0
+    for s in ("val", "test"):
+        if s in counts:
+            converted[s] = train[start : start + counts[s]]
+            start += counts[s]
+        else:
+            random.Random(cfg.seed).shuffle(converted[s])
+    converted["train"] = train[start:]
+    if cfg.max_samples is not None:
+        converted = {s: rows[: cfg.max_samples] for s, rows in converted.items()}
+    for s in ("train", "val"):
+        if not converted.get(s):
+            raise PipelineError(
+                f"the {s} split is empty after filtering and splitting ({n} usable training rows); "
+                f"provide more data or raise --{'val_fraction' if s == 'val' else 'max_samples'}"
+            )
+    sources = {s: (chosen[s] or f"carved from {chosen['train']}") for s in ("train", "val", "test")}
+    return converted, {"dropped": dropped, "sources": sources}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Token statistics
+# --------------------------------------------------------------------------------------------------------------------
+def token_stats(rows: list[dict], tokenizer, max_seq_length: int, limit: int = 20000) -> dict:
+    """p50/p95/max of prompt+answer tokens over (up to `limit`) rows, and the share longer than max_seq_length."""
+    sample = rows[:limit]
+    if not sample:
+        return {}
+    if "messages" in sample[0]:
+        texts = [tokenizer.apply_chat_template(r["messages"], tokenize=False) for r in sample]
+    else:
+        texts = [f"{r['input']} {r['output']}" for r in sample]
+    lengths = sorted(len(ids) + 1 for ids in tokenizer(texts, add_special_tokens=False)["input_ids"])
+
+    def pct(q: float) -> int:
+        return lengths[min(len(lengths) - 1, int(q * (len(lengths) - 1) + 0.5))]
+
+    over = sum(1 for x in lengths if x > max_seq_length)
+    return {"p50": pct(0.5), "p95": pct(0.95), "max": lengths[-1], "over_max_seq_length": over, "counted": len(lengths)}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Preparation (idempotent, atomic, rank 0 only)
+# --------------------------------------------------------------------------------------------------------------------
+def fingerprint(cfg: HFDatasetConfig, tokenizer_name: str) -> dict:
+    shaping = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "overwrite_data"}
+    body = {"format": FORMAT_VERSION, "config": shaping, "source": _source_fingerprint(cfg.dataset_name), "tokenizer": tokenizer_name}
+    return {"sha256": hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest(), **body}
+
+
+def _read_marker(root: Path) -> Optional[dict]:
+    try:
+        return json.loads((root / MARKER).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def _files_present(root: Path) -> bool:
+    return all((root / f).exists() for f in SPLIT_FILES.values())
+
+
+def _diff(old: dict, new: dict) -> list[str]:
+    a, b = old.get("config", {}), new.get("config", {})
+    changed = [f"--{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    if old.get("source") != new.get("source"):
+        changed.append("the source files changed (size or modification time)")
+    if old.get("tokenizer") != new.get("tokenizer"):
+        changed.append(f"tokenizer: {old.get('tokenizer')} -> {new.get('tokenizer')}")
+    return changed or ["format version"]
+
+
+def prepare_dataset(
+    cfg: HFDatasetConfig,
+    data_dir: Path,
+    tokenizer_name: str,
+    max_seq_length: int,
+    trust_remote_code: bool = False,
+    global_rank: int = 0,
+    wait_timeout_s: float = 3600.0,
+    tokenizer_identity: Optional[str] = None,
+) -> dict:
+    """Write train/val/test JSONL under `data_dir` unless identical data is there; return the summary.
+
+    `tokenizer_name` is loaded for the token statistics; `tokenizer_identity` (default: the same) enters the
+    fingerprint, so the same model reached through its imported checkpoint's tokenizer copy counts as unchanged."""
+    data_dir = Path(data_dir)
+    if cfg.dataset_name is None:
+        return _use_existing_jsonl(data_dir, cfg)
+    fp = fingerprint(cfg, tokenizer_identity or tokenizer_name)
+    marker = _read_marker(data_dir)
+    if marker and marker.get("fingerprint", {}).get("sha256") == fp["sha256"] and _files_present(data_dir):
+        log.info("data in %s already prepared with these settings (fingerprint %s); skipping", data_dir, fp["sha256"][:12])
+        return marker["summary"]
+    if global_rank != 0:
+        wait_for_file(
+            data_dir / MARKER,
+            data_dir / FAILED_MARKER,
+            wait_timeout_s,
+            "data preparation",
+            is_done=lambda: (_read_marker(data_dir) or {}).get("fingerprint", {}).get("sha256") == fp["sha256"],
+        )
+        return _read_marker(data_dir)["summary"]
+    if (marker or _files_present(data_dir)) and not cfg.overwrite_data:
+        why = _diff(marker["fingerprint"], fp) if marker else ["files without a .data_ready.json marker"]
+        raise PipelineError(
+            f"{data_dir} holds data prepared with other settings ({'; '.join(why)}); pass --overwrite_data to "
+            "replace it, or choose another --data_dir"
+        )
+    (data_dir / MARKER).unlink(missing_ok=True)  # an interrupted re-prepare must not leave the old marker behind
+    try:
+        summary = _prepare(cfg, data_dir, tokenizer_name, max_seq_length, trust_remote_code)
+    except BaseException as e:
+        atomic_write_text(data_dir / FAILED_MARKER, f"{type(e).__name__}: {e}\n")
+        raise
+    (data_dir / FAILED_MARKER).unlink(missing_ok=True)
+    atomic_write_text(data_dir / MARKER, json.dumps({"fingerprint": fp, "summary": summary}, indent=2) + "\n")
+    return summary
+
+
+def _prepare(cfg: HFDatasetConfig, data_dir: Path, tokenizer_name: str, max_seq_length: int, trust_remote_code: bool) -> dict:
+    from transformers import AutoTokenizer
+
+    splits, info = build_splits(load_splits(cfg), cfg)
+    summary: dict[str, Any] = {"rows": {}, "dropped": info["dropped"], "sources": info["sources"], "files": {}}
+    for split, filename in SPLIT_FILES.items():
+        rows = splits.get(split, [])
+        count = atomic_write_jsonl(data_dir / filename, rows)
+        summary["rows"][split] = count
+        summary["files"][split] = str(data_dir / filename)
+        log.info("%s split saved to %s (%d rows, from %s)", split, data_dir / filename, count, info["sources"][split])
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_name, trust_remote_code=trust_remote_code)
+    summary["tokens"] = token_stats(splits["train"], tokenizer, max_seq_length)
+    summary["max_seq_length"] = max_seq_length
+    return summary
+
+
+def _use_existing_jsonl(data_dir: Path, cfg: HFDatasetConfig) -> dict:
+    """No --dataset_name: the JSONL files must already be there (e.g. a SageMaker channel); check their rows."""
+    missing = [f for s, f in SPLIT_FILES.items() if s != "test" and not (data_dir / f).exists()]
+    if missing:
+        raise PipelineError(
+            f"--data_dir {data_dir} lacks {missing}; pass --dataset_name to prepare them from a dataset"
+        )
+    rows = {}
+    for split, filename in SPLIT_FILES.items():
+        path = data_dir / filename
+        if not path.exists():
+            continue
+        _check_jsonl(path)
+        keys = ("messages",) if cfg.chat else ("input", "output")
+        with open(path, encoding="utf-8") as fh:
+            for lineno, line in enumerate(fh, 1):
+                if line.strip() and any(k not in json.loads(line) for k in keys):
+                    raise PipelineError(f"{path}:{lineno}: row lacks {list(keys)}")
+                rows[split] = rows.get(split, 0) + bool(line.strip())
+    log.info("using the JSONL already in %s: %s", data_dir, rows)
+    return {"rows": rows, "dropped": {}, "sources": {s: "existing JSONL" for s in rows}, "files": {}}
+
+
+def format_summary(summary: dict) -> str:
+    lines = ["data summary:"]
+    for split, n in summary.get("rows", {}).items():
+        lines.append(f"  {split:5s} {n:>8d} rows  ({summary.get('sources', {}).get(split, '')})")
+    for reason, n in sorted(summary.get("dropped", {}).items()):
+        lines.append(f"  dropped {n} rows: {reason}")
+    tok = summary.get("tokens") or {}
+    if tok:
+        lines.append(
+            f"  prompt+answer tokens (train, {tok['counted']} rows): p50 {tok['p50']} | p95 {tok['p95']} | max {tok['max']}"
+        )
+        share = tok["over_max_seq_length"] / max(1, tok["counted"])
+        if share > TRUNCATION_WARN_FRACTION:
+            lines.append(
+                f"  WARNING: {share:.1%} of rows exceed --max_seq_length {summary['max_seq_length']} and will be "
+                "truncated; raise --max_seq_length"
+            )
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The NeMo data module (built lazily so that importing this file does not import NeMo)
+# --------------------------------------------------------------------------------------------------------------------
+def _build_data_module_class():
+    from nemo.collections.common.tokenizers import AutoTokenizer
+    from nemo.collections.llm.gpt.data.fine_tuning import FineTuningDataModule
+
+    class GeneralizedHFDataModule(FineTuningDataModule):
+        """FineTuningDataModule over JSONL prepared from any HF or local dataset (see module docstring)."""
+
+        def __init__(
+            self,
+            config: HFDatasetConfig,
+            tokenizer_name_or_path: str,
+            dataset_root: str,
+            seq_length: int = 2048,
+            micro_batch_size: int = 4,
+            global_batch_size: int = 8,
+            trust_remote_code: bool = False,
+            wait_timeout_s: float = 3600.0,
+            **kwargs,
+        ):
+            self.config = config
+            self.tokenizer_name_or_path = str(tokenizer_name_or_path)
+            self.trust_remote_code = trust_remote_code
+            self.wait_timeout_s = wait_timeout_s
+            dataset_kwargs = dict(kwargs.pop("dataset_kwargs", None) or {})
+            if config.chat:
+                dataset_kwargs.update(chat=True, use_hf_tokenizer_chat_template=True)
+            tokenizer = AutoTokenizer(self.tokenizer_name_or_path, trust_remote_code=trust_remote_code)
+            super().__init__(
+                dataset_root=dataset_root,
+                seq_length=seq_length,
+                tokenizer=tokenizer,
+                micro_batch_size=micro_batch_size,
+                global_batch_size=global_batch_size,
+                seed=config.seed,
+                dataset_kwargs=dataset_kwargs,
+                **kwargs,
+            )
+
+        def prepare_data(self) -> None:
+            import torch.distributed as dist
+
+            rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+            prepare_dataset(
+                self.config,
+                Path(self.dataset_root),
+                self.tokenizer_name_or_path,
+                self.seq_length,
+                self.trust_remote_code,
+                global_rank=rank,
+                wait_timeout_s=self.wait_timeout_s,
+            )
+            super().prepare_data()
+
+    GeneralizedHFDataModule.__module__ = __name__
+    GeneralizedHFDataModule.__qualname__ = "GeneralizedHFDataModule"
+    return GeneralizedHFDataModule
+
+
+def __getattr__(name: str):
+    if name == "GeneralizedHFDataModule":
+        cls = _build_data_module_class()
+        globals()[name] = cls
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,802 @@
+"""Fine-tune a Hugging Face model with NeMo 2.0 / Megatron-Core: LoRA or full, TP/PP/CP, one GPU to many nodes.
+
+    # the bundled demo: tiny Qwen3 model + recall task -> import, LoRA, evaluate, export (1 GPU, a few minutes)
+    python peft_megatron.py --demo
+
+    # plan a job without a GPU (validates, prints the layout, global batch and the torchrun command)
+    python peft_megatron.py --dry_run --num_nodes 4 --gpus_per_node 8 --tensor_parallel_size 8 \
+        --pipeline_parallel_size 2 --dataset_name data/train.jsonl
+
+    # LoRA on one node of 8 GPUs, local data in question/answer columns
+    python peft_megatron.py --hf_model_id Qwen/Qwen3-8B --recipe_cls_name qwen3_8b \
+        --dataset_name data/train.jsonl --input_column question --output_column answer
+
+    # full fine-tuning of Llama 3.1 8B
+    python peft_megatron.py --hf_model_id meta-llama/Llama-3.1-8B --recipe_cls_name llama31_8b --full_ft ...
+
+    # phases on their own: HF -> NeMo import (CPU is fine), data preparation (CPU)
+    python peft_megatron.py --import_only --hf_model_id ./my-hf-model --recipe_cls_name qwen3_8b --nemo_ckpt_dir ckpt/
+    python peft_megatron.py --prepare_data_only --hf_model_id ./my-hf-model --dataset_name data.jsonl
+
+The seven phases are one function each: configure (Config + validate_config), import_hf_checkpoint,
+prepare_data, configure_recipe, launch_training, then test_checkpoint.py and convert_checkpoint_to_hf.py.
+Exit codes: 0 success, 1 pipeline failure, 2 invalid arguments, 3 demo prepared but no CUDA GPU to train on.
+On SageMaker, SM_CHANNEL_TRAINING, SM_MODEL_DIR, SM_HOSTS, SM_CURRENT_HOST and SM_NUM_GPUS fill the matching
+settings unless a flag is given explicitly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import logging
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from common import (
+    ConfigError,
+    PipelineError,
+    atomic_dir,
+    atomic_write_text,
+    flag_names,
+    is_nemo_checkpoint,
+    parse_dataclass_args,
+    run_cli,
+    setup_logging,
+    wait_for_file,
+)
+from dataset_module import HFDatasetConfig, format_summary, prepare_dataset
+
+log = logging.getLogger("peft_megatron")
+
+REPO_DIR = Path(__file__).resolve().parent
+PEFT_SCHEMES = ("lora", "dora")  # what NeMo 2.7.3's finetune_recipe accepts (besides None for full fine-tuning)
+PROFILER_FLAGS = ("enable_memory_profile", "enable_pytorch_profiler", "enable_nsys_callback")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+IMPORT_FAILED_SUFFIX = ".import-failed"
+EXIT_NO_GPU = 3
+
+
+@dataclass
+class Config:
+    """Every setting of a fine-tuning job; the command-line flags are generated from these fields."""
+
+    # ---- model ------------------------------------------------------------------------------------------------
+    hf_model_id: str = field(
+        default="Qwen/Qwen3-8B",
+        metadata={"group": "model", "help": "Hugging Face hub id or local directory of the model to fine-tune"},
+    )
+    recipe_cls_name: str = field(
+        default="qwen3_8b", metadata={"help": "NeMo recipe module (nemo.collections.llm.recipes.<name>)"}
+    )
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "allow custom code from the model repository (tokenizer and model loads)"}
+    )
+    # ---- parallelism ------------------------------------------------------------------------------------------
+    num_nodes: int = field(default=1, metadata={"group": "parallelism", "help": "number of nodes"})
+    gpus_per_node: int = field(default=8, metadata={"help": "GPUs (processes) per node"})
+    tensor_parallel_size: int = field(default=8, metadata={"help": "tensor parallelism: splits each layer"})
+    pipeline_parallel_size: int = field(default=1, metadata={"help": "pipeline parallelism: splits the layer stack"})
+    context_parallel_size: int = field(default=1, metadata={"help": "context parallelism: splits the sequence"})
+    # ---- training ---------------------------------------------------------------------------------------------
+    max_steps: int = field(default=10000, metadata={"group": "training", "help": "optimizer steps"})
+    val_check_interval: int = field(default=800, metadata={"help": "validate (and checkpoint) every N steps"})
+    log_every_n_steps: int = field(default=10, metadata={"help": "logging interval in steps"})
+    micro_batch_size: int = field(default=8, metadata={"help": "sequences per GPU per forward pass"})
+    accumulate_grad_batches: int = field(default=8, metadata={"help": "micro-batches accumulated per step"})
+    limit_val_batches: int = field(default=80, metadata={"help": "validation batches per check"})
+    max_seq_length: int = field(default=2048, metadata={"help": "tokens per sequence (longer prompts are truncated)"})
+    learning_rate: Optional[float] = field(default=None, metadata={"help": "peak learning rate (default: recipe's)"})
+    early_stopping_threshold: float = field(default=0.001, metadata={"help": "minimum val_loss improvement"})
+    early_stopping_patience: int = field(default=3, metadata={"help": "validation checks without improvement"})
+    save_weights_only: bool = field(
+        default=False,
+        metadata={"help": "checkpoints without optimizer state: smaller, but a resumed run restarts the optimizer"},
+    )
+    # ---- PEFT -------------------------------------------------------------------------------------------------
+    peft_scheme: str = field(default="lora", metadata={"group": "PEFT", "help": f"one of {', '.join(PEFT_SCHEMES)}"})
+    full_ft: bool = field(default=False, metadata={"help": "full fine-tuning instead of PEFT"})
+    lora_dim: Optional[int] = field(default=None, metadata={"help": "LoRA rank (default: NeMo's, 32)"})
+    lora_alpha: Optional[int] = field(default=None, metadata={"help": "LoRA alpha (default: NeMo's, 32)"})
+    # ---- monitoring -------------------------------------------------------------------------------------------
+    enable_megatron_progress_bar: bool = field(
+        default=False, metadata={"group": "monitoring", "help": "Megatron-style progress bar"}
+    )
+    enable_memory_monitor: bool = field(default=False, metadata={"help": "log GPU memory"})
+    enable_speed_monitor: bool = field(default=False, metadata={"help": "log step times and throughput"})
+    enable_runtime_estimator: bool = field(default=False, metadata={"help": "log the estimated time to finish"})
+    enable_memory_profile: bool = field(default=False, metadata={"help": "torch memory snapshots (one profiler)"})
+    enable_pytorch_profiler: bool = field(default=False, metadata={"help": "torch profiler traces (one profiler)"})
+    enable_nsys_callback: bool = field(default=False, metadata={"help": "Nsight Systems range (one profiler)"})
+    use_wandb: bool = field(default=False, metadata={"help": "also log to W&B (WANDB_MODE=offline works)"})
+    wandb_project: str = field(default="peft_megatron", metadata={"help": "W&B project"})
+    # ---- paths ------------------------------------------------------------------------------------------------
+    output_dir: Optional[str] = field(
+        default=None, metadata={"group": "paths", "help": "logs and checkpoints (default: outputs/<hf_model_id>)"}
+    )
+    data_dir: Optional[str] = field(default=None, metadata={"help": "prepared JSONL (default: <output_dir>/data)"})
+    nemo_ckpt_dir: Optional[str] = field(
+        default=None, metadata={"help": "imported NeMo checkpoint (default: <output_dir>/imported_hf_ckpt)"}
+    )
+    # ---- data (dataset_module.HFDatasetConfig) ----------------------------------------------------------------
+    data: HFDatasetConfig = field(default_factory=HFDatasetConfig)
+    # ---- run control ------------------------------------------------------------------------------------------
+    log_level: str = field(default="INFO", metadata={"group": "run control", "help": "logging level", "choices": LOG_LEVELS})
+    node_rank: int = field(default=0, metadata={"help": "this node's rank (multi-node launches)"})
+    wait_timeout_s: float = field(
+        default=3600.0, metadata={"help": "how long other nodes wait for rank 0's import or data preparation"}
+    )
+    dry_run: bool = field(default=False, metadata={"help": "validate and print the plan; touch no GPU"})
+    import_only: bool = field(default=False, metadata={"help": "only import the HF checkpoint to NeMo"})
+    prepare_data_only: bool = field(default=False, metadata={"help": "only prepare the JSONL data"})
+    demo: bool = field(default=False, metadata={"help": "build and run the bundled demo under ./demo"})
+
+    # ---- derived ----------------------------------------------------------------------------------------------
+    @property
+    def world_size(self) -> int:
+        return self.num_nodes * self.gpus_per_node
+
+    @property
+    def model_parallel_size(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size * self.context_parallel_size
+
+    @property
+    def data_parallel_size(self) -> int:
+        # Megatron: world = TP x PP x CP x DP (parallel_state.initialize_model_parallel); CP takes GPUs from DP too.
+        return self.world_size // self.model_parallel_size
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.micro_batch_size * self.accumulate_grad_batches * self.data_parallel_size
+
+    @property
+    def output_path(self) -> Path:
+        return Path(self.output_dir) if self.output_dir else Path("outputs") / self.hf_model_id.strip("/").replace("..", "_")
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.data_dir) if self.data_dir else self.output_path / "data"
+
+    @property
+    def nemo_ckpt_path(self) -> Path:
+        return Path(self.nemo_ckpt_dir) if self.nemo_ckpt_dir else self.output_path / "imported_hf_ckpt"
+
+    @property
+    def experiment_title(self) -> str:
+        return "full_ft" if self.full_ft else f"peft_{self.peft_scheme}"
+
+
+# ====================================================================================================================
+# Phase 1: configuration
+# ====================================================================================================================
+def parse_config(argv: list[str] | None = None, environ: dict | None = None) -> Config:
+    config, explicit = parse_dataclass_args(Config, argv, __doc__)
+    return apply_sagemaker_env(config, explicit, os.environ if environ is None else environ)
+
+
+def apply_sagemaker_env(config: Config, explicit: set[str], environ) -> Config:
+    """Fill settings from SageMaker's environment; flags given explicitly win."""
+    updates: dict[str, Any] = {}
+
+    def offer(name: str, value: Any) -> None:
+        if name not in explicit:
+            updates[name] = value
+
+    if "SM_CHANNEL_TRAINING" in environ:
+        offer("data_dir", environ["SM_CHANNEL_TRAINING"])
+    if "SM_MODEL_DIR" in environ:
+        offer("output_dir", environ["SM_MODEL_DIR"])
+        offer("nemo_ckpt_dir", str(Path(environ["SM_MODEL_DIR"]) / "imported_hf_ckpt"))
+    if "SM_NUM_GPUS" in environ:
+        try:
+            offer("gpus_per_node", int(environ["SM_NUM_GPUS"]))
+        except ValueError:
+            raise ConfigError([f"SM_NUM_GPUS={environ['SM_NUM_GPUS']!r} is not an integer"]) from None
+    if "SM_HOSTS" in environ:
+        try:
+            hosts = json.loads(environ["SM_HOSTS"])
+            if not isinstance(hosts, list) or not hosts or not all(isinstance(h, str) for h in hosts):
+                raise ValueError
+        except ValueError:
+            raise ConfigError(
+                [f"SM_HOSTS={environ['SM_HOSTS']!r} is not a JSON list of host names such as [\"algo-1\", \"algo-2\"]"]
+            ) from None
+        current = environ.get("SM_CURRENT_HOST")
+        if current not in hosts:
+            raise ConfigError([f"SM_CURRENT_HOST={current!r} is not one of SM_HOSTS {hosts}"])
+        offer("num_nodes", len(hosts))
+        offer("node_rank", hosts.index(current))
+    return dataclasses.replace(config, **updates)
+
+
+def available_recipes() -> list[str]:
+    """Recipe modules of the installed NeMo that define finetune_recipe, found without importing NeMo."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("nemo")
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    recipes = Path(list(spec.submodule_search_locations)[0]) / "collections" / "llm" / "recipes"
+    return sorted(p.stem for p in recipes.glob("*.py") if "def finetune_recipe" in p.read_text(errors="replace"))
+
+
+def is_local_model(hf_model_id: str) -> bool:
+    return hf_model_id.startswith(("/", ".", "~")) or Path(hf_model_id).is_dir()
+
+
+def validate_config(config: Config) -> None:
+    """Collect every problem with the settings and raise them together, before any heavy work."""
+    problems: list[str] = []
+    positive = (
+        "num_nodes", "gpus_per_node", "tensor_parallel_size", "pipeline_parallel_size", "context_parallel_size",
+        "max_steps", "val_check_interval", "log_every_n_steps", "micro_batch_size", "accumulate_grad_batches",
+        "limit_val_batches", "max_seq_length", "early_stopping_patience",
+    )
+    for name in positive:
+        if getattr(config, name) <= 0:
+            problems.append(f"--{name} {getattr(config, name)} must be a positive integer")
+    for name in ("lora_dim", "lora_alpha", "learning_rate"):
+        if getattr(config, name) is not None and getattr(config, name) <= 0:
+            problems.append(f"--{name} {getattr(config, name)} must be positive")
+    if config.early_stopping_threshold < 0:
+        problems.append(f"--early_stopping_threshold {config.early_stopping_threshold} must be >= 0")
+    if config.wait_timeout_s <= 0:
+        problems.append(f"--wait_timeout_s {config.wait_timeout_s} must be positive")
+    bad = {n for n in positive if getattr(config, n) <= 0}
+    parallel = {"num_nodes", "gpus_per_node", "tensor_parallel_size", "pipeline_parallel_size", "context_parallel_size"}
+    if not bad & parallel:
+        if config.world_size % config.model_parallel_size:
+            problems.append(
+                f"world size {config.world_size} (--num_nodes {config.num_nodes} x --gpus_per_node "
+                f"{config.gpus_per_node}) is not divisible by --tensor_parallel_size x --pipeline_parallel_size x "
+                f"--context_parallel_size = {config.model_parallel_size}; change the parallel sizes or GPU count"
+            )
+        if not 0 <= config.node_rank < config.num_nodes:
+            problems.append(f"--node_rank {config.node_rank} must be in [0, --num_nodes {config.num_nodes})")
+    if not bad & {"val_check_interval", "max_steps"} and config.val_check_interval > config.max_steps:
+        problems.append(
+            f"--val_check_interval {config.val_check_interval} > --max_steps {config.max_steps}: validation "
+            "(and so checkpointing and early stopping) would never run; lower it"
+        )
+    cp = config.context_parallel_size
+    if not bad & {"context_parallel_size", "max_seq_length"} and cp > 1 and config.max_seq_length % (2 * cp):
+        problems.append(
+            f"--max_seq_length {config.max_seq_length} must be divisible by 2 x --context_parallel_size "
+            f"= {2 * cp} (Megatron splits each sequence into 2 x CP chunks)"
+        )
+    if config.num_nodes > 1 and not config.dry_run and not (os.environ.get("MASTER_ADDR") or "SM_HOSTS" in os.environ):
+        problems.append(
+            f"--num_nodes {config.num_nodes}: set MASTER_ADDR (node 0's address) and MASTER_PORT in every node's "
+            "environment for the torchrun rendezvous"
+        )
+    if config.peft_scheme.lower() not in PEFT_SCHEMES and not config.full_ft:
+        problems.append(f"--peft_scheme {config.peft_scheme!r} is not one of {list(PEFT_SCHEMES)} (or use --full_ft)")
+    recipes = available_recipes()
+    if not recipes:
+        problems.append("NeMo is not installed: pip install -r requirements.txt (see README)")
+    elif config.recipe_cls_name not in recipes:
+        close = difflib.get_close_matches(config.recipe_cls_name, recipes, n=5, cutoff=0.5)
+        hint = f"close matches: {', '.join(close)}" if close else f"available: {', '.join(recipes)}"
+        problems.append(f"--recipe_cls_name {config.recipe_cls_name!r} is not a NeMo fine-tuning recipe ({hint})")
+    enabled = [f"--{p}" for p in PROFILER_FLAGS if getattr(config, p)]
+    if len(enabled) > 1:
+        problems.append(f"{' and '.join(enabled)} are mutually exclusive profilers; enable one per run")
+    modes = [f"--{m}" for m in ("dry_run", "import_only", "prepare_data_only") if getattr(config, m)]
+    if len(modes) > 1:
+        problems.append(f"{', '.join(modes)} each select one phase; give one of them")
+    if is_local_model(config.hf_model_id) and not config.demo:
+        model_dir = Path(config.hf_model_id).expanduser()
+        if not (model_dir / "config.json").exists():
+            problems.append(
+                f"--hf_model_id {config.hf_model_id}: no config.json in that directory; give a Hugging Face model "
+                "directory (save_pretrained output) or a hub id such as Qwen/Qwen3-8B"
+            )
+        elif not (config.import_only or config.prepare_data_only):
+            problems.extend(_model_shape_problems(config, json.loads((model_dir / "config.json").read_text())))
+    problems.extend(config.data.problems())
+    if problems:
+        raise ConfigError(problems)
+
+
+def _model_shape_problems(config: Config, hf: dict) -> list[str]:
+    """Parallel sizes the model's shape cannot take, read from a local config.json."""
+    out = []
+    heads, groups = hf.get("num_attention_heads"), hf.get("num_key_value_heads", hf.get("num_attention_heads"))
+    layers = hf.get("num_hidden_layers")
+    tp, pp = config.tensor_parallel_size, config.pipeline_parallel_size
+    if heads and tp > 0 and (heads % tp or groups % tp):
+        out.append(
+            f"--tensor_parallel_size {tp} must divide the model's {heads} attention heads and {groups} KV heads"
+        )
+    if layers and pp > 0 and layers % pp:
+        out.append(f"--pipeline_parallel_size {pp} must divide the model's {layers} layers")
+    return out
+
+
+# ====================================================================================================================
+# Phase 2: HF -> NeMo checkpoint import (global rank 0; the other nodes wait)
+# ====================================================================================================================
+def import_failed_marker(config: Config) -> Path:
+    return config.nemo_ckpt_path.with_name(config.nemo_ckpt_path.name + IMPORT_FAILED_SUFFIX)
+
+
+def import_hf_checkpoint(config: Config) -> Path:
+    """Import `hf_model_id` into `nemo_ckpt_dir` unless a complete checkpoint is there; atomic, rank 0 only."""
+    target = config.nemo_ckpt_path
+    failed = import_failed_marker(config)
+    if is_nemo_checkpoint(target):
+        log.info("imported checkpoint already present: %s", target)
+        return target
+    if config.node_rank != 0:
+        wait_for_file(target, failed, config.wait_timeout_s, "the HF -> NeMo import", is_done=lambda: is_nemo_checkpoint(target))
+        return target
+    if target.exists() and any(target.iterdir()):
+        raise PipelineError(
+            f"--nemo_ckpt_dir {target} exists but is not a complete NeMo checkpoint (no context/ + weights/"
+            "metadata.json); remove it or choose another --nemo_ckpt_dir"
+        )
+    failed.unlink(missing_ok=True)
+    try:
+        _run_import(config, target)
+    except BaseException as e:
+        atomic_write_text(failed, f"{type(e).__name__}: {e}\n")
+        raise
+    return target
+
+
+def _run_import(config: Config, target: Path) -> None:
+    import nemo_compat
+
+    env = nemo_compat.prepare_process()
+    import fiddle as fdl
+    from nemo.collections import llm
+
+    recipe = _recipe_module(config.recipe_cls_name).finetune_recipe(num_nodes=1, num_gpus_per_node=1)
+    model = fdl.build(recipe.model)  # picks the importer; the sizes come from the HF config
+    source = f"hf://{Path(config.hf_model_id).expanduser().resolve()}" if is_local_model(config.hf_model_id) else f"hf://{config.hf_model_id}"
+    check_importer_head_dim(model, source)
+    log.info("importing %s -> %s (%s)", source, target, env.describe())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.exists():
+        target.rmdir()  # empty (checked by the caller); import writes to a temporary sibling and renames
+    with atomic_dir(target) as tmp, nemo_compat.cpu_checkpoint_io(env):
+        llm.import_ckpt(model=model, source=source, output_path=tmp, overwrite=True, trust_remote_code=config.trust_remote_code)
+        if not is_nemo_checkpoint(tmp):
+            raise PipelineError(f"llm.import_ckpt finished but {tmp} is not a complete checkpoint")
+    log.info("imported checkpoint written to %s", target)
+
+
+def check_importer_head_dim(model, source: str) -> None:
+    """NeMo's importers ignore HF `head_dim` (Qwen3's fixes kv_channels=128): refuse rather than write a wrong model."""
+    connector = model.importer(source)
+    nemo_cfg, hf_path = connector.config, str(connector)
+    from transformers import AutoConfig
+
+    hf = AutoConfig.from_pretrained(hf_path)
+    hf_head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+    nemo_head_dim = nemo_cfg.kv_channels or nemo_cfg.hidden_size // nemo_cfg.num_attention_heads
+    if hf_head_dim != nemo_head_dim:
+        raise PipelineError(
+            f"{hf_path}: head_dim {hf_head_dim} but NeMo's importer would build head_dim {nemo_head_dim}; this "
+            "checkpoint cannot be converted correctly by NeMo 2.7.3"
+        )
+
+
+def _recipe_module(name: str):
+    from importlib import import_module
+
+    return import_module(f"nemo.collections.llm.recipes.{name}")
+
+
+# ====================================================================================================================
+# Phase 3: data preparation (global rank 0; the other nodes wait)
+# ====================================================================================================================
+def tokenizer_source(config: Config) -> str:
+    """The imported checkpoint's own tokenizer once it exists (always local), else the HF model's."""
+    nemo_tokenizer = config.nemo_ckpt_path / "context" / "nemo_tokenizer"
+    return str(nemo_tokenizer) if nemo_tokenizer.is_dir() else config.hf_model_id
+
+
+def prepare_data(config: Config) -> dict:
+    summary = prepare_dataset(
+        config.data,
+        config.data_path,
+        tokenizer_name=tokenizer_source(config),
+        max_seq_length=config.max_seq_length,
+        trust_remote_code=config.trust_remote_code,
+        global_rank=config.node_rank,
+        wait_timeout_s=config.wait_timeout_s,
+        tokenizer_identity=config.hf_model_id,
+    )
+    print(format_summary(summary), flush=True)
+    return summary
+
+
+# ====================================================================================================================
+# Phase 4: recipe, strategy, trainer, logging, callbacks
+# ====================================================================================================================
+def _accepted_params(target) -> set[str]:
+    """Parameter names `target` really accepts: fiddle configs silently take misspelled attributes on classes
+    whose __init__ has **kwargs (MegatronStrategy), so follow **kwargs up the MRO and stop where it ends."""
+    import inspect
+
+    if not inspect.isclass(target):
+        return set(inspect.signature(target).parameters)
+    names: set[str] = set()
+    for cls in target.__mro__:
+        if "__init__" not in vars(cls) or cls is object:
+            continue
+        params = inspect.signature(vars(cls)["__init__"]).parameters
+        names.update(n for n, p in params.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and n != "self")
+        if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            break
+    return names
+
+
+def assign(cfg, **values) -> None:
+    """Set fields on a fiddle config, refusing names its target does not take (a typo would only fail on GPU)."""
+    unknown = sorted(set(values) - _accepted_params(cfg.__fn_or_cls__))
+    if unknown:
+        raise TypeError(f"{cfg.__fn_or_cls__.__qualname__} takes no {unknown}")
+    for name, value in values.items():
+        setattr(cfg, name, value)
+
+
+def configure_recipe(config: Config, env=None):
+    """The NeMo recipe for this job, by plain assignment over `finetune_recipe`'s defaults."""
+    import fiddle as fdl
+    import nemo_run as run
+    import nemo_compat
+
+    env = env or nemo_compat.detect_environment()
+    recipe = _recipe_module(config.recipe_cls_name).finetune_recipe(
+        dir=str(config.output_path),
+        name="nemo_logs",
+        num_nodes=config.num_nodes,
+        num_gpus_per_node=config.gpus_per_node,
+        peft_scheme=None if config.full_ft else config.peft_scheme.lower(),
+        packed_sequence=False,
+    )
+    if is_nemo_checkpoint(config.nemo_ckpt_path):
+        # The architecture is the imported model's (sizes come from its HF config), not the recipe's default size.
+        from nemo.lightning.io import load_context
+
+        imported = load_context(config.nemo_ckpt_path / "context", subpath="model.config", build=False)
+        recipe.model.config = fdl.cast(run.Config, imported)
+    # Sequence length settings in the model and the data must agree.
+    assign(recipe.model.config, seq_length=config.max_seq_length, **nemo_compat.model_config_overrides(env))
+    recipe.data = configure_data(config)
+
+    assign(
+        recipe.trainer.strategy,
+        tensor_model_parallel_size=config.tensor_parallel_size,
+        pipeline_model_parallel_size=config.pipeline_parallel_size,
+        context_parallel_size=config.context_parallel_size,
+        ckpt_load_strictness=False,  # LoRA adapters are absent from the base checkpoint
+    )
+    assign(
+        recipe.trainer,
+        max_steps=config.max_steps,
+        num_sanity_val_steps=1,
+        val_check_interval=config.val_check_interval,
+        limit_val_batches=config.limit_val_batches,
+        log_every_n_steps=config.log_every_n_steps,
+        # Megatron accumulates the micro-batches of one global batch inside a step; Lightning's accumulation would
+        # multiply it again, so gradient accumulation lives in global_batch_size only.
+        accumulate_grad_batches=1,
+    )
+    recipe.trainer.callbacks = list(recipe.trainer.callbacks or []) + configure_callbacks(config, env)
+    recipe.log = configure_logger(config)
+
+    assign(recipe.resume, resume_if_exists=True, resume_ignore_no_checkpoint=True)
+    assign(recipe.resume.restore_config, path=str(config.nemo_ckpt_path.resolve()))
+
+    optim = {"lr": config.learning_rate} if config.learning_rate else {}
+    assign(recipe.optim.config, **optim, **nemo_compat.optimizer_config_overrides(env))
+    if not config.full_ft:
+        lora = {k: v for k, v in (("dim", config.lora_dim), ("alpha", config.lora_alpha)) if v is not None}
+        assign(recipe.peft, **lora)
+    recipe.tokenizer = "data"
+    return recipe
+
+
+def configure_data(config: Config):
+    import nemo_run as run
+    from dataset_module import GeneralizedHFDataModule
+
+    return run.Config(
+        GeneralizedHFDataModule,
+        config=run.Config(HFDatasetConfig, **dataclasses.asdict(config.data)),
+        tokenizer_name_or_path=str(Path(tokenizer_source(config)).resolve()) if is_local_model(tokenizer_source(config)) else tokenizer_source(config),
+        dataset_root=str(config.data_path.resolve()),
+        seq_length=config.max_seq_length,
+        micro_batch_size=config.micro_batch_size,
+        global_batch_size=config.global_batch_size,
+        trust_remote_code=config.trust_remote_code,
+        wait_timeout_s=config.wait_timeout_s,
+        num_workers=2,
+    )
+
+
+def configure_logger(config: Config):
+    import nemo_run as run
+    from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+    from nemo import lightning as nl
+
+    wandb = None
+    if config.use_wandb:
+        wandb = run.Config(
+            WandbLogger, project=config.wandb_project, name=config.experiment_title, save_dir=str(config.output_path)
+        )
+    checkpoint = run.Config(
+        nl.ModelCheckpoint,
+        monitor="val_loss",
+        mode="min",
+        save_last="link",
+        save_top_k=1,
+        save_weights_only=config.save_weights_only,
+        # Saved when validation ends, so the val_loss in the name is the one just measured.
+        every_n_train_steps=None,
+        filename="{model_name}--{val_loss:.4f}-{step}-{consumed_samples}",
+    )
+    return run.Config(
+        nl.NeMoLogger,
+        name="nemo_logs",
+        log_dir=str(config.output_path.resolve()),
+        use_datetime_version=False,  # a stable checkpoint directory is what lets a restarted run resume
+        tensorboard=run.Config(TensorBoardLogger, save_dir="tb_logs", name="peft_megatron"),
+        wandb=wandb,
+        ckpt=checkpoint,
+    )
+
+
+def configure_callbacks(config: Config, env) -> list:
+    import nemo_run as run
+    from lightning.pytorch.callbacks import EarlyStopping
+    from nemo.lightning.pytorch import callbacks as cb
+
+    callbacks = [
+        run.Config(
+            EarlyStopping,
+            monitor="val_loss",
+            min_delta=config.early_stopping_threshold,
+            patience=config.early_stopping_patience,
+            mode="min",
+            verbose=True,
+        )
+    ]
+    if not env.has_te:
+        import nemo_compat
+
+        callbacks.insert(0, run.Config(nemo_compat.NoTECompatCallback))
+    if config.enable_megatron_progress_bar:
+        callbacks.append(run.Config(cb.MegatronProgressBar, refresh_rate=config.log_every_n_steps))
+    if config.enable_memory_monitor:
+        callbacks.append(run.Config(cb.MemoryMonitor))
+    if config.enable_speed_monitor:
+        callbacks.append(run.Config(cb.SpeedMonitor, window_size=100))
+    if config.enable_runtime_estimator:
+        callbacks.append(run.Config(cb.RuntimeEstimator))
+    profile_dir = str((config.output_path / "profiles").resolve())
+    if config.enable_memory_profile:
+        callbacks.append(run.Config(cb.MemoryProfileCallback, dir=profile_dir, ranks=[0]))
+    if config.enable_pytorch_profiler:
+        callbacks.append(run.Config(cb.PytorchProfilerCallback, start_step=1, end_step=2, trace_dir=profile_dir))
+    if config.enable_nsys_callback:
+        callbacks.append(run.Config(cb.NsysCallback, start_step=1, end_step=2, ranks=[0]))
+    return callbacks
+
+
+# ====================================================================================================================
+# Phase 5: launch through NeMo-Run (torchrun)
+# ====================================================================================================================
+def configure_executor(config: Config):
+    import nemo_run as run
+
+    pythonpath = os.pathsep.join(p for p in (str(REPO_DIR), os.environ.get("PYTHONPATH", "")) if p)
+    env_vars = {
+        "PYTHONPATH": pythonpath,  # the workers import dataset_module and nemo_compat from this repository
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    if config.num_nodes > 1:
+        # NeMo-Run's torchrun launcher reads these for multi-node rendezvous.
+        os.environ["NODE_RANK"] = str(config.node_rank)
+        hosts = json.loads(os.environ["SM_HOSTS"]) if "SM_HOSTS" in os.environ else None
+        if "MASTER_ADDR" not in os.environ and hosts:
+            os.environ["MASTER_ADDR"] = hosts[0]
+        os.environ.setdefault("MASTER_PORT", "29500")
+    return run.LocalExecutor(
+        ntasks_per_node=config.gpus_per_node, nodes=config.num_nodes, launcher="torchrun", env_vars=env_vars
+    )
+
+
+def launch_training(config: Config, recipe, executor) -> None:
+    import nemo_run as run
+    from torchx.specs.api import AppState
+
+    with run.Experiment(
+        config.experiment_title,
+        executor=executor,
+        log_level=config.log_level,
+        base_dir=str((config.output_path / "nemo_run").resolve()),
+    ) as exp:
+        exp.add(recipe, tail_logs=True, name=config.recipe_cls_name)
+        exp.run(detach=False)
+        states = {job.id: job.state for job in exp.jobs}
+    failed = {jid: state for jid, state in states.items() if state != AppState.SUCCEEDED}
+    if failed:
+        raise PipelineError(
+            f"training failed: {failed}; the worker logs are under {config.output_path / 'nemo_run'} "
+            "(the error is printed above)"
+        )
+    log.info("fine-tuning finished; checkpoints under %s", config.output_path / "nemo_logs" / "checkpoints")
+
+
+# ====================================================================================================================
+# --dry_run
+# ====================================================================================================================
+def plan_lines(config: Config) -> list[str]:
+    mode = "full fine-tuning" if config.full_ft else f"PEFT ({config.peft_scheme})"
+    return [
+        f"model: {config.hf_model_id}",
+        f"recipe: {config.recipe_cls_name}",
+        f"mode: {mode}",
+        f"nodes x gpus: {config.num_nodes} x {config.gpus_per_node} (world size {config.world_size}, node_rank {config.node_rank})",
+        f"parallelism: TP {config.tensor_parallel_size} | PP {config.pipeline_parallel_size} | "
+        f"CP {config.context_parallel_size} | DP {config.data_parallel_size}",
+        f"micro_batch_size: {config.micro_batch_size}",
+        f"accumulate_grad_batches: {config.accumulate_grad_batches}",
+        f"global_batch_size: {config.global_batch_size}",
+        f"max_steps: {config.max_steps} (validate every {config.val_check_interval}, {config.limit_val_batches} batches)",
+        f"max_seq_length: {config.max_seq_length}",
+        f"imported checkpoint: {config.nemo_ckpt_path} ({'present' if is_nemo_checkpoint(config.nemo_ckpt_path) else 'to be imported'})",
+        f"data: {config.data.dataset_name or '(existing JSONL)'} -> {config.data_path}",
+        f"checkpoints: {config.output_path / 'nemo_logs' / 'checkpoints'} (best val_loss + last)",
+        f"tensorboard: {config.output_path / 'nemo_logs' / 'tb_logs'}",
+    ]
+
+
+def launch_command(config: Config, recipe, executor) -> str:
+    """The torchrun command NeMo-Run would run on this node (the serialized recipe argument abbreviated)."""
+    from nemo_run.run.torchx_backend.packaging import package
+
+    role = package(config.recipe_cls_name, recipe, executor, serialize_to_file=False).roles[0]
+    args = [a if len(a) < 200 else f"<serialized recipe, {len(a)} chars>" for a in role.args]
+    return " ".join([role.entrypoint, *args])
+
+
+def dry_run(config: Config) -> int:
+    import nemo_compat
+
+    env = nemo_compat.prepare_process()
+    recipe = configure_recipe(config, env)
+    executor = configure_executor(config)
+    print("plan:")
+    for line in plan_lines(config):
+        print(f"  {line}")
+    print(f"  environment: {env.describe()}; adaptations: {', '.join(sorted(nemo_compat.applied())) or 'none'}")
+    print(f"  launch: {launch_command(config, recipe, executor)}", flush=True)
+    return 0
+
+
+# ====================================================================================================================
+# --demo
+# ====================================================================================================================
+DEMO_DIR = REPO_DIR / "demo"
+
+
+def demo_config(config: Config) -> Config:
+    """The demo job: a tiny Qwen3 model and a key->code recall task, one GPU, a few minutes."""
+    from demo_workspace import build_demo_workspace
+
+    paths = build_demo_workspace(DEMO_DIR)
+    data = dataclasses.replace(
+        config.data,
+        dataset_name=str(paths["dataset"]),
+        input_column="question",
+        output_column="answer",
+        prompt_template="Question: {question}\nAnswer:",
+        val_fraction=0.1,
+        test_fraction=0.1,
+    )
+    return dataclasses.replace(
+        config,
+        hf_model_id=str(paths["model"]),
+        recipe_cls_name="qwen3_600m",
+        num_nodes=1,
+        gpus_per_node=1,
+        tensor_parallel_size=1,
+        pipeline_parallel_size=1,
+        context_parallel_size=1,
+        max_steps=300,
+        val_check_interval=50,
+        log_every_n_steps=10,
+        micro_batch_size=16,
+        accumulate_grad_batches=1,
+        limit_val_batches=2,
+        max_seq_length=64,
+        learning_rate=3e-3,
+        lora_dim=32,
+        lora_alpha=64,
+        output_dir=str(DEMO_DIR / "run"),
+        data_dir=str(DEMO_DIR / "run" / "data"),
+        nemo_ckpt_dir=str(DEMO_DIR / "run" / "imported_hf_ckpt"),
+        data=data,
+    )
+
+
+def run_demo(config: Config) -> int:
+    import nemo_compat
+
+    env = nemo_compat.detect_environment()
+    if not env.has_cuda:
+        prepare_data(config)
+        dry_run(config)
+        print(
+            f"\ndemo: prepared {DEMO_DIR} and printed the plan; training needs a CUDA GPU, and this machine has none "
+            f"(exit code {EXIT_NO_GPU}). Run the same command on a GPU machine to train, evaluate and export.",
+            flush=True,
+        )
+        return EXIT_NO_GPU
+    import_hf_checkpoint(config)
+    summary = prepare_data(config)
+    before = _demo_evaluate(config, config.nemo_ckpt_path, "before")
+    launch_training(config, configure_recipe(config, env), configure_executor(config))
+    after = _demo_evaluate(config, None, "after")
+    _run_script("convert_checkpoint_to_hf.py", "--nemo_logs_dir", str(config.output_path / "nemo_logs"), "--overwrite")
+    print(
+        f"\ndemo: exact match on {summary['rows']['test']} held-out questions: before {before['exact_match']:.3f} "
+        f"-> after {after['exact_match']:.3f}",
+        flush=True,
+    )
+    return 0
+
+
+def _demo_evaluate(config: Config, checkpoint: Optional[Path], tag: str) -> dict:
+    predictions = config.output_path / f"predictions_{tag}.jsonl"
+    args = ["--predictions_file", str(predictions), "--data_dir", str(config.data_path), "--num_tokens_to_generate", "8"]
+    args += ["--nemo_checkpoint_path", str(checkpoint)] if checkpoint else ["--nemo_logs_dir", str(config.output_path / "nemo_logs")]
+    _run_script("test_checkpoint.py", *args, "--bertscore_model", "none")
+    return json.loads(predictions.with_suffix(".metrics.json").read_text())
+
+
+def _run_script(script: str, *args: str) -> None:
+    cmd = [sys.executable, str(REPO_DIR / script), *args]
+    log.info("running %s", " ".join(cmd))
+    if subprocess.run(cmd).returncode != 0:
+        raise PipelineError(f"{script} failed (command: {' '.join(cmd)})")
+
+
+# ====================================================================================================================
+def main(argv: list[str] | None = None) -> int:
+    config = parse_config(argv)
+    setup_logging(config.log_level)
+    if config.demo:
+        config = demo_config(config)
+    validate_config(config)
+    if config.dry_run:
+        return dry_run(config)
+    if config.import_only:
+        import_hf_checkpoint(config)
+        return 0
+    if config.prepare_data_only:
+        prepare_data(config)
+        return 0
+    if config.demo:
+        return run_demo(config)
+    import_hf_checkpoint(config)
+    prepare_data(config)
+    import nemo_compat
+
+    recipe = configure_recipe(config, nemo_compat.prepare_process())
+    launch_training(config, recipe, configure_executor(config))
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
