@@ -475,9 +475,11 @@ def _build_data_module_class():
             global_batch_size: int = 8,
             trust_remote_code: bool = False,
             wait_timeout_s: float = 3600.0,
+            tokenizer_identity: Optional[str] = None,
             **kwargs,
         ):
             self.config = config
+            self.tokenizer_identity = tokenizer_identity
             self.tokenizer_name_or_path = str(tokenizer_name_or_path)
             self.trust_remote_code = trust_remote_code
             self.wait_timeout_s = wait_timeout_s
@@ -508,6 +510,7 @@ def _build_data_module_class():
                 self.trust_remote_code,
                 global_rank=rank,
                 wait_timeout_s=self.wait_timeout_s,
+                tokenizer_identity=self.tokenizer_identity,
             )
             super().prepare_data()
 

@@ -49,6 +49,7 @@ NO_TE_MODEL_OVERRIDES = {
 }
 
 _applied: set[str] = set()
+WORKER_ENV_FLAG = "PEFT_MEGATRON_WORKER_COMPAT"  # set by peft_megatron's executor; read by startup/sitecustomize.py
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,7 +92,7 @@ def prepare_process(env: Optional[Environment] = None) -> Environment:
     env = env or detect_environment()
     if env.has_te and env.has_cuda:
         return env
-    _skip_unified_memory_build(env)
+    skip_unified_memory_build(env)
     if not env.has_te:
         _patch_peft_te_checks()
         _patch_norm_mapping()
@@ -108,7 +109,7 @@ def optimizer_config_overrides(env: Environment) -> dict:
     return {} if env.has_te else {"use_distributed_optimizer": False}
 
 
-def _skip_unified_memory_build(env: Environment) -> None:
+def skip_unified_memory_build(env: Optional[Environment] = None) -> None:
     """megatron/core/inference/unified_memory.py compiles a cudaMallocManaged allocator with nvcc at import time.
 
     It is used only by dynamic inference with `unified_memory_level > 0`, which we never request. On CPU hosts the
@@ -126,7 +127,7 @@ def _skip_unified_memory_build(env: Environment) -> None:
 
     stub.create_unified_mempool = create_unified_mempool
     sys.modules[name] = stub
-    _mark("unified-memory-stub", f"no build of the managed-memory allocator; {env.describe()}")
+    _mark("unified-memory-stub", f"no build of the managed-memory allocator; {env.describe() if env else 'worker'}")
 
 
 def _patch_peft_te_checks() -> None:

@@ -359,7 +359,7 @@ def _run_import(config: Config, target: Path) -> None:
     recipe = _recipe_module(config.recipe_cls_name).finetune_recipe(num_nodes=1, num_gpus_per_node=1)
     model = fdl.build(recipe.model)  # picks the importer; the sizes come from the HF config
     source = f"hf://{Path(config.hf_model_id).expanduser().resolve()}" if is_local_model(config.hf_model_id) else f"hf://{config.hf_model_id}"
-    check_importer_head_dim(model, source)
+    check_importer_head_dim(model, source, config.trust_remote_code)
     log.info("importing %s -> %s (%s)", source, target, env.describe())
     target.parent.mkdir(parents=True, exist_ok=True)
     if target.exists():
@@ -371,13 +371,14 @@ def _run_import(config: Config, target: Path) -> None:
     log.info("imported checkpoint written to %s", target)
 
 
-def check_importer_head_dim(model, source: str) -> None:
+def check_importer_head_dim(model, source: str, trust_remote_code: bool = False) -> None:
     """NeMo's importers ignore HF `head_dim` (Qwen3's fixes kv_channels=128): refuse rather than write a wrong model."""
     connector = model.importer(source)
+    connector.trust_remote_code = trust_remote_code  # read by connector.config; normally set inside apply()
     nemo_cfg, hf_path = connector.config, str(connector)
     from transformers import AutoConfig
 
-    hf = AutoConfig.from_pretrained(hf_path)
+    hf = AutoConfig.from_pretrained(hf_path, trust_remote_code=trust_remote_code)
     hf_head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
     nemo_head_dim = nemo_cfg.kv_channels or nemo_cfg.hidden_size // nemo_cfg.num_attention_heads
     if hf_head_dim != nemo_head_dim:
@@ -519,6 +520,7 @@ def configure_data(config: Config):
         global_batch_size=config.global_batch_size,
         trust_remote_code=config.trust_remote_code,
         wait_timeout_s=config.wait_timeout_s,
+        tokenizer_identity=config.hf_model_id,
         num_workers=2,
     )
 
@@ -595,14 +597,20 @@ def configure_callbacks(config: Config, env) -> list:
 # ====================================================================================================================
 # Phase 5: launch through NeMo-Run (torchrun)
 # ====================================================================================================================
-def configure_executor(config: Config):
+def configure_executor(config: Config, env=None):
     import nemo_run as run
+    import nemo_compat
 
+    env = env or nemo_compat.detect_environment()
     pythonpath = os.pathsep.join(p for p in (str(REPO_DIR), os.environ.get("PYTHONPATH", "")) if p)
     env_vars = {
         "PYTHONPATH": pythonpath,  # the workers import dataset_module and nemo_compat from this repository
         "TOKENIZERS_PARALLELISM": "false",
     }
+    if not env.has_te or not env.has_cuda:
+        # startup/sitecustomize.py applies nemo_compat's import-time adaptation in each worker before NeMo loads.
+        env_vars["PYTHONPATH"] = os.pathsep.join([str(REPO_DIR / "startup"), pythonpath])
+        env_vars[nemo_compat.WORKER_ENV_FLAG] = "1"
     if config.num_nodes > 1:
         # NeMo-Run's torchrun launcher reads these for multi-node rendezvous.
         os.environ["NODE_RANK"] = str(config.node_rank)
@@ -628,10 +636,10 @@ def launch_training(config: Config, recipe, executor) -> None:
         exp.add(recipe, tail_logs=True, name=config.recipe_cls_name)
         exp.run(detach=False)
         states = {job.id: job.state for job in exp.jobs}
-    failed = {jid: state for jid, state in states.items() if state != AppState.SUCCEEDED}
+    failed = {jid: str(state) for jid, state in states.items() if state != AppState.SUCCEEDED}
     if failed:
         raise PipelineError(
-            f"training failed: {failed}; the worker logs are under {config.output_path / 'nemo_run'} "
+            f"training failed (job states {failed}); the worker logs are under {config.output_path / 'nemo_run'} "
             "(the error is printed above)"
         )
     log.info("fine-tuning finished; checkpoints under %s", config.output_path / "nemo_logs" / "checkpoints")
@@ -675,7 +683,7 @@ def dry_run(config: Config) -> int:
 
     env = nemo_compat.prepare_process()
     recipe = configure_recipe(config, env)
-    executor = configure_executor(config)
+    executor = configure_executor(config, env)
     print("plan:")
     for line in plan_lines(config):
         print(f"  {line}")
@@ -746,7 +754,7 @@ def run_demo(config: Config) -> int:
     import_hf_checkpoint(config)
     summary = prepare_data(config)
     before = _demo_evaluate(config, config.nemo_ckpt_path, "before")
-    launch_training(config, configure_recipe(config, env), configure_executor(config))
+    launch_training(config, configure_recipe(config, env), configure_executor(config, env))
     after = _demo_evaluate(config, None, "after")
     _run_script("convert_checkpoint_to_hf.py", "--nemo_logs_dir", str(config.output_path / "nemo_logs"), "--overwrite")
     print(
@@ -793,8 +801,8 @@ def main(argv: list[str] | None = None) -> int:
     prepare_data(config)
     import nemo_compat
 
-    recipe = configure_recipe(config, nemo_compat.prepare_process())
-    launch_training(config, recipe, configure_executor(config))
+    env = nemo_compat.prepare_process()
+    launch_training(config, configure_recipe(config, env), configure_executor(config, env))
     return 0
 
 
