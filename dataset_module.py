@@ -467,7 +467,7 @@ def _build_data_module_class():
 
         def __init__(
             self,
-            config: HFDatasetConfig,
+            dataset_config: dict,
             tokenizer_name_or_path: str,
             dataset_root: str,
             seq_length: int = 2048,
@@ -478,6 +478,9 @@ def _build_data_module_class():
             tokenizer_identity: Optional[str] = None,
             **kwargs,
         ):
+            # A plain dict: NeMo stores these arguments in every checkpoint's context and its restricted unpickler
+            # accepts only framework classes there.
+            config = HFDatasetConfig(**dataset_config)
             self.config = config
             self.tokenizer_identity = tokenizer_identity
             self.tokenizer_name_or_path = str(tokenizer_name_or_path)

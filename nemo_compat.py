@@ -11,13 +11,14 @@ Entry points:
     model_config_overrides()    model-config fields that must change without TE (fusions)
     optimizer_config_overrides()
     cpu_checkpoint_io()         context manager around llm.import_ckpt / export_ckpt / merge_lora on a CPU host
-    NoTECompatCallback          a Lightning callback that applies the training shims inside torchrun workers
+    install_worker_hooks()      the same inside NeMo-Run's torchrun workers (via startup/sitecustomize.py)
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.abc
 import importlib.util
 import logging
 import sys
@@ -235,20 +236,32 @@ def cpu_checkpoint_io(env: Optional[Environment] = None) -> Iterator[None]:
         nemo_pl._fix_tensors_device = saved_fix
 
 
-def __getattr__(name: str):
-    # The callback class subclasses Lightning's Callback; building it lazily keeps this module import-light.
-    if name == "NoTECompatCallback":
-        import lightning.pytorch as pl
+class _PostImportHook(importlib.abc.MetaPathFinder):
+    """Runs `patch()` right after `module` is imported (for patches that must land before first use)."""
 
-        class NoTECompatCallback(pl.Callback):
-            """Applies prepare_process() inside each torchrun worker, before the PEFT transform runs."""
+    def __init__(self, module: str, patch):
+        self.module, self.patch = module, patch
 
-            def __init__(self):
-                super().__init__()
-                prepare_process()
+    def find_spec(self, fullname, path, target=None):
+        if fullname != self.module:
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(fullname)
+        if spec is None or spec.loader is None:
+            return spec
+        exec_module, patch = spec.loader.exec_module, self.patch
 
-        NoTECompatCallback.__module__ = __name__
-        NoTECompatCallback.__qualname__ = name
-        globals()[name] = NoTECompatCallback
-        return NoTECompatCallback
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        def exec_then_patch(module):
+            exec_module(module)
+            patch()
+
+        spec.loader.exec_module = exec_then_patch
+        return spec
+
+
+def install_worker_hooks() -> None:
+    """For torchrun workers (startup/sitecustomize.py): stub the allocator build now and apply the PEFT guards as
+    soon as NeMo's PEFT module loads, with no NeMo import of our own (torchrun's launcher process runs this too)."""
+    skip_unified_memory_build()
+    if importlib.util.find_spec("transformer_engine") is None:
+        sys.meta_path.insert(0, _PostImportHook("nemo.collections.llm.peft.lora", _patch_peft_te_checks))

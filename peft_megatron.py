@@ -415,6 +415,14 @@ def prepare_data(config: Config) -> dict:
         tokenizer_identity=config.hf_model_id,
     )
     print(format_summary(summary), flush=True)
+    val_rows = summary["rows"].get("val", 0)
+    if val_rows < config.global_batch_size:
+        # Megatron's validation sampler drops the incomplete last global batch: no val_loss, so no checkpoint.
+        raise PipelineError(
+            f"the validation split has {val_rows} rows, fewer than one global batch ({config.global_batch_size}): "
+            "validation would run no batch, so no val_loss and no checkpoint. Raise --val_fraction or lower "
+            "--micro_batch_size/--accumulate_grad_batches"
+        )
     return summary
 
 
@@ -491,7 +499,7 @@ def configure_recipe(config: Config, env=None):
         # multiply it again, so gradient accumulation lives in global_batch_size only.
         accumulate_grad_batches=1,
     )
-    recipe.trainer.callbacks = list(recipe.trainer.callbacks or []) + configure_callbacks(config, env)
+    recipe.trainer.callbacks = list(recipe.trainer.callbacks or []) + configure_callbacks(config)
     recipe.log = configure_logger(config)
 
     assign(recipe.resume, resume_if_exists=True, resume_ignore_no_checkpoint=True)
@@ -512,7 +520,7 @@ def configure_data(config: Config):
 
     return run.Config(
         GeneralizedHFDataModule,
-        config=run.Config(HFDatasetConfig, **dataclasses.asdict(config.data)),
+        dataset_config=dataclasses.asdict(config.data),
         tokenizer_name_or_path=str(Path(tokenizer_source(config)).resolve()) if is_local_model(tokenizer_source(config)) else tokenizer_source(config),
         dataset_root=str(config.data_path.resolve()),
         seq_length=config.max_seq_length,
@@ -557,7 +565,7 @@ def configure_logger(config: Config):
     )
 
 
-def configure_callbacks(config: Config, env) -> list:
+def configure_callbacks(config: Config) -> list:
     import nemo_run as run
     from lightning.pytorch.callbacks import EarlyStopping
     from nemo.lightning.pytorch import callbacks as cb
@@ -572,10 +580,6 @@ def configure_callbacks(config: Config, env) -> list:
             verbose=True,
         )
     ]
-    if not env.has_te:
-        import nemo_compat
-
-        callbacks.insert(0, run.Config(nemo_compat.NoTECompatCallback))
     if config.enable_megatron_progress_bar:
         callbacks.append(run.Config(cb.MegatronProgressBar, refresh_rate=config.log_every_n_steps))
     if config.enable_memory_monitor:
@@ -635,7 +639,7 @@ def launch_training(config: Config, recipe, executor) -> None:
     ) as exp:
         exp.add(recipe, tail_logs=True, name=config.recipe_cls_name)
         exp.run(detach=False)
-        states = {job.id: job.state for job in exp.jobs}
+    states = {job.id: job.state for job in exp.jobs}  # final only once the context has waited for the jobs
     failed = {jid: str(state) for jid, state in states.items() if state != AppState.SUCCEEDED}
     if failed:
         raise PipelineError(

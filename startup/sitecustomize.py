@@ -1,7 +1,9 @@
 """Start-up hook for NeMo-Run's torchrun workers (peft_megatron.py puts this directory first on their PYTHONPATH).
 
 Megatron-Core 0.15.3 compiles a managed-memory allocator with nvcc when NeMo is imported, before any code of ours runs
-in the worker; nemo_compat's stub must be in sys.modules first. Only active when the launcher set the flag, and any
+in the worker, and NeMo's LoRA transform needs its TE guards before it runs; nemo_compat installs both here. (A
+Lightning callback could carry the guards, but it would be pickled into every checkpoint's context, which NeMo's
+restricted unpickler then refuses to load.) Only active when the launcher set the flag, and any
 other sitecustomize on the path still runs afterwards.
 """
 
@@ -13,7 +15,7 @@ import sys
 if os.environ.get("PEFT_MEGATRON_WORKER_COMPAT") == "1":
     import nemo_compat
 
-    nemo_compat.skip_unified_memory_build()
+    nemo_compat.install_worker_hooks()
 
 _here = os.path.dirname(os.path.abspath(__file__))
 _rest = [p for p in sys.path if os.path.abspath(p or ".") != _here]

@@ -1,0 +1,374 @@
+"""Export a NeMo 2 checkpoint to Hugging Face: LoRA merged into safetensors, or the adapter alone in HF PEFT format.
+
+    # best val_loss checkpoint (else the last) of a training run -> <ckpt>.hf_model/ (config, safetensors, tokenizer)
+    python convert_checkpoint_to_hf.py --nemo_logs_dir outputs/Qwen/Qwen3-8B/nemo_logs
+
+    # the LoRA adapter alone -> <ckpt>.hf_peft/ (adapter_config.json + adapter_model.safetensors, for
+    # peft.PeftModel.from_pretrained), for Llama, Qwen3, Mistral and other Llama-layout models
+    python convert_checkpoint_to_hf.py --nemo_checkpoint_path CKPT --no_merge
+
+    # a full fine-tuned checkpoint, or an imported base checkpoint, exports as it is
+    python convert_checkpoint_to_hf.py --nemo_checkpoint_path outputs/x/imported_hf_ckpt --output_dir base_hf/
+
+Re-runnable: an existing output is kept (pass --overwrite to replace it). Outputs are written to a temporary
+directory and renamed, so an interrupted export never looks complete. `--verify` (default on for models under
+2B parameters) reloads the export with transformers; for LoRA it checks that the merged model and
+peft.PeftModel(base, adapter) give the same logits. The adapter mapping itself is tested against NeMo's own
+exporter on NeMo-layout LoRA weights (tests/test_checkpoints.py). Runs on CPU or GPU. Exit codes: 0 ok, 1 failure, 2 invalid arguments.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from common import (
+    ConfigError,
+    PipelineError,
+    atomic_dir,
+    find_checkpoint,
+    is_nemo_checkpoint,
+    parse_dataclass_args,
+    run_cli,
+    setup_logging,
+)
+
+log = logging.getLogger("peft_megatron.export")
+
+ADAPTER_META = "adapter_metadata.json"  # NeMo's marker of a PEFT checkpoint (weights/ holds the adapter only)
+VERIFY_MAX_PARAMS = 2e9
+VERIFY_PROMPT_TOKENS = 24
+# NeMo LoRA target -> the HF (Llama layout) projections it covers
+HF_TARGETS = {
+    "linear_qkv": ("q_proj", "k_proj", "v_proj"),
+    "linear_proj": ("o_proj",),
+    "linear_fc1": ("gate_proj", "up_proj"),
+    "linear_fc2": ("down_proj",),
+}
+HF_MODULE = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
+             "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+
+
+@dataclass
+class ExportConfig:
+    nemo_logs_dir: Optional[str] = field(
+        default=None, metadata={"help": "training run's nemo_logs dir: export its best val_loss checkpoint, else last"}
+    )
+    nemo_checkpoint_path: Optional[str] = field(
+        default=None, metadata={"help": "an explicit NeMo checkpoint (LoRA, full fine-tuned, or imported base)"}
+    )
+    no_merge: bool = field(default=False, metadata={"help": "export the LoRA adapter alone in HF PEFT format"})
+    output_dir: Optional[str] = field(
+        default=None, metadata={"help": "default: <checkpoint>.hf_model, or <checkpoint>.hf_peft with --no_merge"}
+    )
+    overwrite: bool = field(default=False, metadata={"help": "replace an existing output"})
+    verify: Optional[bool] = field(
+        default=None, metadata={"help": "check the export against a second path (default: on below 2B parameters)"}
+    )
+    trust_remote_code: bool = field(default=False, metadata={"help": "allow custom code from the model repository"})
+    log_level: str = field(default="INFO", metadata={"help": "logging level"})
+
+
+def validate(cfg: ExportConfig) -> None:
+    problems = []
+    if (cfg.nemo_logs_dir is None) == (cfg.nemo_checkpoint_path is None):
+        problems.append("give exactly one of --nemo_logs_dir (search a training run) or --nemo_checkpoint_path")
+    if problems:
+        raise ConfigError(problems)
+
+
+def resolve_checkpoint(cfg: ExportConfig) -> Path:
+    if cfg.nemo_logs_dir is not None:
+        ckpt = find_checkpoint(Path(cfg.nemo_logs_dir))
+        log.info("exporting %s", ckpt)
+        return ckpt
+    ckpt = Path(cfg.nemo_checkpoint_path)
+    if not ckpt.exists():
+        raise PipelineError(f"--nemo_checkpoint_path {ckpt} does not exist; train with peft_megatron.py first")
+    if not is_nemo_checkpoint(ckpt):
+        if (ckpt / "context").is_dir() or (ckpt / "weights").is_dir():
+            raise PipelineError(
+                f"{ckpt} is a half-written NeMo checkpoint (context/ or weights/metadata.json missing); use another "
+                "checkpoint of the run, or re-run the training (or import) that writes it"
+            )
+        raise PipelineError(
+            f"{ckpt} is not a NeMo checkpoint (no context/ and weights/); pass a checkpoint directory written by "
+            "peft_megatron.py, e.g. .../nemo_logs/checkpoints/<name>, or --nemo_logs_dir"
+        )
+    return ckpt
+
+
+def is_lora_checkpoint(ckpt: Path) -> bool:
+    return (ckpt / "weights" / ADAPTER_META).exists()
+
+
+def base_checkpoint(ckpt: Path) -> Path:
+    meta = json.loads((ckpt / "weights" / ADAPTER_META).read_text())
+    base = Path(meta["model_ckpt_path"])
+    if not is_nemo_checkpoint(base):
+        raise PipelineError(
+            f"the LoRA checkpoint {ckpt} was trained on base {base}, which is missing or incomplete; re-create it "
+            "with `python peft_megatron.py --import_only ...` (same --nemo_ckpt_dir) first"
+        )
+    return base
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# NeMo calls (CPU or GPU)
+# --------------------------------------------------------------------------------------------------------------------
+def export_hf(nemo_ckpt: Path, out: Path, env) -> None:
+    """`llm.export_ckpt(target="hf")` of a full (or merged) checkpoint into `out` (must not exist)."""
+    import nemo_compat
+    from nemo.collections import llm
+
+    with nemo_compat.cpu_checkpoint_io(env):
+        llm.export_ckpt(path=nemo_ckpt, target="hf", output_path=out, overwrite=True)
+    fix_special_token_ids(nemo_ckpt, out)
+
+
+def fix_special_token_ids(nemo_ckpt: Path, out: Path) -> None:
+    """NeMo's Qwen3 exporter writes Qwen's default bos/eos ids into config.json whatever the tokenizer is; take them
+    from the checkpoint's generation config (or tokenizer) so generate() stops where the model was trained to."""
+    from transformers import AutoTokenizer
+
+    gen = nemo_ckpt / "context" / "artifacts" / "generation_config.json"
+    generation = json.loads(gen.read_text()) if gen.exists() else {}
+    tok = AutoTokenizer.from_pretrained(out)
+    tokenizer_ids = {"eos_token_id": tok.eos_token_id, "bos_token_id": tok.bos_token_id, "pad_token_id": tok.pad_token_id}
+    config_path = out / "config.json"
+    config = json.loads(config_path.read_text())
+    for key, value in tokenizer_ids.items():
+        config[key] = generation.get(key, value)
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def merge_in_hf(base_hf: Path, adapter_dir: Path, out: Path) -> None:
+    """Merge the exported adapter into the exported base in float32 with PEFT, then save in the base's dtype.
+
+    NeMo 2.7.3's merge_lora merges in bf16 and its merged checkpoint then fails to export (norms stay float32 while
+    the exporter builds a bf16 target: "dtype mismatch between source and target state dicts"); merging the two
+    exact exports in HF space avoids both."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    dtype = getattr(AutoConfig.from_pretrained(base_hf), "torch_dtype", None) or torch.float32
+    model = AutoModelForCausalLM.from_pretrained(base_hf, torch_dtype=torch.float32)
+    merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+    merged.to(dtype).save_pretrained(out, safe_serialization=True)
+    AutoTokenizer.from_pretrained(base_hf).save_pretrained(out)
+    if (base_hf / "generation_config.json").exists():
+        GenerationConfig.from_pretrained(base_hf).save_pretrained(out)
+
+
+def lora_settings(ckpt: Path) -> dict:
+    from nemo.lightning.io import load_context
+
+    lora = load_context(ckpt / "context", subpath="model.model_transform")
+    cfg = load_context(ckpt / "context", subpath="model.config")
+    head_dim = cfg.kv_channels or cfg.hidden_size // cfg.num_attention_heads
+    return {
+        "dim": lora.dim,
+        "alpha": lora.alpha,
+        "dropout": lora.dropout,
+        "target_modules": list(lora.target_modules),
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_query_groups": cfg.num_query_groups or cfg.num_attention_heads,
+        "head_dim": head_dim,
+        "ffn_hidden_size": cfg.ffn_hidden_size,
+        "num_layers": cfg.num_layers,
+        "gated": bool(getattr(cfg, "gated_linear_unit", False)),
+    }
+
+
+def read_adapter_tensors(ckpt: Path) -> dict:
+    """The adapter tensors of a NeMo LoRA checkpoint (torch_dist format, read without a process group)."""
+    import torch
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    with tempfile.TemporaryDirectory() as tmp:
+        flat = Path(tmp) / "state.pt"
+        dcp_to_torch_save(str(ckpt / "weights"), str(flat))
+        state = torch.load(flat, map_location="cpu", weights_only=False)
+    return {k: v for k, v in state.items() if ".adapter." in k and hasattr(v, "shape")}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# NeMo fused LoRA -> HF PEFT (the generic exporter NeMo 2.7.3 lacks for Qwen3/Qwen2/Mistral)
+# --------------------------------------------------------------------------------------------------------------------
+def split_qkv_rows(t, num_heads: int, num_groups: int, head_dim: int):
+    """Megatron interleaves QKV rows per query group ([q heads of g, k_g, v_g] for each g); return q, k, v."""
+    per_group = num_heads // num_groups
+    t = t.reshape(num_groups, (per_group + 2) * head_dim, *t.shape[1:])
+    q = t[:, : per_group * head_dim].reshape(num_heads * head_dim, *t.shape[2:])
+    k = t[:, per_group * head_dim : (per_group + 1) * head_dim].reshape(num_groups * head_dim, *t.shape[2:])
+    v = t[:, (per_group + 1) * head_dim :].reshape(num_groups * head_dim, *t.shape[2:])
+    return q, k, v
+
+
+def nemo_lora_to_peft(adapter: dict, settings: dict) -> dict:
+    """Map NeMo LoRA tensors (layers stacked on dim 0, as torch_dist stores them) to PEFT's per-projection names.
+
+    A fused target shares one `linear_in` (A) across its projections, so each projection gets the same lora_A and its
+    rows of `linear_out` (B): B_q A, B_k A, B_v A reproduce (B A) exactly; likewise gate/up for linear_fc1."""
+    out = {}
+    for key, tensor in adapter.items():
+        parts = key.split(".")
+        target = next((p for p in parts if p in HF_TARGETS), None)
+        if target is None or not key.endswith((".linear_in.weight", ".linear_out.weight")):
+            raise PipelineError(f"unexpected adapter tensor {key}: only LoRA on {sorted(HF_TARGETS)} is exportable")
+        is_a = key.endswith(".linear_in.weight")
+        for layer in range(tensor.shape[0]):
+            w = tensor[layer]
+            if is_a:
+                pieces = {proj: w for proj in HF_TARGETS[target]}
+            elif target == "linear_qkv":
+                q, k, v = split_qkv_rows(w, settings["num_attention_heads"], settings["num_query_groups"], settings["head_dim"])
+                pieces = {"q_proj": q, "k_proj": k, "v_proj": v}
+            elif target == "linear_fc1" and settings["gated"]:
+                gate, up = w.chunk(2, dim=0)
+                pieces = {"gate_proj": gate, "up_proj": up}
+            else:
+                pieces = {HF_TARGETS[target][0]: w}
+            for proj, weight in pieces.items():
+                name = f"base_model.model.model.layers.{layer}.{HF_MODULE[proj]}.{proj}.lora_{'A' if is_a else 'B'}.weight"
+                out[name] = weight.contiguous().clone()
+    return out
+
+
+def adapter_config(settings: dict, base_model: str) -> dict:
+    targets = sorted({proj for t in settings["target_modules"] for proj in HF_TARGETS.get(t, ())})
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "r": settings["dim"],
+        "lora_alpha": settings["alpha"],
+        "lora_dropout": settings["dropout"],
+        "target_modules": targets,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "use_rslora": False,
+        "use_dora": False,
+    }
+
+
+def export_adapter(lora_ckpt: Path, out: Path, base_model: str) -> None:
+    from safetensors.torch import save_file
+
+    settings = lora_settings(lora_ckpt)
+    unsupported = sorted(set(settings["target_modules"]) - set(HF_TARGETS))
+    if unsupported:
+        raise PipelineError(f"LoRA targets {unsupported} have no HF PEFT equivalent; export merged instead")
+    tensors = nemo_lora_to_peft(read_adapter_tensors(lora_ckpt), settings)
+    save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (out / "adapter_config.json").write_text(json.dumps(adapter_config(settings, base_model), indent=2) + "\n")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Verification
+# --------------------------------------------------------------------------------------------------------------------
+def reference_logits(model_dir: Path, adapter_dir: Optional[Path] = None):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
+    if adapter_dir is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter_dir)
+    vocab = model.config.vocab_size
+    ids = torch.randint(0, vocab, (2, VERIFY_PROMPT_TOKENS), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def verify_pair(merged_dir: Path, base_dir: Path, adapter_dir: Path) -> float:
+    """max |logits(merged) - logits(PeftModel(base, adapter))|, with a bf16-merge tolerance."""
+    merged = reference_logits(merged_dir)
+    peft = reference_logits(base_dir, adapter_dir)
+    diff = float((merged - peft).abs().max())
+    scale = float(merged.abs().max())
+    log.info("verify: max |merged - base+adapter| logit diff %.3e (logit scale %.2f)", diff, scale)
+    # NeMo merges in bf16; a wrong mapping shows as differences of the order of the logits themselves.
+    if not diff <= 2e-2 * max(1.0, scale):
+        raise PipelineError(f"verification failed: merged export and base+adapter differ by {diff:.3e} in logits")
+    return diff
+
+
+def parameter_count(nemo_ckpt: Path) -> float:
+    from torch.distributed.checkpoint import FileSystemReader
+
+    md = FileSystemReader(str(nemo_ckpt / "weights")).read_metadata()
+    total = 0
+    for meta in md.state_dict_metadata.values():
+        size = getattr(meta, "size", None)
+        if size is not None:
+            n = 1
+            for d in size:
+                n *= d
+            total += n
+    return float(total)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+def export(cfg: ExportConfig) -> Path:
+    ckpt = resolve_checkpoint(cfg)
+    lora = is_lora_checkpoint(ckpt)
+    if cfg.no_merge and not lora:
+        raise PipelineError(f"--no_merge exports a LoRA adapter, but {ckpt} holds full weights; drop --no_merge")
+    suffix = ".hf_peft" if cfg.no_merge else ".hf_model"
+    out = Path(cfg.output_dir) if cfg.output_dir else ckpt.with_name(ckpt.name + suffix)
+    if out.exists() and not cfg.overwrite:
+        log.info("%s already exists; keeping it (pass --overwrite to replace it)", out)
+        print(f"export already present: {out}")
+        return out
+    base = base_checkpoint(ckpt) if lora else None
+
+    import nemo_compat
+
+    env = nemo_compat.prepare_process()
+    verify = cfg.verify if cfg.verify is not None else parameter_count(base or ckpt) < VERIFY_MAX_PARAMS
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.work.") as work:
+        work = Path(work)
+        with atomic_dir(out, overwrite=cfg.overwrite) as tmp:
+            if not lora:
+                export_hf(ckpt, tmp, env)
+                if verify:
+                    verify_loads(tmp)
+            else:
+                base_hf, adapter = work / "base_hf", (tmp if cfg.no_merge else work / "adapter")
+                export_hf(base, base_hf, env)
+                adapter.mkdir(exist_ok=True)
+                export_adapter(ckpt, adapter, base_model=str(base_hf if not cfg.no_merge else base))
+                merged = work / "merged" if cfg.no_merge else tmp
+                if not cfg.no_merge or verify:
+                    merge_in_hf(base_hf, adapter, merged)
+                if verify:
+                    verify_pair(merged, base_hf, adapter)
+    print(f"exported {ckpt} -> {out}")
+    return out
+
+
+def verify_loads(out: Path) -> None:
+    logits = reference_logits(out)
+    if not bool(logits.isfinite().all()):
+        raise PipelineError(f"verification failed: {out} produces non-finite logits")
+    log.info("verify: %s loads with transformers and gives finite logits", out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg, _ = parse_dataclass_args(ExportConfig, argv, __doc__)
+    setup_logging(cfg.log_level)
+    validate(cfg)
+    export(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
