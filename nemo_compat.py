@@ -170,6 +170,13 @@ def _state_keys(obj) -> list[str]:
     return list(state_dict().keys()) if callable(state_dict) else []
 
 
+def _dominant_dtype(module):
+    counts: dict = {}
+    for p in module.parameters():
+        counts[p.dtype] = counts.get(p.dtype, 0) + p.numel()
+    return max(counts, key=counts.get) if counts else None
+
+
 def _is_nemo_side(keys: list[str]) -> bool:
     return any(".decoder.layers." in f".{k}" for k in keys)
 
@@ -190,6 +197,11 @@ def _patch_norm_mapping() -> None:
             source_keys = _state_keys(source)
             if _is_nemo_side(source_keys):
                 mapping = remap_norm_keys(mapping, source_keys, nemo_is_target=False)
+                # Local-spec checkpoints trained in bf16 keep their RMSNorm weights in float32 while the exporter
+                # builds a bf16 HF model, and apply_transforms then asserts "dtype mismatch"; cast to the target's
+                # dtype, as NeMo's own cast_dtype option does.
+                if kwargs.get("cast_dtype") is None and len(args) < 3:
+                    kwargs["cast_dtype"] = _dominant_dtype(target)
         return original(source, target, mapping, *args, **kwargs)
 
     apply_transforms._nemo_compat = True

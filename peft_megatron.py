@@ -550,6 +550,9 @@ def configure_logger(config: Config):
         save_last="link",
         save_top_k=1,
         save_weights_only=config.save_weights_only,
+        # NeMo's default drops the optimizer from the checkpoint written at the end of training, so a run resumed
+        # from `last` could not continue; keep it unless the user asked for weights only.
+        save_optim_on_train_end=not config.save_weights_only,
         # Saved when validation ends, so the val_loss in the name is the one just measured.
         every_n_train_steps=None,
         filename="{model_name}--{val_loss:.4f}-{step}-{consumed_samples}",
