@@ -289,8 +289,8 @@ def build_splits(source: dict[str, list[dict]], cfg: HFDatasetConfig) -> tuple[d
     for s in ("train", "val"):
         if not converted.get(s):
             raise PipelineError(
-                f"the {s} split is empty after filtering and splitting ({n} usable training rows); "
-                f"provide more data or raise --{'val_fraction' if s == 'val' else 'max_samples'}"
+                f"the {s} split is empty after filtering and splitting ({n} usable rows in the source's train split); "
+                f"provide more data or {'raise --val_fraction' if s == 'val' else 'lower --val_fraction/--test_fraction'}"
             )
     sources = {s: (chosen[s] or f"carved from {chosen['train']}") for s in ("train", "val", "test")}
     return converted, {"dropped": dropped, "sources": sources}

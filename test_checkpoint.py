@@ -1,0 +1,363 @@
+"""Evaluate a fine-tuned NeMo checkpoint: batched generation on the test split with Megatron-Core's
+DynamicInferenceEngine (in-flight batching, paged KV cache), a predictions JSONL, and BERTScore / exact match /
+ROUGE-L.
+
+    # best val_loss checkpoint of a run, its test split, greedy, 1 GPU
+    python test_checkpoint.py --nemo_logs_dir outputs/Qwen/Qwen3-8B/nemo_logs --data_dir outputs/Qwen/Qwen3-8B/data
+
+    # tensor parallel generation
+    torchrun --nproc_per_node 2 test_checkpoint.py --nemo_checkpoint_path CKPT --tensor_parallel_size 2 --data_dir D
+
+    # re-score an existing predictions file, no GPU (BERTScore from a local model directory)
+    python test_checkpoint.py --evaluate_only --predictions_file preds.jsonl --bertscore_model ./roberta-large
+
+Outputs: the predictions JSONL (input, label, prediction, prompt_tokens, generated_tokens) and, next to it,
+<predictions>.metrics.json with num_samples, bertscore_f1/precision/recall, exact_match and rouge_l.
+Exit codes: 0 ok, 1 failure (no GPU for generation, bad predictions file, ...), 2 invalid arguments.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Optional
+
+from common import (
+    ConfigError,
+    PipelineError,
+    atomic_write_jsonl,
+    atomic_write_text,
+    find_checkpoint,
+    is_nemo_checkpoint,
+    parse_dataclass_args,
+    run_cli,
+    setup_logging,
+)
+
+log = logging.getLogger("peft_megatron.eval")
+
+BERTSCORE_DEFAULT = "roberta-large"  # bert_score's default model for lang="en"
+PREDICTION_FIELDS = ("input", "label", "prediction")
+
+
+@dataclass
+class EvalConfig:
+    nemo_checkpoint_path: Optional[str] = field(default=None, metadata={"help": "checkpoint to evaluate"})
+    nemo_logs_dir: Optional[str] = field(
+        default=None, metadata={"help": "training run's nemo_logs dir: evaluate its best val_loss checkpoint"}
+    )
+    data_dir: Optional[str] = field(default=None, metadata={"help": "directory holding test.jsonl (prepared data)"})
+    max_samples: int = field(default=1024, metadata={"help": "evaluate at most this many test rows"})
+    predictions_file: Optional[str] = field(
+        default=None, metadata={"help": "output predictions JSONL (input with --evaluate_only)"}
+    )
+    metrics_file: Optional[str] = field(default=None, metadata={"help": "default: <predictions>.metrics.json"})
+    evaluate_only: bool = field(default=False, metadata={"help": "score --predictions_file; no generation, no GPU"})
+    bertscore_model: str = field(
+        default=BERTSCORE_DEFAULT, metadata={"help": "hub name or local directory for BERTScore; 'none' to skip"}
+    )
+    bertscore_num_layers: Optional[int] = field(
+        default=None, metadata={"help": "layer of --bertscore_model to use (required for a local directory)"}
+    )
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature (used when --top_k != 1)"})
+    top_k: int = field(default=1, metadata={"help": "1 = greedy (default); 0 = no top-k limit"})
+    top_p: float = field(default=0.0, metadata={"help": "nucleus sampling threshold (0 = off)"})
+    num_tokens_to_generate: int = field(default=128, metadata={"help": "maximum new tokens per prompt"})
+    tensor_parallel_size: int = field(default=1, metadata={"help": "tensor parallelism (launch with torchrun)"})
+    buffer_size_gb: float = field(default=8.0, metadata={"help": "GPU memory for the paged KV cache"})
+    block_size_tokens: int = field(default=256, metadata={"help": "KV cache block size in tokens"})
+    inference_max_seq_length: int = field(default=2048, metadata={"help": "longest prompt + generation"})
+    max_batch_size: int = field(default=64, metadata={"help": "most requests in flight at once"})
+    random_seed: int = field(default=1234, metadata={"help": "sampling seed"})
+    log_level: str = field(default="INFO", metadata={"help": "logging level"})
+
+
+def validate(cfg: EvalConfig) -> None:
+    problems = []
+    if cfg.evaluate_only:
+        if not cfg.predictions_file:
+            problems.append("--evaluate_only needs --predictions_file (the JSONL to score)")
+    elif (cfg.nemo_checkpoint_path is None) == (cfg.nemo_logs_dir is None):
+        problems.append("give exactly one of --nemo_checkpoint_path or --nemo_logs_dir")
+    for name in ("max_samples", "num_tokens_to_generate", "tensor_parallel_size", "block_size_tokens",
+                 "inference_max_seq_length", "max_batch_size"):
+        if getattr(cfg, name) <= 0:
+            problems.append(f"--{name} {getattr(cfg, name)} must be positive")
+    if cfg.buffer_size_gb <= 0:
+        problems.append(f"--buffer_size_gb {cfg.buffer_size_gb} must be positive")
+    if cfg.num_tokens_to_generate >= cfg.inference_max_seq_length:
+        problems.append("--num_tokens_to_generate must be smaller than --inference_max_seq_length")
+    if cfg.temperature <= 0 or cfg.top_k < 0 or not 0 <= cfg.top_p <= 1:
+        problems.append("--temperature must be > 0, --top_k >= 0 and --top_p in [0, 1]")
+    if cfg.bertscore_model != "none" and Path(cfg.bertscore_model).is_dir() and cfg.bertscore_num_layers is None:
+        problems.append("--bertscore_model is a local directory: also give --bertscore_num_layers (e.g. 17 for roberta-large)")
+    if problems:
+        raise ConfigError(problems)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Test rows and predictions files
+# --------------------------------------------------------------------------------------------------------------------
+def read_jsonl(path: Path, required: Iterable[str]) -> list[dict]:
+    rows = []
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise PipelineError(f"{path}:{lineno}: malformed JSON line ({e.msg})") from None
+            missing = [k for k in required if k not in row]
+            if missing:
+                raise PipelineError(f"{path}:{lineno}: missing field(s) {missing}")
+            rows.append(row)
+    return rows
+
+
+def load_test_examples(data_dir: Path, tokenizer, max_samples: int) -> list[dict]:
+    """(prompt, label) pairs from test.jsonl, formatted exactly as training saw them."""
+    path = data_dir / "test.jsonl"
+    if not path.exists():
+        raise PipelineError(f"{path} does not exist; prepare data with `peft_megatron.py --prepare_data_only` first")
+    examples = []
+    for row in read_jsonl(path, ())[:max_samples]:
+        if "messages" in row:
+            messages = row["messages"]
+            prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+            examples.append({"input": prompt, "label": messages[-1]["content"]})
+        elif "input" in row and "output" in row:
+            examples.append({"input": row["input"], "label": row["output"]})
+        else:
+            raise PipelineError(f"{path}: rows need input/output or messages")
+    if not examples:
+        raise PipelineError(f"{path} has no rows")
+    return examples
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Metrics
+# --------------------------------------------------------------------------------------------------------------------
+def normalize(text: str) -> str:
+    return " ".join(text.strip().split()).lower()
+
+
+def exact_match(predictions: list[str], labels: list[str]) -> float:
+    return sum(normalize(p) == normalize(l) for p, l in zip(predictions, labels)) / max(1, len(labels))
+
+
+def rouge_l(predictions: list[str], labels: list[str]) -> float:
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    scores = [scorer.score(l, p)["rougeL"].fmeasure for p, l in zip(predictions, labels)]
+    return sum(scores) / max(1, len(scores))
+
+
+def bertscore(predictions: list[str], labels: list[str], model: str, num_layers: Optional[int]) -> dict:
+    from bert_score import score
+
+    kwargs = {"model_type": model, "num_layers": num_layers} if num_layers is not None else {"model_type": model}
+    try:
+        precision, recall, f1 = score(predictions, labels, lang="en", verbose=False, **kwargs)
+    except OSError as e:
+        raise PipelineError(
+            f"could not load BERTScore model {model!r} ({e}); offline, pass a local directory with "
+            "--bertscore_model DIR --bertscore_num_layers N, or --bertscore_model none"
+        ) from None
+    return {
+        "bertscore_precision": float(precision.mean()),
+        "bertscore_recall": float(recall.mean()),
+        "bertscore_f1": float(f1.mean()),
+    }
+
+
+def compute_metrics(rows: list[dict], cfg: EvalConfig) -> dict:
+    predictions = [str(r["prediction"]) for r in rows]
+    labels = [str(r["label"]) for r in rows]
+    metrics = {"num_samples": len(rows), "exact_match": exact_match(predictions, labels), "rouge_l": rouge_l(predictions, labels)}
+    if cfg.bertscore_model != "none":
+        metrics.update(bertscore(predictions, labels, cfg.bertscore_model, cfg.bertscore_num_layers))
+    else:
+        metrics.update(bertscore_precision=None, bertscore_recall=None, bertscore_f1=None)
+    return metrics
+
+
+def metrics_path(cfg: EvalConfig, predictions: Path) -> Path:
+    return Path(cfg.metrics_file) if cfg.metrics_file else predictions.with_suffix(".metrics.json")
+
+
+def evaluate(cfg: EvalConfig, predictions: Path, extra: Optional[dict] = None) -> dict:
+    rows = read_jsonl(predictions, PREDICTION_FIELDS)
+    if not rows:
+        raise PipelineError(f"{predictions} holds no predictions")
+    metrics = {**compute_metrics(rows, cfg), **(extra or {})}
+    out = metrics_path(cfg, predictions)
+    atomic_write_text(out, json.dumps(metrics, indent=2) + "\n")
+    f1 = metrics["bertscore_f1"]
+    print(
+        f"num_samples {metrics['num_samples']} | exact_match {metrics['exact_match']:.4f} | rouge_l "
+        f"{metrics['rouge_l']:.4f} | BERTScore F1: {'n/a' if f1 is None else f'{f1:.4f}'}"
+    )
+    print(f"metrics written to {out}")
+    return metrics
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Generation
+# --------------------------------------------------------------------------------------------------------------------
+class GenerationLoop:
+    """Feeds requests to a dynamic engine and collects finished ones in input order.
+
+    The engine interface is three calls: add_request(request_id, prompt_tokens, num_tokens_to_generate),
+    has_unfinished_requests() and step_modern(sampling_params) -> {"finished_requests": [...]}; Megatron-Core
+    0.15.3 queues requests the paged KV cache cannot hold yet and admits them as others finish, so everything can be
+    submitted up front. Prompts that cannot fit with the requested generation are truncated from the left."""
+
+    def __init__(self, engine, sampling_params, max_sequence_length: int, num_tokens_to_generate: int):
+        self.engine = engine
+        self.sampling_params = sampling_params
+        self.max_prompt = max_sequence_length - num_tokens_to_generate
+        self.num_tokens_to_generate = num_tokens_to_generate
+        self.truncated = 0
+
+    def run(self, prompts_tokens: list[list[int]], progress=None) -> list:
+        results: list = [None] * len(prompts_tokens)
+        for i, tokens in enumerate(prompts_tokens):
+            if len(tokens) > self.max_prompt:
+                tokens = tokens[-self.max_prompt :]
+                self.truncated += 1
+            self.engine.add_request(i, tokens, self.num_tokens_to_generate)
+        while self.engine.has_unfinished_requests():
+            finished = self.engine.step_modern(self.sampling_params)["finished_requests"]
+            for request in finished:
+                results[request.request_id] = request
+            if progress is not None and finished:
+                progress.update(len(finished))
+        missing = [i for i, r in enumerate(results) if r is None]
+        if missing:
+            raise PipelineError(f"{len(missing)} requests never finished (first ids {missing[:5]})")
+        return results
+
+
+def build_engine(ckpt: Path, cfg: EvalConfig):
+    import torch
+
+    import nemo_compat
+
+    env = nemo_compat.prepare_process()
+    if not env.has_cuda:
+        raise PipelineError(
+            "generation needs a CUDA GPU and this machine has none; score an existing predictions file with "
+            "--evaluate_only --predictions_file FILE"
+        )
+    from megatron.core.inference.contexts.dynamic_context import DynamicInferenceContext
+    from megatron.core.inference.engines.dynamic_engine import DynamicInferenceEngine
+    from megatron.core.inference.model_inference_wrappers.gpt.gpt_inference_wrapper import GPTInferenceWrapper
+    from megatron.core.inference.text_generation_controllers.text_generation_controller import TextGenerationController
+    from nemo import lightning as nl
+    from nemo.collections.llm.inference.base import setup_model_and_tokenizer
+
+    nemo_compat.install_paged_attention_fallback()
+    trainer = nl.Trainer(
+        accelerator="gpu",
+        devices=cfg.tensor_parallel_size,
+        strategy=nl.MegatronStrategy(tensor_model_parallel_size=cfg.tensor_parallel_size, ckpt_load_strictness=False),
+        plugins=nl.MegatronMixedPrecision(precision="bf16-mixed", params_dtype=torch.bfloat16),
+    )
+    overrides = nemo_compat.model_config_overrides(env)
+    wrapped, tokenizer = setup_model_and_tokenizer(
+        ckpt, trainer, params_dtype=torch.bfloat16, inference_max_seq_length=cfg.inference_max_seq_length, **overrides
+    )
+    model = wrapped.model
+    mcfg = model.config
+    context = DynamicInferenceContext(
+        params_dtype=torch.bfloat16,
+        num_layers=mcfg.num_layers,
+        kv_channels=mcfg.kv_channels or mcfg.hidden_size // mcfg.num_attention_heads,
+        num_attention_heads=mcfg.num_query_groups or mcfg.num_attention_heads,  # the KV cache holds KV heads
+        max_sequence_length=cfg.inference_max_seq_length,
+        buffer_size_gb=cfg.buffer_size_gb,
+        buffer_guaranteed_fraction=0.1,
+        block_size_tokens=cfg.block_size_tokens,
+        max_requests_override=cfg.max_batch_size,
+        tensor_model_parallel_size=cfg.tensor_parallel_size,
+        unified_memory_level=0,
+    )
+    wrapper = GPTInferenceWrapper(model, wrapped.inference_wrapper_config, inference_context=context)
+    controller = TextGenerationController(inference_wrapped_model=wrapper, tokenizer=tokenizer)
+    engine = DynamicInferenceEngine(controller, context, termination_id=int(tokenizer.eod), random_seed=cfg.random_seed)
+    return engine, tokenizer
+
+
+def generate_predictions(cfg: EvalConfig, ckpt: Path, data_dir: Path, out: Path) -> dict:
+    import torch
+    from megatron.core.inference.sampling_params import SamplingParams
+    from tqdm import tqdm
+
+    engine, tokenizer = build_engine(ckpt, cfg)
+    examples = load_test_examples(data_dir, tokenizer.tokenizer.tokenizer, cfg.max_samples)
+    prompts = [tokenizer.tokenize(e["input"]) for e in examples]
+    params = SamplingParams(
+        temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, num_tokens_to_generate=cfg.num_tokens_to_generate
+    )
+    loop = GenerationLoop(engine, params, cfg.inference_max_seq_length, cfg.num_tokens_to_generate)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    with tqdm(total=len(prompts), desc="generating", unit="req") as bar:
+        finished = loop.run(prompts, bar)
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    eod = int(tokenizer.eod)
+    rows, generated = [], 0
+    for example, prompt, request in zip(examples, prompts, finished):
+        tokens = [t for t in request.generated_tokens if t != eod]
+        generated += len(request.generated_tokens)
+        rows.append({**example, "prediction": tokenizer.detokenize(tokens).strip(), "prompt_tokens": len(prompt),
+                     "generated_tokens": len(request.generated_tokens)})
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        atomic_write_jsonl(out, rows)
+    stats = {
+        "requests_per_s": len(rows) / seconds,
+        "generated_tokens_per_s": generated / seconds,
+        "generation_seconds": seconds,
+        "truncated_prompts": loop.truncated,
+        "checkpoint": str(ckpt),
+    }
+    print(
+        f"generated {len(rows)} predictions in {seconds:.1f}s | {stats['requests_per_s']:.1f} requests/s | "
+        f"{stats['generated_tokens_per_s']:.0f} generated tokens/s | truncated prompts: {loop.truncated}"
+    )
+    return stats
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg, _ = parse_dataclass_args(EvalConfig, argv, __doc__)
+    setup_logging(cfg.log_level)
+    validate(cfg)
+    if cfg.evaluate_only:
+        path = Path(cfg.predictions_file)
+        if not path.exists():
+            raise PipelineError(f"--predictions_file {path} does not exist")
+        evaluate(cfg, path)
+        return 0
+    ckpt = find_checkpoint(Path(cfg.nemo_logs_dir)) if cfg.nemo_logs_dir else Path(cfg.nemo_checkpoint_path)
+    if not is_nemo_checkpoint(ckpt):
+        raise PipelineError(f"{ckpt} is not a complete NeMo checkpoint; train or import with peft_megatron.py first")
+    data_dir = Path(cfg.data_dir) if cfg.data_dir else ckpt.parents[2] / "data"
+    out = Path(cfg.predictions_file) if cfg.predictions_file else ckpt.with_name(ckpt.name + ".predictions.jsonl")
+    stats = generate_predictions(cfg, ckpt, data_dir, out)
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        evaluate(cfg, out, extra=stats)
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

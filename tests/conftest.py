@@ -1,0 +1,57 @@
+"""Shared fixtures: tiny offline models and datasets, and a runner for the real scripts."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from demo_workspace import build_hf_model, build_tokenizer, recall_rows  # noqa: E402
+
+
+
+def pytest_collection_modifyitems(config, items):
+    try:
+        import torch
+
+        has_gpu = torch.cuda.is_available()
+    except ImportError:
+        has_gpu = False
+    if has_gpu:
+        return
+    skip = pytest.mark.skip(reason="no CUDA GPU on this machine (GPU tests run on the lent H100: docs/gpu-validation.md)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def run_script(script: str, *args: str, env: dict | None = None, timeout: int = 600, cwd: Path | None = None):
+    """Run one of the repository's scripts as a user would; returns CompletedProcess (text)."""
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    for key in [k for k in full_env if k.startswith("SM_")]:
+        del full_env[key]
+    full_env.update(env or {})
+    return subprocess.run(
+        [sys.executable, str(REPO / script), *args],
+        capture_output=True, text=True, env=full_env, timeout=timeout, cwd=cwd or REPO,
+    )
+
+
+@pytest.fixture(scope="session")
+def assets(tmp_path_factory) -> dict:
+    """A tokenizer, tiny Qwen3 and Llama models (random norms, GQA, head_dim 128) and the recall dataset."""
+    root = tmp_path_factory.mktemp("assets")
+    rows = recall_rows(num_keys=24)
+    tokenizer = build_tokenizer(root / "tokenizer", [f"{r['question']} {r['answer']}" for r in rows] * 4)
+    qwen3 = build_hf_model(root / "qwen3", tokenizer, "qwen3", num_layers=2, hidden_size=128, seed=1)
+    llama = build_hf_model(root / "llama", tokenizer, "llama", num_layers=2, hidden_size=128, seed=2)
+    data = root / "recall.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return {"root": root, "tokenizer": tokenizer, "qwen3": qwen3, "llama": llama, "data": data, "rows": rows}

@@ -1,0 +1,241 @@
+"""peft_megatron.py: flags from the Config dataclass, validation, SageMaker, recipe assembly, dry run."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+import time
+
+import pytest
+
+from conftest import REPO, run_script
+
+import peft_megatron as pm
+from common import ConfigError, flag_names
+
+SEED_EXAMPLES = [
+    "",
+    '--hf_model_id "meta-llama/Llama-3.1-8B" --recipe_cls_name "llama31_8b"',
+    "--num_nodes 4 --gpus_per_node 8 --tensor_parallel_size 8 --pipeline_parallel_size 2",
+    "--full_ft",
+    "--enable_megatron_progress_bar --enable_memory_monitor --enable_speed_monitor",
+    # SageMaker passes hyperparameters as --key value
+    "--hf_model_id Qwen/Qwen3-8B --recipe_cls_name qwen3_8b --num_nodes 4 --gpus_per_node 8 "
+    "--tensor_parallel_size 8 --pipeline_parallel_size 2 --full_ft True",
+]
+
+
+def parse(args: str = "", environ: dict | None = None) -> pm.Config:
+    return pm.parse_config(shlex.split(args), environ=environ or {})
+
+
+@pytest.mark.parametrize("args", SEED_EXAMPLES)
+def test_every_seed_example_parses_and_validates(args, monkeypatch):
+    monkeypatch.setenv("MASTER_ADDR", "10.0.0.1")
+    config = parse(args)
+    pm.validate_config(config)
+    assert config.full_ft == ("--full_ft" in args)
+
+
+def test_every_config_field_is_a_flag_with_help():
+    parser_help = run_script("peft_megatron.py", "--help").stdout
+    for name in flag_names(pm.Config):
+        assert f"--{name}" in parser_help, name
+    for seed_flag in ("--hf_model_id", "--context_parallel_size", "--limit_val_batches", "--enable_nsys_callback",
+                      "--early_stopping_threshold", "--node_rank", "--dry_run", "--trust_remote_code", "--dataset_name",
+                      "--prompt_template", "--overwrite_data", "--prepare_data_only", "--import_only"):
+        assert seed_flag in parser_help
+
+
+def test_help_is_fast_and_imports_no_heavy_module():
+    start = time.perf_counter()
+    out = run_script("peft_megatron.py", "--help")
+    assert out.returncode == 0
+    assert time.perf_counter() - start < 3.0
+    probe = (
+        "import sys, peft_megatron, convert_checkpoint_to_hf, test_checkpoint, dataset_module;"
+        "print(sorted(m for m in ('torch','nemo','megatron','transformers','datasets') if m in sys.modules))"
+    )
+    import subprocess
+
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO).stdout.strip()
+    assert loaded == "[]"
+
+
+def test_boolean_flags_accept_sagemaker_values_and_negation():
+    assert parse("--full_ft false").full_ft is False
+    assert parse("--full_ft").full_ft is True
+    assert parse("--use_wandb --no-use_wandb").use_wandb is False
+    out = run_script("peft_megatron.py", "--full_ft", "maybe")
+    assert out.returncode == 2 and "expected true or false" in out.stderr
+
+
+@pytest.mark.parametrize(
+    "args, dp, gbs",
+    [
+        # the seed guide's two worked examples (micro 8 x accumulate 8)
+        ("--num_nodes 1 --gpus_per_node 8 --tensor_parallel_size 8", 1, 64),
+        ("--num_nodes 4 --gpus_per_node 8 --tensor_parallel_size 8 --pipeline_parallel_size 2", 2, 128),
+        # context parallelism takes GPUs from data parallelism too (Megatron: world = TP x PP x CP x DP)
+        ("--num_nodes 1 --gpus_per_node 8 --tensor_parallel_size 2 --context_parallel_size 2", 2, 128),
+    ],
+)
+def test_global_batch_size(args, dp, gbs):
+    config = parse(args)
+    assert (config.data_parallel_size, config.global_batch_size) == (dp, gbs)
+
+
+VALIDATION_CASES = [
+    ("--gpus_per_node 6 --tensor_parallel_size 4", "is not divisible by --tensor_parallel_size x"),
+    ("--recipe_cls_name qwen3_8bb", "close matches: qwen3_8b"),
+    ("--peft_scheme ia3", "--peft_scheme 'ia3' is not one of ['lora', 'dora']"),
+    ("--micro_batch_size 0", "--micro_batch_size 0 must be a positive integer"),
+    ("--max_steps 10 --val_check_interval 20", "--val_check_interval 20 > --max_steps 10"),
+    ("--enable_pytorch_profiler --enable_nsys_callback", "mutually exclusive profilers"),
+    ("--hf_model_id ./no/such/model", "--hf_model_id ./no/such/model: no config.json"),
+    ("--context_parallel_size 2 --tensor_parallel_size 4 --max_seq_length 1001", "divisible by 2 x --context_parallel_size"),
+    ("--val_fraction 0.6 --test_fraction 0.5", "leaves no training rows"),
+    ("--node_rank 3", "--node_rank 3 must be in [0, --num_nodes 1)"),
+]
+
+
+@pytest.mark.parametrize("args, message", VALIDATION_CASES)
+def test_validation_names_the_flag(args, message):
+    with pytest.raises(ConfigError) as err:
+        pm.validate_config(parse(args))
+    assert message in str(err.value)
+
+
+def test_all_problems_reported_together_with_exit_code_2():
+    out = run_script("peft_megatron.py", "--num_nodes", "0", "--peft_scheme", "x", "--recipe_cls_name", "nope")
+    assert out.returncode == 2
+    for fragment in ("--num_nodes 0", "--peft_scheme 'x'", "--recipe_cls_name 'nope'"):
+        assert fragment in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_multi_node_needs_a_rendezvous_address(monkeypatch):
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    with pytest.raises(ConfigError, match="set MASTER_ADDR"):
+        pm.validate_config(parse("--num_nodes 2"))
+    pm.validate_config(parse("--num_nodes 2 --dry_run"))
+
+
+def test_local_model_shape_must_fit_the_parallel_layout(assets):
+    with pytest.raises(ConfigError, match="must divide the model's 4 attention heads and 2 KV heads"):
+        pm.validate_config(parse(f"--hf_model_id {assets['qwen3']} --gpus_per_node 8 --tensor_parallel_size 8"))
+
+
+def test_sagemaker_environment_fills_settings_and_flags_win():
+    env = {
+        "SM_CHANNEL_TRAINING": "/opt/ml/input/data/training",
+        "SM_MODEL_DIR": "/opt/ml/model",
+        "SM_HOSTS": json.dumps(["algo-1", "algo-2", "algo-3"]),
+        "SM_CURRENT_HOST": "algo-2",
+        "SM_NUM_GPUS": "4",
+    }
+    config = parse("", env)
+    assert (config.data_dir, config.output_dir) == ("/opt/ml/input/data/training", "/opt/ml/model")
+    assert config.nemo_ckpt_dir == "/opt/ml/model/imported_hf_ckpt"
+    assert (config.num_nodes, config.node_rank, config.gpus_per_node) == (3, 1, 4)
+    explicit = parse("--output_dir /mine --num_nodes 1 --node_rank 0", env)
+    assert (explicit.output_dir, explicit.num_nodes, explicit.node_rank) == ("/mine", 1, 0)
+
+
+@pytest.mark.parametrize("hosts", ["algo-1", "[]", '{"a": 1}', "[1, 2]"])
+def test_malformed_sm_hosts_is_a_clear_error(hosts):
+    with pytest.raises(ConfigError, match="SM_HOSTS=.* is not a JSON list of host names"):
+        parse("", {"SM_HOSTS": hosts, "SM_CURRENT_HOST": "algo-1"})
+    out = run_script("peft_megatron.py", "--dry_run", env={"SM_HOSTS": hosts, "SM_CURRENT_HOST": "algo-1"})
+    assert out.returncode == 2 and "SM_HOSTS" in out.stderr
+
+
+# ---- recipe assembly (real NeMo objects) ------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def no_te():
+    import nemo_compat
+
+    return nemo_compat.Environment(has_te=False, has_cuda=False)
+
+
+def _callback_targets(recipe):
+    return [c.__fn_or_cls__.__name__ for c in recipe.trainer.callbacks]
+
+
+def test_configure_recipe_lora(tmp_path, no_te):
+    from nemo.collections.llm.peft import LoRA
+
+    config = parse(
+        f"--recipe_cls_name qwen3_8b --num_nodes 2 --gpus_per_node 8 --tensor_parallel_size 4 "
+        f"--pipeline_parallel_size 2 --context_parallel_size 1 --max_steps 500 --val_check_interval 50 "
+        f"--limit_val_batches 7 --micro_batch_size 2 --accumulate_grad_batches 4 --max_seq_length 1024 "
+        f"--lora_dim 16 --lora_alpha 32 --learning_rate 2e-4 --output_dir {tmp_path} --dataset_name x.jsonl"
+    )
+    recipe = pm.configure_recipe(config, no_te)
+    strategy, trainer = recipe.trainer.strategy, recipe.trainer
+    assert (strategy.tensor_model_parallel_size, strategy.pipeline_model_parallel_size) == (4, 2)
+    assert strategy.context_parallel_size == 1 and strategy.ckpt_load_strictness is False
+    assert (trainer.max_steps, trainer.val_check_interval, trainer.limit_val_batches) == (500, 50, 7)
+    assert trainer.accumulate_grad_batches == 1  # accumulation lives in the global batch
+    assert (trainer.num_nodes, trainer.devices) == (2, 8)
+    assert recipe.peft.__fn_or_cls__ is LoRA and (recipe.peft.dim, recipe.peft.alpha) == (16, 32)
+    assert recipe.optim.config.lr == 2e-4 and recipe.optim.config.use_distributed_optimizer is False
+    assert recipe.model.config.seq_length == 1024 and recipe.model.config.masked_softmax_fusion is False
+    data = recipe.data
+    assert (data.micro_batch_size, data.global_batch_size, data.seq_length) == (2, 2 * 4 * 2, 1024)
+    assert data.dataset_config["dataset_name"] == "x.jsonl"
+    assert recipe.resume.restore_config.path == str((tmp_path / "imported_hf_ckpt").resolve())
+    assert recipe.resume.resume_if_exists is True
+    ckpt = recipe.log.ckpt
+    assert (ckpt.monitor, ckpt.mode, ckpt.save_last, ckpt.save_top_k) == ("val_loss", "min", "link", 1)
+    assert ckpt.save_weights_only is False and ckpt.save_optim_on_train_end is True
+    assert recipe.log.use_datetime_version is False and recipe.log.wandb is None
+    assert recipe.log.tensorboard is not None
+    assert recipe.tokenizer == "data"
+    assert _callback_targets(recipe) == ["TimingCallback", "EarlyStopping"]
+    early = recipe.trainer.callbacks[1]
+    assert (early.monitor, early.patience, early.min_delta, early.mode) == ("val_loss", 3, 0.001, "min")
+
+
+def test_configure_recipe_full_ft_and_optional_callbacks(tmp_path, no_te, monkeypatch):
+    config = parse(
+        f"--full_ft --gpus_per_node 8 --tensor_parallel_size 2 --context_parallel_size 2 --output_dir {tmp_path} "
+        "--enable_megatron_progress_bar --enable_memory_monitor --enable_speed_monitor --enable_runtime_estimator "
+        "--enable_pytorch_profiler --use_wandb"
+    )
+    recipe = pm.configure_recipe(config, no_te)
+    assert recipe.peft is None
+    assert recipe.trainer.strategy.context_parallel_size == 2
+    assert _callback_targets(recipe) == [
+        "TimingCallback", "EarlyStopping", "MegatronProgressBar", "MemoryMonitor", "SpeedMonitor",
+        "RuntimeEstimator", "PytorchProfilerCallback",
+    ]
+    assert recipe.log.wandb.__fn_or_cls__.__name__ == "WandbLogger"
+
+
+def test_recipe_with_transformer_engine_keeps_nemo_defaults(tmp_path):
+    import nemo_compat
+
+    recipe = pm.configure_recipe(parse(f"--output_dir {tmp_path}"), nemo_compat.Environment(has_te=True, has_cuda=True))
+    assert recipe.model.config.masked_softmax_fusion is True
+    assert recipe.optim.config.use_distributed_optimizer is True
+
+
+def test_assign_refuses_attributes_the_target_does_not_take(no_te, tmp_path):
+    recipe = pm.configure_recipe(parse(f"--output_dir {tmp_path}"), no_te)
+    with pytest.raises(TypeError, match="takes no \\['tensor_parallel_size'\\]"):
+        pm.assign(recipe.trainer.strategy, tensor_parallel_size=2)  # the real name is tensor_model_parallel_size
+    pm.assign(recipe.trainer.strategy, sequence_parallel=True)
+
+
+def test_dry_run_of_the_seed_multi_node_example_prints_the_plan(tmp_path):
+    out = run_script(
+        "peft_megatron.py", "--dry_run", "--num_nodes", "4", "--gpus_per_node", "8", "--tensor_parallel_size", "8",
+        "--pipeline_parallel_size", "2", "--output_dir", str(tmp_path),
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "global_batch_size: 128" in out.stdout
+    assert "parallelism: TP 8 | PP 2 | CP 1 | DP 2" in out.stdout
+    assert "launch: torchrun" in out.stdout and "--nnodes 4 --nproc-per-node 8" in out.stdout
+    assert not (tmp_path / "imported_hf_ckpt").exists()  # a dry run touches nothing

@@ -1,0 +1,240 @@
+"""dataset_module.py: sources, rows, splits, fingerprinted idempotent preparation, bad input, real NeMo batches."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import run_script
+
+import dataset_module as dm
+from common import PipelineError
+
+ROWS = [{"question": f"What is {i} plus one?", "answer": str(i + 1), "ctx": f"Count #{i}"} for i in range(40)]
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def config(source, **kw) -> dm.HFDatasetConfig:
+    base = dict(dataset_name=str(source), input_column="question", output_column="answer", val_fraction=0.1, test_fraction=0.1)
+    return dm.HFDatasetConfig(**{**base, **kw})
+
+
+def prepare(cfg, data_dir, tokenizer, **kw):
+    return dm.prepare_dataset(cfg, data_dir, str(tokenizer), max_seq_length=kw.pop("max_seq_length", 64), **kw)
+
+
+def read(path: Path) -> list[dict]:
+    return [json.loads(l) for l in path.read_text().splitlines()]
+
+
+def test_template_rows_are_exact_and_splits_sized(tmp_path, assets):
+    src = write_jsonl(tmp_path / "src.jsonl", ROWS)
+    cfg = config(src, prompt_template="### Question:\n{question}\n\n### Answer:", system_column="ctx")
+    summary = prepare(cfg, tmp_path / "out", assets["tokenizer"])
+    assert summary["rows"] == {"train": 32, "val": 4, "test": 4}
+    rows = read(tmp_path / "out" / "training.jsonl") + read(tmp_path / "out" / "validation.jsonl") + read(tmp_path / "out" / "test.jsonl")
+    assert len(rows) == 40
+    expected = {f"Count #{i}\n\n### Question:\nWhat is {i} plus one?\n\n### Answer:": str(i + 1) for i in range(40)}
+    assert {r["input"]: r["output"] for r in rows} == expected
+    assert set(rows[0]) == {"input", "output"}
+
+
+def test_preparation_is_deterministic_byte_for_byte(tmp_path, assets):
+    src = write_jsonl(tmp_path / "src.jsonl", ROWS)
+    prepare(config(src), tmp_path / "a", assets["tokenizer"])
+    prepare(config(src), tmp_path / "b", assets["tokenizer"])
+    for name in dm.SPLIT_FILES.values():
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    prepare(config(src, seed=7), tmp_path / "c", assets["tokenizer"])
+    assert (tmp_path / "a" / "training.jsonl").read_bytes() != (tmp_path / "c" / "training.jsonl").read_bytes()
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet", "save_to_disk", "jsonl_dir"])
+def test_local_formats_give_the_same_rows(tmp_path, assets, fmt):
+    import datasets
+
+    ds = datasets.Dataset.from_list(ROWS)
+    if fmt == "csv":
+        ds.to_csv(str(tmp_path / "src.csv"))
+        source = tmp_path / "src.csv"
+    elif fmt == "parquet":
+        ds.to_parquet(str(tmp_path / "src.parquet"))
+        source = tmp_path / "src.parquet"
+    elif fmt == "save_to_disk":
+        datasets.DatasetDict({"train": ds.select(range(30)), "validation": ds.select(range(30, 35)), "test": ds.select(range(35, 40))}).save_to_disk(str(tmp_path / "dd"))
+        source = tmp_path / "dd"
+    else:
+        (tmp_path / "dir").mkdir()
+        write_jsonl(tmp_path / "dir" / "train.jsonl", ROWS[:30])
+        write_jsonl(tmp_path / "dir" / "test.jsonl", ROWS[30:])
+        source = tmp_path / "dir"
+    summary = prepare(config(source), tmp_path / "out", assets["tokenizer"])
+    out = {r["input"] for s in dm.SPLIT_FILES.values() for r in read(tmp_path / "out" / s)}
+    assert out == {r["question"] for r in ROWS}
+    if fmt == "save_to_disk":  # existing splits are used as they are
+        assert summary["rows"] == {"train": 30, "val": 5, "test": 5}
+        assert summary["sources"] == {"train": "train", "val": "validation", "test": "test"}
+    if fmt == "jsonl_dir":
+        assert summary["rows"]["test"] == 10 and summary["sources"]["val"] == "carved from train"
+
+
+def test_chat_rows_and_nemo_chat_dataset(tmp_path, assets):
+    chats = [{"messages": [{"role": "user", "content": f"hi {i}"}, {"role": "assistant", "content": f"hello {i}"}]} for i in range(20)]
+    chats.append({"messages": [{"role": "user", "content": "no answer"}]})
+    src = write_jsonl(tmp_path / "chat.jsonl", chats)
+    summary = prepare(config(src, chat=True), tmp_path / "out", assets["tokenizer"])
+    assert summary["dropped"] == {"train: last message is not from the assistant": 1}
+    assert sum(summary["rows"].values()) == 20
+    assert read(tmp_path / "out" / "training.jsonl")[0]["messages"][1]["role"] == "assistant"
+
+
+def test_fingerprint_skips_same_settings_and_refuses_changed_ones(tmp_path, assets, caplog):
+    src = write_jsonl(tmp_path / "src.jsonl", ROWS)
+    out = tmp_path / "out"
+    prepare(config(src), out, assets["tokenizer"])
+    before = (out / "training.jsonl").stat().st_mtime_ns
+    with caplog.at_level("INFO"):
+        prepare(config(src), out, assets["tokenizer"])
+    assert "already prepared with these settings" in caplog.text
+    assert (out / "training.jsonl").stat().st_mtime_ns == before
+    with pytest.raises(PipelineError, match=r"--val_fraction: 0.1 -> 0.2.*--overwrite_data"):
+        prepare(config(src, val_fraction=0.2), out, assets["tokenizer"])
+    write_jsonl(src, ROWS[:30])
+    with pytest.raises(PipelineError, match="the source files changed"):
+        prepare(config(src), out, assets["tokenizer"])
+    summary = prepare(config(src, overwrite_data=True), out, assets["tokenizer"])
+    assert sum(summary["rows"].values()) == 30
+    marker = json.loads((out / dm.MARKER).read_text())
+    assert marker["fingerprint"]["config"]["val_fraction"] == 0.1 and marker["summary"]["rows"]["train"] == 24
+
+
+def test_interrupted_write_leaves_no_marker_and_no_half_file(tmp_path, assets, monkeypatch):
+    src = write_jsonl(tmp_path / "src.jsonl", ROWS)
+    out = tmp_path / "out"
+    real = dm.atomic_write_jsonl
+    calls = {"n": 0}
+
+    def crash_on_second(path, rows):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            def boom():
+                yield next(iter(rows))
+                raise KeyboardInterrupt("killed mid-write")
+            return real(path, boom())
+        return real(path, rows)
+
+    monkeypatch.setattr(dm, "atomic_write_jsonl", crash_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(config(src), out, assets["tokenizer"])
+    assert not (out / dm.MARKER).exists()
+    assert not (out / "validation.jsonl").exists()
+    assert [p.name for p in out.iterdir() if p.name.endswith(".tmp")] == []
+    assert "killed mid-write" in (out / dm.FAILED_MARKER).read_text()
+
+
+def test_waiting_rank_fails_fast_on_rank0_failure_and_times_out(tmp_path, assets):
+    src = write_jsonl(tmp_path / "src.jsonl", ROWS)
+    out = tmp_path / "out"
+    with pytest.raises(PipelineError, match="timed out after 1s waiting for data preparation"):
+        prepare(config(src), out, assets["tokenizer"], global_rank=1, wait_timeout_s=1)
+    out.mkdir(exist_ok=True)
+    (out / dm.FAILED_MARKER).write_text("ValueError: bad column\n")
+    with pytest.raises(PipelineError, match="failed on global rank 0: ValueError: bad column"):
+        prepare(config(src), out, assets["tokenizer"], global_rank=1, wait_timeout_s=30)
+
+
+BAD_INPUT = [
+    ("missing_column", "has no column(s) ['answer']; its columns are ['ctx', 'question', 'reply']"),
+    ("all_empty", "every row of split 'train' was dropped"),
+    ("malformed", "src.jsonl:3: malformed JSON line"),
+    ("tiny", "the train split is empty after filtering and splitting (1 usable rows"),
+    ("hub_offline", "Without network access, point --dataset_name at local files"),
+]
+
+
+@pytest.mark.parametrize("case, message", BAD_INPUT)
+def test_bad_input_is_a_clear_error(tmp_path, assets, case, message, monkeypatch):
+    src = tmp_path / "src.jsonl"
+    if case == "missing_column":
+        write_jsonl(src, [{"question": "q", "reply": "a", "ctx": "c"}])
+    elif case == "all_empty":
+        write_jsonl(src, [{"question": "q", "answer": "  "}, {"question": None, "answer": "a"}])
+    elif case == "malformed":
+        src.write_text('{"question": "q", "answer": "a"}\n{"question": "q", "answer": "a"}\n{"question": oops}\n')
+    elif case == "tiny":
+        write_jsonl(src, ROWS[:1])
+    cfg = config(src, val_fraction=0.1)
+    if case == "hub_offline":
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        cfg = config("some-org/some-dataset")
+    with pytest.raises(PipelineError) as err:
+        prepare(cfg, tmp_path / "out", assets["tokenizer"])
+    assert message in str(err.value)
+
+
+def test_config_problems_name_the_flags():
+    problems = dm.HFDatasetConfig(val_fraction=0.5, test_fraction=0.5, max_samples=0, prompt_template="{0} {x y}", dataset_name="nope.jsonl").problems()
+    joined = "\n".join(problems)
+    for fragment in ("leaves no training rows", "--max_samples 0", "--prompt_template is not a valid format string", "nope.jsonl does not exist"):
+        assert fragment in joined
+
+
+def test_summary_warns_about_truncation(tmp_path, assets):
+    src = write_jsonl(tmp_path / "src.jsonl", ROWS)
+    summary = prepare(config(src), tmp_path / "out", assets["tokenizer"], max_seq_length=4)
+    text = dm.format_summary(summary)
+    assert "p50" in text and "WARNING: 100.0% of rows exceed --max_seq_length 4" in text
+
+
+def test_prepare_data_only_cli(tmp_path, assets):
+    out = run_script(
+        "peft_megatron.py", "--prepare_data_only", "--hf_model_id", str(assets["qwen3"]), "--dataset_name",
+        str(assets["data"]), "--input_column", "question", "--output_column", "answer", "--output_dir", str(tmp_path),
+        "--val_fraction", "0.25", "--micro_batch_size", "4", "--accumulate_grad_batches", "1", "--gpus_per_node", "1",
+        "--tensor_parallel_size", "1",
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "train       67 rows" in out.stdout and "val         24 rows" in out.stdout and "test         5 rows" in out.stdout
+    bad = run_script("peft_megatron.py", "--prepare_data_only", "--hf_model_id", str(assets["qwen3"]), "--dataset_name",
+                     str(assets["data"]), "--input_column", "nope", "--output_dir", str(tmp_path / "bad"))
+    assert bad.returncode == 1 and "has no column(s) ['nope', 'output']" in bad.stderr
+
+
+def test_validation_smaller_than_a_global_batch_is_refused(tmp_path, assets):
+    out = run_script(
+        "peft_megatron.py", "--prepare_data_only", "--hf_model_id", str(assets["qwen3"]), "--dataset_name",
+        str(assets["data"]), "--input_column", "question", "--output_column", "answer", "--output_dir", str(tmp_path),
+    )
+    assert out.returncode == 1
+    assert "validation split has 5 rows, fewer than one global batch (64)" in out.stderr  # defaults: micro 8 x accumulate 8 x DP 1
+
+
+def test_nemo_datamodule_batches_mask_the_prompt(tmp_path, assets):
+    """The real FineTuningDataModule machinery reads our JSONL: loss on answer tokens only."""
+    src = write_jsonl(tmp_path / "src.jsonl", ROWS)
+    cfg = config(src, prompt_template="Q: {question}\nA:")
+    prepare(cfg, tmp_path / "out", assets["tokenizer"])
+    from dataset_module import GeneralizedHFDataModule
+
+    module = GeneralizedHFDataModule(
+        dataset_config=vars(cfg), tokenizer_name_or_path=str(assets["qwen3"]), dataset_root=str(tmp_path / "out"),
+        seq_length=64, micro_batch_size=4, global_batch_size=4, num_workers=0, pin_memory=False,
+    )
+    dataset = module._create_dataset(module.train_path)
+    batch = dataset.collate_fn([dataset[i] for i in range(4)])
+    hf = module.tokenizer.tokenizer
+    for i in range(4):
+        row = read(tmp_path / "out" / "training.jsonl")[i]
+        tokens, labels, mask = batch["tokens"][i].tolist(), batch["labels"][i].tolist(), batch["loss_mask"][i].tolist()
+        answer_positions = [j for j, m in enumerate(mask) if m]
+        target_text = hf.decode([labels[j] for j in answer_positions])
+        assert target_text == f" {row['output']}<|endoftext|>"
+        prompt_len = len(hf(row["input"], add_special_tokens=False)["input_ids"])
+        assert answer_positions[0] == prompt_len - 1 and not any(mask[: prompt_len - 1])
+        assert hf.decode(tokens[:prompt_len]) == row["input"]
