@@ -76,6 +76,7 @@ def build_hf_model(
     hidden_size: int = 256,
     seed: int = 0,
     tie_word_embeddings: bool = False,
+    head_dim: int = 128,
 ) -> Path:
     """Save a randomly initialised causal LM of `family` ("qwen3" or "llama") with the tokenizer beside it.
 
@@ -94,7 +95,7 @@ def build_hf_model(
         num_hidden_layers=num_layers,
         num_attention_heads=4,
         num_key_value_heads=2,
-        head_dim=128,
+        head_dim=head_dim,
         max_position_embeddings=1024,
         rms_norm_eps=1e-6,
         tie_word_embeddings=tie_word_embeddings,

@@ -95,6 +95,7 @@ def prepare_process(env: Optional[Environment] = None) -> Environment:
         return env
     skip_unified_memory_build(env)
     if not env.has_te:
+        _patch_config_fusions()
         _patch_peft_te_checks()
         _patch_norm_mapping()
     return env
@@ -129,6 +130,28 @@ def skip_unified_memory_build(env: Optional[Environment] = None) -> None:
     stub.create_unified_mempool = create_unified_mempool
     sys.modules[name] = stub
     _mark("unified-memory-stub", f"no build of the managed-memory allocator; {env.describe() if env else 'worker'}")
+
+
+def _patch_config_fusions() -> None:
+    """NeMo's model configs default to TE-only fusions (LlamaConfig: apply_rope_fusion=True), and Megatron's
+    TransformerConfig.__post_init__ raises "apply_rope_fusion is not available. Please install TE" - even inside
+    the HF importer, which builds such a config before any recipe override can apply. Without TE, switch those
+    fusions off as every config is constructed. Remove when NeMo picks fusion defaults from the environment."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    original = TransformerConfig.__post_init__
+    if getattr(original, "_nemo_compat", False):
+        return
+
+    def __post_init__(self):
+        for name, value in NO_TE_MODEL_OVERRIDES.items():
+            if getattr(self, name, value) != value:
+                setattr(self, name, value)
+        original(self)
+
+    __post_init__._nemo_compat = True
+    TransformerConfig.__post_init__ = __post_init__
+    _mark("no-te-fusion-defaults", "TE-only fusions are switched off as model configs are built")
 
 
 def _patch_peft_te_checks() -> None:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
 import json
 import logging
 import os
@@ -357,6 +358,7 @@ def _run_import(config: Config, target: Path) -> None:
     from nemo.collections import llm
 
     recipe = _recipe_module(config.recipe_cls_name).finetune_recipe(num_nodes=1, num_gpus_per_node=1)
+    assign(recipe.model.config, **nemo_compat.model_config_overrides(env))  # e.g. RoPE fusion needs TE
     model = fdl.build(recipe.model)  # picks the importer; the sizes come from the HF config
     source = f"hf://{Path(config.hf_model_id).expanduser().resolve()}" if is_local_model(config.hf_model_id) else f"hf://{config.hf_model_id}"
     check_importer_head_dim(model, source, config.trust_remote_code)
@@ -365,7 +367,10 @@ def _run_import(config: Config, target: Path) -> None:
     if target.exists():
         target.rmdir()  # empty (checked by the caller); import writes to a temporary sibling and renames
     with atomic_dir(target) as tmp, nemo_compat.cpu_checkpoint_io(env):
-        llm.import_ckpt(model=model, source=source, output_path=tmp, overwrite=True, trust_remote_code=config.trust_remote_code)
+        # Some importers (Qwen3) take trust_remote_code, others (Llama) do not and never run remote code.
+        accepts = "trust_remote_code" in inspect.signature(type(model.importer(source)).apply).parameters
+        extra = {"trust_remote_code": config.trust_remote_code} if accepts else {}
+        llm.import_ckpt(model=model, source=source, output_path=tmp, overwrite=True, **extra)
         if not is_nemo_checkpoint(tmp):
             raise PipelineError(f"llm.import_ckpt finished but {tmp} is not a complete checkpoint")
     log.info("imported checkpoint written to %s", target)

@@ -1,0 +1,209 @@
+"""HF -> NeMo import and NeMo -> HF export through the real scripts, on CPU, without Transformer Engine."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, run_script
+
+import convert_checkpoint_to_hf as conv
+import peft_megatron as pm
+from common import PipelineError, find_checkpoint
+from demo_workspace import build_hf_model
+
+RECIPES = {"qwen3": "qwen3_600m", "llama": "llama32_1b"}
+
+
+@pytest.fixture(scope="module")
+def qwen3_head_dim_64(assets):
+    return build_hf_model(assets["root"] / "qwen3_hd64", assets["tokenizer"], "qwen3", hidden_size=128, head_dim=64)
+
+
+def import_and_export(model_dir: Path, recipe: str, tmp: Path) -> Path:
+    nemo = tmp / "nemo"
+    out = run_script("peft_megatron.py", "--import_only", "--hf_model_id", str(model_dir), "--recipe_cls_name", recipe,
+                     "--nemo_ckpt_dir", str(nemo))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "compat: local-spec-norm-mapping" in out.stdout
+    hf = tmp / "hf"
+    out = run_script("convert_checkpoint_to_hf.py", "--nemo_checkpoint_path", str(nemo), "--output_dir", str(hf))
+    assert out.returncode == 0, out.stderr[-3000:]
+    return hf
+
+
+@pytest.mark.parametrize("family", ["qwen3", "llama"])
+def test_round_trip_is_bit_exact(family, assets, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    source_dir = assets[family]
+    exported = import_and_export(source_dir, RECIPES[family], tmp_path)
+    a = AutoModelForCausalLM.from_pretrained(source_dir, torch_dtype=torch.float32)
+    b = AutoModelForCausalLM.from_pretrained(exported, torch_dtype=torch.float32)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert set(sa) == set(sb)
+    norms = [k for k in sa if k.endswith("norm.weight")]
+    assert norms and all(not torch.equal(sa[k], torch.ones_like(sa[k])) for k in norms)  # random norms survive
+    for key in sa:
+        assert torch.equal(sa[key], sb[key]), key
+    ids = torch.randint(0, a.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(a(ids).logits, b(ids).logits, rtol=0, atol=1e-5)
+    assert b.config.eos_token_id == a.config.eos_token_id  # not NeMo's hard-coded Qwen ids
+
+
+def test_import_refuses_a_head_dim_the_importer_would_get_wrong(qwen3_head_dim_64, tmp_path):
+    # NeMo 2.7.3's Qwen3 importer fixes kv_channels=128 whatever the HF config says.
+    out = run_script("peft_megatron.py", "--import_only", "--hf_model_id", str(qwen3_head_dim_64), "--recipe_cls_name",
+                     "qwen3_600m", "--nemo_ckpt_dir", str(tmp_path / "nemo"))
+    assert out.returncode == 1
+    assert "head_dim 64 but NeMo's importer would build head_dim 128" in out.stderr
+    assert not (tmp_path / "nemo").exists()  # nothing that looks like a checkpoint
+    marker = tmp_path / ("nemo" + pm.IMPORT_FAILED_SUFFIX)
+    assert "head_dim 64" in marker.read_text()
+    assert [p.name for p in tmp_path.iterdir()] == [marker.name]
+
+
+def test_other_node_fails_fast_when_rank0_import_fails(qwen3_head_dim_64, tmp_path):
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "HF_HUB_OFFLINE": "1"}
+    common = ["--import_only", "--hf_model_id", str(qwen3_head_dim_64), "--recipe_cls_name", "qwen3_600m",
+              "--nemo_ckpt_dir", str(tmp_path / "nemo"), "--num_nodes", "2", "--wait_timeout_s", "300"]
+    waiter = subprocess.Popen([sys.executable, str(REPO / "peft_megatron.py"), *common, "--node_rank", "1"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+    rank0 = subprocess.run([sys.executable, str(REPO / "peft_megatron.py"), *common, "--node_rank", "0"],
+                           capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    assert rank0.returncode == 1
+    start = time.monotonic()
+    _, err = waiter.communicate(timeout=60)
+    assert waiter.returncode == 1 and time.monotonic() - start < 30
+    assert "the HF -> NeMo import failed on global rank 0" in err and "head_dim" in err
+
+
+def test_waiting_node_times_out_clearly(assets, tmp_path, monkeypatch):
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    config = pm.parse_config(["--import_only", "--hf_model_id", str(assets["qwen3"]), "--nemo_ckpt_dir",
+                              str(tmp_path / "n"), "--num_nodes", "2", "--node_rank", "1", "--wait_timeout_s", "1"], {})
+    with pytest.raises(PipelineError, match="timed out after 1s waiting for the HF -> NeMo import"):
+        pm.import_hf_checkpoint(config)
+
+
+def test_partial_checkpoint_directory_is_refused(assets, tmp_path):
+    (tmp_path / "nemo" / "weights").mkdir(parents=True)
+    out = run_script("peft_megatron.py", "--import_only", "--hf_model_id", str(assets["qwen3"]), "--recipe_cls_name",
+                     "qwen3_600m", "--nemo_ckpt_dir", str(tmp_path / "nemo"))
+    assert out.returncode == 1 and "exists but is not a complete NeMo checkpoint" in out.stderr
+
+
+def fake_checkpoint(path: Path, adapter: bool = False) -> Path:
+    (path / "context").mkdir(parents=True)
+    (path / "weights").mkdir()
+    (path / "weights" / "metadata.json").write_text("{}")
+    if adapter:
+        (path / "weights" / conv.ADAPTER_META).write_text('{"model_ckpt_path": "/nowhere/base"}')
+    return path
+
+
+def test_checkpoint_discovery_prefers_best_val_loss(tmp_path):
+    ckpts = tmp_path / "nemo_logs" / "checkpoints"
+    fake_checkpoint(ckpts / "m--val_loss=2.5000-step=99-consumed_samples=800.0")
+    best = fake_checkpoint(ckpts / "m--val_loss=1.2500-step=199-consumed_samples=1600.0")
+    fake_checkpoint(ckpts / "m--val_loss=1.2500-step=199-consumed_samples=1600.0-last")
+    (ckpts / "m--val_loss=0.1000-step=299-consumed_samples=2400.0" / "context").mkdir(parents=True)  # half-written
+    assert find_checkpoint(tmp_path / "nemo_logs") == best
+    only_last = tmp_path / "b" / "checkpoints" / "m--step=9-last"
+    fake_checkpoint(only_last)
+    assert find_checkpoint(tmp_path / "b") == only_last
+    with pytest.raises(PipelineError, match="no complete NeMo checkpoint"):
+        find_checkpoint(tmp_path / "nemo_logs" / "checkpoints" / "m--val_loss=0.1000-step=299-consumed_samples=2400.0")
+
+
+REFUSALS = [
+    ("missing", "does not exist; train with peft_megatron.py first"),
+    ("not_a_checkpoint", "is not a NeMo checkpoint"),
+    ("half_written", "is a half-written NeMo checkpoint"),
+    ("no_merge_on_full", "--no_merge exports a LoRA adapter, but"),
+    ("lora_without_base", "`python peft_megatron.py --import_only ...` (same --nemo_ckpt_dir) first"),
+]
+
+
+@pytest.mark.parametrize("case, message", REFUSALS)
+def test_converter_refuses_wrong_input(case, message, tmp_path):
+    path = tmp_path / "ckpt"
+    args = []
+    if case == "not_a_checkpoint":
+        path.mkdir()
+    elif case == "half_written":
+        (path / "context").mkdir(parents=True)
+    elif case == "no_merge_on_full":
+        fake_checkpoint(path)
+        args = ["--no_merge"]
+    elif case == "lora_without_base":
+        fake_checkpoint(path, adapter=True)
+    out = run_script("convert_checkpoint_to_hf.py", "--nemo_checkpoint_path", str(path), *args)
+    assert out.returncode == 1 and message in out.stderr, out.stderr[-2000:]
+    assert not (tmp_path / "ckpt.hf_model").exists() and not (tmp_path / "ckpt.hf_peft").exists()
+
+
+def test_converter_usage_errors_exit_2():
+    out = run_script("convert_checkpoint_to_hf.py")
+    assert out.returncode == 2 and "exactly one of --nemo_logs_dir" in out.stderr
+
+
+def test_adapter_mapping_matches_nemo_exporter_on_fused_lora(assets, tmp_path):
+    """Synthetic NeMo-layout LoRA (fused, interleaved QKV; fused gate/up): merging it into the NeMo weights and
+    exporting with NeMo's own HF exporter must equal peft.PeftModel(base, our adapter)."""
+    import nemo_compat
+    from nemo.lightning.io import load_context
+    from peft import PeftModel
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    env = nemo_compat.prepare_process()
+    nemo_dir = tmp_path / "nemo"
+    assert run_script("peft_megatron.py", "--import_only", "--hf_model_id", str(assets["qwen3"]), "--recipe_cls_name",
+                      "qwen3_600m", "--nemo_ckpt_dir", str(nemo_dir)).returncode == 0
+    model = load_context(nemo_dir / "context", subpath="model")
+    exporter = model.exporter("hf", str(nemo_dir))
+    exporter.trust_remote_code = False  # normally set inside apply()
+    with nemo_compat.cpu_checkpoint_io(env):
+        source, _ = exporter.nemo_load(str(nemo_dir))
+    cfg = source.config
+    rank, alpha, layers = 4, 8, cfg.num_layers
+    settings = {"dim": rank, "alpha": alpha, "dropout": 0.0, "num_attention_heads": cfg.num_attention_heads,
+                "num_query_groups": cfg.num_query_groups, "head_dim": cfg.kv_channels, "gated": True,
+                "target_modules": list(conv.HF_TARGETS)}
+    gen = torch.Generator().manual_seed(0)
+    state = source.state_dict()
+    adapter = {}
+    for target in conv.HF_TARGETS:
+        weight_keys = [k for k in state if k.endswith(f"{target}.weight") and ".layers." in k]
+        out_dim, in_dim = state[weight_keys[0]].shape
+        a = torch.randn(layers, rank, in_dim, generator=gen) * 0.1
+        b = torch.randn(layers, out_dim, rank, generator=gen) * 0.1
+        adapter[f"module.decoder.layers.{target}.adapter.linear_in.weight"] = a
+        adapter[f"module.decoder.layers.{target}.adapter.linear_out.weight"] = b
+        with torch.no_grad():
+            for layer in range(layers):
+                key = next(k for k in weight_keys if f".layers.{layer}." in k)
+                param = dict(source.named_parameters())[key]
+                param.add_((alpha / rank) * (b[layer] @ a[layer]).to(param.dtype))
+    merged = exporter.init(torch.float32)
+    exporter.convert_state(source, merged)
+
+    peft_dir = tmp_path / "adapter"
+    peft_dir.mkdir()
+    save_file(conv.nemo_lora_to_peft(adapter, settings), str(peft_dir / "adapter_model.safetensors"))
+    (peft_dir / "adapter_config.json").write_text(__import__("json").dumps(conv.adapter_config(settings, "base")))
+    base = AutoModelForCausalLM.from_pretrained(assets["qwen3"], torch_dtype=torch.float32)
+    peft_model = PeftModel.from_pretrained(base, peft_dir)
+    ids = torch.randint(0, base.config.vocab_size, (2, 16), generator=gen)
+    with torch.no_grad():
+        expected, got = merged(ids).logits, peft_model(ids).logits
+    assert (expected - AutoModelForCausalLM.from_pretrained(assets["qwen3"], torch_dtype=torch.float32)(ids).logits).abs().max() > 1e-2
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
