@@ -677,7 +677,7 @@ def plan_lines(config: Config) -> list[str]:
         f"imported checkpoint: {config.nemo_ckpt_path} ({'present' if is_nemo_checkpoint(config.nemo_ckpt_path) else 'to be imported'})",
         f"data: {config.data.dataset_name or '(existing JSONL)'} -> {config.data_path}",
         f"checkpoints: {config.output_path / 'nemo_logs' / 'checkpoints'} (best val_loss + last)",
-        f"tensorboard: {config.output_path / 'nemo_logs' / 'tb_logs'}",
+        f"tensorboard: {config.output_path / 'tb_logs'}",
     ]
 
 
@@ -733,14 +733,14 @@ def demo_config(config: Config) -> Config:
         tensor_parallel_size=1,
         pipeline_parallel_size=1,
         context_parallel_size=1,
-        max_steps=300,
-        val_check_interval=50,
+        max_steps=800,
+        val_check_interval=100,
         log_every_n_steps=10,
         micro_batch_size=16,
         accumulate_grad_batches=1,
         limit_val_batches=2,
         max_seq_length=64,
-        learning_rate=3e-3,
+        learning_rate=5e-3,
         lora_dim=32,
         lora_alpha=64,
         output_dir=str(DEMO_DIR / "run"),
