@@ -639,6 +639,8 @@ def launch_training(config: Config, recipe, executor) -> None:
     import nemo_run as run
     from torchx.specs.api import AppState
 
+    if config.enable_pytorch_profiler or config.enable_memory_profile:
+        (config.output_path / "profiles").mkdir(parents=True, exist_ok=True)  # the callbacks require it to exist
     with run.Experiment(
         config.experiment_title,
         executor=executor,
@@ -788,7 +790,11 @@ def _demo_evaluate(config: Config, checkpoint: Optional[Path], tag: str) -> dict
 def _run_script(script: str, *args: str) -> None:
     cmd = [sys.executable, str(REPO_DIR / script), *args]
     log.info("running %s", " ".join(cmd))
-    if subprocess.run(cmd).returncode != 0:
+    # The import above left this process's torch.distributed rendezvous variables in os.environ (Lightning sets
+    # them) with the port still bound; a child must pick its own.
+    rendezvous = {"MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK"}
+    env = {k: v for k, v in os.environ.items() if k not in rendezvous}
+    if subprocess.run(cmd, env=env).returncode != 0:
         raise PipelineError(f"{script} failed (command: {' '.join(cmd)})")
 
 
