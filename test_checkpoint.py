@@ -314,10 +314,11 @@ def generate_predictions(cfg: EvalConfig, ckpt: Path, data_dir: Path, out: Path)
     eod = int(tokenizer.eod)
     rows, generated = [], 0
     for example, prompt, request in zip(examples, prompts, finished):
-        tokens = [t for t in request.generated_tokens if t != eod]
-        generated += len(request.generated_tokens)
+        all_tokens = [int(t) for t in request.generated_tokens]
+        tokens = [t for t in all_tokens if t != eod]
+        generated += len(all_tokens)
         rows.append({**example, "prediction": tokenizer.detokenize(tokens).strip(), "prompt_tokens": len(prompt),
-                     "generated_tokens": len(request.generated_tokens)})
+                     "generated_tokens": len(all_tokens)})
     import torch.distributed as dist
 
     if not dist.is_initialized() or dist.get_rank() == 0:
