@@ -369,5 +369,8 @@ def install_paged_attention_fallback() -> bool:
         return False
     attention.flash_attn_varlen_func = paged_varlen_attention
     attention.flash_attn_with_kvcache = paged_decode_attention
+    # attention.forward asserts flash-attn >= 2.7.3 for dynamic batching by importing flash_attn; the functions
+    # above implement that version's paged API (block_table).
+    attention.is_fa_min_version = lambda version, *args, **kwargs: True
     _mark("paged-attention-fallback", "flash-attn is not installed; dynamic inference uses torch SDPA over KV blocks")
     return True
