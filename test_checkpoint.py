@@ -273,6 +273,7 @@ def build_engine(ckpt: Path, cfg: EvalConfig):
         ckpt, trainer, params_dtype=torch.bfloat16, inference_max_seq_length=cfg.inference_max_seq_length, **overrides
     )
     model = wrapped.model
+    model.eval()  # NeMo's restore leaves the module in training mode; Megatron's dynamic attention asserts eval
     mcfg = model.config
     context = DynamicInferenceContext(
         params_dtype=torch.bfloat16,
