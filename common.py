@@ -246,6 +246,24 @@ def wait_for_file(
         time.sleep(poll_s)
 
 
+def iter_jsonl(path: Path, required: Iterable[str] = ()) -> Iterator[dict]:
+    """Rows of a JSON-lines file; a malformed line, a non-object or a missing field names the file and line."""
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise PipelineError(f"{path}:{lineno}: malformed JSON line ({e.msg} at column {e.colno})") from None
+            if not isinstance(row, dict):
+                raise PipelineError(f"{path}:{lineno}: expected a JSON object per line, got {type(row).__name__}")
+            missing = [k for k in required if k not in row]
+            if missing:
+                raise PipelineError(f"{path}:{lineno}: missing field(s) {missing}")
+            yield row
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # NeMo checkpoints on disk
 # --------------------------------------------------------------------------------------------------------------------

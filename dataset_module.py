@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from common import PipelineError, atomic_write_jsonl, atomic_write_text, wait_for_file
+from common import PipelineError, atomic_write_jsonl, atomic_write_text, iter_jsonl, wait_for_file
 
 log = logging.getLogger("peft_megatron.data")
 
@@ -119,17 +119,9 @@ def _local_files(spec: str) -> Optional[list[Path]]:
 
 
 def _check_jsonl(path: Path) -> None:
-    """datasets reports a malformed JSON line without its position; we name the file and line."""
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise PipelineError(f"{path}:{lineno}: malformed JSON line ({e.msg} at column {e.colno})") from None
-            if not isinstance(row, dict):
-                raise PipelineError(f"{path}:{lineno}: expected a JSON object per line, got {type(row).__name__}")
+    """datasets reports a malformed JSON line without its position; we name the file and line first."""
+    for _ in iter_jsonl(path):
+        pass
 
 
 def _source_fingerprint(spec: str) -> dict:
@@ -420,17 +412,10 @@ def _use_existing_jsonl(data_dir: Path, cfg: HFDatasetConfig) -> dict:
             f"--data_dir {data_dir} lacks {missing}; pass --dataset_name to prepare them from a dataset"
         )
     rows = {}
+    keys = ("messages",) if cfg.chat else ("input", "output")
     for split, filename in SPLIT_FILES.items():
-        path = data_dir / filename
-        if not path.exists():
-            continue
-        _check_jsonl(path)
-        keys = ("messages",) if cfg.chat else ("input", "output")
-        with open(path, encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, 1):
-                if line.strip() and any(k not in json.loads(line) for k in keys):
-                    raise PipelineError(f"{path}:{lineno}: row lacks {list(keys)}")
-                rows[split] = rows.get(split, 0) + bool(line.strip())
+        if (data_dir / filename).exists():
+            rows[split] = sum(1 for _ in iter_jsonl(data_dir / filename, keys))
     log.info("using the JSONL already in %s: %s", data_dir, rows)
     return {"rows": rows, "dropped": {}, "sources": {s: "existing JSONL" for s in rows}, "files": {}}
 

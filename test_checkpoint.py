@@ -32,6 +32,7 @@ from common import (
     atomic_write_text,
     find_checkpoint,
     is_nemo_checkpoint,
+    iter_jsonl,
     parse_dataclass_args,
     run_cli,
     setup_logging,
@@ -102,20 +103,7 @@ def validate(cfg: EvalConfig) -> None:
 # Test rows and predictions files
 # --------------------------------------------------------------------------------------------------------------------
 def read_jsonl(path: Path, required: Iterable[str]) -> list[dict]:
-    rows = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise PipelineError(f"{path}:{lineno}: malformed JSON line ({e.msg})") from None
-            missing = [k for k in required if k not in row]
-            if missing:
-                raise PipelineError(f"{path}:{lineno}: missing field(s) {missing}")
-            rows.append(row)
-    return rows
+    return list(iter_jsonl(path, required))
 
 
 def load_test_examples(data_dir: Path, tokenizer, max_samples: int) -> list[dict]:
