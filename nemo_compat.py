@@ -10,7 +10,7 @@ Entry points:
     prepare_process()           once per process, before NeMo/Megatron are imported (scripts call it first)
     model_config_overrides()    model-config fields that must change without TE (fusions)
     optimizer_config_overrides()
-    cpu_checkpoint_io()         context manager around llm.import_ckpt / export_ckpt / merge_lora on a CPU host
+    cpu_checkpoint_io()         context manager around llm.import_ckpt / export_ckpt on a CPU host
     install_worker_hooks()      the same inside NeMo-Run's torchrun workers (via startup/sitecustomize.py)
 """
 

@@ -360,7 +360,7 @@ def _run_import(config: Config, target: Path) -> None:
     recipe = _recipe_module(config.recipe_cls_name).finetune_recipe(num_nodes=1, num_gpus_per_node=1)
     assign(recipe.model.config, **nemo_compat.model_config_overrides(env))  # e.g. RoPE fusion needs TE
     model = fdl.build(recipe.model)  # picks the importer; the sizes come from the HF config
-    source = f"hf://{Path(config.hf_model_id).expanduser().resolve()}" if is_local_model(config.hf_model_id) else f"hf://{config.hf_model_id}"
+    source = f"hf://{model_location(config)}"
     check_importer_head_dim(model, source, config.trust_remote_code)
     log.info("importing %s -> %s (%s)", source, target, env.describe())
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -402,10 +402,15 @@ def _recipe_module(name: str):
 # ====================================================================================================================
 # Phase 3: data preparation (global rank 0; the other nodes wait)
 # ====================================================================================================================
+def model_location(config: Config) -> str:
+    """`hf_model_id` as an absolute path when it is a local directory (workers may run elsewhere), else the hub id."""
+    return str(Path(config.hf_model_id).expanduser().resolve()) if is_local_model(config.hf_model_id) else config.hf_model_id
+
+
 def tokenizer_source(config: Config) -> str:
     """The imported checkpoint's own tokenizer once it exists (always local), else the HF model's."""
     nemo_tokenizer = config.nemo_ckpt_path / "context" / "nemo_tokenizer"
-    return str(nemo_tokenizer) if nemo_tokenizer.is_dir() else config.hf_model_id
+    return str(nemo_tokenizer.resolve()) if nemo_tokenizer.is_dir() else model_location(config)
 
 
 def prepare_data(config: Config) -> dict:
@@ -526,7 +531,7 @@ def configure_data(config: Config):
     return run.Config(
         GeneralizedHFDataModule,
         dataset_config=dataclasses.asdict(config.data),
-        tokenizer_name_or_path=str(Path(tokenizer_source(config)).resolve()) if is_local_model(tokenizer_source(config)) else tokenizer_source(config),
+        tokenizer_name_or_path=tokenizer_source(config),
         dataset_root=str(config.data_path.resolve()),
         seq_length=config.max_seq_length,
         micro_batch_size=config.micro_batch_size,
