@@ -35,6 +35,8 @@ def import_and_export(model_dir: Path, recipe: str, tmp: Path) -> Path:
     hf = tmp / "hf"
     out = run_script("convert_checkpoint_to_hf.py", "--nemo_checkpoint_path", str(nemo), "--output_dir", str(hf))
     assert out.returncode == 0, out.stderr[-3000:]
+    again = run_script("convert_checkpoint_to_hf.py", "--nemo_checkpoint_path", str(nemo), "--output_dir", str(hf))
+    assert again.returncode == 0 and f"export already present: {hf}" in again.stdout  # re-runnable, keeps it
     return hf
 
 
