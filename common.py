@@ -138,7 +138,7 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         target.add_argument(f"--{f.name}", help=f"{help_text} (default: {shown})", metavar=f.name.upper(), **kwargs)
 
 
-def dataclass_from_namespace(cls: type, ns: argparse.Namespace | dict, explicit: Optional[set] = None) -> Any:
+def dataclass_from_namespace(cls: type, ns: argparse.Namespace | dict) -> Any:
     """Build `cls` from parsed values; nested dataclasses are filled from the same flat namespace."""
     values = vars(ns) if isinstance(ns, argparse.Namespace) else ns
     hints = typing.get_type_hints(cls)
@@ -166,13 +166,15 @@ def flag_names(cls: type) -> list[str]:
 # --------------------------------------------------------------------------------------------------------------------
 # Atomic outputs: a crash never leaves a file or directory that looks complete.
 # --------------------------------------------------------------------------------------------------------------------
-def atomic_write_text(path: Path, text: str) -> None:
+@contextlib.contextmanager
+def _atomic_open(path: Path) -> Iterator[typing.TextIO]:
+    """A text handle on a temporary sibling of `path`, fsynced and renamed over it only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
+            yield fh
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -180,26 +182,20 @@ def atomic_write_text(path: Path, text: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    with _atomic_open(path) as fh:
+        fh.write(text)
 
 
 def atomic_write_jsonl(path: Path, rows: Iterable[dict]) -> int:
     """Write rows as JSON lines through a temporary file; returns the row count."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     count = 0
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            for row in rows:
-                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-                count += 1
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with _atomic_open(path) as fh:
+        for row in rows:
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+            count += 1
     return count
 
 

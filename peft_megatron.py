@@ -44,7 +44,6 @@ from common import (
     PipelineError,
     atomic_dir,
     atomic_write_text,
-    flag_names,
     is_nemo_checkpoint,
     parse_dataclass_args,
     run_cli,

@@ -11,7 +11,6 @@ import pytest
 from conftest import run_script
 
 import test_checkpoint as tc
-from common import PipelineError
 
 
 @pytest.fixture(scope="module")
