@@ -305,72 +305,23 @@ def install_worker_hooks() -> None:
 # --------------------------------------------------------------------------------------------------------------------
 # Paged attention without flash-attn (dynamic inference)
 # --------------------------------------------------------------------------------------------------------------------
-def _gather_paged(cache, block_table, lengths):
-    """[num_blocks, block, kv_heads, dim] cache -> [batch, max_len, kv_heads, dim] and a [batch, max_len] valid mask."""
-    import torch
-
-    batch, blocks_per_seq = block_table.shape
-    block = cache.shape[1]
-    gathered = cache[block_table.clamp(min=0).long()].reshape(batch, blocks_per_seq * block, *cache.shape[2:])
-    max_len = int(lengths.max())
-    positions = torch.arange(max_len, device=cache.device)
-    return gathered[:, :max_len], positions[None, :] < lengths[:, None].long()
-
-
-def _attend(q, k, v, valid, causal_offset, scale):
-    """q [b, sq, h, d]; k, v [b, sk, hk, d]; valid [b, sk]; query i sees keys < causal_offset[b] + i + 1."""
-    import torch
-
-    b, sq, h, d = q.shape
-    repeat = h // k.shape[2]
-    k = k.repeat_interleave(repeat, dim=2)
-    v = v.repeat_interleave(repeat, dim=2)
-    key_pos = torch.arange(k.shape[1], device=q.device)[None, None, :]
-    query_pos = causal_offset[:, None, None] + torch.arange(sq, device=q.device)[None, :, None]
-    mask = valid[:, None, :] & (key_pos <= query_pos)  # [b, sq, sk]
-    out = torch.nn.functional.scaled_dot_product_attention(
-        q.transpose(1, 2).float(), k.transpose(1, 2).float(), v.transpose(1, 2).float(),
-        attn_mask=mask[:, None], scale=scale,
-    )
-    return out.transpose(1, 2).to(q.dtype)
-
-
-def paged_varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale=None,
-                           causal=True, block_table=None):
-    """flash_attn_varlen_func(..., block_table=...) in torch: q [total_q, h, d], paged k/v; bottom-right causal."""
-    import torch
-
-    q_lens = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).long()
-    k_lens = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).long()
-    keys, valid = _gather_paged(k, block_table, k_lens)
-    values, _ = _gather_paged(v, block_table, k_lens)
-    batch, max_q = q_lens.numel(), int(q_lens.max())
-    padded = q.new_zeros(batch, max_q, *q.shape[1:])
-    for i in range(batch):
-        padded[i, : q_lens[i]] = q[cu_seqlens_q[i] : cu_seqlens_q[i + 1]]
-    out = _attend(padded, keys, values, valid, k_lens - q_lens, softmax_scale)
-    return torch.cat([out[i, : q_lens[i]] for i in range(batch)], dim=0)
-
-
-def paged_decode_attention(q, k_cache, v_cache, cache_seqlens, causal=True, block_table=None, softmax_scale=None):
-    """flash_attn_with_kvcache(q [b, 1, h, d], paged caches, cache_seqlens, block_table) in torch."""
-    keys, valid = _gather_paged(k_cache, block_table, cache_seqlens)
-    values, _ = _gather_paged(v_cache, block_table, cache_seqlens)
-    return _attend(q, keys, values, valid, cache_seqlens.long() - q.shape[1], softmax_scale)
-
-
 def install_paged_attention_fallback() -> bool:
-    """Megatron's dynamic-batching attention calls flash-attn's paged kernels (attention.py); without flash-attn
-    those names are None. Install torch implementations (SDPA over gathered blocks): correct, slower than the
-    kernels. Returns True if installed. Remove when Megatron ships a non-flash dynamic attention path."""
+    """Megatron-Core 0.15.3's dynamic-batching attention calls only flash-attn's paged kernels (attention.py,
+    `flash_decode_and_prefill`); without flash-attn those names are None. Point them at paged_attention.py's Triton
+    kernel, which has the same signatures and output shapes. Returns True if installed; with flash-attn (2 or 3)
+    present nothing changes. Remove when Megatron ships a non-flash-attn dynamic attention path."""
     from megatron.core.transformer import attention
 
-    if attention.flash_attn_varlen_func is not None and attention.flash_attn_with_kvcache is not None:
+    if getattr(attention, "HAVE_FA3", False) or (
+        attention.flash_attn_varlen_func is not None and attention.flash_attn_with_kvcache is not None
+    ):
         return False
-    attention.flash_attn_varlen_func = paged_varlen_attention
-    attention.flash_attn_with_kvcache = paged_decode_attention
-    # attention.forward asserts flash-attn >= 2.7.3 for dynamic batching by importing flash_attn; the functions
-    # above implement that version's paged API (block_table).
+    import paged_attention
+
+    attention.flash_attn_varlen_func = paged_attention.flash_attn_varlen_func
+    attention.flash_attn_with_kvcache = paged_attention.flash_attn_with_kvcache
+    # Attention.forward asserts flash-attn >= 2.7.3 for dynamic batching by asking flash_attn's version; the
+    # stand-ins implement that version's paged API (block_table). Scoped to Megatron's attention module.
     attention.is_fa_min_version = lambda version, *args, **kwargs: True
-    _mark("paged-attention-fallback", "flash-attn is not installed; dynamic inference uses torch SDPA over KV blocks")
+    _mark("paged-attention-triton", "flash-attn is not installed; dynamic inference uses paged_attention.py's kernel")
     return True

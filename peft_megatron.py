@@ -739,8 +739,10 @@ def demo_config(config: Config) -> Config:
         tensor_parallel_size=1,
         pipeline_parallel_size=1,
         context_parallel_size=1,
-        max_steps=800,
-        val_check_interval=100,
+        # 2,000 steps: a 2-layer random-init model needs them to answer held-out phrasings (exact match ~0.5 after
+        # 800 steps, ~0.9 after 2,000 in a CPU replica of this recipe); at ~35 ms/step on an H100 that is ~70 s.
+        max_steps=2000,
+        val_check_interval=250,
         log_every_n_steps=10,
         micro_batch_size=16,
         accumulate_grad_batches=1,

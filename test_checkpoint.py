@@ -11,8 +11,8 @@ ROUGE-L.
     # re-score an existing predictions file, no GPU (BERTScore from a local model directory)
     python test_checkpoint.py --evaluate_only --predictions_file preds.jsonl --bertscore_model ./roberta-large
 
-Outputs: the predictions JSONL (input, label, prediction, prompt_tokens, generated_tokens) and, next to it,
-<predictions>.metrics.json with num_samples, bertscore_f1/precision/recall, exact_match and rouge_l.
+Outputs: the predictions JSONL (input, label, prediction, prompt_tokens, generated_tokens, generated_token_ids)
+and, next to it, <predictions>.metrics.json with num_samples, bertscore_f1/precision/recall, exact_match and rouge_l.
 Exit codes: 0 ok, 1 failure (no GPU for generation, bad predictions file, ...), 2 invalid arguments.
 """
 
@@ -211,6 +211,7 @@ class GenerationLoop:
         self.max_prompt = max_sequence_length - num_tokens_to_generate
         self.num_tokens_to_generate = num_tokens_to_generate
         self.truncated = 0
+        self.step_seconds: list[float] = []  # wall time of each engine step (each ends in a host sync)
 
     def run(self, prompts_tokens: list[list[int]], progress=None) -> list:
         results: list = [None] * len(prompts_tokens)
@@ -220,7 +221,9 @@ class GenerationLoop:
                 self.truncated += 1
             self.engine.add_request(i, tokens, self.num_tokens_to_generate)
         while self.engine.has_unfinished_requests():
+            start = time.perf_counter()
             finished = self.engine.step_modern(self.sampling_params)["finished_requests"]
+            self.step_seconds.append(time.perf_counter() - start)
             for request in finished:
                 results[request.request_id] = request
             if progress is not None and finished:
@@ -231,7 +234,9 @@ class GenerationLoop:
         return results
 
 
-def build_engine(ckpt: Path, cfg: EvalConfig):
+def load_model_and_tokenizer(ckpt: Path, cfg: EvalConfig):
+    """Restore a NeMo checkpoint for inference: (Megatron GPT model in eval mode, its InferenceWrapperConfig, the
+    NeMo tokenizer)."""
     import torch
 
     import nemo_compat
@@ -242,14 +247,9 @@ def build_engine(ckpt: Path, cfg: EvalConfig):
             "generation needs a CUDA GPU and this machine has none; score an existing predictions file with "
             "--evaluate_only --predictions_file FILE"
         )
-    from megatron.core.inference.contexts.dynamic_context import DynamicInferenceContext
-    from megatron.core.inference.engines.dynamic_engine import DynamicInferenceEngine
-    from megatron.core.inference.model_inference_wrappers.gpt.gpt_inference_wrapper import GPTInferenceWrapper
-    from megatron.core.inference.text_generation_controllers.text_generation_controller import TextGenerationController
     from nemo import lightning as nl
     from nemo.collections.llm.inference.base import setup_model_and_tokenizer
 
-    nemo_compat.install_paged_attention_fallback()
     trainer = nl.Trainer(
         accelerator="gpu",
         devices=cfg.tensor_parallel_size,
@@ -262,6 +262,22 @@ def build_engine(ckpt: Path, cfg: EvalConfig):
     )
     model = wrapped.model
     model.eval()  # NeMo's restore leaves the module in training mode; Megatron's dynamic attention asserts eval
+    return model, wrapped.inference_wrapper_config, tokenizer
+
+
+def build_engine(model, inference_wrapper_config, tokenizer, cfg: EvalConfig, termination_id: int):
+    """Megatron-Core's DynamicInferenceEngine over `model` (paged KV cache of --buffer_size_gb, up to
+    --max_batch_size requests in flight). Without flash-attn, its attention runs on paged_attention.py's kernel.
+    `termination_id` -1 never stops early (benchmarks)."""
+    import torch
+    from megatron.core.inference.contexts.dynamic_context import DynamicInferenceContext
+    from megatron.core.inference.engines.dynamic_engine import DynamicInferenceEngine
+    from megatron.core.inference.model_inference_wrappers.gpt.gpt_inference_wrapper import GPTInferenceWrapper
+    from megatron.core.inference.text_generation_controllers.text_generation_controller import TextGenerationController
+
+    import nemo_compat
+
+    nemo_compat.install_paged_attention_fallback()
     mcfg = model.config
     context = DynamicInferenceContext(
         params_dtype=torch.bfloat16,
@@ -276,24 +292,28 @@ def build_engine(ckpt: Path, cfg: EvalConfig):
         tensor_model_parallel_size=cfg.tensor_parallel_size,
         unified_memory_level=0,
     )
-    wrapper = GPTInferenceWrapper(model, wrapped.inference_wrapper_config, inference_context=context)
+    wrapper = GPTInferenceWrapper(model, inference_wrapper_config, inference_context=context)
     controller = TextGenerationController(inference_wrapped_model=wrapper, tokenizer=tokenizer)
-    engine = DynamicInferenceEngine(controller, context, termination_id=int(tokenizer.eod), random_seed=cfg.random_seed)
-    return engine, tokenizer
+    return DynamicInferenceEngine(controller, context, termination_id=termination_id, random_seed=cfg.random_seed)
+
+
+def sampling_params(cfg: EvalConfig):
+    from megatron.core.inference.sampling_params import SamplingParams
+
+    return SamplingParams(
+        temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, num_tokens_to_generate=cfg.num_tokens_to_generate
+    )
 
 
 def generate_predictions(cfg: EvalConfig, ckpt: Path, data_dir: Path, out: Path) -> dict:
     import torch
-    from megatron.core.inference.sampling_params import SamplingParams
     from tqdm import tqdm
 
-    engine, tokenizer = build_engine(ckpt, cfg)
+    model, wrapper_config, tokenizer = load_model_and_tokenizer(ckpt, cfg)
+    engine = build_engine(model, wrapper_config, tokenizer, cfg, termination_id=int(tokenizer.eod))
     examples = load_test_examples(data_dir, tokenizer.tokenizer.tokenizer, cfg.max_samples)
     prompts = [tokenizer.tokenize(e["input"]) for e in examples]
-    params = SamplingParams(
-        temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, num_tokens_to_generate=cfg.num_tokens_to_generate
-    )
-    loop = GenerationLoop(engine, params, cfg.inference_max_seq_length, cfg.num_tokens_to_generate)
+    loop = GenerationLoop(engine, sampling_params(cfg), cfg.inference_max_seq_length, cfg.num_tokens_to_generate)
     torch.cuda.synchronize()
     start = time.perf_counter()
     with tqdm(total=len(prompts), desc="generating", unit="req") as bar:
@@ -307,7 +327,7 @@ def generate_predictions(cfg: EvalConfig, ckpt: Path, data_dir: Path, out: Path)
         tokens = [t for t in all_tokens if t != eod]
         generated += len(all_tokens)
         rows.append({**example, "prediction": tokenizer.detokenize(tokens).strip(), "prompt_tokens": len(prompt),
-                     "generated_tokens": len(all_tokens)})
+                     "generated_tokens": len(all_tokens), "generated_token_ids": all_tokens})
     import torch.distributed as dist
 
     if not dist.is_initialized() or dist.get_rank() == 0:

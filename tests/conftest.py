@@ -16,6 +16,14 @@ sys.path.insert(0, str(REPO))
 from demo_workspace import build_hf_model, build_tokenizer, recall_rows  # noqa: E402
 
 
+def pytest_configure(config):
+    """Without a GPU, Triton kernels run under Triton's interpreter. It must be on before anything imports Triton
+    (Megatron and torch do): the standard library's jit functions are bound to the mode at import."""
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 def pytest_collection_modifyitems(config, items):
     try:
@@ -35,7 +43,7 @@ def pytest_collection_modifyitems(config, items):
 def run_script(script: str, *args: str, env: dict | None = None, timeout: int = 600, cwd: Path | None = None):
     """Run one of the repository's scripts as a user would; returns CompletedProcess (text)."""
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    for key in [k for k in full_env if k.startswith("SM_")]:
+    for key in [k for k in full_env if k.startswith("SM_") or k == "TRITON_INTERPRET"]:
         del full_env[key]
     full_env.update(env or {})
     return subprocess.run(

@@ -89,54 +89,19 @@ def test_norm_mapping_targets_the_local_layer_spec():
     assert exported["**.input_layernorm.weight"] == "**.input_layernorm.weight"
 
 
-def reference_attention(q_seqs, k_seqs, v_seqs):
-    """Causal attention with queries aligned to the end of each key sequence, one sequence at a time."""
-    outs = []
-    for q, k, v in zip(q_seqs, k_seqs, v_seqs):
-        h, hk = q.shape[1], k.shape[1]
-        k, v = k.repeat_interleave(h // hk, 1), v.repeat_interleave(h // hk, 1)
-        scores = torch.einsum("qhd,khd->hqk", q, k) / q.shape[-1] ** 0.5
-        offset = k.shape[0] - q.shape[0]
-        mask = torch.arange(k.shape[0])[None, :] <= (offset + torch.arange(q.shape[0]))[:, None]
-        scores = scores.masked_fill(~mask, float("-inf"))
-        outs.append(torch.einsum("hqk,khd->qhd", scores.softmax(-1), v))
-    return outs
-
-
-def make_paged(k_seqs, block=4, num_blocks=16, seed=0):
-    """Scatter sequences into a shuffled block pool, as the dynamic context does."""
-    gen = torch.Generator().manual_seed(seed)
-    hk, d = k_seqs[0].shape[1:]
-    pool = torch.randn(num_blocks, block, hk, d, generator=gen)
-    free = torch.randperm(num_blocks, generator=gen).tolist()
-    max_blocks = max(-(-len(s) // block) for s in k_seqs)
-    table = torch.full((len(k_seqs), max_blocks), -1, dtype=torch.int32)
-    for b, seq in enumerate(k_seqs):
-        for j in range(-(-len(seq) // block)):
-            blk = free.pop()
-            table[b, j] = blk
-            chunk = seq[j * block : (j + 1) * block]
-            pool[blk, : len(chunk)] = chunk
-    return pool, table
-
-
-def test_paged_attention_fallback_matches_reference():
-    gen = torch.Generator().manual_seed(1)
-    heads, kv_heads, dim = 4, 2, 8
-    k_lens, q_lens = [7, 3, 10], [7, 1, 4]  # a full prefill, a decode step, a chunked prefill
-    ks = [torch.randn(n, kv_heads, dim, generator=gen) for n in k_lens]
-    vs = [torch.randn(n, kv_heads, dim, generator=gen) for n in k_lens]
-    qs = [torch.randn(n, heads, dim, generator=gen) for n in q_lens]
-    k_pool, table = make_paged(ks)
-    v_pool, table_v = make_paged(vs)
-    assert torch.equal(table, table_v)
-    cu_q = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
-    cu_k = torch.tensor([0, *torch.tensor(k_lens).cumsum(0).tolist()], dtype=torch.int32)
-    out = nemo_compat.paged_varlen_attention(torch.cat(qs), k_pool, v_pool, cu_q, cu_k, max(q_lens), max(k_lens),
-                                             softmax_scale=dim ** -0.5, causal=True, block_table=table)
-    torch.testing.assert_close(out, torch.cat(reference_attention(qs, ks, vs)), rtol=1e-5, atol=1e-5)
-    decode_q = torch.stack([torch.randn(1, heads, dim, generator=gen) for _ in k_lens])
-    decoded = nemo_compat.paged_decode_attention(decode_q, k_pool, v_pool, torch.tensor(k_lens, dtype=torch.int32),
-                                                 causal=True, block_table=table)
-    expected = reference_attention(list(decode_q), ks, vs)
-    torch.testing.assert_close(decoded, torch.stack(expected), rtol=1e-5, atol=1e-5)
+def test_dynamic_attention_gets_the_triton_stand_ins_only_without_flash_attn():
+    """Megatron's flash_decode_and_prefill looks the two flash-attn functions up in its module at call time."""
+    probe = (
+        "import json, nemo_compat, paged_attention\n"
+        "nemo_compat.skip_unified_memory_build()\n"
+        "from megatron.core.transformer import attention\n"
+        "before = attention.flash_attn_varlen_func is None and attention.flash_attn_with_kvcache is None\n"
+        "first, second = nemo_compat.install_paged_attention_fallback(), nemo_compat.install_paged_attention_fallback()\n"
+        "print(json.dumps({'absent_before': before, 'installed': [first, second],"
+        " 'varlen': attention.flash_attn_varlen_func is paged_attention.flash_attn_varlen_func,"
+        " 'kvcache': attention.flash_attn_with_kvcache is paged_attention.flash_attn_with_kvcache,"
+        " 'version_check': attention.is_fa_min_version('2.7.3')}))"
+    )
+    result = json.loads(run_python(probe, {"TRITON_INTERPRET": "1"}))
+    assert result == {"absent_before": True, "installed": [True, False], "varlen": True, "kvcache": True,
+                      "version_check": True}

@@ -41,16 +41,22 @@ def checkpoints(out: Path) -> list[Path]:
     return sorted(p for p in (out / "nemo_logs" / "checkpoints").iterdir() if (p / "weights").is_dir())
 
 
-def test_lora_trains_checkpoints_logs_profiles_and_resumes(assets, tmp_path):
-    out = tmp_path / "lora"
-    first = run_script("peft_megatron.py", *tiny_job(
+@pytest.fixture(scope="module")
+def lora_run(assets, tmp_path_factory) -> dict:
+    """One 30-step LoRA run with every monitor and the profiler; the tests below read it in file order (the resume
+    test, which extends it, comes last)."""
+    out = tmp_path_factory.mktemp("lora") / "run"
+    result = run_script("peft_megatron.py", *tiny_job(
         assets, out, "--max_steps", "30", "--val_check_interval", "10", "--learning_rate", "5e-3",
         "--enable_memory_monitor", "--enable_speed_monitor", "--enable_runtime_estimator",
         "--enable_megatron_progress_bar", "--enable_pytorch_profiler"))
-    assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-4000:]
-    val = scalars(out, "val_loss")
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    return {"out": out, "train": scalars(out, "reduced_train_loss"), "val": scalars(out, "val_loss")}
+
+
+def test_lora_trains_checkpoints_logs_and_profiles(lora_run):
+    out, val, train = lora_run["out"], lora_run["val"], lora_run["train"]
     assert len(val) >= 3 and val[max(val)] < val[min(val)], val
-    train = scalars(out, "reduced_train_loss")
     assert max(train) == 29 and all(v == v and v > 0 for v in train.values())
     names = [p.name for p in checkpoints(out)]
     best = [n for n in names if not n.endswith("-last")]
@@ -58,6 +64,68 @@ def test_lora_trains_checkpoints_logs_profiles_and_resumes(assets, tmp_path):
     assert any(n.endswith("-last") and "step=29" in n for n in names)
     assert list((out / "profiles").rglob("*.json")) or list((out / "profiles").rglob("*.pt.trace.json*"))
 
+
+def bf16_tie(a: float, b: float) -> bool:
+    """Two logits closer than two bfloat16 steps at their magnitude: greedy may pick either."""
+    import math
+
+    magnitude = max(abs(a), abs(b), 1e-3)
+    return abs(a - b) <= 2 * 2.0 ** (math.floor(math.log2(magnitude)) - 7)
+
+
+def test_generation_is_greedy_equal_to_hf_generate_on_the_export(lora_run, tmp_path):
+    """test_checkpoint.py's dynamic engine (paged attention, in-flight batching) against transformers' generate()
+    on the merged HF export of the same checkpoint, token for token; a difference passes only as a bf16 tie,
+    shown with both logits."""
+    import json
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = lora_run["out"]
+    predictions = tmp_path / "predictions.jsonl"
+    generated = run_script("test_checkpoint.py", "--nemo_logs_dir", str(out / "nemo_logs"), "--data_dir",
+                           str(out / "data"), "--predictions_file", str(predictions), "--num_tokens_to_generate", "8",
+                           "--bertscore_model", "none")
+    assert generated.returncode == 0, generated.stdout[-3000:] + generated.stderr[-3000:]
+    assert "generated tokens/s" in generated.stdout
+    exported = run_script("convert_checkpoint_to_hf.py", "--nemo_logs_dir", str(out / "nemo_logs"))
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    export = next(out.glob("nemo_logs/checkpoints/*.hf_model"))
+    rows = [json.loads(line) for line in predictions.read_text().splitlines()]
+    assert rows
+
+    tokenizer = AutoTokenizer.from_pretrained(export)
+    model = AutoModelForCausalLM.from_pretrained(export, torch_dtype=torch.bfloat16).cuda().eval()
+    eos = tokenizer.eos_token_id
+    equal, ties, report = 0, 0, []
+    for row in rows:
+        prompt = tokenizer(row["input"], add_special_tokens=False).input_ids
+        assert len(prompt) == row["prompt_tokens"], "NeMo and HF tokenize the prompt differently"
+        ids = torch.tensor([prompt], device="cuda")
+        with torch.no_grad():
+            hf = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
+                                eos_token_id=eos, pad_token_id=eos)[0, len(prompt):].tolist()
+        ours = list(row["generated_token_ids"])
+        if ours == hf:
+            equal += 1
+            continue
+        pos = next((i for i, (a, b) in enumerate(zip(ours, hf)) if a != b), min(len(ours), len(hf)))
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + ours[:pos]], device="cuda")).logits[0, -1].float()
+        ours_tok = ours[pos] if pos < len(ours) else eos
+        hf_tok = hf[pos] if pos < len(hf) else eos
+        a, b = float(logits[ours_tok]), float(logits[hf_tok])
+        ties += bf16_tie(a, b)
+        report.append(f"row {len(report)}: first difference at generated position {pos}: ours {ours_tok} "
+                      f"(HF logit {a:.4f}) vs HF {hf_tok} (HF logit {b:.4f}); tie={bf16_tie(a, b)}")
+    print(f"greedy token-for-token equal to HF generate: {equal}/{len(rows)}; bf16 ties: {ties}")
+    print("\n".join(report))
+    assert equal + ties == len(rows), "\n".join(report)
+
+
+def test_lora_resumes_from_last_with_its_optimizer_and_data_position(assets, lora_run):
+    out, train = lora_run["out"], lora_run["train"]
     resumed = run_script("peft_megatron.py", *tiny_job(
         assets, out, "--max_steps", "40", "--val_check_interval", "10", "--learning_rate", "5e-3"))
     assert resumed.returncode == 0, resumed.stdout[-4000:]
@@ -65,8 +133,10 @@ def test_lora_trains_checkpoints_logs_profiles_and_resumes(assets, tmp_path):
     assert "`max_steps=40` reached" in resumed.stdout
     train_after = scalars(out, "reduced_train_loss")
     assert min(s for s in train_after if s not in train) == 30  # continues at step 30, not from 0
-    # the optimizer and data position came back: no jump back towards the random-init loss
-    assert train_after[30] < 1.5 * train[29] and train_after[30] < 0.8 * train[0]
+    # The optimizer and data position came back: the loss continues near step 29's, far below the first logged
+    # (near-random-init) loss, to which a restart from scratch would jump back.
+    first_logged = train[min(train)]
+    assert abs(train_after[30] - train[29]) < 0.25 * train[29] and train_after[30] < 0.8 * first_logged
 
 
 def test_full_fine_tuning_reduces_val_loss_and_exports(assets, tmp_path):
@@ -98,28 +168,3 @@ def test_training_failure_exits_non_zero_with_the_error(assets, tmp_path):
     assert result.returncode == 1
     assert "OutOfMemoryError" in result.stdout + result.stderr or "out of memory" in result.stdout + result.stderr
     assert "training failed (job states" in result.stderr
-
-
-DEMO_RUN = Path(__file__).resolve().parents[1] / "demo" / "run"
-
-
-@pytest.mark.skipif(not list(DEMO_RUN.glob("nemo_logs/checkpoints/*.hf_model")), reason="run `python peft_megatron.py --demo` first")
-def test_demo_greedy_predictions_match_hf_generate_on_the_export():
-    """The dynamic engine's greedy outputs equal transformers' generate() on the exported merged model."""
-    import json
-
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    export = next(DEMO_RUN.glob("nemo_logs/checkpoints/*.hf_model"))
-    rows = [json.loads(l) for l in (DEMO_RUN / "predictions_after.jsonl").read_text().splitlines()]
-    tok = AutoTokenizer.from_pretrained(export)
-    model = AutoModelForCausalLM.from_pretrained(export, torch_dtype=torch.bfloat16).cuda().eval()
-    same = 0
-    for row in rows:
-        ids = tok(row["input"], add_special_tokens=False, return_tensors="pt").input_ids.cuda()
-        out = model.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)
-        text = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
-        same += text == row["prediction"]
-    print(f"HF generate agreement: {same}/{len(rows)}")
-    assert same >= 0.9 * len(rows)
