@@ -83,7 +83,7 @@ def build_megatron_model(shape: str):
 
     import nemo_compat
 
-    env = nemo_compat.prepare_process()
+    env = nemo_compat.detect_environment()
     config = getattr(qwen3, SHAPES[shape][0])(
         bf16=True, params_dtype=torch.bfloat16, **nemo_compat.model_config_overrides(env)
     )
@@ -166,6 +166,9 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("this benchmark needs a CUDA GPU", file=sys.stderr)
         return 1
+    import nemo_compat
+
+    nemo_compat.prepare_process()  # before Megatron's inference modules are imported (see nemo_compat)
     gen = torch.Generator().manual_seed(0)
     all_prompts = torch.randint(1000, 100_000, (max(args.batch_sizes), args.prompt_tokens), generator=gen).tolist()
 
