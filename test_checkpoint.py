@@ -265,10 +265,12 @@ def load_model_and_tokenizer(ckpt: Path, cfg: EvalConfig):
     return model, wrapped.inference_wrapper_config, tokenizer
 
 
-def build_engine(model, inference_wrapper_config, tokenizer, cfg: EvalConfig, termination_id: int):
+def build_engine(model, inference_wrapper_config, tokenizer, cfg: EvalConfig, termination_id: int,
+                 num_cuda_graphs: Optional[int] = None):
     """Megatron-Core's DynamicInferenceEngine over `model` (paged KV cache of --buffer_size_gb, up to
     --max_batch_size requests in flight). Without flash-attn, its attention runs on paged_attention.py's kernel.
-    `termination_id` -1 never stops early (benchmarks)."""
+    `termination_id` -1 never stops early (benchmarks). Decode steps replay CUDA graphs (`num_cuda_graphs` batch
+    sizes) only for a model built with `cuda_graph_impl="local"`; prefill steps run eagerly."""
     import torch
     from megatron.core.inference.contexts.dynamic_context import DynamicInferenceContext
     from megatron.core.inference.engines.dynamic_engine import DynamicInferenceEngine
@@ -291,6 +293,8 @@ def build_engine(model, inference_wrapper_config, tokenizer, cfg: EvalConfig, te
         max_requests_override=cfg.max_batch_size,
         tensor_model_parallel_size=cfg.tensor_parallel_size,
         unified_memory_level=0,
+        num_cuda_graphs=num_cuda_graphs if getattr(mcfg, "cuda_graph_impl", "none") == "local" else None,
+        use_cuda_graphs_for_non_decode_steps=False,
     )
     wrapper = GPTInferenceWrapper(model, inference_wrapper_config, inference_context=context)
     controller = TextGenerationController(inference_wrapped_model=wrapper, tokenizer=tokenizer)

@@ -47,6 +47,11 @@ def parse_args(argv=None):
     parser.add_argument("--new_tokens", type=int, default=128)
     parser.add_argument("--buffer_size_gb", type=float, default=12.0)
     parser.add_argument("--skip_hf", action="store_true", help="measure the dynamic engine only")
+    parser.add_argument("--cuda_graphs", action="store_true",
+                        help="also measure the dynamic engine with CUDA graphs for decode steps (cuda_graph_impl=local)")
+    parser.add_argument("--profile_batch", type=int, default=0,
+                        help="torch.profiler over a run at this batch size: kernel time by kind vs wall time")
+    parser.add_argument("--profile_tokens", type=int, default=16, help="tokens generated in the profiled run")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "generation.json"))
     return parser.parse_args(argv)
 
@@ -74,9 +79,10 @@ def init_megatron():
     model_parallel_cuda_manual_seed(1234)
 
 
-def build_megatron_model(shape: str):
+def build_megatron_model(shape: str, cuda_graphs: bool = False):
     """The Megatron GPT model NeMo builds for this recipe shape (same config class and no-TE overrides as a
-    restored checkpoint in test_checkpoint.py), random weights, bf16, on the GPU."""
+    restored checkpoint in test_checkpoint.py), random weights, bf16, on the GPU. With `cuda_graphs`, every
+    transformer layer gets Megatron's CudaGraphManager, which needs the inference RNG tracker."""
     import torch
     from megatron.core.inference.model_inference_wrappers.inference_wrapper_config import InferenceWrapperConfig
     from nemo.collections.llm.gpt.model import qwen3
@@ -84,8 +90,13 @@ def build_megatron_model(shape: str):
     import nemo_compat
 
     env = nemo_compat.detect_environment()
+    extra = {"cuda_graph_impl": "local"} if cuda_graphs else {}
+    if cuda_graphs:
+        from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+        model_parallel_cuda_manual_seed(1234, inference_rng_tracker=True, force_reset_rng=True)
     config = getattr(qwen3, SHAPES[shape][0])(
-        bf16=True, params_dtype=torch.bfloat16, **nemo_compat.model_config_overrides(env)
+        bf16=True, params_dtype=torch.bfloat16, **nemo_compat.model_config_overrides(env), **extra
     )
     model = config.configure_model(tokenizer=None).cuda().eval()
     wrapper_config = InferenceWrapperConfig(
@@ -123,10 +134,86 @@ def run_dynamic_engine(model, wrapper_config, prompts, args) -> dict:
         generated = sum(len(r.generated_tokens) for r in finished)
         result = {"seconds": seconds, "generated_tokens": generated, "peak_mem_gib": peak,
                   "ms_per_step": 1000 * statistics.median(loop.step_seconds), "steps": len(loop.step_seconds)}
-        del engine, loop, finished
+        engine = loop = finished = None  # free the KV buffer before the next engine allocates its own
         gc.collect()
         torch.cuda.empty_cache()
     return result
+
+
+def run_dynamic_engine_with_graphs(model, wrapper_config, all_prompts, args) -> dict:
+    """One engine for every batch size (Megatron captures its graphs once, against one KV buffer): decode steps
+    replay graphs captured for 8 batch sizes up to the largest batch (a batch runs in the next larger one);
+    prefill runs eagerly."""
+    from test_checkpoint import EvalConfig, GenerationLoop, build_engine, sampling_params
+
+    largest = max(args.batch_sizes)
+    cfg = EvalConfig(num_tokens_to_generate=args.new_tokens, max_batch_size=largest,
+                     inference_max_seq_length=args.prompt_tokens + args.new_tokens + 1,
+                     buffer_size_gb=args.buffer_size_gb, top_k=1)
+    (engine, capture_seconds, _) = timed(lambda: build_engine(model, wrapper_config, TokenIds(), cfg, termination_id=-1,
+                                                              num_cuda_graphs=8))
+    print(f"captured CUDA graphs for {engine.context.cuda_graph_token_counts} in {capture_seconds:.1f}s", flush=True)
+    results = {}
+    for batch in args.batch_sizes:
+        for attempt in ("warm-up", "measured"):
+            loop = GenerationLoop(engine, sampling_params(cfg), cfg.inference_max_seq_length,
+                                  cfg.num_tokens_to_generate)
+            finished, seconds, peak = timed(lambda: loop.run(all_prompts[:batch]))
+            results[batch] = {"seconds": seconds, "generated_tokens": sum(len(r.generated_tokens) for r in finished),
+                              "peak_mem_gib": peak, "ms_per_step": 1000 * statistics.median(loop.step_seconds),
+                              "steps": len(loop.step_seconds), "capture_seconds": capture_seconds}
+        print(f"dynamic engine + CUDA graphs batch {batch}: "
+              f"{results[batch]['generated_tokens'] / results[batch]['seconds']:.0f} tokens/s "
+              f"({results[batch]['ms_per_step']:.1f} ms/step)", flush=True)
+    return results
+
+
+KERNEL_KINDS = (
+    ("attention (paged_attention.py)", ("_paged_attention_kernel",)),
+    ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "sm90_", "cublas")),
+)
+
+
+def profile_dynamic_engine(model, wrapper_config, prompts, args) -> dict:
+    """Where a run's wall time goes: GPU kernel time by kind, and the rest (host work the GPU waits for)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from test_checkpoint import EvalConfig, GenerationLoop, build_engine, sampling_params
+
+    cfg = EvalConfig(num_tokens_to_generate=args.profile_tokens, max_batch_size=len(prompts),
+                     inference_max_seq_length=args.prompt_tokens + args.profile_tokens + 1,
+                     buffer_size_gb=args.buffer_size_gb, top_k=1)
+    for attempt in ("warm-up", "profiled"):
+        engine = build_engine(model, wrapper_config, TokenIds(), cfg, termination_id=-1)
+        loop = GenerationLoop(engine, sampling_params(cfg), cfg.inference_max_seq_length, cfg.num_tokens_to_generate)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            loop.run(prompts)
+            torch.cuda.synchronize()
+        del engine
+    decode = sorted(loop.step_seconds)[: max(1, len(loop.step_seconds) - 1)]  # all but the slowest (prefill) step
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    wall = sum(loop.step_seconds)
+    split = {kind: 0.0 for kind, _ in KERNEL_KINDS}
+    split["other kernels"] = 0.0
+    for event in kernels:
+        seconds = event.time_range.elapsed_us() / 1e6
+        kind = next((k for k, names in KERNEL_KINDS if any(n in event.name for n in names)), "other kernels")
+        split[kind] += seconds
+    busy = sum(split.values())
+    summary = {
+        "batch_size": len(prompts), "steps": len(loop.step_seconds), "wall_s": wall,
+        "median_decode_step_ms": 1000 * statistics.median(decode),
+        "kernel_seconds": split, "gpu_busy_fraction": busy / wall, "host_gap_s": wall - busy,
+        "kernels_per_step": len(kernels) / len(loop.step_seconds),
+    }
+    print(f"\nprofile at batch {len(prompts)}: {len(loop.step_seconds)} steps, wall {wall:.3f}s, GPU busy "
+          f"{busy:.3f}s ({100 * busy / wall:.0f}%), {summary['kernels_per_step']:.0f} kernels/step")
+    for kind, seconds in split.items():
+        print(f"  {kind:32s} {seconds:.3f}s ({100 * seconds / wall:.0f}% of wall)")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60))
+    return summary
 
 
 def run_hf(model, prompts, args) -> dict:
@@ -179,9 +266,25 @@ def main(argv=None) -> int:
         ours[batch] = run_dynamic_engine(model, wrapper_config, all_prompts[:batch], args)
         print(f"dynamic engine batch {batch}: {ours[batch]['generated_tokens'] / ours[batch]['seconds']:.0f} tokens/s "
               f"({ours[batch]['ms_per_step']:.1f} ms/step)", flush=True)
+    profile = profile_dynamic_engine(model, wrapper_config, all_prompts[: args.profile_batch], args) \
+        if args.profile_batch else None
     del model
     gc.collect()
     torch.cuda.empty_cache()
+
+    graphs = {}
+    if args.cuda_graphs:
+        model, wrapper_config = build_megatron_model(args.shape, cuda_graphs=True)
+        try:
+            graphs = run_dynamic_engine_with_graphs(model, wrapper_config, all_prompts, args)
+        except Exception as e:  # measured and reported, never hidden: the eager rows stand on their own
+            import traceback
+
+            traceback.print_exc()
+            graphs = {"error": f"{type(e).__name__}: {e}"}
+        del model
+        gc.collect()
+        torch.cuda.empty_cache()
 
     hf = {}
     if not args.skip_hf:
@@ -211,16 +314,27 @@ def main(argv=None) -> int:
             "versions": versions, "kv_buffer_gb": args.buffer_size_gb,
         }
         row["ratio_vs_baseline"] = row["tokens_per_s"] / row["baseline_tokens_per_s"] if h else None
+        g = graphs.get(batch)
+        if g:
+            row.update(cuda_graphs_tokens_per_s=g["generated_tokens"] / g["seconds"],
+                       cuda_graphs_ms_per_step=g["ms_per_step"], cuda_graphs_peak_mem_gib=g["peak_mem_gib"],
+                       cuda_graphs_ratio_vs_baseline=g["generated_tokens"] / g["seconds"] / row["baseline_tokens_per_s"]
+                       if h else None)
+        elif "error" in graphs:
+            row["cuda_graphs_error"] = graphs["error"]
+        if profile and profile["batch_size"] == batch:
+            row["profile"] = profile
         rows.append(row)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(rows, indent=2) + "\n")
-    print(f"\n{'batch':>5} {'ours tok/s':>10} {'HF tok/s':>9} {'ratio':>6} {'ours ms/step':>12} {'HF ms/step':>10} "
-          f"{'ours GiB':>8} {'HF GiB':>7}")
+    print(f"\n{'batch':>5} {'ours tok/s':>10} {'graphs tok/s':>12} {'HF tok/s':>9} {'ratio':>6} {'graphs ratio':>12} "
+          f"{'ours ms/step':>12} {'graphs ms/step':>14} {'HF ms/step':>10} {'ours GiB':>8} {'HF GiB':>7}")
     for r in rows:
-        base = r["baseline_tokens_per_s"]
-        print(f"{r['batch_size']:>5} {r['tokens_per_s']:>10.0f} {base or 0:>9.0f} {r['ratio_vs_baseline'] or 0:>6.2f} "
-              f"{r['ms_per_step']:>12.1f} {r['baseline_ms_per_step'] or 0:>10.1f} {r['peak_mem_gib']:>8.1f} "
-              f"{r['baseline_peak_mem_gib'] or 0:>7.1f}")
+        print(f"{r['batch_size']:>5} {r['tokens_per_s']:>10.0f} {r.get('cuda_graphs_tokens_per_s') or 0:>12.0f} "
+              f"{r['baseline_tokens_per_s'] or 0:>9.0f} {r['ratio_vs_baseline'] or 0:>6.2f} "
+              f"{r.get('cuda_graphs_ratio_vs_baseline') or 0:>12.2f} {r['ms_per_step']:>12.1f} "
+              f"{r.get('cuda_graphs_ms_per_step') or 0:>14.1f} {r['baseline_ms_per_step'] or 0:>10.1f} "
+              f"{r['peak_mem_gib']:>8.1f} {r['baseline_peak_mem_gib'] or 0:>7.1f}")
     print(f"written to {args.out}")
     return 0
 
