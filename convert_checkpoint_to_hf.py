@@ -1,10 +1,11 @@
 """Export a NeMo 2 checkpoint to Hugging Face: LoRA merged into safetensors, or the adapter alone in HF PEFT format.
 
-    # best val_loss checkpoint (else the last) of a training run -> <ckpt>.hf_model/ (config, safetensors, tokenizer)
+    # best val_loss checkpoint (else the last) of a training run -> nemo_logs/exports/<ckpt>.hf_model/
+    # (config, safetensors, tokenizer)
     python convert_checkpoint_to_hf.py --nemo_logs_dir outputs/Qwen/Qwen3-8B/nemo_logs
 
-    # the LoRA adapter alone -> <ckpt>.hf_peft/ (adapter_config.json + adapter_model.safetensors, for
-    # peft.PeftModel.from_pretrained), for Llama, Qwen3, Mistral and other Llama-layout models
+    # the LoRA adapter alone -> nemo_logs/exports/<ckpt>.hf_peft/ (adapter_config.json + adapter_model.safetensors,
+    # for peft.PeftModel.from_pretrained), for Llama, Qwen3, Mistral and other Llama-layout models
     python convert_checkpoint_to_hf.py --nemo_checkpoint_path CKPT --no_merge
 
     # a full fine-tuned checkpoint, or an imported base checkpoint, exports as it is
@@ -63,7 +64,8 @@ class ExportConfig:
     )
     no_merge: bool = field(default=False, metadata={"help": "export the LoRA adapter alone in HF PEFT format"})
     output_dir: Optional[str] = field(
-        default=None, metadata={"help": "default: <checkpoint>.hf_model, or <checkpoint>.hf_peft with --no_merge"}
+        default=None, metadata={"help": "default: nemo_logs/exports/<checkpoint>.hf_model (.hf_peft with --no_merge) for a "
+                                          "run's checkpoint, else beside the checkpoint"}
     )
     overwrite: bool = field(default=False, metadata={"help": "replace an existing output"})
     verify: Optional[bool] = field(
@@ -317,13 +319,24 @@ def parameter_count(nemo_ckpt: Path) -> float:
 
 
 # --------------------------------------------------------------------------------------------------------------------
+def default_export_path(ckpt: Path, suffix: str) -> Path:
+    """<run>/nemo_logs/exports/<checkpoint name><suffix> for a training run's checkpoint, else beside it.
+
+    Never inside checkpoints/: NeMo's ModelCheckpoint treats every directory there as a checkpoint, parses
+    `val_loss=` out of its name and, on a resumed run, deletes the surplus over save_top_k - an export named after
+    the best checkpoint competes with it (seen on the H100: the resumed run failed)."""
+    if ckpt.parent.name == "checkpoints":
+        return ckpt.parent.parent / "exports" / (ckpt.name + suffix)
+    return ckpt.with_name(ckpt.name + suffix)
+
+
 def export(cfg: ExportConfig) -> Path:
     ckpt = resolve_checkpoint(cfg)
     lora = is_lora_checkpoint(ckpt)
     if cfg.no_merge and not lora:
         raise PipelineError(f"--no_merge exports a LoRA adapter, but {ckpt} holds full weights; drop --no_merge")
     suffix = ".hf_peft" if cfg.no_merge else ".hf_model"
-    out = Path(cfg.output_dir) if cfg.output_dir else ckpt.with_name(ckpt.name + suffix)
+    out = Path(cfg.output_dir) if cfg.output_dir else default_export_path(ckpt, suffix)
     if out.exists() and not cfg.overwrite:
         log.info("%s already exists; keeping it (pass --overwrite to replace it)", out)
         print(f"export already present: {out}")

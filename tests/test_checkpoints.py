@@ -134,6 +134,14 @@ REFUSALS = [
 ]
 
 
+def test_exports_of_a_run_land_outside_its_checkpoints_directory(tmp_path):
+    """NeMo's ModelCheckpoint takes every directory under checkpoints/ for a checkpoint (and may delete one on
+    resume), so a run's exports go to nemo_logs/exports/; an explicit checkpoint elsewhere exports beside itself."""
+    ckpt = tmp_path / "nemo_logs" / "checkpoints" / "nemo_logs--val_loss=1.2-step=9-consumed_samples=80"
+    assert conv.default_export_path(ckpt, ".hf_model") == tmp_path / "nemo_logs" / "exports" / (ckpt.name + ".hf_model")
+    assert conv.default_export_path(tmp_path / "imported", ".hf_peft") == tmp_path / "imported.hf_peft"
+
+
 @pytest.mark.parametrize("case, message", REFUSALS)
 def test_converter_refuses_wrong_input(case, message, tmp_path):
     path = tmp_path / "ckpt"

@@ -91,7 +91,7 @@ def test_generation_is_greedy_equal_to_hf_generate_on_the_export(lora_run, tmp_p
     assert "generated tokens/s" in generated.stdout
     exported = run_script("convert_checkpoint_to_hf.py", "--nemo_logs_dir", str(out / "nemo_logs"))
     assert exported.returncode == 0, exported.stderr[-3000:]
-    export = next(out.glob("nemo_logs/checkpoints/*.hf_model"))
+    export = next(out.glob("nemo_logs/exports/*.hf_model"))
     rows = [json.loads(line) for line in predictions.read_text().splitlines()]
     assert rows
 
@@ -148,7 +148,8 @@ def test_full_fine_tuning_reduces_val_loss_and_exports(assets, tmp_path):
     assert val[max(val)] < val[min(val)], val
     export = run_script("convert_checkpoint_to_hf.py", "--nemo_logs_dir", str(out / "nemo_logs"))
     assert export.returncode == 0, export.stderr[-4000:]
-    assert list(out.rglob("*.hf_model/model.safetensors"))
+    assert list(out.glob("nemo_logs/exports/*.hf_model/model.safetensors"))
+    assert not list(out.glob("nemo_logs/checkpoints/*.hf_*"))  # NeMo would take an export there for a checkpoint
 
 
 def test_early_stopping_ends_a_run_that_cannot_improve(assets, tmp_path):
@@ -162,9 +163,16 @@ def test_early_stopping_ends_a_run_that_cannot_improve(assets, tmp_path):
 
 
 def test_training_failure_exits_non_zero_with_the_error(assets, tmp_path):
+    """Rows of ~108k tokens: the local layer spec's unfused attention needs a ~93 GB score tensor, so the worker
+    dies of CUDA OOM at its first forward; the launcher must exit 1 and show the error."""
+    import json
+
+    data = tmp_path / "long.jsonl"
+    data.write_text("".join(json.dumps({"question": "What is the code for " * 18000, "answer": f"red-{i}"}) + "\n"
+                            for i in range(10)))
     result = run_script("peft_megatron.py", *tiny_job(
         assets, tmp_path / "oom", "--max_steps", "10", "--val_check_interval", "5", "--max_seq_length", "131072",
-        "--micro_batch_size", "64", "--val_fraction", "0.7"))
-    assert result.returncode == 1
+        "--micro_batch_size", "1", "--val_fraction", "0.3", "--dataset_name", str(data)))
+    assert result.returncode == 1, result.stdout[-3000:]
     assert "OutOfMemoryError" in result.stdout + result.stderr or "out of memory" in result.stdout + result.stderr
     assert "training failed (job states" in result.stderr
