@@ -337,6 +337,8 @@ def export(cfg: ExportConfig) -> Path:
         raise PipelineError(f"--no_merge exports a LoRA adapter, but {ckpt} holds full weights; drop --no_merge")
     suffix = ".hf_peft" if cfg.no_merge else ".hf_model"
     out = Path(cfg.output_dir) if cfg.output_dir else default_export_path(ckpt, suffix)
+    if not cfg.output_dir:
+        out.parent.mkdir(parents=True, exist_ok=True)
     if out.exists() and not cfg.overwrite:
         log.info("%s already exists; keeping it (pass --overwrite to replace it)", out)
         print(f"export already present: {out}")
