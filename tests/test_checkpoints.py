@@ -140,7 +140,6 @@ def test_exports_of_a_run_land_outside_its_checkpoints_directory(tmp_path):
     ckpt = tmp_path / "nemo_logs" / "checkpoints" / "nemo_logs--val_loss=1.2-step=9-consumed_samples=80"
     assert conv.default_export_path(ckpt, ".hf_model") == tmp_path / "nemo_logs" / "exports" / (ckpt.name + ".hf_model")
     assert conv.default_export_path(tmp_path / "imported", ".hf_peft") == tmp_path / "imported.hf_peft"
-    # the round-trip test above exports a run-less checkpoint; the GPU tests export a run's (exports/ created)
 
 
 @pytest.mark.parametrize("case, message", REFUSALS)
