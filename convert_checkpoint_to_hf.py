@@ -64,8 +64,9 @@ class ExportConfig:
     )
     no_merge: bool = field(default=False, metadata={"help": "export the LoRA adapter alone in HF PEFT format"})
     output_dir: Optional[str] = field(
-        default=None, metadata={"help": "default: nemo_logs/exports/<checkpoint>.hf_model (.hf_peft with --no_merge) for a "
-                                          "run's checkpoint, else beside the checkpoint"}
+        default=None,
+        metadata={"help": "default: nemo_logs/exports/<checkpoint>.hf_model (.hf_peft with --no_merge) for a run's "
+                          "checkpoint, else beside the checkpoint"},
     )
     overwrite: bool = field(default=False, metadata={"help": "replace an existing output"})
     verify: Optional[bool] = field(
