@@ -72,6 +72,9 @@ class EvalConfig:
     block_size_tokens: int = field(default=256, metadata={"help": "KV cache block size in tokens"})
     inference_max_seq_length: int = field(default=2048, metadata={"help": "longest prompt + generation"})
     max_batch_size: int = field(default=64, metadata={"help": "most requests in flight at once"})
+    num_cuda_graphs: int = field(
+        default=8, metadata={"help": "decode steps replay CUDA graphs captured for this many batch sizes; 0 = eager"}
+    )
     random_seed: int = field(default=1234, metadata={"help": "sampling seed"})
     log_level: str = field(default="INFO", metadata={"help": "logging level"})
 
@@ -87,6 +90,8 @@ def validate(cfg: EvalConfig) -> None:
                  "inference_max_seq_length", "max_batch_size"):
         if getattr(cfg, name) <= 0:
             problems.append(f"--{name} {getattr(cfg, name)} must be positive")
+    if cfg.num_cuda_graphs < 0:
+        problems.append(f"--num_cuda_graphs {cfg.num_cuda_graphs} must be 0 (eager) or positive")
     if cfg.buffer_size_gb <= 0:
         problems.append(f"--buffer_size_gb {cfg.buffer_size_gb} must be positive")
     if cfg.num_tokens_to_generate >= cfg.inference_max_seq_length:
@@ -257,6 +262,8 @@ def load_model_and_tokenizer(ckpt: Path, cfg: EvalConfig):
         plugins=nl.MegatronMixedPrecision(precision="bf16-mixed", params_dtype=torch.bfloat16),
     )
     overrides = nemo_compat.model_config_overrides(env)
+    if cfg.num_cuda_graphs:
+        overrides.update(cuda_graph_model_overrides())
     wrapped, tokenizer = setup_model_and_tokenizer(
         ckpt, trainer, params_dtype=torch.bfloat16, inference_max_seq_length=cfg.inference_max_seq_length, **overrides
     )
@@ -265,12 +272,23 @@ def load_model_and_tokenizer(ckpt: Path, cfg: EvalConfig):
     return model, wrapped.inference_wrapper_config, tokenizer
 
 
-def build_engine(model, inference_wrapper_config, tokenizer, cfg: EvalConfig, termination_id: int,
-                 num_cuda_graphs: Optional[int] = None):
+def cuda_graph_model_overrides() -> dict:
+    """Model-config overrides that let the dynamic engine replay decode steps from CUDA graphs; call before the
+    model is built. Megatron's CudaGraphManager, made in every transformer layer, asserts a graph-safe RNG tracker,
+    and Megatron keeps the first tracker a process makes, so the inference tracker (no forks: nothing is random in
+    an eval-mode forward) is made here, before NeMo's restore seeds the default one."""
+    from megatron.core.tensor_parallel.random import initialize_rng_tracker
+
+    initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
+    return {"cuda_graph_impl": "local", "recompute_granularity": None}  # Megatron refuses graphs with recompute
+
+
+def build_engine(model, inference_wrapper_config, tokenizer, cfg: EvalConfig, termination_id: int):
     """Megatron-Core's DynamicInferenceEngine over `model` (paged KV cache of --buffer_size_gb, up to
     --max_batch_size requests in flight). Without flash-attn, its attention runs on paged_attention.py's kernel.
-    `termination_id` -1 never stops early (benchmarks). Decode steps replay CUDA graphs (`num_cuda_graphs` batch
-    sizes) only for a model built with `cuda_graph_impl="local"`; prefill steps run eagerly."""
+    `termination_id` -1 never stops early (benchmarks). For a model built with cuda_graph_model_overrides(), the
+    engine captures decode-step graphs for --num_cuda_graphs batch sizes here and replays them; prefill and mixed
+    steps run eagerly."""
     import torch
     from megatron.core.inference.contexts.dynamic_context import DynamicInferenceContext
     from megatron.core.inference.engines.dynamic_engine import DynamicInferenceEngine
@@ -281,6 +299,9 @@ def build_engine(model, inference_wrapper_config, tokenizer, cfg: EvalConfig, te
 
     nemo_compat.install_paged_attention_fallback()
     mcfg = model.config
+    graphs = getattr(mcfg, "cuda_graph_impl", "none") == "local"
+    if graphs and not cfg.num_cuda_graphs:
+        raise ValueError("a model built with cuda_graph_model_overrides() needs num_cuda_graphs > 0")
     context = DynamicInferenceContext(
         params_dtype=torch.bfloat16,
         num_layers=mcfg.num_layers,
@@ -293,7 +314,7 @@ def build_engine(model, inference_wrapper_config, tokenizer, cfg: EvalConfig, te
         max_requests_override=cfg.max_batch_size,
         tensor_model_parallel_size=cfg.tensor_parallel_size,
         unified_memory_level=0,
-        num_cuda_graphs=num_cuda_graphs if getattr(mcfg, "cuda_graph_impl", "none") == "local" else None,
+        num_cuda_graphs=cfg.num_cuda_graphs if graphs else None,
         use_cuda_graphs_for_non_decode_steps=False,
     )
     wrapper = GPTInferenceWrapper(model, inference_wrapper_config, inference_context=context)
@@ -341,11 +362,13 @@ def generate_predictions(cfg: EvalConfig, ckpt: Path, data_dir: Path, out: Path)
         "generated_tokens_per_s": generated / seconds,
         "generation_seconds": seconds,
         "truncated_prompts": loop.truncated,
+        "cuda_graph_batch_sizes": engine.context.cuda_graph_token_counts,
         "checkpoint": str(ckpt),
     }
     print(
         f"generated {len(rows)} predictions in {seconds:.1f}s | {stats['requests_per_s']:.1f} requests/s | "
-        f"{stats['generated_tokens_per_s']:.0f} generated tokens/s | truncated prompts: {loop.truncated}"
+        f"{stats['generated_tokens_per_s']:.0f} generated tokens/s | truncated prompts: {loop.truncated} | "
+        f"decode CUDA graphs: {stats['cuda_graph_batch_sizes'] or 'off'}"
     )
     return stats
 

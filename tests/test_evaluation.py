@@ -100,9 +100,10 @@ def test_generation_refuses_without_a_gpu(tmp_path):
 
 
 def test_usage_errors_exit_2():
-    out = run_script("test_checkpoint.py", "--evaluate_only", "--max_batch_size", "0")
+    out = run_script("test_checkpoint.py", "--evaluate_only", "--max_batch_size", "0", "--num_cuda_graphs", "-1")
     assert out.returncode == 2
     assert "--evaluate_only needs --predictions_file" in out.stderr and "--max_batch_size 0 must be positive" in out.stderr
+    assert "--num_cuda_graphs -1 must be 0 (eager) or positive" in out.stderr
 
 
 class StandInEngine:

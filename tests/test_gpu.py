@@ -73,33 +73,26 @@ def bf16_tie(a: float, b: float) -> bool:
     return abs(a - b) <= 2 * 2.0 ** (math.floor(math.log2(magnitude)) - 7)
 
 
-def test_generation_is_greedy_equal_to_hf_generate_on_the_export(lora_run, tmp_path):
-    """test_checkpoint.py's dynamic engine (paged attention, in-flight batching) against transformers' generate()
-    on the merged HF export of the same checkpoint, token for token; a difference passes only as a bf16 tie,
-    shown with both logits."""
+def generate_predictions(out: Path, predictions: Path, *extra: str) -> list[dict]:
     import json
 
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    out = lora_run["out"]
-    predictions = tmp_path / "predictions.jsonl"
-    generated = run_script("test_checkpoint.py", "--nemo_logs_dir", str(out / "nemo_logs"), "--data_dir",
-                           str(out / "data"), "--predictions_file", str(predictions), "--num_tokens_to_generate", "8",
-                           "--bertscore_model", "none")
-    assert generated.returncode == 0, generated.stdout[-3000:] + generated.stderr[-3000:]
-    assert "generated tokens/s" in generated.stdout
-    exported = run_script("convert_checkpoint_to_hf.py", "--nemo_logs_dir", str(out / "nemo_logs"))
-    assert exported.returncode == 0, exported.stderr[-3000:]
-    export = next(out.glob("nemo_logs/exports/*.hf_model"))
+    result = run_script("test_checkpoint.py", "--nemo_logs_dir", str(out / "nemo_logs"), "--data_dir",
+                        str(out / "data"), "--predictions_file", str(predictions), "--num_tokens_to_generate", "8",
+                        "--bertscore_model", "none", *extra)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    print(next(line for line in result.stdout.splitlines() if "generated tokens/s" in line))
     rows = [json.loads(line) for line in predictions.read_text().splitlines()]
     assert rows
+    return rows
 
-    tokenizer = AutoTokenizer.from_pretrained(export)
-    model = AutoModelForCausalLM.from_pretrained(export, torch_dtype=torch.bfloat16).cuda().eval()
+
+def differences_from_hf_generate(rows: list[dict], model, tokenizer) -> tuple[int, int, list[str]]:
+    """(rows equal token for token, rows that differ only at a bf16 tie, a report line per differing row)."""
+    import torch
+
     eos = tokenizer.eos_token_id
     equal, ties, report = 0, 0, []
-    for row in rows:
+    for n, row in enumerate(rows):
         prompt = tokenizer(row["input"], add_special_tokens=False).input_ids
         assert len(prompt) == row["prompt_tokens"], "NeMo and HF tokenize the prompt differently"
         ids = torch.tensor([prompt], device="cuda")
@@ -117,11 +110,34 @@ def test_generation_is_greedy_equal_to_hf_generate_on_the_export(lora_run, tmp_p
         hf_tok = hf[pos] if pos < len(hf) else eos
         a, b = float(logits[ours_tok]), float(logits[hf_tok])
         ties += bf16_tie(a, b)
-        report.append(f"row {len(report)}: first difference at generated position {pos}: ours {ours_tok} "
+        report.append(f"row {n}: first difference at generated position {pos}: ours {ours_tok} "
                       f"(HF logit {a:.4f}) vs HF {hf_tok} (HF logit {b:.4f}); tie={bf16_tie(a, b)}")
-    print(f"greedy token-for-token equal to HF generate: {equal}/{len(rows)}; bf16 ties: {ties}")
-    print("\n".join(report))
-    assert equal + ties == len(rows), "\n".join(report)
+    return equal, ties, report
+
+
+def test_generation_is_greedy_equal_to_hf_generate_on_the_export(lora_run, tmp_path):
+    """test_checkpoint.py's dynamic engine (paged attention, in-flight batching), with decode CUDA graphs (the
+    default) and eager, against transformers' generate() on the merged HF export of the same checkpoint, token for
+    token; a difference passes only as a bf16 tie, shown with both logits."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = lora_run["out"]
+    runs = {"CUDA graphs": generate_predictions(out, tmp_path / "graphs.jsonl"),
+            "eager": generate_predictions(out, tmp_path / "eager.jsonl", "--num_cuda_graphs", "0")}
+    exported = run_script("convert_checkpoint_to_hf.py", "--nemo_logs_dir", str(out / "nemo_logs"))
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    export = next(out.glob("nemo_logs/exports/*.hf_model"))
+    tokenizer = AutoTokenizer.from_pretrained(export)
+    model = AutoModelForCausalLM.from_pretrained(export, torch_dtype=torch.bfloat16).cuda().eval()
+    failures = []
+    for mode, rows in runs.items():
+        equal, ties, report = differences_from_hf_generate(rows, model, tokenizer)
+        print(f"{mode}: greedy token-for-token equal to HF generate: {equal}/{len(rows)}; bf16 ties: {ties}")
+        print("\n".join(report))
+        if equal + ties != len(rows):
+            failures.append(f"{mode}:\n" + "\n".join(report))
+    assert not failures, "\n".join(failures)
 
 
 def test_lora_resumes_from_last_with_its_optimizer_and_data_position(assets, lora_run):
