@@ -18,6 +18,7 @@ Exit codes: 0 ok, 1 failure (no GPU for generation, bad predictions file, ...), 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -335,9 +336,11 @@ def generate_predictions(cfg: EvalConfig, ckpt: Path, data_dir: Path, out: Path)
     from tqdm import tqdm
 
     model, wrapper_config, tokenizer = load_model_and_tokenizer(ckpt, cfg)
-    engine = build_engine(model, wrapper_config, tokenizer, cfg, termination_id=int(tokenizer.eod))
     examples = load_test_examples(data_dir, tokenizer.tokenizer.tokenizer, cfg.max_samples)
     prompts = [tokenizer.tokenize(e["input"]) for e in examples]
+    # No more requests in flight than there are prompts: fewer CUDA graphs to capture for a small test split.
+    engine_cfg = dataclasses.replace(cfg, max_batch_size=min(cfg.max_batch_size, len(prompts)))
+    engine = build_engine(model, wrapper_config, tokenizer, engine_cfg, termination_id=int(tokenizer.eod))
     loop = GenerationLoop(engine, sampling_params(cfg), cfg.inference_max_seq_length, cfg.num_tokens_to_generate)
     torch.cuda.synchronize()
     start = time.perf_counter()
