@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -284,6 +285,22 @@ def cuda_graph_model_overrides() -> dict:
     return {"cuda_graph_impl": "local", "recompute_granularity": None}  # Megatron refuses graphs with recompute
 
 
+def decode_graph_count(requested: int, max_batch_size: int, tensor_parallel_size: int) -> int:
+    """How many decode CUDA graphs to ask DynamicInferenceContext for. Megatron-Core 0.15.3 rounds max_requests up
+    to a multiple of 4 and of the TP size from 4 requests on (REQUEST_ROUNDER), spaces the graphs' batch sizes by
+    max_requests / count rounded up to a multiple of 8 and of the TP size, and fails with IndexError
+    (dynamic_context.py:385) when that step is not below max_requests, e.g. for a test split of 4 prompts. One
+    graph, at max_requests, is what it would use there. Drop when Megatron guards it."""
+    tp = tensor_parallel_size
+    max_requests = max_batch_size
+    if max_batch_size >= 4:
+        rounder = math.ceil(4 / tp) * tp
+        max_requests = math.ceil(max_batch_size / rounder) * rounder
+    step = math.ceil(max_requests / min(requested, max_requests) / 8) * 8
+    step = math.ceil(step / tp) * tp
+    return requested if step < max_requests else 1
+
+
 def build_engine(model, inference_wrapper_config, tokenizer, cfg: EvalConfig, termination_id: int):
     """Megatron-Core's DynamicInferenceEngine over `model` (paged KV cache of --buffer_size_gb, up to
     --max_batch_size requests in flight). Without flash-attn, its attention runs on paged_attention.py's kernel.
@@ -315,7 +332,8 @@ def build_engine(model, inference_wrapper_config, tokenizer, cfg: EvalConfig, te
         max_requests_override=cfg.max_batch_size,
         tensor_model_parallel_size=cfg.tensor_parallel_size,
         unified_memory_level=0,
-        num_cuda_graphs=cfg.num_cuda_graphs if graphs else None,
+        num_cuda_graphs=decode_graph_count(cfg.num_cuda_graphs, cfg.max_batch_size, cfg.tensor_parallel_size)
+        if graphs else None,
         use_cuda_graphs_for_non_decode_steps=False,
     )
     wrapper = GPTInferenceWrapper(model, inference_wrapper_config, inference_context=context)

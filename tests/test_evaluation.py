@@ -144,3 +144,13 @@ def test_generation_loop_keeps_input_order_and_truncates_long_prompts():
     assert [r.request_id for r in results] == list(range(8))
     assert loop.truncated == 2  # prompts of 9 and 12 tokens exceed 10 - 4
     assert [len(t) for _, t in engine.added] == [2, 6, 4, 1, 6, 3, 6, 5]
+
+
+@pytest.mark.parametrize("requested, max_batch_size, tp, expected", [
+    (8, 64, 1, 8), (8, 19, 1, 8), (8, 9, 1, 8),  # a step of 8 below max_requests (19 and 9 round up to 20 and 12)
+    (8, 4, 1, 1), (8, 8, 1, 1), (8, 3, 1, 1),    # a step of 8 would not be below max_requests: one graph
+    (8, 16, 3, 8), (8, 5, 3, 1),                 # TP 3: max_requests 18 and 6 (multiples of 6), step 9
+    (2, 40, 1, 2), (1, 64, 1, 1),
+])
+def test_decode_graph_count_avoids_megatrons_empty_graph_list(requested, max_batch_size, tp, expected):
+    assert tc.decode_graph_count(requested, max_batch_size, tp) == expected
