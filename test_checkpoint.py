@@ -1,9 +1,12 @@
 """Evaluate a fine-tuned NeMo checkpoint: batched generation on the test split with Megatron-Core's
-DynamicInferenceEngine (in-flight batching, paged KV cache), a predictions JSONL, and BERTScore / exact match /
-ROUGE-L.
+DynamicInferenceEngine (in-flight batching, paged KV cache, decode steps replayed from CUDA graphs), a predictions
+JSONL, and BERTScore / exact match / ROUGE-L.
 
     # best val_loss checkpoint of a run, its test split, greedy, 1 GPU
     python test_checkpoint.py --nemo_logs_dir outputs/Qwen/Qwen3-8B/nemo_logs --data_dir outputs/Qwen/Qwen3-8B/data
+
+    # eager decode steps, no CUDA-graph capture (quicker overall for a handful of prompts)
+    python test_checkpoint.py --nemo_logs_dir outputs/Qwen/Qwen3-8B/nemo_logs --num_cuda_graphs 0
 
     # tensor parallel generation
     torchrun --nproc_per_node 2 test_checkpoint.py --nemo_checkpoint_path CKPT --tensor_parallel_size 2 --data_dir D
