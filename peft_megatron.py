@@ -850,7 +850,11 @@ class BackgroundScript:
 
     def stop(self) -> None:
         self.process.terminate()
-        self.process.wait()
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:  # e.g. stuck in a CUDA call: never leave the caller waiting on it
+            self.process.kill()
+            self.process.wait()
 
 
 # ====================================================================================================================

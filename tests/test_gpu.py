@@ -73,14 +73,17 @@ def bf16_tie(a: float, b: float) -> bool:
     return abs(a - b) <= 2 * 2.0 ** (math.floor(math.log2(magnitude)) - 7)
 
 
-def generate_predictions(out: Path, predictions: Path, *extra: str) -> list[dict]:
+def generate_predictions(out: Path, predictions: Path, graphs: str, *extra: str) -> list[dict]:
+    """test_checkpoint.py on the run's test split; `graphs` is what its summary line must say of decode CUDA graphs."""
     import json
 
     result = run_script("test_checkpoint.py", "--nemo_logs_dir", str(out / "nemo_logs"), "--data_dir",
                         str(out / "data"), "--predictions_file", str(predictions), "--num_tokens_to_generate", "8",
                         "--bertscore_model", "none", *extra)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    print(next(line for line in result.stdout.splitlines() if "generated tokens/s" in line))
+    summary = next(line for line in result.stdout.splitlines() if "generated tokens/s" in line)
+    print(summary)
+    assert f"decode CUDA graphs: {graphs}" in summary
     rows = [json.loads(line) for line in predictions.read_text().splitlines()]
     assert rows
     return rows
@@ -123,8 +126,8 @@ def test_generation_is_greedy_equal_to_hf_generate_on_the_export(lora_run, tmp_p
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = lora_run["out"]
-    runs = {"CUDA graphs": generate_predictions(out, tmp_path / "graphs.jsonl"),
-            "eager": generate_predictions(out, tmp_path / "eager.jsonl", "--num_cuda_graphs", "0")}
+    runs = {"CUDA graphs": generate_predictions(out, tmp_path / "graphs.jsonl", "["),
+            "eager": generate_predictions(out, tmp_path / "eager.jsonl", "off", "--num_cuda_graphs", "0")}
     exported = run_script("convert_checkpoint_to_hf.py", "--nemo_logs_dir", str(out / "nemo_logs"))
     assert exported.returncode == 0, exported.stderr[-3000:]
     export = next(out.glob("nemo_logs/exports/*.hf_model"))
