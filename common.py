@@ -8,6 +8,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -72,6 +73,18 @@ def parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+def finite_float(text: str) -> float:
+    """The argparse type of float fields: nan and inf are never a meaningful setting, and would pass every range
+    check (comparisons with nan are false)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
 class _BoolAction(argparse.Action):
     """`--flag`, `--no-flag`, and `--flag true|false` (the form SageMaker uses for hyperparameters)."""
 
@@ -131,7 +144,7 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         if "choices" in f.metadata:
             kwargs["choices"] = f.metadata["choices"]
         if base in (int, float, str):
-            kwargs["type"] = base
+            kwargs["type"] = finite_float if base is float else base
         else:
             raise TypeError(f"unsupported field type {tp} for {f.name}")
         shown = "unset" if default is None and optional else default
@@ -242,8 +255,9 @@ def wait_for_file(
         time.sleep(poll_s)
 
 
-def iter_jsonl(path: Path, required: Iterable[str] = ()) -> Iterator[dict]:
-    """Rows of a JSON-lines file; a malformed line, a non-object or a missing field names the file and line."""
+def iter_jsonl(path: Path, required: Iterable[str] = (), text: Iterable[str] = ()) -> Iterator[dict]:
+    """Rows of a JSON-lines file; a malformed line, a non-object, a missing field or a `text` field that is not a
+    string names the file and line."""
     with open(path, encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
@@ -257,6 +271,9 @@ def iter_jsonl(path: Path, required: Iterable[str] = ()) -> Iterator[dict]:
             missing = [k for k in required if k not in row]
             if missing:
                 raise PipelineError(f"{path}:{lineno}: missing field(s) {missing}")
+            for key in text:
+                if not isinstance(row[key], str):
+                    raise PipelineError(f"{path}:{lineno}: field {key!r} is {json.dumps(row[key])[:40]}, not text")
             yield row
 
 

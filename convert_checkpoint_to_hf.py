@@ -11,8 +11,11 @@
     # a full fine-tuned checkpoint, or an imported base checkpoint, exports as it is
     python convert_checkpoint_to_hf.py --nemo_checkpoint_path outputs/x/imported_hf_ckpt --output_dir base_hf/
 
-Re-runnable: an existing output is kept (pass --overwrite to replace it). Outputs are written to a temporary
-directory and renamed, so an interrupted export never looks complete. `--verify` (default on for models under
+Re-runnable: an existing export of the same checkpoint is kept (pass --overwrite to replace it); every export
+records what it was made from (.peft_megatron_export.json: checkpoint, content fingerprint, files and sizes), so
+an export of another or since-changed checkpoint, an incomplete one, or a directory that holds something else is
+refused, never reused. Outputs are written to a temporary directory and renamed, so an interrupted export never
+looks complete. `--verify` (default on for models under
 2B parameters) reloads the export with transformers; for LoRA it checks that the merged model and
 peft.PeftModel(base, adapter) give the same logits. The adapter mapping itself is tested against NeMo's own
 exporter on NeMo-layout LoRA weights (tests/test_checkpoints.py). Runs on CPU or GPU. Exit codes: 0 ok, 1 failure, 2 invalid arguments.
@@ -20,6 +23,7 @@ exporter on NeMo-layout LoRA weights (tests/test_checkpoints.py). Runs on CPU or
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import tempfile
@@ -80,6 +84,8 @@ def validate(cfg: ExportConfig) -> None:
     problems = []
     if (cfg.nemo_logs_dir is None) == (cfg.nemo_checkpoint_path is None):
         problems.append("give exactly one of --nemo_logs_dir (search a training run) or --nemo_checkpoint_path")
+    if cfg.output_dir and Path(cfg.output_dir).is_file():
+        problems.append(f"--output_dir {cfg.output_dir} is a file; give a directory path (an export is a directory)")
     if problems:
         raise ConfigError(problems)
 
@@ -118,6 +124,60 @@ def base_checkpoint(ckpt: Path) -> Path:
             "with `python peft_megatron.py --import_only ...` (same --nemo_ckpt_dir) first"
         )
     return base
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# What an export was made from
+# --------------------------------------------------------------------------------------------------------------------
+EXPORT_RECORD = ".peft_megatron_export.json"  # written last into every export
+
+
+def checkpoint_fingerprint(ckpt: Path) -> str:
+    """Content identity of a NeMo checkpoint, cheap at any size: every file's relative path and size, and the bytes
+    of its small files (metadata, context, adapter metadata)."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in ckpt.rglob("*") if p.is_file()):
+        size = path.stat().st_size
+        digest.update(f"{path.relative_to(ckpt)}\0{size}\0".encode())
+        if size <= 1 << 20:
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def export_source(ckpt: Path, base: Optional[Path], kind: str) -> dict:
+    fingerprint = checkpoint_fingerprint(ckpt) + (checkpoint_fingerprint(base) if base else "")
+    return {"checkpoint": str(ckpt.resolve()), "kind": kind,
+            "fingerprint": hashlib.sha256(fingerprint.encode()).hexdigest()}
+
+
+def write_export_record(out: Path, source: dict) -> None:
+    files = {str(p.relative_to(out)): p.stat().st_size for p in sorted(out.rglob("*")) if p.is_file()}
+    (out / EXPORT_RECORD).write_text(json.dumps({**source, "files": files}, indent=2) + "\n")
+
+
+def is_current_export(out: Path, source: dict) -> bool:
+    """True when the directory `out` is a complete export of `source`; False when nothing is there to keep (absent,
+    or empty, which is removed); a PipelineError naming the fix for anything else."""
+    if not out.exists():
+        return False
+    if not any(out.iterdir()):
+        out.rmdir()
+        return False
+    overwrite = "pass --overwrite to replace it, or choose another --output_dir"
+    try:
+        record = json.loads((out / EXPORT_RECORD).read_text())
+        files, kind, fingerprint = dict(record["files"]), record["kind"], record["fingerprint"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise PipelineError(f"{out} exists but holds no export record ({EXPORT_RECORD}) that this script can read; "
+                            f"{overwrite}") from None
+    damaged = [name for name, size in files.items()
+               if not (out / name).is_file() or (out / name).stat().st_size != size]
+    if damaged:
+        raise PipelineError(f"{out} is an incomplete export ({damaged[0]} is missing or has changed size); {overwrite}")
+    if (kind, fingerprint) != (source["kind"], source["fingerprint"]):
+        raise PipelineError(f"{out} holds a {kind} export of {record.get('checkpoint')}, not a {source['kind']} export "
+                            f"of {source['checkpoint']} as it is now; {overwrite}")
+    return True
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -338,13 +398,13 @@ def export(cfg: ExportConfig) -> Path:
         raise PipelineError(f"--no_merge exports a LoRA adapter, but {ckpt} holds full weights; drop --no_merge")
     suffix = ".hf_peft" if cfg.no_merge else ".hf_model"
     out = Path(cfg.output_dir) if cfg.output_dir else default_export_path(ckpt, suffix)
-    if not cfg.output_dir:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    if out.exists() and not cfg.overwrite:
-        log.info("%s already exists; keeping it (pass --overwrite to replace it)", out)
+    base = base_checkpoint(ckpt) if lora else None
+    source = export_source(ckpt, base, "adapter" if cfg.no_merge else "merged" if lora else "full")
+    if not cfg.overwrite and is_current_export(out, source):
+        log.info("%s already holds this export; keeping it (pass --overwrite to replace it)", out)
         print(f"export already present: {out}")
         return out
-    base = base_checkpoint(ckpt) if lora else None
+    out.parent.mkdir(parents=True, exist_ok=True)
 
     import nemo_compat
 
@@ -367,6 +427,7 @@ def export(cfg: ExportConfig) -> Path:
                     merge_in_hf(base_hf, adapter, merged)
                 if verify:
                     verify_pair(merged, base_hf, adapter)
+            write_export_record(tmp, source)
     print(f"exported {ckpt} -> {out}")
     return out
 

@@ -229,6 +229,17 @@ def is_local_model(hf_model_id: str) -> bool:
     return hf_model_id.startswith(("/", ".", "~")) or Path(hf_model_id).is_dir()
 
 
+# Far beyond any real setting: they catch typos and stray exponents (1e21) before any heavy work.
+UPPER_BOUNDS = {
+    "learning_rate": (1.0, "fine-tuning learning rates are around 1e-6 to 1e-3"),
+    "micro_batch_size": (65536, "a micro-batch is what one GPU holds"),
+    "accumulate_grad_batches": (65536, "global batches are rarely over a few thousand sequences"),
+    "max_seq_length": (1 << 20, "no supported model has a context over 1,048,576 tokens"),
+    "lora_dim": (65536, "a LoRA rank is at most the model's hidden size"),
+    "wait_timeout_s": (7 * 24 * 3600.0, "a week"),
+}
+
+
 def validate_config(config: Config) -> None:
     """Collect every problem with the settings and raise them together, before any heavy work."""
     problems: list[str] = []
@@ -247,6 +258,10 @@ def validate_config(config: Config) -> None:
         problems.append(f"--early_stopping_threshold {config.early_stopping_threshold} must be >= 0")
     if config.wait_timeout_s <= 0:
         problems.append(f"--wait_timeout_s {config.wait_timeout_s} must be positive")
+    for name, (bound, why) in UPPER_BOUNDS.items():
+        value = getattr(config, name)
+        if value is not None and value > bound:
+            problems.append(f"--{name} {value} is above {bound:g} ({why}); check the value")
     bad = {n for n in positive if getattr(config, n) <= 0}
     parallel = {"num_nodes", "gpus_per_node", "tensor_parallel_size", "pipeline_parallel_size", "context_parallel_size"}
     if not bad & parallel:
@@ -274,6 +289,9 @@ def validate_config(config: Config) -> None:
             f"--num_nodes {config.num_nodes}: set MASTER_ADDR (node 0's address) and MASTER_PORT in every node's "
             "environment for the torchrun rendezvous"
         )
+    lora_flags = [f"--{n} {getattr(config, n)}" for n in ("lora_dim", "lora_alpha") if getattr(config, n) is not None]
+    if config.full_ft and lora_flags:
+        problems.append(f"{' and '.join(lora_flags)} set LoRA, which --full_ft does not train; drop one or the other")
     if config.peft_scheme.lower() not in PEFT_SCHEMES and not config.full_ft:
         problems.append(f"--peft_scheme {config.peft_scheme!r} is not one of {list(PEFT_SCHEMES)} (or use --full_ft)")
     recipes = available_recipes()

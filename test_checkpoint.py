@@ -103,6 +103,8 @@ def validate(cfg: EvalConfig) -> None:
         problems.append("--num_tokens_to_generate must be smaller than --inference_max_seq_length")
     if cfg.temperature <= 0 or cfg.top_k < 0 or not 0 <= cfg.top_p <= 1:
         problems.append("--temperature must be > 0, --top_k >= 0 and --top_p in [0, 1]")
+    if cfg.bertscore_num_layers is not None and cfg.bertscore_num_layers < 1:
+        problems.append(f"--bertscore_num_layers {cfg.bertscore_num_layers} must be a layer number, 1 or more")
     if cfg.bertscore_model != "none" and Path(cfg.bertscore_model).is_dir() and cfg.bertscore_num_layers is None:
         problems.append("--bertscore_model is a local directory: also give --bertscore_num_layers (e.g. 17 for roberta-large)")
     if problems:
@@ -174,8 +176,8 @@ def bertscore(predictions: list[str], labels: list[str], model: str, num_layers:
 
 
 def compute_metrics(rows: list[dict], cfg: EvalConfig) -> dict:
-    predictions = [str(r["prediction"]) for r in rows]
-    labels = [str(r["label"]) for r in rows]
+    predictions = [r["prediction"] for r in rows]
+    labels = [r["label"] for r in rows]
     metrics = {"num_samples": len(rows), "exact_match": exact_match(predictions, labels), "rouge_l": rouge_l(predictions, labels)}
     if cfg.bertscore_model != "none":
         metrics.update(bertscore(predictions, labels, cfg.bertscore_model, cfg.bertscore_num_layers))
@@ -189,7 +191,7 @@ def metrics_path(cfg: EvalConfig, predictions: Path) -> Path:
 
 
 def evaluate(cfg: EvalConfig, predictions: Path, extra: Optional[dict] = None) -> dict:
-    rows = read_jsonl(predictions, PREDICTION_FIELDS)
+    rows = list(iter_jsonl(predictions, PREDICTION_FIELDS, text=("label", "prediction")))
     if not rows:
         raise PipelineError(f"{predictions} holds no predictions")
     metrics = {**compute_metrics(rows, cfg), **(extra or {})}

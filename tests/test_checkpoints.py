@@ -217,3 +217,54 @@ def test_adapter_mapping_matches_nemo_exporter_on_fused_lora(assets, tmp_path):
         expected, got = merged(ids).logits, peft_model(ids).logits
     assert (expected - AutoModelForCausalLM.from_pretrained(assets["qwen3"], torch_dtype=torch.float32)(ids).logits).abs().max() > 1e-2
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_export_keeps_only_its_own_current_export_and_refuses_anything_else(assets, tmp_path):
+    """An export records what it was made from; an existing --output_dir is reused only when it is a complete export
+    of the same checkpoint, and every other case is refused with the fix before any heavy work."""
+    import shutil
+
+    nemo = tmp_path / "nemo"
+    out = run_script("peft_megatron.py", "--import_only", "--hf_model_id", str(assets["qwen3"]), "--recipe_cls_name",
+                     "qwen3_600m", "--nemo_ckpt_dir", str(nemo))
+    assert out.returncode == 0, out.stderr[-3000:]
+
+    def export(ckpt: Path, target: Path):
+        return run_script("convert_checkpoint_to_hf.py", "--nemo_checkpoint_path", str(ckpt), "--output_dir",
+                          str(target))
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert export(nemo, empty).returncode == 0  # an empty directory is filled, not taken for an export
+    assert (empty / "model.safetensors").is_file() and (empty / conv.EXPORT_RECORD).is_file()
+    nested = tmp_path / "a" / "b" / "hf"
+    assert export(nemo, nested).returncode == 0 and (nested / "config.json").is_file()
+    again = export(nemo, nested)
+    assert again.returncode == 0 and f"export already present: {nested}" in again.stdout
+
+    a_file = tmp_path / "hf.txt"
+    a_file.write_text("not an export")
+    result = export(nemo, a_file)
+    assert result.returncode == 2 and f"--output_dir {a_file} is a file; give a directory path" in result.stderr
+    refused = {}
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "notes.txt").write_text("mine")
+    refused["someone else's directory"] = (junk, "holds no export record")
+    truncated = tmp_path / "truncated"
+    shutil.copytree(nested, truncated)
+    with open(truncated / "model.safetensors", "r+b") as f:
+        f.truncate(100)
+    refused["a truncated export"] = (truncated, "incomplete export (model.safetensors is missing or has changed size)")
+    for what, (target, message) in refused.items():
+        result = export(nemo, target)
+        assert result.returncode == 1 and message in result.stderr and "--overwrite" in result.stderr, what
+    assert a_file.read_text() == "not an export" and (junk / "notes.txt").read_text() == "mine"  # nothing lost
+
+    changed = tmp_path / "nemo_changed"  # the same path's checkpoint replaced by another, as a re-import would
+    shutil.copytree(nemo, changed)
+    (changed / "context" / "model.yaml").write_text((changed / "context" / "model.yaml").read_text() + "\n")
+    stale = export(changed, nested)
+    assert stale.returncode == 1
+    assert f"holds a full export of {nemo.resolve()}, not a full export of {changed.resolve()}" in stale.stderr
+    assert (nested / "config.json").is_file()  # kept, untouched

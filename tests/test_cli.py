@@ -97,7 +97,23 @@ VALIDATION_CASES = [
     ("--context_parallel_size 2 --tensor_parallel_size 4 --max_seq_length 1001", "divisible by 2 x --context_parallel_size"),
     ("--val_fraction 0.6 --test_fraction 0.5", "leaves no training rows"),
     ("--node_rank 3", "--node_rank 3 must be in [0, --num_nodes 1)"),
+    ("--learning_rate 1e21", "--learning_rate 1e+21 is above 1 (fine-tuning learning rates"),
+    ("--micro_batch_size 100000000000000000000000", "--micro_batch_size 100000000000000000000000 is above 65536"),
+    ("--max_seq_length 4194304", "--max_seq_length 4194304 is above 1.04858e+06"),
+    ("--lora_dim 1000000", "--lora_dim 1000000 is above 65536"),
+    ("--full_ft --lora_dim 8", "--lora_dim 8 set LoRA, which --full_ft does not train"),
+    ("--wait_timeout_s 1e9", "--wait_timeout_s 1000000000.0 is above 604800"),
 ]
+
+
+@pytest.mark.parametrize("flag", ["--learning_rate", "--wait_timeout_s", "--early_stopping_threshold",
+                                  "--val_fraction", "--test_fraction"])
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_non_finite_numbers_are_refused_naming_the_flag(flag, value, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        parse(f"{flag}={value}")
+    assert exit_.value.code == 2
+    assert f"argument {flag}: expected a finite number, got '{value}'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("args, message", VALIDATION_CASES)

@@ -76,6 +76,8 @@ def test_evaluate_only_end_to_end(tmp_path, tiny_bert):
     ('{"input": "a", "label": "b"}\n', "preds.jsonl:1: missing field(s) ['prediction']"),
     ('{"input": "a", "label": "b", "prediction": "c"}\nnot json\n', "preds.jsonl:2: malformed JSON line"),
     ("", "holds no predictions"),
+    ('{"input": "a", "label": null, "prediction": "None"}\n', "preds.jsonl:1: field 'label' is null, not text"),
+    ('{"input": "a", "label": "x", "prediction": ["x"]}\n', """preds.jsonl:1: field 'prediction' is ["x"], not text"""),
 ])
 def test_bad_predictions_file_is_a_clear_error(tmp_path, content, message):
     (tmp_path / "preds.jsonl").write_text(content)
@@ -100,10 +102,12 @@ def test_generation_refuses_without_a_gpu(tmp_path):
 
 
 def test_usage_errors_exit_2():
-    out = run_script("test_checkpoint.py", "--evaluate_only", "--max_batch_size", "0", "--num_cuda_graphs", "-1")
+    out = run_script("test_checkpoint.py", "--evaluate_only", "--max_batch_size", "0", "--num_cuda_graphs", "-1",
+                     "--bertscore_num_layers", "0")
     assert out.returncode == 2
     assert "--evaluate_only needs --predictions_file" in out.stderr and "--max_batch_size 0 must be positive" in out.stderr
     assert "--num_cuda_graphs -1 must be 0 (eager) or positive" in out.stderr
+    assert "--bertscore_num_layers 0 must be a layer number" in out.stderr
 
 
 class StandInEngine:
