@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -179,6 +180,10 @@ def flag_names(cls: type) -> list[str]:
 # --------------------------------------------------------------------------------------------------------------------
 # Atomic outputs: a crash never leaves a file or directory that looks complete.
 # --------------------------------------------------------------------------------------------------------------------
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
 @contextlib.contextmanager
 def _atomic_open(path: Path) -> Iterator[typing.TextIO]:
     """A text handle on a temporary sibling of `path`, fsynced and renamed over it only if the block succeeds."""
@@ -186,6 +191,7 @@ def _atomic_open(path: Path) -> Iterator[typing.TextIO]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; the result is an ordinary file, readable as any other
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             yield fh
             fh.flush()
@@ -228,6 +234,43 @@ def atomic_dir(path: Path, overwrite: bool = False) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: Path, timeout_s: float, what: str, poll_s: float = 0.5) -> Iterator[None]:
+    """Hold an exclusive advisory lock (fcntl) on `path` for the block; another job on the same directory waits, up
+    to `timeout_s`. The kernel drops the lock when its holder dies, so a killed run never leaves it held."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + timeout_s
+    with open(path, "a+") as fh:
+        waited = False
+        while True:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise PipelineError(f"another job has held {path} for {timeout_s:.0f}s ({what}); wait for it to "
+                                        "finish, or use another directory") from None
+                if not waited:
+                    log.info("waiting for another job's %s (lock %s)", what, path)
+                    waited = True
+                time.sleep(poll_s)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def file_digest(path: Path) -> dict:
+    """Size and sha256 of a file: what a done marker records so that reading it back can check the file."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
 
 
 def wait_for_file(

@@ -17,18 +17,30 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import random
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from common import PipelineError, atomic_write_jsonl, atomic_write_text, iter_jsonl, wait_for_file
+from common import (
+    PipelineError,
+    atomic_write_jsonl,
+    atomic_write_text,
+    exclusive_lock,
+    file_digest,
+    iter_jsonl,
+    wait_for_file,
+)
 
 log = logging.getLogger("peft_megatron.data")
 
 SPLIT_FILES = {"train": "training.jsonl", "val": "validation.jsonl", "test": "test.jsonl"}
-MARKER = ".data_ready.json"
+MARKER = ".data_ready.json"  # written last: the settings' fingerprint, the summary, and each file's size and hash
 FAILED_MARKER = ".data_failed"
+PREPARING_MARKER = ".data_preparing"  # written first and removed last: present afterwards = interrupted
+LOCK_FILE = ".data.lock"
 FORMAT_VERSION = 1
 LOCAL_SUFFIXES = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 _SPLIT_ALIASES = {"train": ("train",), "val": ("validation", "val", "valid", "dev"), "test": ("test",)}
@@ -357,10 +369,6 @@ def prepare_dataset(
     if cfg.dataset_name is None:
         return _use_existing_jsonl(data_dir, cfg)
     fp = fingerprint(cfg, tokenizer_identity or tokenizer_name)
-    marker = _read_marker(data_dir)
-    if marker and marker.get("fingerprint", {}).get("sha256") == fp["sha256"] and _files_present(data_dir):
-        log.info("data in %s already prepared with these settings (fingerprint %s); skipping", data_dir, fp["sha256"][:12])
-        return marker["summary"]
     if global_rank != 0:
         wait_for_file(
             data_dir / MARKER,
@@ -370,21 +378,62 @@ def prepare_dataset(
             is_done=lambda: (_read_marker(data_dir) or {}).get("fingerprint", {}).get("sha256") == fp["sha256"],
         )
         return _read_marker(data_dir)["summary"]
-    if (marker or _files_present(data_dir)) and not cfg.overwrite_data:
-        why = _diff(marker["fingerprint"], fp) if marker else ["files without a .data_ready.json marker"]
-        raise PipelineError(
-            f"{data_dir} holds data prepared with other settings ({'; '.join(why)}); pass --overwrite_data to "
-            "replace it, or choose another --data_dir"
-        )
-    (data_dir / MARKER).unlink(missing_ok=True)  # an interrupted re-prepare must not leave the old marker behind
-    try:
-        summary = _prepare(cfg, data_dir, tokenizer_name, max_seq_length, trust_remote_code)
-    except BaseException as e:
-        atomic_write_text(data_dir / FAILED_MARKER, f"{type(e).__name__}: {e}\n")
-        raise
-    (data_dir / FAILED_MARKER).unlink(missing_ok=True)
-    atomic_write_text(data_dir / MARKER, json.dumps({"fingerprint": fp, "summary": summary}, indent=2) + "\n")
-    return summary
+    # One preparation at a time per directory: a second job waits, then finds the first one's data (and reuses it
+    # or refuses it with the differences); it never writes between the first one's files.
+    with exclusive_lock(data_dir / LOCK_FILE, wait_timeout_s, "data preparation"):
+        marker = _read_marker(data_dir)
+        damaged = _damaged_files(data_dir, marker) if marker else []
+        same = bool(marker) and marker.get("fingerprint", {}).get("sha256") == fp["sha256"]
+        if same and not damaged:
+            log.info("data in %s already prepared with these settings (fingerprint %s); skipping", data_dir,
+                     fp["sha256"][:12])
+            return marker["summary"]
+        interrupted = _remove_interrupted_preparation(data_dir)
+        if same:
+            log.info("%s: %s no longer match(es) what %s records; preparing again", data_dir, damaged, MARKER)
+        elif (marker or _files_present(data_dir)) and not interrupted and not cfg.overwrite_data:
+            why = _diff(marker["fingerprint"], fp) if marker else ["files without a .data_ready.json marker"]
+            raise PipelineError(
+                f"{data_dir} holds data prepared with other settings ({'; '.join(why)}); pass --overwrite_data to "
+                "replace it, or choose another --data_dir"
+            )
+        atomic_write_text(data_dir / PREPARING_MARKER, json.dumps({"pid": os.getpid(), "started": time.time()}) + "\n")
+        (data_dir / MARKER).unlink(missing_ok=True)  # an interrupted re-prepare must not leave the old marker behind
+        (data_dir / FAILED_MARKER).unlink(missing_ok=True)  # this attempt's outcome replaces the last one's
+        try:
+            summary = _prepare(cfg, data_dir, tokenizer_name, max_seq_length, trust_remote_code)
+        except BaseException as e:
+            atomic_write_text(data_dir / FAILED_MARKER, f"{type(e).__name__}: {e}\n")
+            raise
+        files = {name: file_digest(data_dir / name) for name in SPLIT_FILES.values()}
+        atomic_write_text(data_dir / MARKER,
+                          json.dumps({"fingerprint": fp, "summary": summary, "files": files}, indent=2) + "\n")
+        (data_dir / PREPARING_MARKER).unlink()
+        return summary
+
+
+def _damaged_files(data_dir: Path, marker: dict) -> list[str]:
+    """The split files that differ from what the marker records (all of them for a marker that records none)."""
+    recorded = marker.get("files")
+    if not isinstance(recorded, dict):
+        return sorted(SPLIT_FILES.values())
+    return [name for name in SPLIT_FILES.values()
+            if not (data_dir / name).is_file() or file_digest(data_dir / name) != recorded.get(name)]
+
+
+def _remove_interrupted_preparation(data_dir: Path) -> bool:
+    """Remove what a killed or failed preparation left (its split files and temporary files); True if it did."""
+    started = data_dir / PREPARING_MARKER
+    if not started.exists():
+        return False
+    leftovers = [data_dir / name for name in SPLIT_FILES.values()] + list(data_dir.glob(".*.jsonl.*.tmp"))
+    removed = [p.name for p in leftovers if p.exists()]
+    for path in leftovers:
+        path.unlink(missing_ok=True)
+    log.warning("%s: an earlier preparation was interrupted; removed what it left (%s)", data_dir,
+                ", ".join(removed) or "nothing")
+    started.unlink()
+    return True
 
 
 def _prepare(cfg: HFDatasetConfig, data_dir: Path, tokenizer_name: str, max_seq_length: int, trust_remote_code: bool) -> dict:
@@ -406,6 +455,18 @@ def _prepare(cfg: HFDatasetConfig, data_dir: Path, tokenizer_name: str, max_seq_
 
 def _use_existing_jsonl(data_dir: Path, cfg: HFDatasetConfig) -> dict:
     """No --dataset_name: the JSONL files must already be there (e.g. a SageMaker channel); check their rows."""
+    if (data_dir / PREPARING_MARKER).exists():
+        raise PipelineError(
+            f"--data_dir {data_dir} holds what an interrupted preparation left ({PREPARING_MARKER}); pass "
+            "--dataset_name to prepare the data again"
+        )
+    marker = _read_marker(data_dir)
+    damaged = _damaged_files(data_dir, marker) if marker and "files" in marker else []
+    if damaged:
+        raise PipelineError(
+            f"--data_dir {data_dir}: {', '.join(damaged)} differ(s) from what {MARKER} records (changed or truncated "
+            "since it was prepared); pass --dataset_name to prepare the data again"
+        )
     missing = [f for s, f in SPLIT_FILES.items() if s != "test" and not (data_dir / f).exists()]
     if missing:
         raise PipelineError(

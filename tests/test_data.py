@@ -238,3 +238,83 @@ def test_nemo_datamodule_batches_mask_the_prompt(tmp_path, assets):
         prompt_len = len(hf(row["input"], add_special_tokens=False)["input_ids"])
         assert answer_positions[0] == prompt_len - 1 and not any(mask[: prompt_len - 1])
         assert hf.decode(tokens[:prompt_len]) == row["input"]
+
+
+def files_match_marker(out: Path) -> bool:
+    marker = json.loads((out / dm.MARKER).read_text())
+    return all(dm.file_digest(out / name) == marker["files"][name] for name in dm.SPLIT_FILES.values())
+
+
+def test_changed_files_under_a_valid_marker_are_never_taken_for_prepared_data(tmp_path, assets, caplog):
+    src = write_jsonl(tmp_path / "src.jsonl", ROWS)
+    out = tmp_path / "out"
+    prepare(config(src), out, assets["tokenizer"])
+    good = (out / "training.jsonl").read_bytes()
+    assert files_match_marker(out) and oct((out / "training.jsonl").stat().st_mode & 0o777) != "0o600"
+    (out / "training.jsonl").write_bytes(good[: len(good) // 2])  # truncated under its marker
+    with pytest.raises(PipelineError, match=r"training.jsonl differ\(s\) from what .data_ready.json records"):
+        prepare(config(src, dataset_name=None), out, assets["tokenizer"])  # no --dataset_name: would train on the files as they are
+    with caplog.at_level("INFO"):
+        prepare(config(src), out, assets["tokenizer"])
+    assert "['training.jsonl'] no longer match(es) what .data_ready.json records; preparing again" in caplog.text
+    assert (out / "training.jsonl").read_bytes() == good and files_match_marker(out)
+
+
+def test_an_interrupted_preparation_is_cleaned_up_by_the_next_run(tmp_path, assets, monkeypatch, caplog):
+    src = write_jsonl(tmp_path / "src.jsonl", ROWS)
+    out = tmp_path / "out"
+    prepare(config(src), out, assets["tokenizer"])
+    real = dm.atomic_write_jsonl
+
+    def killed_after_training(path, rows):  # --overwrite_data dies after writing the new training split
+        if path.name == "validation.jsonl":
+            raise KeyboardInterrupt("killed")
+        return real(path, rows)
+
+    monkeypatch.setattr(dm, "atomic_write_jsonl", killed_after_training)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(config(src, seed=7, overwrite_data=True), out, assets["tokenizer"])
+    monkeypatch.setattr(dm, "atomic_write_jsonl", real)
+    assert (out / dm.PREPARING_MARKER).exists() and not (out / dm.MARKER).exists()
+    with pytest.raises(PipelineError, match="holds what an interrupted preparation left"):
+        prepare(config(src, dataset_name=None), out, assets["tokenizer"])  # new training split beside old validation: never used
+    with caplog.at_level("INFO"):
+        summary = prepare(config(src), out, assets["tokenizer"])  # no --overwrite_data needed: its own leftovers
+    assert "an earlier preparation was interrupted; removed what it left (training.jsonl, validation.jsonl" in caplog.text
+    assert summary["rows"] == {"train": 32, "val": 4, "test": 4} and files_match_marker(out)
+    assert not (out / dm.PREPARING_MARKER).exists() and not (out / dm.FAILED_MARKER).exists()
+
+
+def test_two_preparations_of_one_directory_never_interleave(tmp_path, assets):
+    """The second job waits for the first one's lock, then refuses its data (other seed) with the difference; the
+    directory holds one consistent set: the first job's files, matching its marker, no row in two splits."""
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO
+
+    src = tmp_path / "big.csv"
+    src.write_text("question,answer\n" + "".join(f"What is the code for item {i}?,code-{i}\n" for i in range(300_000)))
+    out = tmp_path / "data"
+
+    def start(seed: int) -> subprocess.Popen:
+        cmd = [sys.executable, str(REPO / "peft_megatron.py"), "--prepare_data_only", "--hf_model_id",
+               str(assets["qwen3"]), "--dataset_name", str(src), "--input_column", "question", "--output_column",
+               "answer", "--data_dir", str(out), "--output_dir", str(tmp_path / "run"), "--micro_batch_size", "1",
+               "--accumulate_grad_batches", "1", "--gpus_per_node", "1", "--tensor_parallel_size", "1", "--seed",
+               str(seed)]
+        return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    first = start(1)
+    deadline = time.monotonic() + 120
+    while not (out / dm.PREPARING_MARKER).exists():  # the first job is inside its preparation
+        assert first.poll() is None and time.monotonic() < deadline, first.communicate()
+        time.sleep(0.05)
+    second = start(2)
+    (out1, err1), (out2, err2) = first.communicate(timeout=300), second.communicate(timeout=300)
+    assert first.returncode == 0, err1[-2000:]
+    assert second.returncode == 1 and "holds data prepared with other settings (--seed: 1 -> 2)" in err2, err2[-2000:]
+    assert json.loads((out / dm.MARKER).read_text())["fingerprint"]["config"]["seed"] == 1 and files_match_marker(out)
+    train = {row["input"] for row in read(out / "training.jsonl")}
+    assert not train & {row["input"] for row in read(out / "validation.jsonl")}
