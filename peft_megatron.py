@@ -29,10 +29,12 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import hashlib
 import inspect
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -44,6 +46,7 @@ from common import (
     PipelineError,
     atomic_dir,
     atomic_write_text,
+    exclusive_lock,
     is_nemo_checkpoint,
     parse_dataclass_args,
     run_cli,
@@ -59,6 +62,8 @@ PEFT_SCHEMES = ("lora", "dora")  # what NeMo 2.7.3's finetune_recipe accepts (be
 PROFILER_FLAGS = ("enable_memory_profile", "enable_pytorch_profiler", "enable_nsys_callback")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 IMPORT_FAILED_SUFFIX = ".import-failed"
+IMPORT_LOCK_SUFFIX = ".import-lock"
+IMPORT_RECORD = ".import_source.json"  # inside an imported checkpoint: the model and recipe it was made from
 EXIT_NO_GPU = 3
 
 
@@ -347,27 +352,78 @@ def import_hf_checkpoint(config: Config) -> Path:
     """Import `hf_model_id` into `nemo_ckpt_dir` unless a complete checkpoint is there; atomic, rank 0 only."""
     target = config.nemo_ckpt_path
     failed = import_failed_marker(config)
-    if is_nemo_checkpoint(target):
-        log.info("imported checkpoint already present: %s", target)
-        return target
     if config.node_rank != 0:
-        wait_for_file(target, failed, config.wait_timeout_s, "the HF -> NeMo import", is_done=lambda: is_nemo_checkpoint(target))
+        wait_for_file(target, failed, config.wait_timeout_s, "the HF -> NeMo import",
+                      is_done=lambda: is_nemo_checkpoint(target))
+        check_import_source(target, import_source(config))  # every node refuses a stale import, not only rank 0
         return target
-    if target.exists() and any(target.iterdir()):
-        raise PipelineError(
-            f"--nemo_ckpt_dir {target} exists but is not a complete NeMo checkpoint (no context/ + weights/"
-            "metadata.json); remove it or choose another --nemo_ckpt_dir"
-        )
-    failed.unlink(missing_ok=True)
-    try:
-        _run_import(config, target)
-    except BaseException as e:
-        atomic_write_text(failed, f"{type(e).__name__}: {e}\n")
-        raise
+    lock = target.with_name(f".{target.name}{IMPORT_LOCK_SUFFIX}")
+    with exclusive_lock(lock, config.wait_timeout_s, "HF -> NeMo import"):  # two jobs never import into one place
+        source = import_source(config)
+        if is_nemo_checkpoint(target):
+            check_import_source(target, source)
+            log.info("imported checkpoint already present: %s", target)
+            return target
+        if target.exists() and any(target.iterdir()):
+            raise PipelineError(
+                f"--nemo_ckpt_dir {target} exists but is not a complete NeMo checkpoint (no context/ + weights/"
+                "metadata.json); remove it or choose another --nemo_ckpt_dir"
+            )
+        remove_partial_dirs(target)
+        failed.unlink(missing_ok=True)
+        try:
+            _run_import(config, target, source)
+        except BaseException as e:
+            atomic_write_text(failed, f"{type(e).__name__}: {e}\n")
+            raise
     return target
 
 
-def _run_import(config: Config, target: Path) -> None:
+def import_source(config: Config) -> dict:
+    """What an import is made from: the recipe and the model, a hub id or a local directory with each file's size
+    and the hash of its first MiB (safetensors headers and leading weights; the same on every node's copy)."""
+    identity: dict[str, Any] = {"model": model_location(config), "recipe": config.recipe_cls_name}
+    model_dir = Path(identity["model"])
+    if is_local_model(config.hf_model_id) and model_dir.is_dir():
+        files = {}
+        for path in sorted(p for p in model_dir.iterdir() if p.is_file()):
+            with open(path, "rb") as fh:
+                files[path.name] = [path.stat().st_size, hashlib.sha256(fh.read(1 << 20)).hexdigest()]
+        identity["files"] = files
+    return identity
+
+
+def check_import_source(target: Path, source: dict) -> None:
+    """Refuse an existing import of another model (or of the same directory since changed)."""
+    record = target / IMPORT_RECORD
+    if not record.is_file():
+        log.warning("%s has no %s (imported before this check existed); using it as the import of %s — remove it "
+                    "if it is not", target, IMPORT_RECORD, source["model"])
+        return
+    try:
+        recorded = json.loads(record.read_text())
+    except ValueError:
+        recorded = {}
+    if recorded != source:
+        changed = sorted(k for k in set(recorded) | set(source) if recorded.get(k) != source.get(k))
+        raise PipelineError(
+            f"--nemo_ckpt_dir {target} holds an import of {recorded.get('model')} (recipe {recorded.get('recipe')}), "
+            f"not of {source['model']} (recipe {source['recipe']}) as it is now (differs in: {', '.join(changed)}); "
+            "choose another --nemo_ckpt_dir, or remove it to import again"
+        )
+
+
+def remove_partial_dirs(target: Path) -> None:
+    """Remove what killed imports into `target` left (temporary `.partial` siblings); call under the import lock."""
+    leftovers = sorted(target.parent.glob(f".{target.name}.*.partial")) if target.parent.is_dir() else []
+    for path in leftovers:
+        shutil.rmtree(path, ignore_errors=True)
+    if leftovers:
+        log.warning("removed %d unfinished import(s) left by killed runs: %s", len(leftovers),
+                    ", ".join(p.name for p in leftovers))
+
+
+def _run_import(config: Config, target: Path, identity: dict) -> None:
     import nemo_compat
 
     env = nemo_compat.prepare_process()
@@ -390,6 +446,7 @@ def _run_import(config: Config, target: Path) -> None:
         llm.import_ckpt(model=model, source=source, output_path=tmp, overwrite=True, **extra)
         if not is_nemo_checkpoint(tmp):
             raise PipelineError(f"llm.import_ckpt finished but {tmp} is not a complete checkpoint")
+        atomic_write_text(tmp / IMPORT_RECORD, json.dumps(identity, indent=2) + "\n")
     log.info("imported checkpoint written to %s", target)
 
 

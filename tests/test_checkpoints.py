@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from conftest import REPO, run_script
 
 import convert_checkpoint_to_hf as conv
 import peft_megatron as pm
-from common import PipelineError, find_checkpoint
+from common import PipelineError, find_checkpoint, is_nemo_checkpoint
 from demo_workspace import build_hf_model
 
 RECIPES = {"qwen3": "qwen3_600m", "llama": "llama32_1b"}
@@ -69,7 +70,7 @@ def test_import_refuses_a_head_dim_the_importer_would_get_wrong(qwen3_head_dim_6
     assert not (tmp_path / "nemo").exists()  # nothing that looks like a checkpoint
     marker = tmp_path / ("nemo" + pm.IMPORT_FAILED_SUFFIX)
     assert "head_dim 64" in marker.read_text()
-    assert [p.name for p in tmp_path.iterdir()] == [marker.name]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([marker.name, ".nemo" + pm.IMPORT_LOCK_SUFFIX])
 
 
 def test_other_node_fails_fast_when_rank0_import_fails(qwen3_head_dim_64, tmp_path):
@@ -268,3 +269,33 @@ def test_export_keeps_only_its_own_current_export_and_refuses_anything_else(asse
     assert stale.returncode == 1
     assert f"holds a full export of {nemo.resolve()}, not a full export of {changed.resolve()}" in stale.stderr
     assert (nested / "config.json").is_file()  # kept, untouched
+
+
+def test_import_is_reused_only_for_its_own_model_and_cleans_killed_imports(assets, tmp_path):
+    import shutil
+
+    nemo = tmp_path / "nemo"
+    orphan = tmp_path / ".nemo.k1ll3d.partial"  # what atomic_dir leaves when an import is killed
+    (orphan / "weights").mkdir(parents=True)
+    model = shutil.copytree(assets["qwen3"], tmp_path / "model")
+
+    def import_only(model_dir: Path, recipe: str):
+        return run_script("peft_megatron.py", "--import_only", "--hf_model_id", str(model_dir), "--recipe_cls_name",
+                          recipe, "--nemo_ckpt_dir", str(nemo))
+
+    first = import_only(model, "qwen3_600m")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "removed 1 unfinished import(s) left by killed runs: .nemo.k1ll3d.partial" in first.stdout
+    assert not orphan.exists()
+    record = json.loads((nemo / pm.IMPORT_RECORD).read_text())
+    assert record["model"] == str(model.resolve()) and record["recipe"] == "qwen3_600m"
+    again = import_only(model, "qwen3_600m")
+    assert again.returncode == 0 and "imported checkpoint already present" in again.stdout
+    other = import_only(assets["llama"], "llama32_1b")
+    assert other.returncode == 1
+    assert (f"--nemo_ckpt_dir {nemo} holds an import of {model.resolve()} (recipe qwen3_600m), not of "
+            f"{assets['llama'].resolve()} (recipe llama32_1b)") in other.stderr
+    assert "remove it to import again" in other.stderr and is_nemo_checkpoint(nemo)  # refused, and nothing lost
+    (model / "config.json").write_text((model / "config.json").read_text() + "\n")  # the same path, another model
+    changed = import_only(model, "qwen3_600m")
+    assert changed.returncode == 1 and "as it is now (differs in: files)" in changed.stderr
