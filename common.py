@@ -273,20 +273,48 @@ def file_digest(path: Path) -> dict:
     return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
 
 
+STALE_FAILURE_GRACE_S = 120.0
+
+
+def filesystem_now(directory: Path) -> float:
+    """The current time on the filesystem's clock (a shared filesystem stamps files with its server's time, which
+    need not match this node's): the modification time of a file created now."""
+    directory.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=directory, prefix=".clock.") as probe:
+        return os.stat(probe.name).st_mtime
+
+
 def wait_for_file(
-    done: Path, failed: Path, timeout_s: float, what: str, poll_s: float = 2.0, is_done: Callable[[], bool] | None = None
+    done: Path,
+    failed: Path,
+    timeout_s: float,
+    what: str,
+    poll_s: float = 2.0,
+    is_done: Callable[[], bool] | None = None,
+    stale_grace_s: float = STALE_FAILURE_GRACE_S,
 ) -> None:
-    """Wait until `done` exists (or `is_done()`), failing fast when `failed` appears and after `timeout_s`."""
-    deadline = time.monotonic() + timeout_s
+    """Wait until `done` exists (or `is_done()`), failing fast when `failed` appears and after `timeout_s`.
+
+    A `failed` marker written before this node began waiting may be an earlier attempt's, which global rank 0
+    removes when it starts this one: it is believed only if it is still there `stale_grace_s` later."""
+    start = time.monotonic()
+    deadline = start + timeout_s
+    started_on_fs = filesystem_now(failed.parent) - 1.0  # 1 s: filesystems with coarse timestamps
     check = is_done or done.exists
     next_log = 0.0
     while True:
         if check():
             return
-        if failed.exists():
-            reason = failed.read_text(errors="replace").strip()
-            raise PipelineError(f"{what} failed on global rank 0: {reason} (marker {failed}); fix it and re-run")
         now = time.monotonic()
+        try:
+            written = failed.stat().st_mtime
+        except FileNotFoundError:
+            written = None
+        if written is not None and (written >= started_on_fs or now - start >= stale_grace_s):
+            reason = failed.read_text(errors="replace").strip()
+            when = "" if written >= started_on_fs else (
+                f", written before this node started; rank 0 began no new attempt in {stale_grace_s:.0f}s")
+            raise PipelineError(f"{what} failed on global rank 0: {reason} (marker {failed}{when}); fix it and re-run")
         if now >= deadline:
             raise PipelineError(
                 f"timed out after {timeout_s:.0f}s waiting for {what} ({done}); is global rank 0 running and "

@@ -381,35 +381,40 @@ def prepare_dataset(
     # One preparation at a time per directory: a second job waits, then finds the first one's data (and reuses it
     # or refuses it with the differences); it never writes between the first one's files.
     with exclusive_lock(data_dir / LOCK_FILE, wait_timeout_s, "data preparation"):
-        marker = _read_marker(data_dir)
-        damaged = _damaged_files(data_dir, marker) if marker else []
-        same = bool(marker) and marker.get("fingerprint", {}).get("sha256") == fp["sha256"]
-        if same and not damaged:
-            log.info("data in %s already prepared with these settings (fingerprint %s); skipping", data_dir,
-                     fp["sha256"][:12])
-            return marker["summary"]
-        interrupted = _remove_interrupted_preparation(data_dir)
-        if same:
-            log.info("%s: %s no longer match(es) what %s records; preparing again", data_dir, damaged, MARKER)
-        elif (marker or _files_present(data_dir)) and not interrupted and not cfg.overwrite_data:
-            why = _diff(marker["fingerprint"], fp) if marker else ["files without a .data_ready.json marker"]
-            raise PipelineError(
-                f"{data_dir} holds data prepared with other settings ({'; '.join(why)}); pass --overwrite_data to "
-                "replace it, or choose another --data_dir"
-            )
-        atomic_write_text(data_dir / PREPARING_MARKER, json.dumps({"pid": os.getpid(), "started": time.time()}) + "\n")
-        (data_dir / MARKER).unlink(missing_ok=True)  # an interrupted re-prepare must not leave the old marker behind
         (data_dir / FAILED_MARKER).unlink(missing_ok=True)  # this attempt's outcome replaces the last one's
         try:
-            summary = _prepare(cfg, data_dir, tokenizer_name, max_seq_length, trust_remote_code)
-        except BaseException as e:
+            return _prepare_on_rank0(cfg, data_dir, fp, tokenizer_name, max_seq_length, trust_remote_code)
+        except BaseException as e:  # the other nodes stop waiting and show this
             atomic_write_text(data_dir / FAILED_MARKER, f"{type(e).__name__}: {e}\n")
             raise
-        files = {name: file_digest(data_dir / name) for name in SPLIT_FILES.values()}
-        atomic_write_text(data_dir / MARKER,
-                          json.dumps({"fingerprint": fp, "summary": summary, "files": files}, indent=2) + "\n")
-        (data_dir / PREPARING_MARKER).unlink()
-        return summary
+
+
+def _prepare_on_rank0(cfg: HFDatasetConfig, data_dir: Path, fp: dict, tokenizer_name: str, max_seq_length: int,
+                      trust_remote_code: bool) -> dict:
+    marker = _read_marker(data_dir)
+    damaged = _damaged_files(data_dir, marker) if marker else []
+    same = bool(marker) and marker.get("fingerprint", {}).get("sha256") == fp["sha256"]
+    if same and not damaged:
+        log.info("data in %s already prepared with these settings (fingerprint %s); skipping", data_dir,
+                 fp["sha256"][:12])
+        return marker["summary"]
+    interrupted = _remove_interrupted_preparation(data_dir)
+    if same:
+        log.info("%s: %s no longer match(es) what %s records; preparing again", data_dir, damaged, MARKER)
+    elif (marker or _files_present(data_dir)) and not interrupted and not cfg.overwrite_data:
+        why = _diff(marker["fingerprint"], fp) if marker else ["files without a .data_ready.json marker"]
+        raise PipelineError(
+            f"{data_dir} holds data prepared with other settings ({'; '.join(why)}); pass --overwrite_data to "
+            "replace it, or choose another --data_dir"
+        )
+    atomic_write_text(data_dir / PREPARING_MARKER, json.dumps({"pid": os.getpid(), "started": time.time()}) + "\n")
+    (data_dir / MARKER).unlink(missing_ok=True)  # an interrupted re-prepare must not leave the old marker behind
+    summary = _prepare(cfg, data_dir, tokenizer_name, max_seq_length, trust_remote_code)
+    files = {name: file_digest(data_dir / name) for name in SPLIT_FILES.values()}
+    atomic_write_text(data_dir / MARKER, json.dumps({"fingerprint": fp, "summary": summary, "files": files}, indent=2)
+                      + "\n")
+    (data_dir / PREPARING_MARKER).unlink()
+    return summary
 
 
 def _damaged_files(data_dir: Path, marker: dict) -> list[str]:

@@ -359,24 +359,28 @@ def import_hf_checkpoint(config: Config) -> Path:
         return target
     lock = target.with_name(f".{target.name}{IMPORT_LOCK_SUFFIX}")
     with exclusive_lock(lock, config.wait_timeout_s, "HF -> NeMo import"):  # two jobs never import into one place
-        source = import_source(config)
-        if is_nemo_checkpoint(target):
-            check_import_source(target, source)
-            log.info("imported checkpoint already present: %s", target)
-            return target
-        if target.exists() and any(target.iterdir()):
-            raise PipelineError(
-                f"--nemo_ckpt_dir {target} exists but is not a complete NeMo checkpoint (no context/ + weights/"
-                "metadata.json); remove it or choose another --nemo_ckpt_dir"
-            )
-        remove_partial_dirs(target)
-        failed.unlink(missing_ok=True)
+        failed.unlink(missing_ok=True)  # this attempt's outcome replaces the last one's
         try:
-            _run_import(config, target, source)
-        except BaseException as e:
+            _import_on_rank0(config, target)
+        except BaseException as e:  # the other nodes stop waiting and show this
             atomic_write_text(failed, f"{type(e).__name__}: {e}\n")
             raise
     return target
+
+
+def _import_on_rank0(config: Config, target: Path) -> None:
+    source = import_source(config)
+    if is_nemo_checkpoint(target):
+        check_import_source(target, source)
+        log.info("imported checkpoint already present: %s", target)
+        return
+    if target.exists() and any(target.iterdir()):
+        raise PipelineError(
+            f"--nemo_ckpt_dir {target} exists but is not a complete NeMo checkpoint (no context/ + weights/"
+            "metadata.json); remove it or choose another --nemo_ckpt_dir"
+        )
+    remove_partial_dirs(target)
+    _run_import(config, target, source)
 
 
 def import_source(config: Config) -> dict:

@@ -139,14 +139,56 @@ def test_interrupted_write_leaves_no_marker_and_no_half_file(tmp_path, assets, m
 
 
 def test_waiting_rank_fails_fast_on_rank0_failure_and_times_out(tmp_path, assets):
+    import os
+    import threading
+    import time
+
     src = write_jsonl(tmp_path / "src.jsonl", ROWS)
     out = tmp_path / "out"
     with pytest.raises(PipelineError, match="timed out after 1s waiting for data preparation"):
         prepare(config(src), out, assets["tokenizer"], global_rank=1, wait_timeout_s=1)
-    out.mkdir(exist_ok=True)
+
+    def wait_in_thread() -> dict:
+        result: dict = {}
+
+        def run():
+            try:
+                result["summary"] = prepare(config(src), out, assets["tokenizer"], global_rank=1, wait_timeout_s=60)
+            except PipelineError as e:
+                result["error"] = str(e)
+
+        result["thread"] = threading.Thread(target=run)
+        result["thread"].start()
+        time.sleep(0.5)  # the waiter has begun
+        return result
+
+    # A failure written while the other node waits stops it at once, with rank 0's error.
+    waiter = wait_in_thread()
     (out / dm.FAILED_MARKER).write_text("ValueError: bad column\n")
-    with pytest.raises(PipelineError, match="failed on global rank 0: ValueError: bad column"):
-        prepare(config(src), out, assets["tokenizer"], global_rank=1, wait_timeout_s=30)
+    waiter["thread"].join(timeout=10)
+    assert "failed on global rank 0: ValueError: bad column" in waiter["error"]
+
+    # An earlier attempt's failure does not stop the next attempt: rank 0 clears it and prepares.
+    os.utime(out / dm.FAILED_MARKER, (time.time() - 3600, time.time() - 3600))
+    waiter = wait_in_thread()
+    summary = prepare(config(src), out, assets["tokenizer"])
+    waiter["thread"].join(timeout=30)
+    assert waiter.get("summary") == summary and "error" not in waiter
+    assert not (out / dm.FAILED_MARKER).exists()
+
+
+def test_an_old_failure_marker_is_believed_after_a_grace_period(tmp_path):
+    import os
+
+    from common import wait_for_file
+
+    failed = tmp_path / "x.failed"
+    failed.write_text("ValueError: old\n")
+    an_hour_ago = failed.stat().st_mtime - 3600
+    os.utime(failed, (an_hour_ago, an_hour_ago))
+    with pytest.raises(PipelineError, match=r"failed on global rank 0: ValueError: old .*written before this node "
+                                            r"started; rank 0 began no new attempt in 1s"):
+        wait_for_file(tmp_path / "done", failed, timeout_s=30, what="x", poll_s=0.1, stale_grace_s=1)
 
 
 BAD_INPUT = [
@@ -312,7 +354,7 @@ def test_two_preparations_of_one_directory_never_interleave(tmp_path, assets):
         assert first.poll() is None and time.monotonic() < deadline, first.communicate()
         time.sleep(0.05)
     second = start(2)
-    (out1, err1), (out2, err2) = first.communicate(timeout=300), second.communicate(timeout=300)
+    (_, err1), (_, err2) = first.communicate(timeout=300), second.communicate(timeout=300)
     assert first.returncode == 0, err1[-2000:]
     assert second.returncode == 1 and "holds data prepared with other settings (--seed: 1 -> 2)" in err2, err2[-2000:]
     assert json.loads((out / dm.MARKER).read_text())["fingerprint"]["config"]["seed"] == 1 and files_match_marker(out)
