@@ -321,6 +321,11 @@ def validate_config(config: Config) -> None:
             )
         elif not (config.import_only or config.prepare_data_only):
             problems.extend(_model_shape_problems(config, json.loads((model_dir / "config.json").read_text())))
+    for flag, path in (("--output_dir", config.output_path), ("--data_dir", config.data_path),
+                       ("--nemo_ckpt_dir", config.nemo_ckpt_path)):
+        blocking = next((p for p in (path, *path.parents) if p.exists()), None)
+        if blocking is not None and not blocking.is_dir():
+            problems.append(f"{flag} {path}: {blocking} is a file, not a directory; choose another {flag}")
     problems.extend(config.data.problems())
     if problems:
         raise ConfigError(problems)

@@ -275,3 +275,13 @@ def test_background_script_reports_success_failure_with_its_log_and_can_be_stopp
     slow = pm.BackgroundScript.start(tmp_path / "slow.log", "peft_megatron.py", "--dry_run")  # imports NeMo: ~10 s
     slow.stop()
     assert slow.process.returncode == -15  # SIGTERM, not a finished run
+
+
+def test_output_paths_that_are_files_are_refused_naming_the_flag(tmp_path):
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    for flag, value in (("--output_dir", a_file), ("--data_dir", a_file / "data"), ("--nemo_ckpt_dir", a_file)):
+        with pytest.raises(ConfigError) as err:
+            pm.validate_config(parse(f"{flag} {value}"))
+        assert f"{flag} {value}: {a_file} is a file, not a directory; choose another {flag}" in str(err.value)
+    assert a_file.read_text() == "mine"
