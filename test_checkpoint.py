@@ -103,6 +103,9 @@ def validate(cfg: EvalConfig) -> None:
         problems.append("--num_tokens_to_generate must be smaller than --inference_max_seq_length")
     if cfg.temperature <= 0 or cfg.top_k < 0 or not 0 <= cfg.top_p <= 1:
         problems.append("--temperature must be > 0, --top_k >= 0 and --top_p in [0, 1]")
+    for flag in ("predictions_file", "metrics_file"):
+        if getattr(cfg, flag) and Path(getattr(cfg, flag)).is_dir():
+            problems.append(f"--{flag} {getattr(cfg, flag)} is a directory; give a file path")
     if cfg.bertscore_num_layers is not None and cfg.bertscore_num_layers < 1:
         problems.append(f"--bertscore_num_layers {cfg.bertscore_num_layers} must be a layer number, 1 or more")
     if cfg.bertscore_model != "none" and Path(cfg.bertscore_model).is_dir() and cfg.bertscore_num_layers is None:

@@ -101,13 +101,14 @@ def test_generation_refuses_without_a_gpu(tmp_path):
     assert out.returncode == 1 and "generation needs a CUDA GPU" in out.stderr and "--evaluate_only" in out.stderr
 
 
-def test_usage_errors_exit_2():
+def test_usage_errors_exit_2(tmp_path):
     out = run_script("test_checkpoint.py", "--evaluate_only", "--max_batch_size", "0", "--num_cuda_graphs", "-1",
-                     "--bertscore_num_layers", "0")
+                     "--bertscore_num_layers", "0", "--metrics_file", str(tmp_path))
     assert out.returncode == 2
     assert "--evaluate_only needs --predictions_file" in out.stderr and "--max_batch_size 0 must be positive" in out.stderr
     assert "--num_cuda_graphs -1 must be 0 (eager) or positive" in out.stderr
     assert "--bertscore_num_layers 0 must be a layer number" in out.stderr
+    assert f"--metrics_file {tmp_path} is a directory; give a file path" in out.stderr
 
 
 class StandInEngine:
