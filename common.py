@@ -279,9 +279,12 @@ STALE_FAILURE_GRACE_S = 120.0
 def filesystem_now(directory: Path) -> float:
     """The current time on the filesystem's clock (a shared filesystem stamps files with its server's time, which
     need not match this node's): the modification time of a file created now."""
-    directory.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=directory, prefix=".clock.") as probe:
-        return os.stat(probe.name).st_mtime
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".clock.") as probe:
+            return os.stat(probe.name).st_mtime
+    except OSError:  # a directory this node cannot write: its own clock is the best estimate
+        return time.time()
 
 
 def wait_for_file(
