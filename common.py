@@ -309,12 +309,12 @@ def wait_for_file(
         if check():
             return
         now = time.monotonic()
-        try:
+        try:  # rank 0 may remove the marker between these two reads
             written = failed.stat().st_mtime
+            reason = failed.read_text(errors="replace").strip()
         except FileNotFoundError:
             written = None
         if written is not None and (written >= started_on_fs or now - start >= stale_grace_s):
-            reason = failed.read_text(errors="replace").strip()
             when = "" if written >= started_on_fs else (
                 f", written before this node started; rank 0 began no new attempt in {stale_grace_s:.0f}s")
             raise PipelineError(f"{what} failed on global rank 0: {reason} (marker {failed}{when}); fix it and re-run")
