@@ -136,6 +136,19 @@ def _check_jsonl(path: Path) -> None:
         pass
 
 
+def _check_utf8(path: Path) -> None:
+    """datasets reports a text file in another encoding as a bare DatasetGenerationError; name the line instead."""
+    with open(path, "rb") as fh:
+        for lineno, line in enumerate(fh, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise PipelineError(
+                    f"--dataset_name file {path}: line {lineno} is not UTF-8 (byte 0x{line[e.start]:02x} at byte "
+                    f"{e.start + 1} of the line); re-save the file as UTF-8"
+                ) from None
+
+
 def _source_fingerprint(spec: str) -> dict:
     files = _local_files(spec)
     if files is None and Path(spec).is_dir():
@@ -154,6 +167,8 @@ def load_splits(cfg: HFDatasetConfig) -> dict[str, list[dict]]:
     try:
         if files is not None:
             for p in files:
+                if p.suffix.lower() in (".csv", ".json", ".jsonl"):
+                    _check_utf8(p)
                 if p.suffix.lower() == ".jsonl" or (p.suffix.lower() == ".json" and _looks_like_jsonl(p)):
                     _check_jsonl(p)
             builders = {LOCAL_SUFFIXES[p.suffix.lower()] for p in files}

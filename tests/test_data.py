@@ -197,6 +197,7 @@ BAD_INPUT = [
     ("malformed", "src.jsonl:3: malformed JSON line"),
     ("tiny", "the train split is empty after filtering and splitting (1 usable rows"),
     ("hub_offline", "Without network access, point --dataset_name at local files"),
+    ("latin1_csv", "src.csv: line 3 is not UTF-8 (byte 0xe9 at byte 9 of the line); re-save the file as UTF-8"),
 ]
 
 
@@ -211,6 +212,9 @@ def test_bad_input_is_a_clear_error(tmp_path, assets, case, message, monkeypatch
         src.write_text('{"question": "q", "answer": "a"}\n{"question": "q", "answer": "a"}\n{"question": oops}\n')
     elif case == "tiny":
         write_jsonl(src, ROWS[:1])
+    elif case == "latin1_csv":
+        src = tmp_path / "src.csv"
+        src.write_bytes("question,answer\nWhat is one?,1\nWhat caf\u00e9?,2\n".encode("latin-1"))
     cfg = config(src, val_fraction=0.1)
     if case == "hub_offline":
         monkeypatch.setenv("HF_HUB_OFFLINE", "1")
