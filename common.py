@@ -177,6 +177,16 @@ def flag_names(cls: type) -> list[str]:
     return [f.name for f, _, _ in iter_fields(cls)]
 
 
+# Set in os.environ by Lightning once a process has joined torch.distributed (and by our executor); a script this
+# process starts must pick its own rendezvous.
+RENDEZVOUS_VARS = frozenset({"MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE",
+                             "GROUP_RANK", "NODE_RANK"})
+
+
+def environ_without_rendezvous() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k not in RENDEZVOUS_VARS}
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Atomic outputs: a crash never leaves a file or directory that looks complete.
 # --------------------------------------------------------------------------------------------------------------------
@@ -262,6 +272,30 @@ def exclusive_lock(path: Path, timeout_s: float, what: str, poll_s: float = 0.5)
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def rank_zero_attempt(lock: Path, failed: Path, timeout_s: float, what: str) -> Iterator[None]:
+    """Global rank 0's side of a phase on the shared filesystem (the other nodes run wait_for_file): one job at a
+    time; the last attempt's failure marker cleared first; any failure of this one recorded for the waiting nodes."""
+    with exclusive_lock(lock, timeout_s, what):
+        failed.unlink(missing_ok=True)
+        try:
+            yield
+        except BaseException as e:
+            atomic_write_text(failed, f"{type(e).__name__}: {e}\n")
+            raise
+
+
+def file_heads(root: Path, recursive: bool = True) -> dict[str, list]:
+    """{relative path: [size, sha256 of the first MiB]} of every file under `root`: an identity of model and
+    checkpoint directories that is cheap at any size (small files are hashed whole; large ones by their headers and
+    leading tensors) and the same on every node's copy (no modification times)."""
+    heads = {}
+    for path in sorted(p for p in (root.rglob("*") if recursive else root.iterdir()) if p.is_file()):
+        with open(path, "rb") as fh:
+            heads[str(path.relative_to(root))] = [path.stat().st_size, hashlib.sha256(fh.read(1 << 20)).hexdigest()]
+    return heads
 
 
 def file_digest(path: Path) -> dict:

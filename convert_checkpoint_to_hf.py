@@ -35,6 +35,7 @@ from common import (
     ConfigError,
     PipelineError,
     atomic_dir,
+    file_heads,
     find_checkpoint,
     is_nemo_checkpoint,
     parse_dataclass_args,
@@ -132,22 +133,11 @@ def base_checkpoint(ckpt: Path) -> Path:
 EXPORT_RECORD = ".peft_megatron_export.json"  # written last into every export
 
 
-def checkpoint_fingerprint(ckpt: Path) -> str:
-    """Content identity of a NeMo checkpoint, cheap at any size: every file's relative path and size, and the bytes
-    of its small files (metadata, context, adapter metadata)."""
-    digest = hashlib.sha256()
-    for path in sorted(p for p in ckpt.rglob("*") if p.is_file()):
-        size = path.stat().st_size
-        digest.update(f"{path.relative_to(ckpt)}\0{size}\0".encode())
-        if size <= 1 << 20:
-            digest.update(path.read_bytes())
-    return digest.hexdigest()
-
-
 def export_source(ckpt: Path, base: Optional[Path], kind: str) -> dict:
-    fingerprint = checkpoint_fingerprint(ckpt) + (checkpoint_fingerprint(base) if base else "")
+    """What an export is made from: the checkpoint (and a LoRA checkpoint's base), by content (file_heads)."""
+    content = {"checkpoint": file_heads(ckpt), "base": file_heads(base) if base else None}
     return {"checkpoint": str(ckpt.resolve()), "kind": kind,
-            "fingerprint": hashlib.sha256(fingerprint.encode()).hexdigest()}
+            "fingerprint": hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()}
 
 
 def write_export_record(out: Path, source: dict) -> None:

@@ -28,9 +28,9 @@ from common import (
     PipelineError,
     atomic_write_jsonl,
     atomic_write_text,
-    exclusive_lock,
     file_digest,
     iter_jsonl,
+    rank_zero_attempt,
     wait_for_file,
 )
 
@@ -395,13 +395,8 @@ def prepare_dataset(
         return _read_marker(data_dir)["summary"]
     # One preparation at a time per directory: a second job waits, then finds the first one's data (and reuses it
     # or refuses it with the differences); it never writes between the first one's files.
-    with exclusive_lock(data_dir / LOCK_FILE, wait_timeout_s, "data preparation"):
-        (data_dir / FAILED_MARKER).unlink(missing_ok=True)  # this attempt's outcome replaces the last one's
-        try:
-            return _prepare_on_rank0(cfg, data_dir, fp, tokenizer_name, max_seq_length, trust_remote_code)
-        except BaseException as e:  # the other nodes stop waiting and show this
-            atomic_write_text(data_dir / FAILED_MARKER, f"{type(e).__name__}: {e}\n")
-            raise
+    with rank_zero_attempt(data_dir / LOCK_FILE, data_dir / FAILED_MARKER, wait_timeout_s, "data preparation"):
+        return _prepare_on_rank0(cfg, data_dir, fp, tokenizer_name, max_seq_length, trust_remote_code)
 
 
 def _prepare_on_rank0(cfg: HFDatasetConfig, data_dir: Path, fp: dict, tokenizer_name: str, max_seq_length: int,

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import hashlib
 import inspect
 import json
 import logging
@@ -46,9 +45,11 @@ from common import (
     PipelineError,
     atomic_dir,
     atomic_write_text,
-    exclusive_lock,
+    environ_without_rendezvous,
+    file_heads,
     is_nemo_checkpoint,
     parse_dataclass_args,
+    rank_zero_attempt,
     run_cli,
     setup_logging,
     wait_for_file,
@@ -363,13 +364,8 @@ def import_hf_checkpoint(config: Config) -> Path:
         check_import_source(target, import_source(config))  # every node refuses a stale import, not only rank 0
         return target
     lock = target.with_name(f".{target.name}{IMPORT_LOCK_SUFFIX}")
-    with exclusive_lock(lock, config.wait_timeout_s, "HF -> NeMo import"):  # two jobs never import into one place
-        failed.unlink(missing_ok=True)  # this attempt's outcome replaces the last one's
-        try:
-            _import_on_rank0(config, target)
-        except BaseException as e:  # the other nodes stop waiting and show this
-            atomic_write_text(failed, f"{type(e).__name__}: {e}\n")
-            raise
+    with rank_zero_attempt(lock, failed, config.wait_timeout_s, "HF -> NeMo import"):
+        _import_on_rank0(config, target)
     return target
 
 
@@ -389,16 +385,11 @@ def _import_on_rank0(config: Config, target: Path) -> None:
 
 
 def import_source(config: Config) -> dict:
-    """What an import is made from: the recipe and the model, a hub id or a local directory with each file's size
-    and the hash of its first MiB (safetensors headers and leading weights; the same on every node's copy)."""
+    """What an import is made from: the recipe and the model, a hub id or a local directory (file_heads)."""
     identity: dict[str, Any] = {"model": model_location(config), "recipe": config.recipe_cls_name}
     model_dir = Path(identity["model"])
     if is_local_model(config.hf_model_id) and model_dir.is_dir():
-        files = {}
-        for path in sorted(p for p in model_dir.iterdir() if p.is_file()):
-            with open(path, "rb") as fh:
-                files[path.name] = [path.stat().st_size, hashlib.sha256(fh.read(1 << 20)).hexdigest()]
-        identity["files"] = files
+        identity["files"] = file_heads(model_dir, recursive=False)
     return identity
 
 
@@ -899,10 +890,8 @@ def _demo_metrics(config: Config, tag: str) -> dict:
 def _script_command(script: str, *args: str) -> tuple[list[str], dict]:
     cmd = [sys.executable, str(REPO_DIR / script), *args]
     log.info("running %s", " ".join(cmd))
-    # The import above left this process's torch.distributed rendezvous variables in os.environ (Lightning sets
-    # them) with the port still bound; a child must pick its own.
-    rendezvous = {"MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK"}
-    return cmd, {k: v for k, v in os.environ.items() if k not in rendezvous}
+    # The import above left this process's rendezvous variables in os.environ with the port still bound.
+    return cmd, environ_without_rendezvous()
 
 
 def _run_script(script: str, *args: str) -> None:

@@ -13,6 +13,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from common import environ_without_rendezvous  # noqa: E402
 from demo_workspace import build_hf_model, build_tokenizer, recall_rows  # noqa: E402
 
 
@@ -40,19 +41,11 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-# An in-process NeMo call (tests/test_checkpoints.py) leaves these in os.environ with its port still bound;
-# a script started afterwards must not inherit them, as a user's fresh shell would not.
-RENDEZVOUS_VARS = {"MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK",
-                   "NODE_RANK"}
-
-
-def clean_environ() -> dict:
-    return {k: v for k, v in os.environ.items() if k not in RENDEZVOUS_VARS}
-
-
 def run_script(script: str, *args: str, env: dict | None = None, timeout: int = 600, cwd: Path | None = None):
     """Run one of the repository's scripts as a user would; returns CompletedProcess (text)."""
-    full_env = {**clean_environ(), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+    # An in-process NeMo call (tests/test_checkpoints.py) leaves rendezvous variables in os.environ with its port
+    # still bound; a script started afterwards must not inherit them, as a user's fresh shell would not.
+    full_env = {**environ_without_rendezvous(), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                 "TOKENIZERS_PARALLELISM": "false"}
     for key in [k for k in full_env if k.startswith("SM_") or k == "TRITON_INTERPRET"]:
         del full_env[key]

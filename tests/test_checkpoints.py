@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, clean_environ, run_script
+from conftest import REPO, run_script
 
 import convert_checkpoint_to_hf as conv
 import peft_megatron as pm
-from common import PipelineError, find_checkpoint, is_nemo_checkpoint
+from common import PipelineError, environ_without_rendezvous, find_checkpoint, is_nemo_checkpoint
 from demo_workspace import build_hf_model
 
 RECIPES = {"qwen3": "qwen3_600m", "llama": "llama32_1b"}
@@ -73,7 +73,7 @@ def test_import_refuses_a_head_dim_the_importer_would_get_wrong(qwen3_head_dim_6
 
 
 def test_other_node_fails_fast_when_rank0_import_fails(qwen3_head_dim_64, tmp_path):
-    env = {**clean_environ(), "MASTER_ADDR": "127.0.0.1", "HF_HUB_OFFLINE": "1"}
+    env = {**environ_without_rendezvous(), "MASTER_ADDR": "127.0.0.1", "HF_HUB_OFFLINE": "1"}
     common = ["--import_only", "--hf_model_id", str(qwen3_head_dim_64), "--recipe_cls_name", "qwen3_600m",
               "--nemo_ckpt_dir", str(tmp_path / "nemo"), "--num_nodes", "2", "--wait_timeout_s", "300"]
     waiter = subprocess.Popen([sys.executable, str(REPO / "peft_megatron.py"), *common, "--node_rank", "1"],
