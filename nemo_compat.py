@@ -37,16 +37,23 @@ TE_TO_LOCAL_NORM_KEYS = {
     ".mlp.linear_fc1.layer_norm_bias": ".pre_mlp_layernorm.bias",
 }
 
-# Fusions whose kernels come from TE or from CUDA extensions the pip wheels lack
+# Fusions whose kernels come from TE, apex or CUDA extensions the pip wheels lack
 # (`No module named 'scaled_masked_softmax_cuda'` for the first).
 NO_TE_MODEL_OVERRIDES = {
     "masked_softmax_fusion": False,
-    "cross_entropy_loss_fusion": False,
     "apply_rope_fusion": False,
     "gradient_accumulation_fusion": False,
-    "bias_activation_fusion": False,
-    "bias_dropout_fusion": False,
     "persist_layer_norm": False,
+}
+# Fusions Megatron compiles with torch.compile (`megatron/core/jit.py` jit_fuser; `fusions/fused_bias_swiglu.py`,
+# `fused_bias_dropout.py`, `fused_cross_entropy.py` with the "native" implementation): no TE needed, only Triton.
+# Training turns them on; inference leaves them off, because the dynamic engine captures CUDA graphs and a
+# compilation inside a capture fails.
+COMPILED_FUSIONS = {
+    "bias_activation_fusion": True,
+    "bias_dropout_fusion": True,
+    "cross_entropy_loss_fusion": True,
+    "cross_entropy_fusion_impl": "native",
 }
 
 _applied: set[str] = set()
@@ -101,8 +108,13 @@ def prepare_process(env: Optional[Environment] = None) -> Environment:
     return env
 
 
-def model_config_overrides(env: Environment) -> dict:
-    return {} if env.has_te else dict(NO_TE_MODEL_OVERRIDES)
+def model_config_overrides(env: Environment, compiled_fusions: bool = False) -> dict:
+    """Model-config fields to set without TE: TE-only fusions off; the torch-compiled ones on or off."""
+    if env.has_te:
+        return {}
+    if compiled_fusions:
+        return {**NO_TE_MODEL_OVERRIDES, **COMPILED_FUSIONS}
+    return {**NO_TE_MODEL_OVERRIDES, **{name: False for name, on in COMPILED_FUSIONS.items() if on is True}}
 
 
 def optimizer_config_overrides(env: Environment) -> dict:

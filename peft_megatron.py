@@ -62,6 +62,7 @@ REPO_DIR = Path(__file__).resolve().parent
 PEFT_SCHEMES = ("lora", "dora")  # what NeMo 2.7.3's finetune_recipe accepts (besides None for full fine-tuning)
 PROFILER_FLAGS = ("enable_memory_profile", "enable_pytorch_profiler", "enable_nsys_callback")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+CORE_ATTENTION = ("sdpa", "unfused")  # without TE: sdpa_attention.py, or Megatron's local DotProductAttention
 IMPORT_FAILED_SUFFIX = ".import-failed"
 IMPORT_LOCK_SUFFIX = ".import-lock"
 IMPORT_RECORD = ".import_source.json"  # inside an imported checkpoint: the model and recipe it was made from
@@ -100,6 +101,14 @@ class Config:
     learning_rate: Optional[float] = field(default=None, metadata={"help": "peak learning rate (default: recipe's)"})
     early_stopping_threshold: float = field(default=0.001, metadata={"help": "minimum val_loss improvement"})
     early_stopping_patience: int = field(default=3, metadata={"help": "validation checks without improvement"})
+    core_attention: str = field(
+        default="sdpa",
+        metadata={
+            "help": "attention without Transformer Engine: sdpa (torch's flash/cuDNN kernels, O(s) memory) or "
+            "unfused (Megatron's local DotProductAttention, an s x s score tensor per head); TE's own when installed",
+            "choices": CORE_ATTENTION,
+        },
+    )
     save_weights_only: bool = field(
         default=False,
         metadata={"help": "checkpoints without optimizer state: smaller, but a resumed run restarts the optimizer"},
@@ -562,7 +571,9 @@ def configure_recipe(config: Config, env=None):
         imported = load_context(config.nemo_ckpt_path / "context", subpath="model.config", build=False)
         recipe.model.config = fdl.cast(run.Config, imported)
     # Sequence length settings in the model and the data must agree.
-    assign(recipe.model.config, seq_length=config.max_seq_length, **nemo_compat.model_config_overrides(env))
+    overrides = nemo_compat.model_config_overrides(env, compiled_fusions=True)
+    assign(recipe.model.config, seq_length=config.max_seq_length, **overrides)
+    configure_attention(config, recipe.model.config, env)
     recipe.data = configure_data(config)
 
     assign(
@@ -596,6 +607,21 @@ def configure_recipe(config: Config, env=None):
         assign(recipe.peft, **lora)
     recipe.tokenizer = "data"
     return recipe
+
+
+def configure_attention(config: Config, model_config, env) -> None:
+    """Without TE, train with SDPA core attention (sdpa_attention.py) unless --core_attention unfused; a model
+    family with its own layer spec keeps it."""
+    if env.has_te or config.core_attention != "sdpa":
+        return
+    from nemo.collections.llm.gpt.model.base import default_layer_spec, local_layer_spec
+
+    import sdpa_attention
+
+    if model_config.transformer_layer_spec in (default_layer_spec, local_layer_spec, sdpa_attention.layer_spec):
+        assign(model_config, transformer_layer_spec=sdpa_attention.layer_spec)
+    else:
+        log.warning("this model has its own layer spec (%s); its attention is kept", model_config.transformer_layer_spec)
 
 
 def configure_data(config: Config):

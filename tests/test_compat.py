@@ -63,15 +63,21 @@ def test_worker_startup_hook_applies_guards_before_nemo_runs():
     assert out == "SimpleNamespace True"
 
 
-def test_fusion_defaults_switch_off_only_without_te():
+def test_te_only_fusions_switch_off_without_te_and_torch_compiled_ones_stay():
     probe = (
         "import nemo_compat\n"
         "nemo_compat.prepare_process(nemo_compat.Environment(has_te=False, has_cuda=False))\n"
         "from nemo.collections.llm import LlamaConfig\n"
         "c = LlamaConfig(num_layers=2, hidden_size=64, num_attention_heads=4)\n"
-        "print(c.apply_rope_fusion, c.masked_softmax_fusion, c.bias_activation_fusion)"
+        "print(c.apply_rope_fusion, c.masked_softmax_fusion, c.gradient_accumulation_fusion, c.bias_activation_fusion)"
     )
-    assert run_python(probe) == "False False False"
+    assert run_python(probe) == "False False False True"  # SwiGLU fusion is torch.compile'd: no TE needed
+    no_te = nemo_compat.Environment(has_te=False, has_cuda=True)
+    training = nemo_compat.model_config_overrides(no_te, compiled_fusions=True)
+    inference = nemo_compat.model_config_overrides(no_te)
+    assert training["bias_activation_fusion"] and training["cross_entropy_fusion_impl"] == "native"
+    assert not inference["bias_activation_fusion"] and not inference["cross_entropy_loss_fusion"]
+    assert not training["apply_rope_fusion"] and not inference["apply_rope_fusion"]
 
 
 def test_norm_mapping_targets_the_local_layer_spec():

@@ -1,0 +1,528 @@
+"""Training throughput on one GPU: the project's own training path (peft_megatron.configure_recipe: the recipe, the
+model-config overrides, NeMo's trainer) against Hugging Face transformers + PEFT, in the same job.
+
+    python benchmarks/train_throughput.py --case qwen3_8b_lora           # Qwen3-8B shape, LoRA r16, seq 4096, mbs 1
+    python benchmarks/train_throughput.py --case qwen3_1p7b_full         # Qwen3-1.7B shape, full fine-tuning
+    python benchmarks/train_throughput.py --case qwen3_8b_lora --variants unfused_recompute sdpa default \\
+        --profile default --out /tmp/ablation.json                    # each lever on its own, and a trace split
+
+Both stacks get the named shape with random weights (no download), bf16, the same synthetic token sequences, the
+same LoRA rank / alpha / target modules (every linear layer of attention and MLP) or full fine-tuning, the same
+learning rate (constant, Adam), sequence length and micro-batch. Each measurement runs in its own process (a clean
+GPU); steps are timed with a CUDA sync at both ends, the first --warmup_steps are excluded, the median of the
+others is reported. A run counts only if it trained: the synthetic task is learnable (each sequence counts up
+through a 97-token cycle from a random start), so the loss of the last three timed steps must be below that of
+the first three, and the trainable weights must have moved (LoRA's B matrices start at zero).
+
+Model FLOPs: NeMo's own formula for the family (`nemo.utils.flops_formulas.qwen3`, forward + both backward GEMMs,
+causal attention halved); for LoRA x 2/3, as NeMo AutoModel counts LoRA (frozen weights have no weight-gradient
+GEMM; with this convention its published Llama3-8B LoRA run, 12,473 tokens/s, is the 402 TFLOP/s it quotes).
+MFU is model TFLOP/s over a bf16 8192^3 matmul measured in the same job. Writes --out (default
+benchmarks/results/training.json, one row per variant); docs/BENCHMARKS.md holds the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from generation_throughput import QWEN3_COMMON, SHAPES  # noqa: E402
+
+CYCLE, FIRST_TOKEN = 97, 1000  # the learnable task: token ids FIRST_TOKEN + (start + i) % CYCLE
+
+
+@dataclass(frozen=True)
+class Case:
+    recipe: str
+    shape: str
+    peft: bool
+    seq_length: int = 4096
+    micro_batch_size: int = 1
+    learning_rate: float = 1e-3
+    lora_dim: int = 16
+    lora_alpha: int = 32
+
+
+CASES = {
+    "qwen3_8b_lora": Case(recipe="qwen3_8b", shape="qwen3_8b", peft=True),
+    "qwen3_1p7b_full": Case(recipe="qwen3_1p7b", shape="qwen3_1p7b", peft=False, learning_rate=1e-4),
+}
+
+
+@dataclass(frozen=True)
+class Variant:
+    help: str
+    flags: dict = field(default_factory=dict)  # peft_megatron Config fields
+    model: dict = field(default_factory=dict)  # model-config fields set after configure_recipe
+
+
+VARIANTS = {
+    "default": Variant("what peft_megatron.py runs without flags"),
+    "unfused_recompute": Variant(
+        "before issue 13: Megatron's unfused attention, selective recompute (OOM without), compiled fusions off",
+        flags={"core_attention": "unfused"},
+        model={"recompute_granularity": "selective", "bias_activation_fusion": False, "bias_dropout_fusion": False,
+               "cross_entropy_loss_fusion": False},
+    ),
+    "sdpa": Variant(
+        "SDPA core attention, no recompute, compiled fusions off",
+        model={"bias_activation_fusion": False, "bias_dropout_fusion": False, "cross_entropy_loss_fusion": False},
+    ),
+    "sdpa_swiglu": Variant(
+        "SDPA + compiled SwiGLU and bias-dropout-add only", model={"cross_entropy_loss_fusion": False},
+    ),
+    "mbs2": Variant("the default at micro-batch 2 (tokens per step doubled)", flags={"micro_batch_size": 2}),
+}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--case", choices=sorted(CASES), default="qwen3_8b_lora")
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=["default"],
+                        help="configurations of ours to measure; the first is the headline row")
+    parser.add_argument("--steps", type=int, default=12, help="timed steps per run")
+    parser.add_argument("--warmup_steps", type=int, default=3)
+    parser.add_argument("--skip_hf", action="store_true", help="measure ours only (no ratio)")
+    parser.add_argument("--profile", choices=list(VARIANTS), help="also trace 2 steps of this variant")
+    parser.add_argument("--timeout_s", type=int, default=900, help="per measurement process")
+    parser.add_argument("--hf_pythonpath", help="PYTHONPATH for the baseline's process (e.g. '' to measure the "
+                        "machine's own transformers/peft instead of the versions this project pins)")
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "training.json"))
+    parser.add_argument("--worker", choices=["ours", "hf", "matmul"], help=argparse.SUPPRESS)
+    parser.add_argument("--variant", choices=list(VARIANTS), default="default", help=argparse.SUPPRESS)
+    parser.add_argument("--result_file", help=argparse.SUPPRESS)
+    parser.add_argument("--trace", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.steps < 6 or args.warmup_steps < 1:
+        parser.error("--steps must be at least 6 (the loss check compares the first and last three) and "
+                     "--warmup_steps at least 1")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What both stacks train on
+# ---------------------------------------------------------------------------------------------------------------
+def counting_sequence(index: int, length: int):
+    """length + 1 token ids counting up through the cycle from a start fixed by `index` (same for both stacks)."""
+    import torch
+
+    start = torch.randint(0, CYCLE, (1,), generator=torch.Generator().manual_seed(index)).item()
+    return FIRST_TOKEN + (start + torch.arange(length + 1)) % CYCLE
+
+
+def make_synthetic_data_module(seq_length: int, micro_batch_size: int, global_batch_size: int):
+    """A NeMo data module (MockDataModule's sampler and loaders) whose batches are what NeMo's SFT collate gives
+    peft_megatron's model (tokens, labels, loss mask, positions, Megatron's causal mask: True = masked out)."""
+    import torch
+    from nemo.collections.llm.gpt.data.mock import MockDataModule
+
+    class CountingDataset(torch.utils.data.Dataset):
+        def __init__(self, length: int):
+            self.length = length
+            self.mask = torch.ones(1, seq_length, seq_length, dtype=torch.bool).triu(1)
+            self.positions = torch.arange(seq_length)
+
+        def __len__(self):
+            return self.length
+
+        def __getitem__(self, index):
+            ids = counting_sequence(index, seq_length)
+            return {"tokens": ids[:-1], "labels": ids[1:], "loss_mask": torch.ones(seq_length),
+                    "position_ids": self.positions, "attention_mask": self.mask}
+
+        @staticmethod
+        def collate_fn(batch):
+            return torch.utils.data.default_collate(batch)
+
+    class SyntheticTokenizer:
+        vocab_size = QWEN3_COMMON["vocab_size"]
+        eos_id = bos_id = pad_id = 0
+
+    class CountingDataModule(MockDataModule):
+        def setup(self, stage: str = "") -> None:
+            self._train_ds = CountingDataset(self.num_train_samples)
+            self._validation_ds = self._test_ds = CountingDataset(self.global_batch_size)
+
+    return CountingDataModule(seq_length=seq_length, tokenizer=SyntheticTokenizer(), micro_batch_size=micro_batch_size,
+                              global_batch_size=global_batch_size, num_train_samples=100_000, num_workers=2,
+                              pin_memory=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Measurement processes
+# ---------------------------------------------------------------------------------------------------------------
+class StepRecorder:
+    """Per-step wall time (CUDA-synchronised), loss and peak memory; trainable weights before and after."""
+
+    def __init__(self):
+        self.seconds, self.losses, self.snapshot = [], [], {}
+
+    def start_training(self, parameters):
+        import torch
+
+        torch.cuda.reset_peak_memory_stats()
+        self.snapshot = {name: p.detach().flatten()[:4096].float().clone() for name, p in parameters if p.requires_grad}
+
+    def moved(self, parameters) -> dict:
+        trainable = {name: p for name, p in parameters if p.requires_grad}
+        changed = sum(not torch_equal(self.snapshot[n], trainable[n].detach().flatten()[:4096].float())
+                      for n in self.snapshot)
+        return {"trainable_tensors": len(self.snapshot), "trainable_tensors_changed": int(changed),
+                "trainable_parameters": sum(p.numel() for p in trainable.values())}
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return bool(torch.equal(a, b))
+
+
+def benchmark_recipe(case: Case, variant: Variant, max_steps: int, env, callbacks: list):
+    """peft_megatron's recipe for this case (configure_recipe, as a job would get it), then only what a benchmark
+    must change: random init instead of a restore, synthetic data, a constant learning rate, no validation,
+    checkpoints or TensorBoard."""
+    import nemo_run as run
+    from nemo import lightning as nl
+
+    import peft_megatron
+
+    out = Path(tempfile.mkdtemp(prefix="train_throughput_"))
+    flags = dict(hf_model_id="random-init", recipe_cls_name=case.recipe, gpus_per_node=1, tensor_parallel_size=1,
+                 micro_batch_size=case.micro_batch_size, accumulate_grad_batches=1, max_seq_length=case.seq_length,
+                 full_ft=not case.peft, max_steps=max_steps, limit_val_batches=0, learning_rate=case.learning_rate,
+                 output_dir=str(out), nemo_ckpt_dir=str(out / "none"))
+    if case.peft:
+        flags.update(lora_dim=case.lora_dim, lora_alpha=case.lora_alpha)
+    config = peft_megatron.Config(**{**flags, **variant.flags})
+    recipe = peft_megatron.configure_recipe(config, env)
+    peft_megatron.assign(recipe.model.config, **variant.model)
+    recipe.resume = None
+    recipe.optim.lr_scheduler = None
+    recipe.log = run.Config(nl.NeMoLogger, log_dir=str(out), ckpt=None, tensorboard=None)
+    peft_megatron.assign(recipe.trainer, enable_checkpointing=False, num_sanity_val_steps=0, val_check_interval=None,
+                         log_every_n_steps=1, limit_val_batches=0, callbacks=callbacks)
+    recipe.data = run.Config(make_synthetic_data_module, seq_length=case.seq_length,
+                             micro_batch_size=config.micro_batch_size, global_batch_size=config.global_batch_size)
+    return recipe, config
+
+
+def run_ours(args, case: Case, variant: Variant) -> dict:
+    import time
+
+    import lightning.pytorch as pl
+    import nemo_run as run
+    import torch
+
+    import nemo_compat
+
+    env = nemo_compat.prepare_process()
+    recorder = StepRecorder()
+
+    class Timer(pl.Callback):
+        def on_train_start(self, trainer, pl_module):
+            recorder.start_training(pl_module.named_parameters())
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            torch.cuda.synchronize()
+            self.started = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            torch.cuda.synchronize()
+            recorder.seconds.append(time.perf_counter() - self.started)
+            loss = trainer.callback_metrics.get("reduced_train_loss")
+            recorder.losses.append(float(loss) if loss is not None else float("nan"))
+            if args.trace and len(recorder.seconds) == args.warmup_steps:
+                self.profiler = start_trace()
+            if args.trace and len(recorder.seconds) == args.warmup_steps + 2:
+                recorder.trace = finish_trace(self.profiler, recorder.seconds[-2:])
+
+        def on_train_end(self, trainer, pl_module):
+            recorder.moved_info = recorder.moved(pl_module.named_parameters())
+
+    recipe, config = benchmark_recipe(case, variant, args.warmup_steps + args.steps, env, [run.Config(Timer)])
+    run.run(recipe, direct=True)
+    result = {"stack": "ours", "variant": args.variant, "environment": env.describe(),
+              "core_attention": config.core_attention, "micro_batch_size": config.micro_batch_size,
+              **summarize(args, recorder, config.micro_batch_size * case.seq_length), **recorder.moved_info}
+    if getattr(recorder, "trace", None):
+        result["profile"] = recorder.trace
+    return result
+
+
+def run_hf(args, case: Case) -> dict:
+    import time
+
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    import transformers
+
+    config = Qwen3Config(**QWEN3_COMMON, **SHAPES[case.shape][1])
+    torch.manual_seed(0)
+    dtype = {"dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype": torch.bfloat16}
+    with torch.device("cuda"):
+        model = Qwen3ForCausalLM._from_config(config, attn_implementation="sdpa", **dtype)
+    if case.peft:
+        from peft import LoraConfig, get_peft_model
+
+        targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        model = get_peft_model(model, LoraConfig(r=case.lora_dim, lora_alpha=case.lora_alpha, lora_dropout=0.0,
+                                                 target_modules=targets))
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=case.learning_rate, weight_decay=0.0, fused=True)
+    recorder = StepRecorder()
+    recorder.start_training(model.named_parameters())
+    batch = case.micro_batch_size
+    for step in range(args.warmup_steps + args.steps):
+        ids = torch.stack([counting_sequence(step * batch + i, case.seq_length) for i in range(batch)]).cuda()
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        loss = model(input_ids=ids[:, :-1], labels=ids[:, :-1], use_cache=False).loss  # HF shifts labels itself
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        recorder.seconds.append(time.perf_counter() - started)
+        recorder.losses.append(loss.item())
+    import peft
+
+    return {"stack": "hf", "versions": f"transformers {transformers.__version__}, peft {peft.__version__}",
+            "micro_batch_size": batch, **summarize(args, recorder, batch * case.seq_length),
+            **recorder.moved(model.named_parameters())}
+
+
+def summarize(args, recorder: StepRecorder, tokens_per_step: int) -> dict:
+    import torch
+
+    timed = recorder.seconds[args.warmup_steps:]
+    losses = recorder.losses[args.warmup_steps:]
+    step = statistics.median(timed)
+    return {"median_step_s": step, "tokens_per_s_per_gpu": tokens_per_step / step, "step_seconds": timed,
+            "losses": losses, "loss_first3": statistics.mean(losses[:3]), "loss_last3": statistics.mean(losses[-3:]),
+            "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
+            "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30}
+
+
+def measure_matmul() -> dict:
+    import torch
+
+    n = 8192
+    a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    for _ in range(5):
+        a @ b
+    best = float("inf")
+    for _ in range(5):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(20):
+            a @ b
+        end.record()
+        torch.cuda.synchronize()
+        best = min(best, start.elapsed_time(end) / 1000 / 20)
+    return {"matmul_tflops": 2 * n**3 / best / 1e12, "gpu": torch.cuda.get_device_name(0),
+            "torch": torch.__version__, "cuda": torch.version.cuda}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Profile: where a training step's time goes
+# ---------------------------------------------------------------------------------------------------------------
+KERNEL_KINDS = (  # first match wins; names of the kernels torch 2.11 / cuBLAS / Triton launch on an H100
+    ("attention", ("flash", "fmha", "cudnn", "attention", "sdpa", "softmax")),
+    ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "sm90_", "cublas", "splitK")),
+    ("loss (cross-entropy)", ("cross_entropy", "log_softmax", "nll_loss", "logsumexp")),
+    ("optimizer", ("adam", "multi_tensor", "foreach", "l2norm")),
+    ("norms", ("rms", "norm", "rsqrt", "pow_", "mean")),
+    ("copies / casts", ("copy", "Memcpy", "Memset", "cat", "index")),
+    ("compiled fusions (Triton)", ("triton_",)),
+)
+
+
+def start_trace():
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    profiler = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+    profiler.__enter__()
+    return profiler
+
+
+def finish_trace(profiler, step_seconds: list) -> dict:
+    import torch
+
+    torch.cuda.synchronize()
+    profiler.__exit__(None, None, None)
+    kernels = [e for e in profiler.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    wall = sum(step_seconds)
+    split = {kind: 0.0 for kind, _ in KERNEL_KINDS}
+    split["other kernels"] = 0.0
+    by_name: dict = {}
+    for event in kernels:
+        seconds = event.time_range.elapsed_us() / 1e6
+        name = event.name.lower()
+        kind = next((k for k, names in KERNEL_KINDS if any(n.lower() in name for n in names)), "other kernels")
+        split[kind] += seconds
+        total = by_name.setdefault(event.name[:100], [0.0, 0])
+        total[0] += seconds
+        total[1] += 1
+    busy = sum(split.values())
+    top = sorted(by_name.items(), key=lambda item: item[1][0], reverse=True)[:25]
+    return {"steps": len(step_seconds), "wall_s": wall, "kernel_seconds": split, "gpu_busy_s": busy,
+            "host_gap_s": wall - busy, "kernels_per_step": len(kernels) / len(step_seconds),
+            "top_kernels": [{"name": n, "gpu_s": t, "calls": c} for n, (t, c) in top]}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The job: one process per measurement, then rows
+# ---------------------------------------------------------------------------------------------------------------
+def model_flops_per_token(case: Case) -> float:
+    from nemo.utils import flops_formulas
+
+    shape = SHAPES[case.shape][1]
+    flops = flops_formulas.qwen3(flops_formulas.FLOPSConfig(
+        gbs=1, enc_seq_len=case.seq_length, hs=shape["hidden_size"], layers=shape["num_hidden_layers"],
+        ffn_hs=shape["intermediate_size"], attention_heads=shape["num_attention_heads"],
+        query_groups=shape["num_key_value_heads"], kv_channels=QWEN3_COMMON["head_dim"],
+        vocab_size=QWEN3_COMMON["vocab_size"]))
+    return flops / case.seq_length * (2 / 3 if case.peft else 1)
+
+
+def measure(args, worker: str, variant: str = "default", trace: bool = False) -> dict:
+    """Run one measurement in a fresh process; its result, or {"error": ...} with the log's tail."""
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        result_file = Path(f.name)
+    command = [sys.executable, str(Path(__file__).resolve()), "--worker", worker, "--case", args.case,
+               "--variant", variant, "--steps", str(args.steps), "--warmup_steps", str(args.warmup_steps),
+               "--result_file", str(result_file), *(["--trace"] if trace else [])]
+    print(f"\n== {worker} {variant if worker == 'ours' else ''}: {' '.join(command)}", flush=True)
+    env = dict(os.environ)
+    if worker == "hf" and args.hf_pythonpath is not None:
+        env["PYTHONPATH"] = args.hf_pythonpath
+    try:
+        proc = subprocess.run(command, cwd=REPO, timeout=args.timeout_s, text=True, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, env=env)
+        output = proc.stdout
+        failed = proc.returncode != 0
+    except subprocess.TimeoutExpired as e:
+        output, failed = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or ""), True
+    tail = "\n".join(output.splitlines()[-40:])
+    if failed or not result_file.stat().st_size:
+        print(tail, flush=True)
+        return {"error": tail[-3000:]}
+    result = json.loads(result_file.read_text())
+    result_file.unlink()
+    print(f"   {result.get('tokens_per_s_per_gpu', 0):,.0f} tokens/s, median step {1000 * result['median_step_s']:.0f} ms, "
+          f"peak {result['peak_mem_gib']:.1f} GiB, loss {result['loss_first3']:.3f} -> {result['loss_last3']:.3f}",
+          flush=True)
+    return result
+
+
+def trained(result: dict) -> bool:
+    return (result.get("loss_last3", float("inf")) < result.get("loss_first3", float("-inf"))
+            and result.get("trainable_tensors_changed", 0) == result.get("trainable_tensors", -1) > 0)
+
+
+def result_rows(args, case: Case, matmul: dict, hf: dict, ours: dict) -> list[dict]:
+    flops = model_flops_per_token(case)
+    date = datetime.date.today().isoformat()
+    rows = []
+    for name, result in ours.items():
+        row = {"gpu": matmul.get("gpu"), "date": date, "case": args.case, "model": f"{case.shape} shape (random init)",
+               "recipe": case.recipe, "variant": name, "variant_help": VARIANTS[name].help,
+               "seq_length": case.seq_length, "peft": f"lora r{case.lora_dim} alpha {case.lora_alpha}" if case.peft else None,
+               "micro_batch_size": result.get("micro_batch_size"), "learning_rate": case.learning_rate}
+        if "error" in result:
+            rows.append({**row, "error": result["error"]})
+            continue
+        tokens = result["tokens_per_s_per_gpu"]
+        row.update(
+            tokens_per_s_per_gpu=round(tokens, 1), model_tflops_per_gpu=round(tokens * flops / 1e12, 1),
+            mfu=round(tokens * flops / 1e12 / matmul["matmul_tflops"], 4), peak_mem_gib=round(result["peak_mem_gib"], 2),
+            median_step_ms=round(1000 * result["median_step_s"], 1), trained=trained(result),
+            loss_first3=round(result["loss_first3"], 4), loss_last3=round(result["loss_last3"], 4),
+            baseline_tokens_per_s_per_gpu=round(hf["tokens_per_s_per_gpu"], 1) if "tokens_per_s_per_gpu" in hf else None,
+            ratio_vs_baseline=round(tokens / hf["tokens_per_s_per_gpu"], 3) if "tokens_per_s_per_gpu" in hf else None,
+            baseline_model_tflops_per_gpu=round(hf["tokens_per_s_per_gpu"] * flops / 1e12, 1) if "tokens_per_s_per_gpu" in hf else None,
+            baseline_peak_mem_gib=round(hf["peak_mem_gib"], 2) if "peak_mem_gib" in hf else None,
+            baseline_trained=trained(hf) if hf and "error" not in hf else None,
+            matmul_tflops=round(matmul["matmul_tflops"], 1), model_flops_per_token=flops,
+            flops_formula="nemo.utils.flops_formulas.qwen3" + (" x 2/3 (LoRA)" if case.peft else ""),
+            versions={"torch": matmul.get("torch"), "cuda": matmul.get("cuda"), "hf": hf.get("versions")},
+            ours=result, baseline=hf,
+        )
+        rows.append(row)
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    print(f"\n{'variant':20s} {'tok/s':>8s} {'TFLOP/s':>8s} {'MFU':>6s} {'peak GiB':>9s} {'ms/step':>8s} "
+          f"{'x HF':>6s} {'trained':>8s}")
+    for row in rows:
+        if "error" in row:
+            print(f"{row['variant']:20s} ERROR")
+            continue
+        ratio = f"{row['ratio_vs_baseline']:.2f}" if row["ratio_vs_baseline"] else "-"
+        print(f"{row['variant']:20s} {row['tokens_per_s_per_gpu']:8,.0f} {row['model_tflops_per_gpu']:8.1f} "
+              f"{row['mfu']:6.3f} {row['peak_mem_gib']:9.1f} {row['median_step_ms']:8.1f} {ratio:>6s} "
+              f"{str(row['trained']):>8s}")
+    hf = rows[0].get("baseline") or {}
+    if "tokens_per_s_per_gpu" in hf:
+        print(f"{'HF + PEFT (SDPA)':20s} {hf['tokens_per_s_per_gpu']:8,.0f} {rows[0]['baseline_model_tflops_per_gpu']:8.1f} "
+              f"{'':6s} {hf['peak_mem_gib']:9.1f} {1000 * hf['median_step_s']:8.1f} {'1.00':>6s} "
+              f"{str(rows[0]['baseline_trained']):>8s}")
+
+
+def run_worker(args) -> int:
+    import torch
+
+    if not torch.cuda.is_available():
+        print("this benchmark needs a CUDA GPU", file=sys.stderr)
+        return 1
+    case = CASES[args.case]
+    if args.worker == "matmul":
+        result = measure_matmul()
+    elif args.worker == "hf":
+        result = run_hf(args, case)
+    else:
+        result = run_ours(args, case, VARIANTS[args.variant])
+    Path(args.result_file).write_text(json.dumps(result))
+    return 0
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        return run_worker(args)
+    case = CASES[args.case]
+    matmul = measure(args, "matmul")
+    if "error" in matmul:
+        return 1
+    hf = {} if args.skip_hf else measure(args, "hf")
+    ours = {name: measure(args, "ours", name) for name in args.variants}
+    if args.profile:
+        traced = measure(args, "ours", args.profile, trace=True)
+        ours[args.profile].setdefault("profile", traced.get("profile") or traced.get("error"))
+    rows = result_rows(args, case, matmul, hf, ours)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(rows, indent=2) + "\n")
+    print_table(rows)
+    print(f"written to {args.out}")
+    return 0 if all(row.get("trained") for row in rows) else 1
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())

@@ -1,0 +1,159 @@
+"""Fast training attention for Megatron-Core's local (no Transformer Engine) layer spec, on torch's
+`scaled_dot_product_attention` (flash / cuDNN / memory-efficient kernels).
+
+Megatron-Core 0.15.3 has no fused attention without TE: the local spec's `DotProductAttention` repeats K/V for GQA
+and materialises a full `[b*heads, sq, sk]` score tensor per layer (`transformer/dot_product_attention.py`), which at
+sequence 4096 costs ~2 GiB per layer and forces recompute. `SDPADotProductAttention` is a drop-in `core_attention`
+with the same constructor and forward contract (`transformer/attention.py` builds and calls it), and `layer_spec`
+is a NeMo `transformer_layer_spec` that uses it. `peft_megatron.py` selects it when TE is absent
+(`--core_attention sdpa`, the default); with TE present TE's own attention is left alone.
+
+Semantics kept from `DotProductAttention`: Megatron masks are True where attention is *not* allowed; a causal layer
+given no mask is causal; a causal layer given a mask uses that mask; one query row attends to every key; scale is
+`softmax_scale` or 1/sqrt(kv_channels); dropout runs under the model-parallel RNG tracker.
+Fast path: a causal layer whose mask is the plain lower-triangular one (what NeMo's SFT collate builds) runs with
+`is_causal=True` and no mask tensor, which keeps SDPA on its flash kernel; GQA goes to SDPA with `enable_gqa=True`
+(no repeated K/V). Any other mask is honoured exactly, on a slower SDPA kernel.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import weakref
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger("peft_megatron.sdpa")
+
+def unsupported_reason(config) -> Optional[str]:
+    """Why SDPA cannot stand in for the local spec's attention with this model config (None if it can)."""
+    if getattr(config, "context_parallel_size", 1) != 1:
+        return "context parallelism needs Transformer Engine's attention"
+    if getattr(config, "softmax_type", "vanilla") != "vanilla":
+        return f"softmax_type={config.softmax_type!r} (SDPA computes a vanilla softmax)"
+    if getattr(config, "window_size", None) is not None:
+        return "sliding-window attention"
+    if getattr(config, "multi_latent_attention", False):
+        return "multi-latent attention"
+    return None
+
+
+def layer_spec(config, vp_stage: Optional[int] = None):
+    """NeMo `transformer_layer_spec`: Megatron's local GPT layer spec with SDPA as core attention.
+
+    Falls back to the plain local spec (logged) where SDPA would change the model's maths."""
+    from nemo.collections.llm.gpt.model.base import local_layer_spec
+
+    spec = local_layer_spec(config)
+    reason = unsupported_reason(config)
+    if reason:
+        log.warning("core attention: Megatron's unfused DotProductAttention (%s)", reason)
+        return spec
+    spec.submodules.self_attention.submodules.core_attention = SDPADotProductAttention
+    return spec
+
+
+class SDPADotProductAttention(torch.nn.Module):
+    """`core_attention` for Megatron's local spec: q `[sq, b, np, hn]`, k/v `[sk, b, ng, hn]` -> `[sq, b, np*hn]`."""
+
+    def __init__(
+        self,
+        config,
+        layer_number: int,
+        attn_mask_type,
+        attention_type: str,
+        attention_dropout: Optional[float] = None,
+        softmax_scale: Optional[float] = None,
+        cp_comm_type: Optional[str] = None,
+        pg_collection=None,
+    ):
+        super().__init__()
+        reason = unsupported_reason(config)
+        if reason:
+            raise ValueError(f"SDPADotProductAttention does not support {reason}; use --core_attention unfused")
+        self.config = config
+        self.layer_number = max(1, layer_number)
+        self.attn_mask_type = attn_mask_type
+        # The local spec's (scale / layer_number) then (* layer_number) of apply_query_key_layer_scaling cancels.
+        self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(config.kv_channels)
+        self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: Optional[torch.Tensor],
+        attn_mask_type=None,
+        attention_bias: Optional[torch.Tensor] = None,
+        packed_seq_params=None,
+    ) -> torch.Tensor:
+        if packed_seq_params is not None:
+            raise NotImplementedError("packed sequences are not supported by SDPADotProductAttention")
+        if attention_bias is not None:
+            raise NotImplementedError("attention_bias is not supported by SDPADotProductAttention")
+        sq, b, heads, head_dim = query.shape
+        sk = key.shape[0]
+        mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
+        mask, is_causal = sdpa_mask(attention_mask, mask_type, sq, sk, query.device)
+        dropout = self.dropout_p if self.training else 0.0
+        # [s, b, h, d] -> [b, h, s, d]: strided views; SDPA's kernels need only the head dimension contiguous.
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+        gqa = k.shape[1] != heads
+        if dropout > 0.0 and not self.config.sequence_parallel:
+            from megatron.core import tensor_parallel
+
+            with tensor_parallel.get_cuda_rng_tracker().fork():
+                out = self._attend(q, k, v, mask, is_causal, dropout, gqa)
+        else:
+            out = self._attend(q, k, v, mask, is_causal, dropout, gqa)
+        return out.permute(2, 0, 1, 3).reshape(sq, b, heads * head_dim)
+
+    def _attend(self, q, k, v, mask, is_causal, dropout, gqa):
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal, scale=self.softmax_scale, enable_gqa=gqa
+        )
+
+
+
+def sdpa_mask(attention_mask, mask_type, sq: int, sk: int, device) -> tuple[Optional[torch.Tensor], bool]:
+    """(attn_mask, is_causal) for SDPA from Megatron's mask (True = masked out); SDPA's mask is True = attend."""
+    from megatron.core.transformer.enums import AttnMaskType
+
+    causal = mask_type == AttnMaskType.causal
+    if attention_mask is None:
+        if not causal or sq == 1:
+            return None, False
+        if sq == sk:
+            return None, True
+        # SDPA's is_causal aligns to the top-left corner; queries continuing a longer key sequence need the
+        # bottom-right alignment.
+        return torch.ones(sq, sk, dtype=torch.bool, device=device).tril(diagonal=sk - sq), False
+    if causal and sq == sk and is_plain_causal(attention_mask):
+        return None, True
+    return ~attention_mask.bool(), False
+
+
+_last_checked: tuple = (lambda: None, -1, False)  # (weakref to a mask, its version, plain causal?)
+
+
+def is_plain_causal(attention_mask: torch.Tensor) -> bool:
+    """Whether a Megatron mask `[b or 1, 1, s, s]` masks exactly the future in every row. Every layer of a forward
+    pass receives the same mask tensor, so it is checked once (one host sync per batch), keyed on the tensor object
+    and its version counter, never on its address (a new batch may reuse the memory)."""
+    global _last_checked
+    ref, version, result = _last_checked
+    if ref() is attention_mask and version == attention_mask._version:
+        return result
+    s = attention_mask.shape[-1]
+    result = attention_mask.dim() == 4 and attention_mask.shape[1] == 1 and attention_mask.shape[-2] == s
+    if result:
+        future = torch.ones(s, s, dtype=torch.bool, device=attention_mask.device).triu(diagonal=1)
+        result = bool(torch.equal(attention_mask.bool(), future.expand_as(attention_mask)))
+    if not result:
+        log.warning("attention mask is not plain causal: SDPA attends with the explicit mask (a slower kernel)")
+    _last_checked = (weakref.ref(attention_mask), attention_mask._version, result)
+    return result

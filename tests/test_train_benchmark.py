@@ -1,0 +1,72 @@
+"""benchmarks/train_throughput.py on CPU: the recipe it times is peft_megatron's (with the SDPA attention and the
+variant's overrides), its synthetic batches are what the model expects, and its FLOP count is NeMo's."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("nemo")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import train_throughput as bench  # noqa: E402
+
+
+def test_lora_flops_are_two_thirds_of_nemos_training_formula():
+    from nemo.utils import flops_formulas
+
+    lora, full = bench.CASES["qwen3_8b_lora"], bench.CASES["qwen3_1p7b_full"]
+    per_token = bench.model_flops_per_token(lora)
+    nemo = flops_formulas.qwen3(flops_formulas.FLOPSConfig(
+        gbs=1, enc_seq_len=4096, hs=4096, layers=36, ffn_hs=12288, attention_heads=32, query_groups=8,
+        kv_channels=128, vocab_size=151936))
+    assert per_token == pytest.approx(nemo / 4096 * 2 / 3)
+    assert 32e9 < per_token < 33e9  # ~6 x 8.2B params x 2/3, plus causal attention at 4096
+    assert bench.model_flops_per_token(full) > 6 * 1.7e9
+
+
+def test_synthetic_batches_are_learnable_and_causal():
+    module = bench.make_synthetic_data_module(seq_length=32, micro_batch_size=2, global_batch_size=2)
+    module.setup()
+    sample = module._train_ds[5]
+    assert sample["tokens"].shape == sample["labels"].shape == (32,)
+    assert (sample["labels"][:-1] == sample["tokens"][1:]).all()
+    steps = (sample["labels"] - sample["tokens"]) % bench.CYCLE
+    assert (steps == 1).all()  # every next token is the current one plus one, around the cycle
+    assert ((sample["tokens"] >= bench.FIRST_TOKEN) & (sample["tokens"] < bench.FIRST_TOKEN + bench.CYCLE)).all()
+    assert sample["attention_mask"].shape == (1, 32, 32) and sample["attention_mask"][0, 0, 1]
+    assert not sample["attention_mask"][0, 1, 0]  # Megatron's polarity: True = masked out (the future)
+    assert not (module._train_ds[5]["tokens"] != sample["tokens"]).any()
+    assert (module._train_ds[6]["tokens"] != sample["tokens"]).any()
+
+
+@pytest.mark.parametrize("variant", ["default", "unfused_recompute"])
+def test_the_timed_recipe_is_peft_megatrons_with_only_the_benchmark_changes(variant):
+    import nemo_compat
+    import sdpa_attention
+
+    env = nemo_compat.Environment(has_te=False, has_cuda=True)
+    recipe, config = bench.benchmark_recipe(bench.CASES["qwen3_8b_lora"], bench.VARIANTS[variant], 15, env, [])
+    model = recipe.model.config
+    assert model.seq_length == 4096 and model.num_layers == 36 and model.hidden_size == 4096
+    assert recipe.peft.dim == 16 and recipe.peft.alpha == 32 and recipe.optim.config.lr == 1e-3
+    assert recipe.resume is None and recipe.optim.lr_scheduler is None and recipe.trainer.max_steps == 15
+    assert recipe.data.seq_length == 4096 and recipe.data.micro_batch_size == 1
+    if variant == "default":
+        assert model.transformer_layer_spec is sdpa_attention.layer_spec
+        assert model.bias_activation_fusion and model.cross_entropy_loss_fusion
+        assert model.cross_entropy_fusion_impl == "native"
+    else:
+        assert model.transformer_layer_spec is not sdpa_attention.layer_spec
+        assert model.recompute_granularity == "selective" and not model.bias_activation_fusion
+    assert not model.apply_rope_fusion and not model.masked_softmax_fusion  # TE-only: always off without TE
+
+
+def test_a_run_that_did_not_train_is_not_a_result():
+    good = {"loss_first3": 11.9, "loss_last3": 11.2, "trainable_tensors": 4, "trainable_tensors_changed": 4}
+    assert bench.trained(good)
+    assert not bench.trained({**good, "loss_last3": 11.95})
+    assert not bench.trained({**good, "trainable_tensors_changed": 3})
+    assert not bench.trained({"error": "OOM"})
