@@ -424,9 +424,12 @@ def measure(args, worker: str, variant: str = "default", trace: bool = False) ->
         return {"error": tail[-3000:]}
     result = json.loads(result_file.read_text())
     result_file.unlink()
-    print(f"   {result.get('tokens_per_s_per_gpu', 0):,.0f} tokens/s, median step {1000 * result['median_step_s']:.0f} ms, "
-          f"peak {result['peak_mem_gib']:.1f} GiB, loss {result['loss_first3']:.3f} -> {result['loss_last3']:.3f}",
-          flush=True)
+    if "median_step_s" in result:
+        print(f"   {result['tokens_per_s_per_gpu']:,.0f} tokens/s, median step {1000 * result['median_step_s']:.0f} ms, "
+              f"peak {result['peak_mem_gib']:.1f} GiB, loss {result['loss_first3']:.3f} -> {result['loss_last3']:.3f}",
+              flush=True)
+    else:
+        print(f"   {result}", flush=True)
     return result
 
 
