@@ -177,6 +177,8 @@ class StepRecorder:
 
     def moved(self, parameters) -> dict:
         trainable = {name: p for name, p in parameters if p.requires_grad}
+        if set(trainable) != set(self.snapshot):
+            raise RuntimeError(f"trainable parameters changed during training: {sorted(set(trainable) ^ set(self.snapshot))[:5]}")
         changed = sum(not torch_equal(self.snapshot[n], trainable[n].detach().flatten()[:4096].float())
                       for n in self.snapshot)
         return {"trainable_tensors": len(self.snapshot), "trainable_tensors_changed": int(changed),
@@ -231,10 +233,9 @@ def run_ours(args, case: Case, variant: Variant) -> dict:
     recorder = StepRecorder()
 
     class Timer(pl.Callback):
-        def on_train_start(self, trainer, pl_module):
-            recorder.start_training(pl_module.named_parameters())
-
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if not recorder.seconds:  # NeMo applies LoRA (and freezes the base) when training starts: after it
+                recorder.start_training(pl_module.named_parameters())
             torch.cuda.synchronize()
             self.started = time.perf_counter()
 
