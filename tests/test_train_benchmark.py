@@ -42,7 +42,7 @@ def test_synthetic_batches_are_learnable_and_causal():
     assert (module._train_ds[6]["tokens"] != sample["tokens"]).any()
 
 
-@pytest.mark.parametrize("variant", ["default", "unfused_recompute"])
+@pytest.mark.parametrize("variant", ["default", "unfused_recompute", "native_ce"])
 def test_the_timed_recipe_is_peft_megatrons_with_only_the_benchmark_changes(variant):
     import nemo_compat
     import sdpa_attention
@@ -51,13 +51,14 @@ def test_the_timed_recipe_is_peft_megatrons_with_only_the_benchmark_changes(vari
     recipe, config = bench.benchmark_recipe(bench.CASES["qwen3_8b_lora"], bench.VARIANTS[variant], 15, env, [])
     model = recipe.model.config
     assert model.seq_length == 4096 and model.num_layers == 36 and model.hidden_size == 4096
-    assert recipe.peft.dim == 16 and recipe.peft.alpha == 32 and recipe.optim.config.lr == 1e-3
+    assert recipe.peft.dim == 16 and recipe.peft.alpha == 32 and recipe.optim.config.lr == 1e-4
     assert recipe.resume is None and recipe.optim.lr_scheduler is None and recipe.trainer.max_steps == 15
     assert recipe.data.seq_length == 4096 and recipe.data.micro_batch_size == 1
     if variant == "default":
         assert model.transformer_layer_spec is sdpa_attention.layer_spec
-        assert model.bias_activation_fusion and model.cross_entropy_loss_fusion
-        assert model.cross_entropy_fusion_impl == "native"
+        assert model.bias_activation_fusion and model.bias_dropout_fusion and not model.cross_entropy_loss_fusion
+    elif variant == "native_ce":
+        assert model.cross_entropy_loss_fusion and model.cross_entropy_fusion_impl == "native"
     else:
         assert model.transformer_layer_spec is not sdpa_attention.layer_spec
         assert model.recompute_granularity == "selective" and not model.bias_activation_fusion
