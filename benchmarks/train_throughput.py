@@ -435,9 +435,14 @@ def measure(args, worker: str, variant: str = "default", trace: bool = False) ->
     return result
 
 
-def trained(result: dict) -> bool:
-    return (result.get("loss_last3", float("inf")) < result.get("loss_first3", float("-inf"))
-            and result.get("trainable_tensors_changed", 0) == result.get("trainable_tensors", -1) > 0)
+def trained(result: dict, peft: bool) -> bool:
+    """The loss fell over the timed steps and the weights moved: with LoRA every adapter tensor (B starts at zero,
+    so any gradient moves it); in full fine-tuning some (a bf16 copy of a weight near 1.0, such as an RMSNorm
+    scale, moves by less than one bf16 step in a dozen steps at lr 1e-5, while its fp32 master copy does move)."""
+    if "error" in result or not result.get("trainable_tensors"):
+        return False
+    moved = result["trainable_tensors_changed"]
+    return result["loss_last3"] < result["loss_first3"] and (moved == result["trainable_tensors"] if peft else moved > 0)
 
 
 def result_rows(args, case: Case, matmul: dict, hf: dict, ours: dict) -> list[dict]:
@@ -454,15 +459,16 @@ def result_rows(args, case: Case, matmul: dict, hf: dict, ours: dict) -> list[di
             continue
         tokens = result["tokens_per_s_per_gpu"]
         row.update(
+            trainable_tensors_moved=f"{result['trainable_tensors_changed']}/{result['trainable_tensors']}",
             tokens_per_s_per_gpu=round(tokens, 1), model_tflops_per_gpu=round(tokens * flops / 1e12, 1),
             mfu=round(tokens * flops / 1e12 / matmul["matmul_tflops"], 4), peak_mem_gib=round(result["peak_mem_gib"], 2),
-            median_step_ms=round(1000 * result["median_step_s"], 1), trained=trained(result),
+            median_step_ms=round(1000 * result["median_step_s"], 1), trained=trained(result, case.peft),
             loss_first3=round(result["loss_first3"], 4), loss_last3=round(result["loss_last3"], 4),
             baseline_tokens_per_s_per_gpu=round(hf["tokens_per_s_per_gpu"], 1) if "tokens_per_s_per_gpu" in hf else None,
             ratio_vs_baseline=round(tokens / hf["tokens_per_s_per_gpu"], 3) if "tokens_per_s_per_gpu" in hf else None,
             baseline_model_tflops_per_gpu=round(hf["tokens_per_s_per_gpu"] * flops / 1e12, 1) if "tokens_per_s_per_gpu" in hf else None,
             baseline_peak_mem_gib=round(hf["peak_mem_gib"], 2) if "peak_mem_gib" in hf else None,
-            baseline_trained=trained(hf) if hf and "error" not in hf else None,
+            baseline_trained=trained(hf, case.peft) if hf else None,
             matmul_tflops=round(matmul["matmul_tflops"], 1), model_flops_per_token=flops,
             flops_formula="nemo.utils.flops_formulas.qwen3" + (" x 2/3 (LoRA)" if case.peft else ""),
             versions={"torch": matmul.get("torch"), "cuda": matmul.get("cuda"), "hf": hf.get("versions")},

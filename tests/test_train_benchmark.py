@@ -67,7 +67,9 @@ def test_the_timed_recipe_is_peft_megatrons_with_only_the_benchmark_changes(vari
 
 def test_a_run_that_did_not_train_is_not_a_result():
     good = {"loss_first3": 11.9, "loss_last3": 11.2, "trainable_tensors": 4, "trainable_tensors_changed": 4}
-    assert bench.trained(good)
-    assert not bench.trained({**good, "loss_last3": 11.95})
-    assert not bench.trained({**good, "trainable_tensors_changed": 3})
-    assert not bench.trained({"error": "OOM"})
+    assert bench.trained(good, peft=True) and bench.trained(good, peft=False)
+    assert not bench.trained({**good, "loss_last3": 11.95}, peft=True)
+    assert not bench.trained({**good, "trainable_tensors_changed": 3}, peft=True)  # an adapter got no gradient
+    assert bench.trained({**good, "trainable_tensors_changed": 2}, peft=False)  # bf16 norm scales may not move
+    assert not bench.trained({**good, "trainable_tensors_changed": 0}, peft=False)
+    assert not bench.trained({"error": "OOM"}, peft=True)
