@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import inspect
 import json
 import logging
@@ -231,8 +232,6 @@ def apply_sagemaker_env(config: Config, explicit: set[str], environ) -> Config:
 
 def available_recipes() -> list[str]:
     """Recipe modules of the installed NeMo that define finetune_recipe, found without importing NeMo."""
-    import importlib.util
-
     spec = importlib.util.find_spec("nemo")
     if spec is None or not spec.submodule_search_locations:
         return []
@@ -322,15 +321,13 @@ def validate_config(config: Config) -> None:
     modes = [f"--{m}" for m in ("dry_run", "import_only", "prepare_data_only") if getattr(config, m)]
     if len(modes) > 1:
         problems.append(f"{', '.join(modes)} each select one phase; give one of them")
+    if cp > 1 and not config.dry_run and importlib.util.find_spec("transformer_engine") is None:
+        problems.append(
+            f"--context_parallel_size {cp} needs Transformer Engine's attention, which is not installed here; "
+            "use 1 (--dry_run still plans such a layout)"
+        )
     if is_local_model(config.hf_model_id) and not config.demo:
-        model_dir = Path(config.hf_model_id).expanduser()
-        if not (model_dir / "config.json").exists():
-            problems.append(
-                f"--hf_model_id {config.hf_model_id}: no config.json in that directory; give a Hugging Face model "
-                "directory (save_pretrained output) or a hub id such as Qwen/Qwen3-8B"
-            )
-        elif not (config.import_only or config.prepare_data_only):
-            problems.extend(_model_shape_problems(config, json.loads((model_dir / "config.json").read_text())))
+        problems.extend(_local_model_problems(config))
     for flag, path in (("--output_dir", config.output_path), ("--data_dir", config.data_path),
                        ("--nemo_ckpt_dir", config.nemo_ckpt_path)):
         blocking = next((p for p in (path, *path.parents) if p.exists()), None)
@@ -339,6 +336,48 @@ def validate_config(config: Config) -> None:
     problems.extend(config.data.problems())
     if problems:
         raise ConfigError(problems)
+
+
+# Recipe-name prefix -> the HF `model_type`s its importer can read (checked for local models before any import).
+RECIPE_MODEL_TYPES = {
+    "qwen3_": ("qwen3", "qwen3_moe"), "qwen2_": ("qwen2",), "qwen25_": ("qwen2",),
+    "llama2_": ("llama",), "llama3_": ("llama",), "llama31_8b": ("llama",), "llama31_70b": ("llama",),
+    "llama31_405b": ("llama",), "llama32_": ("llama",), "mistral_": ("mistral",), "mixtral_": ("mixtral",),
+    "gemma_": ("gemma",), "gemma2_": ("gemma2",), "gemma3_": ("gemma3", "gemma3_text"),
+}
+
+
+def _local_model_problems(config: Config) -> list[str]:
+    """What a local --hf_model_id directory says before any import: it exists, holds a readable config.json, its
+    architecture is the recipe's family, and its shape fits the parallel layout."""
+    model_dir = Path(config.hf_model_id).expanduser()
+    flag = f"--hf_model_id {config.hf_model_id}"
+    if not model_dir.exists():
+        return [f"{flag}: no such directory; give a Hugging Face model directory (save_pretrained output) or a hub "
+                "id such as Qwen/Qwen3-8B"]
+    if not model_dir.is_dir():
+        return [f"{flag}: is a file; give the model's directory (the one holding config.json)"]
+    if not (model_dir / "config.json").exists():
+        return [f"{flag}: no config.json in that directory; give a Hugging Face model directory (save_pretrained "
+                "output) or a hub id such as Qwen/Qwen3-8B"]
+    try:
+        hf = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    except (ValueError, OSError) as e:
+        return [f"{flag}: config.json is not readable JSON ({e}); re-save the model with save_pretrained"]
+    if not isinstance(hf, dict):
+        return [f"{flag}: config.json holds a {type(hf).__name__}, not a model configuration object"]
+    problems = []
+    family = next((p for p in sorted(RECIPE_MODEL_TYPES, key=len, reverse=True)
+                   if config.recipe_cls_name.startswith(p)), None)
+    model_type = hf.get("model_type")
+    if family and model_type and model_type not in RECIPE_MODEL_TYPES[family]:
+        problems.append(
+            f"--recipe_cls_name {config.recipe_cls_name} imports {'/'.join(RECIPE_MODEL_TYPES[family])} models but "
+            f"{model_dir / 'config.json'} says model_type {model_type!r}; choose the recipe of the model's family"
+        )
+    if not (config.import_only or config.prepare_data_only):
+        problems.extend(_model_shape_problems(config, hf))
+    return problems
 
 
 def _model_shape_problems(config: Config, hf: dict) -> list[str]:

@@ -3,6 +3,7 @@ model-config overrides, NeMo's trainer) against Hugging Face transformers + PEFT
 
     python benchmarks/train_throughput.py --case qwen3_8b_lora           # Qwen3-8B shape, LoRA r16, seq 4096, mbs 1
     python benchmarks/train_throughput.py --case qwen3_1p7b_full         # Qwen3-1.7B shape, full fine-tuning
+    python benchmarks/train_throughput.py --case qwen3_8b_lora --micro_batch_size 2   # both stacks at mbs 2
     python benchmarks/train_throughput.py --case qwen3_8b_lora --variants unfused_recompute sdpa default \\
         --profile default --out /tmp/ablation.json                    # each lever on its own, and a trace split
 
@@ -24,6 +25,7 @@ benchmarks/results/training.json, one row per variant); docs/BENCHMARKS.md holds
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -95,6 +97,7 @@ def parse_args(argv=None):
                         help="configurations of ours to measure; the first is the headline row")
     parser.add_argument("--steps", type=int, default=12, help="timed steps per run")
     parser.add_argument("--warmup_steps", type=int, default=3)
+    parser.add_argument("--micro_batch_size", type=int, help="both stacks' micro-batch (default: the case's, 1)")
     parser.add_argument("--skip_hf", action="store_true", help="measure ours only (no ratio)")
     parser.add_argument("--profile", choices=list(VARIANTS), help="also trace 2 steps of this variant")
     parser.add_argument("--timeout_s", type=int, default=900, help="per measurement process")
@@ -106,6 +109,8 @@ def parse_args(argv=None):
     parser.add_argument("--result_file", help=argparse.SUPPRESS)
     parser.add_argument("--trace", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.micro_batch_size is not None and args.micro_batch_size < 1:
+        parser.error("--micro_batch_size must be at least 1")
     if args.steps < 6 or args.warmup_steps < 1:
         parser.error("--steps must be at least 6 (the loss check compares the first and last three) and "
                      "--warmup_steps at least 1")
@@ -408,6 +413,7 @@ def measure(args, worker: str, variant: str = "default", trace: bool = False) ->
         result_file = Path(f.name)
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", worker, "--case", args.case,
                "--variant", variant, "--steps", str(args.steps), "--warmup_steps", str(args.warmup_steps),
+               *(["--micro_batch_size", str(args.micro_batch_size)] if args.micro_batch_size else []),
                "--result_file", str(result_file), *(["--trace"] if trace else [])]
     print(f"\n== {worker} {variant if worker == 'ours' else ''}: {' '.join(command)}", flush=True)
     env = dict(os.environ)
@@ -496,13 +502,18 @@ def print_table(rows: list[dict]) -> None:
               f"{str(rows[0]['baseline_trained']):>8s}")
 
 
+def selected_case(args) -> Case:
+    case = CASES[args.case]
+    return dataclasses.replace(case, micro_batch_size=args.micro_batch_size) if args.micro_batch_size else case
+
+
 def run_worker(args) -> int:
     import torch
 
     if not torch.cuda.is_available():
         print("this benchmark needs a CUDA GPU", file=sys.stderr)
         return 1
-    case = CASES[args.case]
+    case = selected_case(args)
     if args.worker == "matmul":
         result = measure_matmul()
     elif args.worker == "hf":
@@ -517,7 +528,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.worker:
         return run_worker(args)
-    case = CASES[args.case]
+    case = selected_case(args)
     matmul = measure(args, "matmul")
     if "error" in matmul:
         return 1

@@ -93,7 +93,8 @@ VALIDATION_CASES = [
     ("--micro_batch_size 0", "--micro_batch_size 0 must be a positive integer"),
     ("--max_steps 10 --val_check_interval 20", "--val_check_interval 20 > --max_steps 10"),
     ("--enable_pytorch_profiler --enable_nsys_callback", "mutually exclusive profilers"),
-    ("--hf_model_id ./no/such/model", "--hf_model_id ./no/such/model: no config.json"),
+    ("--hf_model_id ./no/such/model", "--hf_model_id ./no/such/model: no such directory"),
+    ("--context_parallel_size 2 --tensor_parallel_size 4", "--context_parallel_size 2 needs Transformer Engine"),
     ("--context_parallel_size 2 --tensor_parallel_size 4 --max_seq_length 1001", "divisible by 2 x --context_parallel_size"),
     ("--val_fraction 0.6 --test_fraction 0.5", "leaves no training rows"),
     ("--node_rank 3", "--node_rank 3 must be in [0, --num_nodes 1)"),
@@ -136,6 +137,26 @@ def test_multi_node_needs_a_rendezvous_address(monkeypatch):
     with pytest.raises(ConfigError, match="set MASTER_ADDR"):
         pm.validate_config(parse("--num_nodes 2"))
     pm.validate_config(parse("--num_nodes 2 --dry_run"))
+
+
+def test_local_model_directory_problems_are_named_before_any_import(assets, tmp_path):
+    empty, not_json, a_list, a_file = (tmp_path / n for n in ("empty", "not_json", "a_list", "model.bin"))
+    for d in (empty, not_json, a_list):
+        d.mkdir()
+    (not_json / "config.json").write_text("{'model_type': 'qwen3',")
+    (a_list / "config.json").write_text("[1, 2]")
+    a_file.write_text("x")
+    expected = {empty: "no config.json in that directory", not_json: "config.json is not readable JSON",
+                a_list: "config.json holds a list", a_file: "is a file; give the model's directory"}
+    for model, message in expected.items():
+        with pytest.raises(ConfigError, match=message):
+            pm.validate_config(parse(f"--hf_model_id {model} --dry_run"))
+    with pytest.raises(ConfigError, match=r"--recipe_cls_name llama31_8b imports llama models but .* says "
+                                          r"model_type 'qwen3'; choose the recipe of the model's family"):
+        pm.validate_config(parse(f"--hf_model_id {assets['qwen3']} --recipe_cls_name llama31_8b --gpus_per_node 1 "
+                                 "--tensor_parallel_size 1 --import_only"))
+    pm.validate_config(parse(f"--hf_model_id {assets['llama']} --recipe_cls_name llama31_8b --gpus_per_node 1 "
+                             "--tensor_parallel_size 1 --import_only"))
 
 
 def test_local_model_shape_must_fit_the_parallel_layout(assets):
@@ -236,6 +257,21 @@ def test_recipe_with_transformer_engine_keeps_nemo_defaults(tmp_path):
     recipe = pm.configure_recipe(parse(f"--output_dir {tmp_path}"), nemo_compat.Environment(has_te=True, has_cuda=True))
     assert recipe.model.config.masked_softmax_fusion is True
     assert recipe.optim.config.use_distributed_optimizer is True
+    from nemo.collections.llm.gpt.model.base import default_layer_spec
+
+    assert recipe.model.config.transformer_layer_spec is default_layer_spec  # TE's attention, untouched
+
+
+def test_without_te_training_uses_sdpa_attention_unless_asked_for_megatrons(tmp_path, no_te):
+    from nemo.collections.llm.gpt.model.base import default_layer_spec
+
+    import sdpa_attention
+
+    recipe = pm.configure_recipe(parse(f"--output_dir {tmp_path}"), no_te)
+    assert recipe.model.config.transformer_layer_spec is sdpa_attention.layer_spec
+    assert recipe.model.config.bias_activation_fusion and not recipe.model.config.cross_entropy_loss_fusion
+    unfused = pm.configure_recipe(parse(f"--output_dir {tmp_path} --core_attention unfused"), no_te)
+    assert unfused.model.config.transformer_layer_spec is default_layer_spec
 
 
 def test_assign_refuses_attributes_the_target_does_not_take(no_te, tmp_path):

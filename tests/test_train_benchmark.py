@@ -73,3 +73,11 @@ def test_a_run_that_did_not_train_is_not_a_result():
     assert bench.trained({**good, "trainable_tensors_changed": 2}, peft=False)  # bf16 norm scales may not move
     assert not bench.trained({**good, "trainable_tensors_changed": 0}, peft=False)
     assert not bench.trained({"error": "OOM"}, peft=True)
+
+
+def test_micro_batch_override_applies_to_both_stacks_and_is_validated():
+    args = bench.parse_args(["--case", "qwen3_8b_lora", "--micro_batch_size", "2"])
+    assert bench.selected_case(args).micro_batch_size == 2
+    assert bench.selected_case(bench.parse_args([])).micro_batch_size == 1
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--micro_batch_size", "0"])
