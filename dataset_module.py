@@ -171,6 +171,9 @@ def load_splits(cfg: HFDatasetConfig) -> dict[str, list[dict]]:
                     _check_utf8(p)
                 if p.suffix.lower() == ".jsonl" or (p.suffix.lower() == ".json" and _looks_like_jsonl(p)):
                     _check_jsonl(p)
+            empty = [str(p) for p in files if p.stat().st_size == 0]
+            if empty:
+                raise PipelineError(f"--dataset_name: {', '.join(empty)} is empty; give files that hold rows")
             builders = {LOCAL_SUFFIXES[p.suffix.lower()] for p in files}
             if len(builders) > 1:
                 raise PipelineError(f"--dataset_name mixes file types {sorted(builders)}; use one format")
@@ -191,6 +194,8 @@ def load_splits(cfg: HFDatasetConfig) -> dict[str, list[dict]]:
             "(.jsonl/.json/.csv/.parquet, comma-separated) or a datasets.save_to_disk directory"
         ) from None
     except Exception as e:  # the hub client raises many types offline (ConnectionError, OfflineModeIsEnabled, ...)
+        if files is not None or Path(spec).is_dir():
+            raise PipelineError(f"could not read the local dataset {spec!r}: {type(e).__name__}: {e}") from None
         raise PipelineError(
             f"could not load dataset {spec!r}: {type(e).__name__}: {e}. Without network access, point "
             "--dataset_name at local files or a datasets.save_to_disk directory"

@@ -208,11 +208,15 @@ def apply_sagemaker_env(config: Config, explicit: set[str], environ) -> Config:
     if "SM_MODEL_DIR" in environ:
         offer("output_dir", environ["SM_MODEL_DIR"])
         offer("nemo_ckpt_dir", str(Path(environ["SM_MODEL_DIR"]) / "imported_hf_ckpt"))
-    if "SM_NUM_GPUS" in environ:
+    if "SM_NUM_GPUS" in environ and "gpus_per_node" not in explicit:
         try:
-            offer("gpus_per_node", int(environ["SM_NUM_GPUS"]))
+            gpus = int(environ["SM_NUM_GPUS"])
         except ValueError:
             raise ConfigError([f"SM_NUM_GPUS={environ['SM_NUM_GPUS']!r} is not an integer"]) from None
+        if gpus < 1:
+            raise ConfigError([f"SM_NUM_GPUS={gpus}: this SageMaker instance has no GPU; choose a GPU instance type "
+                               "(e.g. ml.p4d.24xlarge or ml.p5.48xlarge)"])
+        offer("gpus_per_node", gpus)
     if "SM_HOSTS" in environ:
         try:
             hosts = json.loads(environ["SM_HOSTS"])

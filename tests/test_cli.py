@@ -180,6 +180,12 @@ def test_sagemaker_environment_fills_settings_and_flags_win():
     assert (explicit.output_dir, explicit.num_nodes, explicit.node_rank) == ("/mine", 1, 0)
 
 
+def test_a_sagemaker_instance_without_gpus_is_named_as_such():
+    with pytest.raises(ConfigError, match="SM_NUM_GPUS=0: this SageMaker instance has no GPU; choose a GPU"):
+        parse("", {"SM_NUM_GPUS": "0"})
+    assert parse("--gpus_per_node 2 --tensor_parallel_size 1", {"SM_NUM_GPUS": "0"}).gpus_per_node == 2  # flag wins
+
+
 @pytest.mark.parametrize("hosts", ["algo-1", "[]", '{"a": 1}', "[1, 2]"])
 def test_malformed_sm_hosts_is_a_clear_error(hosts):
     with pytest.raises(ConfigError, match="SM_HOSTS=.* is not a JSON list of host names"):

@@ -198,6 +198,8 @@ BAD_INPUT = [
     ("tiny", "the train split is empty after filtering and splitting (1 usable rows"),
     ("hub_offline", "Without network access, point --dataset_name at local files"),
     ("latin1_csv", "src.csv: line 3 is not UTF-8 (byte 0xe9 at byte 9 of the line); re-save the file as UTF-8"),
+    ("empty_file", "src.jsonl is empty; give files that hold rows"),
+    ("unreadable_parquet", "could not read the local dataset"),
 ]
 
 
@@ -212,6 +214,11 @@ def test_bad_input_is_a_clear_error(tmp_path, assets, case, message, monkeypatch
         src.write_text('{"question": "q", "answer": "a"}\n{"question": "q", "answer": "a"}\n{"question": oops}\n')
     elif case == "tiny":
         write_jsonl(src, ROWS[:1])
+    elif case == "empty_file":
+        src.write_text("")
+    elif case == "unreadable_parquet":
+        src = tmp_path / "src.parquet"
+        src.write_bytes(b"not a parquet file")
     elif case == "latin1_csv":
         src = tmp_path / "src.csv"
         src.write_bytes("question,answer\nWhat is one?,1\nWhat caf\u00e9?,2\n".encode("latin-1"))
@@ -222,6 +229,7 @@ def test_bad_input_is_a_clear_error(tmp_path, assets, case, message, monkeypatch
     with pytest.raises(PipelineError) as err:
         prepare(cfg, tmp_path / "out", assets["tokenizer"])
     assert message in str(err.value)
+    assert case == "hub_offline" or "network" not in str(err.value)  # local files get no network hint
 
 
 def test_config_problems_name_the_flags():
