@@ -379,6 +379,15 @@ def _local_model_problems(config: Config) -> list[str]:
             f"--recipe_cls_name {config.recipe_cls_name} imports {'/'.join(RECIPE_MODEL_TYPES[family])} models but "
             f"{model_dir / 'config.json'} says model_type {model_type!r}; choose the recipe of the model's family"
         )
+    if hf.get("auto_map") and not config.trust_remote_code:
+        # transformers runs the repository's code only for a model_type it does not know itself.
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+        if model_type not in CONFIG_MAPPING_NAMES:
+            problems.append(
+                f"{flag}: config.json points model_type {model_type!r}, which transformers does not know, to code in "
+                "the model repository (auto_map); pass --trust_remote_code if you trust that code"
+            )
     if not (config.import_only or config.prepare_data_only):
         problems.extend(_model_shape_problems(config, hf))
     return problems

@@ -148,6 +148,11 @@ def test_local_model_directory_problems_are_named_before_any_import(assets, tmp_
     a_file.write_text("x")
     expected = {empty: "no config.json in that directory", not_json: "config.json is not readable JSON",
                 a_list: "config.json holds a list", a_file: "is a file; give the model's directory"}
+    custom = tmp_path / "custom"
+    custom.mkdir()
+    (custom / "config.json").write_text(json.dumps({"model_type": "my_net", "auto_map": {"AutoConfig": "x.C"}}))
+    expected[custom] = "model_type 'my_net', which transformers does not know, .* pass --trust_remote_code"
+    # (the recipe check names the family mismatch too; the default recipe is qwen3_8b)
     for model, message in expected.items():
         with pytest.raises(ConfigError, match=message):
             pm.validate_config(parse(f"--hf_model_id {model} --dry_run"))
@@ -157,6 +162,11 @@ def test_local_model_directory_problems_are_named_before_any_import(assets, tmp_
                                  "--tensor_parallel_size 1 --import_only"))
     pm.validate_config(parse(f"--hf_model_id {assets['llama']} --recipe_cls_name llama31_8b --gpus_per_node 1 "
                              "--tensor_parallel_size 1 --import_only"))
+    pm.validate_config(parse(f"--hf_model_id {custom} --recipe_cls_name nemotron3_8b --trust_remote_code --dry_run"))
+    known = tmp_path / "known"
+    known.mkdir()
+    (known / "config.json").write_text(json.dumps({"model_type": "qwen3", "auto_map": {"AutoConfig": "x.C"}}))
+    pm.validate_config(parse(f"--hf_model_id {known} --dry_run"))  # transformers' own Qwen3 code runs: no flag needed
 
 
 def test_local_model_shape_must_fit_the_parallel_layout(assets):
