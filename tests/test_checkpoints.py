@@ -298,3 +298,13 @@ def test_import_is_reused_only_for_its_own_model_and_cleans_killed_imports(asset
     (model / "config.json").write_text((model / "config.json").read_text() + "\n")  # the same path, another model
     changed = import_only(model, "qwen3_600m")
     assert changed.returncode == 1 and "as it is now (differs in: files)" in changed.stderr
+
+
+def test_an_unreachable_hub_model_is_one_message_naming_the_flag(tmp_path):
+    out = run_script("peft_megatron.py", "--import_only", "--hf_model_id", "some-org/no-such-model",
+                     "--recipe_cls_name", "qwen3_600m", "--nemo_ckpt_dir", str(tmp_path / "nemo"),
+                     env={"HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 1
+    assert "--hf_model_id some-org/no-such-model: could not read the model's configuration" in out.stderr
+    assert "point --hf_model_id at a local directory" in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "nemo").exists()
