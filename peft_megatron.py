@@ -388,8 +388,25 @@ def _local_model_problems(config: Config) -> list[str]:
                 f"{flag}: config.json points model_type {model_type!r}, which transformers does not know, to code in "
                 "the model repository (auto_map); pass --trust_remote_code if you trust that code"
             )
+    problems.extend(_weight_file_problems(model_dir, flag))
     if not (config.import_only or config.prepare_data_only):
         problems.extend(_model_shape_problems(config, hf))
+    return problems
+
+
+def _weight_file_problems(model_dir: Path, flag: str) -> list[str]:
+    """safetensors files whose header does not describe the file (a download or copy cut short): reading the
+    header is cheap, and the importer would otherwise fail deep inside transformers."""
+    from safetensors import SafetensorError, safe_open
+
+    problems = []
+    for path in sorted(model_dir.glob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="numpy"):
+                pass
+        except (SafetensorError, OSError) as e:
+            problems.append(f"{flag}: {path.name} is unreadable ({e}); the file is incomplete or damaged — copy or "
+                            "download the model again")
     return problems
 
 

@@ -140,6 +140,8 @@ def test_multi_node_needs_a_rendezvous_address(monkeypatch):
 
 
 def test_local_model_directory_problems_are_named_before_any_import(assets, tmp_path):
+    import shutil
+
     empty, not_json, a_list, a_file = (tmp_path / n for n in ("empty", "not_json", "a_list", "model.bin"))
     for d in (empty, not_json, a_list):
         d.mkdir()
@@ -148,6 +150,10 @@ def test_local_model_directory_problems_are_named_before_any_import(assets, tmp_
     a_file.write_text("x")
     expected = {empty: "no config.json in that directory", not_json: "config.json is not readable JSON",
                 a_list: "config.json holds a list", a_file: "is a file; give the model's directory"}
+    truncated = shutil.copytree(assets["qwen3"], tmp_path / "truncated")
+    weights = truncated / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    expected[truncated] = "model.safetensors is unreadable .*incomplete metadata.*copy or download the model again"
     custom = tmp_path / "custom"
     custom.mkdir()
     (custom / "config.json").write_text(json.dumps({"model_type": "my_net", "auto_map": {"AutoConfig": "x.C"}}))
