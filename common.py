@@ -398,6 +398,33 @@ def is_nemo_checkpoint(path: Path) -> bool:
     return (path / "context").is_dir() and weights.is_dir() and (weights / "metadata.json").exists()
 
 
+def checkpoint_damage(path: Path) -> Optional[str]:
+    """What is wrong with the weight files of a complete-looking NeMo checkpoint, or None. Reads metadata only:
+    weights/metadata.json and the torch-dist `.metadata` must parse, and every shard must be as long as the
+    metadata says (a copy or write cut short). A shard damaged inside its length is not detected."""
+    weights = Path(path) / "weights"
+    try:
+        json.loads((weights / "metadata.json").read_text())
+    except (ValueError, OSError) as e:
+        return f"weights/metadata.json is unreadable ({e})"
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        metadata = FileSystemReader(str(weights)).read_metadata()
+    except Exception as e:  # pickle, EOF, missing file: any of them means the same to a user
+        return f"weights/.metadata is unreadable ({type(e).__name__}: {e})"
+    ends: dict[str, int] = {}
+    for info in (metadata.storage_data or {}).values():
+        ends[info.relative_path] = max(ends.get(info.relative_path, 0), info.offset + info.length)
+    for name, end in sorted(ends.items()):
+        shard = weights / name
+        if not shard.is_file():
+            return f"weights/{name} is missing"
+        if shard.stat().st_size < end:
+            return f"weights/{name} is truncated ({shard.stat().st_size} of {end} bytes)"
+    return None
+
+
 def checkpoint_val_loss(path: Path) -> Optional[float]:
     m = _VAL_LOSS.search(Path(path).name)
     return float(m.group(1).rstrip(".")) if m else None

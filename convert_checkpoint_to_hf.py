@@ -35,6 +35,7 @@ from common import (
     ConfigError,
     PipelineError,
     atomic_dir,
+    checkpoint_damage,
     file_heads,
     find_checkpoint,
     is_nemo_checkpoint,
@@ -109,6 +110,10 @@ def resolve_checkpoint(cfg: ExportConfig) -> Path:
             f"{ckpt} is not a NeMo checkpoint (no context/ and weights/); pass a checkpoint directory written by "
             "peft_megatron.py, e.g. .../nemo_logs/checkpoints/<name>, or --nemo_logs_dir"
         )
+    damage = checkpoint_damage(ckpt)
+    if damage:
+        raise PipelineError(f"{ckpt} is damaged: {damage}; export another checkpoint of the run (e.g. its -last "
+                            "one), or re-run the training that writes it")
     return ckpt
 
 

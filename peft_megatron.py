@@ -46,6 +46,7 @@ from common import (
     PipelineError,
     atomic_dir,
     atomic_write_text,
+    checkpoint_damage,
     environ_without_rendezvous,
     file_heads,
     is_nemo_checkpoint,
@@ -451,6 +452,10 @@ def _import_on_rank0(config: Config, target: Path) -> None:
     source = import_source(config)
     if is_nemo_checkpoint(target):
         check_import_source(target, source)
+        damage = checkpoint_damage(target)
+        if damage:
+            raise PipelineError(f"--nemo_ckpt_dir {target} holds a damaged import: {damage}; remove it to import "
+                                "again")
         log.info("imported checkpoint already present: %s", target)
         return
     if target.exists() and any(target.iterdir()):

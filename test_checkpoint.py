@@ -35,6 +35,7 @@ from common import (
     PipelineError,
     atomic_write_jsonl,
     atomic_write_text,
+    checkpoint_damage,
     find_checkpoint,
     is_nemo_checkpoint,
     iter_jsonl,
@@ -415,6 +416,10 @@ def main(argv: list[str] | None = None) -> int:
     ckpt = find_checkpoint(Path(cfg.nemo_logs_dir)) if cfg.nemo_logs_dir else Path(cfg.nemo_checkpoint_path)
     if not is_nemo_checkpoint(ckpt):
         raise PipelineError(f"{ckpt} is not a complete NeMo checkpoint; train or import with peft_megatron.py first")
+    damage = checkpoint_damage(ckpt)
+    if damage:
+        raise PipelineError(f"{ckpt} is damaged: {damage}; evaluate another checkpoint of the run (e.g. its -last "
+                            "one, --nemo_checkpoint_path), or re-run the training that writes it")
     data_dir = Path(cfg.data_dir) if cfg.data_dir else ckpt.parents[2] / "data"
     out = Path(cfg.predictions_file) if cfg.predictions_file else ckpt.with_name(ckpt.name + ".predictions.jsonl")
     stats = generate_predictions(cfg, ckpt, data_dir, out)

@@ -308,3 +308,39 @@ def test_an_unreachable_hub_model_is_one_message_naming_the_flag(tmp_path):
     assert "--hf_model_id some-org/no-such-model: could not read the model's configuration" in out.stderr
     assert "point --hf_model_id at a local directory" in out.stderr and "Traceback" not in out.stderr
     assert not (tmp_path / "nemo").exists()
+
+
+def test_damaged_checkpoints_are_named_before_any_loading(assets, tmp_path):
+    """A checkpoint cut short (a shard shorter than its metadata says) or with unreadable metadata is refused by
+    the export and by the import's reuse with the damage named, never a 200-line load traceback."""
+    import shutil
+
+    from common import checkpoint_damage
+
+    nemo = tmp_path / "nemo"
+    out = run_script("peft_megatron.py", "--import_only", "--hf_model_id", str(assets["qwen3"]), "--recipe_cls_name",
+                     "qwen3_600m", "--nemo_ckpt_dir", str(nemo))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert checkpoint_damage(nemo) is None
+    damaged = {}
+    for case in ("shard", "metadata_json", "dot_metadata"):
+        copy = damaged[case] = shutil.copytree(nemo, tmp_path / case)
+        weights = copy / "weights"
+        if case == "shard":
+            shard = sorted(weights.glob("*.distcp"))[0]
+            shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+        elif case == "metadata_json":
+            (weights / "metadata.json").write_text('{"sharded_backend": ')
+        else:
+            (weights / ".metadata").write_bytes(b"\x80\x04 not a pickle")
+    assert "is truncated (" in checkpoint_damage(damaged["shard"])
+    assert "weights/metadata.json is unreadable" in checkpoint_damage(damaged["metadata_json"])
+    assert "weights/.metadata is unreadable" in checkpoint_damage(damaged["dot_metadata"])
+    export = run_script("convert_checkpoint_to_hf.py", "--nemo_checkpoint_path", str(damaged["shard"]),
+                        "--output_dir", str(tmp_path / "hf"))
+    assert export.returncode == 1 and "Traceback" not in export.stderr
+    assert f"{damaged['shard']} is damaged: weights/" in export.stderr and "export another checkpoint" in export.stderr
+    assert not (tmp_path / "hf").exists()
+    reuse = run_script("peft_megatron.py", "--import_only", "--hf_model_id", str(assets["qwen3"]), "--recipe_cls_name",
+                       "qwen3_600m", "--nemo_ckpt_dir", str(damaged["dot_metadata"]))
+    assert reuse.returncode == 1 and "holds a damaged import: weights/.metadata is unreadable" in reuse.stderr
