@@ -398,6 +398,19 @@ def is_nemo_checkpoint(path: Path) -> bool:
     return (path / "context").is_dir() and weights.is_dir() and (weights / "metadata.json").exists()
 
 
+def remove_leftovers(target: Path, what: str, patterns: tuple[str, ...] = ("*.partial",)) -> None:
+    """Remove the temporary siblings `.<target name>.<pattern>` that killed runs writing `target` left (atomic_dir's
+    `.partial` directories and the like), saying so in one line. Call under the lock that guards `target`."""
+    parent = target.parent
+    leftovers = sorted({p for pattern in patterns for p in parent.glob(f".{target.name}.{pattern}")}) \
+        if parent.is_dir() else []
+    for path in leftovers:
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+    if leftovers:
+        log.warning("removed %d unfinished %s(s) left by killed runs: %s", len(leftovers), what,
+                    ", ".join(p.name for p in leftovers))
+
+
 def checkpoint_damage(path: Path) -> Optional[str]:
     """What is wrong with the weight files of a complete-looking NeMo checkpoint, or None. Reads metadata only:
     weights/metadata.json and the torch-dist `.metadata` must parse, and every shard must be as long as the

@@ -36,10 +36,12 @@ from common import (
     PipelineError,
     atomic_dir,
     checkpoint_damage,
+    exclusive_lock,
     file_heads,
     find_checkpoint,
     is_nemo_checkpoint,
     parse_dataclass_args,
+    remove_leftovers,
     run_cli,
     setup_logging,
 )
@@ -48,6 +50,7 @@ log = logging.getLogger("peft_megatron.export")
 
 ADAPTER_META = "adapter_metadata.json"  # NeMo's marker of a PEFT checkpoint (weights/ holds the adapter only)
 VERIFY_MAX_PARAMS = 2e9
+EXPORT_LOCK_TIMEOUT_S = 6 * 3600  # an export of a 70B model can take an hour; a second export waits for it
 VERIFY_PROMPT_TOKENS = 24
 # NeMo LoRA target -> the HF (Llama layout) projections it covers
 HF_TARGETS = {
@@ -395,12 +398,20 @@ def export(cfg: ExportConfig) -> Path:
     out = Path(cfg.output_dir) if cfg.output_dir else default_export_path(ckpt, suffix)
     base = base_checkpoint(ckpt) if lora else None
     source = export_source(ckpt, base, "adapter" if cfg.no_merge else "merged" if lora else "full")
-    if not cfg.overwrite and is_current_export(out, source):
-        log.info("%s already holds this export; keeping it (pass --overwrite to replace it)", out)
-        print(f"export already present: {out}")
-        return out
     out.parent.mkdir(parents=True, exist_ok=True)
+    # Two exports into one --output_dir take turns; the second then finds the first one's export.
+    with exclusive_lock(out.with_name(f".{out.name}.export-lock"), EXPORT_LOCK_TIMEOUT_S, "export"):
+        if not cfg.overwrite and is_current_export(out, source):
+            log.info("%s already holds this export; keeping it (pass --overwrite to replace it)", out)
+            print(f"export already present: {out}")
+            return out
+        remove_leftovers(out, "export", ("work.*", "*.partial"))
+        _write_export(cfg, ckpt, base, lora, source, out)
+    print(f"exported {ckpt} -> {out}")
+    return out
 
+
+def _write_export(cfg: ExportConfig, ckpt: Path, base: Optional[Path], lora: bool, source: dict, out: Path) -> None:
     import nemo_compat
 
     env = nemo_compat.prepare_process()
@@ -423,8 +434,6 @@ def export(cfg: ExportConfig) -> Path:
                 if verify:
                     verify_pair(merged, base_hf, adapter)
             write_export_record(tmp, source)
-    print(f"exported {ckpt} -> {out}")
-    return out
 
 
 def verify_loads(out: Path) -> None:

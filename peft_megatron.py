@@ -52,6 +52,7 @@ from common import (
     is_nemo_checkpoint,
     parse_dataclass_args,
     rank_zero_attempt,
+    remove_leftovers,
     run_cli,
     setup_logging,
     wait_for_file,
@@ -463,7 +464,7 @@ def _import_on_rank0(config: Config, target: Path) -> None:
             f"--nemo_ckpt_dir {target} exists but is not a complete NeMo checkpoint (no context/ + weights/"
             "metadata.json); remove it or choose another --nemo_ckpt_dir"
         )
-    remove_partial_dirs(target)
+    remove_leftovers(target, "import")
     _run_import(config, target, source)
 
 
@@ -494,16 +495,6 @@ def check_import_source(target: Path, source: dict) -> None:
             f"not of {source['model']} (recipe {source['recipe']}) as it is now (differs in: {', '.join(changed)}); "
             "choose another --nemo_ckpt_dir, or remove it to import again"
         )
-
-
-def remove_partial_dirs(target: Path) -> None:
-    """Remove what killed imports into `target` left (temporary `.partial` siblings); call under the import lock."""
-    leftovers = sorted(target.parent.glob(f".{target.name}.*.partial")) if target.parent.is_dir() else []
-    for path in leftovers:
-        shutil.rmtree(path, ignore_errors=True)
-    if leftovers:
-        log.warning("removed %d unfinished import(s) left by killed runs: %s", len(leftovers),
-                    ", ".join(p.name for p in leftovers))
 
 
 def _run_import(config: Config, target: Path, identity: dict) -> None:

@@ -36,6 +36,7 @@ from common import (
     atomic_write_jsonl,
     atomic_write_text,
     checkpoint_damage,
+    exclusive_lock,
     find_checkpoint,
     is_nemo_checkpoint,
     iter_jsonl,
@@ -48,6 +49,7 @@ log = logging.getLogger("peft_megatron.eval")
 
 BERTSCORE_DEFAULT = "roberta-large"  # bert_score's default model for lang="en"
 PREDICTION_FIELDS = ("input", "label", "prediction")
+OUTPUT_LOCK_TIMEOUT_S = 3600.0  # BERTScore over a large split takes minutes; a second evaluation waits
 
 
 @dataclass
@@ -358,7 +360,8 @@ def sampling_params(cfg: EvalConfig):
     )
 
 
-def generate_predictions(cfg: EvalConfig, ckpt: Path, data_dir: Path, out: Path) -> dict:
+def generate_predictions(cfg: EvalConfig, ckpt: Path, data_dir: Path) -> tuple[list[dict], dict]:
+    """Predictions for the test split (every rank takes part) and generation statistics."""
     import torch
     from tqdm import tqdm
 
@@ -383,10 +386,6 @@ def generate_predictions(cfg: EvalConfig, ckpt: Path, data_dir: Path, out: Path)
         generated += len(all_tokens)
         rows.append({**example, "prediction": tokenizer.detokenize(tokens).strip(), "prompt_tokens": len(prompt),
                      "generated_tokens": len(all_tokens), "generated_token_ids": all_tokens})
-    import torch.distributed as dist
-
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        atomic_write_jsonl(out, rows)
     stats = {
         "requests_per_s": len(rows) / seconds,
         "generated_tokens_per_s": generated / seconds,
@@ -400,7 +399,16 @@ def generate_predictions(cfg: EvalConfig, ckpt: Path, data_dir: Path, out: Path)
         f"{stats['generated_tokens_per_s']:.0f} generated tokens/s | truncated prompts: {loop.truncated} | "
         f"decode CUDA graphs: {stats['cuda_graph_batch_sizes'] or 'off'}"
     )
-    return stats
+    return rows, stats
+
+
+def write_and_evaluate(cfg: EvalConfig, out: Path, rows: Optional[list[dict]], stats: Optional[dict] = None) -> dict:
+    """Write the predictions (unless scoring an existing file) and their metrics as one pair: two evaluations
+    writing the same files take turns, so a metrics file always scores the predictions beside it."""
+    with exclusive_lock(out.with_name(f".{out.name}.lock"), OUTPUT_LOCK_TIMEOUT_S, "evaluation output"):
+        if rows is not None:
+            atomic_write_jsonl(out, rows)
+        return evaluate(cfg, out, extra=stats)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -411,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
         path = Path(cfg.predictions_file)
         if not path.exists():
             raise PipelineError(f"--predictions_file {path} does not exist")
-        evaluate(cfg, path)
+        write_and_evaluate(cfg, path, rows=None)
         return 0
     ckpt = find_checkpoint(Path(cfg.nemo_logs_dir)) if cfg.nemo_logs_dir else Path(cfg.nemo_checkpoint_path)
     if not is_nemo_checkpoint(ckpt):
@@ -422,11 +430,11 @@ def main(argv: list[str] | None = None) -> int:
                             "one, --nemo_checkpoint_path), or re-run the training that writes it")
     data_dir = Path(cfg.data_dir) if cfg.data_dir else ckpt.parents[2] / "data"
     out = Path(cfg.predictions_file) if cfg.predictions_file else ckpt.with_name(ckpt.name + ".predictions.jsonl")
-    stats = generate_predictions(cfg, ckpt, data_dir, out)
+    rows, stats = generate_predictions(cfg, ckpt, data_dir)
     import torch.distributed as dist
 
     if not dist.is_initialized() or dist.get_rank() == 0:
-        evaluate(cfg, out, extra=stats)
+        write_and_evaluate(cfg, out, rows, stats)
     return 0
 
 

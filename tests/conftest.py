@@ -41,19 +41,29 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-def run_script(script: str, *args: str, env: dict | None = None, timeout: int = 600, cwd: Path | None = None):
-    """Run one of the repository's scripts as a user would; returns CompletedProcess (text)."""
+def script_env(env: dict | None = None) -> dict:
+    """The environment a user's fresh offline shell gives a script."""
     # An in-process NeMo call (tests/test_checkpoints.py) leaves rendezvous variables in os.environ with its port
     # still bound; a script started afterwards must not inherit them, as a user's fresh shell would not.
     full_env = {**environ_without_rendezvous(), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                 "TOKENIZERS_PARALLELISM": "false"}
     for key in [k for k in full_env if k.startswith("SM_") or k == "TRITON_INTERPRET"]:
         del full_env[key]
-    full_env.update(env or {})
+    return {**full_env, **(env or {})}
+
+
+def run_script(script: str, *args: str, env: dict | None = None, timeout: int = 600, cwd: Path | None = None):
+    """Run one of the repository's scripts as a user would; returns CompletedProcess (text)."""
     return subprocess.run(
         [sys.executable, str(REPO / script), *args],
-        capture_output=True, text=True, env=full_env, timeout=timeout, cwd=cwd or REPO,
+        capture_output=True, text=True, env=script_env(env), timeout=timeout, cwd=cwd or REPO,
     )
+
+
+def start_script(script: str, *args: str) -> subprocess.Popen:
+    """Start a script in the background, its stdout and stderr merged into one text pipe."""
+    return subprocess.Popen([sys.executable, str(REPO / script), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=script_env(), cwd=REPO)
 
 
 @pytest.fixture(scope="session")
@@ -67,3 +77,16 @@ def assets(tmp_path_factory) -> dict:
     data = root / "recall.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return {"root": root, "tokenizer": tokenizer, "qwen3": qwen3, "llama": llama, "data": data, "rows": rows}
+
+
+def fake_checkpoint(path: Path, adapter: bool = False) -> Path:
+    """A NeMo checkpoint's layout with intact (tiny) torch-dist weight files and no model behind them."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    (path / "context").mkdir(parents=True)
+    dcp.save({"w": torch.zeros(4)}, checkpoint_id=str(path / "weights"))
+    (path / "weights" / "metadata.json").write_text("{}")
+    if adapter:
+        (path / "weights" / "adapter_metadata.json").write_text('{"model_ckpt_path": "/nowhere/base"}')
+    return path

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, run_script
+from conftest import REPO, fake_checkpoint, run_script, start_script
 
 import convert_checkpoint_to_hf as conv
 import peft_megatron as pm
@@ -100,15 +100,6 @@ def test_partial_checkpoint_directory_is_refused(assets, tmp_path):
     out = run_script("peft_megatron.py", "--import_only", "--hf_model_id", str(assets["qwen3"]), "--recipe_cls_name",
                      "qwen3_600m", "--nemo_ckpt_dir", str(tmp_path / "nemo"))
     assert out.returncode == 1 and "exists but is not a complete NeMo checkpoint" in out.stderr
-
-
-def fake_checkpoint(path: Path, adapter: bool = False) -> Path:
-    (path / "context").mkdir(parents=True)
-    (path / "weights").mkdir()
-    (path / "weights" / "metadata.json").write_text("{}")
-    if adapter:
-        (path / "weights" / conv.ADAPTER_META).write_text('{"model_ckpt_path": "/nowhere/base"}')
-    return path
 
 
 def test_checkpoint_discovery_prefers_best_val_loss(tmp_path):
@@ -268,6 +259,26 @@ def test_export_keeps_only_its_own_current_export_and_refuses_anything_else(asse
     assert stale.returncode == 1
     assert f"holds a full export of {nemo.resolve()}, not a full export of {changed.resolve()}" in stale.stderr
     assert (nested / "config.json").is_file()  # kept, untouched
+
+    # A killed export's leftovers are removed by the next one; two exports into one directory take turns.
+    from common import exclusive_lock
+
+    turns = tmp_path / "turns"
+    (tmp_path / ".turns.k1ll3d.partial").mkdir()
+    (tmp_path / ".turns.work.k1ll3d").mkdir()
+    with exclusive_lock(tmp_path / ".turns.export-lock", timeout_s=5, what="a test's export"):
+        proc = start_script("convert_checkpoint_to_hf.py", "--nemo_checkpoint_path", str(nemo), "--output_dir",
+                            str(turns))
+        seen = []
+        for line in proc.stdout:  # ends at EOF if the export never waits
+            seen.append(line)
+            if "waiting for another job's export" in line:
+                break
+        assert not turns.exists() and (tmp_path / ".turns.k1ll3d.partial").exists(), "".join(seen)[-2000:]
+    rest, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0 and (turns / conv.EXPORT_RECORD).is_file(), rest[-2000:]
+    assert "removed 2 unfinished export(s) left by killed runs" in rest
+    assert not list(tmp_path.glob(".turns.*.partial")) and not list(tmp_path.glob(".turns.work.*"))
 
 
 def test_import_is_reused_only_for_its_own_model_and_cleans_killed_imports(assets, tmp_path):

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import run_script
+from conftest import fake_checkpoint, run_script, start_script
 
 import test_checkpoint as tc
 
@@ -94,9 +94,7 @@ def test_offline_bertscore_hub_name_says_how_to_fix(tmp_path):
 
 
 def test_generation_refuses_without_a_gpu(tmp_path):
-    (tmp_path / "ckpt" / "context").mkdir(parents=True)
-    (tmp_path / "ckpt" / "weights").mkdir()
-    (tmp_path / "ckpt" / "weights" / "metadata.json").write_text("{}")
+    fake_checkpoint(tmp_path / "ckpt")
     out = run_script("test_checkpoint.py", "--nemo_checkpoint_path", str(tmp_path / "ckpt"), "--data_dir", str(tmp_path))
     assert out.returncode == 1 and "generation needs a CUDA GPU" in out.stderr and "--evaluate_only" in out.stderr
 
@@ -159,3 +157,22 @@ def test_generation_loop_keeps_input_order_and_truncates_long_prompts():
 ])
 def test_decode_graph_count_avoids_megatrons_empty_graph_list(requested, max_batch_size, tp, expected):
     assert tc.decode_graph_count(requested, max_batch_size, tp) == expected
+
+
+def test_two_evaluations_of_one_predictions_file_take_turns(tmp_path):
+    """While another job holds the predictions' lock, an evaluation waits and writes nothing; then it finishes."""
+    from common import exclusive_lock
+
+    preds = write_predictions(tmp_path / "preds.jsonl")
+    with exclusive_lock(tmp_path / ".preds.jsonl.lock", timeout_s=5, what="a test's evaluation"):
+        proc = start_script("test_checkpoint.py", "--evaluate_only", "--predictions_file", str(preds),
+                            "--bertscore_model", "none")
+        seen = []
+        for line in proc.stdout:  # ends at EOF if the script never waits
+            seen.append(line)
+            if "waiting for another job's evaluation output" in line:
+                break
+        assert not (tmp_path / "preds.metrics.json").exists(), "".join(seen)[-2000:]
+    rest, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, rest[-2000:]
+    assert json.loads((tmp_path / "preds.metrics.json").read_text())["num_samples"] == 4
