@@ -339,6 +339,9 @@ def validate_config(config: Config) -> None:
         blocking = next((p for p in (path, *path.parents) if p.exists()), None)
         if blocking is not None and not blocking.is_dir():
             problems.append(f"{flag} {path}: {blocking} is a file, not a directory; choose another {flag}")
+        elif flag == "--output_dir" and blocking is not None and not os.access(blocking, os.W_OK | os.X_OK):
+            problems.append(f"{flag} {path}: {blocking} is not writable by this user; choose another {flag} or "
+                            "fix its permissions")
     problems.extend(config.data.problems())
     if problems:
         raise ConfigError(problems)

@@ -6,6 +6,7 @@ import json
 import shlex
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -343,3 +344,25 @@ def test_output_paths_that_are_files_are_refused_naming_the_flag(tmp_path):
             pm.validate_config(parse(f"{flag} {value}"))
         assert f"{flag} {value}: {a_file} is a file, not a directory; choose another {flag}" in str(err.value)
     assert a_file.read_text() == "mine"
+
+
+def unwritable_directory(tmp_path: Path) -> Path:
+    """A directory this user cannot write: a read-only tmp directory, or for root (who ignores permission bits) a
+    kernel directory that refuses writes to everyone."""
+    import os
+
+    if os.geteuid() != 0:
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        return locked
+    for candidate in (Path("/proc/sys"), Path("/sys/kernel")):
+        if candidate.is_dir() and not os.access(candidate, os.W_OK):
+            return candidate
+    pytest.skip("running as root with no read-only directory to point --output_dir at")
+
+
+def test_an_output_directory_this_user_cannot_write_is_refused_before_any_work(tmp_path):
+    locked = unwritable_directory(tmp_path)
+    out = run_script("peft_megatron.py", "--dry_run", "--output_dir", str(locked / "run"))
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert f"--output_dir {locked / 'run'}: {locked} is not writable by this user" in out.stderr
