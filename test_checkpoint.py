@@ -111,10 +111,26 @@ def validate(cfg: EvalConfig) -> None:
             problems.append(f"--{flag} {getattr(cfg, flag)} is a directory; give a file path")
     if cfg.bertscore_num_layers is not None and cfg.bertscore_num_layers < 1:
         problems.append(f"--bertscore_num_layers {cfg.bertscore_num_layers} must be a layer number, 1 or more")
-    if cfg.bertscore_model != "none" and Path(cfg.bertscore_model).is_dir() and cfg.bertscore_num_layers is None:
-        problems.append("--bertscore_model is a local directory: also give --bertscore_num_layers (e.g. 17 for roberta-large)")
+    if cfg.bertscore_model != "none" and Path(cfg.bertscore_model).is_dir():
+        problems.extend(_local_bertscore_problems(Path(cfg.bertscore_model), cfg.bertscore_num_layers))
     if problems:
         raise ConfigError(problems)
+
+
+def _local_bertscore_problems(model_dir: Path, num_layers: Optional[int]) -> list[str]:
+    flag = f"--bertscore_model {model_dir}"
+    if num_layers is None:
+        return [f"{flag} is a local directory: also give --bertscore_num_layers (e.g. 17 for roberta-large)"]
+    try:
+        config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+        layers = int(config["num_hidden_layers"])
+    except FileNotFoundError:
+        return [f"{flag}: no config.json there; give a directory saved with save_pretrained (e.g. roberta-large)"]
+    except (ValueError, KeyError, TypeError, OSError) as e:
+        return [f"{flag}: config.json does not describe a transformer encoder ({type(e).__name__}: {e})"]
+    if num_layers > layers:
+        return [f"--bertscore_num_layers {num_layers} is beyond the {layers} layers of {model_dir}; give 1-{layers}"]
+    return []
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -173,6 +189,11 @@ def bertscore(predictions: list[str], labels: list[str], model: str, num_layers:
         raise PipelineError(
             f"could not load BERTScore model {model!r} ({e}); offline, pass a local directory with "
             "--bertscore_model DIR --bertscore_num_layers N, or --bertscore_model none"
+        ) from None
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError) as e:  # a model bert_score cannot use
+        raise PipelineError(
+            f"--bertscore_model {model}: bert_score cannot score with this model ({type(e).__name__}: {e}); give "
+            "an encoder such as roberta-large or bert-base-uncased, or --bertscore_model none"
         ) from None
     return {
         "bertscore_precision": float(precision.mean()),

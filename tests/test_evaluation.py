@@ -176,3 +176,16 @@ def test_two_evaluations_of_one_predictions_file_take_turns(tmp_path):
     rest, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, rest[-2000:]
     assert json.loads((tmp_path / "preds.metrics.json").read_text())["num_samples"] == 4
+
+
+def test_a_local_bertscore_model_is_checked_before_scoring(tmp_path, tiny_bert):
+    preds = write_predictions(tmp_path / "preds.jsonl")
+    empty = tmp_path / "empty_model"
+    empty.mkdir()
+    cases = {(str(empty), "2"): f"--bertscore_model {empty}: no config.json there",
+             (str(tiny_bert), "5"): f"--bertscore_num_layers 5 is beyond the 2 layers of {tiny_bert}; give 1-2"}
+    for (model, layers), message in cases.items():
+        out = run_script("test_checkpoint.py", "--evaluate_only", "--predictions_file", str(preds),
+                         "--bertscore_model", model, "--bertscore_num_layers", layers)
+        assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert not (tmp_path / "preds.metrics.json").exists()
