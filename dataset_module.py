@@ -107,6 +107,29 @@ class HFDatasetConfig:
                 p = Path(part.strip())
                 if p.suffix.lower() in LOCAL_SUFFIXES and not p.exists():
                     out.append(f"--dataset_name file {p} does not exist")
+        files = _local_files(self.dataset_name) if self.dataset_name else None
+        if files and all(p.is_file() for p in files):
+            out.extend(self._local_file_problems(files))
+        return out
+
+    def _local_file_problems(self, files: list[Path]) -> list[str]:
+        """What local files tell before loading: they have one split (so validation rows come from
+        --val_fraction), and the first row of a JSONL/CSV file names the columns the prompt needs."""
+        out = []
+        if self.val_fraction == 0:
+            out.append("--val_fraction 0: local files have no validation split of their own, so no validation "
+                       "would run (no val_loss, no checkpoint); give a share such as 0.05")
+        columns = _first_row_columns(files[0])
+        if columns is None or self.chat:
+            return out
+        needed = [self.input_column, self.output_column] if self.prompt_template is None else \
+            [*_template_fields(self.prompt_template), self.output_column]
+        if self.system_column:
+            needed.append(self.system_column)
+        missing = [c for c in dict.fromkeys(needed) if c not in columns]
+        if missing:
+            out.append(f"--dataset_name {files[0]} has no column(s) {missing} (needed by --input_column/"
+                       f"--output_column/--system_column/--prompt_template); its columns are {sorted(columns)}")
         return out
 
 
@@ -123,6 +146,24 @@ def _template_fields(template: str) -> list[str]:
 # --------------------------------------------------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------------------------------------------------
+def _first_row_columns(path: Path) -> Optional[set[str]]:
+    """Column names from a JSONL file's first object or a CSV header; None where that cannot be read cheaply."""
+    import csv
+
+    try:
+        with open(path, encoding="utf-8", newline="") as fh:
+            if path.suffix.lower() == ".csv":
+                header = next(csv.reader(fh), None)
+                return set(header) if header else None
+            if path.suffix.lower() == ".jsonl":
+                first = next((line for line in fh if line.strip()), None)
+                row = json.loads(first) if first else None
+                return set(row) if isinstance(row, dict) else None
+    except (ValueError, OSError):
+        return None  # loading reports it with the file and line
+    return None
+
+
 def _local_files(spec: str) -> Optional[list[Path]]:
     parts = [Path(p.strip()) for p in spec.split(",") if p.strip()]
     if parts and all(p.suffix.lower() in LOCAL_SUFFIXES for p in parts):

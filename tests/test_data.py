@@ -257,7 +257,8 @@ def test_prepare_data_only_cli(tmp_path, assets):
     assert "train       67 rows" in out.stdout and "val         24 rows" in out.stdout and "test         5 rows" in out.stdout
     bad = run_script("peft_megatron.py", "--prepare_data_only", "--hf_model_id", str(assets["qwen3"]), "--dataset_name",
                      str(assets["data"]), "--input_column", "nope", "--output_dir", str(tmp_path / "bad"))
-    assert bad.returncode == 1 and "has no column(s) ['nope', 'output']" in bad.stderr
+    assert bad.returncode == 2 and "has no column(s) ['nope', 'output']" in bad.stderr  # before any loading
+    assert not (tmp_path / "bad" / "data").exists()
 
 
 def test_validation_smaller_than_a_global_batch_is_refused(tmp_path, assets):
@@ -372,3 +373,19 @@ def test_two_preparations_of_one_directory_never_interleave(tmp_path, assets):
     assert json.loads((out / dm.MARKER).read_text())["fingerprint"]["config"]["seed"] == 1 and files_match_marker(out)
     train = {row["input"] for row in read(out / "training.jsonl")}
     assert not train & {row["input"] for row in read(out / "validation.jsonl")}
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv"])
+def test_local_files_are_checked_before_loading(tmp_path, fmt):
+    src = tmp_path / f"src.{fmt}"
+    if fmt == "jsonl":
+        write_jsonl(src, [{"question": "q", "answer": "a"}])
+    else:
+        src.write_text("question,answer\nq,a\n")
+    problems = "\n".join(dm.HFDatasetConfig(dataset_name=str(src), val_fraction=0.0, input_column="question",
+                                            output_column="answer", prompt_template="Q: {question} ({topic})").problems())
+    assert "--val_fraction 0: local files have no validation split" in problems
+    assert f"--dataset_name {src} has no column(s) ['topic']" in problems and "['answer', 'question']" in problems
+    fine = dm.HFDatasetConfig(dataset_name=str(src), input_column="question", output_column="answer",
+                              prompt_template="Q: {question}")
+    assert fine.problems() == []
