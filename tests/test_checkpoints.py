@@ -355,3 +355,39 @@ def test_damaged_checkpoints_are_named_before_any_loading(assets, tmp_path):
     reuse = run_script("peft_megatron.py", "--import_only", "--hf_model_id", str(assets["qwen3"]), "--recipe_cls_name",
                        "qwen3_600m", "--nemo_ckpt_dir", str(damaged["dot_metadata"]))
     assert reuse.returncode == 1 and "holds a damaged import: weights/.metadata is unreadable" in reuse.stderr
+
+
+def kill_when(proc, seen, timeout_s: float = 300) -> None:
+    """SIGKILL `proc` as soon as `seen()` is true (polled, no fixed sleeps); fail if it ends first."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while not seen():
+        assert proc.poll() is None, "the script ended before the moment to kill it:\n" + proc.stdout.read()[-2000:]
+        assert time.monotonic() < deadline, "timed out waiting for the moment to kill"
+        time.sleep(0.01)
+    proc.kill()
+    proc.wait()
+
+
+def test_killed_import_and_export_leave_nothing_that_looks_complete_and_rerun_cleanly(assets, tmp_path):
+    nemo, hf = tmp_path / "nemo", tmp_path / "hf"
+    import_args = ("peft_megatron.py", "--import_only", "--hf_model_id", str(assets["qwen3"]), "--recipe_cls_name",
+                   "qwen3_600m", "--nemo_ckpt_dir", str(nemo))
+    proc = start_script(*import_args)
+    kill_when(proc, lambda: any(tmp_path.glob(".nemo.*.partial/weights")))  # killed while writing the weights
+    assert not nemo.exists() and list(tmp_path.glob(".nemo.*.partial"))
+    rerun = run_script(*import_args)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "removed 1 unfinished import(s) left by killed runs" in rerun.stdout
+    assert is_nemo_checkpoint(nemo) and not list(tmp_path.glob(".nemo.*.partial"))
+
+    export_args = ("convert_checkpoint_to_hf.py", "--nemo_checkpoint_path", str(nemo), "--output_dir", str(hf))
+    proc = start_script(*export_args)
+    kill_when(proc, lambda: any(tmp_path.glob(".hf.*.partial/*")))  # killed while writing the export
+    assert not hf.exists()
+    rerun = run_script(*export_args)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "unfinished export(s) left by killed runs" in rerun.stdout
+    assert (hf / conv.EXPORT_RECORD).is_file()
+    assert not list(tmp_path.glob(".hf.*.partial")) and not list(tmp_path.glob(".hf.work.*"))
