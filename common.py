@@ -398,6 +398,17 @@ def is_nemo_checkpoint(path: Path) -> bool:
     return (path / "context").is_dir() and weights.is_dir() and (weights / "metadata.json").exists()
 
 
+def hf_load_error(model: str, error: Exception) -> str:
+    """One line for a model or tokenizer transformers could not load (offline hub id, gated model, custom code)."""
+    text = str(error).strip()
+    if "trust_remote_code" in text:
+        return f"--hf_model_id {model}: the model needs code from its repository; pass --trust_remote_code if you trust it"
+    first = text.splitlines()[0] if text else type(error).__name__
+    return (f"--hf_model_id {model}: could not read the model's configuration or tokenizer ({type(error).__name__}: "
+            f"{first}). Without network access, point --hf_model_id at a local directory (save_pretrained output); "
+            "a gated hub model needs a login (HF_TOKEN)")
+
+
 def remove_leftovers(target: Path, what: str, patterns: tuple[str, ...] = ("*.partial",)) -> None:
     """Remove the temporary siblings `.<target name>.<pattern>` that killed runs writing `target` left (atomic_dir's
     `.partial` directories and the like), saying so in one line. Call under the lock that guards `target`."""

@@ -29,6 +29,7 @@ from common import (
     atomic_write_jsonl,
     atomic_write_text,
     file_digest,
+    hf_load_error,
     iter_jsonl,
     rank_zero_attempt,
     wait_for_file,
@@ -500,6 +501,10 @@ def _remove_interrupted_preparation(data_dir: Path) -> bool:
 def _prepare(cfg: HFDatasetConfig, data_dir: Path, tokenizer_name: str, max_seq_length: int, trust_remote_code: bool) -> dict:
     from transformers import AutoTokenizer
 
+    try:  # before any file is written: a tokenizer that cannot load must not leave a half-prepared directory
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_name, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise PipelineError(hf_load_error(tokenizer_name, e)) from None
     splits, info = build_splits(load_splits(cfg), cfg)
     summary: dict[str, Any] = {"rows": {}, "dropped": info["dropped"], "sources": info["sources"], "files": {}}
     for split, filename in SPLIT_FILES.items():
@@ -508,7 +513,6 @@ def _prepare(cfg: HFDatasetConfig, data_dir: Path, tokenizer_name: str, max_seq_
         summary["rows"][split] = count
         summary["files"][split] = str(data_dir / filename)
         log.info("%s split saved to %s (%d rows, from %s)", split, data_dir / filename, count, info["sources"][split])
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_name, trust_remote_code=trust_remote_code)
     summary["tokens"] = token_stats(splits["train"], tokenizer, max_seq_length)
     summary["max_seq_length"] = max_seq_length
     return summary

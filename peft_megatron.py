@@ -49,6 +49,7 @@ from common import (
     checkpoint_damage,
     environ_without_rendezvous,
     file_heads,
+    hf_load_error,
     is_nemo_checkpoint,
     parse_dataclass_args,
     rank_zero_attempt,
@@ -527,17 +528,6 @@ def _run_import(config: Config, target: Path, identity: dict) -> None:
     log.info("imported checkpoint written to %s", target)
 
 
-def model_config_error(hf_path: str, error: Exception) -> str:
-    """One line for a model configuration transformers could not load (offline hub id, gated model, custom code)."""
-    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    if "trust_remote_code" in str(error):
-        return (f"--hf_model_id {hf_path}: the model needs code from its repository; pass --trust_remote_code if "
-                "you trust that code")
-    return (f"--hf_model_id {hf_path}: could not read the model's configuration ({type(error).__name__}: {first}). "
-            "Without network access, point --hf_model_id at a local directory (save_pretrained output); a gated "
-            "hub model needs a login (HF_TOKEN)")
-
-
 def check_importer_head_dim(model, source: str, trust_remote_code: bool = False) -> None:
     """NeMo's importers ignore HF `head_dim` (Qwen3's fixes kv_channels=128): refuse rather than write a wrong model."""
     from transformers import AutoConfig
@@ -549,7 +539,7 @@ def check_importer_head_dim(model, source: str, trust_remote_code: bool = False)
         nemo_cfg = connector.config
         hf = AutoConfig.from_pretrained(hf_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
-        raise PipelineError(model_config_error(hf_path, e)) from None
+        raise PipelineError(hf_load_error(hf_path, e)) from None
     hf_head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
     nemo_head_dim = nemo_cfg.kv_channels or nemo_cfg.hidden_size // nemo_cfg.num_attention_heads
     if hf_head_dim != nemo_head_dim:

@@ -389,3 +389,12 @@ def test_local_files_are_checked_before_loading(tmp_path, fmt):
     fine = dm.HFDatasetConfig(dataset_name=str(src), input_column="question", output_column="answer",
                               prompt_template="Q: {question}")
     assert fine.problems() == []
+
+
+def test_a_tokenizer_that_cannot_load_fails_before_any_split_is_written(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    src = write_jsonl(tmp_path / "src.jsonl", ROWS)
+    with pytest.raises(PipelineError) as err:
+        prepare(config(src), tmp_path / "out", "some-org/no-such-model")
+    assert "--hf_model_id some-org/no-such-model: could not read the model's configuration or tokenizer" in str(err.value)
+    assert not list((tmp_path / "out").glob("*.jsonl"))
