@@ -90,3 +90,16 @@ def fake_checkpoint(path: Path, adapter: bool = False) -> Path:
     if adapter:
         (path / "weights" / "adapter_metadata.json").write_text('{"model_ckpt_path": "/nowhere/base"}')
     return path
+
+
+def kill_when(proc: subprocess.Popen, seen, timeout_s: float = 300) -> None:
+    """SIGKILL `proc` as soon as `seen()` is true (polled, no fixed sleeps); fail if it ends first."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while not seen():
+        assert proc.poll() is None, "the script ended before the moment to kill it:\n" + proc.stdout.read()[-2000:]
+        assert time.monotonic() < deadline, "timed out waiting for the moment to kill"
+        time.sleep(0.01)
+    proc.kill()
+    proc.wait()

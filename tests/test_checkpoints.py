@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, fake_checkpoint, run_script, start_script
+from conftest import REPO, fake_checkpoint, kill_when, run_script, start_script
 
 import convert_checkpoint_to_hf as conv
 import peft_megatron as pm
@@ -355,19 +355,6 @@ def test_damaged_checkpoints_are_named_before_any_loading(assets, tmp_path):
     reuse = run_script("peft_megatron.py", "--import_only", "--hf_model_id", str(assets["qwen3"]), "--recipe_cls_name",
                        "qwen3_600m", "--nemo_ckpt_dir", str(damaged["dot_metadata"]))
     assert reuse.returncode == 1 and "holds a damaged import: weights/.metadata is unreadable" in reuse.stderr
-
-
-def kill_when(proc, seen, timeout_s: float = 300) -> None:
-    """SIGKILL `proc` as soon as `seen()` is true (polled, no fixed sleeps); fail if it ends first."""
-    import time
-
-    deadline = time.monotonic() + timeout_s
-    while not seen():
-        assert proc.poll() is None, "the script ended before the moment to kill it:\n" + proc.stdout.read()[-2000:]
-        assert time.monotonic() < deadline, "timed out waiting for the moment to kill"
-        time.sleep(0.01)
-    proc.kill()
-    proc.wait()
 
 
 def test_killed_import_and_export_leave_nothing_that_looks_complete_and_rerun_cleanly(assets, tmp_path):

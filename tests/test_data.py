@@ -398,3 +398,24 @@ def test_a_tokenizer_that_cannot_load_fails_before_any_split_is_written(tmp_path
         prepare(config(src), tmp_path / "out", "some-org/no-such-model")
     assert "--hf_model_id some-org/no-such-model: could not read the model's configuration or tokenizer" in str(err.value)
     assert not list((tmp_path / "out").glob("*.jsonl"))
+
+
+def test_a_preparation_killed_between_its_splits_is_never_used_and_the_rerun_cleans_it(tmp_path, assets):
+    from conftest import kill_when, run_script, start_script
+
+    src = tmp_path / "big.csv"
+    src.write_text("question,answer\n" + "".join(f"What is the code for item {i}?,code-{i}\n" for i in range(300_000)))
+    out = tmp_path / "data"
+    args = ["--prepare_data_only", "--hf_model_id", str(assets["qwen3"]), "--input_column", "question",
+            "--output_column", "answer", "--data_dir", str(out), "--output_dir", str(tmp_path / "run"),
+            "--micro_batch_size", "1", "--accumulate_grad_batches", "1", "--gpus_per_node", "1",
+            "--tensor_parallel_size", "1"]
+    proc = start_script("peft_megatron.py", *args, "--dataset_name", str(src))
+    kill_when(proc, lambda: (out / "training.jsonl").exists())  # SIGKILL: no cleanup code runs
+    assert (out / dm.PREPARING_MARKER).exists() and not (out / dm.MARKER).exists()
+    reuse = run_script("peft_megatron.py", *args)
+    assert reuse.returncode == 1 and "holds what an interrupted preparation left" in reuse.stderr
+    again = run_script("peft_megatron.py", *args, "--dataset_name", str(src))
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "an earlier preparation was interrupted; removed what it left" in again.stdout + again.stderr
+    assert files_match_marker(out) and not (out / dm.PREPARING_MARKER).exists()
