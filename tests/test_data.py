@@ -232,6 +232,12 @@ def test_bad_input_is_a_clear_error(tmp_path, assets, case, message, monkeypatch
     assert case == "hub_offline" or "network" not in str(err.value)  # local files get no network hint
 
 
+@pytest.mark.parametrize("template", ["{row.question}", "{question[0]}", "{}"])
+def test_templates_with_nested_or_positional_fields_are_refused_before_loading(template):
+    problems = dm.HFDatasetConfig(prompt_template=template).problems()
+    assert len(problems) == 1 and "--prompt_template is not a valid format string" in problems[0]
+
+
 def test_config_problems_name_the_flags():
     problems = dm.HFDatasetConfig(val_fraction=0.5, test_fraction=0.5, max_samples=0, prompt_template="{0} {x y}", dataset_name="nope.jsonl").problems()
     joined = "\n".join(problems)
