@@ -118,7 +118,6 @@ class SDPADotProductAttention(torch.nn.Module):
         )
 
 
-
 def sdpa_mask(attention_mask, mask_type, sq: int, sk: int, device) -> tuple[Optional[torch.Tensor], bool]:
     """(attn_mask, is_causal) for SDPA from Megatron's mask (True = masked out); SDPA's mask is True = attend."""
     from megatron.core.transformer.enums import AttnMaskType
@@ -138,13 +137,14 @@ def sdpa_mask(attention_mask, mask_type, sq: int, sk: int, device) -> tuple[Opti
 
 
 _last_checked: tuple = (lambda: None, -1, False)  # (weakref to a mask, its version, plain causal?)
+_warned_not_causal = False
 
 
 def is_plain_causal(attention_mask: torch.Tensor) -> bool:
     """Whether a Megatron mask `[b or 1, 1, s, s]` masks exactly the future in every row. Every layer of a forward
     pass receives the same mask tensor, so it is checked once (one host sync per batch), keyed on the tensor object
     and its version counter, never on its address (a new batch may reuse the memory)."""
-    global _last_checked
+    global _last_checked, _warned_not_causal
     ref, version, result = _last_checked
     if ref() is attention_mask and version == attention_mask._version:
         return result
@@ -153,7 +153,8 @@ def is_plain_causal(attention_mask: torch.Tensor) -> bool:
     if result:
         future = torch.ones(s, s, dtype=torch.bool, device=attention_mask.device).triu(diagonal=1)
         result = bool(torch.equal(attention_mask.bool(), future.expand_as(attention_mask)))
-    if not result:
+    if not result and not _warned_not_causal:
         log.warning("attention mask is not plain causal: SDPA attends with the explicit mask (a slower kernel)")
+        _warned_not_causal = True
     _last_checked = (weakref.ref(attention_mask), attention_mask._version, result)
     return result
