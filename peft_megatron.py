@@ -34,7 +34,6 @@ import inspect
 import json
 import logging
 import os
-import shutil
 import subprocess
 import sys
 from dataclasses import dataclass, field
