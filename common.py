@@ -416,7 +416,10 @@ def remove_leftovers(target: Path, what: str, patterns: tuple[str, ...] = ("*.pa
     leftovers = sorted({p for pattern in patterns for p in parent.glob(f".{target.name}.{pattern}")}) \
         if parent.is_dir() else []
     for path in leftovers:
-        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
     if leftovers:
         log.warning("removed %d unfinished %s(s) left by killed runs: %s", len(leftovers), what,
                     ", ".join(p.name for p in leftovers))

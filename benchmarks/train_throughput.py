@@ -182,19 +182,15 @@ class StepRecorder:
         self.snapshot = {name: p.detach().flatten()[:4096].float().clone() for name, p in parameters if p.requires_grad}
 
     def moved(self, parameters) -> dict:
+        import torch
+
         trainable = {name: p for name, p in parameters if p.requires_grad}
         if set(trainable) != set(self.snapshot):
             raise RuntimeError(f"trainable parameters changed during training: {sorted(set(trainable) ^ set(self.snapshot))[:5]}")
-        changed = sum(not torch_equal(self.snapshot[n], trainable[n].detach().flatten()[:4096].float())
+        changed = sum(not torch.equal(self.snapshot[n], trainable[n].detach().flatten()[:4096].float())
                       for n in self.snapshot)
         return {"trainable_tensors": len(self.snapshot), "trainable_tensors_changed": int(changed),
                 "trainable_parameters": sum(p.numel() for p in trainable.values())}
-
-
-def torch_equal(a, b) -> bool:
-    import torch
-
-    return bool(torch.equal(a, b))
 
 
 def benchmark_recipe(case: Case, variant: Variant, max_steps: int, env, callbacks: list):
