@@ -9,7 +9,9 @@ model-config overrides, NeMo's trainer) against Hugging Face transformers + PEFT
 
 Both stacks get the named shape with random weights (no download), bf16, the same synthetic token sequences, the
 same LoRA rank / alpha / target modules (every linear layer of attention and MLP) or full fine-tuning, the same
-learning rate (constant, Adam), sequence length and micro-batch. Each measurement runs in its own process (a clean
+learning rate (constant, Adam), sequence length and micro-batch. Full fine-tuning measures HF twice: bf16 weights
+updated in place (the headline baseline) and fp32 weights + bf16 autocast (HF Trainer's bf16=True on a float32
+model: the numerics of Megatron's fp32 master weights). Each measurement runs in its own process (a clean
 GPU); steps are timed with a CUDA sync at both ends, the first --warmup_steps are excluded, the median of the
 others is reported. A run counts only if it trained: the synthetic task is learnable (each sequence counts up
 through a 97-token cycle from a random start), so the loss of the last three timed steps must be below that of
@@ -68,6 +70,7 @@ class Variant:
     help: str
     flags: dict = field(default_factory=dict)  # peft_megatron Config fields
     model: dict = field(default_factory=dict)  # model-config fields set after configure_recipe
+    trials: tuple = ()  # levers under trial (TRIALS), applied in the measurement process only
 
 
 VARIANTS = {
@@ -87,6 +90,13 @@ VARIANTS = {
         model={"cross_entropy_loss_fusion": True, "cross_entropy_fusion_impl": "native"},
     ),
     "mbs2": Variant("the default at micro-batch 2 (tokens per step doubled)", flags={"micro_batch_size": 2}),
+    "compiled_rope": Variant("the default + Megatron's unfused RoPE compiled with torch.compile (trial)",
+                             trials=("compiled_rope",)),
+    "optimizer_path": Variant("the default + torch's fused AdamW and foreach gradient norm / master-weight copy in "
+                              "place of Megatron's apex-less per-tensor fallbacks (trial)",
+                              trials=("fused_adam", "foreach_multi_tensor")),
+    "all_trials": Variant("the default + every trial lever", trials=("compiled_rope", "fused_adam",
+                                                                     "foreach_multi_tensor")),
 }
 
 
@@ -104,7 +114,7 @@ def parse_args(argv=None):
     parser.add_argument("--hf_pythonpath", help="PYTHONPATH for the baseline's process (e.g. '' to measure the "
                         "machine's own transformers/peft instead of the versions this project pins)")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "training.json"))
-    parser.add_argument("--worker", choices=["ours", "hf", "matmul"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=["ours", "hf", "hf_amp", "matmul"], help=argparse.SUPPRESS)
     parser.add_argument("--variant", choices=list(VARIANTS), default="default", help=argparse.SUPPRESS)
     parser.add_argument("--result_file", help=argparse.SUPPRESS)
     parser.add_argument("--trace", action="store_true", help=argparse.SUPPRESS)
@@ -193,6 +203,82 @@ class StepRecorder:
                 "trainable_parameters": sum(p.numel() for p in trainable.values())}
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Levers under trial: measured here before any of them enters the product (each is a scoped change of this
+# measurement process only; a lever that pays moves into nemo_compat with a GPU test, one that does not is removed)
+# ---------------------------------------------------------------------------------------------------------------
+def trial_compiled_rope() -> None:
+    """Megatron-Core 0.15.3 applies RoPE without TE as ~12 unfused elementwise kernels per q/k per layer
+    (rope_utils._apply_rotary_pos_emb_bshd: cos, sin, casts, chunk, neg, cat, multiplies, add); compile it into one."""
+    import torch
+    from megatron.core.models.common.embeddings import rope_utils
+
+    rope_utils._apply_rotary_pos_emb_bshd = torch.compile(rope_utils._apply_rotary_pos_emb_bshd)
+
+
+def foreach_multi_tensor_scale(chunk_size, noop_flag, tensor_lists, scale):
+    """amp_C.multi_tensor_scale's contract (dst = src * scale) with torch's foreach kernels; Megatron's apex-less
+    fallback loops `dst.copy_(src * scale)` per tensor (two kernels and an fp32 temporary each)."""
+    import torch
+
+    sources, targets = tensor_lists
+    torch._foreach_copy_(targets, sources if scale == 1.0 else torch._foreach_mul(sources, scale))
+
+
+def foreach_multi_tensor_l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
+    """amp_C.multi_tensor_l2norm's contract (total L2 norm, float32 [1] on the GPU, None per tensor) without the
+    fallback's host round trip per tensor (`torch.tensor([norm, ...])` of CUDA scalars)."""
+    import torch
+
+    norms = torch._foreach_norm(tensor_lists[0])
+    return torch.linalg.vector_norm(torch.stack(norms).float()).reshape(1), None
+
+
+def trial_foreach_multi_tensor() -> None:
+    from megatron.core.optimizer import clip_grads, optimizer
+
+    clip_grads.l2_norm_impl = foreach_multi_tensor_l2_norm
+    clip_grads.multi_tensor_scale_impl = foreach_multi_tensor_scale
+    optimizer.multi_tensor_scale_impl = foreach_multi_tensor_scale
+
+
+def torch_optimizers(optimizer):
+    """The torch optimizers inside NeMo's McoreDistributedOptimizer / Megatron's (chained) mixed-precision ones."""
+    import torch
+
+    inner = getattr(optimizer, "mcore_optimizer", None) or getattr(optimizer, "optimizer", None)
+    chained = getattr(optimizer, "chained_optimizers", None)
+    if chained is not None:
+        for child in chained:
+            yield from torch_optimizers(child)
+    elif inner is not None and inner is not optimizer:
+        yield from torch_optimizers(inner)
+    elif isinstance(optimizer, torch.optim.Optimizer):
+        yield optimizer
+
+
+def trial_fused_adam(trainer) -> None:
+    """Megatron without TE/apex builds torch's AdamW with its defaults (foreach, several passes over the fp32
+    master weights and both moments); torch's fused AdamW does one. Switched before the first step, while the
+    optimizer state is still empty (torch reads `fused` per step; the state's step counters follow it)."""
+    import torch
+
+    switched = 0
+    for optimizer in trainer.optimizers:
+        for inner in torch_optimizers(optimizer):
+            if not isinstance(inner, torch.optim.Adam) or inner.state:
+                raise RuntimeError(f"fused_adam trial: unexpected optimizer {type(inner).__name__} or state present")
+            for group in inner.param_groups:
+                group.update(fused=True, foreach=False)
+            switched += 1
+    if not switched:
+        raise RuntimeError("fused_adam trial: no torch Adam found inside the trainer's optimizers")
+
+
+PROCESS_TRIALS = {"compiled_rope": trial_compiled_rope, "foreach_multi_tensor": trial_foreach_multi_tensor}
+TRAINER_TRIALS = {"fused_adam": trial_fused_adam}  # need the built optimizer: applied when training starts
+
+
 def benchmark_recipe(case: Case, variant: Variant, max_steps: int, env, callbacks: list):
     """peft_megatron's recipe for this case (configure_recipe, as a job would get it), then only what a benchmark
     must change: random init instead of a restore, synthetic data, a constant learning rate, no validation,
@@ -232,12 +318,18 @@ def run_ours(args, case: Case, variant: Variant) -> dict:
     import nemo_compat
 
     env = nemo_compat.prepare_process()
+    for name in variant.trials:
+        if name in PROCESS_TRIALS:
+            PROCESS_TRIALS[name]()
     recorder = StepRecorder()
 
     class Timer(pl.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             if not recorder.seconds:  # NeMo applies LoRA (and freezes the base) when training starts: after it
                 recorder.start_training(pl_module.named_parameters())
+                for name in variant.trials:
+                    if name in TRAINER_TRIALS:
+                        TRAINER_TRIALS[name](trainer)
             torch.cuda.synchronize()
             self.started = time.perf_counter()
 
@@ -256,7 +348,7 @@ def run_ours(args, case: Case, variant: Variant) -> dict:
 
     recipe, config = benchmark_recipe(case, variant, args.warmup_steps + args.steps, env, [run.Config(Timer)])
     run.run(recipe, direct=True)
-    result = {"stack": "ours", "variant": args.variant, "environment": env.describe(),
+    result = {"stack": "ours", "variant": args.variant, "environment": env.describe(), "trials": list(variant.trials),
               "core_attention": config.core_attention, "micro_batch_size": config.micro_batch_size,
               **summarize(args, recorder, config.micro_batch_size * case.seq_length), **recorder.moved_info}
     if getattr(recorder, "trace", None):
@@ -264,7 +356,11 @@ def run_ours(args, case: Case, variant: Variant) -> dict:
     return result
 
 
-def run_hf(args, case: Case) -> dict:
+def run_hf(args, case: Case, amp: bool = False) -> dict:
+    """amp=False: bf16 weights updated in place (what loading with dtype=bfloat16 gives); amp=True: fp32 weights
+    and optimizer, bf16 autocast (HF Trainer's bf16=True on a float32 model: the numerics of Megatron's fp32 master
+    weights, and the like-for-like baseline for full fine-tuning, where bf16 in-place updates lose small steps)."""
+    import contextlib
     import time
 
     import torch
@@ -274,7 +370,8 @@ def run_hf(args, case: Case) -> dict:
 
     config = Qwen3Config(**QWEN3_COMMON, **SHAPES[case.shape][1])
     torch.manual_seed(0)
-    dtype = {"dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype": torch.bfloat16}
+    dtype = {"dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype":
+             torch.float32 if amp else torch.bfloat16}
     with torch.device("cuda"):
         model = Qwen3ForCausalLM._from_config(config, attn_implementation="sdpa", **dtype)
     if case.peft:
@@ -293,7 +390,8 @@ def run_hf(args, case: Case) -> dict:
         ids = torch.stack([counting_sequence(step * batch + i, case.seq_length) for i in range(batch)]).cuda()
         torch.cuda.synchronize()
         started = time.perf_counter()
-        loss = model(input_ids=ids[:, :-1], labels=ids[:, :-1], use_cache=False).loss  # HF shifts labels itself
+        with torch.autocast("cuda", dtype=torch.bfloat16) if amp else contextlib.nullcontext():
+            loss = model(input_ids=ids[:, :-1], labels=ids[:, :-1], use_cache=False).loss  # HF shifts labels itself
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -302,7 +400,7 @@ def run_hf(args, case: Case) -> dict:
         recorder.losses.append(loss.item())
     import peft
 
-    return {"stack": "hf", "versions": f"transformers {transformers.__version__}, peft {peft.__version__}",
+    return {"stack": "hf_amp" if amp else "hf", "versions": f"transformers {transformers.__version__}, peft {peft.__version__}",
             "micro_batch_size": batch, **summarize(args, recorder, batch * case.seq_length),
             **recorder.moved(model.named_parameters())}
 
@@ -413,7 +511,7 @@ def measure(args, worker: str, variant: str = "default", trace: bool = False) ->
                "--result_file", str(result_file), *(["--trace"] if trace else [])]
     print(f"\n== {worker} {variant if worker == 'ours' else ''}: {' '.join(command)}", flush=True)
     env = dict(os.environ)
-    if worker == "hf" and args.hf_pythonpath is not None:
+    if worker.startswith("hf") and args.hf_pythonpath is not None:
         env["PYTHONPATH"] = args.hf_pythonpath
     try:
         proc = subprocess.run(command, cwd=REPO, timeout=args.timeout_s, text=True, stdout=subprocess.PIPE,
@@ -447,7 +545,7 @@ def trained(result: dict, peft: bool) -> bool:
     return result["loss_last3"] < result["loss_first3"] and (moved == result["trainable_tensors"] if peft else moved > 0)
 
 
-def result_rows(args, case: Case, matmul: dict, hf: dict, ours: dict) -> list[dict]:
+def result_rows(args, case: Case, matmul: dict, hf: dict, ours: dict, hf_amp: dict) -> list[dict]:
     flops = model_flops_per_token(case)
     date = datetime.date.today().isoformat()
     rows = []
@@ -476,6 +574,11 @@ def result_rows(args, case: Case, matmul: dict, hf: dict, ours: dict) -> list[di
             versions={"torch": matmul.get("torch"), "cuda": matmul.get("cuda"), "hf": hf.get("versions")},
             ours=result, baseline=hf,
         )
+        if "tokens_per_s_per_gpu" in hf_amp:
+            row.update(amp_baseline_tokens_per_s_per_gpu=round(hf_amp["tokens_per_s_per_gpu"], 1),
+                       ratio_vs_amp_baseline=round(tokens / hf_amp["tokens_per_s_per_gpu"], 3),
+                       amp_baseline_peak_mem_gib=round(hf_amp["peak_mem_gib"], 2),
+                       amp_baseline_trained=trained(hf_amp, case.peft), amp_baseline=hf_amp)
         rows.append(row)
     return rows
 
@@ -496,6 +599,12 @@ def print_table(rows: list[dict]) -> None:
         print(f"{'HF + PEFT (SDPA)':20s} {hf['tokens_per_s_per_gpu']:8,.0f} {rows[0]['baseline_model_tflops_per_gpu']:8.1f} "
               f"{'':6s} {hf['peak_mem_gib']:9.1f} {1000 * hf['median_step_s']:8.1f} {'1.00':>6s} "
               f"{str(rows[0]['baseline_trained']):>8s}")
+    amp = rows[0].get("amp_baseline") or {}
+    if "tokens_per_s_per_gpu" in amp:
+        print(f"{'HF, fp32 + autocast':20s} {amp['tokens_per_s_per_gpu']:8,.0f} "
+              f"{amp['tokens_per_s_per_gpu'] * rows[0]['model_flops_per_token'] / 1e12:8.1f} {'':6s} "
+              f"{amp['peak_mem_gib']:9.1f} {1000 * amp['median_step_s']:8.1f} "
+              f"{amp['tokens_per_s_per_gpu'] / hf['tokens_per_s_per_gpu']:6.2f} {str(rows[0]['amp_baseline_trained']):>8s}")
 
 
 def selected_case(args) -> Case:
@@ -512,8 +621,8 @@ def run_worker(args) -> int:
     case = selected_case(args)
     if args.worker == "matmul":
         result = measure_matmul()
-    elif args.worker == "hf":
-        result = run_hf(args, case)
+    elif args.worker in ("hf", "hf_amp"):
+        result = run_hf(args, case, amp=args.worker == "hf_amp")
     else:
         result = run_ours(args, case, VARIANTS[args.variant])
     Path(args.result_file).write_text(json.dumps(result))
@@ -529,11 +638,12 @@ def main(argv=None) -> int:
     if "error" in matmul:
         return 1
     hf = {} if args.skip_hf else measure(args, "hf")
+    hf_amp = {} if args.skip_hf or case.peft else measure(args, "hf_amp")
     ours = {name: measure(args, "ours", name) for name in args.variants}
     if args.profile:
         traced = measure(args, "ours", args.profile, trace=True)
         ours[args.profile].setdefault("profile", traced.get("profile") or traced.get("error"))
-    rows = result_rows(args, case, matmul, hf, ours)
+    rows = result_rows(args, case, matmul, hf, ours, hf_amp)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(rows, indent=2) + "\n")
     print_table(rows)

@@ -81,3 +81,41 @@ def test_micro_batch_override_applies_to_both_stacks_and_is_validated():
     assert bench.selected_case(bench.parse_args([])).micro_batch_size == 1
     with pytest.raises(SystemExit):
         bench.parse_args(["--micro_batch_size", "0"])
+
+
+def test_foreach_fallbacks_keep_the_multi_tensor_contracts_megatron_calls():
+    import torch
+    from megatron.core.utils import local_multi_tensor_applier, local_multi_tensor_scale
+
+    torch.manual_seed(0)
+    grads = [torch.randn(7, 5), torch.randn(130), torch.randn(3, 3, 3)]
+    norm, per_tensor = local_multi_tensor_applier(bench.foreach_multi_tensor_l2_norm, None, [grads], False)
+    assert per_tensor is None and norm.shape == (1,) and norm.dtype == torch.float32
+    assert norm.item() == pytest.approx(torch.cat([g.flatten() for g in grads]).norm().item(), rel=1e-6)
+
+    for scale in (1.0, 0.25):
+        main = [g.clone() for g in grads]
+        ours, megatrons = ([torch.empty_like(g, dtype=torch.bfloat16) for g in grads] for _ in range(2))
+        local_multi_tensor_applier(bench.foreach_multi_tensor_scale, None, [main, ours], scale)
+        local_multi_tensor_applier(local_multi_tensor_scale, None, [main, megatrons], scale)
+        assert all(torch.equal(a, b) for a, b in zip(ours, megatrons))
+
+
+def test_compiled_rope_trial_gives_megatrons_rope(monkeypatch):
+    import torch
+    from megatron.core.models.common.embeddings import rope_utils
+
+    original = rope_utils._apply_rotary_pos_emb_bshd
+    monkeypatch.setattr(rope_utils, "_apply_rotary_pos_emb_bshd", original)  # restored after the test
+    bench.trial_compiled_rope()
+    assert rope_utils._apply_rotary_pos_emb_bshd is not original
+    torch.manual_seed(0)
+    t = torch.randn(16, 2, 4, 32)  # [s, b, heads, head_dim]
+    freqs = torch.randn(16, 1, 1, 32)
+    expected = original(t, freqs)
+    assert torch.allclose(rope_utils._apply_rotary_pos_emb_bshd(t, freqs), expected, atol=1e-5)
+    t.requires_grad_(True)
+    rope_utils._apply_rotary_pos_emb_bshd(t, freqs).sum().backward()
+    compiled_grad, t.grad = t.grad, None
+    original(t, freqs).sum().backward()
+    assert torch.allclose(compiled_grad, t.grad, atol=1e-5)
