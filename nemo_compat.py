@@ -11,13 +11,15 @@ Entry points:
     model_config_overrides()    model-config fields that must change without TE (fusions)
     optimizer_config_overrides()
     cpu_checkpoint_io()         context manager around llm.import_ckpt / export_ckpt on a CPU host
-    install_worker_hooks()      the same inside NeMo-Run's torchrun workers (via startup/sitecustomize.py)
+    install_worker_hooks()      the same inside NeMo-Run's torchrun workers (via startup/sitecustomize.py), plus the
+                                training-only compiled RoPE
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib
 import importlib.abc
 import importlib.util
 import logging
@@ -305,12 +307,48 @@ class _PostImportHook(importlib.abc.MetaPathFinder):
         return spec
 
 
+def _after_import(module: str, patch) -> None:
+    if module in sys.modules:
+        patch()
+    else:
+        sys.meta_path.insert(0, _PostImportHook(module, patch))
+
+
 def install_worker_hooks() -> None:
-    """For torchrun workers (startup/sitecustomize.py): stub the allocator build now and apply the PEFT guards as
-    soon as NeMo's PEFT module loads, with no NeMo import of our own (torchrun's launcher process runs this too)."""
+    """For the training workers (startup/sitecustomize.py; benchmarks/train_throughput.py in its own process): stub
+    the allocator build now; apply the PEFT guards and compile RoPE as soon as their modules load, with no NeMo
+    import of our own (torchrun's launcher process runs this too)."""
     skip_unified_memory_build()
     if importlib.util.find_spec("transformer_engine") is None:
-        sys.meta_path.insert(0, _PostImportHook("nemo.collections.llm.peft.lora", _patch_peft_te_checks))
+        _after_import("nemo.collections.llm.peft.lora", _patch_peft_te_checks)
+        _after_import(ROPE_MODULE, compile_unfused_rope)
+
+
+ROPE_MODULE = "megatron.core.models.common.embeddings.rope_utils"
+
+
+def compile_unfused_rope() -> None:
+    """Without TE (`apply_rope_fusion` needs it), Megatron-Core 0.15.3 applies RoPE as ~12 unfused elementwise
+    kernels per q/k per layer and pass (`rope_utils._apply_rotary_pos_emb_bshd`: cos, sin, casts, chunk, neg, cat,
+    multiplies, add); torch.compile fuses them, as Megatron's own jit_fuser does for SwiGLU. Qwen3-8B LoRA on the
+    H100: 10,700 vs 9,729 tokens/s (benchmarks/train_throughput.py, docs/BENCHMARKS.md). Training workers only:
+    inference captures CUDA graphs, where a first compilation fails. Remove when Megatron fuses RoPE without TE."""
+    import inspect
+
+    import torch
+
+    module = sys.modules.get(ROPE_MODULE) or importlib.import_module(ROPE_MODULE)
+    original = getattr(module, "_apply_rotary_pos_emb_bshd", None)
+    if getattr(original, "_nemo_compat", False):
+        return
+    expected = ["t", "freqs", "rotary_interleaved", "multi_latent_attention", "mscale"]
+    if original is None or list(inspect.signature(original).parameters) != expected:
+        log.warning("compat: RoPE left uncompiled: %s._apply_rotary_pos_emb_bshd is not Megatron-Core 0.15's", ROPE_MODULE)
+        return
+    compiled = torch.compile(original)
+    compiled._nemo_compat = True
+    module._apply_rotary_pos_emb_bshd = compiled
+    _mark("compiled-rope", "Megatron's unfused RoPE compiled with torch.compile (training workers)")
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -71,6 +71,7 @@ class Variant:
     flags: dict = field(default_factory=dict)  # peft_megatron Config fields
     model: dict = field(default_factory=dict)  # model-config fields set after configure_recipe
     trials: tuple = ()  # levers under trial (TRIALS), applied in the measurement process only
+    eager_rope: bool = False  # skip the training workers' compiled RoPE (nemo_compat.compile_unfused_rope)
 
 
 VARIANTS = {
@@ -90,13 +91,12 @@ VARIANTS = {
         model={"cross_entropy_loss_fusion": True, "cross_entropy_fusion_impl": "native"},
     ),
     "mbs2": Variant("the default at micro-batch 2 (tokens per step doubled)", flags={"micro_batch_size": 2}),
-    "compiled_rope": Variant("the default + Megatron's unfused RoPE compiled with torch.compile (trial)",
-                             trials=("compiled_rope",)),
+    "eager_rope": Variant("the default with Megatron's unfused RoPE left eager (as before the compiled RoPE)",
+                          eager_rope=True),
     "optimizer_path": Variant("the default + torch's fused AdamW and foreach gradient norm / master-weight copy in "
                               "place of Megatron's apex-less per-tensor fallbacks (trial)",
                               trials=("fused_adam", "foreach_multi_tensor")),
-    "all_trials": Variant("the default + every trial lever", trials=("compiled_rope", "fused_adam",
-                                                                     "foreach_multi_tensor")),
+    "all_trials": Variant("the default + every trial lever", trials=("fused_adam", "foreach_multi_tensor")),
 }
 
 
@@ -207,15 +207,6 @@ class StepRecorder:
 # Levers under trial: measured here before any of them enters the product (each is a scoped change of this
 # measurement process only; a lever that pays moves into nemo_compat with a GPU test, one that does not is removed)
 # ---------------------------------------------------------------------------------------------------------------
-def trial_compiled_rope() -> None:
-    """Megatron-Core 0.15.3 applies RoPE without TE as ~12 unfused elementwise kernels per q/k per layer
-    (rope_utils._apply_rotary_pos_emb_bshd: cos, sin, casts, chunk, neg, cat, multiplies, add); compile it into one."""
-    import torch
-    from megatron.core.models.common.embeddings import rope_utils
-
-    rope_utils._apply_rotary_pos_emb_bshd = torch.compile(rope_utils._apply_rotary_pos_emb_bshd)
-
-
 def foreach_multi_tensor_scale(chunk_size, noop_flag, tensor_lists, scale):
     """amp_C.multi_tensor_scale's contract (dst = src * scale) with torch's foreach kernels; Megatron's apex-less
     fallback loops `dst.copy_(src * scale)` per tensor (two kernels and an fp32 temporary each)."""
@@ -275,7 +266,7 @@ def trial_fused_adam(trainer) -> None:
         raise RuntimeError("fused_adam trial: no torch Adam found inside the trainer's optimizers")
 
 
-PROCESS_TRIALS = {"compiled_rope": trial_compiled_rope, "foreach_multi_tensor": trial_foreach_multi_tensor}
+PROCESS_TRIALS = {"foreach_multi_tensor": trial_foreach_multi_tensor}
 TRAINER_TRIALS = {"fused_adam": trial_fused_adam}  # need the built optimizer: applied when training starts
 
 
@@ -318,6 +309,8 @@ def run_ours(args, case: Case, variant: Variant) -> dict:
     import nemo_compat
 
     env = nemo_compat.prepare_process()
+    if not variant.eager_rope:
+        nemo_compat.install_worker_hooks()  # what startup/sitecustomize.py does in peft_megatron's training workers
     for name in variant.trials:
         if name in PROCESS_TRIALS:
             PROCESS_TRIALS[name]()
@@ -349,6 +342,7 @@ def run_ours(args, case: Case, variant: Variant) -> dict:
     recipe, config = benchmark_recipe(case, variant, args.warmup_steps + args.steps, env, [run.Config(Timer)])
     run.run(recipe, direct=True)
     result = {"stack": "ours", "variant": args.variant, "environment": env.describe(), "trials": list(variant.trials),
+              "compat": sorted(nemo_compat.applied()),
               "core_attention": config.core_attention, "micro_batch_size": config.micro_batch_size,
               **summarize(args, recorder, config.micro_batch_size * case.seq_length), **recorder.moved_info}
     if getattr(recorder, "trace", None):

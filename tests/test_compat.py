@@ -57,10 +57,37 @@ def test_worker_startup_hook_applies_guards_before_nemo_runs():
     probe = (
         "import sys, nemo.collections.llm\n"
         "from nemo.collections.llm.peft import lora\n"
-        "print(type(lora.te).__name__, 'stub' in sys.modules['megatron.core.inference.unified_memory'].__doc__)"
+        "from megatron.core.models.common.embeddings import rope_utils\n"
+        "print(type(lora.te).__name__, 'stub' in (sys.modules['megatron.core.inference.unified_memory'].__doc__ or ''),"
+        " getattr(rope_utils._apply_rotary_pos_emb_bshd, '_nemo_compat', False))"
     )
     out = run_python(probe, {"PYTHONPATH": f"{REPO / 'startup'}:{REPO}", nemo_compat.WORKER_ENV_FLAG: "1"})
-    assert out == "SimpleNamespace True"
+    assert out == "SimpleNamespace True True"
+    # Without the launcher's flag (test_checkpoint.py, conversions: CUDA-graph inference) RoPE stays eager.
+    out = run_python(probe, {"PYTHONPATH": f"{REPO / 'startup'}:{REPO}", nemo_compat.WORKER_ENV_FLAG: "0"})
+    assert out.endswith(" False")
+
+
+def test_compiled_rope_gives_megatrons_rope_and_its_gradient(monkeypatch):
+    from megatron.core.models.common.embeddings import rope_utils
+
+    eager = rope_utils._apply_rotary_pos_emb_bshd
+    monkeypatch.setattr(rope_utils, "_apply_rotary_pos_emb_bshd", eager)  # restored after the test
+    nemo_compat.compile_unfused_rope()
+    compiled = rope_utils._apply_rotary_pos_emb_bshd
+    assert compiled is not eager and compiled._nemo_compat
+    nemo_compat.compile_unfused_rope()
+    assert rope_utils._apply_rotary_pos_emb_bshd is compiled  # idempotent: never compiled twice
+    torch.manual_seed(0)
+    freqs = torch.randn(16, 1, 1, 32)
+    for interleaved in (False, True):
+        t = torch.randn(16, 2, 4, 32, requires_grad=True)  # [s, b, heads, head_dim]
+        expected = eager(t, freqs, rotary_interleaved=interleaved)
+        got = compiled(t, freqs, rotary_interleaved=interleaved)
+        assert torch.allclose(got, expected, atol=1e-5)
+        (grad_eager,) = torch.autograd.grad(expected.square().sum(), t)
+        (grad_compiled,) = torch.autograd.grad(got.square().sum(), t)
+        assert torch.allclose(grad_compiled, grad_eager, atol=1e-4)
 
 
 def test_te_only_fusions_switch_off_without_te_and_torch_compiled_ones_stay():

@@ -100,22 +100,3 @@ def test_foreach_fallbacks_keep_the_multi_tensor_contracts_megatron_calls():
         local_multi_tensor_applier(local_multi_tensor_scale, None, [main, megatrons], scale)
         assert all(torch.equal(a, b) for a, b in zip(ours, megatrons))
 
-
-def test_compiled_rope_trial_gives_megatrons_rope(monkeypatch):
-    import torch
-    from megatron.core.models.common.embeddings import rope_utils
-
-    original = rope_utils._apply_rotary_pos_emb_bshd
-    monkeypatch.setattr(rope_utils, "_apply_rotary_pos_emb_bshd", original)  # restored after the test
-    bench.trial_compiled_rope()
-    assert rope_utils._apply_rotary_pos_emb_bshd is not original
-    torch.manual_seed(0)
-    t = torch.randn(16, 2, 4, 32)  # [s, b, heads, head_dim]
-    freqs = torch.randn(16, 1, 1, 32)
-    expected = original(t, freqs)
-    assert torch.allclose(rope_utils._apply_rotary_pos_emb_bshd(t, freqs), expected, atol=1e-5)
-    t.requires_grad_(True)
-    rope_utils._apply_rotary_pos_emb_bshd(t, freqs).sum().backward()
-    compiled_grad, t.grad = t.grad, None
-    original(t, freqs).sum().backward()
-    assert torch.allclose(compiled_grad, t.grad, atol=1e-5)
