@@ -100,3 +100,9 @@ def test_foreach_fallbacks_keep_the_multi_tensor_contracts_megatron_calls():
         local_multi_tensor_applier(local_multi_tensor_scale, None, [main, megatrons], scale)
         assert all(torch.equal(a, b) for a, b in zip(ours, megatrons))
 
+
+
+def test_profile_must_name_a_measured_variant(capsys):
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--variants", "default", "--profile", "sdpa"])
+    assert "--profile sdpa must be one of --variants" in capsys.readouterr().err
