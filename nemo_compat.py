@@ -331,7 +331,7 @@ def compile_unfused_rope() -> None:
     """Without TE (`apply_rope_fusion` needs it), Megatron-Core 0.15.3 applies RoPE as ~12 unfused elementwise
     kernels per q/k per layer and pass (`rope_utils._apply_rotary_pos_emb_bshd`: cos, sin, casts, chunk, neg, cat,
     multiplies, add); torch.compile fuses them, as Megatron's own jit_fuser does for SwiGLU. Qwen3-8B LoRA on the
-    H100: 10,700 vs 9,729 tokens/s (benchmarks/train_throughput.py, docs/BENCHMARKS.md). Training workers only:
+    H100, one job: 9,603 vs 7,719 tokens/s (benchmarks/train_throughput.py, docs/BENCHMARKS.md). Training workers only:
     inference captures CUDA graphs, where a first compilation fails. Remove when Megatron fuses RoPE without TE."""
     import inspect
 

@@ -70,7 +70,7 @@ class Variant:
     help: str
     flags: dict = field(default_factory=dict)  # peft_megatron Config fields
     model: dict = field(default_factory=dict)  # model-config fields set after configure_recipe
-    trials: tuple = ()  # levers under trial (TRIALS), applied in the measurement process only
+    trials: tuple = ()  # levers under trial (PROCESS_TRIALS, TRAINER_TRIALS), applied in the measuring process only
     eager_rope: bool = False  # skip the training workers' compiled RoPE (nemo_compat.compile_unfused_rope)
 
 
@@ -96,7 +96,6 @@ VARIANTS = {
     "optimizer_path": Variant("the default + torch's fused AdamW and foreach gradient norm / master-weight copy in "
                               "place of Megatron's apex-less per-tensor fallbacks (trial)",
                               trials=("fused_adam", "foreach_multi_tensor")),
-    "all_trials": Variant("the default + every trial lever", trials=("fused_adam", "foreach_multi_tensor")),
 }
 
 
