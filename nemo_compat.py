@@ -337,7 +337,7 @@ def compile_unfused_rope() -> None:
 
     import torch
 
-    module = sys.modules.get(ROPE_MODULE) or importlib.import_module(ROPE_MODULE)
+    module = importlib.import_module(ROPE_MODULE)
     original = getattr(module, "_apply_rotary_pos_emb_bshd", None)
     if getattr(original, "_nemo_compat", False):
         return

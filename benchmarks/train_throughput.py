@@ -42,6 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
+from common import atomic_write_text  # noqa: E402
 from generation_throughput import QWEN3_COMMON, SHAPES  # noqa: E402
 
 CYCLE, FIRST_TOKEN = 97, 1000  # the learnable task: token ids FIRST_TOKEN + (start + i) % CYCLE
@@ -626,12 +627,6 @@ def run_worker(args) -> int:
     return 0
 
 
-def write_atomically(path: Path, rows: list[dict]) -> None:
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(json.dumps(rows, indent=2) + "\n")
-    partial.replace(path)
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.worker:
@@ -643,16 +638,14 @@ def main(argv=None) -> int:
     hf = {} if args.skip_hf else measure(args, "hf")
     hf_amp = {} if args.skip_hf or case.peft else measure(args, "hf_amp")
     ours: dict = {}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     for name in args.variants:  # rows are rewritten after every measurement: a job cut short keeps what it measured
         ours[name] = measure(args, "ours", name)
-        write_atomically(out, result_rows(args, case, matmul, hf, ours, hf_amp))
+        atomic_write_text(Path(args.out), json.dumps(result_rows(args, case, matmul, hf, ours, hf_amp), indent=2) + "\n")
     if args.profile:
         traced = measure(args, "ours", args.profile, trace=True)
         ours[args.profile].setdefault("profile", traced.get("profile") or traced.get("error"))
     rows = result_rows(args, case, matmul, hf, ours, hf_amp)
-    write_atomically(out, rows)
+    atomic_write_text(Path(args.out), json.dumps(rows, indent=2) + "\n")
     print_table(rows)
     print(f"written to {args.out}")
     return 0 if all(row.get("trained") for row in rows) else 1
