@@ -322,6 +322,7 @@ def install_worker_hooks() -> None:
     if importlib.util.find_spec("transformer_engine") is None:
         _after_import("nemo.collections.llm.peft.lora", _patch_peft_te_checks)
         _after_import(ROPE_MODULE, compile_unfused_rope)
+        _after_import(ROPE_MODULE, install_sync_free_packed_rope)
 
 
 ROPE_MODULE = "megatron.core.models.common.embeddings.rope_utils"
@@ -349,6 +350,62 @@ def compile_unfused_rope() -> None:
     compiled._nemo_compat = True
     module._apply_rotary_pos_emb_bshd = compiled
     _mark("compiled-rope", "Megatron's unfused RoPE compiled with torch.compile (training workers)")
+
+
+def install_sync_free_packed_rope() -> None:
+    """Megatron-Core 0.15.3's unfused RoPE for packed sequences (`rope_utils._apply_rotary_pos_emb_thd`) copies the
+    sequence lengths to the host (`.tolist()`, a device sync) and slices freqs per sequence, for q and for k in every
+    layer; each sync costs a host-bound step its lead on the GPU. This one finds each token's position inside its
+    sequence on the device (searchsorted over cu_seqlens, once per batch) and applies the bshd RoPE once — Megatron's
+    own "traditional mapping" (freqs per position, CP = 1); its offset mapping (freqs covering every packed token)
+    and CP > 1 still go to Megatron's function. Remove when Megatron's thd RoPE stops syncing."""
+    import inspect
+
+    module = importlib.import_module(ROPE_MODULE)
+    original = getattr(module, "_apply_rotary_pos_emb_thd", None)
+    if getattr(original, "_nemo_compat", False):
+        return
+    expected = ["t", "cu_seqlens", "freqs", "rotary_interleaved", "multi_latent_attention", "mscale", "cp_group"]
+    if original is None or list(inspect.signature(original).parameters) != expected:
+        log.warning("compat: packed RoPE left as is: %s._apply_rotary_pos_emb_thd is not Megatron-Core 0.15's",
+                    ROPE_MODULE)
+        return
+
+    def apply_rotary_pos_emb_thd(t, cu_seqlens, freqs, rotary_interleaved=False, multi_latent_attention=False,
+                                 mscale=1.0, cp_group=None):
+        if cp_group is None or cp_group.size() != 1 or freqs.size(0) == t.size(0):
+            return original(t, cu_seqlens, freqs, rotary_interleaved=rotary_interleaved,
+                            multi_latent_attention=multi_latent_attention, mscale=mscale, cp_group=cp_group)
+        freqs_packed = freqs[positions_in_sequence(cu_seqlens, t.size(0))]
+        return module._apply_rotary_pos_emb_bshd(  # looked up per call: the compiled one where installed
+            t.unsqueeze(1), freqs_packed, rotary_interleaved=rotary_interleaved,
+            multi_latent_attention=multi_latent_attention, mscale=mscale,
+        ).squeeze(1)
+
+    apply_rotary_pos_emb_thd._nemo_compat = True
+    module._apply_rotary_pos_emb_thd = apply_rotary_pos_emb_thd
+    _mark("sync-free-packed-rope", "Megatron's packed-sequence RoPE without host syncs (training workers)")
+
+
+_last_positions: tuple = (lambda: None, -1, 0, None)  # (weakref to cu_seqlens, its version, tokens, positions)
+
+
+def positions_in_sequence(cu_seqlens, tokens: int):
+    """Each packed token's position inside its own sequence, on cu_seqlens' device; every layer (q and k) gets the
+    same cu_seqlens tensor, so it is computed once per batch."""
+    import weakref
+
+    import torch
+
+    global _last_positions
+    ref, version, size, positions = _last_positions
+    if ref() is cu_seqlens and version == cu_seqlens._version and size == tokens:
+        return positions
+    index = torch.arange(tokens, device=cu_seqlens.device)
+    starts = cu_seqlens.to(index.dtype)
+    positions = index - starts[torch.searchsorted(starts, index, right=True) - 1]
+    _last_positions = (weakref.ref(cu_seqlens), cu_seqlens._version, tokens, positions)
+    return positions
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -14,10 +14,16 @@ given no mask is causal; a causal layer given a mask uses that mask; one query r
 Fast path: a causal layer whose mask is the plain lower-triangular one (what NeMo's SFT collate builds) runs with
 `is_causal=True` and no mask tensor, which keeps SDPA on its flash kernel; GQA goes to SDPA with `enable_gqa=True`
 (no repeated K/V). Any other mask is honoured exactly, on a slower SDPA kernel.
+
+Packed sequences (`--packed_sequence`: NeMo's packed SFT batches, Megatron's `thd` format with `cu_seqlens`) attend
+causally within each sequence and never across: on CUDA with torch's flash-attention `varlen_attn`
+(`torch.nn.attention.varlen`), elsewhere (CPU, or a torch without it) with SDPA and the block-diagonal causal mask.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import math
 import weakref
@@ -91,10 +97,10 @@ class SDPADotProductAttention(torch.nn.Module):
         attention_bias: Optional[torch.Tensor] = None,
         packed_seq_params=None,
     ) -> torch.Tensor:
-        if packed_seq_params is not None:
-            raise NotImplementedError("packed sequences are not supported by SDPADotProductAttention")
         if attention_bias is not None:
             raise NotImplementedError("attention_bias is not supported by SDPADotProductAttention")
+        if packed_seq_params is not None:
+            return self._forward_packed(query, key, value, packed_seq_params)
         sq, b, heads, head_dim = query.shape
         sk = key.shape[0]
         mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
@@ -116,6 +122,98 @@ class SDPADotProductAttention(torch.nn.Module):
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal, scale=self.softmax_scale, enable_gqa=gqa
         )
+
+    def _forward_packed(self, query, key, value, params) -> torch.Tensor:
+        """thd: q `[t, np, hn]`, k/v `[t, ng, hn]` holding sequences back to back at `cu_seqlens` -> `[t, np*hn]`."""
+        from megatron.core.transformer.enums import AttnMaskType
+
+        if params.qkv_format != "thd":
+            raise NotImplementedError(f"packed qkv_format {params.qkv_format!r} (only 'thd' is supported)")
+        mask_type = self.attn_mask_type
+        if mask_type not in (AttnMaskType.causal, AttnMaskType.padding_causal):
+            raise NotImplementedError(f"packed sequences with {mask_type} attention (only causal is supported)")
+        cu_q = params.cu_seqlens_q_padded if params.cu_seqlens_q_padded is not None else params.cu_seqlens_q
+        cu_k = params.cu_seqlens_kv_padded if params.cu_seqlens_kv_padded is not None else params.cu_seqlens_kv
+        t, heads, head_dim = query.shape
+        dropout = self.dropout_p if self.training else 0.0
+        varlen = varlen_kernel() if query.is_cuda and dropout == 0.0 else None
+        if varlen is not None:
+            # NeMo's collate gives max_seqlen as a host tensor: reading it costs no device sync.
+            max_q, max_k = (int(m) if m is not None else t for m in (params.max_seqlen_q, params.max_seqlen_kv))
+            out = varlen(query, key, value, cu_q.to(torch.int32), cu_k.to(torch.int32), max_q, max_k,
+                         self.softmax_scale)
+            return out.reshape(t, heads * head_dim)
+        if cu_q is not cu_k and not torch.equal(cu_q, cu_k):
+            raise NotImplementedError("packed cross-attention (cu_seqlens_q differs from cu_seqlens_kv)")
+        allowed = block_causal_mask(cu_q, t)
+        q, k, v = (x.transpose(0, 1).unsqueeze(0) for x in (query, key, value))  # [1, heads, t, hn]
+        if k.shape[1] != heads:
+            # SDPA with GQA and a mask falls back to its math kernel; repeated K/V keep the efficient one.
+            k, v = (x.repeat_interleave(heads // x.shape[1], dim=1) for x in (k, v))
+        if dropout > 0.0 and not self.config.sequence_parallel:
+            from megatron.core import tensor_parallel
+
+            with tensor_parallel.get_cuda_rng_tracker().fork():
+                out = self._attend(q, k, v, allowed, False, dropout, False)
+        else:
+            out = self._attend(q, k, v, allowed, False, dropout, False)
+        return out[0].transpose(0, 1).reshape(t, heads * head_dim)
+
+
+@functools.lru_cache(maxsize=1)
+def varlen_kernel():
+    """torch's flash-attention varlen call with Megatron's causal, GQA and scale, or None where the installed torch
+    has no usable `varlen_attn`. Its keyword set changed between releases (2.10: `is_causal`; later: `window_size`
+    and `enable_gqa`), so the signature decides, once."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        log.warning("packed sequences: torch %s has no varlen_attn; SDPA with a block-diagonal mask is used "
+                    "(slower)", torch.__version__)
+        return None
+    params = inspect.signature(varlen_attn).parameters
+    if "window_size" in params:
+        causal = {"window_size": (-1, 0)}
+    elif "is_causal" in params:
+        causal = {"is_causal": True}
+    else:
+        log.warning("packed sequences: varlen_attn%s has no causal option; using SDPA with a block-diagonal mask",
+                    inspect.signature(varlen_attn))
+        return None
+    native_gqa = "enable_gqa" in params
+    has_scale = "scale" in params
+
+    def attend(q, k, v, cu_q, cu_k, max_q, max_k, scale):
+        kwargs = dict(causal)
+        if k.shape[1] != q.shape[1]:
+            if native_gqa:
+                kwargs["enable_gqa"] = True
+            else:
+                k, v = (x.repeat_interleave(q.shape[1] // x.shape[1], dim=1) for x in (k, v))
+        if has_scale:
+            kwargs["scale"] = scale
+        elif not math.isclose(scale, 1.0 / math.sqrt(q.shape[-1])):
+            q = q * (scale * math.sqrt(q.shape[-1]))
+        return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, **kwargs)
+
+    return attend
+
+
+_last_block_mask: tuple = (lambda: None, -1, 0, None)  # (weakref to cu_seqlens, its version, t, mask)
+
+
+def block_causal_mask(cu_seqlens: torch.Tensor, t: int) -> torch.Tensor:
+    """SDPA mask `[t, t]` (True = attend) letting each token of a packed row see its own sequence's earlier tokens.
+    Every layer gets the same `cu_seqlens` tensor, so the mask is built once per batch."""
+    global _last_block_mask
+    ref, version, size, mask = _last_block_mask
+    if ref() is cu_seqlens and version == cu_seqlens._version and size == t:
+        return mask
+    positions = torch.arange(t, device=cu_seqlens.device)
+    sequence = torch.searchsorted(cu_seqlens.to(positions.dtype), positions, right=True)
+    mask = (sequence[:, None] == sequence[None, :]) & torch.ones(t, t, dtype=torch.bool, device=positions.device).tril()
+    _last_block_mask = (weakref.ref(cu_seqlens), cu_seqlens._version, t, mask)
+    return mask
 
 
 def sdpa_mask(attention_mask, mask_type, sq: int, sk: int, device) -> tuple[Optional[torch.Tensor], bool]:

@@ -5,7 +5,9 @@ sdpa_attention.py should reach, measured rather than assumed.
 
 Rows: SDPA with `enable_gqa=True` (K/V not repeated) under each backend that accepts it, and SDPA on K/V repeated
 to the query heads (what a backend without GQA support needs) under each backend; plus Megatron's unfused
-arithmetic (baddbmm, softmax, bmm) for reference. Median of 20 forward+backward passes after 5 warm-ups.
+arithmetic (baddbmm, softmax, bmm) for reference. Packed rows (--packed_sequences N: the row holds N sequences
+of random lengths, as --packed_sequence trains): torch's flash varlen kernel as sdpa_attention.py calls it, and SDPA
+with the block-diagonal causal mask (its fallback). Median of 20 forward+backward passes after 5 warm-ups.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ def main(argv=None) -> int:
     parser.add_argument("--heads", type=int, default=32)
     parser.add_argument("--kv_heads", type=int, default=8)
     parser.add_argument("--head_dim", type=int, default=128)
+    parser.add_argument("--packed_sequences", type=int, default=8, help="sequences in the packed-row cases")
     args = parser.parse_args(argv)
     b, s, h, g, d = args.batch, args.seq, args.heads, args.kv_heads, args.head_dim
     make = lambda heads: torch.randn(b, heads, s, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)  # noqa
@@ -65,6 +68,24 @@ def main(argv=None) -> int:
     cases["default choice, enable_gqa"] = (None, lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                                                                        enable_gqa=True))
     cases["unfused (Megatron local)"] = (None, unfused)
+
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import sdpa_attention
+
+    cuts = torch.randperm(s - 1, generator=torch.Generator().manual_seed(0))[: args.packed_sequences - 1] + 1
+    cu = torch.cat([torch.tensor([0]), cuts.sort().values, torch.tensor([s])]).to("cuda", torch.int32)
+    max_len = int((cu[1:] - cu[:-1]).max())
+    thd = lambda t: t[0].transpose(0, 1)  # noqa: E731  [1, heads, s, d] -> [s, heads, d]
+    varlen = sdpa_attention.varlen_kernel()
+    if varlen is not None:
+        cases[f"varlen, {args.packed_sequences} packed sequences"] = (None, lambda: varlen(
+            thd(q), thd(k), thd(v), cu, cu, max_len, max_len, d**-0.5).transpose(0, 1)[None])
+    block = sdpa_attention.block_causal_mask(cu, s)
+    cases[f"SDPA block mask, {args.packed_sequences} packed"] = (None, lambda: F.scaled_dot_product_attention(
+        q, *repeated(), attn_mask=block))
     rows = []
     for name, (backend, fn) in cases.items():
         try:

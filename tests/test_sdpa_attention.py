@@ -118,14 +118,17 @@ def test_plain_causal_check_is_per_mask_object_and_version():
     assert sdpa_attention.is_plain_causal(future(6)[None, None])
 
 
-def test_packed_sequences_and_unsupported_configs_are_refused_by_name():
+def test_unsupported_packed_formats_and_configs_are_refused_by_name():
     from megatron.core.packed_seq_params import PackedSeqParams
 
     import sdpa_attention
 
     q, k, v = qkv(4, 4, 1, 4, 2, 16)
-    with pytest.raises(NotImplementedError, match="packed sequences"):
-        core_attention(megatron_config())(q, k, v, None, packed_seq_params=PackedSeqParams(qkv_format="thd"))
+    with pytest.raises(NotImplementedError, match="packed qkv_format 'sbhd'"):
+        core_attention(megatron_config())(q, k, v, None, packed_seq_params=PackedSeqParams(qkv_format="sbhd"))
+    thd = PackedSeqParams(qkv_format="thd", cu_seqlens_q=torch.tensor([0, 4]), cu_seqlens_kv=torch.tensor([0, 4]))
+    with pytest.raises(NotImplementedError, match="packed sequences with AttnMaskType.no_mask attention"):
+        core_attention(megatron_config(), mask_type="no_mask")(q[:, 0], k[:, 0], v[:, 0], None, packed_seq_params=thd)
     windowed = megatron_config(window_size=(8, 0))
     with pytest.raises(ValueError, match="sliding-window attention; use --core_attention unfused"):
         core_attention(windowed)
