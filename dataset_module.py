@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import random
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +44,12 @@ FAILED_MARKER = ".data_failed"
 PREPARING_MARKER = ".data_preparing"  # written first and removed last: present afterwards = interrupted
 LOCK_FILE = ".data.lock"
 FORMAT_VERSION = 1
+PACKED_DIR = "packed"  # <data_dir>/packed/<pack size>-<key>/: training.npy, validation.npy, metadata.jsonl
+PACKED_MARKER = ".packed_ready.json"  # written last inside a packed directory renamed into place whole
+PACK_FAILED_MARKER = ".packing_failed"
+PACK_FORMAT_VERSION = 1
+PACK_ALGORITHM = "first_fit_shuffle"  # NeMo's default: first-fit over a shuffled order, deterministic for a seed
+PACKED_FILES = {"train": "training.npy", "val": "validation.npy"}
 LOCAL_SUFFIXES = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 _SPLIT_ALIASES = {"train": ("train",), "val": ("validation", "val", "valid", "dev"), "test": ("test",)}
 TRUNCATION_WARN_FRACTION = 0.02
@@ -466,6 +473,7 @@ def _prepare_on_rank0(cfg: HFDatasetConfig, data_dir: Path, fp: dict, tokenizer_
         )
     atomic_write_text(data_dir / PREPARING_MARKER, json.dumps({"pid": os.getpid(), "started": time.time()}) + "\n")
     (data_dir / MARKER).unlink(missing_ok=True)  # an interrupted re-prepare must not leave the old marker behind
+    _remove_memmap_indexes(data_dir)
     summary = _prepare(cfg, data_dir, tokenizer_name, max_seq_length, trust_remote_code)
     files = {name: file_digest(data_dir / name) for name in SPLIT_FILES.values()}
     atomic_write_text(data_dir / MARKER, json.dumps({"fingerprint": fp, "summary": summary, "files": files}, indent=2)
@@ -481,6 +489,15 @@ def _damaged_files(data_dir: Path, marker: dict) -> list[str]:
         return sorted(SPLIT_FILES.values())
     return [name for name in SPLIT_FILES.values()
             if not (data_dir / name).is_file() or file_digest(data_dir / name) != recorded.get(name)]
+
+
+def _remove_memmap_indexes(data_dir: Path) -> None:
+    """NeMo's JSONL reader keeps a newline index beside each file (`<file>.idx.npy`, `.idx.info`) and reuses it
+    whenever it exists, never checking it against the file: after a re-prepare it would cut the new rows at the old
+    offsets. Removed before new split files are written; NeMo rebuilds them on first read."""
+    for name in SPLIT_FILES.values():
+        for suffix in (".idx.npy", ".idx.info"):
+            (data_dir / f"{name}{suffix}").unlink(missing_ok=True)
 
 
 def _remove_interrupted_preparation(data_dir: Path) -> bool:
@@ -546,6 +563,96 @@ def _use_existing_jsonl(data_dir: Path, cfg: HFDatasetConfig) -> dict:
     return {"rows": rows, "dropped": {}, "sources": {s: "existing JSONL" for s in rows}, "files": {}}
 
 
+def packed_location(data_dir: Path, tokenizer_identity: str, pack_size: int, seed: int,
+                    dataset_kwargs: Optional[dict]) -> tuple[Path, dict]:
+    """Where the packed form of `data_dir`'s train and validation JSONL lives, and what it is a function of: the
+    files' content (as their marker records it, else hashed), tokenizer, pack size, seed, dataset settings and
+    algorithm. Every rank derives the same place from the files alone, and any change gives a new one."""
+    marker = _read_marker(data_dir) or {}
+    recorded = marker.get("files") if isinstance(marker.get("files"), dict) else {}
+    files = {}
+    for split in PACKED_FILES:
+        name = SPLIT_FILES[split]
+        files[name] = recorded.get(name) or file_digest(data_dir / name)
+    body = {"format": PACK_FORMAT_VERSION, "files": files, "tokenizer": tokenizer_identity, "pack_size": pack_size,
+            "seed": seed, "dataset_kwargs": dataset_kwargs or {}, "algorithm": PACK_ALGORITHM}
+    key = hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
+    return data_dir / PACKED_DIR / f"{pack_size}-{key[:16]}", {"sha256": key, **body}
+
+
+def pack_dataset(data_dir: Path, tokenizer, tokenizer_identity: str, pack_size: int, seed: int,
+                 dataset_kwargs: Optional[dict] = None, global_rank: int = 0, wait_timeout_s: float = 3600.0) -> dict:
+    """Pack the train and validation JSONL of `data_dir` into rows of at most `pack_size` tokens with NeMo's packer
+    (`prepare_packed_sequence_data`: its tokenization, truncation and loss masks, so a packed row's samples are
+    exactly the unpacked ones) and return the summary. Global rank 0 packs under the data lock into a temporary
+    directory renamed into place with its marker inside; other ranks wait for that marker; a packed directory whose
+    marker matches is reused, and packed directories of other settings are removed."""
+    data_dir = Path(data_dir)
+    location, key = packed_location(data_dir, tokenizer_identity, pack_size, seed, dataset_kwargs)
+    if global_rank != 0:
+        wait_for_file(location / PACKED_MARKER, data_dir / PACK_FAILED_MARKER, wait_timeout_s, "sequence packing")
+        return json.loads((location / PACKED_MARKER).read_text())["summary"]
+    with rank_zero_attempt(data_dir / LOCK_FILE, data_dir / PACK_FAILED_MARKER, wait_timeout_s, "sequence packing"):
+        marker = _read_packed_marker(location)
+        if marker is not None and marker.get("key", {}).get("sha256") == key["sha256"]:
+            log.info("packed data in %s already made with these settings; reusing it", location)
+            return marker["summary"]
+        summary = _pack_into_place(data_dir, location, key, tokenizer, pack_size, seed, dataset_kwargs)
+        for stale in (data_dir / PACKED_DIR).iterdir():
+            if stale != location and not stale.name.startswith("."):
+                shutil.rmtree(stale, ignore_errors=True)
+                log.info("removed packed data of earlier settings: %s", stale)
+        return summary
+
+
+def _read_packed_marker(location: Path) -> Optional[dict]:
+    """The marker of a packed directory whose files are all there with the sizes and hashes it records."""
+    try:
+        marker = json.loads((location / PACKED_MARKER).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    files = marker.get("files", {})
+    if set(files) != set(PACKED_FILES.values()) or any(
+            not (location / name).is_file() or file_digest(location / name) != digest for name, digest in files.items()):
+        log.warning("%s: packed files differ from what %s records; packing again", location, PACKED_MARKER)
+        return None
+    return marker
+
+
+def _pack_into_place(data_dir: Path, location: Path, key: dict, tokenizer, pack_size: int, seed: int,
+                     dataset_kwargs: Optional[dict]) -> dict:
+    import numpy as np
+    from nemo.collections.llm.gpt.data.packed_sequence import prepare_packed_sequence_data
+
+    work = location.parent / f".{location.name}.{os.getpid()}.partial"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    summary: dict[str, Any] = {"pack_size": pack_size, "directory": str(location)}
+    try:
+        for split, filename in PACKED_FILES.items():
+            prepare_packed_sequence_data(
+                input_path=data_dir / SPLIT_FILES[split], output_path=work / filename,
+                output_metadata_path=work / "metadata.jsonl", packed_sequence_size=pack_size, tokenizer=tokenizer,
+                max_seq_length=pack_size, seed=seed, packing_algorithm=PACK_ALGORITHM,
+                dataset_kwargs=dict(dataset_kwargs or {}),  # NeMo pops keys from it
+            )
+            packs = np.load(work / filename, allow_pickle=True)
+            samples = int(sum(len(p["seq_start_id"]) for p in packs))
+            # A sample of n ids trains on n - 1 positions (inputs and labels are shifted), as the packer counts.
+            tokens = sum(len(p["input_ids"]) for p in packs) - samples
+            summary[split] = {"samples": samples, "packs": len(packs),
+                              "fill": round(tokens / max(1, len(packs) * pack_size), 4)}
+        files = {name: file_digest(work / name) for name in PACKED_FILES.values()}
+        atomic_write_text(work / PACKED_MARKER, json.dumps({"key": key, "summary": summary, "files": files}, indent=2)
+                          + "\n")
+        shutil.rmtree(location, ignore_errors=True)  # a damaged earlier pack of the same settings
+        os.replace(work, location)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    log.info("packed %s", summary)
+    return summary
+
+
 def format_summary(summary: dict) -> str:
     lines = ["data summary:"]
     for split, n in summary.get("rows", {}).items():
@@ -563,6 +670,12 @@ def format_summary(summary: dict) -> str:
                 f"  WARNING: {share:.1%} of rows exceed --max_seq_length {summary['max_seq_length']} and will be "
                 "truncated; raise --max_seq_length"
             )
+    packed = summary.get("packed")
+    if packed:
+        for split in PACKED_FILES:
+            p = packed[split]
+            lines.append(f"  packed {split:5s} {p['samples']:>6d} samples -> {p['packs']:>6d} rows of <= "
+                         f"{packed['pack_size']} tokens ({p['fill']:.0%} filled)")
     return "\n".join(lines)
 
 
@@ -587,6 +700,7 @@ def _build_data_module_class():
             trust_remote_code: bool = False,
             wait_timeout_s: float = 3600.0,
             tokenizer_identity: Optional[str] = None,
+            packed_sequence: bool = False,
             **kwargs,
         ):
             # A plain dict: NeMo stores these arguments in every checkpoint's context and its restricted unpickler
@@ -601,6 +715,12 @@ def _build_data_module_class():
             if config.chat:
                 dataset_kwargs.update(chat=True, use_hf_tokenizer_chat_template=True)
             tokenizer = AutoTokenizer(self.tokenizer_name_or_path, trust_remote_code=trust_remote_code)
+            if packed_sequence:
+                from nemo.collections.llm.gpt.data.packed_sequence import PackedSequenceSpecs
+
+                # One pack per micro-batch (NeMo checks micro_batch_size == 1), each up to seq_length tokens.
+                kwargs["packed_sequence_specs"] = PackedSequenceSpecs(packed_sequence_size=seq_length)
+            self._packed_location: Optional[Path] = None
             super().__init__(
                 dataset_root=dataset_root,
                 seq_length=seq_length,
@@ -626,7 +746,38 @@ def _build_data_module_class():
                 wait_timeout_s=self.wait_timeout_s,
                 tokenizer_identity=self.tokenizer_identity,
             )
-            super().prepare_data()
+            if self.packed_sequence_size > 0:
+                self.prepare_packed(global_rank=rank)
+
+        def prepare_packed(self, global_rank: int = 0) -> dict:
+            """Pack the prepared train/validation JSONL (pack_dataset) and return the packing summary."""
+            return pack_dataset(Path(self.dataset_root), self.tokenizer, self._tokenizer_key(), self.packed_sequence_size,
+                                self.seed, self.dataset_kwargs, global_rank=global_rank,
+                                wait_timeout_s=self.wait_timeout_s)
+
+        def _tokenizer_key(self) -> str:
+            return self.tokenizer_identity or self.tokenizer_name_or_path
+
+        def packed_dir(self) -> Path:
+            """This data's packed directory (dataset_module.packed_location), the same on every rank."""
+            if self._packed_location is None:
+                self._packed_location, _ = packed_location(Path(self.dataset_root), self._tokenizer_key(),
+                                                           self.packed_sequence_size, self.seed, self.dataset_kwargs)
+            return self._packed_location
+
+        # NeMo's defaults (<root>/packed/<tokenizer name>/training_<size>.npy, reused whenever the file exists) would
+        # train on a stale pack after the data or tokenizer changed; these paths change with them.
+        @property
+        def train_path_packed(self) -> Path:
+            return self.packed_dir() / PACKED_FILES["train"]
+
+        @property
+        def validation_path_packed(self) -> Path:
+            return self.packed_dir() / PACKED_FILES["val"]
+
+        @property
+        def pack_metadata(self) -> Path:
+            return self.packed_dir() / "metadata.jsonl"
 
     GeneralizedHFDataModule.__module__ = __name__
     GeneralizedHFDataModule.__qualname__ = "GeneralizedHFDataModule"

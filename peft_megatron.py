@@ -101,6 +101,14 @@ class Config:
     accumulate_grad_batches: int = field(default=8, metadata={"help": "micro-batches accumulated per step"})
     limit_val_batches: int = field(default=80, metadata={"help": "validation batches per check"})
     max_seq_length: int = field(default=2048, metadata={"help": "tokens per sequence (longer prompts are truncated)"})
+    packed_sequence: bool = field(
+        default=False,
+        metadata={
+            "help": "pack several samples into each row of --max_seq_length tokens (attention stays inside each "
+            "sample): no padding, fewer steps per epoch on variable-length data. Needs --micro_batch_size 1; "
+            "--accumulate_grad_batches then counts packed rows"
+        },
+    )
     learning_rate: Optional[float] = field(default=None, metadata={"help": "peak learning rate (default: recipe's)"})
     early_stopping_threshold: float = field(default=0.001, metadata={"help": "minimum val_loss improvement"})
     early_stopping_patience: int = field(default=3, metadata={"help": "validation checks without improvement"})
@@ -327,6 +335,16 @@ def validate_config(config: Config) -> None:
     modes = [f"--{m}" for m in ("dry_run", "import_only", "prepare_data_only") if getattr(config, m)]
     if len(modes) > 1:
         problems.append(f"{', '.join(modes)} each select one phase; give one of them")
+    if config.packed_sequence:
+        if config.micro_batch_size != 1 and "micro_batch_size" not in bad:
+            problems.append(
+                f"--packed_sequence with --micro_batch_size {config.micro_batch_size}: a packed row of "
+                f"--max_seq_length tokens is the micro-batch; set --micro_batch_size 1 and raise "
+                "--accumulate_grad_batches for the same tokens per step"
+            )
+        if config.core_attention == "unfused" and importlib.util.find_spec("transformer_engine") is None:
+            problems.append("--packed_sequence with --core_attention unfused: Megatron's unfused attention cannot "
+                            "keep packed samples apart; use --core_attention sdpa")
     if cp > 1 and not config.dry_run and importlib.util.find_spec("transformer_engine") is None:
         problems.append(
             f"--context_parallel_size {cp} needs Transformer Engine's attention, which is not installed here; "
@@ -579,12 +597,17 @@ def prepare_data(config: Config) -> dict:
         wait_timeout_s=config.wait_timeout_s,
         tokenizer_identity=config.hf_model_id,
     )
+    if config.packed_sequence:
+        import fiddle as fdl
+
+        summary["packed"] = fdl.build(configure_data(config)).prepare_packed(global_rank=config.node_rank)
     print(format_summary(summary), flush=True)
-    val_rows = summary["rows"].get("val", 0)
+    val_rows = summary["packed"]["val"]["packs"] if config.packed_sequence else summary["rows"].get("val", 0)
     if val_rows < config.global_batch_size:
         # Megatron's validation sampler drops the incomplete last global batch: no val_loss, so no checkpoint.
+        what = "packs into" if config.packed_sequence else "has"
         raise PipelineError(
-            f"the validation split has {val_rows} rows, fewer than one global batch ({config.global_batch_size}): "
+            f"the validation split {what} {val_rows} rows, fewer than one global batch ({config.global_batch_size}): "
             "validation would run no batch, so no val_loss and no checkpoint. Raise --val_fraction or lower "
             "--micro_batch_size/--accumulate_grad_batches"
         )
@@ -711,6 +734,7 @@ def configure_data(config: Config):
         trust_remote_code=config.trust_remote_code,
         wait_timeout_s=config.wait_timeout_s,
         tokenizer_identity=config.hf_model_id,
+        packed_sequence=config.packed_sequence,
         num_workers=2,
     )
 
@@ -852,7 +876,7 @@ def plan_lines(config: Config) -> list[str]:
         f"accumulate_grad_batches: {config.accumulate_grad_batches}",
         f"global_batch_size: {config.global_batch_size}",
         f"max_steps: {config.max_steps} (validate every {config.val_check_interval}, {config.limit_val_batches} batches)",
-        f"max_seq_length: {config.max_seq_length}",
+        f"max_seq_length: {config.max_seq_length}" + (" (samples packed into rows)" if config.packed_sequence else ""),
         f"imported checkpoint: {config.nemo_ckpt_path} ({'present' if is_nemo_checkpoint(config.nemo_ckpt_path) else 'to be imported'})",
         f"data: {config.data.dataset_name or '(existing JSONL)'} -> {config.data_path}",
         f"checkpoints: {config.output_path / 'nemo_logs' / 'checkpoints'} (best val_loss + last)",

@@ -425,3 +425,152 @@ def test_a_preparation_killed_between_its_splits_is_never_used_and_the_rerun_cle
     assert again.returncode == 0, again.stderr[-2000:]
     assert "an earlier preparation was interrupted; removed what it left" in again.stdout + again.stderr
     assert files_match_marker(out) and not (out / dm.PREPARING_MARKER).exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# --packed_sequence: NeMo's packer on the prepared JSONL, atomic and keyed on what it is made from
+# ---------------------------------------------------------------------------------------------------------------------
+def packed_module(cfg, root: Path, model: Path, seq_length: int = 64):
+    from dataset_module import GeneralizedHFDataModule
+
+    return GeneralizedHFDataModule(
+        dataset_config=vars(cfg), tokenizer_name_or_path=str(model), dataset_root=str(root), seq_length=seq_length,
+        micro_batch_size=1, global_batch_size=1, num_workers=0, pin_memory=False, packed_sequence=True,
+    )
+
+
+def segments(batch) -> list[tuple]:
+    """(tokens, labels, loss mask) of each sample in a packed collate's row, cut at cu_seqlens."""
+    cu = batch["cu_seqlens"][0]
+    cu = cu[: int(batch["cu_seqlens_argmin"][0])].tolist()
+    out = []
+    for start, end in zip(cu[:-1], cu[1:]):
+        out.append(tuple(tuple(batch[k][0, start:end].tolist()) for k in ("tokens", "labels", "loss_mask")))
+    return out
+
+
+def test_packed_rows_hold_exactly_the_unpacked_samples_and_loss_masks(tmp_path, assets):
+    """Every training sample appears once across the packed rows, with the tokens, labels and loss mask NeMo's
+    unpacked collate gives it (so a packed step trains on the same targets); positions restart per sample."""
+    src = write_jsonl(tmp_path / "src.jsonl", ROWS)
+    cfg = config(src, prompt_template="Q: {question}\nA:")
+    prepare(cfg, tmp_path / "out", assets["tokenizer"])
+    module = packed_module(cfg, tmp_path / "out", assets["qwen3"])
+    summary = module.prepare_packed()
+    train_rows = len(read(tmp_path / "out" / "training.jsonl"))
+    assert summary["train"]["samples"] == train_rows and summary["val"]["samples"] == 4
+    assert 1 <= summary["train"]["packs"] < train_rows and 0 < summary["train"]["fill"] <= 1
+
+    unpacked = packed_module(cfg, tmp_path / "out", assets["qwen3"])
+    unpacked.packed_sequence_size = -1  # the same module reading the JSONL unpacked
+    plain = unpacked._create_dataset(unpacked.train_path)
+    expected = []
+    for i in range(len(plain)):
+        b = plain.collate_fn([plain[i]])
+        n = len(plain[i]["input_ids"]) - 1  # inputs and labels are the ids shifted by one; the rest is padding
+        expected.append(tuple(tuple(b[k][0, :n].tolist()) for k in ("tokens", "labels", "loss_mask")))
+
+    packed = module._create_dataset(module.train_path_packed, pack_metadata_path=module.pack_metadata)
+    got = []
+    for i in range(len(packed)):
+        batch = packed.collate_fn([packed[i]])
+        assert batch["tokens"].shape[1] <= 64
+        samples = len(packed[i]["seq_boundaries"]) - 1  # segments after these are the row's padding
+        got.extend(segments(batch)[:samples])
+        cu = batch["cu_seqlens"][0, : int(batch["cu_seqlens_argmin"][0])].tolist()
+        for start, end in list(zip(cu[:-1], cu[1:]))[:samples]:
+            assert batch["position_ids"][0, start:end].tolist() == list(range(end - start))
+    assert sorted(got) == sorted(expected)
+
+
+def test_packing_is_reused_while_nothing_changes_and_replaced_when_the_data_does(tmp_path, assets, caplog):
+    import logging
+
+    src = write_jsonl(tmp_path / "src.jsonl", ROWS)
+    cfg = config(src)
+    prepare(cfg, tmp_path / "out", assets["tokenizer"])
+    module = packed_module(cfg, tmp_path / "out", assets["qwen3"])
+    first = module.prepare_packed()
+    location = Path(first["directory"])
+    assert sorted(p.name for p in location.iterdir()) == [dm.PACKED_MARKER, "metadata.jsonl", "training.npy",
+                                                          "validation.npy"]
+    with caplog.at_level(logging.INFO, logger="peft_megatron.data"):
+        assert packed_module(cfg, tmp_path / "out", assets["qwen3"]).prepare_packed() == first
+    assert "already made with these settings; reusing it" in caplog.text
+
+    (location / "training.npy").write_bytes(b"damaged")  # a marker must prove its files: packed again
+    assert packed_module(cfg, tmp_path / "out", assets["qwen3"]).prepare_packed() == first
+    assert dm.file_digest(location / "training.npy") == json.loads((location / dm.PACKED_MARKER).read_text())["files"]["training.npy"]
+
+    changed = config(src, prompt_template="Question: {question}\nAnswer:", overwrite_data=True)
+    prepare(changed, tmp_path / "out", assets["tokenizer"])
+    second = packed_module(changed, tmp_path / "out", assets["qwen3"])
+    assert second.packed_dir() != location  # the JSONL changed, so the pack's key did
+    second.prepare_packed()
+    assert [p.name for p in (tmp_path / "out" / dm.PACKED_DIR).iterdir()] == [second.packed_dir().name]
+
+
+def test_a_failed_packing_leaves_nothing_that_looks_packed(tmp_path, assets, monkeypatch):
+    import nemo.collections.llm.gpt.data.packed_sequence as nemo_packing
+
+    src = write_jsonl(tmp_path / "src.jsonl", ROWS)
+    cfg = config(src)
+    prepare(cfg, tmp_path / "out", assets["tokenizer"])
+    module = packed_module(cfg, tmp_path / "out", assets["qwen3"])
+    real = nemo_packing.prepare_packed_sequence_data
+    calls = []
+
+    def fail_on_validation(**kwargs):
+        calls.append(kwargs["output_path"].name)
+        if kwargs["output_path"].name == "validation.npy":
+            raise OSError("disk full")
+        return real(**kwargs)
+
+    monkeypatch.setattr(nemo_packing, "prepare_packed_sequence_data", fail_on_validation)
+    with pytest.raises(OSError, match="disk full"):
+        module.prepare_packed()
+    assert calls == ["training.npy", "validation.npy"]
+    assert not module.packed_dir().exists() and not list((tmp_path / "out" / dm.PACKED_DIR).iterdir())
+    assert "disk full" in (tmp_path / "out" / dm.PACK_FAILED_MARKER).read_text()
+    monkeypatch.setattr(nemo_packing, "prepare_packed_sequence_data", real)
+    assert module.prepare_packed()["train"]["samples"] == 32  # the next attempt packs, and clears the failure
+    assert not (tmp_path / "out" / dm.PACK_FAILED_MARKER).exists()
+
+
+def test_packed_sequence_cli_prepares_packs_and_refuses_a_micro_batch_above_one(tmp_path, assets):
+    common = ["peft_megatron.py", "--prepare_data_only", "--hf_model_id", str(assets["qwen3"]), "--dataset_name",
+              str(assets["data"]), "--input_column", "question", "--output_column", "answer", "--output_dir",
+              str(tmp_path), "--val_fraction", "0.25", "--gpus_per_node", "1", "--tensor_parallel_size", "1",
+              "--packed_sequence", "--max_seq_length", "128"]
+    bad = run_script(*common, "--micro_batch_size", "2")
+    assert bad.returncode == 2
+    assert "--packed_sequence with --micro_batch_size 2: a packed row of --max_seq_length tokens is the micro-batch" in bad.stderr
+    out = run_script(*common, "--micro_batch_size", "1", "--accumulate_grad_batches", "2")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "train       67 rows" in out.stdout
+    assert "packed train     67 samples ->" in out.stdout and "packed val       24 samples ->" in out.stdout
+    marker = next((tmp_path / "data" / dm.PACKED_DIR).glob("128-*/" + dm.PACKED_MARKER))
+    assert json.loads(marker.read_text())["summary"]["train"]["samples"] == 67
+
+
+def test_a_re_prepared_split_is_never_read_through_nemos_old_index(tmp_path, assets):
+    """NeMo indexes each JSONL once (<file>.idx.npy beside it) and trusts the index while it exists; after
+    --overwrite_data the new rows must be read at their own offsets."""
+    from dataset_module import GeneralizedHFDataModule
+
+    src = write_jsonl(tmp_path / "src.jsonl", ROWS)
+
+    def first_prompt(cfg):
+        module = GeneralizedHFDataModule(dataset_config=vars(cfg), tokenizer_name_or_path=str(assets["qwen3"]),
+                                         dataset_root=str(tmp_path / "out"), seq_length=64, micro_batch_size=1,
+                                         global_batch_size=1, num_workers=0, pin_memory=False)
+        sample = module._create_dataset(module.train_path)[0]
+        return module.tokenizer.tokenizer.decode(sample["input_ids"][: sample["answer_start_idx"]])
+
+    prepare(config(src, prompt_template="Q: {question}\nA:"), tmp_path / "out", assets["tokenizer"])
+    assert first_prompt(config(src)).startswith("Q: What is")
+    assert (tmp_path / "out" / "training.jsonl.idx.npy").exists()
+    longer = config(src, prompt_template="A longer question, to move every offset: {question}\nA:",
+                    overwrite_data=True)
+    prepare(longer, tmp_path / "out", assets["tokenizer"])
+    assert first_prompt(longer).startswith("A longer question, to move every offset: What is")

@@ -16,10 +16,14 @@ PACK = 40
 
 @pytest.fixture
 def model_parallel(module_model_parallel, monkeypatch):
-    if not torch.cuda.is_available():
-        # Megatron's RotaryEmbedding moves its frequencies to torch.cuda.current_device() on the first forward;
-        # a CPU-only machine has no such device, so there they stay on the CPU.
-        monkeypatch.setattr(torch.cuda, "current_device", lambda: "cpu")
+    """Model parallelism, and CPU models that stay on the CPU: Megatron's RotaryEmbedding moves its frequencies to
+    torch.cuda.current_device() on its first forward, which a CPU-only machine lacks and which would split a CPU
+    model across devices on a GPU machine. CUDA models are built and run with the real device."""
+    real = torch.cuda.current_device
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: CURRENT[0] if CURRENT[0] == "cpu" else real())
+
+
+CURRENT = ["cpu"]  # the device of the model being run (see model_parallel)
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +89,7 @@ def packed_batch(device: str):
 
 
 def alone_and_packed(model, device):
+    CURRENT[0] = device
     samples, tokens, positions, params = packed_batch(device)
     with torch.no_grad():
         packed = model(tokens, positions, attention_mask=None, packed_seq_params=params)[0]
@@ -120,6 +125,7 @@ def test_packed_row_gives_each_sample_its_own_logits(model_parallel, monkeypatch
 def test_packed_row_backward_matches_separate_samples(model_parallel):
     """The gradient of the packed loss is the sum of the samples' gradients (no sample sees another's tokens)."""
     model = tiny_gpt("cpu", torch.float32).train()
+    CURRENT[0] = "cpu"
     samples, tokens, positions, params = packed_batch("cpu")
     model(tokens, positions, attention_mask=None, packed_seq_params=params)[0, :sum(LENGTHS)].float().square().sum().backward()
     packed = {n: p.grad.clone() for n, p in model.named_parameters()}
