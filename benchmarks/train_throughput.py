@@ -6,6 +6,8 @@ model-config overrides, NeMo's trainer) against Hugging Face transformers + PEFT
     python benchmarks/train_throughput.py --case qwen3_8b_lora --micro_batch_size 2   # both stacks at mbs 2
     python benchmarks/train_throughput.py --case qwen3_8b_lora --variants unfused_recompute sdpa default \\
         --profile default --out /tmp/ablation.json                    # each lever on its own, and a trace split
+    python benchmarks/train_throughput.py --case qwen3_8b_lora_varlen --variants default packed \\
+        --out benchmarks/results/training_packed.json                 # variable-length samples, unpacked vs packed
 
 Both stacks get the named shape with random weights (no download), bf16, the same synthetic token sequences, the
 same LoRA rank / alpha / target modules (every linear layer of attention and MLP) or full fine-tuning, the same
@@ -22,6 +24,13 @@ causal attention halved); for LoRA x 2/3, as NeMo AutoModel counts LoRA (frozen 
 GEMM; with this convention its published Llama3-8B LoRA run, 12,473 tokens/s, is the 402 TFLOP/s it quotes).
 MFU is model TFLOP/s over a bf16 8192^3 matmul measured in the same job. Writes --out (default
 benchmarks/results/training.json, one row per variant); docs/BENCHMARKS.md holds the table.
+
+Variable-length case (`*_varlen`): sample lengths are log-uniform in [256, seq_length] (a fixed pool, the same for
+every stack). Unpacked runs (ours, HF) take one sample per micro-batch; `packed` takes one row of NeMo's packer
+(`create_packing_strategy` / `fill_packing_strategy` over the pool, first-fit, as --packed_sequence packs) through
+NeMo's own packed dataset and collate. Throughput counts only real tokens (the positions with a loss), summed over
+the timed steps and divided by their summed time; model FLOPs are those of the full sequence length (an upper bound
+on attention FLOPs for shorter samples), so compare tokens/s there.
 """
 
 from __future__ import annotations
@@ -58,12 +67,16 @@ class Case:
     learning_rate: float = 1e-4  # NeMo's LoRA default; at 1e-3 NeMo's Adam (beta2 0.98) diverged on this task
     lora_dim: int = 16
     lora_alpha: int = 32
+    variable_lengths: bool = False  # samples of log-uniform length in [MIN_SAMPLE, seq_length] (mbs 1)
 
 
 CASES = {
     "qwen3_8b_lora": Case(recipe="qwen3_8b", shape="qwen3_8b", peft=True, learning_rate=1e-4),
     "qwen3_1p7b_full": Case(recipe="qwen3_1p7b", shape="qwen3_1p7b", peft=False, learning_rate=1e-5),
+    "qwen3_8b_lora_varlen": Case(recipe="qwen3_8b", shape="qwen3_8b", peft=True, learning_rate=1e-4,
+                                 variable_lengths=True),
 }
+MIN_SAMPLE, POOL = 256, 400  # variable-length samples: shortest length, and how many the packer packs
 
 
 @dataclass(frozen=True)
@@ -94,6 +107,8 @@ VARIANTS = {
     "mbs2": Variant("the default at micro-batch 2 (tokens per step doubled)", flags={"micro_batch_size": 2}),
     "eager_rope": Variant("the default with Megatron's unfused RoPE left eager (as before the compiled RoPE)",
                           eager_rope=True),
+    "packed": Variant("the default with --packed_sequence (variable-length case: NeMo's packer, one packed row per "
+                      "micro-batch)", flags={"packed_sequence": True}),
     "optimizer_path": Variant("the default + torch's fused AdamW and foreach gradient norm / master-weight copy in "
                               "place of Megatron's apex-less per-tensor fallbacks (trial)",
                               trials=("fused_adam", "foreach_multi_tensor")),
@@ -123,6 +138,11 @@ def parse_args(argv=None):
         parser.error("--micro_batch_size must be at least 1")
     if args.profile and args.profile not in args.variants:
         parser.error(f"--profile {args.profile} must be one of --variants (its row carries the trace)")
+    case = CASES[args.case]
+    if case.variable_lengths and (args.micro_batch_size or 1) != 1:
+        parser.error(f"--case {args.case} runs one sample (or one packed row) per micro-batch; drop --micro_batch_size")
+    if "packed" in args.variants and not case.variable_lengths:
+        parser.error("--variants packed needs a variable-length case (e.g. --case qwen3_8b_lora_varlen)")
     if args.steps < 6 or args.warmup_steps < 1:
         parser.error("--steps must be at least 6 (the loss check compares the first and last three) and "
                      "--warmup_steps at least 1")
@@ -140,29 +160,82 @@ def counting_sequence(index: int, length: int):
     return FIRST_TOKEN + (start + torch.arange(length + 1)) % CYCLE
 
 
-def make_synthetic_data_module(seq_length: int, micro_batch_size: int, global_batch_size: int):
+def sample_length(index: int, case: Case) -> int:
+    """Tokens trained on in sample `index` of the case (fixed for every stack)."""
+    import math
+    import random
+
+    if not case.variable_lengths:
+        return case.seq_length
+    rng = random.Random(1_000_003 * index + 7)
+    return min(case.seq_length, int(math.exp(rng.uniform(math.log(MIN_SAMPLE), math.log(case.seq_length)))))
+
+
+def write_packed_pool(case: Case, path: Path) -> None:
+    """NeMo's packing of the case's sample pool (what --packed_sequence's pack_dataset writes), as a .npy file."""
+    import numpy as np
+    from nemo.utils.sequence_packing_utils import create_hist, create_packing_strategy, fill_packing_strategy
+
+    np.random.seed(1234)  # fill_packing_strategy shuffles with numpy's global generator
+    samples = [{"input_ids": counting_sequence(i, sample_length(i, case)).tolist(), "answer_start_idx": 0}
+               for i in range(POOL)]
+    sequences, histogram = create_hist(samples, case.seq_length)
+    assignments, _ = create_packing_strategy(histogram, case.seq_length, "first_fit_shuffle")
+    np.save(path, fill_packing_strategy(assignments, sequences, case.seq_length, 0))
+
+
+def make_synthetic_data_module(case_name: str, micro_batch_size: int, global_batch_size: int, packed: bool = False):
     """A NeMo data module (MockDataModule's sampler and loaders) whose batches are what NeMo's SFT collate gives
-    peft_megatron's model (tokens, labels, loss mask, positions, Megatron's causal mask: True = masked out)."""
+    peft_megatron's model (tokens, labels, loss mask, positions, Megatron's causal mask: True = masked out), or with
+    `packed` what NeMo's packed dataset gives it. Every collated batch's trained-token count is kept in
+    `module.batch_tokens` (loaded in this process: num_workers 0), in the order the steps consume them."""
     import torch
     from nemo.collections.llm.gpt.data.mock import MockDataModule
+
+    import functools
+
+    case = CASES[case_name]
+    seq_length = case.seq_length
+    batch_tokens: list = []
+    causal_mask = functools.lru_cache(maxsize=4)(lambda n: torch.ones(1, n, n, dtype=torch.bool).triu(1))
 
     class CountingDataset(torch.utils.data.Dataset):
         def __init__(self, length: int):
             self.length = length
-            self.mask = torch.ones(1, seq_length, seq_length, dtype=torch.bool).triu(1)
-            self.positions = torch.arange(seq_length)
 
         def __len__(self):
             return self.length
 
         def __getitem__(self, index):
-            ids = counting_sequence(index, seq_length)
-            return {"tokens": ids[:-1], "labels": ids[1:], "loss_mask": torch.ones(seq_length),
-                    "position_ids": self.positions, "attention_mask": self.mask}
+            if case.variable_lengths:
+                index %= POOL
+            n = sample_length(index, case)
+            ids = counting_sequence(index, n)
+            return {"tokens": ids[:-1], "labels": ids[1:], "loss_mask": torch.ones(n), "position_ids": torch.arange(n),
+                    "attention_mask": causal_mask(n)}
 
         @staticmethod
         def collate_fn(batch):
-            return torch.utils.data.default_collate(batch)
+            collated = torch.utils.data.default_collate(batch)
+            batch_tokens.append(int(collated["loss_mask"].sum()))
+            return collated
+
+    def packed_dataset():
+        from nemo.collections.llm.gpt.data.core import GPTSFTPackedDataset, create_sft_dataset
+
+        path = Path(tempfile.mkdtemp(prefix="packed_pool_")) / "training.npy"
+        write_packed_pool(case, path)
+        dataset = create_sft_dataset(path, SyntheticTokenizer(), seq_length=seq_length, seed=1234)  # as NeMo's module
+        assert isinstance(dataset, GPTSFTPackedDataset)
+        collate = dataset.collate_fn
+
+        def counted(batch):
+            collated = collate(batch)
+            batch_tokens.append(int(collated["loss_mask"].sum()))
+            return collated
+
+        dataset.collate_fn = counted
+        return dataset
 
     class SyntheticTokenizer:
         vocab_size = QWEN3_COMMON["vocab_size"]
@@ -170,12 +243,14 @@ def make_synthetic_data_module(seq_length: int, micro_batch_size: int, global_ba
 
     class CountingDataModule(MockDataModule):
         def setup(self, stage: str = "") -> None:
-            self._train_ds = CountingDataset(self.num_train_samples)
+            self._train_ds = packed_dataset() if packed else CountingDataset(self.num_train_samples)
             self._validation_ds = self._test_ds = CountingDataset(self.global_batch_size)
 
-    return CountingDataModule(seq_length=seq_length, tokenizer=SyntheticTokenizer(), micro_batch_size=micro_batch_size,
-                              global_batch_size=global_batch_size, num_train_samples=100_000, num_workers=2,
-                              pin_memory=True)
+    module = CountingDataModule(seq_length=seq_length, tokenizer=SyntheticTokenizer(), micro_batch_size=micro_batch_size,
+                                global_batch_size=global_batch_size, num_train_samples=100_000,
+                                num_workers=0 if case.variable_lengths else 2, pin_memory=True)
+    module.batch_tokens = batch_tokens
+    return module
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -186,6 +261,7 @@ class StepRecorder:
 
     def __init__(self):
         self.seconds, self.losses, self.snapshot = [], [], {}
+        self.tokens: list = []  # trained tokens per step, where they vary (variable-length case)
 
     def start_training(self, parameters):
         import torch
@@ -272,7 +348,7 @@ PROCESS_TRIALS = {"foreach_multi_tensor": trial_foreach_multi_tensor}
 TRAINER_TRIALS = {"fused_adam": trial_fused_adam}  # need the built optimizer: applied when training starts
 
 
-def benchmark_recipe(case: Case, variant: Variant, max_steps: int, env, callbacks: list):
+def benchmark_recipe(case_name: str, case: Case, variant: Variant, max_steps: int, env, callbacks: list):
     """peft_megatron's recipe for this case (configure_recipe, as a job would get it), then only what a benchmark
     must change: random init instead of a restore, synthetic data, a constant learning rate, no validation,
     checkpoints or TensorBoard."""
@@ -296,8 +372,8 @@ def benchmark_recipe(case: Case, variant: Variant, max_steps: int, env, callback
     recipe.log = run.Config(nl.NeMoLogger, log_dir=str(out), ckpt=None, tensorboard=None)
     peft_megatron.assign(recipe.trainer, enable_checkpointing=False, num_sanity_val_steps=0, val_check_interval=None,
                          log_every_n_steps=1, limit_val_batches=0, callbacks=callbacks)
-    recipe.data = run.Config(make_synthetic_data_module, seq_length=case.seq_length,
-                             micro_batch_size=config.micro_batch_size, global_batch_size=config.global_batch_size)
+    recipe.data = run.Config(make_synthetic_data_module, case_name=case_name, micro_batch_size=config.micro_batch_size,
+                             global_batch_size=config.global_batch_size, packed=config.packed_sequence)
     return recipe, config
 
 
@@ -340,8 +416,11 @@ def run_ours(args, case: Case, variant: Variant) -> dict:
 
         def on_train_end(self, trainer, pl_module):
             recorder.moved_info = recorder.moved(pl_module.named_parameters())
+            if case.variable_lengths:
+                recorder.tokens = list(trainer.datamodule.batch_tokens[: len(recorder.seconds)])
 
-    recipe, config = benchmark_recipe(case, variant, args.warmup_steps + args.steps, env, [run.Config(Timer)])
+    recipe, config = benchmark_recipe(args.case, case, variant, args.warmup_steps + args.steps, env,
+                                      [run.Config(Timer)])
     run.run(recipe, direct=True)
     result = {"stack": "ours", "variant": args.variant, "environment": env.describe(), "trials": list(variant.trials),
               "compat": sorted(nemo_compat.applied()),
@@ -383,7 +462,12 @@ def run_hf(args, case: Case, amp: bool = False) -> dict:
     recorder.start_training(model.named_parameters())
     batch = case.micro_batch_size
     for step in range(args.warmup_steps + args.steps):
-        ids = torch.stack([counting_sequence(step * batch + i, case.seq_length) for i in range(batch)]).cuda()
+        index = [step * batch + i for i in range(batch)]
+        if case.variable_lengths:
+            index = [i % POOL for i in index]  # as CountingDataset reads the pool
+        ids = torch.stack([counting_sequence(i, sample_length(i, case)) for i in index]).cuda()
+        if case.variable_lengths:
+            recorder.tokens.append(ids.shape[1] - 1)
         torch.cuda.synchronize()
         started = time.perf_counter()
         with torch.autocast("cuda", dtype=torch.bfloat16) if amp else contextlib.nullcontext():
@@ -407,7 +491,14 @@ def summarize(args, recorder: StepRecorder, tokens_per_step: int) -> dict:
     timed = recorder.seconds[args.warmup_steps:]
     losses = recorder.losses[args.warmup_steps:]
     step = statistics.median(timed)
-    return {"median_step_s": step, "tokens_per_s_per_gpu": tokens_per_step / step, "step_seconds": timed,
+    if recorder.tokens:  # steps of different lengths: all timed tokens over all timed time
+        if len(recorder.tokens) != len(recorder.seconds):
+            raise RuntimeError(f"{len(recorder.tokens)} token counts for {len(recorder.seconds)} steps")
+        tokens = recorder.tokens[args.warmup_steps:]
+        throughput = {"tokens_per_s_per_gpu": sum(tokens) / sum(timed), "tokens_per_step": tokens}
+    else:
+        throughput = {"tokens_per_s_per_gpu": tokens_per_step / step}
+    return {"median_step_s": step, **throughput, "step_seconds": timed,
             "losses": losses, "loss_first3": statistics.mean(losses[:3]), "loss_last3": statistics.mean(losses[-3:]),
             "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
             "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30}

@@ -59,13 +59,14 @@ def test_worker_startup_hook_applies_guards_before_nemo_runs():
         "from nemo.collections.llm.peft import lora\n"
         "from megatron.core.models.common.embeddings import rope_utils\n"
         "print(type(lora.te).__name__, 'stub' in (sys.modules['megatron.core.inference.unified_memory'].__doc__ or ''),"
-        " getattr(rope_utils._apply_rotary_pos_emb_bshd, '_nemo_compat', False))"
+        " getattr(rope_utils._apply_rotary_pos_emb_bshd, '_nemo_compat', False),"
+        " getattr(rope_utils._apply_rotary_pos_emb_thd, '_nemo_compat', False))"
     )
     out = run_python(probe, {"PYTHONPATH": f"{REPO / 'startup'}:{REPO}", nemo_compat.WORKER_ENV_FLAG: "1"})
-    assert out == "SimpleNamespace True True"
-    # Without the launcher's flag (test_checkpoint.py, conversions: CUDA-graph inference) RoPE stays eager.
+    assert out == "SimpleNamespace True True True"
+    # Without the launcher's flag (test_checkpoint.py, conversions: CUDA-graph inference) RoPE stays Megatron's.
     out = run_python(probe, {"PYTHONPATH": f"{REPO / 'startup'}:{REPO}", nemo_compat.WORKER_ENV_FLAG: "0"})
-    assert out.endswith(" False")
+    assert out.endswith(" False False")
 
 
 def test_compiled_rope_gives_megatrons_rope_and_its_gradient(monkeypatch):

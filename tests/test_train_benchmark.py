@@ -27,8 +27,15 @@ def test_lora_flops_are_two_thirds_of_nemos_training_formula():
     assert bench.model_flops_per_token(full) > 6 * 1.7e9
 
 
+@pytest.fixture(autouse=True)
+def tiny_cases(monkeypatch):
+    monkeypatch.setitem(bench.CASES, "tiny", bench.Case(recipe="qwen3_600m", shape="qwen3_8b", peft=True, seq_length=32))
+    monkeypatch.setitem(bench.CASES, "tiny_varlen", bench.Case(recipe="qwen3_600m", shape="qwen3_8b", peft=True,
+                                                                seq_length=2048, variable_lengths=True))
+
+
 def test_synthetic_batches_are_learnable_and_causal():
-    module = bench.make_synthetic_data_module(seq_length=32, micro_batch_size=2, global_batch_size=2)
+    module = bench.make_synthetic_data_module("tiny", micro_batch_size=2, global_batch_size=2)
     module.setup()
     sample = module._train_ds[5]
     assert sample["tokens"].shape == sample["labels"].shape == (32,)
@@ -48,12 +55,13 @@ def test_the_timed_recipe_is_peft_megatrons_with_only_the_benchmark_changes(vari
     import sdpa_attention
 
     env = nemo_compat.Environment(has_te=False, has_cuda=True)
-    recipe, config = bench.benchmark_recipe(bench.CASES["qwen3_8b_lora"], bench.VARIANTS[variant], 15, env, [])
+    recipe, config = bench.benchmark_recipe("qwen3_8b_lora", bench.CASES["qwen3_8b_lora"], bench.VARIANTS[variant],
+                                            15, env, [])
     model = recipe.model.config
     assert model.seq_length == 4096 and model.num_layers == 36 and model.hidden_size == 4096
     assert recipe.peft.dim == 16 and recipe.peft.alpha == 32 and recipe.optim.config.lr == 1e-4
     assert recipe.resume is None and recipe.optim.lr_scheduler is None and recipe.trainer.max_steps == 15
-    assert recipe.data.seq_length == 4096 and recipe.data.micro_batch_size == 1
+    assert recipe.data.case_name == "qwen3_8b_lora" and recipe.data.micro_batch_size == 1 and not recipe.data.packed
     if variant == "default":
         assert model.transformer_layer_spec is sdpa_attention.layer_spec
         assert model.bias_activation_fusion and model.bias_dropout_fusion and not model.cross_entropy_loss_fusion
@@ -106,3 +114,37 @@ def test_profile_must_name_a_measured_variant(capsys):
     with pytest.raises(SystemExit):
         bench.parse_args(["--variants", "default", "--profile", "sdpa"])
     assert "--profile sdpa must be one of --variants" in capsys.readouterr().err
+
+
+def test_variable_length_samples_are_fixed_and_unpacked_batches_count_their_tokens():
+    case = bench.CASES["tiny_varlen"]
+    lengths = [bench.sample_length(i, case) for i in range(bench.POOL)]
+    assert lengths == [bench.sample_length(i, case) for i in range(bench.POOL)]
+    assert min(lengths) >= bench.MIN_SAMPLE and max(lengths) <= 2048 and len(set(lengths)) > 50
+    assert bench.sample_length(3, bench.CASES["tiny"]) == 32
+    module = bench.make_synthetic_data_module("tiny_varlen", micro_batch_size=1, global_batch_size=1)
+    module.setup()
+    loader = module.train_dataloader()
+    batches = [b for _, b in zip(range(3), loader)]
+    assert module.batch_tokens == lengths[:3] == [b["tokens"].shape[1] for b in batches]
+    assert all(b["attention_mask"].shape[-1] == b["tokens"].shape[1] for b in batches)
+
+
+def test_packed_rows_come_from_nemos_packer_and_collate_with_their_real_token_counts():
+    case = bench.CASES["tiny_varlen"]
+    module = bench.make_synthetic_data_module("tiny_varlen", micro_batch_size=1, global_batch_size=1, packed=True)
+    module.setup()
+    dataset = module._train_ds
+    assert sum(len(dataset[i]["seq_boundaries"]) - 1 for i in range(len(dataset))) == bench.POOL
+    loader = module.train_dataloader()
+    batches = [b for _, b in zip(range(3), loader)]
+    assert len(module.batch_tokens) == 3
+    for j, (batch, counted) in enumerate(zip(batches, module.batch_tokens)):
+        bounds = dataset[j]["seq_boundaries"]  # a sample of n ids trains on n - 1 positions
+        assert counted == int(batch["loss_mask"].sum()) == sum(e - s - 1 for s, e in zip(bounds[:-1], bounds[1:]))
+        assert batch["tokens"].shape[1] <= case.seq_length and "cu_seqlens" in batch
+        assert len(bounds) > 2  # several samples per row
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--case", "qwen3_8b_lora", "--variants", "packed"])
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--case", "qwen3_8b_lora_varlen", "--micro_batch_size", "2"])
