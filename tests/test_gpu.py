@@ -205,7 +205,7 @@ def test_packed_sequences_train_validate_and_checkpoint(assets, tmp_path):
     assert "packed train" in result.stdout and "rows of <= 64 tokens" in result.stdout
     train, val = scalars(out, "reduced_train_loss"), scalars(out, "val_loss")
     print({s: round(v, 4) for s, v in sorted(train.items())}, val)
-    assert train[max(train)] < 0.5 * train[min(train)] and val[max(val)] < val[min(val)]
+    assert train[max(train)] < 0.8 * train[min(train)] and val[max(val)] < val[min(val)]  # as the unpacked runs
     best = [p.name for p in checkpoints(out) if not p.name.endswith("-last")]
     assert len(best) == 1 and f"val_loss={min(val.values()):.4f}" in best[0]
 
