@@ -195,14 +195,14 @@ os.umask(_UMASK)
 
 
 @contextlib.contextmanager
-def _atomic_open(path: Path) -> Iterator[typing.TextIO]:
-    """A text handle on a temporary sibling of `path`, fsynced and renamed over it only if the block succeeds."""
+def _atomic_open(path: Path, binary: bool = False) -> Iterator[typing.IO]:
+    """A handle on a temporary sibling of `path`, fsynced and renamed over it only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; the result is an ordinary file, readable as any other
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        with os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8") as fh:
             yield fh
             fh.flush()
             os.fsync(fh.fileno())
@@ -216,6 +216,11 @@ def _atomic_open(path: Path) -> Iterator[typing.TextIO]:
 def atomic_write_text(path: Path, text: str) -> None:
     with _atomic_open(path) as fh:
         fh.write(text)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    with _atomic_open(path, binary=True) as fh:
+        fh.write(data)
 
 
 def atomic_write_jsonl(path: Path, rows: Iterable[dict]) -> int:

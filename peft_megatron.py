@@ -34,8 +34,10 @@ import inspect
 import json
 import logging
 import os
+import shlex
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -793,6 +795,8 @@ def configure_callbacks(config: Config) -> list:
         callbacks.append(run.Config(cb.MegatronProgressBar, refresh_rate=config.log_every_n_steps))
     if config.enable_memory_monitor:
         callbacks.append(run.Config(cb.MemoryMonitor))
+    else:  # the run report's peak memory: one statistic, logged like the loss
+        callbacks.append(run.Config(cb.MemoryMonitor, memory_keys={"allocated_bytes.all.peak": "peak_allocated_mem"}))
     if config.enable_speed_monitor:
         callbacks.append(run.Config(cb.SpeedMonitor, window_size=100))
     if config.enable_runtime_estimator:
@@ -836,10 +840,12 @@ def configure_executor(config: Config, env=None):
     )
 
 
-def launch_training(config: Config, recipe, executor) -> None:
+def launch_training(config: Config, recipe, executor) -> float:
+    """Run the experiment to its end; returns its wall time in seconds."""
     import nemo_run as run
     from torchx.specs.api import AppState
 
+    started = time.monotonic()
     if config.enable_pytorch_profiler or config.enable_memory_profile:
         (config.output_path / "profiles").mkdir(parents=True, exist_ok=True)  # the callbacks require it to exist
     with run.Experiment(
@@ -858,6 +864,27 @@ def launch_training(config: Config, recipe, executor) -> None:
             "(the error is printed above)"
         )
     log.info("fine-tuning finished; checkpoints under %s", config.output_path / "nemo_logs" / "checkpoints")
+    return time.monotonic() - started
+
+
+def write_report(config: Config, wall_time_s: float) -> dict:
+    """<output_dir>/report/: summary.json and loss_curve.png of the finished run (run_report.py); prints the gist."""
+    import run_report
+
+    summary = run_report.write_training_report(config.output_path, {
+        "model": config.hf_model_id,
+        "mode": "full fine-tuning" if config.full_ft else f"PEFT ({config.peft_scheme})",
+        "max_steps": config.max_steps,
+        "world_size": config.world_size,
+        "global_batch_size": config.global_batch_size,
+        "max_seq_length": config.max_seq_length,
+        "wall_time_s": wall_time_s,
+        "command": shlex.join(sys.orig_argv),
+    })
+    print(f"report: {run_report.report_dir(config.output_path)}", flush=True)
+    for line in run_report.summary_lines(summary):
+        print(f"  {line}", flush=True)
+    return summary
 
 
 # ====================================================================================================================
@@ -975,12 +1002,17 @@ def run_demo(config: Config) -> int:
     before_eval = BackgroundScript.start(config.output_path / "evaluate_before.log", "test_checkpoint.py",
                                          *_demo_evaluation_args(config, config.nemo_ckpt_path, "before"))
     try:
-        launch_training(config, configure_recipe(config, env), configure_executor(config, env))
+        wall_time_s = launch_training(config, configure_recipe(config, env), configure_executor(config, env))
     except BaseException:
         before_eval.stop()
         raise
+    write_report(config, wall_time_s)
     before_eval.wait()
     before = _demo_metrics(config, "before")
+    import run_report
+
+    run_report.add_evaluation(config.output_path, "base model (imported_hf_ckpt, before fine-tuning)",
+                              {"checkpoint": str(config.nemo_ckpt_path), **before})
     print(f"demo: before fine-tuning, exact match {before['exact_match']:.3f} (log: {before_eval.log_file})",
           flush=True)
     _run_script("test_checkpoint.py", *_demo_evaluation_args(config, None, "after"))
@@ -1074,7 +1106,8 @@ def main(argv: list[str] | None = None) -> int:
     import nemo_compat
 
     env = nemo_compat.prepare_process()
-    launch_training(config, configure_recipe(config, env), configure_executor(config, env))
+    wall_time_s = launch_training(config, configure_recipe(config, env), configure_executor(config, env))
+    write_report(config, wall_time_s)
     return 0
 
 

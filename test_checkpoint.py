@@ -455,8 +455,20 @@ def main(argv: list[str] | None = None) -> int:
     import torch.distributed as dist
 
     if not dist.is_initialized() or dist.get_rank() == 0:
-        write_and_evaluate(cfg, out, rows, stats)
+        metrics = write_and_evaluate(cfg, out, rows, stats)
+        report_evaluation(ckpt, out, metrics)
     return 0
+
+
+def report_evaluation(ckpt: Path, predictions: Path, metrics: dict) -> None:
+    """Add the metrics to the run report of the run that wrote `ckpt` (run_report.py), if a run did."""
+    import run_report
+
+    run = run_report.run_of_checkpoint(ckpt)
+    if run is not None:
+        run_report.add_evaluation(run, ckpt.name, {"checkpoint": str(ckpt), "predictions": str(predictions),
+                                                   **metrics})
+        print(f"metrics added to {run_report.report_dir(run) / 'summary.json'}")
 
 
 if __name__ == "__main__":
