@@ -253,9 +253,10 @@ def test_configure_recipe_lora(tmp_path, no_te):
     assert recipe.log.use_datetime_version is False and recipe.log.wandb is None
     assert recipe.log.tensorboard is not None
     assert recipe.tokenizer == "data"
-    assert _callback_targets(recipe) == ["TimingCallback", "EarlyStopping"]
-    early = recipe.trainer.callbacks[1]
+    assert _callback_targets(recipe) == ["TimingCallback", "EarlyStopping", "MemoryMonitor"]
+    early, memory = recipe.trainer.callbacks[1:]
     assert (early.monitor, early.patience, early.min_delta, early.mode) == ("val_loss", 3, 0.001, "min")
+    assert memory.memory_keys == {"allocated_bytes.all.peak": "peak_allocated_mem"}  # the run report's peak memory
 
 
 def test_configure_recipe_full_ft_and_optional_callbacks(tmp_path, no_te, monkeypatch):

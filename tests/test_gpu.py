@@ -6,11 +6,14 @@ The record of the runs on the lent H100 is docs/gpu-validation.md.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
 from conftest import run_script
+
+import run_report
 
 pytestmark = pytest.mark.gpu
 
@@ -26,15 +29,7 @@ def tiny_job(assets, out: Path, *extra: str) -> list[str]:
 
 
 def scalars(run_dir: Path, tag: str) -> dict[int, float]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    values = {}
-    for events in sorted(run_dir.rglob("events.out.tfevents.*")):
-        acc = EventAccumulator(str(events))
-        acc.Reload()
-        if tag in acc.Tags()["scalars"]:
-            values.update({e.step: e.value for e in acc.Scalars(tag)})
-    return values
+    return run_report.read_scalars(run_dir).get(tag, {})
 
 
 def checkpoints(out: Path) -> list[Path]:
@@ -66,6 +61,11 @@ def test_lora_trains_checkpoints_logs_and_profiles(lora_run):
     # Without TE the default run trains with SDPA core attention: the model config saved with it says so.
     context = "".join(p.read_text(errors="replace") for p in checkpoints(out)[0].glob("context/*") if p.is_file())
     assert "sdpa_attention" in context and "layer_spec" in context
+    summary = json.loads((out / "report" / "summary.json").read_text())
+    assert (summary["steps"], summary["early_stopped"], summary["tokens_seen"]) == (30, False, 30 * 8 * 64)
+    assert summary["best_checkpoint"]["val_loss"] == pytest.approx(min(val.values()), abs=5e-5)
+    assert summary["last_checkpoint"]["path"].endswith("-last") and summary["tokens_per_s"] > 0
+    assert 0 < summary["peak_gpu_mem_gib"] < 80 and (out / "report" / "loss_curve.png").stat().st_size > 10_000
 
 
 def test_sdpa_attention_trains_like_megatrons_unfused_attention(assets, tmp_path):
@@ -98,8 +98,6 @@ def bf16_tie(a: float, b: float) -> bool:
 
 def generate_predictions(out: Path, predictions: Path, graphs: str, *extra: str) -> list[dict]:
     """test_checkpoint.py on the run's test split; `graphs` is what its summary line must say of decode CUDA graphs."""
-    import json
-
     result = run_script("test_checkpoint.py", "--nemo_logs_dir", str(out / "nemo_logs"), "--data_dir",
                         str(out / "data"), "--predictions_file", str(predictions), "--num_tokens_to_generate", "8",
                         "--bertscore_model", "none", *extra)
