@@ -86,6 +86,16 @@ def finite_float(text: str) -> float:
     return value
 
 
+def int_or_auto(text: str) -> Optional[int]:
+    """An integer flag whose value may be `auto` (None: resolved later from the machine)."""
+    if text.strip().lower() == "auto":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'auto', got {text!r}") from None
+
+
 class _BoolAction(argparse.Action):
     """`--flag`, `--no-flag`, and `--flag true|false` (the form SageMaker uses for hyperparameters)."""
 
@@ -144,11 +154,13 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             continue
         if "choices" in f.metadata:
             kwargs["choices"] = f.metadata["choices"]
-        if base in (int, float, str):
+        if "type" in f.metadata:
+            kwargs["type"] = f.metadata["type"]
+        elif base in (int, float, str):
             kwargs["type"] = finite_float if base is float else base
         else:
             raise TypeError(f"unsupported field type {tp} for {f.name}")
-        shown = "unset" if default is None and optional else default
+        shown = f.metadata.get("shown", "unset" if default is None and optional else default)
         target.add_argument(f"--{f.name}", help=f"{help_text} (default: {shown})", metavar=f.name.upper(), **kwargs)
 
 

@@ -7,7 +7,8 @@
     python peft_megatron.py --dry_run --num_nodes 4 --gpus_per_node 8 --tensor_parallel_size 8 \
         --pipeline_parallel_size 2 --dataset_name data/train.jsonl
 
-    # LoRA on one node of 8 GPUs, local data in question/answer columns
+    # LoRA on this machine's GPUs (--gpus_per_node and --tensor_parallel_size default to auto), local data in
+    # question/answer columns; <output_dir>/report/ gets summary.json and loss_curve.png at the end
     python peft_megatron.py --hf_model_id Qwen/Qwen3-8B --recipe_cls_name qwen3_8b \
         --dataset_name data/train.jsonl --input_column question --output_column answer
 
@@ -40,7 +41,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from common import (
     ConfigError,
@@ -52,6 +53,7 @@ from common import (
     file_heads,
     hf_load_error,
     is_nemo_checkpoint,
+    int_or_auto,
     parse_dataclass_args,
     rank_zero_attempt,
     remove_leftovers,
@@ -72,6 +74,7 @@ IMPORT_FAILED_SUFFIX = ".import-failed"
 IMPORT_LOCK_SUFFIX = ".import-lock"
 IMPORT_RECORD = ".import_source.json"  # inside an imported checkpoint: the model and recipe it was made from
 EXIT_NO_GPU = 3
+SEED_GPUS_PER_NODE = 8  # --gpus_per_node auto on a machine without GPUs: the plan of one 8-GPU node
 
 
 @dataclass
@@ -91,8 +94,22 @@ class Config:
     )
     # ---- parallelism ------------------------------------------------------------------------------------------
     num_nodes: int = field(default=1, metadata={"group": "parallelism", "help": "number of nodes"})
-    gpus_per_node: int = field(default=8, metadata={"help": "GPUs (processes) per node"})
-    tensor_parallel_size: int = field(default=8, metadata={"help": "tensor parallelism: splits each layer"})
+    gpus_per_node: Optional[int] = field(
+        default=None,
+        metadata={
+            "type": int_or_auto, "shown": "auto",
+            "help": "GPUs (processes) per node; auto: the GPUs this machine shows (CUDA_VISIBLE_DEVICES respected), "
+            f"or {SEED_GPUS_PER_NODE} on a machine without GPUs (a --dry_run plan for a GPU node)",
+        },
+    )
+    tensor_parallel_size: Optional[int] = field(
+        default=None,
+        metadata={
+            "type": int_or_auto, "shown": "auto",
+            "help": "tensor parallelism: splits each layer; auto: the largest size that divides --gpus_per_node "
+            "and, for a local model, its attention and KV heads",
+        },
+    )
     pipeline_parallel_size: int = field(default=1, metadata={"help": "pipeline parallelism: splits the layer stack"})
     context_parallel_size: int = field(default=1, metadata={"help": "context parallelism: splits the sequence"})
     # ---- training ---------------------------------------------------------------------------------------------
@@ -202,9 +219,54 @@ class Config:
 # ====================================================================================================================
 # Phase 1: configuration
 # ====================================================================================================================
-def parse_config(argv: list[str] | None = None, environ: dict | None = None) -> Config:
+def parse_config(argv: list[str] | None = None, environ: dict | None = None,
+                 visible_gpus: Callable[[], int] | None = None) -> Config:
+    """Flags, then SageMaker's environment, then `auto` resolved for this machine (`visible_gpus` counts its GPUs)."""
     config, explicit = parse_dataclass_args(Config, argv, __doc__)
-    return apply_sagemaker_env(config, explicit, os.environ if environ is None else environ)
+    config = apply_sagemaker_env(config, explicit, os.environ if environ is None else environ)
+    return apply_machine_defaults(config, visible_gpus or visible_gpu_count)
+
+
+def visible_gpu_count() -> int:
+    """The CUDA GPUs this process may use, without importing torch (which takes seconds): nvidia-smi's list,
+    narrowed by CUDA_VISIBLE_DEVICES as CUDA narrows it (up to the first invalid entry such as -1)."""
+    try:
+        listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return 0
+    physical = sum(line.startswith("GPU ") for line in listing.stdout.splitlines()) if listing.returncode == 0 else 0
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        return physical
+    entries = []
+    for entry in (e.strip() for e in visible.split(",")):
+        if not entry or entry.startswith("-"):
+            break
+        entries.append(entry)
+    return min(len(entries), physical)
+
+
+def apply_machine_defaults(config: Config, visible_gpus: Callable[[], int]) -> Config:
+    """Resolve `auto` in --gpus_per_node and --tensor_parallel_size; values given explicitly are kept."""
+    gpus = config.gpus_per_node
+    if gpus is None:
+        gpus = visible_gpus() or SEED_GPUS_PER_NODE
+    tp = config.tensor_parallel_size
+    if tp is None:
+        heads = _local_model_heads(config.hf_model_id)
+        tp = max((t for t in range(1, max(gpus, 1) + 1) if gpus % t == 0 and all(h % t == 0 for h in heads)),
+                 default=1)
+    return dataclasses.replace(config, gpus_per_node=gpus, tensor_parallel_size=tp)
+
+
+def _local_model_heads(hf_model_id: str) -> tuple[int, ...]:
+    """A local model's attention and KV head counts (tensor parallelism must divide both); () when unknown."""
+    try:
+        hf = json.loads((Path(hf_model_id).expanduser() / "config.json").read_text(encoding="utf-8"))
+        heads = hf["num_attention_heads"]
+        return (int(heads), int(hf.get("num_key_value_heads") or heads))
+    except (OSError, ValueError, KeyError, TypeError):
+        return ()  # a hub id, or a directory validation will name the problem of
 
 
 def apply_sagemaker_env(config: Config, explicit: set[str], environ) -> Config:
@@ -270,9 +332,16 @@ UPPER_BOUNDS = {
 }
 
 
-def validate_config(config: Config) -> None:
-    """Collect every problem with the settings and raise them together, before any heavy work."""
+def validate_config(config: Config, visible_gpus: Optional[int] = None) -> None:
+    """Collect every problem with the settings and raise them together, before any heavy work. `visible_gpus`:
+    the GPUs of this machine when it is about to launch training (None: not launching, nothing to check)."""
     problems: list[str] = []
+    if visible_gpus and config.gpus_per_node > visible_gpus:
+        problems.append(
+            f"--gpus_per_node {config.gpus_per_node}: this machine shows {visible_gpus} GPU(s) "
+            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); give at most {visible_gpus} "
+            "or leave the flag out (auto)"
+        )
     positive = (
         "num_nodes", "gpus_per_node", "tensor_parallel_size", "pipeline_parallel_size", "context_parallel_size",
         "max_steps", "val_check_interval", "log_every_n_steps", "micro_batch_size", "accumulate_grad_batches",
@@ -1090,7 +1159,8 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(config.log_level)
     if config.demo:
         config = demo_config(config)
-    validate_config(config)
+    launches = not (config.dry_run or config.import_only or config.prepare_data_only)
+    validate_config(config, visible_gpu_count() if launches else None)
     if config.dry_run:
         return dry_run(config)
     if config.import_only:

@@ -15,7 +15,8 @@ JSONL, and BERTScore / exact match / ROUGE-L.
     python test_checkpoint.py --evaluate_only --predictions_file preds.jsonl --bertscore_model ./roberta-large
 
 Outputs: the predictions JSONL (input, label, prediction, prompt_tokens, generated_tokens, generated_token_ids)
-and, next to it, <predictions>.metrics.json with num_samples, bertscore_f1/precision/recall, exact_match and rouge_l.
+and, next to it, <predictions>.metrics.json with num_samples, bertscore_f1/precision/recall, exact_match and rouge_l;
+for a checkpoint of a peft_megatron.py run the metrics are also added to <run>/report/summary.json (run_report.py).
 Exit codes: 0 ok, 1 failure (no GPU for generation, bad predictions file, ...), 2 invalid arguments.
 """
 

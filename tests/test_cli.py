@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import sys
 import time
@@ -27,8 +28,19 @@ SEED_EXAMPLES = [
 ]
 
 
-def parse(args: str = "", environ: dict | None = None) -> pm.Config:
-    return pm.parse_config(shlex.split(args), environ=environ or {})
+def parse(args: str = "", environ: dict | None = None, gpus: int = 0) -> pm.Config:
+    """Parse as on a machine that shows `gpus` GPUs (0: a CPU machine such as CI's)."""
+    return pm.parse_config(shlex.split(args), environ=environ or {}, visible_gpus=lambda: gpus)
+
+
+def fake_nvidia_smi(tmp_path: Path, gpus: int) -> dict:
+    """A PATH on which `nvidia-smi -L` lists `gpus` GPUs: the one machine fact a GPU-less CI cannot have."""
+    bin_dir = tmp_path / "fake-bin"
+    bin_dir.mkdir()
+    listing = "".join(f'echo "GPU {i}: NVIDIA H100 80GB HBM3 (UUID: GPU-{i:08d})"\n' for i in range(gpus))
+    (bin_dir / "nvidia-smi").write_text("#!/bin/sh\n" + listing)
+    (bin_dir / "nvidia-smi").chmod(0o755)
+    return {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
 
 
 @pytest.mark.parametrize("args", SEED_EXAMPLES)
@@ -209,6 +221,58 @@ def test_malformed_sm_hosts_is_a_clear_error(hosts):
         parse("", {"SM_HOSTS": hosts, "SM_CURRENT_HOST": "algo-1"})
     out = run_script("peft_megatron.py", "--dry_run", env={"SM_HOSTS": hosts, "SM_CURRENT_HOST": "algo-1"})
     assert out.returncode == 2 and "SM_HOSTS" in out.stderr
+
+
+# ---- defaults that fit the machine --------------------------------------------------------------------------------
+def test_visible_gpus_are_nvidia_smis_list_narrowed_by_cuda_visible_devices(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", fake_nvidia_smi(tmp_path, 4)["PATH"])
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert pm.visible_gpu_count() == 4
+    for visible, count in (("1,3", 2), ("0,-1,2", 1), ("", 0), ("-1", 0), ("0,1,2,3,4,5", 4), ("GPU-00000002", 1)):
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+        assert pm.visible_gpu_count() == count, visible
+    monkeypatch.setenv("PATH", str(tmp_path / "nowhere"))
+    assert pm.visible_gpu_count() == 0  # no driver tools: a CPU machine
+
+
+def test_auto_gpus_and_tensor_parallel_size_fit_the_machine_and_the_models_heads(assets):
+    def sizes(args: str, gpus: int) -> tuple[int, int]:
+        config = parse(args, gpus=gpus)
+        return config.gpus_per_node, config.tensor_parallel_size
+
+    assert sizes("", gpus=1) == (1, 1)
+    assert sizes("", gpus=2) == (2, 2)  # a hub id: heads unknown until import, so the GPU count alone
+    assert sizes(f"--hf_model_id {assets['qwen3']}", gpus=8) == (8, 2)  # 4 attention heads, 2 KV heads
+    assert sizes("--gpus_per_node auto --tensor_parallel_size auto", gpus=4) == (4, 4)
+    assert sizes("--tensor_parallel_size 1", gpus=4) == (4, 1)
+    assert sizes("--gpus_per_node 8", gpus=1) == (8, 8)  # explicit flags win (and the launch check refuses it)
+    assert sizes("", gpus=0) == (8, 8)  # a CPU machine plans the seed's 8-GPU node
+    assert parse("", {"SM_NUM_GPUS": "4"}, gpus=0).gpus_per_node == 4  # SageMaker says what the instance has
+
+
+def test_a_launch_asking_for_more_gpus_than_the_machine_shows_is_refused(assets, tmp_path):
+    args = ["--gpus_per_node", "4", "--tensor_parallel_size", "1", "--dataset_name", str(assets["data"]),
+            "--input_column", "question", "--output_column", "answer", "--output_dir", str(tmp_path / "out")]
+    out = run_script("peft_megatron.py", *args, env=fake_nvidia_smi(tmp_path, 2))
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "--gpus_per_node 4: this machine shows 2 GPU(s) (CUDA_VISIBLE_DEVICES=unset); give at most 2 or leave " \
+           "the flag out (auto)" in out.stderr
+    assert not (tmp_path / "out").exists()  # refused before any work
+    pm.validate_config(parse(" ".join(args[:-2]), gpus=2), visible_gpus=None)  # a --dry_run plans any node
+
+
+def test_dry_run_on_a_gpu_machine_plans_the_gpus_it_shows(tmp_path):
+    out = run_script("peft_megatron.py", "--dry_run", "--output_dir", str(tmp_path), env=fake_nvidia_smi(tmp_path, 2))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "nodes x gpus: 1 x 2 (world size 2" in out.stdout and "parallelism: TP 2 | PP 1 | CP 1 | DP 1" in out.stdout
+
+
+def test_parallel_size_flags_take_integers_or_auto():
+    out = run_script("peft_megatron.py", "--gpus_per_node", "x")
+    assert out.returncode == 2 and "--gpus_per_node: expected an integer or 'auto', got 'x'" in out.stderr
+    help_text = " ".join(run_script("peft_megatron.py", "--help").stdout.split())
+    assert "GPUs (processes) per node; auto: the GPUs this machine shows" in help_text
+    assert "(default: auto)" in help_text
 
 
 # ---- recipe assembly (real NeMo objects) ------------------------------------------------------------------------
