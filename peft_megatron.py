@@ -35,6 +35,7 @@ import inspect
 import json
 import logging
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -69,6 +70,7 @@ REPO_DIR = Path(__file__).resolve().parent
 PEFT_SCHEMES = ("lora", "dora")  # what NeMo 2.7.3's finetune_recipe accepts (besides None for full fine-tuning)
 PROFILER_FLAGS = ("enable_memory_profile", "enable_pytorch_profiler", "enable_nsys_callback")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+EXECUTORS = ("local", "slurm")
 CORE_ATTENTION = ("sdpa", "unfused")  # without TE: sdpa_attention.py, or Megatron's local DotProductAttention
 IMPORT_FAILED_SUFFIX = ".import-failed"
 IMPORT_LOCK_SUFFIX = ".import-lock"
@@ -180,6 +182,28 @@ class Config:
     import_only: bool = field(default=False, metadata={"help": "only import the HF checkpoint to NeMo"})
     prepare_data_only: bool = field(default=False, metadata={"help": "only prepare the JSONL data"})
     demo: bool = field(default=False, metadata={"help": "build and run the bundled demo under ./demo"})
+    # ---- cluster ----------------------------------------------------------------------------------------------
+    executor: str = field(
+        default="local",
+        metadata={
+            "group": "cluster", "choices": EXECUTORS,
+            "help": "local: torchrun on this node; slurm: import and prepare data here (a login node, CPU is fine), "
+            "then submit one sbatch job of --num_nodes x --gpus_per_node through NeMo-Run's SlurmExecutor + torchrun",
+        },
+    )
+    slurm_account: Optional[str] = field(default=None, metadata={"help": "Slurm account (--executor slurm)"})
+    slurm_partition: Optional[str] = field(default=None, metadata={"help": "Slurm partition"})
+    slurm_time: str = field(default="04:00:00", metadata={"help": "Slurm time limit, [D-]HH:MM:SS"})
+    container_image: Optional[str] = field(
+        default=None,
+        metadata={"help": "container the Slurm job runs in (pyxis/enroot), e.g. a NeMo framework image; its TE is "
+                          "assumed. Without one the nodes run this Python environment"},
+    )
+    container_mounts: str = field(
+        default="",
+        metadata={"help": "extra comma-separated host:container mounts; this repository and --output_dir are "
+                          "mounted at their own paths (they must be on a filesystem every node shares)"},
+    )
 
     # ---- derived ----------------------------------------------------------------------------------------------
     @property
@@ -383,7 +407,8 @@ def validate_config(config: Config, visible_gpus: Optional[int] = None) -> None:
             f"--max_seq_length {config.max_seq_length} must be divisible by 2 x --context_parallel_size "
             f"= {2 * cp} (Megatron splits each sequence into 2 x CP chunks)"
         )
-    if config.num_nodes > 1 and not config.dry_run and not (os.environ.get("MASTER_ADDR") or "SM_HOSTS" in os.environ):
+    if (config.num_nodes > 1 and config.executor == "local" and not config.dry_run
+            and not (os.environ.get("MASTER_ADDR") or "SM_HOSTS" in os.environ)):
         problems.append(
             f"--num_nodes {config.num_nodes}: set MASTER_ADDR (node 0's address) and MASTER_PORT in every node's "
             "environment for the torchrun rendezvous"
@@ -416,7 +441,8 @@ def validate_config(config: Config, visible_gpus: Optional[int] = None) -> None:
         if config.core_attention == "unfused" and importlib.util.find_spec("transformer_engine") is None:
             problems.append("--packed_sequence with --core_attention unfused: Megatron's unfused attention cannot "
                             "keep packed samples apart; use --core_attention sdpa")
-    if cp > 1 and not config.dry_run and importlib.util.find_spec("transformer_engine") is None:
+    te_on_nodes = config.executor == "slurm" and config.container_image  # a NeMo image holds TE
+    if cp > 1 and not config.dry_run and not te_on_nodes and importlib.util.find_spec("transformer_engine") is None:
         problems.append(
             f"--context_parallel_size {cp} needs Transformer Engine's attention, which is not installed here; "
             "use 1 (--dry_run still plans such a layout)"
@@ -431,9 +457,30 @@ def validate_config(config: Config, visible_gpus: Optional[int] = None) -> None:
         elif flag == "--output_dir" and blocking is not None and not os.access(blocking, os.W_OK | os.X_OK):
             problems.append(f"{flag} {path}: {blocking} is not writable by this user; choose another {flag} or "
                             "fix its permissions")
+    problems.extend(_slurm_problems(config))
     problems.extend(config.data.problems())
     if problems:
         raise ConfigError(problems)
+
+
+SLURM_TIME = re.compile(r"^(\d+-)?\d{1,2}:\d{2}:\d{2}$")
+
+
+def _slurm_problems(config: Config) -> list[str]:
+    if config.executor != "slurm":
+        given = [f"--{n}" for n in ("slurm_account", "slurm_partition", "container_image") if getattr(config, n)]
+        return [f"{', '.join(given)} apply to --executor slurm only; add it or drop them"] if given else []
+    problems = []
+    if not config.slurm_account:
+        problems.append("--executor slurm needs --slurm_account (the account sbatch charges)")
+    if not SLURM_TIME.match(config.slurm_time):
+        problems.append(f"--slurm_time {config.slurm_time!r} is not [D-]HH:MM:SS (e.g. 04:00:00 or 1-12:00:00)")
+    if config.demo:
+        problems.append("--demo runs on this machine's GPU; drop --executor slurm")
+    bad_mounts = [m for m in config.container_mounts.split(",") if m.strip() and ":" not in m]
+    if bad_mounts:
+        problems.append(f"--container_mounts {', '.join(bad_mounts)}: each mount is host_path:container_path")
+    return problems
 
 
 # Recipe-name prefix -> the HF `model_type`s its importer can read (checked for local models before any import).
@@ -897,6 +944,8 @@ def configure_executor(config: Config, env=None):
         # startup/sitecustomize.py applies nemo_compat's import-time adaptation in each worker before NeMo loads.
         env_vars["PYTHONPATH"] = os.pathsep.join([str(REPO_DIR / "startup"), pythonpath])
         env_vars[nemo_compat.WORKER_ENV_FLAG] = "1"
+    if config.executor == "slurm":
+        return _slurm_executor(config, env_vars)
     if config.num_nodes > 1:
         # NeMo-Run's torchrun launcher reads these for multi-node rendezvous.
         os.environ["NODE_RANK"] = str(config.node_rank)
@@ -907,6 +956,54 @@ def configure_executor(config: Config, env=None):
     return run.LocalExecutor(
         ntasks_per_node=config.gpus_per_node, nodes=config.num_nodes, launcher="torchrun", env_vars=env_vars
     )
+
+
+def target_environment(config: Config, local):
+    """Where the training workers run: this machine for --executor local; for Slurm the compute nodes, which have
+    GPUs, and TE when they run a container image (NeMo's images hold it) or this environment has it."""
+    if config.executor == "local":
+        return local
+    import nemo_compat
+
+    return nemo_compat.Environment(has_te=local.has_te or bool(config.container_image), has_cuda=True)
+
+
+def _slurm_executor(config: Config, env_vars: dict):
+    import nemo_run as run
+
+    mounts = [m.strip() for m in config.container_mounts.split(",") if m.strip()]
+    if config.container_image:
+        # The workers import this repository's modules and read and write the run's files at the same paths.
+        shared = sorted({REPO_DIR, *(p.resolve() for p in (config.output_path, config.data_path, config.nemo_ckpt_path))})
+        shared = [p for p in shared if not any(q != p and q in p.parents for q in shared)]
+        mounts += [f"{p}:{p}" for p in shared]
+    executor = run.SlurmExecutor(
+        account=config.slurm_account,
+        partition=config.slurm_partition,
+        time=config.slurm_time,
+        nodes=config.num_nodes,
+        ntasks_per_node=config.gpus_per_node,
+        gpus_per_node=config.gpus_per_node,
+        container_image=config.container_image,
+        container_mounts=mounts,
+        env_vars=env_vars,
+        tunnel=run.LocalTunnel(job_dir=str((config.output_path / "nemo_run").resolve())),
+    )
+    executor.launcher = "torchrun"  # one torchrun per node, rendezvous at the first node (NeMo-Run's sbatch script)
+    return executor
+
+
+def submit_training(config: Config, recipe, executor) -> None:
+    """--executor slurm: submit the job and return; the job's logs and checkpoints appear under --output_dir."""
+    import nemo_run as run
+
+    with run.Experiment(config.experiment_title, executor=executor, log_level=config.log_level,
+                        base_dir=str((config.output_path / "nemo_run").resolve())) as exp:
+        exp.add(recipe, tail_logs=False, name=config.recipe_cls_name)
+        exp.run(detach=True)
+    for job in exp.jobs:
+        print(f"submitted Slurm job {job.id} ({job.state}); logs under {config.output_path / 'nemo_run'}, checkpoints "
+              f"under {config.output_path / 'nemo_logs' / 'checkpoints'}", flush=True)
 
 
 def launch_training(config: Config, recipe, executor) -> float:
@@ -989,17 +1086,44 @@ def launch_command(config: Config, recipe, executor) -> str:
     return " ".join([role.entrypoint, *args])
 
 
+def slurm_script(config: Config, recipe, executor) -> str:
+    """The sbatch script NeMo-Run would submit, from NeMo-Run's own dry run; the files it writes are removed."""
+    import shutil
+
+    import nemo_run as run
+
+    base = (config.output_path / "nemo_run").resolve()
+    created = [p for p in (base, *base.parents) if not p.exists()]
+    exp = None
+    try:
+        with run.Experiment(config.experiment_title, executor=executor, base_dir=str(base), log_level="WARN") as exp:
+            exp.add(recipe, tail_logs=False, name=config.recipe_cls_name)
+            exp.dryrun(log=False, delete_exp_dir=False)
+            return next(Path(exp._exp_dir).glob("*_sbatch.sh")).read_text()  # NeMo-Run names no public accessor
+    finally:
+        if created:
+            shutil.rmtree(created[-1], ignore_errors=True)
+        elif exp is not None:
+            shutil.rmtree(exp._exp_dir, ignore_errors=True)
+
+
 def dry_run(config: Config) -> int:
     import nemo_compat
 
-    env = nemo_compat.prepare_process()
+    local = nemo_compat.prepare_process()
+    env = target_environment(config, local)
     recipe = configure_recipe(config, env)
     executor = configure_executor(config, env)
     print("plan:")
     for line in plan_lines(config):
         print(f"  {line}")
-    print(f"  environment: {env.describe()}; adaptations: {', '.join(sorted(nemo_compat.applied())) or 'none'}")
-    print(f"  launch: {launch_command(config, recipe, executor)}", flush=True)
+    where = "this machine" if config.executor == "local" else "the Slurm nodes"
+    print(f"  environment ({where}): {env.describe()}; adaptations here: "
+          f"{', '.join(sorted(nemo_compat.applied())) or 'none'}")
+    if config.executor == "slurm":
+        print("  sbatch script NeMo-Run would submit:\n" + slurm_script(config, recipe, executor), flush=True)
+    else:
+        print(f"  launch: {launch_command(config, recipe, executor)}", flush=True)
     return 0
 
 
@@ -1159,7 +1283,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(config.log_level)
     if config.demo:
         config = demo_config(config)
-    launches = not (config.dry_run or config.import_only or config.prepare_data_only)
+    launches = config.executor == "local" and not (config.dry_run or config.import_only or config.prepare_data_only)
     validate_config(config, visible_gpu_count() if launches else None)
     if config.dry_run:
         return dry_run(config)
@@ -1175,9 +1299,12 @@ def main(argv: list[str] | None = None) -> int:
     prepare_data(config)
     import nemo_compat
 
-    env = nemo_compat.prepare_process()
-    wall_time_s = launch_training(config, configure_recipe(config, env), configure_executor(config, env))
-    write_report(config, wall_time_s)
+    env = target_environment(config, nemo_compat.prepare_process())
+    recipe, executor = configure_recipe(config, env), configure_executor(config, env)
+    if config.executor == "slurm":
+        submit_training(config, recipe, executor)
+        return 0
+    write_report(config, launch_training(config, recipe, executor))
     return 0
 
 

@@ -275,6 +275,44 @@ def test_parallel_size_flags_take_integers_or_auto():
     assert "(default: auto)" in help_text
 
 
+# ---- Slurm ---------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("nodes", [1, 4])
+def test_slurm_dry_run_prints_nemo_runs_sbatch_script(tmp_path, nodes):
+    out_dir = tmp_path / "shared" / "run"
+    out = run_script("peft_megatron.py", "--dry_run", "--executor", "slurm", "--slurm_account", "llm",
+                     "--slurm_partition", "batch", "--slurm_time", "1-00:00:00", "--num_nodes", str(nodes),
+                     "--gpus_per_node", "8", "--container_image", "nvcr.io/nvidia/nemo:25.09", "--output_dir",
+                     str(out_dir))
+    assert out.returncode == 0, out.stderr[-3000:]
+    script = out.stdout
+    for line in ("#SBATCH --account=llm", "#SBATCH --partition=batch", "#SBATCH --time=1-00:00:00",
+                 f"#SBATCH --nodes={nodes}", "#SBATCH --gpus-per-node=8", "#SBATCH --ntasks-per-node=1"):
+        assert line in script.splitlines(), line
+    srun = next(line for line in script.splitlines() if line.startswith("srun --output"))
+    rendezvous = ("--rdzv-endpoint $head_node_ip:29500" if nodes > 1 else "--rdzv-endpoint localhost:0")
+    assert rendezvous in srun
+    node_rank = "$SLURM_NODEID" if nodes > 1 else "0"
+    assert f"--nnodes {nodes} --nproc-per-node 8 --node-rank {node_rank}" in srun
+    assert srun.endswith("-m nemo_run.core.runners.fdl_runner -n qwen3_8b /nemo_run/configs/qwen3_8b_fn_or_script")
+    assert "--container-image nvcr.io/nvidia/nemo:25.09" in srun
+    mounts = srun.split("--container-mounts ")[1].split()[0].split(",")
+    assert {f"{out_dir}:{out_dir}", f"{REPO}:{REPO}"} <= set(mounts)  # the workers import this repository
+    assert "environment (the Slurm nodes): transformer_engine=yes, cuda=yes" in script
+    assert not (tmp_path / "shared").exists()  # NeMo-Run's dry-run files are removed: a dry run touches nothing
+
+
+def test_slurm_settings_are_validated_together():
+    with pytest.raises(ConfigError) as err:
+        pm.validate_config(parse("--executor slurm --slurm_time 4h --container_mounts /data --num_nodes 2"))
+    assert err.value.problems[-3:] == [
+        "--executor slurm needs --slurm_account (the account sbatch charges)",
+        "--slurm_time '4h' is not [D-]HH:MM:SS (e.g. 04:00:00 or 1-12:00:00)",
+        "--container_mounts /data: each mount is host_path:container_path",
+    ]  # and no MASTER_ADDR demand: NeMo-Run's sbatch script finds the first node itself
+    with pytest.raises(ConfigError, match="--slurm_account, --container_image apply to --executor slurm only"):
+        pm.validate_config(parse("--slurm_account llm --container_image img"))
+
+
 # ---- recipe assembly (real NeMo objects) ------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def no_te():
