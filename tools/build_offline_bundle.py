@@ -23,7 +23,6 @@ import json
 import re
 import subprocess
 import sys
-import tempfile
 import zipfile
 from pathlib import Path
 
@@ -89,47 +88,39 @@ def read_constraints(requirements: Path) -> dict[str, str]:
     return out
 
 
-def resolve(requirements: Path) -> dict[str, str]:
-    """The full closure pip resolves for requirements.txt (here; pure resolution, nothing is installed)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        report = Path(tmp) / "report.json"
-        cmd = [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet", "--report",
-               str(report), "-r", str(requirements), "torch==2.13.0"]
-        subprocess.run(cmd, check=True)
-        items = json.loads(report.read_text())["install"]
-    return {canonical(i["metadata"]["name"]): i["metadata"]["version"] for i in items}
-
-
-def runtime_distributions() -> set[str]:
-    """Distributions whose modules get loaded when RUNTIME_MODULES are imported (in a fresh interpreter here)."""
+def runtime_distributions() -> dict[str, str]:
+    """{distribution: installed version} of every distribution whose modules get loaded when RUNTIME_MODULES are
+    imported, in a fresh interpreter of this environment. The installed versions, not a fresh resolution of
+    requirements.txt: the bundle then holds what the CPU tests ran against (a fresh resolution once took a newer
+    importlib_metadata whose own new dependency the trace here had never loaded)."""
     probe = (
         "import importlib, json, sys\n"
         f"for m in {RUNTIME_MODULES!r}:\n    importlib.import_module(m)\n"
         "from importlib.metadata import packages_distributions\n"
         "top = {n.split('.')[0] for n in list(sys.modules)}\n"
         "m = packages_distributions()\n"
-        "print(json.dumps(sorted({d for t in top for d in m.get(t, [])})))\n"
+        "from importlib.metadata import version\n"
+        "print(json.dumps({d: version(d) for t in top for d in m.get(t, [])}))\n"
     )
     env = {**__import__("os").environ, "PYTHONPATH": str(REPO)}
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env)
     if out.returncode != 0:
         raise SystemExit(f"importing the runtime modules failed:\n{out.stderr[-3000:]}")
-    return {canonical(d) for d in json.loads(out.stdout.strip().splitlines()[-1])}
+    return {canonical(d): v for d, v in json.loads(out.stdout.strip().splitlines()[-1]).items()}
 
 
 def to_carry(
-    resolved: dict[str, str],
+    runtime: dict[str, str],
     target: dict[str, str | None],
     constraints: dict[str, str],
-    runtime: set[str],
     include: frozenset[str] = frozenset(),
 ) -> dict[str, str]:
     """Carry what the runtime imports and the node lacks, or has at a version requirements.txt rules out."""
     from packaging.specifiers import SpecifierSet
 
     carry = {}
-    for name, version in sorted(resolved.items()):
-        if NEVER_CARRY.match(name) or name not in runtime or name in OPTIONAL_AT_RUNTIME - include:
+    for name, version in sorted(runtime.items()):
+        if NEVER_CARRY.match(name) or name in OPTIONAL_AT_RUNTIME - include:
             continue
         if name not in target:
             carry[name] = version
@@ -185,9 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--include", default="", help="comma-separated optional packages to carry anyway (wandb)")
     args = parser.parse_args(argv)
 
-    resolved, runtime = resolve(args.requirements), runtime_distributions()
     include = frozenset(canonical(n) for n in args.include.split(",") if n.strip())
-    carry = to_carry(resolved, read_target(args.target), read_constraints(args.requirements), runtime, include)
+    carry = to_carry(runtime_distributions(), read_target(args.target), read_constraints(args.requirements), include)
     args.out.mkdir(parents=True, exist_ok=True)
     for old in args.out.glob("*.whl"):
         old.unlink()
