@@ -334,11 +334,24 @@ def export_adapter(lora_ckpt: Path, out: Path, base_model: str) -> None:
 # --------------------------------------------------------------------------------------------------------------------
 # Verification
 # --------------------------------------------------------------------------------------------------------------------
+def _not_the_module_name_warning(record: logging.LogRecord) -> bool:
+    return "is not a valid Python identifier" not in record.getMessage()
+
+
 def reference_logits(model_dir: Path, adapter_dir: Optional[Path] = None):
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
+    # transformers 4.57's from_pretrained looks for custom generation code (GenerationMixin.load_custom_generate)
+    # under a module named after the directory, and warns that a checkpoint's name (`...val_loss=0.5432...`) is no
+    # Python identifier. Nothing is imported from there (no custom code, no trust_remote_code): silenced for this
+    # load only. Goes when transformers stops deriving module names for local directories without custom code.
+    module_logger = logging.getLogger("transformers.dynamic_module_utils")
+    module_logger.addFilter(_not_the_module_name_warning)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
+    finally:
+        module_logger.removeFilter(_not_the_module_name_warning)
     if adapter_dir is not None:
         from peft import PeftModel
 

@@ -76,6 +76,7 @@ IMPORT_FAILED_SUFFIX = ".import-failed"
 IMPORT_LOCK_SUFFIX = ".import-lock"
 IMPORT_RECORD = ".import_source.json"  # inside an imported checkpoint: the model and recipe it was made from
 EXIT_NO_GPU = 3
+RUN_NAME = "nemo_logs"  # NeMoLogger's name: <output_dir>/nemo_logs/checkpoints/nemo_logs--val_loss=...-step=...
 SEED_GPUS_PER_NODE = 8  # --gpus_per_node auto on a machine without GPUs: the plan of one 8-GPU node
 
 
@@ -771,7 +772,7 @@ def configure_recipe(config: Config, env=None):
     env = env or nemo_compat.detect_environment()
     recipe = _recipe_module(config.recipe_cls_name).finetune_recipe(
         dir=str(config.output_path),
-        name="nemo_logs",
+        name=RUN_NAME,
         num_nodes=config.num_nodes,
         num_gpus_per_node=config.gpus_per_node,
         peft_scheme=None if config.full_ft else config.peft_scheme.lower(),
@@ -879,11 +880,12 @@ def configure_logger(config: Config):
         save_optim_on_train_end=not config.save_weights_only,
         # Saved when validation ends, so the val_loss in the name is the one just measured.
         every_n_train_steps=None,
-        filename="{model_name}--{val_loss:.4f}-{step}-{consumed_samples}",
+        # Lightning formats every {field} as field=value and would print an unknown {model_name} as model_name=0.
+        filename=f"{RUN_NAME}--{{val_loss:.4f}}-{{step}}-{{consumed_samples:.0f}}",
     )
     return run.Config(
         nl.NeMoLogger,
-        name="nemo_logs",
+        name=RUN_NAME,
         log_dir=str(config.output_path.resolve()),
         use_datetime_version=False,  # a stable checkpoint directory is what lets a restarted run resume
         tensorboard=run.Config(TensorBoardLogger, save_dir="tb_logs", name="peft_megatron"),
@@ -1003,7 +1005,7 @@ def submit_training(config: Config, recipe, executor) -> None:
         exp.run(detach=True)
     for job in exp.jobs:
         print(f"submitted Slurm job {job.id} ({job.state}); logs under {config.output_path / 'nemo_run'}, checkpoints "
-              f"under {config.output_path / 'nemo_logs' / 'checkpoints'}", flush=True)
+              f"under {checkpoints_dir(config)}", flush=True)
 
 
 def launch_training(config: Config, recipe, executor) -> float:
@@ -1029,8 +1031,12 @@ def launch_training(config: Config, recipe, executor) -> float:
             f"training failed (job states {failed}); the worker logs are under {config.output_path / 'nemo_run'} "
             "(the error is printed above)"
         )
-    log.info("fine-tuning finished; checkpoints under %s", config.output_path / "nemo_logs" / "checkpoints")
+    log.info("fine-tuning finished; checkpoints under %s", checkpoints_dir(config))
     return time.monotonic() - started
+
+
+def checkpoints_dir(config: Config) -> Path:
+    return config.output_path / RUN_NAME / "checkpoints"
 
 
 def write_report(config: Config, wall_time_s: float) -> dict:
@@ -1072,7 +1078,7 @@ def plan_lines(config: Config) -> list[str]:
         f"max_seq_length: {config.max_seq_length}" + (" (samples packed into rows)" if config.packed_sequence else ""),
         f"imported checkpoint: {config.nemo_ckpt_path} ({'present' if is_nemo_checkpoint(config.nemo_ckpt_path) else 'to be imported'})",
         f"data: {config.data.dataset_name or '(existing JSONL)'} -> {config.data_path}",
-        f"checkpoints: {config.output_path / 'nemo_logs' / 'checkpoints'} (best val_loss + last)",
+        f"checkpoints: {checkpoints_dir(config)} (best val_loss + last)",
         f"tensorboard: {config.output_path / 'tb_logs'}",
     ]
 
@@ -1210,7 +1216,7 @@ def run_demo(config: Config) -> int:
           flush=True)
     _run_script("test_checkpoint.py", *_demo_evaluation_args(config, None, "after"))
     after = _demo_metrics(config, "after")
-    _run_script("convert_checkpoint_to_hf.py", "--nemo_logs_dir", str(config.output_path / "nemo_logs"), "--overwrite")
+    _run_script("convert_checkpoint_to_hf.py", "--nemo_logs_dir", str(config.output_path / RUN_NAME), "--overwrite")
     print(
         f"\ndemo: exact match on {summary['rows']['test']} held-out questions: before {before['exact_match']:.3f} "
         f"-> after {after['exact_match']:.3f}",
@@ -1227,7 +1233,7 @@ def _demo_evaluation_args(config: Config, checkpoint: Optional[Path], tag: str) 
             "8", "--buffer_size_gb", "1", "--num_cuda_graphs", "0", "--bertscore_model", "none"]
     if checkpoint:
         return args + ["--nemo_checkpoint_path", str(checkpoint)]
-    return args + ["--nemo_logs_dir", str(config.output_path / "nemo_logs")]
+    return args + ["--nemo_logs_dir", str(config.output_path / RUN_NAME)]
 
 
 def _demo_metrics(config: Config, tag: str) -> dict:

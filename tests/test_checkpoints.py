@@ -228,6 +228,9 @@ def test_export_keeps_only_its_own_current_export_and_refuses_anything_else(asse
     empty.mkdir()
     assert export(nemo, empty).returncode == 0  # an empty directory is filled, not taken for an export
     assert (empty / "model.safetensors").is_file() and (empty / conv.EXPORT_RECORD).is_file()
+    named = export(nemo, tmp_path / "nemo_logs--val_loss=0.5432-step=799-consumed_samples=12800.hf_model")
+    assert named.returncode == 0, named.stderr[-3000:]
+    assert "valid Python identifier" not in named.stdout + named.stderr  # transformers' warning for such a name
     nested = tmp_path / "a" / "b" / "hf"
     assert export(nemo, nested).returncode == 0 and (nested / "config.json").is_file()
     again = export(nemo, nested)

@@ -352,6 +352,7 @@ def test_configure_recipe_lora(tmp_path, no_te):
     ckpt = recipe.log.ckpt
     assert (ckpt.monitor, ckpt.mode, ckpt.save_last, ckpt.save_top_k) == ("val_loss", "min", "link", 1)
     assert ckpt.save_weights_only is False and ckpt.save_optim_on_train_end is True
+    assert ckpt.filename == "nemo_logs--{val_loss:.4f}-{step}-{consumed_samples:.0f}"
     assert recipe.log.use_datetime_version is False and recipe.log.wandb is None
     assert recipe.log.tensorboard is not None
     assert recipe.tokenizer == "data"
@@ -375,6 +376,18 @@ def test_configure_recipe_full_ft_and_optional_callbacks(tmp_path, no_te, monkey
         "RuntimeEstimator", "PytorchProfilerCallback",
     ]
     assert recipe.log.wandb.__fn_or_cls__.__name__ == "WandbLogger"
+
+
+def test_checkpoints_are_named_as_the_seed_shows_them(tmp_path, no_te):
+    """NeMo's ModelCheckpoint, built from the recipe's config, names a checkpoint directory this way."""
+    import fiddle as fdl
+    import torch
+    from nemo.lightning.ckpt_utils import ckpt_to_dir
+
+    checkpoint = fdl.build(pm.configure_recipe(parse(f"--output_dir {tmp_path}"), no_te).log.ckpt)
+    metrics = {"val_loss": torch.tensor(0.54321), "step": torch.tensor(799), "consumed_samples": torch.tensor(12800.0)}
+    name = Path(ckpt_to_dir(checkpoint.format_checkpoint_name(metrics))).name
+    assert name == "nemo_logs--val_loss=0.5432-step=799-consumed_samples=12800"
 
 
 def test_recipe_with_transformer_engine_keeps_nemo_defaults(tmp_path):

@@ -18,7 +18,7 @@ GBS, SEQ = 16, 64
 TRAIN = {s: 4.0 - 0.03 * s for s in range(0, 100, 10)}  # logged every 10 steps
 VAL = {49: 2.5, 99: 1.25}
 STEP_TIMES = {0: 9.0, 10: 0.2, 20: 0.25, 30: 0.3, 40: 0.22}  # the first includes start-up
-NAME = "model_name=0--val_loss={:.4f}-step={}-consumed_samples={}.0"
+NAME = "nemo_logs--val_loss={:.4f}-step={}-consumed_samples={}"  # as peft_megatron.py names them
 
 
 def log_scalars(run_dir: Path, version: int, scalars: dict[str, dict[int, float]]) -> None:
@@ -41,7 +41,7 @@ def run_dir(tmp_path) -> Path:
     fake_checkpoint(ckpts / NAME.format(2.5, 49, 50 * GBS))
     fake_checkpoint(ckpts / NAME.format(1.25, 99, 100 * GBS))
     fake_checkpoint(ckpts / (NAME.format(1.25, 99, 100 * GBS) + "-last"))
-    (ckpts / "model_name=0--val_loss=0.1000-step=98-consumed_samples=1584.0").mkdir()  # incomplete: never "best"
+    (ckpts / "nemo_logs--val_loss=0.1000-step=98-consumed_samples=1584").mkdir()  # incomplete: never "best"
     return out
 
 
@@ -120,7 +120,7 @@ def test_without_validation_or_logged_losses_the_report_says_so(tmp_path):
 def test_summary_lines_print_the_essentials(run_dir):
     lines = run_report.summary_lines(run_report.write_training_report(run_dir, training_run()))
     assert lines[0] == "steps: 100 of 200 (early-stopped)"
-    assert lines[1].startswith("best: val_loss 1.2500 at step 99: ") and lines[1].endswith("-step=99-consumed_samples=1600.0")
+    assert lines[1].startswith("best: val_loss 1.2500 at step 99: ") and lines[1].endswith("-step=99-consumed_samples=1600")
     assert lines[2] == "wall time: 124 s"  # 123.456 s recorded as 123.5
     assert lines[3] == "speed: 235 ms/step, 4,357 tokens/s (2,179 per GPU, padded token slots)"  # 1,024 / 0.235
     assert lines[4] == "peak GPU memory (global rank 0): 3.0 GiB"
