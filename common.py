@@ -37,13 +37,69 @@ class PipelineError(RuntimeError):
     """A failure with a message meant for the user (bad data, missing checkpoint, failed launch); exit code 1."""
 
 
+_FORMAT = "[%(asctime)s %(levelname)s %(name)s] %(message)s"
+
+
+class _ConsolePolicy(logging.Filter):
+    """What the console shows: our records from the chosen level up; other libraries' (NeMo, Megatron, Lightning,
+    OneLogger, Python warnings) only from ERROR up, unless the level is DEBUG, which shows everything."""
+
+    def __init__(self, level: int):
+        super().__init__()
+        self.level = level
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.level <= logging.DEBUG:
+            return True
+        ours = record.name == log.name or record.name.startswith(log.name + ".")
+        return record.levelno >= (self.level if ours else logging.ERROR)
+
+
+def _to_root_handlers(record: logging.LogRecord) -> bool:
+    """A filter on NeMo's own logger: its records go through our handlers (policy, log file), not NeMo's."""
+    logging.getLogger().handle(record)
+    return False
+
+
 def setup_logging(level: str = "INFO") -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="[%(asctime)s %(levelname)s %(name)s] %(message)s",
-        datefmt="%H:%M:%S",
-        stream=sys.stdout,
-    )
+    """One console handler with _ConsolePolicy; Python warnings and NeMo's logger routed through it. Idempotent."""
+    level_no = getattr(logging, level.upper(), logging.INFO)
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if getattr(h, "peft_megatron", False)]:
+        root.removeHandler(handler)
+    console = logging.StreamHandler(sys.stdout)
+    console.setFormatter(logging.Formatter(_FORMAT, datefmt="%H:%M:%S"))
+    console.addFilter(_ConsolePolicy(level_no))
+    console.peft_megatron = True  # type: ignore[attr-defined]
+    root.addHandler(console)
+    root.setLevel(min(level_no, logging.INFO))  # the log file keeps other libraries' INFO lines
+    logging.captureWarnings(True)
+    # NeMo's logger (nemo.utils.logging) prints through handlers of its own and does not propagate; the same logger
+    # object, made here first, keeps this filter when NeMo configures it at import.
+    nemo_logger = logging.getLogger("nemo_logger")
+    if _to_root_handlers not in nemo_logger.filters:
+        nemo_logger.addFilter(_to_root_handlers)
+
+
+@contextlib.contextmanager
+def phase(name: str) -> Iterator[None]:
+    """Log the start and end of a pipeline phase with its duration (the console's landmarks)."""
+    log.info("== %s", name)
+    started = time.monotonic()
+    yield
+    log.info("== %s: done in %.1f s", name, time.monotonic() - started)
+
+
+def log_to_file(path: Path, level: str = "INFO") -> Path:
+    """Also write every record (every library's, from INFO up, or DEBUG) to `path`, appending."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter(_FORMAT, datefmt="%Y-%m-%d %H:%M:%S"))
+    handler.setLevel(min(getattr(logging, level.upper(), logging.INFO), logging.INFO))
+    handler.peft_megatron = True  # type: ignore[attr-defined]
+    logging.getLogger().addHandler(handler)
+    return path
 
 
 def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> None:

@@ -55,7 +55,9 @@ from common import (
     hf_load_error,
     is_nemo_checkpoint,
     int_or_auto,
+    log_to_file,
     parse_dataclass_args,
+    phase,
     rank_zero_attempt,
     remove_leftovers,
     run_cli,
@@ -76,6 +78,7 @@ IMPORT_FAILED_SUFFIX = ".import-failed"
 IMPORT_LOCK_SUFFIX = ".import-lock"
 IMPORT_RECORD = ".import_source.json"  # inside an imported checkpoint: the model and recipe it was made from
 EXIT_NO_GPU = 3
+LOG_FILE = "peft_megatron.log"  # under --output_dir: this process's messages, other libraries' included
 RUN_NAME = "nemo_logs"  # NeMoLogger's name: <output_dir>/nemo_logs/checkpoints/nemo_logs--val_loss=...-step=...
 SEED_GPUS_PER_NODE = 8  # --gpus_per_node auto on a machine without GPUs: the plan of one 8-GPU node
 
@@ -1194,14 +1197,17 @@ def run_demo(config: Config) -> int:
             flush=True,
         )
         return EXIT_NO_GPU
-    import_hf_checkpoint(config)
-    summary = prepare_data(config)
+    with phase("HF -> NeMo import"):
+        import_hf_checkpoint(config)
+    with phase("data preparation"):
+        summary = prepare_data(config)
     # The base model's evaluation and the training launch share only the imported checkpoint, which both read; each
     # spends most of its time importing NeMo, so the evaluation runs beside the launch (its output to a log file).
     before_eval = BackgroundScript.start(config.output_path / "evaluate_before.log", "test_checkpoint.py",
                                          *_demo_evaluation_args(config, config.nemo_ckpt_path, "before"))
     try:
-        wall_time_s = launch_training(config, configure_recipe(config, env), configure_executor(config, env))
+        with phase("training (the base model's evaluation runs beside it)"):
+            wall_time_s = launch_training(config, configure_recipe(config, env), configure_executor(config, env))
     except BaseException:
         before_eval.stop()
         raise
@@ -1214,9 +1220,11 @@ def run_demo(config: Config) -> int:
                               {"checkpoint": str(config.nemo_ckpt_path), **before})
     print(f"demo: before fine-tuning, exact match {before['exact_match']:.3f} (log: {before_eval.log_file})",
           flush=True)
-    _run_script("test_checkpoint.py", *_demo_evaluation_args(config, None, "after"))
+    with phase("evaluation of the fine-tuned checkpoint"):
+        _run_script("test_checkpoint.py", *_demo_evaluation_args(config, None, "after"))
     after = _demo_metrics(config, "after")
-    _run_script("convert_checkpoint_to_hf.py", "--nemo_logs_dir", str(config.output_path / RUN_NAME), "--overwrite")
+    with phase("export to Hugging Face format"):
+        _run_script("convert_checkpoint_to_hf.py", "--nemo_logs_dir", str(config.output_path / RUN_NAME), "--overwrite")
     print(
         f"\ndemo: exact match on {summary['rows']['test']} held-out questions: before {before['exact_match']:.3f} "
         f"-> after {after['exact_match']:.3f}",
@@ -1299,10 +1307,13 @@ def main(argv: list[str] | None = None) -> int:
     if config.prepare_data_only:
         prepare_data(config)
         return 0
+    log.info("full log, every library's messages: %s", log_to_file(config.output_path / LOG_FILE, config.log_level))
     if config.demo:
         return run_demo(config)
-    import_hf_checkpoint(config)
-    prepare_data(config)
+    with phase("HF -> NeMo import"):
+        import_hf_checkpoint(config)
+    with phase("data preparation"):
+        prepare_data(config)
     import nemo_compat
 
     env = target_environment(config, nemo_compat.prepare_process())
@@ -1310,7 +1321,9 @@ def main(argv: list[str] | None = None) -> int:
     if config.executor == "slurm":
         submit_training(config, recipe, executor)
         return 0
-    write_report(config, launch_training(config, recipe, executor))
+    with phase("training"):
+        wall_time_s = launch_training(config, recipe, executor)
+    write_report(config, wall_time_s)
     return 0
 
 
