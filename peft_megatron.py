@@ -979,7 +979,8 @@ def _slurm_executor(config: Config, env_vars: dict):
     mounts = [m.strip() for m in config.container_mounts.split(",") if m.strip()]
     if config.container_image:
         # The workers import this repository's modules and read and write the run's files at the same paths.
-        shared = sorted({REPO_DIR, *(p.resolve() for p in (config.output_path, config.data_path, config.nemo_ckpt_path))})
+        run_dirs = (config.output_path, config.data_path, config.nemo_ckpt_path)
+        shared = sorted({REPO_DIR, *(p.resolve() for p in run_dirs)})
         shared = [p for p in shared if not any(q != p and q in p.parents for q in shared)]
         mounts += [f"{p}:{p}" for p in shared]
     executor = run.SlurmExecutor(

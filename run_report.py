@@ -60,7 +60,8 @@ def run_checkpoints(output_dir: Path) -> dict:
     best = min(scored, key=lambda p: (checkpoint_val_loss(p), _step(p))) if scored else None
     latest = max(last, key=_step) if last else None
     return {
-        "best": None if best is None else {"path": str(best), "val_loss": checkpoint_val_loss(best), "step": _step(best)},
+        "best": None if best is None else {"path": str(best), "val_loss": checkpoint_val_loss(best),
+                                           "step": _step(best)},
         "last": None if latest is None else {"path": str(latest), "step": _step(latest),
                                              "consumed_samples": _consumed(latest)},
     }
@@ -183,7 +184,8 @@ def summary_lines(summary: dict) -> list[str]:
     """The essentials, as printed at the end of a run."""
     best = summary["best_checkpoint"]
     lines = [
-        f"steps: {summary['steps']} of {summary['max_steps']}" + (" (early-stopped)" if summary["early_stopped"] else ""),
+        f"steps: {summary['steps']} of {summary['max_steps']}"
+        + (" (early-stopped)" if summary["early_stopped"] else ""),
         f"best: val_loss {best['val_loss']:.4f} at step {best['step']}: {best['path']}" if best else "best: no "
         "checkpoint with a val_loss (no validation ran)",
         f"wall time: {summary['wall_time_s']:.0f} s",

@@ -17,8 +17,9 @@ value fails before any instance starts, and only the flags given travel: on each
 fills the rest (SM_HOSTS / SM_CURRENT_HOST -> --num_nodes / --node_rank, the first host being the rendezvous;
 SM_NUM_GPUS -> --gpus_per_node; SM_CHANNEL_TRAINING -> --data_dir; SM_MODEL_DIR -> --output_dir, which SageMaker
 uploads when the job ends). A job of several instances needs --output_dir on a filesystem they all mount (FSx for
-Lustre): global rank 0 imports and prepares data once for every node, and checkpoints are written from all nodes. peft_megatron.py starts torchrun on every instance itself, so the estimator runs the
-entry point once per instance (no `distribution`). The image must hold requirements.txt's stack; SageMaker
+Lustre): global rank 0 imports and prepares data once for every node, and checkpoints are written from all nodes.
+peft_megatron.py starts torchrun on every instance itself, so the estimator runs the entry point once per instance
+(no `distribution`). The image must hold requirements.txt's stack; SageMaker
 pip-installs requirements.txt from the uploaded source directory when the job starts (what is present is kept).
 `--forward_env HF_TOKEN,WANDB_API_KEY` copies those variables from this shell into the job (values never printed).
 """

@@ -44,7 +44,7 @@ def test_console_keeps_our_lines_and_errors_and_the_file_keeps_everything(isolat
 
     console = capsys.readouterr().out
     assert "INFO peft_megatron.data] prepared 19 test rows" in console
-    assert "ERROR megatron.core.dist_checkpointing] shard 3 is truncated" in console  # other libraries' errors still show
+    assert "ERROR megatron.core.dist_checkpointing] shard 3 is truncated" in console  # others' errors still show
     assert not any(line in console for line in [*CHATTER[:3], "pynvml"])
     kept = log_file.read_text()
     assert all(line in kept for line in [*CHATTER[:3], "prepared 19 test rows", "shard 3 is truncated", "pynvml"])

@@ -120,7 +120,8 @@ def test_without_validation_or_logged_losses_the_report_says_so(tmp_path):
 def test_summary_lines_print_the_essentials(run_dir):
     lines = run_report.summary_lines(run_report.write_training_report(run_dir, training_run()))
     assert lines[0] == "steps: 100 of 200 (early-stopped)"
-    assert lines[1].startswith("best: val_loss 1.2500 at step 99: ") and lines[1].endswith("-step=99-consumed_samples=1600")
+    assert lines[1].startswith("best: val_loss 1.2500 at step 99: ")
+    assert lines[1].endswith("-step=99-consumed_samples=1600")
     assert lines[2] == "wall time: 124 s"  # 123.456 s recorded as 123.5
     assert lines[3] == "speed: 235 ms/step, 4,357 tokens/s (2,179 per GPU, padded token slots)"  # 1,024 / 0.235
     assert lines[4] == "peak GPU memory (global rank 0): 3.0 GiB"

@@ -79,7 +79,8 @@ def test_flags_sagemaker_owns_or_a_node_count_that_disagrees_are_refused():
 
 
 def test_cli_dry_run_prints_the_instance_command_and_never_a_forwarded_secret():
-    out = run_script("examples/sagemaker_job.py", *JOB, "--dry_run", "--forward_env", "HF_TOKEN", "--", *TRAIN[:7], "--output_dir", "/fsx/run",
+    out = run_script("examples/sagemaker_job.py", *JOB, "--dry_run", "--forward_env", "HF_TOKEN", "--", *TRAIN[:7],
+                     "--output_dir", "/fsx/run",
                      env={**FAKE_AWS, "HF_TOKEN": "hf_s3cr3t_value"})
     assert out.returncode == 0, out.stderr[-3000:]
     assert "instances: 2 x ml.p5.48xlarge" in out.stdout
