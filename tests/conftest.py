@@ -103,3 +103,31 @@ def kill_when(proc: subprocess.Popen, seen, timeout_s: float = 300) -> None:
         time.sleep(0.01)
     proc.kill()
     proc.wait()
+
+
+def wandb_history(run_dir: Path) -> list[dict]:
+    """The rows a W&B offline run logged, read from its run-*.wandb file: wandb 0.2x writes no summary file offline
+    and its own reader lives in the Go core, so the log format (LevelDB-style records in 32 KiB blocks after a
+    ':W&B' header, each a wandb_internal_pb2.Record) is read here."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    (path,) = Path(run_dir).glob("run-*.wandb")
+    data = path.read_bytes()
+    assert data[:4] == b":W&B", f"{path} is not a W&B run log"
+    rows, pos, block, chunk = [], 7, 32768, b""
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a record header is padding
+            pos += block - pos % block
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        chunk += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # FULL, or LAST of FIRST/MIDDLE/LAST
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(chunk)
+            chunk = b""
+            if record.WhichOneof("record_type") == "history":
+                rows.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item})
+    return rows

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_script
+from conftest import run_script, wandb_history
 
 import run_report
 
@@ -216,6 +216,25 @@ def test_early_stopping_ends_a_run_that_cannot_improve(assets, tmp_path):
     assert result.returncode == 0, result.stdout[-4000:]
     assert "did not improve in the last 2 records" in result.stdout
     assert max(scalars(out, "reduced_train_loss")) < 30
+    summary = json.loads((out / "report" / "summary.json").read_text())
+    assert summary["early_stopped"] is True and summary["steps"] < 200 and "(early-stopped)" in result.stdout
+
+
+def test_wandb_offline_run_holds_the_train_and_validation_losses(assets, tmp_path):
+    """--use_wandb with WANDB_MODE=offline through the real launch; needs wandb on the node (the offline bundle
+    built with --include wandb)."""
+    pytest.importorskip("wandb", reason="wandb is not installed here (tools/build_offline_bundle.py --include wandb)")
+    out = tmp_path / "wandb"
+    result = run_script("peft_megatron.py", *tiny_job(
+        assets, out, "--max_steps", "20", "--val_check_interval", "10", "--learning_rate", "5e-3", "--use_wandb"),
+        env={"WANDB_MODE": "offline"})
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    (run_dir,) = out.rglob("offline-run-*")
+    rows = wandb_history(run_dir)
+    val = scalars(out, "val_loss")
+    logged = [r["val_loss"] for r in rows if "val_loss" in r]
+    assert logged and all(any(abs(v - w) <= 1e-6 * abs(v) for w in logged) for v in val.values()), (logged, val)
+    assert len([r for r in rows if "reduced_train_loss" in r]) >= 2
 
 
 def test_training_failure_exits_non_zero_with_the_error(assets, tmp_path):

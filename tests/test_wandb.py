@@ -1,0 +1,32 @@
+"""--use_wandb: the W&B logger the recipe configures, offline (WANDB_MODE=offline), keeps what it is given."""
+
+from __future__ import annotations
+
+import shlex
+
+import pytest
+
+from conftest import wandb_history
+
+import peft_megatron as pm
+
+
+def test_the_recipes_wandb_logger_writes_an_offline_run_with_the_losses(tmp_path, monkeypatch):
+    import fiddle as fdl
+    import nemo_compat
+
+    pytest.importorskip("wandb", reason="W&B is optional (requirements.txt installs it)")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    config = pm.parse_config(shlex.split(f"--use_wandb --output_dir {tmp_path}"), environ={}, visible_gpus=lambda: 0)
+    env = nemo_compat.Environment(has_te=False, has_cuda=False)
+    logger = fdl.build(pm.configure_recipe(config, env).log.wandb)
+    logger.log_metrics({"reduced_train_loss": 2.5}, step=9)
+    logger.log_metrics({"val_loss": 1.25}, step=9)
+    assert logger.experiment.name == "peft_lora"  # the run is named after the mode
+    logger.experiment.finish()
+
+    (run_dir,) = tmp_path.rglob("offline-run-*")
+    rows = wandb_history(run_dir)
+    assert [r["reduced_train_loss"] for r in rows if "reduced_train_loss" in r] == [2.5]
+    assert [r["val_loss"] for r in rows if "val_loss" in r] == [1.25]
