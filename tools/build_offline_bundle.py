@@ -1,9 +1,11 @@
 """Build an offline wheel bundle for an air-gapped GPU node: exactly the wheels the node lacks for requirements.txt.
 
-Run it on a machine with registry access (Linux x86_64). Inputs: the node's Python version and its `pip freeze`
-(a bare name means "present, version unknown"); requirements.txt; torch and the CUDA wheels are never carried.
+Run it with the Python of the README's test install (Linux x86_64, registry access): the bundle carries the
+versions installed there, the ones the CPU tests ran against. Inputs: the node's Python version and its
+`pip freeze` (a bare name means "present, version unknown"); requirements.txt; torch and the CUDA wheels are never
+carried.
 
-    python tools/build_offline_bundle.py --target tools/targets/nvidia-h100-cuda-py312.txt --python 3.12 --out .whl
+    .venv/bin/python tools/build_offline_bundle.py --target tools/targets/nvidia-h100-cuda-py312.txt --python 3.12 --out .whl
     # on the node (no network), from the repository root:
     bash .whl/install.sh            # pip install --no-index --no-deps --target /tmp/site .whl/*.whl
     export PYTHONPATH=/tmp/site
