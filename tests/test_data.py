@@ -273,7 +273,9 @@ def test_validation_smaller_than_a_global_batch_is_refused(tmp_path, assets):
         str(assets["data"]), "--input_column", "question", "--output_column", "answer", "--output_dir", str(tmp_path),
     )
     assert out.returncode == 1
-    assert "validation split has 5 rows, fewer than one global batch (64)" in out.stderr  # defaults: micro 8 x accumulate 8 x DP 1
+    # Defaults on a GPU-less machine: one 8-GPU node planned, TP auto = 2 (the model's 2 KV heads), so DP 4:
+    # micro-batch 8 x accumulate 8 x DP 4.
+    assert "validation split has 5 rows, fewer than one global batch (256)" in out.stderr
 
 
 def test_nemo_datamodule_batches_mask_the_prompt(tmp_path, assets):

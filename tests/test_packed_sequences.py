@@ -34,6 +34,10 @@ def module_model_parallel():
     import torch.distributed as dist
     from megatron.core import parallel_state
 
+    if parallel_state.model_parallel_is_initialized():
+        # Left by an in-process NeMo import earlier in the session (tests/test_checkpoints.py), which never tears
+        # down Megatron's groups; they are the same one-process groups this fixture builds.
+        parallel_state.destroy_model_parallel()
     created = not dist.is_initialized()
     if created:
         dist.init_process_group("gloo", init_method=f"file://{tempfile.mktemp(prefix='packed_pg_')}", rank=0,
