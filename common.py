@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 log = logging.getLogger("peft_megatron")
 
 USAGE_ERROR = 2  # argparse's exit code for bad usage; validation errors use it too
+RUN_NAME = "nemo_logs"  # NeMoLogger's name: <output_dir>/nemo_logs/checkpoints/nemo_logs--val_loss=...-step=...
 
 
 class ConfigError(ValueError):

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import importlib.util
 import inspect
 import json
@@ -45,6 +46,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from common import (
+    RUN_NAME,
     ConfigError,
     PipelineError,
     atomic_dir,
@@ -79,7 +81,6 @@ IMPORT_LOCK_SUFFIX = ".import-lock"
 IMPORT_RECORD = ".import_source.json"  # inside an imported checkpoint: the model and recipe it was made from
 EXIT_NO_GPU = 3
 LOG_FILE = "peft_megatron.log"  # under --output_dir: this process's messages, other libraries' included
-RUN_NAME = "nemo_logs"  # NeMoLogger's name: <output_dir>/nemo_logs/checkpoints/nemo_logs--val_loss=...-step=...
 SEED_GPUS_PER_NODE = 8  # --gpus_per_node auto on a machine without GPUs: the plan of one 8-GPU node
 
 
@@ -290,11 +291,18 @@ def apply_machine_defaults(config: Config, visible_gpus: Callable[[], int]) -> C
 def _local_model_heads(hf_model_id: str) -> tuple[int, ...]:
     """A local model's attention and KV head counts (tensor parallelism must divide both); () when unknown."""
     try:
-        hf = json.loads((Path(hf_model_id).expanduser() / "config.json").read_text(encoding="utf-8"))
-        heads = hf["num_attention_heads"]
-        return (int(heads), int(hf.get("num_key_value_heads") or heads))
-    except (OSError, ValueError, KeyError, TypeError):
+        return _attention_heads(json.loads((Path(hf_model_id).expanduser() / "config.json").read_text("utf-8")))
+    except (OSError, ValueError):
         return ()  # a hub id, or a directory validation will name the problem of
+
+
+def _attention_heads(hf: dict) -> tuple[int, ...]:
+    """(attention heads, KV heads) from an HF config.json's contents; () when it does not say."""
+    try:
+        heads = int(hf["num_attention_heads"])
+        return heads, int(hf.get("num_key_value_heads") or heads)
+    except (KeyError, TypeError, ValueError):
+        return ()
 
 
 def apply_sagemaker_env(config: Config, explicit: set[str], environ) -> Config:
@@ -558,7 +566,7 @@ def _weight_file_problems(model_dir: Path, flag: str) -> list[str]:
 def _model_shape_problems(config: Config, hf: dict) -> list[str]:
     """Parallel sizes the model's shape cannot take, read from a local config.json."""
     out = []
-    heads, groups = hf.get("num_attention_heads"), hf.get("num_key_value_heads", hf.get("num_attention_heads"))
+    heads, groups = _attention_heads(hf) or (None, None)
     layers = hf.get("num_hidden_layers")
     tp, pp = config.tensor_parallel_size, config.pipeline_parallel_size
     if heads and tp > 0 and (heads % tp or groups % tp):
@@ -1294,12 +1302,13 @@ class BackgroundScript:
 
 # ====================================================================================================================
 def main(argv: list[str] | None = None) -> int:
-    config = parse_config(argv)
+    machine_gpus = functools.cache(visible_gpu_count)  # asked at most once, by `auto` or by the launch check
+    config = parse_config(argv, visible_gpus=machine_gpus)
     setup_logging(config.log_level)
     if config.demo:
         config = demo_config(config)
     launches = config.executor == "local" and not (config.dry_run or config.import_only or config.prepare_data_only)
-    validate_config(config, visible_gpu_count() if launches else None)
+    validate_config(config, machine_gpus() if launches else None)
     if config.dry_run:
         return dry_run(config)
     if config.import_only:

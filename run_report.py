@@ -20,7 +20,14 @@ import statistics
 from pathlib import Path
 from typing import Optional
 
-from common import atomic_write_bytes, atomic_write_text, checkpoint_val_loss, exclusive_lock, is_nemo_checkpoint
+from common import (
+    RUN_NAME,
+    atomic_write_bytes,
+    atomic_write_text,
+    checkpoint_val_loss,
+    exclusive_lock,
+    is_nemo_checkpoint,
+)
 
 log = logging.getLogger("peft_megatron")
 
@@ -52,8 +59,8 @@ def read_scalars(root: Path) -> dict[str, dict[int, float]]:
 
 
 def run_checkpoints(output_dir: Path) -> dict:
-    """The best-val_loss checkpoint and the last one under <output_dir>/nemo_logs/checkpoints, with their steps."""
-    root = Path(output_dir) / "nemo_logs" / "checkpoints"
+    """The best-val_loss checkpoint and the last one under <output_dir>/<RUN_NAME>/checkpoints, with their steps."""
+    root = Path(output_dir) / RUN_NAME / "checkpoints"
     found = sorted(p for p in root.iterdir() if is_nemo_checkpoint(p)) if root.is_dir() else []
     scored = [p for p in found if not p.name.endswith("-last") and checkpoint_val_loss(p) is not None]
     last = [p for p in found if p.name.endswith("-last")]
@@ -175,7 +182,7 @@ def _read(out: Path) -> dict:
 def run_of_checkpoint(checkpoint: Path) -> Optional[Path]:
     """The run directory of a checkpoint that peft_megatron.py wrote (<run>/nemo_logs/checkpoints/<name>)."""
     checkpoint = Path(checkpoint).resolve()
-    if checkpoint.parent.name == "checkpoints" and checkpoint.parents[1].name == "nemo_logs":
+    if checkpoint.parent.name == "checkpoints" and checkpoint.parents[1].name == RUN_NAME:
         return checkpoint.parents[2]
     return None
 
@@ -186,8 +193,8 @@ def summary_lines(summary: dict) -> list[str]:
     lines = [
         f"steps: {summary['steps']} of {summary['max_steps']}"
         + (" (early-stopped)" if summary["early_stopped"] else ""),
-        f"best: val_loss {best['val_loss']:.4f} at step {best['step']}: {best['path']}" if best else "best: no "
-        "checkpoint with a val_loss (no validation ran)",
+        f"best: val_loss {best['val_loss']:.4f} at step {best['step']}: {best['path']}" if best
+        else "best: no checkpoint with a val_loss (no validation ran)",
         f"wall time: {summary['wall_time_s']:.0f} s",
     ]
     if summary["tokens_per_s"]:

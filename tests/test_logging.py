@@ -9,7 +9,7 @@ import pytest
 
 from conftest import REPO, run_script
 
-from common import log_to_file, setup_logging
+from common import log_to_file, phase, setup_logging
 
 # Lines users met at the default level before (issue 15), each from another library.
 CHATTER = ["fused_indices_to_multihot has reached end of life", "No exporters were provided",
@@ -48,6 +48,15 @@ def test_console_keeps_our_lines_and_errors_and_the_file_keeps_everything(isolat
     assert not any(line in console for line in [*CHATTER[:3], "pynvml"])
     kept = log_file.read_text()
     assert all(line in kept for line in [*CHATTER[:3], "prepared 19 test rows", "shard 3 is truncated", "pynvml"])
+
+
+def test_phases_are_console_landmarks_with_their_duration(isolated_logging, capsys):
+    setup_logging("INFO")
+    with phase("data preparation"):
+        pass
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].endswith("INFO peft_megatron] == data preparation")
+    assert lines[1].endswith("INFO peft_megatron] == data preparation: done in 0.0 s")
 
 
 def test_debug_shows_every_librarys_lines(isolated_logging, capsys):
