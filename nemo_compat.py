@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import importlib
 import importlib.abc
 import importlib.util
@@ -314,18 +315,23 @@ def _after_import(module: str, patch) -> None:
         sys.meta_path.insert(0, _PostImportHook(module, patch))
 
 
-def install_worker_hooks() -> None:
+def install_worker_hooks(skip: frozenset[str] = frozenset()) -> None:
     """For the training workers (startup/sitecustomize.py; benchmarks/train_throughput.py in its own process): stub
-    the allocator build now; apply the PEFT guards and compile RoPE as soon as their modules load, with no NeMo
-    import of our own (torchrun's launcher process runs this too)."""
+    the allocator build now; apply the PEFT guards, the compiled RoPE and the fused LoRA output as soon as their
+    modules load, with no NeMo import of our own (torchrun's launcher process runs this too). `skip` names training
+    shims to leave out (the benchmark measures each against its absence)."""
     skip_unified_memory_build()
     if importlib.util.find_spec("transformer_engine") is None:
-        _after_import("nemo.collections.llm.peft.lora", _patch_peft_te_checks)
-        _after_import(ROPE_MODULE, compile_unfused_rope)
+        _after_import(LORA_MODULE, _patch_peft_te_checks)
+        if "compiled-rope" not in skip:
+            _after_import(ROPE_MODULE, compile_unfused_rope)
         _after_import(ROPE_MODULE, install_sync_free_packed_rope)
+        if "fused-lora-output" not in skip:
+            _after_import(LORA_MODULE, fuse_lora_output)
 
 
 ROPE_MODULE = "megatron.core.models.common.embeddings.rope_utils"
+LORA_MODULE = "nemo.collections.llm.peft.lora"
 
 
 def compile_unfused_rope() -> None:
@@ -406,6 +412,96 @@ def positions_in_sequence(cu_seqlens, tokens: int):
     positions = index - starts[torch.searchsorted(starts, index, right=True) - 1]
     _last_positions = (weakref.ref(cu_seqlens), cu_seqlens._version, tokens, positions)
     return positions
+
+
+def fuse_lora_output() -> None:
+    """NeMo 2.7.3's LoRA (`LoRALinear.forward`, `ParallelLinearAdapter.forward`) runs the frozen linear and the
+    adapter's two linears each through Megatron's parallel-linear machinery, scales the adapter's full-width output
+    by alpha/dim, adds it to the base output, and in backward adds the two input gradients: three elementwise passes
+    over full-width tensors per adapted linear, 432 kernels of a Qwen3-8B step (~25 ms of the GPU's 337; profile in
+    docs/BENCHMARKS.md), plus the host time of launching them. On one tensor-parallel rank, for a plain LoRA
+    (identity activation, no dropout, no expert or sequence-parallel communication) on a frozen bias-free linear,
+    `LoRALinearFunction` computes the same in matmuls alone: the scale moves to the rank-r intermediate,
+    ((x A^T) s) B^T = s (x A^T B^T), and both sums go into the matmuls (`addmm`). Everything else keeps NeMo's
+    forward. TE's op fuser (NeMo's TEFusedLoRALinear) fuses the same with TE. Training workers only; remove when
+    NeMo's LoRALinear fuses without TE."""
+    module = importlib.import_module(LORA_MODULE)
+    original = getattr(getattr(module, "LoRALinear", None), "forward", None)
+    if getattr(original, "_nemo_compat", False):
+        return
+    if original is None:
+        log.warning("compat: LoRA left as is: %s has no LoRALinear.forward (not NeMo 2.7's)", LORA_MODULE)
+        return
+
+    def forward(self, x, *args, **kwargs):
+        fused = self.__dict__.get("_fused_lora_output")
+        if fused is None:  # decided once per module: its layers, groups and frozen weights do not change
+            fused = self.__dict__["_fused_lora_output"] = _plain_lora(self)
+        if not fused or args or kwargs:
+            return original(self, x, *args, **kwargs)
+        adapter = self.adapter
+        scale = adapter.alpha / adapter.dim
+        out = _lora_linear_function().apply(x, self.to_wrap.weight, adapter.linear_in.weight,
+                                            adapter.linear_out.weight, scale)
+        return out, None
+
+    forward._nemo_compat = True
+    forward._original = original
+    module.LoRALinear.forward = forward
+    _mark("fused-lora-output", "LoRA as one matmul-only autograd function on one TP rank (training workers)")
+
+
+def _plain_lora(wrapper) -> bool:
+    """What LoRALinearFunction computes exactly: Megatron's own linear, frozen, bias-free, unsharded, under NeMo's
+    plain LoRA adapter."""
+    import torch
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+    from nemo.collections.llm.peft.utils import ParallelLinearAdapter
+
+    base, adapter = wrapper.to_wrap, wrapper.adapter
+    linears = (base, adapter.linear_in, adapter.linear_out)
+    return (type(base) in (ColumnParallelLinear, RowParallelLinear) and base.bias is None
+            and not base.weight.requires_grad and not base.config.sequence_parallel
+            and type(adapter) is ParallelLinearAdapter and isinstance(adapter.activation, torch.nn.Identity)
+            and adapter.dropout is None and not adapter.is_expert and not adapter.config.cpu_offloading
+            and all(torch.distributed.get_world_size(linear.tp_group) == 1 for linear in linears))
+
+
+@functools.cache
+def _lora_linear_function():
+    import torch
+
+    class LoRALinearFunction(torch.autograd.Function):
+        """y = x W^T + (s x A^T) B^T with W frozen; backward dx = g W + (s g B) A, dA = (s g B)^T x, dB = g^T (s x A^T).
+        Five matmuls and two rank-r scalings, no full-width elementwise pass."""
+
+        @staticmethod
+        def forward(ctx, x, weight, lora_a, lora_b, scale):
+            rows = x.reshape(-1, x.shape[-1])
+            low = torch.mm(rows, lora_a.t()).mul_(scale)
+            out = torch.addmm(torch.mm(rows, weight.t()), low, lora_b.t())
+            ctx.save_for_backward(x, weight, lora_a, lora_b, low)
+            ctx.scale = scale
+            return out.view(*x.shape[:-1], out.shape[-1])
+
+        @staticmethod
+        def backward(ctx, grad):
+            x, weight, lora_a, lora_b, low = ctx.saved_tensors
+            rows, grad_rows = x.reshape(-1, x.shape[-1]), grad.reshape(-1, grad.shape[-1])
+            grad_low = torch.mm(grad_rows, lora_b).mul_(ctx.scale)
+            grad_x = torch.addmm(torch.mm(grad_rows, weight), grad_low, lora_a)
+            return grad_x.view_as(x), None, grad_low.t().mm(rows), grad_rows.t().mm(low), None
+
+    return LoRALinearFunction
+
+
+def unfuse_lora_output() -> None:
+    """Puts NeMo's LoRALinear.forward back (tests, and benchmarks comparing both in one process)."""
+    module = sys.modules.get(LORA_MODULE)
+    forward = getattr(getattr(module, "LoRALinear", None), "forward", None)
+    if getattr(forward, "_nemo_compat", False):
+        module.LoRALinear.forward = forward._original
+        _applied.discard("fused-lora-output")
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -85,7 +85,7 @@ class Variant:
     flags: dict = field(default_factory=dict)  # peft_megatron Config fields
     model: dict = field(default_factory=dict)  # model-config fields set after configure_recipe
     trials: tuple = ()  # levers under trial (PROCESS_TRIALS, TRAINER_TRIALS), applied in the measuring process only
-    eager_rope: bool = False  # skip the training workers' compiled RoPE (nemo_compat.compile_unfused_rope)
+    skip_shims: frozenset = frozenset()  # training-worker shims left out (nemo_compat.install_worker_hooks)
 
 
 VARIANTS = {
@@ -106,7 +106,9 @@ VARIANTS = {
     ),
     "mbs2": Variant("the default at micro-batch 2 (tokens per step doubled)", flags={"micro_batch_size": 2}),
     "eager_rope": Variant("the default with Megatron's unfused RoPE left eager (as before the compiled RoPE)",
-                          eager_rope=True),
+                          skip_shims=frozenset({"compiled-rope"})),
+    "nemo_lora": Variant("the default with NeMo's own LoRA forward (full-width scale and add; as before the fused "
+                         "LoRA output)", skip_shims=frozenset({"fused-lora-output"})),
     "packed": Variant("the default with --packed_sequence (variable-length case: NeMo's packer, one packed row per "
                       "micro-batch)", flags={"packed_sequence": True}),
     "optimizer_path": Variant("the default + torch's fused AdamW and foreach gradient norm / master-weight copy in "
@@ -387,8 +389,7 @@ def run_ours(args, case: Case, variant: Variant) -> dict:
     import nemo_compat
 
     env = nemo_compat.prepare_process()
-    if not variant.eager_rope:
-        nemo_compat.install_worker_hooks()  # what startup/sitecustomize.py does in peft_megatron's training workers
+    nemo_compat.install_worker_hooks(skip=variant.skip_shims)  # as startup/sitecustomize.py does in the workers
     for name in variant.trials:
         if name in PROCESS_TRIALS:
             PROCESS_TRIALS[name]()

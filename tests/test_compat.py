@@ -60,13 +60,14 @@ def test_worker_startup_hook_applies_guards_before_nemo_runs():
         "from megatron.core.models.common.embeddings import rope_utils\n"
         "print(type(lora.te).__name__, 'stub' in (sys.modules['megatron.core.inference.unified_memory'].__doc__ or ''),"
         " getattr(rope_utils._apply_rotary_pos_emb_bshd, '_nemo_compat', False),"
-        " getattr(rope_utils._apply_rotary_pos_emb_thd, '_nemo_compat', False))"
+        " getattr(rope_utils._apply_rotary_pos_emb_thd, '_nemo_compat', False),"
+        " getattr(lora.LoRALinear.forward, '_nemo_compat', False))"
     )
     out = run_python(probe, {"PYTHONPATH": f"{REPO / 'startup'}:{REPO}", nemo_compat.WORKER_ENV_FLAG: "1"})
-    assert out == "SimpleNamespace True True True"
-    # Without the launcher's flag (test_checkpoint.py, conversions: CUDA-graph inference) RoPE stays Megatron's.
+    assert out == "SimpleNamespace True True True True"
+    # Without the launcher's flag (test_checkpoint.py, conversions: CUDA-graph inference) RoPE and LoRA stay upstream's.
     out = run_python(probe, {"PYTHONPATH": f"{REPO / 'startup'}:{REPO}", nemo_compat.WORKER_ENV_FLAG: "0"})
-    assert out.endswith(" False False")
+    assert out.endswith(" False False False")
 
 
 def test_compiled_rope_gives_megatrons_rope_and_its_gradient(monkeypatch):
@@ -145,3 +146,62 @@ def test_dynamic_attention_gets_the_triton_stand_ins_only_without_flash_attn():
     result = json.loads(run_python(probe, {"TRITON_INTERPRET": "1"}))
     assert result == {"absent_before": True, "installed": [True, False], "varlen": True, "kvcache": True,
                       "version_check": True}
+
+
+def lora_model(dropout: float = 0.0, dropout_position: str = "pre"):
+    """tiny_gpt with NeMo's own LoRA on every attention and MLP linear, its B matrices made non-zero so that the
+    adapter's path counts in the output."""
+    from nemo.collections.llm import fn
+    from nemo.collections.llm.peft.lora import LoRA, LoRALinear
+
+    from conftest import tiny_gpt
+
+    nemo_compat.prepare_process()  # NeMo's LoRA transform needs the no-TE guards, as every script applies them
+    model = tiny_gpt("cpu", torch.float32).train()
+    model.requires_grad_(False)
+    model = fn.walk(model, LoRA(dim=4, alpha=8, dropout=dropout, dropout_position=dropout_position).transform)
+    wrapped = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    torch.manual_seed(1)
+    for m in wrapped:
+        torch.nn.init.normal_(m.adapter.linear_out.weight, std=0.5)
+    return model, wrapped
+
+
+def loss_and_gradients(model):
+    tokens = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(2))
+    logits = model(tokens, torch.arange(16)[None].expand(2, -1), attention_mask=None)
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 97), tokens[:, 1:].reshape(-1))
+    trained = [p for p in model.parameters() if p.requires_grad]
+    return loss, torch.autograd.grad(loss, trained)
+
+
+def test_fused_lora_output_gives_nemos_lora_loss_and_gradients(model_parallel):
+    from nemo.collections.llm.peft.lora import LoRALinear
+
+    model, wrapped = lora_model()
+    assert len(wrapped) == 8  # linear_qkv, linear_proj, linear_fc1, linear_fc2 in each of 2 layers
+    expected_loss, expected_grads = loss_and_gradients(model)
+    nemo_compat.fuse_lora_output()
+    try:
+        assert LoRALinear.forward._nemo_compat and "fused-lora-output" in nemo_compat.applied()
+        loss, grads = loss_and_gradients(model)
+        assert all(m.__dict__["_fused_lora_output"] for m in wrapped)  # every adapter took the fused path
+    finally:
+        nemo_compat.unfuse_lora_output()
+    assert not getattr(LoRALinear.forward, "_nemo_compat", False) and "fused-lora-output" not in nemo_compat.applied()
+    assert len(grads) == 16 and all(g.abs().sum() > 0 for g in grads)  # A and B of each adapter
+    assert torch.allclose(loss, expected_loss, rtol=1e-6, atol=0), (loss.item(), expected_loss.item())
+    for got, want in zip(grads, expected_grads):
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-6), (got - want).abs().max().item()
+
+
+def test_lora_with_dropout_after_the_adapter_keeps_nemos_forward(model_parallel):
+    model, wrapped = lora_model(dropout=0.5, dropout_position="post")
+    model.eval()  # dropout off, so both forwards are deterministic
+    nemo_compat.fuse_lora_output()
+    try:
+        loss, _ = loss_and_gradients(model)
+        assert not any(m.__dict__["_fused_lora_output"] for m in wrapped)  # dropout on the full output: NeMo's path
+    finally:
+        nemo_compat.unfuse_lora_output()
+    assert torch.allclose(loss, loss_and_gradients(model)[0], rtol=0, atol=0)

@@ -8,71 +8,12 @@ from __future__ import annotations
 
 import pytest
 
+from conftest import CURRENT, tiny_gpt
+
 torch = pytest.importorskip("torch")
 
 LENGTHS = (7, 12, 1, 9, 3)  # a pack of five samples, one of a single token; the row is padded to 40 tokens
 PACK = 40
-
-
-@pytest.fixture
-def model_parallel(module_model_parallel, monkeypatch):
-    """Model parallelism, and CPU models that stay on the CPU: Megatron's RotaryEmbedding moves its frequencies to
-    torch.cuda.current_device() on its first forward, which a CPU-only machine lacks and which would split a CPU
-    model across devices on a GPU machine. CUDA models are built and run with the real device."""
-    real = torch.cuda.current_device
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: CURRENT[0] if CURRENT[0] == "cpu" else real())
-
-
-CURRENT = ["cpu"]  # the device of the model being run (see model_parallel)
-
-
-@pytest.fixture(scope="module")
-def module_model_parallel():
-    """One-process Megatron model parallelism (gloo), torn down afterwards."""
-    import tempfile
-
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-
-    if parallel_state.model_parallel_is_initialized():
-        # Left by an in-process NeMo import earlier in the session (tests/test_checkpoints.py), which never tears
-        # down Megatron's groups; they are the same one-process groups this fixture builds.
-        parallel_state.destroy_model_parallel()
-    created = not dist.is_initialized()
-    if created:
-        dist.init_process_group("gloo", init_method=f"file://{tempfile.mktemp(prefix='packed_pg_')}", rank=0,
-                                world_size=1)
-    parallel_state.initialize_model_parallel()
-    if torch.cuda.is_available():
-        from megatron.core import tensor_parallel
-
-        tensor_parallel.model_parallel_cuda_manual_seed(0)
-    yield
-    parallel_state.destroy_model_parallel()
-    if created:
-        dist.destroy_process_group()
-
-
-def tiny_gpt(device: str, dtype):
-    """A 2-layer Qwen3-shaped GPTModel (GQA, QK-norm, RMSNorm, SwiGLU, RoPE) on the project's SDPA layer spec."""
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-    from megatron.core.transformer.transformer_config import TransformerConfig
-
-    from sdpa_attention import SDPADotProductAttention
-
-    config = TransformerConfig(
-        num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4, num_query_groups=2, kv_channels=32,
-        normalization="RMSNorm", gated_linear_unit=True, activation_func=torch.nn.functional.silu,
-        add_bias_linear=False, qk_layernorm=True, hidden_dropout=0.0, attention_dropout=0.0,
-        use_cpu_initialization=True, params_dtype=dtype, bf16=dtype == torch.bfloat16,
-    )
-    spec = get_gpt_layer_local_spec(qk_layernorm=True, normalization="RMSNorm")
-    spec.submodules.self_attention.submodules.core_attention = SDPADotProductAttention
-    torch.manual_seed(0)
-    model = GPTModel(config, spec, vocab_size=97, max_sequence_length=PACK, position_embedding_type="rope",
-                     rotary_base=1_000_000)
-    return model.to(device=device, dtype=dtype).eval()
 
 
 def packed_batch(device: str):
