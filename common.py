@@ -15,6 +15,7 @@ import re
 import shutil
 import sys
 import tempfile
+import threading
 import time
 import typing
 from pathlib import Path
@@ -89,6 +90,87 @@ def phase(name: str) -> Iterator[None]:
     started = time.monotonic()
     yield
     log.info("== %s: done in %.1f s", name, time.monotonic() - started)
+
+
+class WorkerConsole:
+    """Stands in for sys.stdout while NeMo-Run tails the training workers' output, which it prints there, each line
+    prefixed with the role and replica (`qwen3_8b/0 [default0]:...`). Every worker line goes to our log file (its
+    handlers only: NeMo-Run's console handler on the root logger would print it back here); the console shows the
+    workers' lines of ours, every `every_n_steps`-th progress line, checkpoint and early-stopping decisions, and,
+    from a worker's first traceback or error on, everything. Other text passes unchanged."""
+
+    _ANSI_CODE = r"\x1b\[[0-9;:]*m"
+    _ANSI = rf"(?:{_ANSI_CODE})?"
+    FAILURE = re.compile(r"Traceback \(most recent call last\)|^\s*[\w.]*(?:Error|Exception)\b.*:|\bERROR\b:|"
+                         r"\[NeMo E|CRITICAL|ChildFailedError|exitcode")
+    PROGRESS = re.compile(r"Training epoch \d+, iteration (\d+)/(\d+)")
+    DECISIONS = re.compile(r"'val_loss' reached|'val_loss' was not in top|did not improve in the last|"
+                           r"Signaling Trainer to stop|peft_megatron")
+    RANK = re.compile(r"^\[\w+\]:")  # torchrun's per-rank prefix, [default0]:
+
+    def __init__(self, console, role: str, every_n_steps: int):
+        self.console, self.every = console, max(1, every_n_steps)
+        self.worker_line = re.compile(rf"^{self._ANSI}{re.escape(role[-10:])}/\d+{self._ANSI} ")
+        self.failing, self._partial, self._lock = False, "", threading.RLock()
+        self.log_files = [h for h in logging.getLogger().handlers
+                          if isinstance(h, logging.FileHandler) and getattr(h, "peft_megatron", False)]
+
+    def write(self, text: str) -> int:
+        with self._lock:
+            *lines, self._partial = (self._partial + text).split("\n")
+            for line in lines:
+                self._route(line)
+        return len(text)
+
+    def flush(self) -> None:
+        self.console.flush()
+
+    def __getattr__(self, name: str):  # isatty, encoding, fileno, ...: the console's own
+        if name == "console":
+            raise AttributeError(name)
+        return getattr(self.console, name)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._partial:
+                self._route(self._partial)
+                self._partial = ""
+
+    def _route(self, line: str) -> None:
+        start = self.worker_line.match(line)
+        if start is None:
+            self.console.write(line + "\n")
+            return
+        plain = re.sub(self._ANSI_CODE, "", line)
+        record = logging.LogRecord("workers", logging.INFO, __file__, 0, "%s", (plain,), None)
+        for handler in self.log_files:
+            handler.handle(record)
+        if self.shows(self.RANK.sub("", line[start.end():])):
+            self.console.write(line + "\n")
+
+    def shows(self, body: str) -> bool:
+        if self.failing or self.FAILURE.search(body):
+            self.failing = True
+            return True
+        progress = self.PROGRESS.search(body)
+        if progress:
+            step, last = int(progress[1]), int(progress[2])
+            return step % self.every == 0 or step == last
+        return self.DECISIONS.search(body) is not None
+
+
+@contextlib.contextmanager
+def quiet_workers(role: str, level: str, every_n_steps: int) -> Iterator[None]:
+    """The training workers' output as WorkerConsole shows it; at DEBUG, all of it as NeMo-Run prints it."""
+    if getattr(logging, level.upper(), logging.INFO) <= logging.DEBUG:
+        yield
+        return
+    console = WorkerConsole(sys.stdout, role, every_n_steps)
+    with contextlib.redirect_stdout(console):
+        try:
+            yield
+        finally:
+            console.close()
 
 
 def log_to_file(path: Path, level: str = "INFO") -> Path:

@@ -60,6 +60,7 @@ from common import (
     log_to_file,
     parse_dataclass_args,
     phase,
+    quiet_workers,
     rank_zero_attempt,
     remove_leftovers,
     run_cli,
@@ -178,7 +179,9 @@ class Config:
     # ---- data (dataset_module.HFDatasetConfig) ----------------------------------------------------------------
     data: HFDatasetConfig = field(default_factory=HFDatasetConfig)
     # ---- run control ------------------------------------------------------------------------------------------
-    log_level: str = field(default="INFO", metadata={"group": "run control", "help": "logging level", "choices": LOG_LEVELS})
+    log_level: str = field(default="INFO", metadata={
+        "group": "run control", "choices": LOG_LEVELS,
+        "help": "console level; DEBUG shows every library's and training worker's line (the log file has them all)"})
     node_rank: int = field(default=0, metadata={"help": "this node's rank (multi-node launches)"})
     wait_timeout_s: float = field(
         default=3600.0, metadata={"help": "how long other nodes wait for rank 0's import or data preparation"}
@@ -1028,7 +1031,9 @@ def launch_training(config: Config, recipe, executor) -> float:
     started = time.monotonic()
     if config.enable_pytorch_profiler or config.enable_memory_profile:
         (config.output_path / "profiles").mkdir(parents=True, exist_ok=True)  # the callbacks require it to exist
-    with run.Experiment(
+    log.info("training workers' output: in full in %s; here, what matters", config.output_path / LOG_FILE)
+    # A single job's workers are waited for (and their output tailed) when the experiment's context exits.
+    with quiet_workers(config.recipe_cls_name, config.log_level, config.log_every_n_steps), run.Experiment(
         config.experiment_title,
         executor=executor,
         log_level=config.log_level,

@@ -77,3 +77,70 @@ def test_the_demo_on_a_machine_without_gpu_prints_our_plan_not_the_libraries_cha
     assert not [line for line in CHATTER if line in console], console[-3000:]
     kept = (REPO / "demo" / "run" / "peft_megatron.log").read_text()
     assert [line for line in CHATTER if line in kept]  # the chatter is in the log file, not lost
+
+
+# A training worker's output, as NeMo 2.7.3 / Lightning / Megatron print it (run 44 of docs/gpu-validation.md),
+# ending in an error; run through torchrun by NeMo-Run's LocalExecutor, which tails it to the console.
+WORKER = r"""
+import sys
+print("[NeMo I 2026-12-02 01:08:14 megatron_init:1] Rank 0 has tensor model parallel rank: 0")
+print("WARNING:megatron.core.utils:fused_indices_to_multihot has reached end of life.")
+for i in range(25):
+    print(f"Training epoch 0, iteration {i}/24 | lr: 0.001 | global_step: {i} | reduced_train_loss: {6 - i / 10:.2f}")
+print("INFO:pytorch_lightning.utilities.rank_zero:Epoch 0, global step 24: 'val_loss' reached 1.52945 (best 1.52945), "
+      "saving model to '/run/nemo_logs/checkpoints/x.ckpt' as top 1")
+print("[NeMo I 2026-12-02 01:10:49 model_checkpoint:677] Async checkpoint save for step 25 finalized successfully.")
+raise RuntimeError("CUDA out of memory (as a worker reports it)")
+"""
+LAUNCH = r"""
+import sys
+import nemo_run as run
+from common import log_to_file, quiet_workers, setup_logging
+setup_logging(sys.argv[1])
+log_to_file(sys.argv[2] + "/peft_megatron.log")
+script = run.Script(path=sys.argv[2] + "/worker.py", entrypoint="python")
+executor = run.LocalExecutor(ntasks_per_node=1, launcher="torchrun")
+with quiet_workers("qwen3_600m", sys.argv[1], 10), run.Experiment("t", executor=executor, base_dir=sys.argv[2]) as exp:
+    exp.add(script, tail_logs=True, name="qwen3_600m")
+    exp.run(detach=False)
+print("states", [str(job.state) for job in exp.jobs])
+"""
+
+
+def launch_worker(tmp_path, level: str) -> list[str]:
+    """The worker's lines on the console of a real NeMo-Run launch (torchrun), without their role/rank prefix."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    (tmp_path / "worker.py").write_text(WORKER)
+    env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}", "PYTHONPATH": str(REPO),
+           "NEMORUN_HOME": str(tmp_path / "home")}
+    out = subprocess.run([sys.executable, "-c", LAUNCH, level, str(tmp_path)], capture_output=True, text=True,
+                         env=env, cwd=tmp_path, timeout=240)
+    assert out.returncode == 0 and "FAILED" in out.stdout.splitlines()[-1], out.stdout[-3000:] + out.stderr[-3000:]
+    worker = re.compile(r"^(?:\x1b\[[0-9;:]*m)?qwen3_600m/0(?:\x1b\[[0-9;:]*m)? (?:\[default0\]:)?")
+    return [worker.sub("", line) for line in out.stdout.splitlines() if worker.match(line)]
+
+
+def test_console_shows_workers_progress_checkpoints_and_errors_and_the_file_has_all(tmp_path):
+    shown = launch_worker(tmp_path, "INFO")
+    progress = [line.split(" |")[0] for line in shown if line.startswith("Training epoch")]
+    assert progress == [f"Training epoch 0, iteration {i}/24" for i in (0, 10, 20, 24)]  # every 10th, and the last
+    assert any("'val_loss' reached 1.52945" in line for line in shown)
+    error = shown.index("Traceback (most recent call last):")  # the failing worker's traceback, whole
+    assert "RuntimeError: CUDA out of memory (as a worker reports it)" in shown[error:]
+    assert any("ChildFailedError" in line for line in shown[error:])
+    for hidden in ("megatron_init", "fused_indices_to_multihot", "finalized successfully", "Using nproc_per_node"):
+        assert not any(hidden in line for line in shown), hidden
+    logged = (tmp_path / "peft_megatron.log").read_text()
+    for line in ("megatron_init", "fused_indices_to_multihot", "finalized successfully", "iteration 7/24",
+                 "RuntimeError: CUDA out of memory"):
+        assert line in logged, line
+
+
+def test_debug_console_shows_every_worker_line(tmp_path):
+    shown = launch_worker(tmp_path, "DEBUG")
+    assert sum(line.startswith("Training epoch") for line in shown) == 25
+    assert any("fused_indices_to_multihot" in line for line in shown)
