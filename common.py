@@ -17,9 +17,11 @@ import sys
 import tempfile
 import threading
 import time
+import types
 import typing
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import Any
 
 log = logging.getLogger("peft_megatron")
 
@@ -101,19 +103,26 @@ class WorkerConsole:
 
     _ANSI_CODE = r"\x1b\[[0-9;:]*m"
     _ANSI = rf"(?:{_ANSI_CODE})?"
-    FAILURE = re.compile(r"Traceback \(most recent call last\)|^\s*[\w.]*(?:Error|Exception)\b.*:|\bERROR\b:|"
-                         r"\[NeMo E|CRITICAL|ChildFailedError|exitcode")
+    FAILURE = re.compile(
+        r"Traceback \(most recent call last\)|^\s*[\w.]*(?:Error|Exception)\b.*:|\bERROR\b:|"
+        r"\[NeMo E|CRITICAL|ChildFailedError|exitcode"
+    )
     PROGRESS = re.compile(r"Training epoch \d+, iteration (\d+)/(\d+)")
-    DECISIONS = re.compile(r"'val_loss' reached|'val_loss' was not in top|did not improve in the last|"
-                           r"Signaling Trainer to stop|peft_megatron")
+    DECISIONS = re.compile(
+        r"'val_loss' reached|'val_loss' was not in top|did not improve in the last|"
+        r"Signaling Trainer to stop|peft_megatron"
+    )
     RANK = re.compile(r"^\[\w+\]:")  # torchrun's per-rank prefix, [default0]:
 
     def __init__(self, console, role: str, every_n_steps: int):
         self.console, self.every = console, max(1, every_n_steps)
         self.worker_line = re.compile(rf"^{self._ANSI}{re.escape(role[-10:])}/\d+{self._ANSI} ")
         self.failing, self._partial, self._lock = False, "", threading.RLock()
-        self.log_files = [h for h in logging.getLogger().handlers
-                          if isinstance(h, logging.FileHandler) and getattr(h, "peft_megatron", False)]
+        self.log_files = [
+            h
+            for h in logging.getLogger().handlers
+            if isinstance(h, logging.FileHandler) and getattr(h, "peft_megatron", False)
+        ]
 
     def write(self, text: str) -> int:
         with self._lock:
@@ -145,7 +154,7 @@ class WorkerConsole:
         record = logging.LogRecord("workers", logging.INFO, __file__, 0, "%s", (plain,), None)
         for handler in self.log_files:
             handler.handle(record)
-        if self.shows(self.RANK.sub("", line[start.end():])):
+        if self.shows(self.RANK.sub("", line[start.end() :])):
             self.console.write(line + "\n")
 
     def shows(self, body: str) -> bool:
@@ -225,7 +234,7 @@ def finite_float(text: str) -> float:
     return value
 
 
-def int_or_auto(text: str) -> Optional[int]:
+def int_or_auto(text: str) -> int | None:
     """An integer flag whose value may be `auto` (None: resolved later from the machine)."""
     if text.strip().lower() == "auto":
         return None
@@ -255,14 +264,14 @@ class _BoolAction(argparse.Action):
 
 
 def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
-    if typing.get_origin(tp) is typing.Union:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):  # Optional[int] and int | None
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if len(args) == 1:
             return args[0], True
     return tp, False
 
 
-def iter_fields(cls: type) -> Iterator[tuple[dataclasses.Field, Any, Optional[str]]]:
+def iter_fields(cls: type) -> Iterator[tuple[dataclasses.Field, Any, str | None]]:
     """(field, resolved type, parent field name or None), flattening nested dataclass fields."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
@@ -330,8 +339,9 @@ def flag_names(cls: type) -> list[str]:
 
 # Set in os.environ by Lightning once a process has joined torch.distributed (and by our executor); a script this
 # process starts must pick its own rendezvous.
-RENDEZVOUS_VARS = frozenset({"MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE",
-                             "GROUP_RANK", "NODE_RANK"})
+RENDEZVOUS_VARS = frozenset(
+    {"MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "NODE_RANK"}
+)
 
 
 def environ_without_rendezvous() -> dict[str, str]:
@@ -418,8 +428,10 @@ def exclusive_lock(path: Path, timeout_s: float, what: str, poll_s: float = 0.5)
                 break
             except BlockingIOError:
                 if time.monotonic() >= deadline:
-                    raise PipelineError(f"another job has held {path} for {timeout_s:.0f}s ({what}); wait for it to "
-                                        "finish, or use another directory") from None
+                    raise PipelineError(
+                        f"another job has held {path} for {timeout_s:.0f}s ({what}); wait for it to "
+                        "finish, or use another directory"
+                    ) from None
                 if not waited:
                     log.info("waiting for another job's %s (lock %s)", what, path)
                     waited = True
@@ -505,8 +517,11 @@ def wait_for_file(
         except FileNotFoundError:
             written = None
         if written is not None and (written >= started_on_fs or now - start >= stale_grace_s):
-            when = "" if written >= started_on_fs else (
-                f", written before this node started; rank 0 began no new attempt in {stale_grace_s:.0f}s")
+            when = (
+                ""
+                if written >= started_on_fs
+                else (f", written before this node started; rank 0 began no new attempt in {stale_grace_s:.0f}s")
+            )
             raise PipelineError(f"{what} failed on global rank 0: {reason} (marker {failed}{when}); fix it and re-run")
         if now >= deadline:
             raise PipelineError(
@@ -558,30 +573,39 @@ def hf_load_error(model: str, error: Exception) -> str:
     """One line for a model or tokenizer transformers could not load (offline hub id, gated model, custom code)."""
     text = str(error).strip()
     if "trust_remote_code" in text:
-        return f"--hf_model_id {model}: the model needs code from its repository; pass --trust_remote_code if you trust it"
+        return (
+            f"--hf_model_id {model}: the model needs code from its repository; pass --trust_remote_code if you trust it"
+        )
     first = text.splitlines()[0] if text else type(error).__name__
-    return (f"--hf_model_id {model}: could not read the model's configuration or tokenizer ({type(error).__name__}: "
-            f"{first}). Without network access, point --hf_model_id at a local directory (save_pretrained output); "
-            "a gated hub model needs a login (HF_TOKEN)")
+    return (
+        f"--hf_model_id {model}: could not read the model's configuration or tokenizer ({type(error).__name__}: "
+        f"{first}). Without network access, point --hf_model_id at a local directory (save_pretrained output); "
+        "a gated hub model needs a login (HF_TOKEN)"
+    )
 
 
 def remove_leftovers(target: Path, what: str, patterns: tuple[str, ...] = ("*.partial",)) -> None:
     """Remove the temporary siblings `.<target name>.<pattern>` that killed runs writing `target` left (atomic_dir's
     `.partial` directories and the like), saying so in one line. Call under the lock that guards `target`."""
     parent = target.parent
-    leftovers = sorted({p for pattern in patterns for p in parent.glob(f".{target.name}.{pattern}")}) \
-        if parent.is_dir() else []
+    leftovers = (
+        sorted({p for pattern in patterns for p in parent.glob(f".{target.name}.{pattern}")}) if parent.is_dir() else []
+    )
     for path in leftovers:
         if path.is_dir():
             shutil.rmtree(path, ignore_errors=True)
         else:
             path.unlink(missing_ok=True)
     if leftovers:
-        log.warning("removed %d unfinished %s(s) left by killed runs: %s", len(leftovers), what,
-                    ", ".join(p.name for p in leftovers))
+        log.warning(
+            "removed %d unfinished %s(s) left by killed runs: %s",
+            len(leftovers),
+            what,
+            ", ".join(p.name for p in leftovers),
+        )
 
 
-def checkpoint_damage(path: Path) -> Optional[str]:
+def checkpoint_damage(path: Path) -> str | None:
     """What is wrong with the weight files of a complete-looking NeMo checkpoint, or None. Reads metadata only:
     weights/metadata.json and the torch-dist `.metadata` must parse, and every shard must be as long as the
     metadata says (a copy or write cut short). A shard damaged inside its length is not detected."""
@@ -608,7 +632,7 @@ def checkpoint_damage(path: Path) -> Optional[str]:
     return None
 
 
-def checkpoint_val_loss(path: Path) -> Optional[float]:
+def checkpoint_val_loss(path: Path) -> float | None:
     m = _VAL_LOSS.search(Path(path).name)
     return float(m.group(1).rstrip(".")) if m else None
 

@@ -18,7 +18,8 @@ refused, never reused. Outputs are written to a temporary directory and renamed,
 looks complete. `--verify` (default on for models under
 2B parameters) reloads the export with transformers; for LoRA it checks that the merged model and
 peft.PeftModel(base, adapter) give the same logits. The adapter mapping itself is tested against NeMo's own
-exporter on NeMo-layout LoRA weights (tests/test_checkpoints.py). Runs on CPU or GPU. Exit codes: 0 ok, 1 failure, 2 invalid arguments.
+exporter on NeMo-layout LoRA weights (tests/test_checkpoints.py). Runs on CPU or GPU.
+Exit codes: 0 ok, 1 failure, 2 invalid arguments.
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ import logging
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 from common import (
     ConfigError,
@@ -59,26 +59,35 @@ HF_TARGETS = {
     "linear_fc1": ("gate_proj", "up_proj"),
     "linear_fc2": ("down_proj",),
 }
-HF_MODULE = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
-             "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+HF_MODULE = {
+    "q_proj": "self_attn",
+    "k_proj": "self_attn",
+    "v_proj": "self_attn",
+    "o_proj": "self_attn",
+    "gate_proj": "mlp",
+    "up_proj": "mlp",
+    "down_proj": "mlp",
+}
 
 
 @dataclass
 class ExportConfig:
-    nemo_logs_dir: Optional[str] = field(
+    nemo_logs_dir: str | None = field(
         default=None, metadata={"help": "training run's nemo_logs dir: export its best val_loss checkpoint, else last"}
     )
-    nemo_checkpoint_path: Optional[str] = field(
+    nemo_checkpoint_path: str | None = field(
         default=None, metadata={"help": "an explicit NeMo checkpoint (LoRA, full fine-tuned, or imported base)"}
     )
     no_merge: bool = field(default=False, metadata={"help": "export the LoRA adapter alone in HF PEFT format"})
-    output_dir: Optional[str] = field(
+    output_dir: str | None = field(
         default=None,
-        metadata={"help": "default: nemo_logs/exports/<checkpoint>.hf_model (.hf_peft with --no_merge) for a run's "
-                          "checkpoint, else beside the checkpoint"},
+        metadata={
+            "help": "default: nemo_logs/exports/<checkpoint>.hf_model (.hf_peft with --no_merge) for a run's "
+            "checkpoint, else beside the checkpoint"
+        },
     )
     overwrite: bool = field(default=False, metadata={"help": "replace an existing output"})
-    verify: Optional[bool] = field(
+    verify: bool | None = field(
         default=None, metadata={"help": "check the export against a second path (default: on below 2B parameters)"}
     )
     trust_remote_code: bool = field(default=False, metadata={"help": "allow custom code from the model repository"})
@@ -115,8 +124,10 @@ def resolve_checkpoint(cfg: ExportConfig) -> Path:
         )
     damage = checkpoint_damage(ckpt)
     if damage:
-        raise PipelineError(f"{ckpt} is damaged: {damage}; export another checkpoint of the run (e.g. its -last "
-                            "one), or re-run the training that writes it")
+        raise PipelineError(
+            f"{ckpt} is damaged: {damage}; export another checkpoint of the run (e.g. its -last "
+            "one), or re-run the training that writes it"
+        )
     return ckpt
 
 
@@ -141,11 +152,14 @@ def base_checkpoint(ckpt: Path) -> Path:
 EXPORT_RECORD = ".peft_megatron_export.json"  # written last into every export
 
 
-def export_source(ckpt: Path, base: Optional[Path], kind: str) -> dict:
+def export_source(ckpt: Path, base: Path | None, kind: str) -> dict:
     """What an export is made from: the checkpoint (and a LoRA checkpoint's base), by content (file_heads)."""
     content = {"checkpoint": file_heads(ckpt), "base": file_heads(base) if base else None}
-    return {"checkpoint": str(ckpt.resolve()), "kind": kind,
-            "fingerprint": hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()}
+    return {
+        "checkpoint": str(ckpt.resolve()),
+        "kind": kind,
+        "fingerprint": hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest(),
+    }
 
 
 def write_export_record(out: Path, source: dict) -> None:
@@ -166,15 +180,19 @@ def is_current_export(out: Path, source: dict) -> bool:
         record = json.loads((out / EXPORT_RECORD).read_text())
         files, kind, fingerprint = dict(record["files"]), record["kind"], record["fingerprint"]
     except (OSError, ValueError, KeyError, TypeError):
-        raise PipelineError(f"{out} exists but holds no export record ({EXPORT_RECORD}) that this script can read; "
-                            f"{overwrite}") from None
-    damaged = [name for name, size in files.items()
-               if not (out / name).is_file() or (out / name).stat().st_size != size]
+        raise PipelineError(
+            f"{out} exists but holds no export record ({EXPORT_RECORD}) that this script can read; {overwrite}"
+        ) from None
+    damaged = [
+        name for name, size in files.items() if not (out / name).is_file() or (out / name).stat().st_size != size
+    ]
     if damaged:
         raise PipelineError(f"{out} is an incomplete export ({damaged[0]} is missing or has changed size); {overwrite}")
     if (kind, fingerprint) != (source["kind"], source["fingerprint"]):
-        raise PipelineError(f"{out} holds a {kind} export of {record.get('checkpoint')}, not a {source['kind']} export "
-                            f"of {source['checkpoint']} as it is now; {overwrite}")
+        raise PipelineError(
+            f"{out} holds a {kind} export of {record.get('checkpoint')}, not a {source['kind']} export "
+            f"of {source['checkpoint']} as it is now; {overwrite}"
+        )
     return True
 
 
@@ -183,8 +201,9 @@ def is_current_export(out: Path, source: dict) -> bool:
 # --------------------------------------------------------------------------------------------------------------------
 def export_hf(nemo_ckpt: Path, out: Path, env) -> None:
     """`llm.export_ckpt(target="hf")` of a full (or merged) checkpoint into `out` (must not exist)."""
-    import nemo_compat
     from nemo.collections import llm
+
+    import nemo_compat
 
     with nemo_compat.cpu_checkpoint_io(env):
         llm.export_ckpt(path=nemo_ckpt, target="hf", output_path=out, overwrite=True)
@@ -199,7 +218,11 @@ def fix_special_token_ids(nemo_ckpt: Path, out: Path) -> None:
     gen = nemo_ckpt / "context" / "artifacts" / "generation_config.json"
     generation = json.loads(gen.read_text()) if gen.exists() else {}
     tok = AutoTokenizer.from_pretrained(out)
-    tokenizer_ids = {"eos_token_id": tok.eos_token_id, "bos_token_id": tok.bos_token_id, "pad_token_id": tok.pad_token_id}
+    tokenizer_ids = {
+        "eos_token_id": tok.eos_token_id,
+        "bos_token_id": tok.bos_token_id,
+        "pad_token_id": tok.pad_token_id,
+    }
     config_path = out / "config.json"
     config = json.loads(config_path.read_text())
     for key, value in tokenizer_ids.items():
@@ -288,7 +311,9 @@ def nemo_lora_to_peft(adapter: dict, settings: dict) -> dict:
             if is_a:
                 pieces = {proj: w for proj in HF_TARGETS[target]}
             elif target == "linear_qkv":
-                q, k, v = split_qkv_rows(w, settings["num_attention_heads"], settings["num_query_groups"], settings["head_dim"])
+                q, k, v = split_qkv_rows(
+                    w, settings["num_attention_heads"], settings["num_query_groups"], settings["head_dim"]
+                )
                 pieces = {"q_proj": q, "k_proj": k, "v_proj": v}
             elif target == "linear_fc1" and settings["gated"]:
                 gate, up = w.chunk(2, dim=0)
@@ -296,7 +321,9 @@ def nemo_lora_to_peft(adapter: dict, settings: dict) -> dict:
             else:
                 pieces = {HF_TARGETS[target][0]: w}
             for proj, weight in pieces.items():
-                name = f"base_model.model.model.layers.{layer}.{HF_MODULE[proj]}.{proj}.lora_{'A' if is_a else 'B'}.weight"
+                name = (
+                    f"base_model.model.model.layers.{layer}.{HF_MODULE[proj]}.{proj}.lora_{'A' if is_a else 'B'}.weight"
+                )
                 out[name] = weight.contiguous().clone()
     return out
 
@@ -338,7 +365,7 @@ def _not_the_module_name_warning(record: logging.LogRecord) -> bool:
     return "is not a valid Python identifier" not in record.getMessage()
 
 
-def reference_logits(model_dir: Path, adapter_dir: Optional[Path] = None):
+def reference_logits(model_dir: Path, adapter_dir: Path | None = None):
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -424,7 +451,7 @@ def export(cfg: ExportConfig) -> Path:
     return out
 
 
-def _write_export(cfg: ExportConfig, ckpt: Path, base: Optional[Path], lora: bool, source: dict, out: Path) -> None:
+def _write_export(cfg: ExportConfig, ckpt: Path, base: Path | None, lora: bool, source: dict, out: Path) -> None:
     import nemo_compat
 
     env = nemo_compat.prepare_process()

@@ -23,7 +23,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from common import (
     PipelineError,
@@ -59,7 +59,7 @@ TRUNCATION_WARN_FRACTION = 0.02
 class HFDatasetConfig:
     """Where the data comes from and how rows become prompt/answer pairs (flags of peft_megatron.py)."""
 
-    dataset_name: Optional[str] = field(
+    dataset_name: str | None = field(
         default=None,
         metadata={
             "group": "data",
@@ -68,14 +68,14 @@ class HFDatasetConfig:
             "training.jsonl and validation.jsonl",
         },
     )
-    dataset_subset: Optional[str] = field(default=None, metadata={"help": "dataset configuration name (hub datasets)"})
-    dataset_revision: Optional[str] = field(default=None, metadata={"help": "hub revision (branch, tag or commit)"})
+    dataset_subset: str | None = field(default=None, metadata={"help": "dataset configuration name (hub datasets)"})
+    dataset_revision: str | None = field(default=None, metadata={"help": "hub revision (branch, tag or commit)"})
     input_column: str = field(default="input", metadata={"help": "column holding the prompt"})
     output_column: str = field(default="output", metadata={"help": "column holding the answer"})
-    system_column: Optional[str] = field(
+    system_column: str | None = field(
         default=None, metadata={"help": "optional column prepended to the prompt (system prompt or context)"}
     )
-    prompt_template: Optional[str] = field(
+    prompt_template: str | None = field(
         default=None,
         metadata={
             "help": "Python format string over column names that builds the prompt, e.g. "
@@ -86,7 +86,7 @@ class HFDatasetConfig:
     val_fraction: float = field(default=0.05, metadata={"help": "validation share when the source has no such split"})
     test_fraction: float = field(default=0.05, metadata={"help": "test share when the source has no test split"})
     seed: int = field(default=1234, metadata={"help": "seed for the shuffle and the split"})
-    max_samples: Optional[int] = field(default=None, metadata={"help": "keep at most this many rows per split"})
+    max_samples: int | None = field(default=None, metadata={"help": "keep at most this many rows per split"})
     overwrite_data: bool = field(
         default=False, metadata={"help": "re-prepare --data_dir even if it holds data prepared with other settings"}
     )
@@ -125,19 +125,26 @@ class HFDatasetConfig:
         --val_fraction), and the first row of a JSONL/CSV file names the columns the prompt needs."""
         out = []
         if self.val_fraction == 0:
-            out.append("--val_fraction 0: local files have no validation split of their own, so no validation "
-                       "would run (no val_loss, no checkpoint); give a share such as 0.05")
+            out.append(
+                "--val_fraction 0: local files have no validation split of their own, so no validation "
+                "would run (no val_loss, no checkpoint); give a share such as 0.05"
+            )
         columns = _first_row_columns(files[0])
         if columns is None or self.chat:
             return out
-        needed = [self.input_column, self.output_column] if self.prompt_template is None else \
-            [*_template_fields(self.prompt_template), self.output_column]
+        needed = (
+            [self.input_column, self.output_column]
+            if self.prompt_template is None
+            else [*_template_fields(self.prompt_template), self.output_column]
+        )
         if self.system_column:
             needed.append(self.system_column)
         missing = [c for c in dict.fromkeys(needed) if c not in columns]
         if missing:
-            out.append(f"--dataset_name {files[0]} has no column(s) {missing} (needed by --input_column/"
-                       f"--output_column/--system_column/--prompt_template); its columns are {sorted(columns)}")
+            out.append(
+                f"--dataset_name {files[0]} has no column(s) {missing} (needed by --input_column/"
+                f"--output_column/--system_column/--prompt_template); its columns are {sorted(columns)}"
+            )
         return out
 
 
@@ -154,7 +161,7 @@ def _template_fields(template: str) -> list[str]:
 # --------------------------------------------------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------------------------------------------------
-def _first_row_columns(path: Path) -> Optional[set[str]]:
+def _first_row_columns(path: Path) -> set[str] | None:
     """Column names from a JSONL file's first object or a CSV header; None where that cannot be read cheaply."""
     import csv
 
@@ -172,7 +179,7 @@ def _first_row_columns(path: Path) -> Optional[set[str]]:
     return None
 
 
-def _local_files(spec: str) -> Optional[list[Path]]:
+def _local_files(spec: str) -> list[Path] | None:
     parts = [Path(p.strip()) for p in spec.split(",") if p.strip()]
     if parts and all(p.suffix.lower() in LOCAL_SUFFIXES for p in parts):
         return parts
@@ -204,7 +211,9 @@ def _source_fingerprint(spec: str) -> dict:
         files = sorted(p for p in Path(spec).rglob("*") if p.is_file())
     if files is None:
         return {"hub": spec}
-    return {"files": [{"path": str(p.resolve()), "size": p.stat().st_size, "mtime_ns": p.stat().st_mtime_ns} for p in files]}
+    return {
+        "files": [{"path": str(p.resolve()), "size": p.stat().st_size, "mtime_ns": p.stat().st_mtime_ns} for p in files]
+    }
 
 
 def load_splits(cfg: HFDatasetConfig) -> dict[str, list[dict]]:
@@ -267,7 +276,7 @@ def _is_empty(value: Any) -> bool:
     return value is None or (isinstance(value, str) and not value.strip())
 
 
-def _to_row(raw: dict, cfg: HFDatasetConfig) -> tuple[Optional[dict], Optional[str]]:
+def _to_row(raw: dict, cfg: HFDatasetConfig) -> tuple[dict | None, str | None]:
     """The JSONL row for one source row, or (None, reason it was dropped)."""
     if cfg.chat:
         messages = raw.get("messages")
@@ -311,7 +320,9 @@ def _check_columns(split: str, rows: list[dict], cfg: HFDatasetConfig) -> None:
     present = set().union(*(r.keys() for r in rows[:100]))
     missing = [c for c in _required_columns(cfg) if c not in present]
     if missing:
-        flags = "--chat expects a 'messages' column" if cfg.chat else "set --input_column/--output_column/--prompt_template"
+        flags = (
+            "--chat expects a 'messages' column" if cfg.chat else "set --input_column/--output_column/--prompt_template"
+        )
         raise PipelineError(
             f"split {split!r} of {cfg.dataset_name} has no column(s) {missing}; its columns are {sorted(present)} "
             f"({flags})"
@@ -361,9 +372,10 @@ def build_splits(source: dict[str, list[dict]], cfg: HFDatasetConfig) -> tuple[d
         converted = {s: rows[: cfg.max_samples] for s, rows in converted.items()}
     for s in ("train", "val"):
         if not converted.get(s):
+            fix = "raise --val_fraction" if s == "val" else "lower --val_fraction/--test_fraction"
             raise PipelineError(
                 f"the {s} split is empty after filtering and splitting ({n} usable rows in the source's train split); "
-                f"provide more data or {'raise --val_fraction' if s == 'val' else 'lower --val_fraction/--test_fraction'}"
+                f"provide more data or {fix}"
             )
     sources = {s: (chosen[s] or f"carved from {chosen['train']}") for s in ("train", "val", "test")}
     return converted, {"dropped": dropped, "sources": sources}
@@ -395,11 +407,16 @@ def token_stats(rows: list[dict], tokenizer, max_seq_length: int, limit: int = 2
 # --------------------------------------------------------------------------------------------------------------------
 def fingerprint(cfg: HFDatasetConfig, tokenizer_name: str) -> dict:
     shaping = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "overwrite_data"}
-    body = {"format": FORMAT_VERSION, "config": shaping, "source": _source_fingerprint(cfg.dataset_name), "tokenizer": tokenizer_name}
+    body = {
+        "format": FORMAT_VERSION,
+        "config": shaping,
+        "source": _source_fingerprint(cfg.dataset_name),
+        "tokenizer": tokenizer_name,
+    }
     return {"sha256": hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest(), **body}
 
 
-def _read_marker(root: Path) -> Optional[dict]:
+def _read_marker(root: Path) -> dict | None:
     try:
         return json.loads((root / MARKER).read_text())
     except (FileNotFoundError, json.JSONDecodeError):
@@ -428,7 +445,7 @@ def prepare_dataset(
     trust_remote_code: bool = False,
     global_rank: int = 0,
     wait_timeout_s: float = 3600.0,
-    tokenizer_identity: Optional[str] = None,
+    tokenizer_identity: str | None = None,
 ) -> dict:
     """Write train/val/test JSONL under `data_dir` unless identical data is there; return the summary.
 
@@ -453,14 +470,16 @@ def prepare_dataset(
         return _prepare_on_rank0(cfg, data_dir, fp, tokenizer_name, max_seq_length, trust_remote_code)
 
 
-def _prepare_on_rank0(cfg: HFDatasetConfig, data_dir: Path, fp: dict, tokenizer_name: str, max_seq_length: int,
-                      trust_remote_code: bool) -> dict:
+def _prepare_on_rank0(
+    cfg: HFDatasetConfig, data_dir: Path, fp: dict, tokenizer_name: str, max_seq_length: int, trust_remote_code: bool
+) -> dict:
     marker = _read_marker(data_dir)
     damaged = _damaged_files(data_dir, marker) if marker else []
     same = bool(marker) and marker.get("fingerprint", {}).get("sha256") == fp["sha256"]
     if same and not damaged:
-        log.info("data in %s already prepared with these settings (fingerprint %s); skipping", data_dir,
-                 fp["sha256"][:12])
+        log.info(
+            "data in %s already prepared with these settings (fingerprint %s); skipping", data_dir, fp["sha256"][:12]
+        )
         return marker["summary"]
     interrupted = _remove_interrupted_preparation(data_dir)
     if same:
@@ -476,8 +495,9 @@ def _prepare_on_rank0(cfg: HFDatasetConfig, data_dir: Path, fp: dict, tokenizer_
     _remove_memmap_indexes(data_dir)
     summary = _prepare(cfg, data_dir, tokenizer_name, max_seq_length, trust_remote_code)
     files = {name: file_digest(data_dir / name) for name in SPLIT_FILES.values()}
-    atomic_write_text(data_dir / MARKER, json.dumps({"fingerprint": fp, "summary": summary, "files": files}, indent=2)
-                      + "\n")
+    atomic_write_text(
+        data_dir / MARKER, json.dumps({"fingerprint": fp, "summary": summary, "files": files}, indent=2) + "\n"
+    )
     (data_dir / PREPARING_MARKER).unlink()
     return summary
 
@@ -487,8 +507,11 @@ def _damaged_files(data_dir: Path, marker: dict) -> list[str]:
     recorded = marker.get("files")
     if not isinstance(recorded, dict):
         return sorted(SPLIT_FILES.values())
-    return [name for name in SPLIT_FILES.values()
-            if not (data_dir / name).is_file() or file_digest(data_dir / name) != recorded.get(name)]
+    return [
+        name
+        for name in SPLIT_FILES.values()
+        if not (data_dir / name).is_file() or file_digest(data_dir / name) != recorded.get(name)
+    ]
 
 
 def _remove_memmap_indexes(data_dir: Path) -> None:
@@ -509,13 +532,18 @@ def _remove_interrupted_preparation(data_dir: Path) -> bool:
     removed = [p.name for p in leftovers if p.exists()]
     for path in leftovers:
         path.unlink(missing_ok=True)
-    log.warning("%s: an earlier preparation was interrupted; removed what it left (%s)", data_dir,
-                ", ".join(removed) or "nothing")
+    log.warning(
+        "%s: an earlier preparation was interrupted; removed what it left (%s)",
+        data_dir,
+        ", ".join(removed) or "nothing",
+    )
     started.unlink()
     return True
 
 
-def _prepare(cfg: HFDatasetConfig, data_dir: Path, tokenizer_name: str, max_seq_length: int, trust_remote_code: bool) -> dict:
+def _prepare(
+    cfg: HFDatasetConfig, data_dir: Path, tokenizer_name: str, max_seq_length: int, trust_remote_code: bool
+) -> dict:
     from transformers import AutoTokenizer
 
     try:  # before any file is written: a tokenizer that cannot load must not leave a half-prepared directory
@@ -563,8 +591,9 @@ def _use_existing_jsonl(data_dir: Path, cfg: HFDatasetConfig) -> dict:
     return {"rows": rows, "dropped": {}, "sources": {s: "existing JSONL" for s in rows}, "files": {}}
 
 
-def packed_location(data_dir: Path, tokenizer_identity: str, pack_size: int, seed: int,
-                    dataset_kwargs: Optional[dict]) -> tuple[Path, dict]:
+def packed_location(
+    data_dir: Path, tokenizer_identity: str, pack_size: int, seed: int, dataset_kwargs: dict | None
+) -> tuple[Path, dict]:
     """Where the packed form of `data_dir`'s train and validation JSONL lives, and what it is a function of: the
     files' content (as their marker records it, else hashed), tokenizer, pack size, seed, dataset settings and
     algorithm. Every rank derives the same place from the files alone, and any change gives a new one."""
@@ -574,14 +603,29 @@ def packed_location(data_dir: Path, tokenizer_identity: str, pack_size: int, see
     for split in PACKED_FILES:
         name = SPLIT_FILES[split]
         files[name] = recorded.get(name) or file_digest(data_dir / name)
-    body = {"format": PACK_FORMAT_VERSION, "files": files, "tokenizer": tokenizer_identity, "pack_size": pack_size,
-            "seed": seed, "dataset_kwargs": dataset_kwargs or {}, "algorithm": PACK_ALGORITHM}
+    body = {
+        "format": PACK_FORMAT_VERSION,
+        "files": files,
+        "tokenizer": tokenizer_identity,
+        "pack_size": pack_size,
+        "seed": seed,
+        "dataset_kwargs": dataset_kwargs or {},
+        "algorithm": PACK_ALGORITHM,
+    }
     key = hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
     return data_dir / PACKED_DIR / f"{pack_size}-{key[:16]}", {"sha256": key, **body}
 
 
-def pack_dataset(data_dir: Path, tokenizer, tokenizer_identity: str, pack_size: int, seed: int,
-                 dataset_kwargs: Optional[dict] = None, global_rank: int = 0, wait_timeout_s: float = 3600.0) -> dict:
+def pack_dataset(
+    data_dir: Path,
+    tokenizer,
+    tokenizer_identity: str,
+    pack_size: int,
+    seed: int,
+    dataset_kwargs: dict | None = None,
+    global_rank: int = 0,
+    wait_timeout_s: float = 3600.0,
+) -> dict:
     """Pack the train and validation JSONL of `data_dir` into rows of at most `pack_size` tokens with NeMo's packer
     (`prepare_packed_sequence_data`: its tokenization, truncation and loss masks, so a packed row's samples are
     exactly the unpacked ones) and return the summary. Global rank 0 packs under the data lock into a temporary
@@ -605,7 +649,7 @@ def pack_dataset(data_dir: Path, tokenizer, tokenizer_identity: str, pack_size: 
         return summary
 
 
-def _read_packed_marker(location: Path) -> Optional[dict]:
+def _read_packed_marker(location: Path) -> dict | None:
     """The marker of a packed directory whose files are all there with the sizes and hashes it records."""
     try:
         marker = json.loads((location / PACKED_MARKER).read_text())
@@ -613,14 +657,16 @@ def _read_packed_marker(location: Path) -> Optional[dict]:
         return None
     files = marker.get("files", {})
     if set(files) != set(PACKED_FILES.values()) or any(
-            not (location / name).is_file() or file_digest(location / name) != digest for name, digest in files.items()):
+        not (location / name).is_file() or file_digest(location / name) != digest for name, digest in files.items()
+    ):
         log.warning("%s: packed files differ from what %s records; packing again", location, PACKED_MARKER)
         return None
     return marker
 
 
-def _pack_into_place(data_dir: Path, location: Path, key: dict, tokenizer, pack_size: int, seed: int,
-                     dataset_kwargs: Optional[dict]) -> dict:
+def _pack_into_place(
+    data_dir: Path, location: Path, key: dict, tokenizer, pack_size: int, seed: int, dataset_kwargs: dict | None
+) -> dict:
     import numpy as np
     from nemo.collections.llm.gpt.data.packed_sequence import prepare_packed_sequence_data
 
@@ -631,20 +677,29 @@ def _pack_into_place(data_dir: Path, location: Path, key: dict, tokenizer, pack_
     try:
         for split, filename in PACKED_FILES.items():
             prepare_packed_sequence_data(
-                input_path=data_dir / SPLIT_FILES[split], output_path=work / filename,
-                output_metadata_path=work / "metadata.jsonl", packed_sequence_size=pack_size, tokenizer=tokenizer,
-                max_seq_length=pack_size, seed=seed, packing_algorithm=PACK_ALGORITHM,
+                input_path=data_dir / SPLIT_FILES[split],
+                output_path=work / filename,
+                output_metadata_path=work / "metadata.jsonl",
+                packed_sequence_size=pack_size,
+                tokenizer=tokenizer,
+                max_seq_length=pack_size,
+                seed=seed,
+                packing_algorithm=PACK_ALGORITHM,
                 dataset_kwargs=dict(dataset_kwargs or {}),  # NeMo pops keys from it
             )
             packs = np.load(work / filename, allow_pickle=True)
             samples = int(sum(len(p["seq_start_id"]) for p in packs))
             # A sample of n ids trains on n - 1 positions (inputs and labels are shifted), as the packer counts.
             tokens = sum(len(p["input_ids"]) for p in packs) - samples
-            summary[split] = {"samples": samples, "packs": len(packs),
-                              "fill": round(tokens / max(1, len(packs) * pack_size), 4)}
+            summary[split] = {
+                "samples": samples,
+                "packs": len(packs),
+                "fill": round(tokens / max(1, len(packs) * pack_size), 4),
+            }
         files = {name: file_digest(work / name) for name in PACKED_FILES.values()}
-        atomic_write_text(work / PACKED_MARKER, json.dumps({"key": key, "summary": summary, "files": files}, indent=2)
-                          + "\n")
+        atomic_write_text(
+            work / PACKED_MARKER, json.dumps({"key": key, "summary": summary, "files": files}, indent=2) + "\n"
+        )
         shutil.rmtree(location, ignore_errors=True)  # a damaged earlier pack of the same settings
         os.replace(work, location)
     finally:
@@ -662,7 +717,8 @@ def format_summary(summary: dict) -> str:
     tok = summary.get("tokens") or {}
     if tok:
         lines.append(
-            f"  prompt+answer tokens (train, {tok['counted']} rows): p50 {tok['p50']} | p95 {tok['p95']} | max {tok['max']}"
+            f"  prompt+answer tokens (train, {tok['counted']} rows): "
+            f"p50 {tok['p50']} | p95 {tok['p95']} | max {tok['max']}"
         )
         share = tok["over_max_seq_length"] / max(1, tok["counted"])
         if share > TRUNCATION_WARN_FRACTION:
@@ -674,8 +730,10 @@ def format_summary(summary: dict) -> str:
     if packed:
         for split in PACKED_FILES:
             p = packed[split]
-            lines.append(f"  packed {split:5s} {p['samples']:>6d} samples -> {p['packs']:>6d} rows of <= "
-                         f"{packed['pack_size']} tokens ({p['fill']:.0%} filled)")
+            lines.append(
+                f"  packed {split:5s} {p['samples']:>6d} samples -> {p['packs']:>6d} rows of <= "
+                f"{packed['pack_size']} tokens ({p['fill']:.0%} filled)"
+            )
     return "\n".join(lines)
 
 
@@ -699,7 +757,7 @@ def _build_data_module_class():
             global_batch_size: int = 8,
             trust_remote_code: bool = False,
             wait_timeout_s: float = 3600.0,
-            tokenizer_identity: Optional[str] = None,
+            tokenizer_identity: str | None = None,
             packed_sequence: bool = False,
             **kwargs,
         ):
@@ -720,7 +778,7 @@ def _build_data_module_class():
 
                 # One pack per micro-batch (NeMo checks micro_batch_size == 1), each up to seq_length tokens.
                 kwargs["packed_sequence_specs"] = PackedSequenceSpecs(packed_sequence_size=seq_length)
-            self._packed_location: Optional[Path] = None
+            self._packed_location: Path | None = None
             super().__init__(
                 dataset_root=dataset_root,
                 seq_length=seq_length,
@@ -751,9 +809,16 @@ def _build_data_module_class():
 
         def prepare_packed(self, global_rank: int = 0) -> dict:
             """Pack the prepared train/validation JSONL (pack_dataset) and return the packing summary."""
-            return pack_dataset(Path(self.dataset_root), self.tokenizer, self._tokenizer_key(), self.packed_sequence_size,
-                                self.seed, self.dataset_kwargs, global_rank=global_rank,
-                                wait_timeout_s=self.wait_timeout_s)
+            return pack_dataset(
+                Path(self.dataset_root),
+                self.tokenizer,
+                self._tokenizer_key(),
+                self.packed_sequence_size,
+                self.seed,
+                self.dataset_kwargs,
+                global_rank=global_rank,
+                wait_timeout_s=self.wait_timeout_s,
+            )
 
         def _tokenizer_key(self) -> str:
             return self.tokenizer_identity or self.tokenizer_name_or_path
@@ -761,8 +826,13 @@ def _build_data_module_class():
         def packed_dir(self) -> Path:
             """This data's packed directory (dataset_module.packed_location), the same on every rank."""
             if self._packed_location is None:
-                self._packed_location, _ = packed_location(Path(self.dataset_root), self._tokenizer_key(),
-                                                           self.packed_sequence_size, self.seed, self.dataset_kwargs)
+                self._packed_location, _ = packed_location(
+                    Path(self.dataset_root),
+                    self._tokenizer_key(),
+                    self.packed_sequence_size,
+                    self.seed,
+                    self.dataset_kwargs,
+                )
             return self._packed_location
 
         # NeMo's defaults (<root>/packed/<tokenizer name>/training_<size>.npy, reused whenever the file exists) would

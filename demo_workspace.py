@@ -85,7 +85,14 @@ def build_hf_model(
     if (path / "config.json").exists():
         return path
     import torch
-    from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+    from transformers import (
+        AutoTokenizer,
+        GenerationConfig,
+        LlamaConfig,
+        LlamaForCausalLM,
+        Qwen3Config,
+        Qwen3ForCausalLM,
+    )
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     common = dict(

@@ -26,7 +26,7 @@ import importlib.util
 import logging
 import sys
 import types
-from typing import Iterator, Optional
+from collections.abc import Iterator
 
 log = logging.getLogger("peft_megatron.compat")
 
@@ -98,7 +98,7 @@ def _mark(name: str, why: str) -> None:
         log.info("compat: %s (%s)", name, why)
 
 
-def prepare_process(env: Optional[Environment] = None) -> Environment:
+def prepare_process(env: Environment | None = None) -> Environment:
     """Apply the process-wide adaptations the environment needs; idempotent."""
     env = env or detect_environment()
     if env.has_te and env.has_cuda:
@@ -125,7 +125,7 @@ def optimizer_config_overrides(env: Environment) -> dict:
     return {} if env.has_te else {"use_distributed_optimizer": False}
 
 
-def skip_unified_memory_build(env: Optional[Environment] = None) -> None:
+def skip_unified_memory_build(env: Environment | None = None) -> None:
     """megatron/core/inference/unified_memory.py compiles a cudaMallocManaged allocator with nvcc at import time.
 
     It is used only by dynamic inference with `unified_memory_level > 0`, which we never request. On CPU hosts the
@@ -248,7 +248,7 @@ def _patch_norm_mapping() -> None:
 
 
 @contextlib.contextmanager
-def cpu_checkpoint_io(env: Optional[Environment] = None) -> Iterator[None]:
+def cpu_checkpoint_io(env: Environment | None = None) -> Iterator[None]:
     """Let NeMo's checkpoint import/export/merge run on a host without CUDA.
 
     Megatron's async checkpoint writer and NeMo's loader call torch.cuda.synchronize(), current_device(), Stream()
@@ -259,8 +259,8 @@ def cpu_checkpoint_io(env: Optional[Environment] = None) -> Iterator[None]:
     if env.has_cuda:
         yield
         return
-    import torch
     import nemo.lightning.io.pl as nemo_pl
+    import torch
 
     saved = {
         "synchronize": torch.cuda.synchronize,
@@ -350,7 +350,9 @@ def compile_unfused_rope() -> None:
         return
     expected = ["t", "freqs", "rotary_interleaved", "multi_latent_attention", "mscale"]
     if original is None or list(inspect.signature(original).parameters) != expected:
-        log.warning("compat: RoPE left uncompiled: %s._apply_rotary_pos_emb_bshd is not Megatron-Core 0.15's", ROPE_MODULE)
+        log.warning(
+            "compat: RoPE left uncompiled: %s._apply_rotary_pos_emb_bshd is not Megatron-Core 0.15's", ROPE_MODULE
+        )
         return
     compiled = torch.compile(original)
     compiled._nemo_compat = True
@@ -373,19 +375,31 @@ def install_sync_free_packed_rope() -> None:
         return
     expected = ["t", "cu_seqlens", "freqs", "rotary_interleaved", "multi_latent_attention", "mscale", "cp_group"]
     if original is None or list(inspect.signature(original).parameters) != expected:
-        log.warning("compat: packed RoPE left as is: %s._apply_rotary_pos_emb_thd is not Megatron-Core 0.15's",
-                    ROPE_MODULE)
+        log.warning(
+            "compat: packed RoPE left as is: %s._apply_rotary_pos_emb_thd is not Megatron-Core 0.15's", ROPE_MODULE
+        )
         return
 
-    def apply_rotary_pos_emb_thd(t, cu_seqlens, freqs, rotary_interleaved=False, multi_latent_attention=False,
-                                 mscale=1.0, cp_group=None):
+    def apply_rotary_pos_emb_thd(
+        t, cu_seqlens, freqs, rotary_interleaved=False, multi_latent_attention=False, mscale=1.0, cp_group=None
+    ):
         if cp_group is None or cp_group.size() != 1 or freqs.size(0) == t.size(0):
-            return original(t, cu_seqlens, freqs, rotary_interleaved=rotary_interleaved,
-                            multi_latent_attention=multi_latent_attention, mscale=mscale, cp_group=cp_group)
+            return original(
+                t,
+                cu_seqlens,
+                freqs,
+                rotary_interleaved=rotary_interleaved,
+                multi_latent_attention=multi_latent_attention,
+                mscale=mscale,
+                cp_group=cp_group,
+            )
         freqs_packed = freqs[positions_in_sequence(cu_seqlens, t.size(0))]
         return module._apply_rotary_pos_emb_bshd(  # looked up per call: the compiled one where installed
-            t.unsqueeze(1), freqs_packed, rotary_interleaved=rotary_interleaved,
-            multi_latent_attention=multi_latent_attention, mscale=mscale,
+            t.unsqueeze(1),
+            freqs_packed,
+            rotary_interleaved=rotary_interleaved,
+            multi_latent_attention=multi_latent_attention,
+            mscale=mscale,
         ).squeeze(1)
 
     apply_rotary_pos_emb_thd._nemo_compat = True
@@ -419,11 +433,11 @@ def fuse_lora_output() -> None:
     adapter's two linears each through Megatron's parallel-linear machinery, scales the adapter's full-width output
     by alpha/dim, adds it to the base output, and in backward scales the gradient and adds the two input gradients:
     four elementwise passes over full-width tensors per adapted linear, 576 kernels of a Qwen3-8B step (~30 ms of the
-    GPU's 337; profile in docs/BENCHMARKS.md), plus the host time of launching them. On one tensor-parallel rank, for a plain LoRA
-    (identity activation, no dropout, no expert or sequence-parallel communication) on a frozen bias-free linear,
-    `LoRALinearFunction` computes the same in matmuls alone: the scale moves to the rank-r intermediate,
-    ((x A^T) s) B^T = s (x A^T B^T), and both sums go into the matmuls (`addmm`). Everything else keeps NeMo's
-    forward. Qwen3-8B LoRA on the H200, one job: 12,269 vs 10,228 tokens/s, same losses (run 43). TE's op fuser
+    GPU's 337; profile in docs/BENCHMARKS.md), plus the host time of launching them. On one tensor-parallel rank, for
+    a plain LoRA (identity activation, no dropout, no expert or sequence-parallel communication) on a frozen
+    bias-free linear, `LoRALinearFunction` computes the same in matmuls alone: the scale moves to the rank-r
+    intermediate, ((x A^T) s) B^T = s (x A^T B^T), and both sums go into the matmuls (`addmm`). Everything else keeps
+    NeMo's forward. Qwen3-8B LoRA on the H200, one job: 12,269 vs 10,228 tokens/s, same losses (run 43). TE's op fuser
     (NeMo's TEFusedLoRALinear) fuses the same with TE. Training workers only; remove when NeMo's LoRALinear fuses
     without TE."""
     module = importlib.import_module(LORA_MODULE)
@@ -442,8 +456,9 @@ def fuse_lora_output() -> None:
             return original(self, x, *args, **kwargs)
         adapter = self.adapter
         scale = adapter.alpha / adapter.dim
-        out = _lora_linear_function().apply(x, self.to_wrap.weight, adapter.linear_in.weight,
-                                            adapter.linear_out.weight, scale)
+        out = _lora_linear_function().apply(
+            x, self.to_wrap.weight, adapter.linear_in.weight, adapter.linear_out.weight, scale
+        )
         return out, None
 
     forward._nemo_compat = True
@@ -461,11 +476,18 @@ def _plain_lora(wrapper) -> bool:
 
     base, adapter = wrapper.to_wrap, wrapper.adapter
     linears = (base, adapter.linear_in, adapter.linear_out)
-    return (type(base) in (ColumnParallelLinear, RowParallelLinear) and base.bias is None
-            and not base.weight.requires_grad and not base.config.sequence_parallel
-            and type(adapter) is ParallelLinearAdapter and isinstance(adapter.activation, torch.nn.Identity)
-            and adapter.dropout is None and not adapter.is_expert and not adapter.config.cpu_offloading
-            and all(torch.distributed.get_world_size(linear.tp_group) == 1 for linear in linears))
+    return (
+        type(base) in (ColumnParallelLinear, RowParallelLinear)
+        and base.bias is None
+        and not base.weight.requires_grad
+        and not base.config.sequence_parallel
+        and type(adapter) is ParallelLinearAdapter
+        and isinstance(adapter.activation, torch.nn.Identity)
+        and adapter.dropout is None
+        and not adapter.is_expert
+        and not adapter.config.cpu_offloading
+        and all(torch.distributed.get_world_size(linear.tp_group) == 1 for linear in linears)
+    )
 
 
 @functools.cache

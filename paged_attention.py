@@ -57,12 +57,33 @@ def _find_request(cu_seqlens_q, tile, num_requests, BLOCK_Q: tl.constexpr):
 
 @triton.jit
 def _paged_attention_kernel(
-    out, q, k_cache, v_cache, cu_seqlens_q, seqused_k, block_table,
-    scale_log2, num_requests,
-    stride_qt, stride_qh, stride_ot, stride_oh,
-    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
-    GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr, PAGE: tl.constexpr,
+    out,
+    q,
+    k_cache,
+    v_cache,
+    cu_seqlens_q,
+    seqused_k,
+    block_table,
+    scale_log2,
+    num_requests,
+    stride_qt,
+    stride_qh,
+    stride_ot,
+    stride_oh,
+    stride_kb,
+    stride_ks,
+    stride_kh,
+    stride_vb,
+    stride_vs,
+    stride_vh,
+    stride_bt,
+    GROUP: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_P: tl.constexpr,
+    PAGE: tl.constexpr,
 ):
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -84,7 +105,8 @@ def _paged_attention_kernel(
     token = (q_start + q_pos).to(tl.int64)
     q_tile_data = tl.load(
         q + token[:, None] * stride_qt + head[:, None] * stride_qh + dims[None, :],
-        mask=row_ok[:, None] & dim_ok[None, :], other=0.0,
+        mask=row_ok[:, None] & dim_ok[None, :],
+        other=0.0,
     )
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -99,7 +121,8 @@ def _paged_attention_kernel(
         slot = keys % PAGE
         k_t = tl.load(
             k_cache + block[None, :] * stride_kb + slot[None, :] * stride_ks + kv_head * stride_kh + dims[:, None],
-            mask=key_ok[None, :] & dim_ok[:, None], other=0.0,
+            mask=key_ok[None, :] & dim_ok[:, None],
+            other=0.0,
         )
         scores = tl.dot(q_tile_data, k_t) * scale_log2
         visible = key_ok[None, :] & (keys[None, :] <= (history + q_pos)[:, None])
@@ -111,19 +134,22 @@ def _paged_attention_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         v_tile = tl.load(
             v_cache + block[:, None] * stride_vb + slot[:, None] * stride_vs + kv_head * stride_vh + dims[None, :],
-            mask=key_ok[:, None] & dim_ok[None, :], other=0.0,
+            mask=key_ok[:, None] & dim_ok[None, :],
+            other=0.0,
         )
         acc = acc * alpha[:, None] + tl.dot(p.to(v_tile.dtype), v_tile)
         m_i = m_new
     acc = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     tl.store(
         out + token[:, None] * stride_ot + head[:, None] * stride_oh + dims[None, :],
-        acc.to(out.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :],
+        acc.to(out.dtype.element_ty),
+        mask=row_ok[:, None] & dim_ok[None, :],
     )
 
 
-def paged_attention(q, k_cache, v_cache, cu_seqlens_q, seqused_k, block_table, softmax_scale=None,
-                    block_m: int = PREFILL_BLOCK_M):
+def paged_attention(
+    q, k_cache, v_cache, cu_seqlens_q, seqused_k, block_table, softmax_scale=None, block_m: int = PREFILL_BLOCK_M
+):
     """Causal (bottom-right) attention of q [T, h, d] over paged KV; returns [T, h, d], padding rows zero.
 
     cu_seqlens_q [B + 1] and seqused_k [B] (keys per request, this step's included) are int32 device tensors;
@@ -144,14 +170,35 @@ def paged_attention(q, k_cache, v_cache, cu_seqlens_q, seqused_k, block_table, s
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
     grid = (tokens // block_q + num_requests, kv_heads)
     _paged_attention_kernel[grid](
-        out, q, k_cache, v_cache, cu_seqlens_q, seqused_k, block_table,
-        scale * LOG2E, num_requests,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_table.stride(0),
-        GROUP=group, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=BLOCK_N,
-        HEAD_DIM=head_dim, HEAD_DIM_P=max(16, triton.next_power_of_2(head_dim)), PAGE=page,
-        num_warps=4, num_stages=2,
+        out,
+        q,
+        k_cache,
+        v_cache,
+        cu_seqlens_q,
+        seqused_k,
+        block_table,
+        scale * LOG2E,
+        num_requests,
+        q.stride(0),
+        q.stride(1),
+        out.stride(0),
+        out.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        v_cache.stride(0),
+        v_cache.stride(1),
+        v_cache.stride(2),
+        block_table.stride(0),
+        GROUP=group,
+        BLOCK_Q=block_q,
+        BLOCK_M=block_m,
+        BLOCK_N=BLOCK_N,
+        HEAD_DIM=head_dim,
+        HEAD_DIM_P=max(16, triton.next_power_of_2(head_dim)),
+        PAGE=page,
+        num_warps=4,
+        num_stages=2,
     )
     return out
 
@@ -161,8 +208,20 @@ def _require_paged_causal(causal: bool, block_table) -> None:
         raise NotImplementedError("this flash-attn stand-in implements only causal attention over a paged KV cache")
 
 
-def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
-                           softmax_scale=None, causal=False, block_table=None, **unsupported):
+def flash_attn_varlen_func(
+    q,
+    k,
+    v,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q,
+    max_seqlen_k,
+    dropout_p=0.0,
+    softmax_scale=None,
+    causal=False,
+    block_table=None,
+    **unsupported,
+):
     """flash_attn.flash_attn_varlen_func for paged KV (prefill and mixed prefill/decode steps)."""
     _require_paged_causal(causal, block_table)
     if dropout_p or unsupported:
@@ -171,14 +230,32 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     return paged_attention(q, k, v, cu_seqlens_q, seqused_k, block_table, softmax_scale, PREFILL_BLOCK_M)
 
 
-def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=None, softmax_scale=None,
-                            causal=False, block_table=None, **unsupported):
+def flash_attn_with_kvcache(
+    q,
+    k_cache,
+    v_cache,
+    k=None,
+    v=None,
+    cache_seqlens=None,
+    softmax_scale=None,
+    causal=False,
+    block_table=None,
+    **unsupported,
+):
     """flash_attn.flash_attn_with_kvcache for paged KV that already holds this step's keys (decode steps)."""
     _require_paged_causal(causal, block_table)
     if k is not None or v is not None or cache_seqlens is None or unsupported:
         raise NotImplementedError("only attention over an already-appended paged cache with cache_seqlens is supported")
     batch, seqlen = q.shape[:2]
     cu_seqlens_q = torch.arange(batch + 1, device=q.device, dtype=torch.int32) * seqlen
-    out = paged_attention(q.reshape(batch * seqlen, *q.shape[2:]), k_cache, v_cache, cu_seqlens_q,
-                          cache_seqlens.to(torch.int32), block_table, softmax_scale, DECODE_BLOCK_M)
+    out = paged_attention(
+        q.reshape(batch * seqlen, *q.shape[2:]),
+        k_cache,
+        v_cache,
+        cu_seqlens_q,
+        cache_seqlens.to(torch.int32),
+        block_table,
+        softmax_scale,
+        DECODE_BLOCK_M,
+    )
     return out.view(q.shape)

@@ -41,9 +41,10 @@ import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 from common import (
     RUN_NAME,
@@ -55,8 +56,8 @@ from common import (
     environ_without_rendezvous,
     file_heads,
     hf_load_error,
-    is_nemo_checkpoint,
     int_or_auto,
+    is_nemo_checkpoint,
     log_to_file,
     parse_dataclass_args,
     phase,
@@ -102,18 +103,20 @@ class Config:
     )
     # ---- parallelism ------------------------------------------------------------------------------------------
     num_nodes: int = field(default=1, metadata={"group": "parallelism", "help": "number of nodes"})
-    gpus_per_node: Optional[int] = field(
+    gpus_per_node: int | None = field(
         default=None,
         metadata={
-            "type": int_or_auto, "shown": "auto",
+            "type": int_or_auto,
+            "shown": "auto",
             "help": "GPUs (processes) per node; auto: the GPUs this machine shows (CUDA_VISIBLE_DEVICES respected), "
             f"or {SEED_GPUS_PER_NODE} on a machine without GPUs (a --dry_run plan for a GPU node)",
         },
     )
-    tensor_parallel_size: Optional[int] = field(
+    tensor_parallel_size: int | None = field(
         default=None,
         metadata={
-            "type": int_or_auto, "shown": "auto",
+            "type": int_or_auto,
+            "shown": "auto",
             "help": "tensor parallelism: splits each layer; auto: the largest size that divides --gpus_per_node "
             "and, for a local model, its attention and KV heads",
         },
@@ -136,7 +139,7 @@ class Config:
             "--accumulate_grad_batches then counts packed rows"
         },
     )
-    learning_rate: Optional[float] = field(default=None, metadata={"help": "peak learning rate (default: recipe's)"})
+    learning_rate: float | None = field(default=None, metadata={"help": "peak learning rate (default: recipe's)"})
     early_stopping_threshold: float = field(default=0.001, metadata={"help": "minimum val_loss improvement"})
     early_stopping_patience: int = field(default=3, metadata={"help": "validation checks without improvement"})
     core_attention: str = field(
@@ -154,8 +157,8 @@ class Config:
     # ---- PEFT -------------------------------------------------------------------------------------------------
     peft_scheme: str = field(default="lora", metadata={"group": "PEFT", "help": f"one of {', '.join(PEFT_SCHEMES)}"})
     full_ft: bool = field(default=False, metadata={"help": "full fine-tuning instead of PEFT"})
-    lora_dim: Optional[int] = field(default=None, metadata={"help": "LoRA rank (default: NeMo's, 32)"})
-    lora_alpha: Optional[int] = field(default=None, metadata={"help": "LoRA alpha (default: NeMo's, 32)"})
+    lora_dim: int | None = field(default=None, metadata={"help": "LoRA rank (default: NeMo's, 32)"})
+    lora_alpha: int | None = field(default=None, metadata={"help": "LoRA alpha (default: NeMo's, 32)"})
     # ---- monitoring -------------------------------------------------------------------------------------------
     enable_megatron_progress_bar: bool = field(
         default=False, metadata={"group": "monitoring", "help": "Megatron-style progress bar"}
@@ -169,19 +172,24 @@ class Config:
     use_wandb: bool = field(default=False, metadata={"help": "also log to W&B (WANDB_MODE=offline works)"})
     wandb_project: str = field(default="peft_megatron", metadata={"help": "W&B project"})
     # ---- paths ------------------------------------------------------------------------------------------------
-    output_dir: Optional[str] = field(
+    output_dir: str | None = field(
         default=None, metadata={"group": "paths", "help": "logs and checkpoints (default: outputs/<hf_model_id>)"}
     )
-    data_dir: Optional[str] = field(default=None, metadata={"help": "prepared JSONL (default: <output_dir>/data)"})
-    nemo_ckpt_dir: Optional[str] = field(
+    data_dir: str | None = field(default=None, metadata={"help": "prepared JSONL (default: <output_dir>/data)"})
+    nemo_ckpt_dir: str | None = field(
         default=None, metadata={"help": "imported NeMo checkpoint (default: <output_dir>/imported_hf_ckpt)"}
     )
     # ---- data (dataset_module.HFDatasetConfig) ----------------------------------------------------------------
     data: HFDatasetConfig = field(default_factory=HFDatasetConfig)
     # ---- run control ------------------------------------------------------------------------------------------
-    log_level: str = field(default="INFO", metadata={
-        "group": "run control", "choices": LOG_LEVELS,
-        "help": "console level; DEBUG shows every library's and training worker's line (the log file has them all)"})
+    log_level: str = field(
+        default="INFO",
+        metadata={
+            "group": "run control",
+            "choices": LOG_LEVELS,
+            "help": "console level; DEBUG shows every library's and training worker's line (the log file has them all)",
+        },
+    )
     node_rank: int = field(default=0, metadata={"help": "this node's rank (multi-node launches)"})
     wait_timeout_s: float = field(
         default=3600.0, metadata={"help": "how long other nodes wait for rank 0's import or data preparation"}
@@ -194,23 +202,28 @@ class Config:
     executor: str = field(
         default="local",
         metadata={
-            "group": "cluster", "choices": EXECUTORS,
+            "group": "cluster",
+            "choices": EXECUTORS,
             "help": "local: torchrun on this node; slurm: import and prepare data here (a login node, CPU is fine), "
             "then submit one sbatch job of --num_nodes x --gpus_per_node through NeMo-Run's SlurmExecutor + torchrun",
         },
     )
-    slurm_account: Optional[str] = field(default=None, metadata={"help": "Slurm account (--executor slurm)"})
-    slurm_partition: Optional[str] = field(default=None, metadata={"help": "Slurm partition"})
+    slurm_account: str | None = field(default=None, metadata={"help": "Slurm account (--executor slurm)"})
+    slurm_partition: str | None = field(default=None, metadata={"help": "Slurm partition"})
     slurm_time: str = field(default="04:00:00", metadata={"help": "Slurm time limit, [D-]HH:MM:SS"})
-    container_image: Optional[str] = field(
+    container_image: str | None = field(
         default=None,
-        metadata={"help": "container the Slurm job runs in (pyxis/enroot), e.g. a NeMo framework image; its TE is "
-                          "assumed. Without one the nodes run this Python environment"},
+        metadata={
+            "help": "container the Slurm job runs in (pyxis/enroot), e.g. a NeMo framework image; its TE is "
+            "assumed. Without one the nodes run this Python environment"
+        },
     )
     container_mounts: str = field(
         default="",
-        metadata={"help": "extra comma-separated host:container mounts; this repository and --output_dir are "
-                          "mounted at their own paths (they must be on a filesystem every node shares)"},
+        metadata={
+            "help": "extra comma-separated host:container mounts; this repository and --output_dir are "
+            "mounted at their own paths (they must be on a filesystem every node shares)"
+        },
     )
 
     # ---- derived ----------------------------------------------------------------------------------------------
@@ -233,7 +246,11 @@ class Config:
 
     @property
     def output_path(self) -> Path:
-        return Path(self.output_dir) if self.output_dir else Path("outputs") / self.hf_model_id.strip("/").replace("..", "_")
+        return (
+            Path(self.output_dir)
+            if self.output_dir
+            else Path("outputs") / self.hf_model_id.strip("/").replace("..", "_")
+        )
 
     @property
     def data_path(self) -> Path:
@@ -251,8 +268,9 @@ class Config:
 # ====================================================================================================================
 # Phase 1: configuration
 # ====================================================================================================================
-def parse_config(argv: list[str] | None = None, environ: dict | None = None,
-                 visible_gpus: Callable[[], int] | None = None) -> Config:
+def parse_config(
+    argv: list[str] | None = None, environ: dict | None = None, visible_gpus: Callable[[], int] | None = None
+) -> Config:
     """Flags, then SageMaker's environment, then `auto` resolved for this machine (`visible_gpus` counts its GPUs)."""
     config, explicit = parse_dataclass_args(Config, argv, __doc__)
     config = apply_sagemaker_env(config, explicit, os.environ if environ is None else environ)
@@ -286,8 +304,7 @@ def apply_machine_defaults(config: Config, visible_gpus: Callable[[], int]) -> C
     tp = config.tensor_parallel_size
     if tp is None:
         heads = _local_model_heads(config.hf_model_id)
-        tp = max((t for t in range(1, max(gpus, 1) + 1) if gpus % t == 0 and all(h % t == 0 for h in heads)),
-                 default=1)
+        tp = max((t for t in range(1, max(gpus, 1) + 1) if gpus % t == 0 and all(h % t == 0 for h in heads)), default=1)
     return dataclasses.replace(config, gpus_per_node=gpus, tensor_parallel_size=tp)
 
 
@@ -327,8 +344,12 @@ def apply_sagemaker_env(config: Config, explicit: set[str], environ) -> Config:
         except ValueError:
             raise ConfigError([f"SM_NUM_GPUS={environ['SM_NUM_GPUS']!r} is not an integer"]) from None
         if gpus < 1:
-            raise ConfigError([f"SM_NUM_GPUS={gpus}: this SageMaker instance has no GPU; choose a GPU instance type "
-                               "(e.g. ml.p4d.24xlarge or ml.p5.48xlarge)"])
+            raise ConfigError(
+                [
+                    f"SM_NUM_GPUS={gpus}: this SageMaker instance has no GPU; choose a GPU instance type "
+                    "(e.g. ml.p4d.24xlarge or ml.p5.48xlarge)"
+                ]
+            )
         offer("gpus_per_node", gpus)
     if "SM_HOSTS" in environ:
         try:
@@ -337,7 +358,7 @@ def apply_sagemaker_env(config: Config, explicit: set[str], environ) -> Config:
                 raise ValueError
         except ValueError:
             raise ConfigError(
-                [f"SM_HOSTS={environ['SM_HOSTS']!r} is not a JSON list of host names such as [\"algo-1\", \"algo-2\"]"]
+                [f'SM_HOSTS={environ["SM_HOSTS"]!r} is not a JSON list of host names such as ["algo-1", "algo-2"]']
             ) from None
         current = environ.get("SM_CURRENT_HOST")
         if current not in hosts:
@@ -371,7 +392,7 @@ UPPER_BOUNDS = {
 }
 
 
-def validate_config(config: Config, visible_gpus: Optional[int] = None) -> None:
+def validate_config(config: Config, visible_gpus: int | None = None) -> None:
     """Collect every problem with the settings and raise them together, before any heavy work. `visible_gpus`:
     the GPUs of this machine when it is about to launch training (None: not launching, nothing to check)."""
     problems: list[str] = []
@@ -382,9 +403,19 @@ def validate_config(config: Config, visible_gpus: Optional[int] = None) -> None:
             "or leave the flag out (auto)"
         )
     positive = (
-        "num_nodes", "gpus_per_node", "tensor_parallel_size", "pipeline_parallel_size", "context_parallel_size",
-        "max_steps", "val_check_interval", "log_every_n_steps", "micro_batch_size", "accumulate_grad_batches",
-        "limit_val_batches", "max_seq_length", "early_stopping_patience",
+        "num_nodes",
+        "gpus_per_node",
+        "tensor_parallel_size",
+        "pipeline_parallel_size",
+        "context_parallel_size",
+        "max_steps",
+        "val_check_interval",
+        "log_every_n_steps",
+        "micro_batch_size",
+        "accumulate_grad_batches",
+        "limit_val_batches",
+        "max_seq_length",
+        "early_stopping_patience",
     )
     for name in positive:
         if getattr(config, name) <= 0:
@@ -422,8 +453,12 @@ def validate_config(config: Config, visible_gpus: Optional[int] = None) -> None:
             f"--max_seq_length {config.max_seq_length} must be divisible by 2 x --context_parallel_size "
             f"= {2 * cp} (Megatron splits each sequence into 2 x CP chunks)"
         )
-    if (config.num_nodes > 1 and config.executor == "local" and not config.dry_run
-            and not (os.environ.get("MASTER_ADDR") or "SM_HOSTS" in os.environ)):
+    if (
+        config.num_nodes > 1
+        and config.executor == "local"
+        and not config.dry_run
+        and not (os.environ.get("MASTER_ADDR") or "SM_HOSTS" in os.environ)
+    ):
         problems.append(
             f"--num_nodes {config.num_nodes}: set MASTER_ADDR (node 0's address) and MASTER_PORT in every node's "
             "environment for the torchrun rendezvous"
@@ -454,8 +489,10 @@ def validate_config(config: Config, visible_gpus: Optional[int] = None) -> None:
                 "--accumulate_grad_batches for the same tokens per step"
             )
         if config.core_attention == "unfused" and importlib.util.find_spec("transformer_engine") is None:
-            problems.append("--packed_sequence with --core_attention unfused: Megatron's unfused attention cannot "
-                            "keep packed samples apart; use --core_attention sdpa")
+            problems.append(
+                "--packed_sequence with --core_attention unfused: Megatron's unfused attention cannot "
+                "keep packed samples apart; use --core_attention sdpa"
+            )
     te_on_nodes = config.executor == "slurm" and config.container_image  # a NeMo image holds TE
     if cp > 1 and not config.dry_run and not te_on_nodes and importlib.util.find_spec("transformer_engine") is None:
         problems.append(
@@ -464,14 +501,18 @@ def validate_config(config: Config, visible_gpus: Optional[int] = None) -> None:
         )
     if is_local_model(config.hf_model_id) and not config.demo:
         problems.extend(_local_model_problems(config))
-    for flag, path in (("--output_dir", config.output_path), ("--data_dir", config.data_path),
-                       ("--nemo_ckpt_dir", config.nemo_ckpt_path)):
+    for flag, path in (
+        ("--output_dir", config.output_path),
+        ("--data_dir", config.data_path),
+        ("--nemo_ckpt_dir", config.nemo_ckpt_path),
+    ):
         blocking = next((p for p in (path, *path.parents) if p.exists()), None)
         if blocking is not None and not blocking.is_dir():
             problems.append(f"{flag} {path}: {blocking} is a file, not a directory; choose another {flag}")
         elif flag == "--output_dir" and blocking is not None and not os.access(blocking, os.W_OK | os.X_OK):
-            problems.append(f"{flag} {path}: {blocking} is not writable by this user; choose another {flag} or "
-                            "fix its permissions")
+            problems.append(
+                f"{flag} {path}: {blocking} is not writable by this user; choose another {flag} or fix its permissions"
+            )
     problems.extend(_slurm_problems(config))
     problems.extend(config.data.problems())
     if problems:
@@ -500,10 +541,20 @@ def _slurm_problems(config: Config) -> list[str]:
 
 # Recipe-name prefix -> the HF `model_type`s its importer can read (checked for local models before any import).
 RECIPE_MODEL_TYPES = {
-    "qwen3_": ("qwen3", "qwen3_moe"), "qwen2_": ("qwen2",), "qwen25_": ("qwen2",),
-    "llama2_": ("llama",), "llama3_": ("llama",), "llama31_8b": ("llama",), "llama31_70b": ("llama",),
-    "llama31_405b": ("llama",), "llama32_": ("llama",), "mistral_": ("mistral",), "mixtral_": ("mixtral",),
-    "gemma_": ("gemma",), "gemma2_": ("gemma2",), "gemma3_": ("gemma3", "gemma3_text"),
+    "qwen3_": ("qwen3", "qwen3_moe"),
+    "qwen2_": ("qwen2",),
+    "qwen25_": ("qwen2",),
+    "llama2_": ("llama",),
+    "llama3_": ("llama",),
+    "llama31_8b": ("llama",),
+    "llama31_70b": ("llama",),
+    "llama31_405b": ("llama",),
+    "llama32_": ("llama",),
+    "mistral_": ("mistral",),
+    "mixtral_": ("mixtral",),
+    "gemma_": ("gemma",),
+    "gemma2_": ("gemma2",),
+    "gemma3_": ("gemma3", "gemma3_text"),
 }
 
 
@@ -513,13 +564,17 @@ def _local_model_problems(config: Config) -> list[str]:
     model_dir = Path(config.hf_model_id).expanduser()
     flag = f"--hf_model_id {config.hf_model_id}"
     if not model_dir.exists():
-        return [f"{flag}: no such directory; give a Hugging Face model directory (save_pretrained output) or a hub "
-                "id such as Qwen/Qwen3-8B"]
+        return [
+            f"{flag}: no such directory; give a Hugging Face model directory (save_pretrained output) or a hub "
+            "id such as Qwen/Qwen3-8B"
+        ]
     if not model_dir.is_dir():
         return [f"{flag}: is a file; give the model's directory (the one holding config.json)"]
     if not (model_dir / "config.json").exists():
-        return [f"{flag}: no config.json in that directory; give a Hugging Face model directory (save_pretrained "
-                "output) or a hub id such as Qwen/Qwen3-8B"]
+        return [
+            f"{flag}: no config.json in that directory; give a Hugging Face model directory (save_pretrained "
+            "output) or a hub id such as Qwen/Qwen3-8B"
+        ]
     try:
         hf = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
     except (ValueError, OSError) as e:
@@ -527,8 +582,9 @@ def _local_model_problems(config: Config) -> list[str]:
     if not isinstance(hf, dict):
         return [f"{flag}: config.json holds a {type(hf).__name__}, not a model configuration object"]
     problems = []
-    family = next((p for p in sorted(RECIPE_MODEL_TYPES, key=len, reverse=True)
-                   if config.recipe_cls_name.startswith(p)), None)
+    family = next(
+        (p for p in sorted(RECIPE_MODEL_TYPES, key=len, reverse=True) if config.recipe_cls_name.startswith(p)), None
+    )
     model_type = hf.get("model_type")
     if family and model_type and model_type not in RECIPE_MODEL_TYPES[family]:
         problems.append(
@@ -561,8 +617,10 @@ def _weight_file_problems(model_dir: Path, flag: str) -> list[str]:
             with safe_open(str(path), framework="numpy"):
                 pass
         except (SafetensorError, OSError) as e:
-            problems.append(f"{flag}: {path.name} is unreadable ({e}); the file is incomplete or damaged — copy or "
-                            "download the model again")
+            problems.append(
+                f"{flag}: {path.name} is unreadable ({e}); the file is incomplete or damaged — copy or "
+                "download the model again"
+            )
     return problems
 
 
@@ -573,9 +631,7 @@ def _model_shape_problems(config: Config, hf: dict) -> list[str]:
     layers = hf.get("num_hidden_layers")
     tp, pp = config.tensor_parallel_size, config.pipeline_parallel_size
     if heads and tp > 0 and (heads % tp or groups % tp):
-        out.append(
-            f"--tensor_parallel_size {tp} must divide the model's {heads} attention heads and {groups} KV heads"
-        )
+        out.append(f"--tensor_parallel_size {tp} must divide the model's {heads} attention heads and {groups} KV heads")
     if layers and pp > 0 and layers % pp:
         out.append(f"--pipeline_parallel_size {pp} must divide the model's {layers} layers")
     return out
@@ -593,8 +649,9 @@ def import_hf_checkpoint(config: Config) -> Path:
     target = config.nemo_ckpt_path
     failed = import_failed_marker(config)
     if config.node_rank != 0:
-        wait_for_file(target, failed, config.wait_timeout_s, "the HF -> NeMo import",
-                      is_done=lambda: is_nemo_checkpoint(target))
+        wait_for_file(
+            target, failed, config.wait_timeout_s, "the HF -> NeMo import", is_done=lambda: is_nemo_checkpoint(target)
+        )
         check_import_source(target, import_source(config))  # every node refuses a stale import, not only rank 0
         return target
     lock = target.with_name(f".{target.name}{IMPORT_LOCK_SUFFIX}")
@@ -609,8 +666,7 @@ def _import_on_rank0(config: Config, target: Path) -> None:
         check_import_source(target, source)
         damage = checkpoint_damage(target)
         if damage:
-            raise PipelineError(f"--nemo_ckpt_dir {target} holds a damaged import: {damage}; remove it to import "
-                                "again")
+            raise PipelineError(f"--nemo_ckpt_dir {target} holds a damaged import: {damage}; remove it to import again")
         log.info("imported checkpoint already present: %s", target)
         return
     if target.exists() and any(target.iterdir()):
@@ -635,8 +691,12 @@ def check_import_source(target: Path, source: dict) -> None:
     """Refuse an existing import of another model (or of the same directory since changed)."""
     record = target / IMPORT_RECORD
     if not record.is_file():
-        log.warning("%s has no %s (imported before this check existed); using it as the import of %s — remove it "
-                    "if it is not", target, IMPORT_RECORD, source["model"])
+        log.warning(
+            "%s has no %s (imported before this check existed); using it as the import of %s — remove it if it is not",
+            target,
+            IMPORT_RECORD,
+            source["model"],
+        )
         return
     try:
         recorded = json.loads(record.read_text())
@@ -710,7 +770,11 @@ def _recipe_module(name: str):
 # ====================================================================================================================
 def model_location(config: Config) -> str:
     """`hf_model_id` as an absolute path when it is a local directory (workers may run elsewhere), else the hub id."""
-    return str(Path(config.hf_model_id).expanduser().resolve()) if is_local_model(config.hf_model_id) else config.hf_model_id
+    return (
+        str(Path(config.hf_model_id).expanduser().resolve())
+        if is_local_model(config.hf_model_id)
+        else config.hf_model_id
+    )
 
 
 def tokenizer_source(config: Config) -> str:
@@ -781,6 +845,7 @@ def configure_recipe(config: Config, env=None):
     """The NeMo recipe for this job, by plain assignment over `finetune_recipe`'s defaults."""
     import fiddle as fdl
     import nemo_run as run
+
     import nemo_compat
 
     env = env or nemo_compat.detect_environment()
@@ -849,11 +914,14 @@ def configure_attention(config: Config, model_config, env) -> None:
     if model_config.transformer_layer_spec in (default_layer_spec, local_layer_spec, sdpa_attention.layer_spec):
         assign(model_config, transformer_layer_spec=sdpa_attention.layer_spec)
     else:
-        log.warning("this model has its own layer spec (%s); its attention is kept", model_config.transformer_layer_spec)
+        log.warning(
+            "this model has its own layer spec (%s); its attention is kept", model_config.transformer_layer_spec
+        )
 
 
 def configure_data(config: Config):
     import nemo_run as run
+
     from dataset_module import GeneralizedHFDataModule
 
     return run.Config(
@@ -948,6 +1016,7 @@ def configure_callbacks(config: Config) -> list:
 # ====================================================================================================================
 def configure_executor(config: Config, env=None):
     import nemo_run as run
+
     import nemo_compat
 
     env = env or nemo_compat.detect_environment()
@@ -1014,13 +1083,20 @@ def submit_training(config: Config, recipe, executor) -> None:
     """--executor slurm: submit the job and return; the job's logs and checkpoints appear under --output_dir."""
     import nemo_run as run
 
-    with run.Experiment(config.experiment_title, executor=executor, log_level=config.log_level,
-                        base_dir=str((config.output_path / "nemo_run").resolve())) as exp:
+    with run.Experiment(
+        config.experiment_title,
+        executor=executor,
+        log_level=config.log_level,
+        base_dir=str((config.output_path / "nemo_run").resolve()),
+    ) as exp:
         exp.add(recipe, tail_logs=False, name=config.recipe_cls_name)
         exp.run(detach=True)
     for job in exp.jobs:
-        print(f"submitted Slurm job {job.id} ({job.state}); logs under {config.output_path / 'nemo_run'}, checkpoints "
-              f"under {checkpoints_dir(config)}", flush=True)
+        print(
+            f"submitted Slurm job {job.id} ({job.state}); logs under {config.output_path / 'nemo_run'}, checkpoints "
+            f"under {checkpoints_dir(config)}",
+            flush=True,
+        )
 
 
 def launch_training(config: Config, recipe, executor) -> float:
@@ -1033,12 +1109,15 @@ def launch_training(config: Config, recipe, executor) -> float:
         (config.output_path / "profiles").mkdir(parents=True, exist_ok=True)  # the callbacks require it to exist
     log.info("training workers' output: in full in %s; here, what matters", config.output_path / LOG_FILE)
     # A single job's workers are waited for (and their output tailed) when the experiment's context exits.
-    with quiet_workers(config.recipe_cls_name, config.log_level, config.log_every_n_steps), run.Experiment(
-        config.experiment_title,
-        executor=executor,
-        log_level=config.log_level,
-        base_dir=str((config.output_path / "nemo_run").resolve()),
-    ) as exp:
+    with (
+        quiet_workers(config.recipe_cls_name, config.log_level, config.log_every_n_steps),
+        run.Experiment(
+            config.experiment_title,
+            executor=executor,
+            log_level=config.log_level,
+            base_dir=str((config.output_path / "nemo_run").resolve()),
+        ) as exp,
+    ):
         exp.add(recipe, tail_logs=True, name=config.recipe_cls_name)
         exp.run(detach=False)
     states = {job.id: job.state for job in exp.jobs}  # final only once the context has waited for the jobs
@@ -1060,16 +1139,19 @@ def write_report(config: Config, wall_time_s: float) -> dict:
     """<output_dir>/report/: summary.json and loss_curve.png of the finished run (run_report.py); prints the gist."""
     import run_report
 
-    summary = run_report.write_training_report(config.output_path, {
-        "model": config.hf_model_id,
-        "mode": "full fine-tuning" if config.full_ft else f"PEFT ({config.peft_scheme})",
-        "max_steps": config.max_steps,
-        "world_size": config.world_size,
-        "global_batch_size": config.global_batch_size,
-        "max_seq_length": config.max_seq_length,
-        "wall_time_s": wall_time_s,
-        "command": shlex.join(sys.orig_argv),
-    })
+    summary = run_report.write_training_report(
+        config.output_path,
+        {
+            "model": config.hf_model_id,
+            "mode": "full fine-tuning" if config.full_ft else f"PEFT ({config.peft_scheme})",
+            "max_steps": config.max_steps,
+            "world_size": config.world_size,
+            "global_batch_size": config.global_batch_size,
+            "max_seq_length": config.max_seq_length,
+            "wall_time_s": wall_time_s,
+            "command": shlex.join(sys.orig_argv),
+        },
+    )
     print(f"report: {run_report.report_dir(config.output_path)}", flush=True)
     for line in run_report.summary_lines(summary):
         print(f"  {line}", flush=True)
@@ -1085,15 +1167,18 @@ def plan_lines(config: Config) -> list[str]:
         f"model: {config.hf_model_id}",
         f"recipe: {config.recipe_cls_name}",
         f"mode: {mode}",
-        f"nodes x gpus: {config.num_nodes} x {config.gpus_per_node} (world size {config.world_size}, node_rank {config.node_rank})",
+        f"nodes x gpus: {config.num_nodes} x {config.gpus_per_node} "
+        f"(world size {config.world_size}, node_rank {config.node_rank})",
         f"parallelism: TP {config.tensor_parallel_size} | PP {config.pipeline_parallel_size} | "
         f"CP {config.context_parallel_size} | DP {config.data_parallel_size}",
         f"micro_batch_size: {config.micro_batch_size}",
         f"accumulate_grad_batches: {config.accumulate_grad_batches}",
         f"global_batch_size: {config.global_batch_size}",
-        f"max_steps: {config.max_steps} (validate every {config.val_check_interval}, {config.limit_val_batches} batches)",
+        f"max_steps: {config.max_steps} "
+        f"(validate every {config.val_check_interval}, {config.limit_val_batches} batches)",
         f"max_seq_length: {config.max_seq_length}" + (" (samples packed into rows)" if config.packed_sequence else ""),
-        f"imported checkpoint: {config.nemo_ckpt_path} ({'present' if is_nemo_checkpoint(config.nemo_ckpt_path) else 'to be imported'})",
+        f"imported checkpoint: {config.nemo_ckpt_path} "
+        f"({'present' if is_nemo_checkpoint(config.nemo_ckpt_path) else 'to be imported'})",
         f"data: {config.data.dataset_name or '(existing JSONL)'} -> {config.data_path}",
         f"checkpoints: {checkpoints_dir(config)} (best val_loss + last)",
         f"tensorboard: {config.output_path / 'tb_logs'}",
@@ -1141,8 +1226,10 @@ def dry_run(config: Config) -> int:
     for line in plan_lines(config):
         print(f"  {line}")
     where = "this machine" if config.executor == "local" else "the Slurm nodes"
-    print(f"  environment ({where}): {env.describe()}; adaptations here: "
-          f"{', '.join(sorted(nemo_compat.applied())) or 'none'}")
+    print(
+        f"  environment ({where}): {env.describe()}; adaptations here: "
+        f"{', '.join(sorted(nemo_compat.applied())) or 'none'}"
+    )
     if config.executor == "slurm":
         print("  sbatch script NeMo-Run would submit:\n" + slurm_script(config, recipe, executor), flush=True)
     else:
@@ -1217,8 +1304,11 @@ def run_demo(config: Config) -> int:
         summary = prepare_data(config)
     # The base model's evaluation and the training launch share only the imported checkpoint, which both read; each
     # spends most of its time importing NeMo, so the evaluation runs beside the launch (its output to a log file).
-    before_eval = BackgroundScript.start(config.output_path / "evaluate_before.log", "test_checkpoint.py",
-                                         *_demo_evaluation_args(config, config.nemo_ckpt_path, "before"))
+    before_eval = BackgroundScript.start(
+        config.output_path / "evaluate_before.log",
+        "test_checkpoint.py",
+        *_demo_evaluation_args(config, config.nemo_ckpt_path, "before"),
+    )
     try:
         with phase("training (the base model's evaluation runs beside it)"):
             wall_time_s = launch_training(config, configure_recipe(config, env), configure_executor(config, env))
@@ -1230,10 +1320,14 @@ def run_demo(config: Config) -> int:
     before = _demo_metrics(config, "before")
     import run_report
 
-    run_report.add_evaluation(config.output_path, "base model (imported_hf_ckpt, before fine-tuning)",
-                              {"checkpoint": str(config.nemo_ckpt_path), **before})
-    print(f"demo: before fine-tuning, exact match {before['exact_match']:.3f} (log: {before_eval.log_file})",
-          flush=True)
+    run_report.add_evaluation(
+        config.output_path,
+        "base model (imported_hf_ckpt, before fine-tuning)",
+        {"checkpoint": str(config.nemo_ckpt_path), **before},
+    )
+    print(
+        f"demo: before fine-tuning, exact match {before['exact_match']:.3f} (log: {before_eval.log_file})", flush=True
+    )
     with phase("evaluation of the fine-tuned checkpoint"):
         _run_script("test_checkpoint.py", *_demo_evaluation_args(config, None, "after"))
     after = _demo_metrics(config, "after")
@@ -1247,12 +1341,24 @@ def run_demo(config: Config) -> int:
     return 0
 
 
-def _demo_evaluation_args(config: Config, checkpoint: Optional[Path], tag: str) -> list[str]:
+def _demo_evaluation_args(config: Config, checkpoint: Path | None, tag: str) -> list[str]:
     """test_checkpoint.py on the demo's 19 test questions: 8 new tokens each, a 1 GB KV cache, and no CUDA graphs
     (capturing them takes ~8 s on the H100; generating all 19 answers eagerly takes ~1 s)."""
     predictions = config.output_path / f"predictions_{tag}.jsonl"
-    args = ["--predictions_file", str(predictions), "--data_dir", str(config.data_path), "--num_tokens_to_generate",
-            "8", "--buffer_size_gb", "1", "--num_cuda_graphs", "0", "--bertscore_model", "none"]
+    args = [
+        "--predictions_file",
+        str(predictions),
+        "--data_dir",
+        str(config.data_path),
+        "--num_tokens_to_generate",
+        "8",
+        "--buffer_size_gb",
+        "1",
+        "--num_cuda_graphs",
+        "0",
+        "--bertscore_model",
+        "none",
+    ]
     if checkpoint:
         return args + ["--nemo_checkpoint_path", str(checkpoint)]
     return args + ["--nemo_logs_dir", str(config.output_path / RUN_NAME)]
@@ -1283,7 +1389,7 @@ class BackgroundScript:
     log_file: Path
 
     @classmethod
-    def start(cls, log_file: Path, script: str, *args: str) -> "BackgroundScript":
+    def start(cls, log_file: Path, script: str, *args: str) -> BackgroundScript:
         cmd, env = _script_command(script, *args)
         log_file.parent.mkdir(parents=True, exist_ok=True)
         with open(log_file, "w") as out:
@@ -1293,8 +1399,10 @@ class BackgroundScript:
         """Returns once it exits 0; otherwise prints its last lines and raises."""
         if self.process.wait() != 0:
             print("\n".join(self.log_file.read_text(errors="replace").splitlines()[-40:]), file=sys.stderr)
-            raise PipelineError(f"{Path(self.process.args[1]).name} failed (exit {self.process.returncode}; full log: "
-                                f"{self.log_file}; command: {' '.join(self.process.args)})")
+            raise PipelineError(
+                f"{Path(self.process.args[1]).name} failed (exit {self.process.returncode}; full log: "
+                f"{self.log_file}; command: {' '.join(self.process.args)})"
+            )
 
     def stop(self) -> None:
         self.process.terminate()

@@ -18,7 +18,6 @@ import logging
 import re
 import statistics
 from pathlib import Path
-from typing import Optional
 
 from common import (
     RUN_NAME,
@@ -67,10 +66,12 @@ def run_checkpoints(output_dir: Path) -> dict:
     best = min(scored, key=lambda p: (checkpoint_val_loss(p), _step(p))) if scored else None
     latest = max(last, key=_step) if last else None
     return {
-        "best": None if best is None else {"path": str(best), "val_loss": checkpoint_val_loss(best),
-                                           "step": _step(best)},
-        "last": None if latest is None else {"path": str(latest), "step": _step(latest),
-                                             "consumed_samples": _consumed(latest)},
+        "best": None
+        if best is None
+        else {"path": str(best), "val_loss": checkpoint_val_loss(best), "step": _step(best)},
+        "last": None
+        if latest is None
+        else {"path": str(latest), "step": _step(latest), "consumed_samples": _consumed(latest)},
     }
 
 
@@ -79,7 +80,7 @@ def _step(path: Path) -> int:
     return int(m.group(1)) if m else -1
 
 
-def _consumed(path: Path) -> Optional[int]:
+def _consumed(path: Path) -> int | None:
     m = _CONSUMED.search(path.name)
     return int(float(m.group(1).rstrip("."))) if m else None
 
@@ -121,7 +122,7 @@ def summarize_training(output_dir: Path, run: dict, scalars: dict[str, dict[int,
     }
 
 
-def plot_loss_curve(scalars: dict[str, dict[int, float]], best: Optional[dict], title: str):
+def plot_loss_curve(scalars: dict[str, dict[int, float]], best: dict | None, title: str):
     """A matplotlib Figure of the training and validation loss (no pyplot: no display, no global state)."""
     from matplotlib.figure import Figure
 
@@ -129,14 +130,21 @@ def plot_loss_curve(scalars: dict[str, dict[int, float]], best: Optional[dict], 
     ax = fig.add_subplot()
     train, val = sorted(scalars.get(TRAIN_LOSS, {}).items()), sorted(scalars.get(VAL_LOSS, {}).items())
     if train:
-        ax.plot(*zip(*train), color="tab:blue", linewidth=1, label="training loss")
+        ax.plot(*zip(*train, strict=True), color="tab:blue", linewidth=1, label="training loss")
     if val:
-        ax.plot(*zip(*val), color="tab:orange", marker="o", markersize=4, label="validation loss")
+        ax.plot(*zip(*val, strict=True), color="tab:orange", marker="o", markersize=4, label="validation loss")
     if best is not None:
         # The checkpoint's step counts from 0 while NeMo logs val_loss at the step count; mark the logged point.
         step = min(val, key=lambda sv: abs(sv[0] - best["step"]))[0] if val else best["step"]
-        ax.plot([step], [best["val_loss"]], linestyle="none", marker="*", markersize=16, color="tab:red",
-                label=f"best checkpoint: val_loss {best['val_loss']:.4f}, step {best['step']}")
+        ax.plot(
+            [step],
+            [best["val_loss"]],
+            linestyle="none",
+            marker="*",
+            markersize=16,
+            color="tab:red",
+            label=f"best checkpoint: val_loss {best['val_loss']:.4f}, step {best['step']}",
+        )
     ax.set(xlabel="step", ylabel="loss", title=title)
     ax.grid(alpha=0.3)
     ax.legend()
@@ -179,7 +187,7 @@ def _read(out: Path) -> dict:
         return {}
 
 
-def run_of_checkpoint(checkpoint: Path) -> Optional[Path]:
+def run_of_checkpoint(checkpoint: Path) -> Path | None:
     """The run directory of a checkpoint that peft_megatron.py wrote (<run>/nemo_logs/checkpoints/<name>)."""
     checkpoint = Path(checkpoint).resolve()
     if checkpoint.parent.name == "checkpoints" and checkpoint.parents[1].name == RUN_NAME:
@@ -193,14 +201,16 @@ def summary_lines(summary: dict) -> list[str]:
     lines = [
         f"steps: {summary['steps']} of {summary['max_steps']}"
         + (" (early-stopped)" if summary["early_stopped"] else ""),
-        f"best: val_loss {best['val_loss']:.4f} at step {best['step']}: {best['path']}" if best
+        f"best: val_loss {best['val_loss']:.4f} at step {best['step']}: {best['path']}"
+        if best
         else "best: no checkpoint with a val_loss (no validation ran)",
         f"wall time: {summary['wall_time_s']:.0f} s",
     ]
     if summary["tokens_per_s"]:
-        lines.append(f"speed: {summary['median_step_time_s'] * 1000:.0f} ms/step, {summary['tokens_per_s']:,.0f} "
-                     f"tokens/s ({summary['tokens_per_s_per_gpu']:,.0f} per GPU, padded token slots)")
+        lines.append(
+            f"speed: {summary['median_step_time_s'] * 1000:.0f} ms/step, {summary['tokens_per_s']:,.0f} "
+            f"tokens/s ({summary['tokens_per_s_per_gpu']:,.0f} per GPU, padded token slots)"
+        )
     if summary["peak_gpu_mem_gib"]:
         lines.append(f"peak GPU memory (global rank 0): {summary['peak_gpu_mem_gib']:.1f} GiB")
     return lines
-

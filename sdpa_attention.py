@@ -27,14 +27,14 @@ import inspect
 import logging
 import math
 import weakref
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 log = logging.getLogger("peft_megatron.sdpa")
 
-def unsupported_reason(config) -> Optional[str]:
+
+def unsupported_reason(config) -> str | None:
     """Why SDPA cannot stand in for the local spec's attention with this model config (None if it can)."""
     if getattr(config, "context_parallel_size", 1) != 1:
         return "context parallelism needs Transformer Engine's attention"
@@ -47,7 +47,7 @@ def unsupported_reason(config) -> Optional[str]:
     return None
 
 
-def layer_spec(config, vp_stage: Optional[int] = None):
+def layer_spec(config, vp_stage: int | None = None):
     """NeMo `transformer_layer_spec`: Megatron's local GPT layer spec with SDPA as core attention.
 
     Falls back to the plain local spec (logged) where SDPA would change the model's maths."""
@@ -71,9 +71,9 @@ class SDPADotProductAttention(torch.nn.Module):
         layer_number: int,
         attn_mask_type,
         attention_type: str,
-        attention_dropout: Optional[float] = None,
-        softmax_scale: Optional[float] = None,
-        cp_comm_type: Optional[str] = None,
+        attention_dropout: float | None = None,
+        softmax_scale: float | None = None,
+        cp_comm_type: str | None = None,
         pg_collection=None,
     ):
         super().__init__()
@@ -92,9 +92,9 @@ class SDPADotProductAttention(torch.nn.Module):
         query: torch.Tensor,
         key: torch.Tensor,
         value: torch.Tensor,
-        attention_mask: Optional[torch.Tensor],
+        attention_mask: torch.Tensor | None,
         attn_mask_type=None,
-        attention_bias: Optional[torch.Tensor] = None,
+        attention_bias: torch.Tensor | None = None,
         packed_seq_params=None,
     ) -> torch.Tensor:
         if attention_bias is not None:
@@ -140,8 +140,9 @@ class SDPADotProductAttention(torch.nn.Module):
         if varlen is not None:
             # NeMo's collate gives max_seqlen as a host tensor: reading it costs no device sync.
             max_q, max_k = (int(m) if m is not None else t for m in (params.max_seqlen_q, params.max_seqlen_kv))
-            out = varlen(query, key, value, cu_q.to(torch.int32), cu_k.to(torch.int32), max_q, max_k,
-                         self.softmax_scale)
+            out = varlen(
+                query, key, value, cu_q.to(torch.int32), cu_k.to(torch.int32), max_q, max_k, self.softmax_scale
+            )
             return out.reshape(t, heads * head_dim)
         if cu_q is not cu_k and not torch.equal(cu_q, cu_k):
             raise NotImplementedError("packed cross-attention (cu_seqlens_q differs from cu_seqlens_kv)")
@@ -168,8 +169,10 @@ def varlen_kernel():
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
-        log.warning("packed sequences: torch %s has no varlen_attn; SDPA with a block-diagonal mask is used "
-                    "(slower)", torch.__version__)
+        log.warning(
+            "packed sequences: torch %s has no varlen_attn; SDPA with a block-diagonal mask is used (slower)",
+            torch.__version__,
+        )
         return None
     params = inspect.signature(varlen_attn).parameters
     if "window_size" in params:
@@ -177,8 +180,10 @@ def varlen_kernel():
     elif "is_causal" in params:
         causal = {"is_causal": True}
     else:
-        log.warning("packed sequences: varlen_attn%s has no causal option; using SDPA with a block-diagonal mask",
-                    inspect.signature(varlen_attn))
+        log.warning(
+            "packed sequences: varlen_attn%s has no causal option; using SDPA with a block-diagonal mask",
+            inspect.signature(varlen_attn),
+        )
         return None
     native_gqa = "enable_gqa" in params
     has_scale = "scale" in params
@@ -216,7 +221,7 @@ def block_causal_mask(cu_seqlens: torch.Tensor, t: int) -> torch.Tensor:
     return mask
 
 
-def sdpa_mask(attention_mask, mask_type, sq: int, sk: int, device) -> tuple[Optional[torch.Tensor], bool]:
+def sdpa_mask(attention_mask, mask_type, sq: int, sk: int, device) -> tuple[torch.Tensor | None, bool]:
     """(attn_mask, is_causal) for SDPA from Megatron's mask (True = masked out); SDPA's mask is True = attend."""
     from megatron.core.transformer.enums import AttnMaskType
 

@@ -27,9 +27,9 @@ import json
 import logging
 import math
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Optional
 
 from common import (
     ConfigError,
@@ -55,21 +55,21 @@ OUTPUT_LOCK_TIMEOUT_S = 3600.0  # BERTScore over a large split takes minutes; a 
 
 @dataclass
 class EvalConfig:
-    nemo_checkpoint_path: Optional[str] = field(default=None, metadata={"help": "checkpoint to evaluate"})
-    nemo_logs_dir: Optional[str] = field(
+    nemo_checkpoint_path: str | None = field(default=None, metadata={"help": "checkpoint to evaluate"})
+    nemo_logs_dir: str | None = field(
         default=None, metadata={"help": "training run's nemo_logs dir: evaluate its best val_loss checkpoint"}
     )
-    data_dir: Optional[str] = field(default=None, metadata={"help": "directory holding test.jsonl (prepared data)"})
+    data_dir: str | None = field(default=None, metadata={"help": "directory holding test.jsonl (prepared data)"})
     max_samples: int = field(default=1024, metadata={"help": "evaluate at most this many test rows"})
-    predictions_file: Optional[str] = field(
+    predictions_file: str | None = field(
         default=None, metadata={"help": "output predictions JSONL (input with --evaluate_only)"}
     )
-    metrics_file: Optional[str] = field(default=None, metadata={"help": "default: <predictions>.metrics.json"})
+    metrics_file: str | None = field(default=None, metadata={"help": "default: <predictions>.metrics.json"})
     evaluate_only: bool = field(default=False, metadata={"help": "score --predictions_file; no generation, no GPU"})
     bertscore_model: str = field(
         default=BERTSCORE_DEFAULT, metadata={"help": "hub name or local directory for BERTScore; 'none' to skip"}
     )
-    bertscore_num_layers: Optional[int] = field(
+    bertscore_num_layers: int | None = field(
         default=None, metadata={"help": "layer of --bertscore_model to use (required for a local directory)"}
     )
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature (used when --top_k != 1)"})
@@ -95,8 +95,14 @@ def validate(cfg: EvalConfig) -> None:
             problems.append("--evaluate_only needs --predictions_file (the JSONL to score)")
     elif (cfg.nemo_checkpoint_path is None) == (cfg.nemo_logs_dir is None):
         problems.append("give exactly one of --nemo_checkpoint_path or --nemo_logs_dir")
-    for name in ("max_samples", "num_tokens_to_generate", "tensor_parallel_size", "block_size_tokens",
-                 "inference_max_seq_length", "max_batch_size"):
+    for name in (
+        "max_samples",
+        "num_tokens_to_generate",
+        "tensor_parallel_size",
+        "block_size_tokens",
+        "inference_max_seq_length",
+        "max_batch_size",
+    ):
         if getattr(cfg, name) <= 0:
             problems.append(f"--{name} {getattr(cfg, name)} must be positive")
     if cfg.num_cuda_graphs < 0:
@@ -118,7 +124,7 @@ def validate(cfg: EvalConfig) -> None:
         raise ConfigError(problems)
 
 
-def _local_bertscore_problems(model_dir: Path, num_layers: Optional[int]) -> list[str]:
+def _local_bertscore_problems(model_dir: Path, num_layers: int | None) -> list[str]:
     flag = f"--bertscore_model {model_dir}"
     if num_layers is None:
         return [f"{flag} is a local directory: also give --bertscore_num_layers (e.g. 17 for roberta-large)"]
@@ -169,18 +175,18 @@ def normalize(text: str) -> str:
 
 
 def exact_match(predictions: list[str], labels: list[str]) -> float:
-    return sum(normalize(p) == normalize(l) for p, l in zip(predictions, labels)) / max(1, len(labels))
+    return sum(normalize(p) == normalize(t) for p, t in zip(predictions, labels, strict=True)) / max(1, len(labels))
 
 
 def rouge_l(predictions: list[str], labels: list[str]) -> float:
     from rouge_score import rouge_scorer
 
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
-    scores = [scorer.score(l, p)["rougeL"].fmeasure for p, l in zip(predictions, labels)]
+    scores = [scorer.score(t, p)["rougeL"].fmeasure for p, t in zip(predictions, labels, strict=True)]
     return sum(scores) / max(1, len(scores))
 
 
-def bertscore(predictions: list[str], labels: list[str], model: str, num_layers: Optional[int]) -> dict:
+def bertscore(predictions: list[str], labels: list[str], model: str, num_layers: int | None) -> dict:
     from bert_score import score
 
     kwargs = {"model_type": model, "num_layers": num_layers} if num_layers is not None else {"model_type": model}
@@ -206,7 +212,11 @@ def bertscore(predictions: list[str], labels: list[str], model: str, num_layers:
 def compute_metrics(rows: list[dict], cfg: EvalConfig) -> dict:
     predictions = [r["prediction"] for r in rows]
     labels = [r["label"] for r in rows]
-    metrics = {"num_samples": len(rows), "exact_match": exact_match(predictions, labels), "rouge_l": rouge_l(predictions, labels)}
+    metrics = {
+        "num_samples": len(rows),
+        "exact_match": exact_match(predictions, labels),
+        "rouge_l": rouge_l(predictions, labels),
+    }
     if cfg.bertscore_model != "none":
         metrics.update(bertscore(predictions, labels, cfg.bertscore_model, cfg.bertscore_num_layers))
     else:
@@ -218,7 +228,7 @@ def metrics_path(cfg: EvalConfig, predictions: Path) -> Path:
     return Path(cfg.metrics_file) if cfg.metrics_file else predictions.with_suffix(".metrics.json")
 
 
-def evaluate(cfg: EvalConfig, predictions: Path, extra: Optional[dict] = None) -> dict:
+def evaluate(cfg: EvalConfig, predictions: Path, extra: dict | None = None) -> dict:
     rows = list(iter_jsonl(predictions, PREDICTION_FIELDS, text=("label", "prediction")))
     if not rows:
         raise PipelineError(f"{predictions} holds no predictions")
@@ -366,7 +376,8 @@ def build_engine(model, inference_wrapper_config, tokenizer, cfg: EvalConfig, te
         tensor_model_parallel_size=cfg.tensor_parallel_size,
         unified_memory_level=0,
         num_cuda_graphs=decode_graph_count(cfg.num_cuda_graphs, cfg.max_batch_size, cfg.tensor_parallel_size)
-        if graphs else None,
+        if graphs
+        else None,
         use_cuda_graphs_for_non_decode_steps=False,
     )
     wrapper = GPTInferenceWrapper(model, inference_wrapper_config, inference_context=context)
@@ -402,12 +413,19 @@ def generate_predictions(cfg: EvalConfig, ckpt: Path, data_dir: Path) -> tuple[l
     seconds = time.perf_counter() - start
     eod = int(tokenizer.eod)
     rows, generated = [], 0
-    for example, prompt, request in zip(examples, prompts, finished):
+    for example, prompt, request in zip(examples, prompts, finished, strict=True):
         all_tokens = [int(t) for t in request.generated_tokens]
         tokens = [t for t in all_tokens if t != eod]
         generated += len(all_tokens)
-        rows.append({**example, "prediction": tokenizer.detokenize(tokens).strip(), "prompt_tokens": len(prompt),
-                     "generated_tokens": len(all_tokens), "generated_token_ids": all_tokens})
+        rows.append(
+            {
+                **example,
+                "prediction": tokenizer.detokenize(tokens).strip(),
+                "prompt_tokens": len(prompt),
+                "generated_tokens": len(all_tokens),
+                "generated_token_ids": all_tokens,
+            }
+        )
     stats = {
         "requests_per_s": len(rows) / seconds,
         "generated_tokens_per_s": generated / seconds,
@@ -424,7 +442,7 @@ def generate_predictions(cfg: EvalConfig, ckpt: Path, data_dir: Path) -> tuple[l
     return rows, stats
 
 
-def write_and_evaluate(cfg: EvalConfig, out: Path, rows: Optional[list[dict]], stats: Optional[dict] = None) -> dict:
+def write_and_evaluate(cfg: EvalConfig, out: Path, rows: list[dict] | None, stats: dict | None = None) -> dict:
     """Write the predictions (unless scoring an existing file) and their metrics as one pair: two evaluations
     writing the same files take turns, so a metrics file always scores the predictions beside it."""
     with exclusive_lock(out.with_name(f".{out.name}.lock"), OUTPUT_LOCK_TIMEOUT_S, "evaluation output"):
@@ -448,8 +466,10 @@ def main(argv: list[str] | None = None) -> int:
         raise PipelineError(f"{ckpt} is not a complete NeMo checkpoint; train or import with peft_megatron.py first")
     damage = checkpoint_damage(ckpt)
     if damage:
-        raise PipelineError(f"{ckpt} is damaged: {damage}; evaluate another checkpoint of the run (e.g. its -last "
-                            "one, --nemo_checkpoint_path), or re-run the training that writes it")
+        raise PipelineError(
+            f"{ckpt} is damaged: {damage}; evaluate another checkpoint of the run (e.g. its -last "
+            "one, --nemo_checkpoint_path), or re-run the training that writes it"
+        )
     data_dir = Path(cfg.data_dir) if cfg.data_dir else ckpt.parents[2] / "data"
     out = Path(cfg.predictions_file) if cfg.predictions_file else ckpt.with_name(ckpt.name + ".predictions.jsonl")
     rows, stats = generate_predictions(cfg, ckpt, data_dir)
@@ -467,8 +487,7 @@ def report_evaluation(ckpt: Path, predictions: Path, metrics: dict) -> None:
 
     run = run_report.run_of_checkpoint(ckpt)
     if run is not None:
-        run_report.add_evaluation(run, ckpt.name, {"checkpoint": str(ckpt), "predictions": str(predictions),
-                                                   **metrics})
+        run_report.add_evaluation(run, ckpt.name, {"checkpoint": str(ckpt), "predictions": str(predictions), **metrics})
         print(f"metrics added to {run_report.report_dir(run) / 'summary.json'}")
 
 

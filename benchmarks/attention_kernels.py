@@ -1,7 +1,7 @@
 """Causal GQA attention forward + backward on one GPU, by torch SDPA backend, at a training shape; which kernel
 sdpa_attention.py should reach, measured rather than assumed.
 
-    python benchmarks/attention_kernels.py                       # Qwen3-8B: 32 query / 8 KV heads, head_dim 128, seq 4096
+    python benchmarks/attention_kernels.py    # Qwen3-8B: 32 query / 8 KV heads, head_dim 128, seq 4096
 
 Rows: SDPA with `enable_gqa=True` (K/V not repeated) under each backend that accepts it, and SDPA on K/V repeated
 to the query heads (what a backend without GQA support needs) under each backend; plus Megatron's unfused
@@ -53,20 +53,34 @@ def main(argv=None) -> int:
 
     def unfused():
         kr, vr = repeated()
-        scores = torch.baddbmm(torch.empty(b * h, s, s, device="cuda", dtype=q.dtype), q.reshape(b * h, s, d),
-                               kr.reshape(b * h, s, d).transpose(1, 2), beta=0.0, alpha=d**-0.5)
+        scores = torch.baddbmm(
+            torch.empty(b * h, s, s, device="cuda", dtype=q.dtype),
+            q.reshape(b * h, s, d),
+            kr.reshape(b * h, s, d).transpose(1, 2),
+            beta=0.0,
+            alpha=d**-0.5,
+        )
         scores = scores.masked_fill(torch.ones(s, s, dtype=torch.bool, device="cuda").triu(1), float("-inf"))
         return torch.bmm(scores.float().softmax(-1).to(q.dtype), vr.reshape(b * h, s, d)).view(b, h, s, d)
 
     cases = {}
-    for name, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION),
-                          ("efficient", SDPBackend.EFFICIENT_ATTENTION)):
-        cases[f"{name}, enable_gqa"] = (backend, lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                                                                         enable_gqa=True))
-        cases[f"{name}, K/V repeated"] = (backend, lambda: F.scaled_dot_product_attention(q, *repeated(),
-                                                                                           is_causal=True))
-    cases["default choice, enable_gqa"] = (None, lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                                                                       enable_gqa=True))
+    for name, backend in (
+        ("flash", SDPBackend.FLASH_ATTENTION),
+        ("cudnn", SDPBackend.CUDNN_ATTENTION),
+        ("efficient", SDPBackend.EFFICIENT_ATTENTION),
+    ):
+        cases[f"{name}, enable_gqa"] = (
+            backend,
+            lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
+        )
+        cases[f"{name}, K/V repeated"] = (
+            backend,
+            lambda: F.scaled_dot_product_attention(q, *repeated(), is_causal=True),
+        )
+    cases["default choice, enable_gqa"] = (
+        None,
+        lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
+    )
     cases["unfused (Megatron local)"] = (None, unfused)
 
     import sys
@@ -81,11 +95,15 @@ def main(argv=None) -> int:
     thd = lambda t: t[0].transpose(0, 1)  # noqa: E731  [1, heads, s, d] -> [s, heads, d]
     varlen = sdpa_attention.varlen_kernel()
     if varlen is not None:
-        cases[f"varlen, {args.packed_sequences} packed sequences"] = (None, lambda: varlen(
-            thd(q), thd(k), thd(v), cu, cu, max_len, max_len, d**-0.5).transpose(0, 1)[None])
+        cases[f"varlen, {args.packed_sequences} packed sequences"] = (
+            None,
+            lambda: varlen(thd(q), thd(k), thd(v), cu, cu, max_len, max_len, d**-0.5).transpose(0, 1)[None],
+        )
     block = sdpa_attention.block_causal_mask(cu, s)
-    cases[f"SDPA block mask, {args.packed_sequences} packed"] = (None, lambda: F.scaled_dot_product_attention(
-        q, *repeated(), attn_mask=block))
+    cases[f"SDPA block mask, {args.packed_sequences} packed"] = (
+        None,
+        lambda: F.scaled_dot_product_attention(q, *repeated(), attn_mask=block),
+    )
     rows = []
     for name, (backend, fn) in cases.items():
         try:
@@ -99,10 +117,19 @@ def main(argv=None) -> int:
             rows.append({"case": name, "error": str(e).splitlines()[0][:160]})
         torch.cuda.empty_cache()
     for row in rows:
-        print(f"{row['case']:32s} " + (f"{row['ms']:8.3f} ms  {row['tflops']:6.1f} TFLOP/s" if "ms" in row
-                                        else f"not available: {row['error']}"))
-    print(json.dumps({"shape": vars(args), "torch": torch.__version__, "gpu": torch.cuda.get_device_name(0),
-                      "rows": rows}))
+        print(
+            f"{row['case']:32s} "
+            + (
+                f"{row['ms']:8.3f} ms  {row['tflops']:6.1f} TFLOP/s"
+                if "ms" in row
+                else f"not available: {row['error']}"
+            )
+        )
+    print(
+        json.dumps(
+            {"shape": vars(args), "torch": torch.__version__, "gpu": torch.cuda.get_device_name(0), "rows": rows}
+        )
+    )
     return 0
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import gc
 import json
 import statistics
@@ -32,14 +33,36 @@ sys.path.insert(0, str(REPO))
 
 # name -> (NeMo config class, HF Qwen3 config fields)
 SHAPES = {
-    "qwen3_8b": ("Qwen3Config8B", dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
-                                       num_attention_heads=32, num_key_value_heads=8)),
-    "qwen3_1p7b": ("Qwen3Config1P7B", dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
-                                           num_attention_heads=16, num_key_value_heads=8)),
+    "qwen3_8b": (
+        "Qwen3Config8B",
+        dict(
+            hidden_size=4096,
+            intermediate_size=12288,
+            num_hidden_layers=36,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+        ),
+    ),
+    "qwen3_1p7b": (
+        "Qwen3Config1P7B",
+        dict(
+            hidden_size=2048,
+            intermediate_size=6144,
+            num_hidden_layers=28,
+            num_attention_heads=16,
+            num_key_value_heads=8,
+        ),
+    ),
 }
 MODES = {"cuda_graphs": 8, "eager": 0}  # --num_cuda_graphs of test_checkpoint.py (whose default is 8)
-QWEN3_COMMON = dict(vocab_size=151936, head_dim=128, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
-                    max_position_embeddings=40960, tie_word_embeddings=False)
+QWEN3_COMMON = dict(
+    vocab_size=151936,
+    head_dim=128,
+    rope_theta=1_000_000.0,
+    rms_norm_eps=1e-6,
+    max_position_embeddings=40960,
+    tie_word_embeddings=False,
+)
 
 
 def parse_args(argv=None):
@@ -50,11 +73,20 @@ def parse_args(argv=None):
     parser.add_argument("--new_tokens", type=int, default=128)
     parser.add_argument("--buffer_size_gb", type=float, default=12.0)
     parser.add_argument("--skip_hf", action="store_true", help="measure the dynamic engine only")
-    parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES),
-                        help="dynamic-engine modes to measure; the first gives the headline columns")
-    parser.add_argument("--profile_batch", type=int, default=0,
-                        help="torch.profiler over a run at this batch size (one of --batch_sizes), in each mode: "
-                             "kernel time by kind vs wall time, and the busiest host operators")
+    parser.add_argument(
+        "--modes",
+        nargs="+",
+        choices=list(MODES),
+        default=list(MODES),
+        help="dynamic-engine modes to measure; the first gives the headline columns",
+    )
+    parser.add_argument(
+        "--profile_batch",
+        type=int,
+        default=0,
+        help="torch.profiler over a run at this batch size (one of --batch_sizes), in each mode: "
+        "kernel time by kind vs wall time, and the busiest host operators",
+    )
     parser.add_argument("--profile_tokens", type=int, default=16, help="tokens generated in the profiled run")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "generation.json"))
     args = parser.parse_args(argv)
@@ -106,8 +138,11 @@ def build_megatron_model(shape: str, cuda_graphs: bool):
     config = getattr(qwen3, SHAPES[shape][0])(bf16=True, params_dtype=torch.bfloat16, **overrides)
     model = config.configure_model(tokenizer=None).cuda().eval()
     wrapper_config = InferenceWrapperConfig(
-        hidden_size=config.hidden_size, params_dtype=torch.bfloat16, inference_batch_times_seqlen_threshold=1000,
-        padded_vocab_size=config.vocab_size, inference_max_seq_length=2048,
+        hidden_size=config.hidden_size,
+        params_dtype=torch.bfloat16,
+        inference_batch_times_seqlen_threshold=1000,
+        padded_vocab_size=config.vocab_size,
+        inference_max_seq_length=2048,
     )
     return model, wrapper_config
 
@@ -126,9 +161,14 @@ def timed(fn):
 def engine_config(args, num_cuda_graphs: int, new_tokens: int):
     from test_checkpoint import EvalConfig
 
-    return EvalConfig(num_tokens_to_generate=new_tokens, max_batch_size=max(args.batch_sizes),
-                      inference_max_seq_length=args.prompt_tokens + args.new_tokens + 1,
-                      buffer_size_gb=args.buffer_size_gb, top_k=1, num_cuda_graphs=num_cuda_graphs)
+    return EvalConfig(
+        num_tokens_to_generate=new_tokens,
+        max_batch_size=max(args.batch_sizes),
+        inference_max_seq_length=args.prompt_tokens + args.new_tokens + 1,
+        buffer_size_gb=args.buffer_size_gb,
+        top_k=1,
+        num_cuda_graphs=num_cuda_graphs,
+    )
 
 
 def measure_dynamic_engine(args, all_prompts, mode: str) -> dict:
@@ -142,19 +182,31 @@ def measure_dynamic_engine(args, all_prompts, mode: str) -> dict:
     model, wrapper_config = build_megatron_model(args.shape, cuda_graphs=bool(num_cuda_graphs))
     cfg = engine_config(args, num_cuda_graphs, args.new_tokens)
     engine, build_seconds, _ = timed(lambda: build_engine(model, wrapper_config, TokenIds(), cfg, termination_id=-1))
-    print(f"{mode}: engine built in {build_seconds:.1f}s, decode graphs for "
-          f"{engine.context.cuda_graph_token_counts or 'no'} batch sizes", flush=True)
+    print(
+        f"{mode}: engine built in {build_seconds:.1f}s, decode graphs for "
+        f"{engine.context.cuda_graph_token_counts or 'no'} batch sizes",
+        flush=True,
+    )
     results = {}
     for batch in args.batch_sizes:
-        for attempt in ("warm-up", "measured"):
-            loop = GenerationLoop(engine, sampling_params(cfg), cfg.inference_max_seq_length,
-                                  cfg.num_tokens_to_generate)
-            finished, seconds, peak = timed(lambda: loop.run(all_prompts[:batch]))
-        results[batch] = {"seconds": seconds, "generated_tokens": sum(len(r.generated_tokens) for r in finished),
-                          "peak_mem_gib": peak, "ms_per_step": 1000 * statistics.median(loop.step_seconds),
-                          "steps": len(loop.step_seconds), "engine_build_seconds": build_seconds}
-        print(f"{mode} batch {batch}: {results[batch]['generated_tokens'] / seconds:.0f} tokens/s "
-              f"({results[batch]['ms_per_step']:.1f} ms/step)", flush=True)
+        for _attempt in ("warm-up", "measured"):
+            loop = GenerationLoop(
+                engine, sampling_params(cfg), cfg.inference_max_seq_length, cfg.num_tokens_to_generate
+            )
+            finished, seconds, peak = timed(functools.partial(loop.run, all_prompts[:batch]))
+        results[batch] = {
+            "seconds": seconds,
+            "generated_tokens": sum(len(r.generated_tokens) for r in finished),
+            "peak_mem_gib": peak,
+            "ms_per_step": 1000 * statistics.median(loop.step_seconds),
+            "steps": len(loop.step_seconds),
+            "engine_build_seconds": build_seconds,
+        }
+        print(
+            f"{mode} batch {batch}: {results[batch]['generated_tokens'] / seconds:.0f} tokens/s "
+            f"({results[batch]['ms_per_step']:.1f} ms/step)",
+            flush=True,
+        )
     if args.profile_batch:
         profile_cfg = engine_config(args, num_cuda_graphs, args.profile_tokens)
         results["profile"] = profile_engine(engine, model, profile_cfg, all_prompts[: args.profile_batch], mode)
@@ -190,8 +242,10 @@ def time_model_forward(engine, model, cfg, prompts) -> dict:
         host.append(time.perf_counter() - started)
         events.append((start, end))
 
-    hooks = [model.register_forward_pre_hook(before, with_kwargs=True),
-             model.register_forward_hook(after, with_kwargs=True)]
+    hooks = [
+        model.register_forward_pre_hook(before, with_kwargs=True),
+        model.register_forward_hook(after, with_kwargs=True),
+    ]
     try:
         loop = GenerationLoop(engine, sampling_params(cfg), cfg.inference_max_seq_length, cfg.num_tokens_to_generate)
         loop.run(prompts)
@@ -201,10 +255,12 @@ def time_model_forward(engine, model, cfg, prompts) -> dict:
             hook.remove()
     gpu = [start.elapsed_time(end) / 1000 for start, end in events]
     decode = slice(1, None)  # the first step is the prefill
-    return {"median_decode_step_ms": 1000 * statistics.median(loop.step_seconds[decode]),
-            "median_forward_host_ms": 1000 * statistics.median(host[decode]),
-            "median_forward_gpu_ms": 1000 * statistics.median(gpu[decode]),
-            "prefill_step_ms": 1000 * loop.step_seconds[0]}
+    return {
+        "median_decode_step_ms": 1000 * statistics.median(loop.step_seconds[decode]),
+        "median_forward_host_ms": 1000 * statistics.median(host[decode]),
+        "median_forward_gpu_ms": 1000 * statistics.median(gpu[decode]),
+        "prefill_step_ms": 1000 * loop.step_seconds[0],
+    }
 
 
 def profile_engine(engine, model, cfg, prompts, mode: str) -> dict:
@@ -217,9 +273,11 @@ def profile_engine(engine, model, cfg, prompts, mode: str) -> dict:
     from test_checkpoint import GenerationLoop, sampling_params
 
     forward = time_model_forward(engine, model, cfg, prompts)
-    print(f"\n{mode}, batch {len(prompts)}, per decode step (median): step {forward['median_decode_step_ms']:.1f} ms, "
-          f"model forward {forward['median_forward_host_ms']:.1f} ms on the host, "
-          f"{forward['median_forward_gpu_ms']:.1f} ms on the GPU; prefill step {forward['prefill_step_ms']:.1f} ms")
+    print(
+        f"\n{mode}, batch {len(prompts)}, per decode step (median): step {forward['median_decode_step_ms']:.1f} ms, "
+        f"model forward {forward['median_forward_host_ms']:.1f} ms on the host, "
+        f"{forward['median_forward_gpu_ms']:.1f} ms on the GPU; prefill step {forward['prefill_step_ms']:.1f} ms"
+    )
     loop = GenerationLoop(engine, sampling_params(cfg), cfg.inference_max_seq_length, cfg.num_tokens_to_generate)
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -242,18 +300,26 @@ def profile_engine(engine, model, cfg, prompts, mode: str) -> dict:
     top_kernels = sorted(by_name.items(), key=lambda item: item[1][0], reverse=True)[:20]
     host_ops = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:15]
     summary = {
-        "mode": mode, "batch_size": len(prompts), "steps": len(loop.step_seconds), "wall_s": wall,
+        "mode": mode,
+        "batch_size": len(prompts),
+        "steps": len(loop.step_seconds),
+        "wall_s": wall,
         "median_decode_step_ms": 1000 * statistics.median(decode),
-        "kernel_seconds": split, "gpu_busy_fraction": busy / wall, "host_gap_s": wall - busy,
+        "kernel_seconds": split,
+        "gpu_busy_fraction": busy / wall,
+        "host_gap_s": wall - busy,
         "kernels_per_step": len(kernels) / len(loop.step_seconds),
-        "top_host_ops": [{"name": e.key, "self_cpu_s": e.self_cpu_time_total / 1e6, "calls": e.count}
-                         for e in host_ops],
+        "top_host_ops": [
+            {"name": e.key, "self_cpu_s": e.self_cpu_time_total / 1e6, "calls": e.count} for e in host_ops
+        ],
         "unprofiled": forward,
         "top_kernels": [{"name": name, "gpu_s": t, "calls": n} for name, (t, n) in top_kernels],
     }
-    print(f"\nprofile, {mode}, batch {len(prompts)}: {len(loop.step_seconds)} steps, wall {wall:.3f}s, GPU busy "
-          f"{busy:.3f}s ({100 * busy / wall:.0f}%), {summary['kernels_per_step']:.0f} kernels/step, median decode "
-          f"step {summary['median_decode_step_ms']:.1f} ms")
+    print(
+        f"\nprofile, {mode}, batch {len(prompts)}: {len(loop.step_seconds)} steps, wall {wall:.3f}s, GPU busy "
+        f"{busy:.3f}s ({100 * busy / wall:.0f}%), {summary['kernels_per_step']:.0f} kernels/step, median decode "
+        f"step {summary['median_decode_step_ms']:.1f} ms"
+    )
     for kind, seconds in split.items():
         print(f"  {kind:32s} {seconds:.3f}s ({100 * seconds / wall:.0f}% of wall)")
     print("  kernels by GPU time (name, seconds, calls):")
@@ -271,15 +337,25 @@ def measure_hf(args, all_prompts) -> dict:
     for batch in args.batch_sizes:
         ids = torch.tensor(all_prompts[:batch], device="cuda")
 
-        def generate():
-            return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new_tokens,
-                                  min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
+        def generate(ids=ids):
+            return model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=args.new_tokens,
+                min_new_tokens=args.new_tokens,
+                do_sample=False,
+                pad_token_id=0,
+            )
 
-        for attempt in ("warm-up", "measured"):
+        for _attempt in ("warm-up", "measured"):
             out, seconds, peak = timed(generate)
-        results[batch] = {"seconds": seconds, "generated_tokens": (out.shape[1] - ids.shape[1]) * out.shape[0],
-                          "peak_mem_gib": peak, "ms_per_step": 1000 * seconds / args.new_tokens,
-                          "steps": args.new_tokens}
+        results[batch] = {
+            "seconds": seconds,
+            "generated_tokens": (out.shape[1] - ids.shape[1]) * out.shape[0],
+            "peak_mem_gib": peak,
+            "ms_per_step": 1000 * seconds / args.new_tokens,
+            "steps": args.new_tokens,
+        }
         print(f"HF generate batch {batch}: {results[batch]['generated_tokens'] / seconds:.0f} tokens/s", flush=True)
     return results
 
@@ -307,9 +383,15 @@ def result_rows(args, engine: dict, hf: dict) -> list[dict]:
     for batch in args.batch_sizes:
         h = hf.get(batch)
         row = {
-            "gpu": torch.cuda.get_device_name(0), "date": datetime.date.today().isoformat(), "model": args.shape,
-            "dtype": "bfloat16", "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
-            "batch_size": batch, "engine_mode": args.modes[0], "kv_buffer_gb": args.buffer_size_gb,
+            "gpu": torch.cuda.get_device_name(0),
+            "date": datetime.date.today().isoformat(),
+            "model": args.shape,
+            "dtype": "bfloat16",
+            "prompt_tokens": args.prompt_tokens,
+            "new_tokens": args.new_tokens,
+            "batch_size": batch,
+            "engine_mode": args.modes[0],
+            "kv_buffer_gb": args.buffer_size_gb,
             "baseline": "transformers generate, SDPA",
             "baseline_tokens_per_s": h["generated_tokens"] / h["seconds"] if h else None,
             "baseline_requests_per_s": batch / h["seconds"] if h else None,
@@ -323,10 +405,16 @@ def result_rows(args, engine: dict, hf: dict) -> list[dict]:
                 continue
             m = measured[batch]
             tokens_per_s = m["generated_tokens"] / m["seconds"]
-            row.update({f"{mode}_tokens_per_s": tokens_per_s, f"{mode}_requests_per_s": batch / m["seconds"],
-                        f"{mode}_ms_per_step": m["ms_per_step"], f"{mode}_peak_mem_gib": m["peak_mem_gib"],
-                        f"{mode}_engine_build_seconds": m["engine_build_seconds"],
-                        f"{mode}_ratio_vs_baseline": tokens_per_s / row["baseline_tokens_per_s"] if h else None})
+            row.update(
+                {
+                    f"{mode}_tokens_per_s": tokens_per_s,
+                    f"{mode}_requests_per_s": batch / m["seconds"],
+                    f"{mode}_ms_per_step": m["ms_per_step"],
+                    f"{mode}_peak_mem_gib": m["peak_mem_gib"],
+                    f"{mode}_engine_build_seconds": m["engine_build_seconds"],
+                    f"{mode}_ratio_vs_baseline": tokens_per_s / row["baseline_tokens_per_s"] if h else None,
+                }
+            )
             if measured.get("profile", {}).get("batch_size") == batch:
                 row[f"{mode}_profile"] = measured["profile"]
         headline = args.modes[0]
@@ -342,8 +430,12 @@ def print_table(args, rows: list[dict]) -> None:
         return "-" if value is None else format(value, fmt)
 
     columns = []
-    for title, key, fmt in (("tok/s", "tokens_per_s", ".0f"), ("/HF", "ratio_vs_baseline", ".2f"),
-                            ("ms/step", "ms_per_step", ".1f"), ("GiB", "peak_mem_gib", ".1f")):
+    for title, key, fmt in (
+        ("tok/s", "tokens_per_s", ".0f"),
+        ("/HF", "ratio_vs_baseline", ".2f"),
+        ("ms/step", "ms_per_step", ".1f"),
+        ("GiB", "peak_mem_gib", ".1f"),
+    ):
         columns += [(f"{m} {title}", f"{m}_{key}", fmt) for m in args.modes]
         if key != "ratio_vs_baseline":
             columns.append((f"HF {title}", f"baseline_{key}", fmt))

@@ -51,8 +51,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from common import atomic_write_text  # noqa: E402
 from generation_throughput import QWEN3_COMMON, SHAPES  # noqa: E402
+
+from common import atomic_write_text  # noqa: E402
 
 CYCLE, FIRST_TOKEN = 97, 1000  # the learnable task: token ids FIRST_TOKEN + (start + i) % CYCLE
 
@@ -73,8 +74,9 @@ class Case:
 CASES = {
     "qwen3_8b_lora": Case(recipe="qwen3_8b", shape="qwen3_8b", peft=True, learning_rate=1e-4),
     "qwen3_1p7b_full": Case(recipe="qwen3_1p7b", shape="qwen3_1p7b", peft=False, learning_rate=1e-5),
-    "qwen3_8b_lora_varlen": Case(recipe="qwen3_8b", shape="qwen3_8b", peft=True, learning_rate=1e-4,
-                                 variable_lengths=True),
+    "qwen3_8b_lora_varlen": Case(
+        recipe="qwen3_8b", shape="qwen3_8b", peft=True, learning_rate=1e-4, variable_lengths=True
+    ),
 }
 MIN_SAMPLE, POOL = 256, 400  # variable-length samples: shortest length, and how many the packer packs
 
@@ -93,8 +95,12 @@ VARIANTS = {
     "unfused_recompute": Variant(
         "before issue 13: Megatron's unfused attention, selective recompute (OOM without), compiled fusions off",
         flags={"core_attention": "unfused"},
-        model={"recompute_granularity": "selective", "bias_activation_fusion": False, "bias_dropout_fusion": False,
-               "cross_entropy_loss_fusion": False},
+        model={
+            "recompute_granularity": "selective",
+            "bias_activation_fusion": False,
+            "bias_dropout_fusion": False,
+            "cross_entropy_loss_fusion": False,
+        },
     ),
     "sdpa": Variant(
         "SDPA core attention, no recompute, compiled SwiGLU / bias-dropout-add fusions off",
@@ -105,31 +111,47 @@ VARIANTS = {
         model={"cross_entropy_loss_fusion": True, "cross_entropy_fusion_impl": "native"},
     ),
     "mbs2": Variant("the default at micro-batch 2 (tokens per step doubled)", flags={"micro_batch_size": 2}),
-    "eager_rope": Variant("the default with Megatron's unfused RoPE left eager (as before the compiled RoPE)",
-                          skip_shims=frozenset({"compiled-rope"})),
-    "nemo_lora": Variant("the default with NeMo's own LoRA forward (full-width scale and add; as before the fused "
-                         "LoRA output)", skip_shims=frozenset({"fused-lora-output"})),
-    "packed": Variant("the default with --packed_sequence (variable-length case: NeMo's packer, one packed row per "
-                      "micro-batch)", flags={"packed_sequence": True}),
-    "optimizer_path": Variant("the default + torch's fused AdamW and foreach gradient norm / master-weight copy in "
-                              "place of Megatron's apex-less per-tensor fallbacks (trial)",
-                              trials=("fused_adam", "foreach_multi_tensor")),
+    "eager_rope": Variant(
+        "the default with Megatron's unfused RoPE left eager (as before the compiled RoPE)",
+        skip_shims=frozenset({"compiled-rope"}),
+    ),
+    "nemo_lora": Variant(
+        "the default with NeMo's own LoRA forward (full-width scale and add; as before the fused LoRA output)",
+        skip_shims=frozenset({"fused-lora-output"}),
+    ),
+    "packed": Variant(
+        "the default with --packed_sequence (variable-length case: NeMo's packer, one packed row per micro-batch)",
+        flags={"packed_sequence": True},
+    ),
+    "optimizer_path": Variant(
+        "the default + torch's fused AdamW and foreach gradient norm / master-weight copy in "
+        "place of Megatron's apex-less per-tensor fallbacks (trial)",
+        trials=("fused_adam", "foreach_multi_tensor"),
+    ),
 }
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--case", choices=sorted(CASES), default="qwen3_8b_lora")
-    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=["default"],
-                        help="configurations of ours to measure; the first is the headline row")
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        choices=list(VARIANTS),
+        default=["default"],
+        help="configurations of ours to measure; the first is the headline row",
+    )
     parser.add_argument("--steps", type=int, default=12, help="timed steps per run")
     parser.add_argument("--warmup_steps", type=int, default=3)
     parser.add_argument("--micro_batch_size", type=int, help="both stacks' micro-batch (default: the case's, 1)")
     parser.add_argument("--skip_hf", action="store_true", help="measure ours only (no ratio)")
     parser.add_argument("--profile", choices=list(VARIANTS), help="also trace 2 steps of this variant")
     parser.add_argument("--timeout_s", type=int, default=900, help="per measurement process")
-    parser.add_argument("--hf_pythonpath", help="PYTHONPATH for the baseline's process (e.g. '' to measure the "
-                        "machine's own transformers/peft instead of the versions this project pins)")
+    parser.add_argument(
+        "--hf_pythonpath",
+        help="PYTHONPATH for the baseline's process (e.g. '' to measure the "
+        "machine's own transformers/peft instead of the versions this project pins)",
+    )
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "training.json"))
     parser.add_argument("--worker", choices=["ours", "hf", "hf_amp", "matmul"], help=argparse.SUPPRESS)
     parser.add_argument("--variant", choices=list(VARIANTS), default="default", help=argparse.SUPPRESS)
@@ -146,8 +168,10 @@ def parse_args(argv=None):
     if "packed" in args.variants and not case.variable_lengths:
         parser.error("--variants packed needs a variable-length case (e.g. --case qwen3_8b_lora_varlen)")
     if args.steps < 6 or args.warmup_steps < 1:
-        parser.error("--steps must be at least 6 (the loss check compares the first and last three) and "
-                     "--warmup_steps at least 1")
+        parser.error(
+            "--steps must be at least 6 (the loss check compares the first and last three) and "
+            "--warmup_steps at least 1"
+        )
     return args
 
 
@@ -179,8 +203,9 @@ def write_packed_pool(case: Case, path: Path) -> None:
     from nemo.utils.sequence_packing_utils import create_hist, create_packing_strategy, fill_packing_strategy
 
     np.random.seed(1234)  # fill_packing_strategy shuffles with numpy's global generator
-    samples = [{"input_ids": counting_sequence(i, sample_length(i, case)).tolist(), "answer_start_idx": 0}
-               for i in range(POOL)]
+    samples = [
+        {"input_ids": counting_sequence(i, sample_length(i, case)).tolist(), "answer_start_idx": 0} for i in range(POOL)
+    ]
     sequences, histogram = create_hist(samples, case.seq_length)
     assignments, _ = create_packing_strategy(histogram, case.seq_length, "first_fit_shuffle")
     np.save(path, fill_packing_strategy(assignments, sequences, case.seq_length, 0))
@@ -191,10 +216,10 @@ def make_synthetic_data_module(case_name: str, micro_batch_size: int, global_bat
     peft_megatron's model (tokens, labels, loss mask, positions, Megatron's causal mask: True = masked out), or with
     `packed` what NeMo's packed dataset gives it. Every collated batch's trained-token count is kept in
     `module.batch_tokens` (loaded in this process: num_workers 0), in the order the steps consume them."""
+    import functools
+
     import torch
     from nemo.collections.llm.gpt.data.mock import MockDataModule
-
-    import functools
 
     case = CASES[case_name]
     seq_length = case.seq_length
@@ -213,8 +238,13 @@ def make_synthetic_data_module(case_name: str, micro_batch_size: int, global_bat
                 index %= POOL
             n = sample_length(index, case)
             ids = counting_sequence(index, n)
-            return {"tokens": ids[:-1], "labels": ids[1:], "loss_mask": torch.ones(n), "position_ids": torch.arange(n),
-                    "attention_mask": causal_mask(n)}
+            return {
+                "tokens": ids[:-1],
+                "labels": ids[1:],
+                "loss_mask": torch.ones(n),
+                "position_ids": torch.arange(n),
+                "attention_mask": causal_mask(n),
+            }
 
         @staticmethod
         def collate_fn(batch):
@@ -248,9 +278,15 @@ def make_synthetic_data_module(case_name: str, micro_batch_size: int, global_bat
             self._train_ds = packed_dataset() if packed else CountingDataset(self.num_train_samples)
             self._validation_ds = self._test_ds = CountingDataset(self.global_batch_size)
 
-    module = CountingDataModule(seq_length=seq_length, tokenizer=SyntheticTokenizer(), micro_batch_size=micro_batch_size,
-                                global_batch_size=global_batch_size, num_train_samples=100_000,
-                                num_workers=0 if case.variable_lengths else 2, pin_memory=True)
+    module = CountingDataModule(
+        seq_length=seq_length,
+        tokenizer=SyntheticTokenizer(),
+        micro_batch_size=micro_batch_size,
+        global_batch_size=global_batch_size,
+        num_train_samples=100_000,
+        num_workers=0 if case.variable_lengths else 2,
+        pin_memory=True,
+    )
     module.batch_tokens = batch_tokens
     return module
 
@@ -276,11 +312,17 @@ class StepRecorder:
 
         trainable = {name: p for name, p in parameters if p.requires_grad}
         if set(trainable) != set(self.snapshot):
-            raise RuntimeError(f"trainable parameters changed during training: {sorted(set(trainable) ^ set(self.snapshot))[:5]}")
-        changed = sum(not torch.equal(self.snapshot[n], trainable[n].detach().flatten()[:4096].float())
-                      for n in self.snapshot)
-        return {"trainable_tensors": len(self.snapshot), "trainable_tensors_changed": int(changed),
-                "trainable_parameters": sum(p.numel() for p in trainable.values())}
+            raise RuntimeError(
+                f"trainable parameters changed during training: {sorted(set(trainable) ^ set(self.snapshot))[:5]}"
+            )
+        changed = sum(
+            not torch.equal(self.snapshot[n], trainable[n].detach().flatten()[:4096].float()) for n in self.snapshot
+        )
+        return {
+            "trainable_tensors": len(self.snapshot),
+            "trainable_tensors_changed": int(changed),
+            "trainable_parameters": sum(p.numel() for p in trainable.values()),
+        }
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -360,10 +402,21 @@ def benchmark_recipe(case_name: str, case: Case, variant: Variant, max_steps: in
     import peft_megatron
 
     out = Path(tempfile.mkdtemp(prefix="train_throughput_"))
-    flags = dict(hf_model_id="random-init", recipe_cls_name=case.recipe, gpus_per_node=1, tensor_parallel_size=1,
-                 micro_batch_size=case.micro_batch_size, accumulate_grad_batches=1, max_seq_length=case.seq_length,
-                 full_ft=not case.peft, max_steps=max_steps, limit_val_batches=0, learning_rate=case.learning_rate,
-                 output_dir=str(out), nemo_ckpt_dir=str(out / "none"))
+    flags = dict(
+        hf_model_id="random-init",
+        recipe_cls_name=case.recipe,
+        gpus_per_node=1,
+        tensor_parallel_size=1,
+        micro_batch_size=case.micro_batch_size,
+        accumulate_grad_batches=1,
+        max_seq_length=case.seq_length,
+        full_ft=not case.peft,
+        max_steps=max_steps,
+        limit_val_batches=0,
+        learning_rate=case.learning_rate,
+        output_dir=str(out),
+        nemo_ckpt_dir=str(out / "none"),
+    )
     if case.peft:
         flags.update(lora_dim=case.lora_dim, lora_alpha=case.lora_alpha)
     config = peft_megatron.Config(**{**flags, **variant.flags})
@@ -372,10 +425,22 @@ def benchmark_recipe(case_name: str, case: Case, variant: Variant, max_steps: in
     recipe.resume = None
     recipe.optim.lr_scheduler = None
     recipe.log = run.Config(nl.NeMoLogger, log_dir=str(out), ckpt=None, tensorboard=None)
-    peft_megatron.assign(recipe.trainer, enable_checkpointing=False, num_sanity_val_steps=0, val_check_interval=None,
-                         log_every_n_steps=1, limit_val_batches=0, callbacks=callbacks)
-    recipe.data = run.Config(make_synthetic_data_module, case_name=case_name, micro_batch_size=config.micro_batch_size,
-                             global_batch_size=config.global_batch_size, packed=config.packed_sequence)
+    peft_megatron.assign(
+        recipe.trainer,
+        enable_checkpointing=False,
+        num_sanity_val_steps=0,
+        val_check_interval=None,
+        log_every_n_steps=1,
+        limit_val_batches=0,
+        callbacks=callbacks,
+    )
+    recipe.data = run.Config(
+        make_synthetic_data_module,
+        case_name=case_name,
+        micro_batch_size=config.micro_batch_size,
+        global_batch_size=config.global_batch_size,
+        packed=config.packed_sequence,
+    )
     return recipe, config
 
 
@@ -420,13 +485,21 @@ def run_ours(args, case: Case, variant: Variant) -> dict:
             if case.variable_lengths:
                 recorder.tokens = list(trainer.datamodule.batch_tokens[: len(recorder.seconds)])
 
-    recipe, config = benchmark_recipe(args.case, case, variant, args.warmup_steps + args.steps, env,
-                                      [run.Config(Timer)])
+    recipe, config = benchmark_recipe(
+        args.case, case, variant, args.warmup_steps + args.steps, env, [run.Config(Timer)]
+    )
     run.run(recipe, direct=True)
-    result = {"stack": "ours", "variant": args.variant, "environment": env.describe(), "trials": list(variant.trials),
-              "compat": sorted(nemo_compat.applied()),
-              "core_attention": config.core_attention, "micro_batch_size": config.micro_batch_size,
-              **summarize(args, recorder, config.micro_batch_size * case.seq_length), **recorder.moved_info}
+    result = {
+        "stack": "ours",
+        "variant": args.variant,
+        "environment": env.describe(),
+        "trials": list(variant.trials),
+        "compat": sorted(nemo_compat.applied()),
+        "core_attention": config.core_attention,
+        "micro_batch_size": config.micro_batch_size,
+        **summarize(args, recorder, config.micro_batch_size * case.seq_length),
+        **recorder.moved_info,
+    }
     if getattr(recorder, "trace", None):
         result["profile"] = recorder.trace
     return result
@@ -440,22 +513,25 @@ def run_hf(args, case: Case, amp: bool = False) -> dict:
     import time
 
     import torch
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
     import transformers
+    from transformers import Qwen3Config, Qwen3ForCausalLM
 
     config = Qwen3Config(**QWEN3_COMMON, **SHAPES[case.shape][1])
     torch.manual_seed(0)
-    dtype = {"dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype":
-             torch.float32 if amp else torch.bfloat16}
+    dtype = {
+        "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype": torch.float32
+        if amp
+        else torch.bfloat16
+    }
     with torch.device("cuda"):
         model = Qwen3ForCausalLM._from_config(config, attn_implementation="sdpa", **dtype)
     if case.peft:
         from peft import LoraConfig, get_peft_model
 
         targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-        model = get_peft_model(model, LoraConfig(r=case.lora_dim, lora_alpha=case.lora_alpha, lora_dropout=0.0,
-                                                 target_modules=targets))
+        model = get_peft_model(
+            model, LoraConfig(r=case.lora_dim, lora_alpha=case.lora_alpha, lora_dropout=0.0, target_modules=targets)
+        )
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=case.learning_rate, weight_decay=0.0, fused=True)
@@ -481,28 +557,38 @@ def run_hf(args, case: Case, amp: bool = False) -> dict:
         recorder.losses.append(loss.item())
     import peft
 
-    return {"stack": "hf_amp" if amp else "hf", "versions": f"transformers {transformers.__version__}, peft {peft.__version__}",
-            "micro_batch_size": batch, **summarize(args, recorder, batch * case.seq_length),
-            **recorder.moved(model.named_parameters())}
+    return {
+        "stack": "hf_amp" if amp else "hf",
+        "versions": f"transformers {transformers.__version__}, peft {peft.__version__}",
+        "micro_batch_size": batch,
+        **summarize(args, recorder, batch * case.seq_length),
+        **recorder.moved(model.named_parameters()),
+    }
 
 
 def summarize(args, recorder: StepRecorder, tokens_per_step: int) -> dict:
     import torch
 
-    timed = recorder.seconds[args.warmup_steps:]
-    losses = recorder.losses[args.warmup_steps:]
+    timed = recorder.seconds[args.warmup_steps :]
+    losses = recorder.losses[args.warmup_steps :]
     step = statistics.median(timed)
     if recorder.tokens:  # steps of different lengths: all timed tokens over all timed time
         if len(recorder.tokens) != len(recorder.seconds):
             raise RuntimeError(f"{len(recorder.tokens)} token counts for {len(recorder.seconds)} steps")
-        tokens = recorder.tokens[args.warmup_steps:]
+        tokens = recorder.tokens[args.warmup_steps :]
         throughput = {"tokens_per_s_per_gpu": sum(tokens) / sum(timed), "tokens_per_step": tokens}
     else:
         throughput = {"tokens_per_s_per_gpu": tokens_per_step / step}
-    return {"median_step_s": step, **throughput, "step_seconds": timed,
-            "losses": losses, "loss_first3": statistics.mean(losses[:3]), "loss_last3": statistics.mean(losses[-3:]),
-            "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
-            "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30}
+    return {
+        "median_step_s": step,
+        **throughput,
+        "step_seconds": timed,
+        "losses": losses,
+        "loss_first3": statistics.mean(losses[:3]),
+        "loss_last3": statistics.mean(losses[-3:]),
+        "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30,
+    }
 
 
 def measure_matmul() -> dict:
@@ -521,8 +607,12 @@ def measure_matmul() -> dict:
         end.record()
         torch.cuda.synchronize()
         best = min(best, start.elapsed_time(end) / 1000 / 20)
-    return {"matmul_tflops": 2 * n**3 / best / 1e12, "gpu": torch.cuda.get_device_name(0),
-            "torch": torch.__version__, "cuda": torch.version.cuda}
+    return {
+        "matmul_tflops": 2 * n**3 / best / 1e12,
+        "gpu": torch.cuda.get_device_name(0),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -555,8 +645,13 @@ def finish_trace(profiler, step_seconds: list) -> dict:
     torch.cuda.synchronize()
     profiler.__exit__(None, None, None)
     # GPU-side copies of user annotations (e.g. "Optimizer.step#AdamW.step") span kernels already counted
-    kernels = [e for e in profiler.events() if e.device_type == torch.autograd.DeviceType.CUDA
-               and not getattr(e, "is_user_annotation", False) and "#" not in e.name]
+    kernels = [
+        e
+        for e in profiler.events()
+        if e.device_type == torch.autograd.DeviceType.CUDA
+        and not getattr(e, "is_user_annotation", False)
+        and "#" not in e.name
+    ]
     wall = sum(step_seconds)
     split = {kind: 0.0 for kind, _ in KERNEL_KINDS}
     split["other kernels"] = 0.0
@@ -571,9 +666,15 @@ def finish_trace(profiler, step_seconds: list) -> dict:
         total[1] += 1
     busy = sum(split.values())
     top = sorted(by_name.items(), key=lambda item: item[1][0], reverse=True)[:25]
-    return {"steps": len(step_seconds), "wall_s": wall, "kernel_seconds": split, "gpu_busy_s": busy,
-            "host_gap_s": wall - busy, "kernels_per_step": len(kernels) / len(step_seconds),
-            "top_kernels": [{"name": n, "gpu_s": t, "calls": c} for n, (t, c) in top]}
+    return {
+        "steps": len(step_seconds),
+        "wall_s": wall,
+        "kernel_seconds": split,
+        "gpu_busy_s": busy,
+        "host_gap_s": wall - busy,
+        "kernels_per_step": len(kernels) / len(step_seconds),
+        "top_kernels": [{"name": n, "gpu_s": t, "calls": c} for n, (t, c) in top],
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -583,11 +684,19 @@ def model_flops_per_token(case: Case) -> float:
     from nemo.utils import flops_formulas
 
     shape = SHAPES[case.shape][1]
-    flops = flops_formulas.qwen3(flops_formulas.FLOPSConfig(
-        gbs=1, enc_seq_len=case.seq_length, hs=shape["hidden_size"], layers=shape["num_hidden_layers"],
-        ffn_hs=shape["intermediate_size"], attention_heads=shape["num_attention_heads"],
-        query_groups=shape["num_key_value_heads"], kv_channels=QWEN3_COMMON["head_dim"],
-        vocab_size=QWEN3_COMMON["vocab_size"]))
+    flops = flops_formulas.qwen3(
+        flops_formulas.FLOPSConfig(
+            gbs=1,
+            enc_seq_len=case.seq_length,
+            hs=shape["hidden_size"],
+            layers=shape["num_hidden_layers"],
+            ffn_hs=shape["intermediate_size"],
+            attention_heads=shape["num_attention_heads"],
+            query_groups=shape["num_key_value_heads"],
+            kv_channels=QWEN3_COMMON["head_dim"],
+            vocab_size=QWEN3_COMMON["vocab_size"],
+        )
+    )
     return flops / case.seq_length * (2 / 3 if case.peft else 1)
 
 
@@ -595,21 +704,45 @@ def measure(args, worker: str, variant: str = "default", trace: bool = False) ->
     """Run one measurement in a fresh process; its result, or {"error": ...} with the log's tail."""
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         result_file = Path(f.name)
-    command = [sys.executable, str(Path(__file__).resolve()), "--worker", worker, "--case", args.case,
-               "--variant", variant, "--steps", str(args.steps), "--warmup_steps", str(args.warmup_steps),
-               *(["--micro_batch_size", str(args.micro_batch_size)] if args.micro_batch_size else []),
-               "--result_file", str(result_file), *(["--trace"] if trace else [])]
+    command = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--worker",
+        worker,
+        "--case",
+        args.case,
+        "--variant",
+        variant,
+        "--steps",
+        str(args.steps),
+        "--warmup_steps",
+        str(args.warmup_steps),
+        *(["--micro_batch_size", str(args.micro_batch_size)] if args.micro_batch_size else []),
+        "--result_file",
+        str(result_file),
+        *(["--trace"] if trace else []),
+    ]
     print(f"\n== {worker} {variant if worker == 'ours' else ''}: {' '.join(command)}", flush=True)
     env = dict(os.environ)
     if worker.startswith("hf") and args.hf_pythonpath is not None:
         env["PYTHONPATH"] = args.hf_pythonpath
     try:
-        proc = subprocess.run(command, cwd=REPO, timeout=args.timeout_s, text=True, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.run(
+            command,
+            cwd=REPO,
+            timeout=args.timeout_s,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
         output = proc.stdout
         failed = proc.returncode != 0
     except subprocess.TimeoutExpired as e:
-        output, failed = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or ""), True
+        output, failed = (
+            (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or ""),
+            True,
+        )
     tail = "\n".join(output.splitlines()[-40:])
     if failed or not result_file.stat().st_size:
         print(tail, flush=True)
@@ -617,9 +750,11 @@ def measure(args, worker: str, variant: str = "default", trace: bool = False) ->
     result = json.loads(result_file.read_text())
     result_file.unlink()
     if "median_step_s" in result:
-        print(f"   {result['tokens_per_s_per_gpu']:,.0f} tokens/s, median step {1000 * result['median_step_s']:.0f} ms, "
-              f"peak {result['peak_mem_gib']:.1f} GiB, loss {result['loss_first3']:.3f} -> {result['loss_last3']:.3f}",
-              flush=True)
+        print(
+            f"   {result['tokens_per_s_per_gpu']:,.0f} tokens/s, median step {1000 * result['median_step_s']:.0f} ms, "
+            f"peak {result['peak_mem_gib']:.1f} GiB, loss {result['loss_first3']:.3f} -> {result['loss_last3']:.3f}",
+            flush=True,
+        )
     else:
         print(f"   {result}", flush=True)
     return result
@@ -632,7 +767,9 @@ def trained(result: dict, peft: bool) -> bool:
     if "error" in result or not result.get("trainable_tensors"):
         return False
     moved = result["trainable_tensors_changed"]
-    return result["loss_last3"] < result["loss_first3"] and (moved == result["trainable_tensors"] if peft else moved > 0)
+    return result["loss_last3"] < result["loss_first3"] and (
+        moved == result["trainable_tensors"] if peft else moved > 0
+    )
 
 
 def result_rows(args, case: Case, matmul: dict, hf: dict, ours: dict, hf_amp: dict) -> list[dict]:
@@ -640,61 +777,93 @@ def result_rows(args, case: Case, matmul: dict, hf: dict, ours: dict, hf_amp: di
     date = datetime.date.today().isoformat()
     rows = []
     for name, result in ours.items():
-        row = {"gpu": matmul.get("gpu"), "date": date, "case": args.case, "model": f"{case.shape} shape (random init)",
-               "recipe": case.recipe, "variant": name, "variant_help": VARIANTS[name].help,
-               "seq_length": case.seq_length, "peft": f"lora r{case.lora_dim} alpha {case.lora_alpha}" if case.peft else None,
-               "micro_batch_size": result.get("micro_batch_size"), "learning_rate": case.learning_rate}
+        row = {
+            "gpu": matmul.get("gpu"),
+            "date": date,
+            "case": args.case,
+            "model": f"{case.shape} shape (random init)",
+            "recipe": case.recipe,
+            "variant": name,
+            "variant_help": VARIANTS[name].help,
+            "seq_length": case.seq_length,
+            "peft": f"lora r{case.lora_dim} alpha {case.lora_alpha}" if case.peft else None,
+            "micro_batch_size": result.get("micro_batch_size"),
+            "learning_rate": case.learning_rate,
+        }
         if "error" in result:
             rows.append({**row, "error": result["error"]})
             continue
         tokens = result["tokens_per_s_per_gpu"]
         row.update(
             trainable_tensors_moved=f"{result['trainable_tensors_changed']}/{result['trainable_tensors']}",
-            tokens_per_s_per_gpu=round(tokens, 1), model_tflops_per_gpu=round(tokens * flops / 1e12, 1),
-            mfu=round(tokens * flops / 1e12 / matmul["matmul_tflops"], 4), peak_mem_gib=round(result["peak_mem_gib"], 2),
-            median_step_ms=round(1000 * result["median_step_s"], 1), trained=trained(result, case.peft),
-            loss_first3=round(result["loss_first3"], 4), loss_last3=round(result["loss_last3"], 4),
-            baseline_tokens_per_s_per_gpu=round(hf["tokens_per_s_per_gpu"], 1) if "tokens_per_s_per_gpu" in hf else None,
+            tokens_per_s_per_gpu=round(tokens, 1),
+            model_tflops_per_gpu=round(tokens * flops / 1e12, 1),
+            mfu=round(tokens * flops / 1e12 / matmul["matmul_tflops"], 4),
+            peak_mem_gib=round(result["peak_mem_gib"], 2),
+            median_step_ms=round(1000 * result["median_step_s"], 1),
+            trained=trained(result, case.peft),
+            loss_first3=round(result["loss_first3"], 4),
+            loss_last3=round(result["loss_last3"], 4),
+            baseline_tokens_per_s_per_gpu=round(hf["tokens_per_s_per_gpu"], 1)
+            if "tokens_per_s_per_gpu" in hf
+            else None,
             ratio_vs_baseline=round(tokens / hf["tokens_per_s_per_gpu"], 3) if "tokens_per_s_per_gpu" in hf else None,
-            baseline_model_tflops_per_gpu=round(hf["tokens_per_s_per_gpu"] * flops / 1e12, 1) if "tokens_per_s_per_gpu" in hf else None,
+            baseline_model_tflops_per_gpu=round(hf["tokens_per_s_per_gpu"] * flops / 1e12, 1)
+            if "tokens_per_s_per_gpu" in hf
+            else None,
             baseline_peak_mem_gib=round(hf["peak_mem_gib"], 2) if "peak_mem_gib" in hf else None,
             baseline_trained=trained(hf, case.peft) if hf else None,
-            matmul_tflops=round(matmul["matmul_tflops"], 1), model_flops_per_token=flops,
+            matmul_tflops=round(matmul["matmul_tflops"], 1),
+            model_flops_per_token=flops,
             flops_formula="nemo.utils.flops_formulas.qwen3" + (" x 2/3 (LoRA)" if case.peft else ""),
             versions={"torch": matmul.get("torch"), "cuda": matmul.get("cuda"), "hf": hf.get("versions")},
-            ours=result, baseline=hf,
+            ours=result,
+            baseline=hf,
         )
         if "tokens_per_s_per_gpu" in hf_amp:
-            row.update(amp_baseline_tokens_per_s_per_gpu=round(hf_amp["tokens_per_s_per_gpu"], 1),
-                       ratio_vs_amp_baseline=round(tokens / hf_amp["tokens_per_s_per_gpu"], 3),
-                       amp_baseline_peak_mem_gib=round(hf_amp["peak_mem_gib"], 2),
-                       amp_baseline_trained=trained(hf_amp, case.peft), amp_baseline=hf_amp)
+            row.update(
+                amp_baseline_tokens_per_s_per_gpu=round(hf_amp["tokens_per_s_per_gpu"], 1),
+                ratio_vs_amp_baseline=round(tokens / hf_amp["tokens_per_s_per_gpu"], 3),
+                amp_baseline_peak_mem_gib=round(hf_amp["peak_mem_gib"], 2),
+                amp_baseline_trained=trained(hf_amp, case.peft),
+                amp_baseline=hf_amp,
+            )
         rows.append(row)
     return rows
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"\n{'variant':20s} {'tok/s':>8s} {'TFLOP/s':>8s} {'MFU':>6s} {'peak GiB':>9s} {'ms/step':>8s} "
-          f"{'x HF':>6s} {'trained':>8s}")
+    print(
+        f"\n{'variant':20s} {'tok/s':>8s} {'TFLOP/s':>8s} {'MFU':>6s} {'peak GiB':>9s} {'ms/step':>8s} "
+        f"{'x HF':>6s} {'trained':>8s}"
+    )
     for row in rows:
         if "error" in row:
             print(f"{row['variant']:20s} ERROR")
             continue
         ratio = f"{row['ratio_vs_baseline']:.2f}" if row["ratio_vs_baseline"] else "-"
-        print(f"{row['variant']:20s} {row['tokens_per_s_per_gpu']:8,.0f} {row['model_tflops_per_gpu']:8.1f} "
-              f"{row['mfu']:6.3f} {row['peak_mem_gib']:9.1f} {row['median_step_ms']:8.1f} {ratio:>6s} "
-              f"{str(row['trained']):>8s}")
+        print(
+            f"{row['variant']:20s} {row['tokens_per_s_per_gpu']:8,.0f} {row['model_tflops_per_gpu']:8.1f} "
+            f"{row['mfu']:6.3f} {row['peak_mem_gib']:9.1f} {row['median_step_ms']:8.1f} {ratio:>6s} "
+            f"{str(row['trained']):>8s}"
+        )
     hf = rows[0].get("baseline") or {}
     if "tokens_per_s_per_gpu" in hf:
-        print(f"{'HF + PEFT (SDPA)':20s} {hf['tokens_per_s_per_gpu']:8,.0f} {rows[0]['baseline_model_tflops_per_gpu']:8.1f} "
-              f"{'':6s} {hf['peak_mem_gib']:9.1f} {1000 * hf['median_step_s']:8.1f} {'1.00':>6s} "
-              f"{str(rows[0]['baseline_trained']):>8s}")
+        print(
+            f"{'HF + PEFT (SDPA)':20s} {hf['tokens_per_s_per_gpu']:8,.0f} "
+            f"{rows[0]['baseline_model_tflops_per_gpu']:8.1f} "
+            f"{'':6s} {hf['peak_mem_gib']:9.1f} {1000 * hf['median_step_s']:8.1f} {'1.00':>6s} "
+            f"{str(rows[0]['baseline_trained']):>8s}"
+        )
     amp = rows[0].get("amp_baseline") or {}
     if "tokens_per_s_per_gpu" in amp:
-        print(f"{'HF, fp32 + autocast':20s} {amp['tokens_per_s_per_gpu']:8,.0f} "
-              f"{amp['tokens_per_s_per_gpu'] * rows[0]['model_flops_per_token'] / 1e12:8.1f} {'':6s} "
-              f"{amp['peak_mem_gib']:9.1f} {1000 * amp['median_step_s']:8.1f} "
-              f"{amp['tokens_per_s_per_gpu'] / hf['tokens_per_s_per_gpu']:6.2f} {str(rows[0]['amp_baseline_trained']):>8s}")
+        print(
+            f"{'HF, fp32 + autocast':20s} {amp['tokens_per_s_per_gpu']:8,.0f} "
+            f"{amp['tokens_per_s_per_gpu'] * rows[0]['model_flops_per_token'] / 1e12:8.1f} {'':6s} "
+            f"{amp['peak_mem_gib']:9.1f} {1000 * amp['median_step_s']:8.1f} "
+            f"{amp['tokens_per_s_per_gpu'] / hf['tokens_per_s_per_gpu']:6.2f} "
+            f"{str(rows[0]['amp_baseline_trained']):>8s}"
+        )
 
 
 def selected_case(args) -> Case:
@@ -732,7 +901,9 @@ def main(argv=None) -> int:
     ours: dict = {}
     for name in args.variants:  # rows are rewritten after every measurement: a job cut short keeps what it measured
         ours[name] = measure(args, "ours", name)
-        atomic_write_text(Path(args.out), json.dumps(result_rows(args, case, matmul, hf, ours, hf_amp), indent=2) + "\n")
+        atomic_write_text(
+            Path(args.out), json.dumps(result_rows(args, case, matmul, hf, ours, hf_amp), indent=2) + "\n"
+        )
     if args.profile:
         traced = measure(args, "ours", args.profile, trace=True)
         ours[args.profile].setdefault("profile", traced.get("profile") or traced.get("error"))

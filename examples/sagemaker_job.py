@@ -34,7 +34,6 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -54,10 +53,10 @@ class JobConfig:
     image_uri: str = field(default="", metadata={"help": "training image with requirements.txt's stack (required)"})
     instance_type: str = field(default="ml.p5.48xlarge", metadata={"help": "instance type (GPUs per instance)"})
     instance_count: int = field(default=1, metadata={"help": "instances (nodes)"})
-    training_data: Optional[str] = field(
+    training_data: str | None = field(
         default=None, metadata={"help": "S3 URI of prepared JSONL (the `training` channel -> --data_dir)"}
     )
-    output_path: Optional[str] = field(default=None, metadata={"help": "S3 URI for model.tar.gz (default: SDK's)"})
+    output_path: str | None = field(default=None, metadata={"help": "S3 URI for model.tar.gz (default: SDK's)"})
     volume_size_gb: int = field(default=500, metadata={"help": "EBS volume per instance (model, data, checkpoints)"})
     max_run_hours: float = field(default=24.0, metadata={"help": "stop the job after this many hours"})
     job_name: str = field(default="peft-megatron", metadata={"help": "base job name"})
@@ -70,7 +69,7 @@ def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
     """(this script's flags, peft_megatron.py's flags after `--`)."""
     if "--" in argv:
         i = argv.index("--")
-        return argv[:i], argv[i + 1:]
+        return argv[:i], argv[i + 1 :]
     return argv, []
 
 
@@ -94,18 +93,24 @@ def validate_job(job: JobConfig, hyperparameters: dict) -> None:
     if job.instance_count < 1 or job.volume_size_gb < 1 or job.max_run_hours <= 0:
         problems.append("--instance_count, --volume_size_gb and --max_run_hours must be positive")
     if "num_nodes" in hyperparameters and hyperparameters["num_nodes"] != job.instance_count:
-        problems.append(f"--num_nodes {hyperparameters['num_nodes']} (after --) differs from --instance_count "
-                        f"{job.instance_count}; drop --num_nodes (SageMaker sets it from the instances)")
+        problems.append(
+            f"--num_nodes {hyperparameters['num_nodes']} (after --) differs from --instance_count "
+            f"{job.instance_count}; drop --num_nodes (SageMaker sets it from the instances)"
+        )
     if job.instance_count > 1 and "output_dir" not in hyperparameters:
         # Global rank 0 imports and prepares once for all nodes, and Megatron's distributed checkpoints are written
         # by ranks on every node: SM_MODEL_DIR, local to each instance, would leave the other nodes waiting.
-        problems.append(f"--instance_count {job.instance_count}: give --output_dir (after --) on a filesystem every "
-                        "instance mounts at the same path, such as an FSx for Lustre channel; SM_MODEL_DIR is local "
-                        "to each instance")
+        problems.append(
+            f"--instance_count {job.instance_count}: give --output_dir (after --) on a filesystem every "
+            "instance mounts at the same path, such as an FSx for Lustre channel; SM_MODEL_DIR is local "
+            "to each instance"
+        )
     owned = [f"--{n}" for n in SAGEMAKER_OWNED if n in hyperparameters]
     if owned:
-        problems.append(f"{', '.join(owned)} (after --): SageMaker sets these on each instance (or they select a "
-                        "local mode); drop them")
+        problems.append(
+            f"{', '.join(owned)} (after --): SageMaker sets these on each instance (or they select a "
+            "local mode); drop them"
+        )
     missing = [n for n in job.forward_env.split(",") if n.strip() and n.strip() not in os.environ]
     if missing:
         problems.append(f"--forward_env: {', '.join(missing)} not set in this shell")
@@ -166,8 +171,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"image: {job.image_uri}\ninstances: {job.instance_count} x {job.instance_type}")
             print(f"channels: {'training -> ' + job.training_data if job.training_data else 'none'}")
             print(f"environment: {', '.join(estimator.environment) or 'none'} (values not shown)")
-            print("each instance runs: " + shlex.join(["python", "peft_megatron.py",
-                                                        *container_argv(estimator.hyperparameters())]))
+            print(
+                "each instance runs: "
+                + shlex.join(["python", "peft_megatron.py", *container_argv(estimator.hyperparameters())])
+            )
             return 0
         estimator.fit({"training": job.training_data} if job.training_data else None, wait=job.wait)
     print(f"submitted training job {estimator.latest_training_job.name}")

@@ -35,7 +35,9 @@ def pytest_collection_modifyitems(config, items):
         has_gpu = False
     if has_gpu:
         return
-    skip = pytest.mark.skip(reason="no CUDA GPU on this machine (GPU tests run on the lent H100: docs/gpu-validation.md)")
+    skip = pytest.mark.skip(
+        reason="no CUDA GPU on this machine (GPU tests run on the lent H100: docs/gpu-validation.md)"
+    )
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
@@ -45,8 +47,12 @@ def script_env(env: dict | None = None) -> dict:
     """The environment a user's fresh offline shell gives a script."""
     # An in-process NeMo call (tests/test_checkpoints.py) leaves rendezvous variables in os.environ with its port
     # still bound; a script started afterwards must not inherit them, as a user's fresh shell would not.
-    full_env = {**environ_without_rendezvous(), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-                "TOKENIZERS_PARALLELISM": "false"}
+    full_env = {
+        **environ_without_rendezvous(),
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
     for key in [k for k in full_env if k.startswith("SM_") or k == "TRITON_INTERPRET"]:
         del full_env[key]
     return {**full_env, **(env or {})}
@@ -56,14 +62,24 @@ def run_script(script: str, *args: str, env: dict | None = None, timeout: int = 
     """Run one of the repository's scripts as a user would; returns CompletedProcess (text)."""
     return subprocess.run(
         [sys.executable, str(REPO / script), *args],
-        capture_output=True, text=True, env=script_env(env), timeout=timeout, cwd=cwd or REPO,
+        capture_output=True,
+        text=True,
+        env=script_env(env),
+        timeout=timeout,
+        cwd=cwd or REPO,
     )
 
 
 def start_script(script: str, *args: str) -> subprocess.Popen:
     """Start a script in the background, its stdout and stderr merged into one text pipe."""
-    return subprocess.Popen([sys.executable, str(REPO / script), *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=script_env(), cwd=REPO)
+    return subprocess.Popen(
+        [sys.executable, str(REPO / script), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=script_env(),
+        cwd=REPO,
+    )
 
 
 @pytest.fixture(scope="session")
@@ -121,8 +137,8 @@ def wandb_history(run_dir: Path) -> list[dict]:
         if block - pos % block < 7:  # a block's tail too short for a record header is padding
             pos += block - pos % block
             continue
-        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        chunk += data[pos + 7:pos + 7 + length]
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        chunk += data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         if kind in (1, 4):  # FULL, or LAST of FIRST/MIDDLE/LAST
             record = wandb_internal_pb2.Record()
@@ -165,8 +181,9 @@ def module_model_parallel():
         parallel_state.destroy_model_parallel()
     created = not dist.is_initialized()
     if created:
-        dist.init_process_group("gloo", init_method=f"file://{tempfile.mktemp(prefix='megatron_pg_')}", rank=0,
-                                world_size=1)
+        dist.init_process_group(
+            "gloo", init_method=f"file://{tempfile.mktemp(prefix='megatron_pg_')}", rank=0, world_size=1
+        )
     parallel_state.initialize_model_parallel()
     if torch.cuda.is_available():
         from megatron.core import tensor_parallel
@@ -188,14 +205,32 @@ def tiny_gpt(device: str, dtype, max_sequence_length: int = 40):
     from sdpa_attention import SDPADotProductAttention
 
     config = TransformerConfig(
-        num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4, num_query_groups=2, kv_channels=32,
-        normalization="RMSNorm", gated_linear_unit=True, activation_func=torch.nn.functional.silu,
-        add_bias_linear=False, qk_layernorm=True, hidden_dropout=0.0, attention_dropout=0.0,
-        use_cpu_initialization=True, params_dtype=dtype, bf16=dtype == torch.bfloat16,
+        num_layers=2,
+        hidden_size=64,
+        ffn_hidden_size=128,
+        num_attention_heads=4,
+        num_query_groups=2,
+        kv_channels=32,
+        normalization="RMSNorm",
+        gated_linear_unit=True,
+        activation_func=torch.nn.functional.silu,
+        add_bias_linear=False,
+        qk_layernorm=True,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        use_cpu_initialization=True,
+        params_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
     )
     spec = get_gpt_layer_local_spec(qk_layernorm=True, normalization="RMSNorm")
     spec.submodules.self_attention.submodules.core_attention = SDPADotProductAttention
     torch.manual_seed(0)
-    model = GPTModel(config, spec, vocab_size=97, max_sequence_length=max_sequence_length, position_embedding_type="rope",
-                     rotary_base=1_000_000)
+    model = GPTModel(
+        config,
+        spec,
+        vocab_size=97,
+        max_sequence_length=max_sequence_length,
+        position_embedding_type="rope",
+        rotary_base=1_000_000,
+    )
     return model.to(device=device, dtype=dtype).eval()

@@ -11,11 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, fake_checkpoint, kill_when, run_script, start_script
-
 import convert_checkpoint_to_hf as conv
 import peft_megatron as pm
 from common import PipelineError, environ_without_rendezvous, find_checkpoint, is_nemo_checkpoint
+from conftest import REPO, fake_checkpoint, kill_when, run_script, start_script
 from demo_workspace import build_hf_model
 
 RECIPES = {"qwen3": "qwen3_600m", "llama": "llama32_1b"}
@@ -28,8 +27,16 @@ def qwen3_head_dim_64(assets):
 
 def import_and_export(model_dir: Path, recipe: str, tmp: Path) -> Path:
     nemo = tmp / "nemo"
-    out = run_script("peft_megatron.py", "--import_only", "--hf_model_id", str(model_dir), "--recipe_cls_name", recipe,
-                     "--nemo_ckpt_dir", str(nemo))
+    out = run_script(
+        "peft_megatron.py",
+        "--import_only",
+        "--hf_model_id",
+        str(model_dir),
+        "--recipe_cls_name",
+        recipe,
+        "--nemo_ckpt_dir",
+        str(nemo),
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "compat: local-spec-norm-mapping" in out.stdout
     hf = tmp / "hf"
@@ -62,8 +69,16 @@ def test_round_trip_is_bit_exact(family, assets, tmp_path):
 
 def test_import_refuses_a_head_dim_the_importer_would_get_wrong(qwen3_head_dim_64, tmp_path):
     # NeMo 2.7.3's Qwen3 importer fixes kv_channels=128 whatever the HF config says.
-    out = run_script("peft_megatron.py", "--import_only", "--hf_model_id", str(qwen3_head_dim_64), "--recipe_cls_name",
-                     "qwen3_600m", "--nemo_ckpt_dir", str(tmp_path / "nemo"))
+    out = run_script(
+        "peft_megatron.py",
+        "--import_only",
+        "--hf_model_id",
+        str(qwen3_head_dim_64),
+        "--recipe_cls_name",
+        "qwen3_600m",
+        "--nemo_ckpt_dir",
+        str(tmp_path / "nemo"),
+    )
     assert out.returncode == 1
     assert "head_dim 64 but NeMo's importer would build head_dim 128" in out.stderr
     assert not (tmp_path / "nemo").exists()  # nothing that looks like a checkpoint
@@ -74,12 +89,35 @@ def test_import_refuses_a_head_dim_the_importer_would_get_wrong(qwen3_head_dim_6
 
 def test_other_node_fails_fast_when_rank0_import_fails(qwen3_head_dim_64, tmp_path):
     env = {**environ_without_rendezvous(), "MASTER_ADDR": "127.0.0.1", "HF_HUB_OFFLINE": "1"}
-    common = ["--import_only", "--hf_model_id", str(qwen3_head_dim_64), "--recipe_cls_name", "qwen3_600m",
-              "--nemo_ckpt_dir", str(tmp_path / "nemo"), "--num_nodes", "2", "--wait_timeout_s", "300"]
-    waiter = subprocess.Popen([sys.executable, str(REPO / "peft_megatron.py"), *common, "--node_rank", "1"],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
-    rank0 = subprocess.run([sys.executable, str(REPO / "peft_megatron.py"), *common, "--node_rank", "0"],
-                           capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    common = [
+        "--import_only",
+        "--hf_model_id",
+        str(qwen3_head_dim_64),
+        "--recipe_cls_name",
+        "qwen3_600m",
+        "--nemo_ckpt_dir",
+        str(tmp_path / "nemo"),
+        "--num_nodes",
+        "2",
+        "--wait_timeout_s",
+        "300",
+    ]
+    waiter = subprocess.Popen(
+        [sys.executable, str(REPO / "peft_megatron.py"), *common, "--node_rank", "1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=REPO,
+    )
+    rank0 = subprocess.run(
+        [sys.executable, str(REPO / "peft_megatron.py"), *common, "--node_rank", "0"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=300,
+    )
     assert rank0.returncode == 1
     start = time.monotonic()
     _, err = waiter.communicate(timeout=60)
@@ -89,16 +127,38 @@ def test_other_node_fails_fast_when_rank0_import_fails(qwen3_head_dim_64, tmp_pa
 
 def test_waiting_node_times_out_clearly(assets, tmp_path, monkeypatch):
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    config = pm.parse_config(["--import_only", "--hf_model_id", str(assets["qwen3"]), "--nemo_ckpt_dir",
-                              str(tmp_path / "n"), "--num_nodes", "2", "--node_rank", "1", "--wait_timeout_s", "1"], {})
+    config = pm.parse_config(
+        [
+            "--import_only",
+            "--hf_model_id",
+            str(assets["qwen3"]),
+            "--nemo_ckpt_dir",
+            str(tmp_path / "n"),
+            "--num_nodes",
+            "2",
+            "--node_rank",
+            "1",
+            "--wait_timeout_s",
+            "1",
+        ],
+        {},
+    )
     with pytest.raises(PipelineError, match="timed out after 1s waiting for the HF -> NeMo import"):
         pm.import_hf_checkpoint(config)
 
 
 def test_partial_checkpoint_directory_is_refused(assets, tmp_path):
     (tmp_path / "nemo" / "weights").mkdir(parents=True)
-    out = run_script("peft_megatron.py", "--import_only", "--hf_model_id", str(assets["qwen3"]), "--recipe_cls_name",
-                     "qwen3_600m", "--nemo_ckpt_dir", str(tmp_path / "nemo"))
+    out = run_script(
+        "peft_megatron.py",
+        "--import_only",
+        "--hf_model_id",
+        str(assets["qwen3"]),
+        "--recipe_cls_name",
+        "qwen3_600m",
+        "--nemo_ckpt_dir",
+        str(tmp_path / "nemo"),
+    )
     assert out.returncode == 1 and "exists but is not a complete NeMo checkpoint" in out.stderr
 
 
@@ -159,16 +219,28 @@ def test_converter_usage_errors_exit_2():
 def test_adapter_mapping_matches_nemo_exporter_on_fused_lora(assets, tmp_path):
     """Synthetic NeMo-layout LoRA (fused, interleaved QKV; fused gate/up): merging it into the NeMo weights and
     exporting with NeMo's own HF exporter must equal peft.PeftModel(base, our adapter)."""
-    import nemo_compat
     from nemo.lightning.io import load_context
     from peft import PeftModel
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
 
+    import nemo_compat
+
     env = nemo_compat.prepare_process()
     nemo_dir = tmp_path / "nemo"
-    assert run_script("peft_megatron.py", "--import_only", "--hf_model_id", str(assets["qwen3"]), "--recipe_cls_name",
-                      "qwen3_600m", "--nemo_ckpt_dir", str(nemo_dir)).returncode == 0
+    assert (
+        run_script(
+            "peft_megatron.py",
+            "--import_only",
+            "--hf_model_id",
+            str(assets["qwen3"]),
+            "--recipe_cls_name",
+            "qwen3_600m",
+            "--nemo_ckpt_dir",
+            str(nemo_dir),
+        ).returncode
+        == 0
+    )
     model = load_context(nemo_dir / "context", subpath="model")
     exporter = model.exporter("hf", str(nemo_dir))
     exporter.trust_remote_code = False  # normally set inside apply()
@@ -176,9 +248,16 @@ def test_adapter_mapping_matches_nemo_exporter_on_fused_lora(assets, tmp_path):
         source, _ = exporter.nemo_load(str(nemo_dir))
     cfg = source.config
     rank, alpha, layers = 4, 8, cfg.num_layers
-    settings = {"dim": rank, "alpha": alpha, "dropout": 0.0, "num_attention_heads": cfg.num_attention_heads,
-                "num_query_groups": cfg.num_query_groups, "head_dim": cfg.kv_channels, "gated": True,
-                "target_modules": list(conv.HF_TARGETS)}
+    settings = {
+        "dim": rank,
+        "alpha": alpha,
+        "dropout": 0.0,
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_query_groups": cfg.num_query_groups,
+        "head_dim": cfg.kv_channels,
+        "gated": True,
+        "target_modules": list(conv.HF_TARGETS),
+    }
     gen = torch.Generator().manual_seed(0)
     state = source.state_dict()
     adapter = {}
@@ -206,7 +285,9 @@ def test_adapter_mapping_matches_nemo_exporter_on_fused_lora(assets, tmp_path):
     ids = torch.randint(0, base.config.vocab_size, (2, 16), generator=gen)
     with torch.no_grad():
         expected, got = merged(ids).logits, peft_model(ids).logits
-    assert (expected - AutoModelForCausalLM.from_pretrained(assets["qwen3"], torch_dtype=torch.float32)(ids).logits).abs().max() > 1e-2
+    assert (
+        expected - AutoModelForCausalLM.from_pretrained(assets["qwen3"], torch_dtype=torch.float32)(ids).logits
+    ).abs().max() > 1e-2
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
@@ -216,13 +297,22 @@ def test_export_keeps_only_its_own_current_export_and_refuses_anything_else(asse
     import shutil
 
     nemo = tmp_path / "nemo"
-    out = run_script("peft_megatron.py", "--import_only", "--hf_model_id", str(assets["qwen3"]), "--recipe_cls_name",
-                     "qwen3_600m", "--nemo_ckpt_dir", str(nemo))
+    out = run_script(
+        "peft_megatron.py",
+        "--import_only",
+        "--hf_model_id",
+        str(assets["qwen3"]),
+        "--recipe_cls_name",
+        "qwen3_600m",
+        "--nemo_ckpt_dir",
+        str(nemo),
+    )
     assert out.returncode == 0, out.stderr[-3000:]
 
     def export(ckpt: Path, target: Path):
-        return run_script("convert_checkpoint_to_hf.py", "--nemo_checkpoint_path", str(ckpt), "--output_dir",
-                          str(target))
+        return run_script(
+            "convert_checkpoint_to_hf.py", "--nemo_checkpoint_path", str(ckpt), "--output_dir", str(target)
+        )
 
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -270,8 +360,9 @@ def test_export_keeps_only_its_own_current_export_and_refuses_anything_else(asse
     (tmp_path / ".turns.k1ll3d.partial").mkdir()
     (tmp_path / ".turns.work.k1ll3d").mkdir()
     with exclusive_lock(tmp_path / ".turns.export-lock", timeout_s=5, what="a test's export"):
-        proc = start_script("convert_checkpoint_to_hf.py", "--nemo_checkpoint_path", str(nemo), "--output_dir",
-                            str(turns))
+        proc = start_script(
+            "convert_checkpoint_to_hf.py", "--nemo_checkpoint_path", str(nemo), "--output_dir", str(turns)
+        )
         seen = []
         for line in proc.stdout:  # ends at EOF if the export never waits
             seen.append(line)
@@ -293,8 +384,16 @@ def test_import_is_reused_only_for_its_own_model_and_cleans_killed_imports(asset
     model = shutil.copytree(assets["qwen3"], tmp_path / "model")
 
     def import_only(model_dir: Path, recipe: str):
-        return run_script("peft_megatron.py", "--import_only", "--hf_model_id", str(model_dir), "--recipe_cls_name",
-                          recipe, "--nemo_ckpt_dir", str(nemo))
+        return run_script(
+            "peft_megatron.py",
+            "--import_only",
+            "--hf_model_id",
+            str(model_dir),
+            "--recipe_cls_name",
+            recipe,
+            "--nemo_ckpt_dir",
+            str(nemo),
+        )
 
     first = import_only(model, "qwen3_600m")
     assert first.returncode == 0, first.stderr[-3000:]
@@ -306,8 +405,10 @@ def test_import_is_reused_only_for_its_own_model_and_cleans_killed_imports(asset
     assert again.returncode == 0 and "imported checkpoint already present" in again.stdout
     other = import_only(assets["llama"], "llama32_1b")
     assert other.returncode == 1
-    assert (f"--nemo_ckpt_dir {nemo} holds an import of {model.resolve()} (recipe qwen3_600m), not of "
-            f"{assets['llama'].resolve()} (recipe llama32_1b)") in other.stderr
+    assert (
+        f"--nemo_ckpt_dir {nemo} holds an import of {model.resolve()} (recipe qwen3_600m), not of "
+        f"{assets['llama'].resolve()} (recipe llama32_1b)"
+    ) in other.stderr
     assert "remove it to import again" in other.stderr and is_nemo_checkpoint(nemo)  # refused, and nothing lost
     (model / "config.json").write_text((model / "config.json").read_text() + "\n")  # the same path, another model
     changed = import_only(model, "qwen3_600m")
@@ -315,9 +416,17 @@ def test_import_is_reused_only_for_its_own_model_and_cleans_killed_imports(asset
 
 
 def test_an_unreachable_hub_model_is_one_message_naming_the_flag(tmp_path):
-    out = run_script("peft_megatron.py", "--import_only", "--hf_model_id", "some-org/no-such-model",
-                     "--recipe_cls_name", "qwen3_600m", "--nemo_ckpt_dir", str(tmp_path / "nemo"),
-                     env={"HF_HUB_OFFLINE": "1"})
+    out = run_script(
+        "peft_megatron.py",
+        "--import_only",
+        "--hf_model_id",
+        "some-org/no-such-model",
+        "--recipe_cls_name",
+        "qwen3_600m",
+        "--nemo_ckpt_dir",
+        str(tmp_path / "nemo"),
+        env={"HF_HUB_OFFLINE": "1"},
+    )
     assert out.returncode == 1
     assert "--hf_model_id some-org/no-such-model: could not read the model's configuration" in out.stderr
     assert "point --hf_model_id at a local directory" in out.stderr and "Traceback" not in out.stderr
@@ -332,8 +441,16 @@ def test_damaged_checkpoints_are_named_before_any_loading(assets, tmp_path):
     from common import checkpoint_damage
 
     nemo = tmp_path / "nemo"
-    out = run_script("peft_megatron.py", "--import_only", "--hf_model_id", str(assets["qwen3"]), "--recipe_cls_name",
-                     "qwen3_600m", "--nemo_ckpt_dir", str(nemo))
+    out = run_script(
+        "peft_megatron.py",
+        "--import_only",
+        "--hf_model_id",
+        str(assets["qwen3"]),
+        "--recipe_cls_name",
+        "qwen3_600m",
+        "--nemo_ckpt_dir",
+        str(nemo),
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert checkpoint_damage(nemo) is None
     damaged = {}
@@ -350,20 +467,41 @@ def test_damaged_checkpoints_are_named_before_any_loading(assets, tmp_path):
     assert "is truncated (" in checkpoint_damage(damaged["shard"])
     assert "weights/metadata.json is unreadable" in checkpoint_damage(damaged["metadata_json"])
     assert "weights/.metadata is unreadable" in checkpoint_damage(damaged["dot_metadata"])
-    export = run_script("convert_checkpoint_to_hf.py", "--nemo_checkpoint_path", str(damaged["shard"]),
-                        "--output_dir", str(tmp_path / "hf"))
+    export = run_script(
+        "convert_checkpoint_to_hf.py",
+        "--nemo_checkpoint_path",
+        str(damaged["shard"]),
+        "--output_dir",
+        str(tmp_path / "hf"),
+    )
     assert export.returncode == 1 and "Traceback" not in export.stderr
     assert f"{damaged['shard']} is damaged: weights/" in export.stderr and "export another checkpoint" in export.stderr
     assert not (tmp_path / "hf").exists()
-    reuse = run_script("peft_megatron.py", "--import_only", "--hf_model_id", str(assets["qwen3"]), "--recipe_cls_name",
-                       "qwen3_600m", "--nemo_ckpt_dir", str(damaged["dot_metadata"]))
+    reuse = run_script(
+        "peft_megatron.py",
+        "--import_only",
+        "--hf_model_id",
+        str(assets["qwen3"]),
+        "--recipe_cls_name",
+        "qwen3_600m",
+        "--nemo_ckpt_dir",
+        str(damaged["dot_metadata"]),
+    )
     assert reuse.returncode == 1 and "holds a damaged import: weights/.metadata is unreadable" in reuse.stderr
 
 
 def test_killed_import_and_export_leave_nothing_that_looks_complete_and_rerun_cleanly(assets, tmp_path):
     nemo, hf = tmp_path / "nemo", tmp_path / "hf"
-    import_args = ("peft_megatron.py", "--import_only", "--hf_model_id", str(assets["qwen3"]), "--recipe_cls_name",
-                   "qwen3_600m", "--nemo_ckpt_dir", str(nemo))
+    import_args = (
+        "peft_megatron.py",
+        "--import_only",
+        "--hf_model_id",
+        str(assets["qwen3"]),
+        "--recipe_cls_name",
+        "qwen3_600m",
+        "--nemo_ckpt_dir",
+        str(nemo),
+    )
     proc = start_script(*import_args)
     kill_when(proc, lambda: any(tmp_path.glob(".nemo.*.partial/weights")))  # killed while writing the weights
     assert not nemo.exists() and list(tmp_path.glob(".nemo.*.partial"))

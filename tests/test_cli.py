@@ -11,10 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, run_script
-
 import peft_megatron as pm
 from common import ConfigError, flag_names
+from conftest import REPO, run_script
 
 SEED_EXAMPLES = [
     "",
@@ -55,9 +54,21 @@ def test_every_config_field_is_a_flag_with_help():
     parser_help = run_script("peft_megatron.py", "--help").stdout
     for name in flag_names(pm.Config):
         assert f"--{name}" in parser_help, name
-    for seed_flag in ("--hf_model_id", "--context_parallel_size", "--limit_val_batches", "--enable_nsys_callback",
-                      "--early_stopping_threshold", "--node_rank", "--dry_run", "--trust_remote_code", "--dataset_name",
-                      "--prompt_template", "--overwrite_data", "--prepare_data_only", "--import_only"):
+    for seed_flag in (
+        "--hf_model_id",
+        "--context_parallel_size",
+        "--limit_val_batches",
+        "--enable_nsys_callback",
+        "--early_stopping_threshold",
+        "--node_rank",
+        "--dry_run",
+        "--trust_remote_code",
+        "--dataset_name",
+        "--prompt_template",
+        "--overwrite_data",
+        "--prepare_data_only",
+        "--import_only",
+    ):
         assert seed_flag in parser_help
 
 
@@ -108,7 +119,10 @@ VALIDATION_CASES = [
     ("--enable_pytorch_profiler --enable_nsys_callback", "mutually exclusive profilers"),
     ("--hf_model_id ./no/such/model", "--hf_model_id ./no/such/model: no such directory"),
     ("--context_parallel_size 2 --tensor_parallel_size 4", "--context_parallel_size 2 needs Transformer Engine"),
-    ("--context_parallel_size 2 --tensor_parallel_size 4 --max_seq_length 1001", "divisible by 2 x --context_parallel_size"),
+    (
+        "--context_parallel_size 2 --tensor_parallel_size 4 --max_seq_length 1001",
+        "divisible by 2 x --context_parallel_size",
+    ),
     ("--val_fraction 0.6 --test_fraction 0.5", "leaves no training rows"),
     ("--node_rank 3", "--node_rank 3 must be in [0, --num_nodes 1)"),
     ("--learning_rate 1e21", "--learning_rate 1e+21 is above 1 (fine-tuning learning rates"),
@@ -120,8 +134,9 @@ VALIDATION_CASES = [
 ]
 
 
-@pytest.mark.parametrize("flag", ["--learning_rate", "--wait_timeout_s", "--early_stopping_threshold",
-                                  "--val_fraction", "--test_fraction"])
+@pytest.mark.parametrize(
+    "flag", ["--learning_rate", "--wait_timeout_s", "--early_stopping_threshold", "--val_fraction", "--test_fraction"]
+)
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
 def test_non_finite_numbers_are_refused_naming_the_flag(flag, value, capsys):
     with pytest.raises(SystemExit) as exit_:
@@ -161,8 +176,12 @@ def test_local_model_directory_problems_are_named_before_any_import(assets, tmp_
     (not_json / "config.json").write_text("{'model_type': 'qwen3',")
     (a_list / "config.json").write_text("[1, 2]")
     a_file.write_text("x")
-    expected = {empty: "no config.json in that directory", not_json: "config.json is not readable JSON",
-                a_list: "config.json holds a list", a_file: "is a file; give the model's directory"}
+    expected = {
+        empty: "no config.json in that directory",
+        not_json: "config.json is not readable JSON",
+        a_list: "config.json holds a list",
+        a_file: "is a file; give the model's directory",
+    }
     truncated = shutil.copytree(assets["qwen3"], tmp_path / "truncated")
     weights = truncated / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
@@ -175,12 +194,23 @@ def test_local_model_directory_problems_are_named_before_any_import(assets, tmp_
     for model, message in expected.items():
         with pytest.raises(ConfigError, match=message):
             pm.validate_config(parse(f"--hf_model_id {model} --dry_run"))
-    with pytest.raises(ConfigError, match=r"--recipe_cls_name llama31_8b imports llama models but .* says "
-                                          r"model_type 'qwen3'; choose the recipe of the model's family"):
-        pm.validate_config(parse(f"--hf_model_id {assets['qwen3']} --recipe_cls_name llama31_8b --gpus_per_node 1 "
-                                 "--tensor_parallel_size 1 --import_only"))
-    pm.validate_config(parse(f"--hf_model_id {assets['llama']} --recipe_cls_name llama31_8b --gpus_per_node 1 "
-                             "--tensor_parallel_size 1 --import_only"))
+    with pytest.raises(
+        ConfigError,
+        match=r"--recipe_cls_name llama31_8b imports llama models but .* says "
+        r"model_type 'qwen3'; choose the recipe of the model's family",
+    ):
+        pm.validate_config(
+            parse(
+                f"--hf_model_id {assets['qwen3']} --recipe_cls_name llama31_8b --gpus_per_node 1 "
+                "--tensor_parallel_size 1 --import_only"
+            )
+        )
+    pm.validate_config(
+        parse(
+            f"--hf_model_id {assets['llama']} --recipe_cls_name llama31_8b --gpus_per_node 1 "
+            "--tensor_parallel_size 1 --import_only"
+        )
+    )
     pm.validate_config(parse(f"--hf_model_id {custom} --recipe_cls_name nemotron3_8b --trust_remote_code --dry_run"))
     known = tmp_path / "known"
     known.mkdir()
@@ -251,12 +281,26 @@ def test_auto_gpus_and_tensor_parallel_size_fit_the_machine_and_the_models_heads
 
 
 def test_a_launch_asking_for_more_gpus_than_the_machine_shows_is_refused(assets, tmp_path):
-    args = ["--gpus_per_node", "4", "--tensor_parallel_size", "1", "--dataset_name", str(assets["data"]),
-            "--input_column", "question", "--output_column", "answer", "--output_dir", str(tmp_path / "out")]
+    args = [
+        "--gpus_per_node",
+        "4",
+        "--tensor_parallel_size",
+        "1",
+        "--dataset_name",
+        str(assets["data"]),
+        "--input_column",
+        "question",
+        "--output_column",
+        "answer",
+        "--output_dir",
+        str(tmp_path / "out"),
+    ]
     out = run_script("peft_megatron.py", *args, env=fake_nvidia_smi(tmp_path, 2))
     assert out.returncode == 2, out.stderr[-2000:]
-    assert "--gpus_per_node 4: this machine shows 2 GPU(s) (CUDA_VISIBLE_DEVICES=unset); give at most 2 or leave " \
-           "the flag out (auto)" in out.stderr
+    assert (
+        "--gpus_per_node 4: this machine shows 2 GPU(s) (CUDA_VISIBLE_DEVICES=unset); give at most 2 or leave "
+        "the flag out (auto)" in out.stderr
+    )
     assert not (tmp_path / "out").exists()  # refused before any work
     pm.validate_config(parse(" ".join(args[:-2]), gpus=2), visible_gpus=None)  # a --dry_run plans any node
 
@@ -279,17 +323,39 @@ def test_parallel_size_flags_take_integers_or_auto():
 @pytest.mark.parametrize("nodes", [1, 4])
 def test_slurm_dry_run_prints_nemo_runs_sbatch_script(tmp_path, nodes):
     out_dir = tmp_path / "shared" / "run"
-    out = run_script("peft_megatron.py", "--dry_run", "--executor", "slurm", "--slurm_account", "llm",
-                     "--slurm_partition", "batch", "--slurm_time", "1-00:00:00", "--num_nodes", str(nodes),
-                     "--gpus_per_node", "8", "--container_image", "nvcr.io/nvidia/nemo:25.09", "--output_dir",
-                     str(out_dir))
+    out = run_script(
+        "peft_megatron.py",
+        "--dry_run",
+        "--executor",
+        "slurm",
+        "--slurm_account",
+        "llm",
+        "--slurm_partition",
+        "batch",
+        "--slurm_time",
+        "1-00:00:00",
+        "--num_nodes",
+        str(nodes),
+        "--gpus_per_node",
+        "8",
+        "--container_image",
+        "nvcr.io/nvidia/nemo:25.09",
+        "--output_dir",
+        str(out_dir),
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     script = out.stdout
-    for line in ("#SBATCH --account=llm", "#SBATCH --partition=batch", "#SBATCH --time=1-00:00:00",
-                 f"#SBATCH --nodes={nodes}", "#SBATCH --gpus-per-node=8", "#SBATCH --ntasks-per-node=1"):
+    for line in (
+        "#SBATCH --account=llm",
+        "#SBATCH --partition=batch",
+        "#SBATCH --time=1-00:00:00",
+        f"#SBATCH --nodes={nodes}",
+        "#SBATCH --gpus-per-node=8",
+        "#SBATCH --ntasks-per-node=1",
+    ):
         assert line in script.splitlines(), line
     srun = next(line for line in script.splitlines() if line.startswith("srun --output"))
-    rendezvous = ("--rdzv-endpoint $head_node_ip:29500" if nodes > 1 else "--rdzv-endpoint localhost:0")
+    rendezvous = "--rdzv-endpoint $head_node_ip:29500" if nodes > 1 else "--rdzv-endpoint localhost:0"
     assert rendezvous in srun
     node_rank = "$SLURM_NODEID" if nodes > 1 else "0"
     assert f"--nnodes {nodes} --nproc-per-node 8 --node-rank {node_rank}" in srun
@@ -372,8 +438,13 @@ def test_configure_recipe_full_ft_and_optional_callbacks(tmp_path, no_te, monkey
     assert recipe.peft is None
     assert recipe.trainer.strategy.context_parallel_size == 2
     assert _callback_targets(recipe) == [
-        "TimingCallback", "EarlyStopping", "MegatronProgressBar", "MemoryMonitor", "SpeedMonitor",
-        "RuntimeEstimator", "PytorchProfilerCallback",
+        "TimingCallback",
+        "EarlyStopping",
+        "MegatronProgressBar",
+        "MemoryMonitor",
+        "SpeedMonitor",
+        "RuntimeEstimator",
+        "PytorchProfilerCallback",
     ]
     assert recipe.log.wandb.__fn_or_cls__.__name__ == "WandbLogger"
 
@@ -422,8 +493,18 @@ def test_assign_refuses_attributes_the_target_does_not_take(no_te, tmp_path):
 
 def test_dry_run_of_the_seed_multi_node_example_prints_the_plan(tmp_path):
     out = run_script(
-        "peft_megatron.py", "--dry_run", "--num_nodes", "4", "--gpus_per_node", "8", "--tensor_parallel_size", "8",
-        "--pipeline_parallel_size", "2", "--output_dir", str(tmp_path),
+        "peft_megatron.py",
+        "--dry_run",
+        "--num_nodes",
+        "4",
+        "--gpus_per_node",
+        "8",
+        "--tensor_parallel_size",
+        "8",
+        "--pipeline_parallel_size",
+        "2",
+        "--output_dir",
+        str(tmp_path),
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "global_batch_size: 128" in out.stdout
@@ -436,8 +517,15 @@ def test_background_script_reports_success_failure_with_its_log_and_can_be_stopp
     """The demo evaluates the base model beside the training launch through BackgroundScript."""
     preds = tmp_path / "preds.jsonl"
     preds.write_text(json.dumps({"input": "q", "label": "Blue", "prediction": "blue"}) + "\n")
-    ok = pm.BackgroundScript.start(tmp_path / "ok.log", "test_checkpoint.py", "--evaluate_only", "--predictions_file",
-                                   str(preds), "--bertscore_model", "none")
+    ok = pm.BackgroundScript.start(
+        tmp_path / "ok.log",
+        "test_checkpoint.py",
+        "--evaluate_only",
+        "--predictions_file",
+        str(preds),
+        "--bertscore_model",
+        "none",
+    )
     ok.wait()
     assert json.loads(preds.with_suffix(".metrics.json").read_text())["exact_match"] == 1.0
     assert "exact_match 1.0000" in (tmp_path / "ok.log").read_text()

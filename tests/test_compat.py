@@ -8,9 +8,8 @@ import sys
 
 import torch
 
-from conftest import REPO
-
 import nemo_compat
+from conftest import REPO
 
 
 def run_python(code: str, env_extra: dict | None = None) -> str:
@@ -49,7 +48,12 @@ def test_cpu_host_imports_nemo_without_compiling_anything(tmp_path):
     )
     result = json.loads(run_python(probe, {"TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")}))
     assert result["stub"] is True
-    assert set(result["applied"]) == {"unified-memory-stub", "no-te-fusion-defaults", "peft-te-guards", "local-spec-norm-mapping"}
+    assert set(result["applied"]) == {
+        "unified-memory-stub",
+        "no-te-fusion-defaults",
+        "peft-te-guards",
+        "local-spec-norm-mapping",
+    }
     assert not (tmp_path / "ext").exists()  # no torch extension build was attempted
 
 
@@ -115,9 +119,11 @@ def test_te_only_fusions_switch_off_without_te_and_torch_compiled_ones_stay():
 
 
 def test_norm_mapping_targets_the_local_layer_spec():
-    mapping = {"**.input_layernorm.weight": "**.self_attention.linear_qkv.layer_norm_weight",
-               "**.post_attention_layernorm.weight": "**.mlp.linear_fc1.layer_norm_weight",
-               "model.norm.weight": "decoder.final_layernorm.weight"}
+    mapping = {
+        "**.input_layernorm.weight": "**.self_attention.linear_qkv.layer_norm_weight",
+        "**.post_attention_layernorm.weight": "**.mlp.linear_fc1.layer_norm_weight",
+        "model.norm.weight": "decoder.final_layernorm.weight",
+    }
     local = ["decoder.layers.0.input_layernorm.weight", "decoder.layers.0.pre_mlp_layernorm.weight"]
     fused = ["decoder.layers.0.self_attention.linear_qkv.layer_norm_weight"]
     imported = nemo_compat.remap_norm_keys(mapping, local, nemo_is_target=True)
@@ -144,8 +150,13 @@ def test_dynamic_attention_gets_the_triton_stand_ins_only_without_flash_attn():
         " 'version_check': attention.is_fa_min_version('2.7.3')}))"
     )
     result = json.loads(run_python(probe, {"TRITON_INTERPRET": "1"}))
-    assert result == {"absent_before": True, "installed": [True, False], "varlen": True, "kvcache": True,
-                      "version_check": True}
+    assert result == {
+        "absent_before": True,
+        "installed": [True, False],
+        "varlen": True,
+        "kvcache": True,
+        "version_check": True,
+    }
 
 
 def lora_model(dropout: float = 0.0, dropout_position: str = "pre"):
@@ -191,7 +202,7 @@ def test_fused_lora_output_gives_nemos_lora_loss_and_gradients(model_parallel):
     assert not getattr(LoRALinear.forward, "_nemo_compat", False) and "fused-lora-output" not in nemo_compat.applied()
     assert len(grads) == 16 and all(g.abs().sum() > 0 for g in grads)  # A and B of each adapter
     assert torch.allclose(loss, expected_loss, rtol=1e-6, atol=0), (loss.item(), expected_loss.item())
-    for got, want in zip(grads, expected_grads):
+    for got, want in zip(grads, expected_grads, strict=True):
         assert torch.allclose(got, want, rtol=1e-4, atol=1e-6), (got - want).abs().max().item()
 
 

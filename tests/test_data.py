@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
 import pytest
 
-from conftest import run_script
-
 import dataset_module as dm
 from common import PipelineError
+from conftest import run_script
 
 ROWS = [{"question": f"What is {i} plus one?", "answer": str(i + 1), "ctx": f"Count #{i}"} for i in range(40)]
 
@@ -21,7 +21,9 @@ def write_jsonl(path: Path, rows) -> Path:
 
 
 def config(source, **kw) -> dm.HFDatasetConfig:
-    base = dict(dataset_name=str(source), input_column="question", output_column="answer", val_fraction=0.1, test_fraction=0.1)
+    base = dict(
+        dataset_name=str(source), input_column="question", output_column="answer", val_fraction=0.1, test_fraction=0.1
+    )
     return dm.HFDatasetConfig(**{**base, **kw})
 
 
@@ -30,7 +32,7 @@ def prepare(cfg, data_dir, tokenizer, **kw):
 
 
 def read(path: Path) -> list[dict]:
-    return [json.loads(l) for l in path.read_text().splitlines()]
+    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def test_template_rows_are_exact_and_splits_sized(tmp_path, assets):
@@ -38,7 +40,11 @@ def test_template_rows_are_exact_and_splits_sized(tmp_path, assets):
     cfg = config(src, prompt_template="### Question:\n{question}\n\n### Answer:", system_column="ctx")
     summary = prepare(cfg, tmp_path / "out", assets["tokenizer"])
     assert summary["rows"] == {"train": 32, "val": 4, "test": 4}
-    rows = read(tmp_path / "out" / "training.jsonl") + read(tmp_path / "out" / "validation.jsonl") + read(tmp_path / "out" / "test.jsonl")
+    rows = (
+        read(tmp_path / "out" / "training.jsonl")
+        + read(tmp_path / "out" / "validation.jsonl")
+        + read(tmp_path / "out" / "test.jsonl")
+    )
     assert len(rows) == 40
     expected = {f"Count #{i}\n\n### Question:\nWhat is {i} plus one?\n\n### Answer:": str(i + 1) for i in range(40)}
     assert {r["input"]: r["output"] for r in rows} == expected
@@ -67,7 +73,9 @@ def test_local_formats_give_the_same_rows(tmp_path, assets, fmt):
         ds.to_parquet(str(tmp_path / "src.parquet"))
         source = tmp_path / "src.parquet"
     elif fmt == "save_to_disk":
-        datasets.DatasetDict({"train": ds.select(range(30)), "validation": ds.select(range(30, 35)), "test": ds.select(range(35, 40))}).save_to_disk(str(tmp_path / "dd"))
+        datasets.DatasetDict(
+            {"train": ds.select(range(30)), "validation": ds.select(range(30, 35)), "test": ds.select(range(35, 40))}
+        ).save_to_disk(str(tmp_path / "dd"))
         source = tmp_path / "dd"
     else:
         (tmp_path / "dir").mkdir()
@@ -85,7 +93,10 @@ def test_local_formats_give_the_same_rows(tmp_path, assets, fmt):
 
 
 def test_chat_rows_and_nemo_chat_dataset(tmp_path, assets):
-    chats = [{"messages": [{"role": "user", "content": f"hi {i}"}, {"role": "assistant", "content": f"hello {i}"}]} for i in range(20)]
+    chats = [
+        {"messages": [{"role": "user", "content": f"hi {i}"}, {"role": "assistant", "content": f"hello {i}"}]}
+        for i in range(20)
+    ]
     chats.append({"messages": [{"role": "user", "content": "no answer"}]})
     src = write_jsonl(tmp_path / "chat.jsonl", chats)
     summary = prepare(config(src, chat=True), tmp_path / "out", assets["tokenizer"])
@@ -123,9 +134,11 @@ def test_interrupted_write_leaves_no_marker_and_no_half_file(tmp_path, assets, m
     def crash_on_second(path, rows):
         calls["n"] += 1
         if calls["n"] == 2:
+
             def boom():
                 yield next(iter(rows))
                 raise KeyboardInterrupt("killed mid-write")
+
             return real(path, boom())
         return real(path, rows)
 
@@ -186,8 +199,11 @@ def test_an_old_failure_marker_is_believed_after_a_grace_period(tmp_path):
     failed.write_text("ValueError: old\n")
     an_hour_ago = failed.stat().st_mtime - 3600
     os.utime(failed, (an_hour_ago, an_hour_ago))
-    with pytest.raises(PipelineError, match=r"failed on global rank 0: ValueError: old .*written before this node "
-                                            r"started; rank 0 began no new attempt in 1s"):
+    with pytest.raises(
+        PipelineError,
+        match=r"failed on global rank 0: ValueError: old .*written before this node "
+        r"started; rank 0 began no new attempt in 1s",
+    ):
         wait_for_file(tmp_path / "done", failed, timeout_s=30, what="x", poll_s=0.1, stale_grace_s=1)
 
 
@@ -239,9 +255,16 @@ def test_templates_with_nested_or_positional_fields_are_refused_before_loading(t
 
 
 def test_config_problems_name_the_flags():
-    problems = dm.HFDatasetConfig(val_fraction=0.5, test_fraction=0.5, max_samples=0, prompt_template="{0} {x y}", dataset_name="nope.jsonl").problems()
+    problems = dm.HFDatasetConfig(
+        val_fraction=0.5, test_fraction=0.5, max_samples=0, prompt_template="{0} {x y}", dataset_name="nope.jsonl"
+    ).problems()
     joined = "\n".join(problems)
-    for fragment in ("leaves no training rows", "--max_samples 0", "--prompt_template is not a valid format string", "nope.jsonl does not exist"):
+    for fragment in (
+        "leaves no training rows",
+        "--max_samples 0",
+        "--prompt_template is not a valid format string",
+        "nope.jsonl does not exist",
+    ):
         assert fragment in joined
 
 
@@ -254,23 +277,65 @@ def test_summary_warns_about_truncation(tmp_path, assets):
 
 def test_prepare_data_only_cli(tmp_path, assets):
     out = run_script(
-        "peft_megatron.py", "--prepare_data_only", "--hf_model_id", str(assets["qwen3"]), "--dataset_name",
-        str(assets["data"]), "--input_column", "question", "--output_column", "answer", "--output_dir", str(tmp_path),
-        "--val_fraction", "0.25", "--micro_batch_size", "4", "--accumulate_grad_batches", "1", "--gpus_per_node", "1",
-        "--tensor_parallel_size", "1",
+        "peft_megatron.py",
+        "--prepare_data_only",
+        "--hf_model_id",
+        str(assets["qwen3"]),
+        "--dataset_name",
+        str(assets["data"]),
+        "--input_column",
+        "question",
+        "--output_column",
+        "answer",
+        "--output_dir",
+        str(tmp_path),
+        "--val_fraction",
+        "0.25",
+        "--micro_batch_size",
+        "4",
+        "--accumulate_grad_batches",
+        "1",
+        "--gpus_per_node",
+        "1",
+        "--tensor_parallel_size",
+        "1",
     )
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "train       67 rows" in out.stdout and "val         24 rows" in out.stdout and "test         5 rows" in out.stdout
-    bad = run_script("peft_megatron.py", "--prepare_data_only", "--hf_model_id", str(assets["qwen3"]), "--dataset_name",
-                     str(assets["data"]), "--input_column", "nope", "--output_dir", str(tmp_path / "bad"))
+    assert (
+        "train       67 rows" in out.stdout
+        and "val         24 rows" in out.stdout
+        and "test         5 rows" in out.stdout
+    )
+    bad = run_script(
+        "peft_megatron.py",
+        "--prepare_data_only",
+        "--hf_model_id",
+        str(assets["qwen3"]),
+        "--dataset_name",
+        str(assets["data"]),
+        "--input_column",
+        "nope",
+        "--output_dir",
+        str(tmp_path / "bad"),
+    )
     assert bad.returncode == 2 and "has no column(s) ['nope', 'output']" in bad.stderr  # before any loading
     assert not (tmp_path / "bad" / "data").exists()
 
 
 def test_validation_smaller_than_a_global_batch_is_refused(tmp_path, assets):
     out = run_script(
-        "peft_megatron.py", "--prepare_data_only", "--hf_model_id", str(assets["qwen3"]), "--dataset_name",
-        str(assets["data"]), "--input_column", "question", "--output_column", "answer", "--output_dir", str(tmp_path),
+        "peft_megatron.py",
+        "--prepare_data_only",
+        "--hf_model_id",
+        str(assets["qwen3"]),
+        "--dataset_name",
+        str(assets["data"]),
+        "--input_column",
+        "question",
+        "--output_column",
+        "answer",
+        "--output_dir",
+        str(tmp_path),
     )
     assert out.returncode == 1
     # Defaults on a GPU-less machine: one 8-GPU node planned, TP auto = 2 (the model's 2 KV heads), so DP 4:
@@ -286,8 +351,14 @@ def test_nemo_datamodule_batches_mask_the_prompt(tmp_path, assets):
     from dataset_module import GeneralizedHFDataModule
 
     module = GeneralizedHFDataModule(
-        dataset_config=vars(cfg), tokenizer_name_or_path=str(assets["qwen3"]), dataset_root=str(tmp_path / "out"),
-        seq_length=64, micro_batch_size=4, global_batch_size=4, num_workers=0, pin_memory=False,
+        dataset_config=vars(cfg),
+        tokenizer_name_or_path=str(assets["qwen3"]),
+        dataset_root=str(tmp_path / "out"),
+        seq_length=64,
+        micro_batch_size=4,
+        global_batch_size=4,
+        num_workers=0,
+        pin_memory=False,
     )
     dataset = module._create_dataset(module.train_path)
     batch = dataset.collate_fn([dataset[i] for i in range(4)])
@@ -316,7 +387,9 @@ def test_changed_files_under_a_valid_marker_are_never_taken_for_prepared_data(tm
     assert files_match_marker(out) and oct((out / "training.jsonl").stat().st_mode & 0o777) != "0o600"
     (out / "training.jsonl").write_bytes(good[: len(good) // 2])  # truncated under its marker
     with pytest.raises(PipelineError, match=r"training.jsonl differ\(s\) from what .data_ready.json records"):
-        prepare(config(src, dataset_name=None), out, assets["tokenizer"])  # no --dataset_name: would train on the files as they are
+        prepare(
+            config(src, dataset_name=None), out, assets["tokenizer"]
+        )  # no --dataset_name: would train on the files as they are
     with caplog.at_level("INFO"):
         prepare(config(src), out, assets["tokenizer"])
     assert "['training.jsonl'] no longer match(es) what .data_ready.json records; preparing again" in caplog.text
@@ -340,10 +413,14 @@ def test_an_interrupted_preparation_is_cleaned_up_by_the_next_run(tmp_path, asse
     monkeypatch.setattr(dm, "atomic_write_jsonl", real)
     assert (out / dm.PREPARING_MARKER).exists() and not (out / dm.MARKER).exists()
     with pytest.raises(PipelineError, match="holds what an interrupted preparation left"):
-        prepare(config(src, dataset_name=None), out, assets["tokenizer"])  # new training split beside old validation: never used
+        prepare(
+            config(src, dataset_name=None), out, assets["tokenizer"]
+        )  # new training split beside old validation: never used
     with caplog.at_level("INFO"):
         summary = prepare(config(src), out, assets["tokenizer"])  # no --overwrite_data needed: its own leftovers
-    assert "an earlier preparation was interrupted; removed what it left (training.jsonl, validation.jsonl" in caplog.text
+    assert (
+        "an earlier preparation was interrupted; removed what it left (training.jsonl, validation.jsonl" in caplog.text
+    )
     assert summary["rows"] == {"train": 32, "val": 4, "test": 4} and files_match_marker(out)
     assert not (out / dm.PREPARING_MARKER).exists() and not (out / dm.FAILED_MARKER).exists()
 
@@ -362,11 +439,33 @@ def test_two_preparations_of_one_directory_never_interleave(tmp_path, assets):
     out = tmp_path / "data"
 
     def start(seed: int) -> subprocess.Popen:
-        cmd = [sys.executable, str(REPO / "peft_megatron.py"), "--prepare_data_only", "--hf_model_id",
-               str(assets["qwen3"]), "--dataset_name", str(src), "--input_column", "question", "--output_column",
-               "answer", "--data_dir", str(out), "--output_dir", str(tmp_path / "run"), "--micro_batch_size", "1",
-               "--accumulate_grad_batches", "1", "--gpus_per_node", "1", "--tensor_parallel_size", "1", "--seed",
-               str(seed)]
+        cmd = [
+            sys.executable,
+            str(REPO / "peft_megatron.py"),
+            "--prepare_data_only",
+            "--hf_model_id",
+            str(assets["qwen3"]),
+            "--dataset_name",
+            str(src),
+            "--input_column",
+            "question",
+            "--output_column",
+            "answer",
+            "--data_dir",
+            str(out),
+            "--output_dir",
+            str(tmp_path / "run"),
+            "--micro_batch_size",
+            "1",
+            "--accumulate_grad_batches",
+            "1",
+            "--gpus_per_node",
+            "1",
+            "--tensor_parallel_size",
+            "1",
+            "--seed",
+            str(seed),
+        ]
         return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     first = start(1)
@@ -390,12 +489,20 @@ def test_local_files_are_checked_before_loading(tmp_path, fmt):
         write_jsonl(src, [{"question": "q", "answer": "a"}])
     else:
         src.write_text("question,answer\nq,a\n")
-    problems = "\n".join(dm.HFDatasetConfig(dataset_name=str(src), val_fraction=0.0, input_column="question",
-                                            output_column="answer", prompt_template="Q: {question} ({topic})").problems())
+    problems = "\n".join(
+        dm.HFDatasetConfig(
+            dataset_name=str(src),
+            val_fraction=0.0,
+            input_column="question",
+            output_column="answer",
+            prompt_template="Q: {question} ({topic})",
+        ).problems()
+    )
     assert "--val_fraction 0: local files have no validation split" in problems
     assert f"--dataset_name {src} has no column(s) ['topic']" in problems and "['answer', 'question']" in problems
-    fine = dm.HFDatasetConfig(dataset_name=str(src), input_column="question", output_column="answer",
-                              prompt_template="Q: {question}")
+    fine = dm.HFDatasetConfig(
+        dataset_name=str(src), input_column="question", output_column="answer", prompt_template="Q: {question}"
+    )
     assert fine.problems() == []
 
 
@@ -404,7 +511,9 @@ def test_a_tokenizer_that_cannot_load_fails_before_any_split_is_written(tmp_path
     src = write_jsonl(tmp_path / "src.jsonl", ROWS)
     with pytest.raises(PipelineError) as err:
         prepare(config(src), tmp_path / "out", "some-org/no-such-model")
-    assert "--hf_model_id some-org/no-such-model: could not read the model's configuration or tokenizer" in str(err.value)
+    assert "--hf_model_id some-org/no-such-model: could not read the model's configuration or tokenizer" in str(
+        err.value
+    )
     assert not list((tmp_path / "out").glob("*.jsonl"))
 
 
@@ -414,10 +523,27 @@ def test_a_preparation_killed_between_its_splits_is_never_used_and_the_rerun_cle
     src = tmp_path / "big.csv"
     src.write_text("question,answer\n" + "".join(f"What is the code for item {i}?,code-{i}\n" for i in range(300_000)))
     out = tmp_path / "data"
-    args = ["--prepare_data_only", "--hf_model_id", str(assets["qwen3"]), "--input_column", "question",
-            "--output_column", "answer", "--data_dir", str(out), "--output_dir", str(tmp_path / "run"),
-            "--micro_batch_size", "1", "--accumulate_grad_batches", "1", "--gpus_per_node", "1",
-            "--tensor_parallel_size", "1"]
+    args = [
+        "--prepare_data_only",
+        "--hf_model_id",
+        str(assets["qwen3"]),
+        "--input_column",
+        "question",
+        "--output_column",
+        "answer",
+        "--data_dir",
+        str(out),
+        "--output_dir",
+        str(tmp_path / "run"),
+        "--micro_batch_size",
+        "1",
+        "--accumulate_grad_batches",
+        "1",
+        "--gpus_per_node",
+        "1",
+        "--tensor_parallel_size",
+        "1",
+    ]
     proc = start_script("peft_megatron.py", *args, "--dataset_name", str(src))
     kill_when(proc, lambda: (out / "training.jsonl").exists())  # SIGKILL: no cleanup code runs
     assert (out / dm.PREPARING_MARKER).exists() and not (out / dm.MARKER).exists()
@@ -436,8 +562,15 @@ def packed_module(cfg, root: Path, model: Path, seq_length: int = 64):
     from dataset_module import GeneralizedHFDataModule
 
     return GeneralizedHFDataModule(
-        dataset_config=vars(cfg), tokenizer_name_or_path=str(model), dataset_root=str(root), seq_length=seq_length,
-        micro_batch_size=1, global_batch_size=1, num_workers=0, pin_memory=False, packed_sequence=True,
+        dataset_config=vars(cfg),
+        tokenizer_name_or_path=str(model),
+        dataset_root=str(root),
+        seq_length=seq_length,
+        micro_batch_size=1,
+        global_batch_size=1,
+        num_workers=0,
+        pin_memory=False,
+        packed_sequence=True,
     )
 
 
@@ -446,7 +579,7 @@ def segments(batch) -> list[tuple]:
     cu = batch["cu_seqlens"][0]
     cu = cu[: int(batch["cu_seqlens_argmin"][0])].tolist()
     out = []
-    for start, end in zip(cu[:-1], cu[1:]):
+    for start, end in itertools.pairwise(cu):
         out.append(tuple(tuple(batch[k][0, start:end].tolist()) for k in ("tokens", "labels", "loss_mask")))
     return out
 
@@ -480,7 +613,7 @@ def test_packed_rows_hold_exactly_the_unpacked_samples_and_loss_masks(tmp_path, 
         samples = len(packed[i]["seq_boundaries"]) - 1  # segments after these are the row's padding
         got.extend(segments(batch)[:samples])
         cu = batch["cu_seqlens"][0, : int(batch["cu_seqlens_argmin"][0])].tolist()
-        for start, end in list(zip(cu[:-1], cu[1:]))[:samples]:
+        for start, end in list(itertools.pairwise(cu))[:samples]:
             assert batch["position_ids"][0, start:end].tolist() == list(range(end - start))
     assert sorted(got) == sorted(expected)
 
@@ -494,15 +627,22 @@ def test_packing_is_reused_while_nothing_changes_and_replaced_when_the_data_does
     module = packed_module(cfg, tmp_path / "out", assets["qwen3"])
     first = module.prepare_packed()
     location = Path(first["directory"])
-    assert sorted(p.name for p in location.iterdir()) == [dm.PACKED_MARKER, "metadata.jsonl", "training.npy",
-                                                          "validation.npy"]
+    assert sorted(p.name for p in location.iterdir()) == [
+        dm.PACKED_MARKER,
+        "metadata.jsonl",
+        "training.npy",
+        "validation.npy",
+    ]
     with caplog.at_level(logging.INFO, logger="peft_megatron.data"):
         assert packed_module(cfg, tmp_path / "out", assets["qwen3"]).prepare_packed() == first
     assert "already made with these settings; reusing it" in caplog.text
 
     (location / "training.npy").write_bytes(b"damaged")  # a marker must prove its files: packed again
     assert packed_module(cfg, tmp_path / "out", assets["qwen3"]).prepare_packed() == first
-    assert dm.file_digest(location / "training.npy") == json.loads((location / dm.PACKED_MARKER).read_text())["files"]["training.npy"]
+    assert (
+        dm.file_digest(location / "training.npy")
+        == json.loads((location / dm.PACKED_MARKER).read_text())["files"]["training.npy"]
+    )
 
     changed = config(src, prompt_template="Question: {question}\nAnswer:", overwrite_data=True)
     prepare(changed, tmp_path / "out", assets["tokenizer"])
@@ -540,13 +680,35 @@ def test_a_failed_packing_leaves_nothing_that_looks_packed(tmp_path, assets, mon
 
 
 def test_packed_sequence_cli_prepares_packs_and_refuses_a_micro_batch_above_one(tmp_path, assets):
-    common = ["peft_megatron.py", "--prepare_data_only", "--hf_model_id", str(assets["qwen3"]), "--dataset_name",
-              str(assets["data"]), "--input_column", "question", "--output_column", "answer", "--output_dir",
-              str(tmp_path), "--val_fraction", "0.25", "--gpus_per_node", "1", "--tensor_parallel_size", "1",
-              "--packed_sequence", "--max_seq_length", "128"]
+    common = [
+        "peft_megatron.py",
+        "--prepare_data_only",
+        "--hf_model_id",
+        str(assets["qwen3"]),
+        "--dataset_name",
+        str(assets["data"]),
+        "--input_column",
+        "question",
+        "--output_column",
+        "answer",
+        "--output_dir",
+        str(tmp_path),
+        "--val_fraction",
+        "0.25",
+        "--gpus_per_node",
+        "1",
+        "--tensor_parallel_size",
+        "1",
+        "--packed_sequence",
+        "--max_seq_length",
+        "128",
+    ]
     bad = run_script(*common, "--micro_batch_size", "2")
     assert bad.returncode == 2
-    assert "--packed_sequence with --micro_batch_size 2: a packed row of --max_seq_length tokens is the micro-batch" in bad.stderr
+    assert (
+        "--packed_sequence with --micro_batch_size 2: a packed row of --max_seq_length tokens is the micro-batch"
+        in bad.stderr
+    )
     out = run_script(*common, "--micro_batch_size", "1", "--accumulate_grad_batches", "2")
     assert out.returncode == 0, out.stderr[-3000:]
     assert "train       67 rows" in out.stdout
@@ -563,16 +725,22 @@ def test_a_re_prepared_split_is_never_read_through_nemos_old_index(tmp_path, ass
     src = write_jsonl(tmp_path / "src.jsonl", ROWS)
 
     def first_prompt(cfg):
-        module = GeneralizedHFDataModule(dataset_config=vars(cfg), tokenizer_name_or_path=str(assets["qwen3"]),
-                                         dataset_root=str(tmp_path / "out"), seq_length=64, micro_batch_size=1,
-                                         global_batch_size=1, num_workers=0, pin_memory=False)
+        module = GeneralizedHFDataModule(
+            dataset_config=vars(cfg),
+            tokenizer_name_or_path=str(assets["qwen3"]),
+            dataset_root=str(tmp_path / "out"),
+            seq_length=64,
+            micro_batch_size=1,
+            global_batch_size=1,
+            num_workers=0,
+            pin_memory=False,
+        )
         sample = module._create_dataset(module.train_path)[0]
         return module.tokenizer.tokenizer.decode(sample["input_ids"][: sample["answer_start_idx"]])
 
     prepare(config(src, prompt_template="Q: {question}\nA:"), tmp_path / "out", assets["tokenizer"])
     assert first_prompt(config(src)).startswith("Q: What is")
     assert (tmp_path / "out" / "training.jsonl.idx.npy").exists()
-    longer = config(src, prompt_template="A longer question, to move every offset: {question}\nA:",
-                    overwrite_data=True)
+    longer = config(src, prompt_template="A longer question, to move every offset: {question}\nA:", overwrite_data=True)
     prepare(longer, tmp_path / "out", assets["tokenizer"])
     assert first_prompt(longer).startswith("A longer question, to move every offset: What is")

@@ -8,9 +8,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import fake_checkpoint, run_script, start_script
-
 import test_checkpoint as tc
+from conftest import fake_checkpoint, run_script, start_script
 
 
 @pytest.fixture(scope="module")
@@ -25,26 +24,40 @@ def tiny_bert(tmp_path_factory) -> Path:
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     corpus = ["the cat sat on the mat", "a dog ran in the park", "blue red green gold", "paris is in france"] * 20
-    tok.train_from_iterator(corpus, trainers.WordPieceTrainer(vocab_size=200, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]))
+    tok.train_from_iterator(
+        corpus, trainers.WordPieceTrainer(vocab_size=200, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
+    )
     BertTokenizerFast(tokenizer_object=tok, model_max_length=64).save_pretrained(path)
     torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=tok.get_vocab_size(), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                         intermediate_size=64, max_position_embeddings=64)).save_pretrained(path)
+    BertModel(
+        BertConfig(
+            vocab_size=tok.get_vocab_size(),
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=64,
+        )
+    ).save_pretrained(path)
     return path
 
 
-PREDS = [("the cat sat on the mat", "the cat sat on the mat"), ("a dog ran", "a dog ran in the park"),
-         ("blue", "Blue "), ("green gold", "paris is in france")]
+PREDS = [
+    ("the cat sat on the mat", "the cat sat on the mat"),
+    ("a dog ran", "a dog ran in the park"),
+    ("blue", "Blue "),
+    ("green gold", "paris is in france"),
+]
 
 
 def write_predictions(path: Path, pairs=PREDS) -> Path:
-    rows = [{"input": f"q{i}", "prediction": p, "label": l} for i, (p, l) in enumerate(pairs)]
+    rows = [{"input": f"q{i}", "prediction": p, "label": t} for i, (p, t) in enumerate(pairs)]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
 
 def test_exact_match_and_rouge_l_on_known_pairs():
-    preds, labels = [p for p, _ in PREDS], [l for _, l in PREDS]
+    preds, labels = [p for p, _ in PREDS], [t for _, t in PREDS]
     assert tc.exact_match(preds, labels) == 0.5  # whitespace and case are normalised
     # ROUGE-L F: 1, 2*(1*0.5)/(1.5)=2/3 ("a dog ran" vs 6 tokens), 1, 0
     assert tc.rouge_l(preds, labels) == pytest.approx((1 + 2 / 3 + 1 + 0) / 4)
@@ -53,7 +66,7 @@ def test_exact_match_and_rouge_l_on_known_pairs():
 def test_bertscore_matches_a_direct_bert_score_call(tiny_bert):
     from bert_score import score
 
-    preds, labels = [p for p, _ in PREDS], [l for _, l in PREDS]
+    preds, labels = [p for p, _ in PREDS], [t for _, t in PREDS]
     ours = tc.bertscore(preds, labels, str(tiny_bert), 2)
     p, r, f = score(preds, labels, model_type=str(tiny_bert), num_layers=2, lang="en")
     assert ours["bertscore_f1"] == pytest.approx(float(f.mean()))
@@ -63,8 +76,16 @@ def test_bertscore_matches_a_direct_bert_score_call(tiny_bert):
 
 def test_evaluate_only_end_to_end(tmp_path, tiny_bert):
     preds = write_predictions(tmp_path / "preds.jsonl")
-    out = run_script("test_checkpoint.py", "--evaluate_only", "--predictions_file", str(preds), "--bertscore_model",
-                     str(tiny_bert), "--bertscore_num_layers", "2")
+    out = run_script(
+        "test_checkpoint.py",
+        "--evaluate_only",
+        "--predictions_file",
+        str(preds),
+        "--bertscore_model",
+        str(tiny_bert),
+        "--bertscore_num_layers",
+        "2",
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     metrics = json.loads((tmp_path / "preds.metrics.json").read_text())
     assert metrics["num_samples"] == 4 and metrics["exact_match"] == 0.5
@@ -72,17 +93,29 @@ def test_evaluate_only_end_to_end(tmp_path, tiny_bert):
     assert "exact_match 0.5000" in out.stdout and "BERTScore F1:" in out.stdout
 
 
-@pytest.mark.parametrize("content, message", [
-    ('{"input": "a", "label": "b"}\n', "preds.jsonl:1: missing field(s) ['prediction']"),
-    ('{"input": "a", "label": "b", "prediction": "c"}\nnot json\n', "preds.jsonl:2: malformed JSON line"),
-    ("", "holds no predictions"),
-    ('{"input": "a", "label": null, "prediction": "None"}\n', "preds.jsonl:1: field 'label' is null, not text"),
-    ('{"input": "a", "label": "x", "prediction": ["x"]}\n', """preds.jsonl:1: field 'prediction' is ["x"], not text"""),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ('{"input": "a", "label": "b"}\n', "preds.jsonl:1: missing field(s) ['prediction']"),
+        ('{"input": "a", "label": "b", "prediction": "c"}\nnot json\n', "preds.jsonl:2: malformed JSON line"),
+        ("", "holds no predictions"),
+        ('{"input": "a", "label": null, "prediction": "None"}\n', "preds.jsonl:1: field 'label' is null, not text"),
+        (
+            '{"input": "a", "label": "x", "prediction": ["x"]}\n',
+            """preds.jsonl:1: field 'prediction' is ["x"], not text""",
+        ),
+    ],
+)
 def test_bad_predictions_file_is_a_clear_error(tmp_path, content, message):
     (tmp_path / "preds.jsonl").write_text(content)
-    out = run_script("test_checkpoint.py", "--evaluate_only", "--predictions_file", str(tmp_path / "preds.jsonl"),
-                     "--bertscore_model", "none")
+    out = run_script(
+        "test_checkpoint.py",
+        "--evaluate_only",
+        "--predictions_file",
+        str(tmp_path / "preds.jsonl"),
+        "--bertscore_model",
+        "none",
+    )
     assert out.returncode == 1 and message in out.stderr
     assert not (tmp_path / "preds.metrics.json").exists()
 
@@ -90,20 +123,37 @@ def test_bad_predictions_file_is_a_clear_error(tmp_path, content, message):
 def test_offline_bertscore_hub_name_says_how_to_fix(tmp_path):
     preds = write_predictions(tmp_path / "preds.jsonl")
     out = run_script("test_checkpoint.py", "--evaluate_only", "--predictions_file", str(preds))
-    assert out.returncode == 1 and "pass a local directory with --bertscore_model DIR --bertscore_num_layers N" in out.stderr
+    assert (
+        out.returncode == 1
+        and "pass a local directory with --bertscore_model DIR --bertscore_num_layers N" in out.stderr
+    )
 
 
 def test_generation_refuses_without_a_gpu(tmp_path):
     fake_checkpoint(tmp_path / "ckpt")
-    out = run_script("test_checkpoint.py", "--nemo_checkpoint_path", str(tmp_path / "ckpt"), "--data_dir", str(tmp_path))
+    out = run_script(
+        "test_checkpoint.py", "--nemo_checkpoint_path", str(tmp_path / "ckpt"), "--data_dir", str(tmp_path)
+    )
     assert out.returncode == 1 and "generation needs a CUDA GPU" in out.stderr and "--evaluate_only" in out.stderr
 
 
 def test_usage_errors_exit_2(tmp_path):
-    out = run_script("test_checkpoint.py", "--evaluate_only", "--max_batch_size", "0", "--num_cuda_graphs", "-1",
-                     "--bertscore_num_layers", "0", "--metrics_file", str(tmp_path))
+    out = run_script(
+        "test_checkpoint.py",
+        "--evaluate_only",
+        "--max_batch_size",
+        "0",
+        "--num_cuda_graphs",
+        "-1",
+        "--bertscore_num_layers",
+        "0",
+        "--metrics_file",
+        str(tmp_path),
+    )
     assert out.returncode == 2
-    assert "--evaluate_only needs --predictions_file" in out.stderr and "--max_batch_size 0 must be positive" in out.stderr
+    assert (
+        "--evaluate_only needs --predictions_file" in out.stderr and "--max_batch_size 0 must be positive" in out.stderr
+    )
     assert "--num_cuda_graphs -1 must be 0 (eager) or positive" in out.stderr
     assert "--bertscore_num_layers 0 must be a layer number" in out.stderr
     assert f"--metrics_file {tmp_path} is a directory; give a file path" in out.stderr
@@ -149,12 +199,21 @@ def test_generation_loop_keeps_input_order_and_truncates_long_prompts():
     assert [len(t) for _, t in engine.added] == [2, 6, 4, 1, 6, 3, 6, 5]
 
 
-@pytest.mark.parametrize("requested, max_batch_size, tp, expected", [
-    (8, 64, 1, 8), (8, 19, 1, 8), (8, 9, 1, 8),  # a step of 8 below max_requests (19 and 9 round up to 20 and 12)
-    (8, 4, 1, 1), (8, 8, 1, 1), (8, 3, 1, 1),    # a step of 8 would not be below max_requests: one graph
-    (8, 16, 3, 8), (8, 5, 3, 1),                 # TP 3: max_requests 18 and 6 (multiples of 6), step 9
-    (2, 40, 1, 2), (1, 64, 1, 1),
-])
+@pytest.mark.parametrize(
+    "requested, max_batch_size, tp, expected",
+    [
+        (8, 64, 1, 8),
+        (8, 19, 1, 8),
+        (8, 9, 1, 8),  # a step of 8 below max_requests (19 and 9 round up to 20 and 12)
+        (8, 4, 1, 1),
+        (8, 8, 1, 1),
+        (8, 3, 1, 1),  # a step of 8 would not be below max_requests: one graph
+        (8, 16, 3, 8),
+        (8, 5, 3, 1),  # TP 3: max_requests 18 and 6 (multiples of 6), step 9
+        (2, 40, 1, 2),
+        (1, 64, 1, 1),
+    ],
+)
 def test_decode_graph_count_avoids_megatrons_empty_graph_list(requested, max_batch_size, tp, expected):
     assert tc.decode_graph_count(requested, max_batch_size, tp) == expected
 
@@ -165,8 +224,9 @@ def test_two_evaluations_of_one_predictions_file_take_turns(tmp_path):
 
     preds = write_predictions(tmp_path / "preds.jsonl")
     with exclusive_lock(tmp_path / ".preds.jsonl.lock", timeout_s=5, what="a test's evaluation"):
-        proc = start_script("test_checkpoint.py", "--evaluate_only", "--predictions_file", str(preds),
-                            "--bertscore_model", "none")
+        proc = start_script(
+            "test_checkpoint.py", "--evaluate_only", "--predictions_file", str(preds), "--bertscore_model", "none"
+        )
         seen = []
         for line in proc.stdout:  # ends at EOF if the script never waits
             seen.append(line)
@@ -182,10 +242,20 @@ def test_a_local_bertscore_model_is_checked_before_scoring(tmp_path, tiny_bert):
     preds = write_predictions(tmp_path / "preds.jsonl")
     empty = tmp_path / "empty_model"
     empty.mkdir()
-    cases = {(str(empty), "2"): f"--bertscore_model {empty}: no config.json there",
-             (str(tiny_bert), "5"): f"--bertscore_num_layers 5 is beyond the 2 layers of {tiny_bert}; give 1-2"}
+    cases = {
+        (str(empty), "2"): f"--bertscore_model {empty}: no config.json there",
+        (str(tiny_bert), "5"): f"--bertscore_num_layers 5 is beyond the 2 layers of {tiny_bert}; give 1-2",
+    }
     for (model, layers), message in cases.items():
-        out = run_script("test_checkpoint.py", "--evaluate_only", "--predictions_file", str(preds),
-                         "--bertscore_model", model, "--bertscore_num_layers", layers)
+        out = run_script(
+            "test_checkpoint.py",
+            "--evaluate_only",
+            "--predictions_file",
+            str(preds),
+            "--bertscore_model",
+            model,
+            "--bertscore_num_layers",
+            layers,
+        )
         assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, out.stderr[-2000:]
     assert not (tmp_path / "preds.metrics.json").exists()

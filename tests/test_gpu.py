@@ -11,20 +11,43 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_script, wandb_history
-
 import run_report
+from conftest import run_script, wandb_history
 
 pytestmark = pytest.mark.gpu
 
 
 def tiny_job(assets, out: Path, *extra: str) -> list[str]:
     return [
-        "--hf_model_id", str(assets["qwen3"]), "--recipe_cls_name", "qwen3_600m", "--gpus_per_node", "1",
-        "--tensor_parallel_size", "1", "--dataset_name", str(assets["data"]), "--input_column", "question",
-        "--output_column", "answer", "--val_fraction", "0.2", "--micro_batch_size", "8", "--accumulate_grad_batches",
-        "1", "--limit_val_batches", "2", "--max_seq_length", "64", "--output_dir", str(out),
-        "--nemo_ckpt_dir", str(out.parent / "imported"), *extra,
+        "--hf_model_id",
+        str(assets["qwen3"]),
+        "--recipe_cls_name",
+        "qwen3_600m",
+        "--gpus_per_node",
+        "1",
+        "--tensor_parallel_size",
+        "1",
+        "--dataset_name",
+        str(assets["data"]),
+        "--input_column",
+        "question",
+        "--output_column",
+        "answer",
+        "--val_fraction",
+        "0.2",
+        "--micro_batch_size",
+        "8",
+        "--accumulate_grad_batches",
+        "1",
+        "--limit_val_batches",
+        "2",
+        "--max_seq_length",
+        "64",
+        "--output_dir",
+        str(out),
+        "--nemo_ckpt_dir",
+        str(out.parent / "imported"),
+        *extra,
     ]
 
 
@@ -41,10 +64,24 @@ def lora_run(assets, tmp_path_factory) -> dict:
     """One 30-step LoRA run with every monitor and the profiler; the tests below read it in file order (the resume
     test, which extends it, comes last)."""
     out = tmp_path_factory.mktemp("lora") / "run"
-    result = run_script("peft_megatron.py", *tiny_job(
-        assets, out, "--max_steps", "30", "--val_check_interval", "10", "--learning_rate", "5e-3",
-        "--enable_memory_monitor", "--enable_speed_monitor", "--enable_runtime_estimator",
-        "--enable_megatron_progress_bar", "--enable_pytorch_profiler"))
+    result = run_script(
+        "peft_megatron.py",
+        *tiny_job(
+            assets,
+            out,
+            "--max_steps",
+            "30",
+            "--val_check_interval",
+            "10",
+            "--learning_rate",
+            "5e-3",
+            "--enable_memory_monitor",
+            "--enable_speed_monitor",
+            "--enable_runtime_estimator",
+            "--enable_megatron_progress_bar",
+            "--enable_pytorch_profiler",
+        ),
+    )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     return {"out": out, "train": scalars(out, "reduced_train_loss"), "val": scalars(out, "val_loss")}
 
@@ -74,9 +111,23 @@ def test_sdpa_attention_trains_like_megatrons_unfused_attention(assets, tmp_path
     losses = {}
     for attention in ("unfused", "sdpa"):
         out = tmp_path / attention
-        result = run_script("peft_megatron.py", *tiny_job(
-            assets, out, "--max_steps", "20", "--val_check_interval", "20", "--log_every_n_steps", "1",
-            "--learning_rate", "5e-3", "--core_attention", attention))
+        result = run_script(
+            "peft_megatron.py",
+            *tiny_job(
+                assets,
+                out,
+                "--max_steps",
+                "20",
+                "--val_check_interval",
+                "20",
+                "--log_every_n_steps",
+                "1",
+                "--learning_rate",
+                "5e-3",
+                "--core_attention",
+                attention,
+            ),
+        )
         assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
         losses[attention] = scalars(out, "reduced_train_loss")
     sdpa, unfused = losses["sdpa"], losses["unfused"]
@@ -98,9 +149,20 @@ def bf16_tie(a: float, b: float) -> bool:
 
 def generate_predictions(out: Path, predictions: Path, graphs: str, *extra: str) -> list[dict]:
     """test_checkpoint.py on the run's test split; `graphs` is what its summary line must say of decode CUDA graphs."""
-    result = run_script("test_checkpoint.py", "--nemo_logs_dir", str(out / "nemo_logs"), "--data_dir",
-                        str(out / "data"), "--predictions_file", str(predictions), "--num_tokens_to_generate", "8",
-                        "--bertscore_model", "none", *extra)
+    result = run_script(
+        "test_checkpoint.py",
+        "--nemo_logs_dir",
+        str(out / "nemo_logs"),
+        "--data_dir",
+        str(out / "data"),
+        "--predictions_file",
+        str(predictions),
+        "--num_tokens_to_generate",
+        "8",
+        "--bertscore_model",
+        "none",
+        *extra,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary = next(line for line in result.stdout.splitlines() if "generated tokens/s" in line)
     print(summary)
@@ -121,21 +183,29 @@ def differences_from_hf_generate(rows: list[dict], model, tokenizer) -> tuple[in
         assert len(prompt) == row["prompt_tokens"], "NeMo and HF tokenize the prompt differently"
         ids = torch.tensor([prompt], device="cuda")
         with torch.no_grad():
-            hf = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
-                                eos_token_id=eos, pad_token_id=eos)[0, len(prompt):].tolist()
+            hf = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=8,
+                do_sample=False,
+                eos_token_id=eos,
+                pad_token_id=eos,
+            )[0, len(prompt) :].tolist()
         ours = list(row["generated_token_ids"])
         if ours == hf:
             equal += 1
             continue
-        pos = next((i for i, (a, b) in enumerate(zip(ours, hf)) if a != b), min(len(ours), len(hf)))
+        pos = next((i for i, (a, b) in enumerate(zip(ours, hf, strict=False)) if a != b), min(len(ours), len(hf)))
         with torch.no_grad():
             logits = model(torch.tensor([prompt + ours[:pos]], device="cuda")).logits[0, -1].float()
         ours_tok = ours[pos] if pos < len(ours) else eos
         hf_tok = hf[pos] if pos < len(hf) else eos
         a, b = float(logits[ours_tok]), float(logits[hf_tok])
         ties += bf16_tie(a, b)
-        report.append(f"row {n}: first difference at generated position {pos}: ours {ours_tok} "
-                      f"(HF logit {a:.4f}) vs HF {hf_tok} (HF logit {b:.4f}); tie={bf16_tie(a, b)}")
+        report.append(
+            f"row {n}: first difference at generated position {pos}: ours {ours_tok} "
+            f"(HF logit {a:.4f}) vs HF {hf_tok} (HF logit {b:.4f}); tie={bf16_tie(a, b)}"
+        )
     return equal, ties, report
 
 
@@ -147,8 +217,10 @@ def test_generation_is_greedy_equal_to_hf_generate_on_the_export(lora_run, tmp_p
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = lora_run["out"]
-    runs = {"CUDA graphs": generate_predictions(out, tmp_path / "graphs.jsonl", "["),
-            "eager": generate_predictions(out, tmp_path / "eager.jsonl", "off", "--num_cuda_graphs", "0")}
+    runs = {
+        "CUDA graphs": generate_predictions(out, tmp_path / "graphs.jsonl", "["),
+        "eager": generate_predictions(out, tmp_path / "eager.jsonl", "off", "--num_cuda_graphs", "0"),
+    }
     exported = run_script("convert_checkpoint_to_hf.py", "--nemo_logs_dir", str(out / "nemo_logs"))
     assert exported.returncode == 0, exported.stderr[-3000:]
     export = next(out.glob("nemo_logs/exports/*.hf_model"))
@@ -166,8 +238,10 @@ def test_generation_is_greedy_equal_to_hf_generate_on_the_export(lora_run, tmp_p
 
 def test_lora_resumes_from_last_with_its_optimizer_and_data_position(assets, lora_run):
     out, train = lora_run["out"], lora_run["train"]
-    resumed = run_script("peft_megatron.py", *tiny_job(
-        assets, out, "--max_steps", "40", "--val_check_interval", "10", "--learning_rate", "5e-3"))
+    resumed = run_script(
+        "peft_megatron.py",
+        *tiny_job(assets, out, "--max_steps", "40", "--val_check_interval", "10", "--learning_rate", "5e-3"),
+    )
     assert resumed.returncode == 0, resumed.stdout[-4000:]
     assert "Restoring states from the checkpoint path" in resumed.stdout
     assert "`max_steps=40` reached" in resumed.stdout
@@ -180,8 +254,12 @@ def test_lora_resumes_from_last_with_its_optimizer_and_data_position(assets, lor
 
 def test_full_fine_tuning_reduces_val_loss_and_exports(assets, tmp_path):
     out = tmp_path / "full"
-    result = run_script("peft_megatron.py", *tiny_job(
-        assets, out, "--full_ft", "--max_steps", "30", "--val_check_interval", "10", "--learning_rate", "1e-4"))
+    result = run_script(
+        "peft_megatron.py",
+        *tiny_job(
+            assets, out, "--full_ft", "--max_steps", "30", "--val_check_interval", "10", "--learning_rate", "1e-4"
+        ),
+    )
     assert result.returncode == 0, result.stdout[-4000:]
     val = scalars(out, "val_loss")
     assert val[max(val)] < val[min(val)], val
@@ -195,10 +273,28 @@ def test_packed_sequences_train_validate_and_checkpoint(assets, tmp_path):
     """--packed_sequence end to end: NeMo's packer on the prepared JSONL, packed rows through the SDPA core
     attention's flash varlen path and the workers' sync-free RoPE; the loss falls and the best checkpoint is kept."""
     out = tmp_path / "packed"
-    result = run_script("peft_megatron.py", *tiny_job(
-        assets, out, "--packed_sequence", "--micro_batch_size", "1", "--accumulate_grad_batches", "2",
-        "--max_seq_length", "64", "--max_steps", "30", "--val_check_interval", "10", "--learning_rate", "5e-3",
-        "--log_every_n_steps", "1"))
+    result = run_script(
+        "peft_megatron.py",
+        *tiny_job(
+            assets,
+            out,
+            "--packed_sequence",
+            "--micro_batch_size",
+            "1",
+            "--accumulate_grad_batches",
+            "2",
+            "--max_seq_length",
+            "64",
+            "--max_steps",
+            "30",
+            "--val_check_interval",
+            "10",
+            "--learning_rate",
+            "5e-3",
+            "--log_every_n_steps",
+            "1",
+        ),
+    )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     assert "packed train" in result.stdout and "rows of <= 64 tokens" in result.stdout
     train, val = scalars(out, "reduced_train_loss"), scalars(out, "val_loss")
@@ -210,9 +306,21 @@ def test_packed_sequences_train_validate_and_checkpoint(assets, tmp_path):
 
 def test_early_stopping_ends_a_run_that_cannot_improve(assets, tmp_path):
     out = tmp_path / "stop"
-    result = run_script("peft_megatron.py", *tiny_job(
-        assets, out, "--max_steps", "200", "--val_check_interval", "5", "--learning_rate", "1e-12",
-        "--early_stopping_patience", "2"))
+    result = run_script(
+        "peft_megatron.py",
+        *tiny_job(
+            assets,
+            out,
+            "--max_steps",
+            "200",
+            "--val_check_interval",
+            "5",
+            "--learning_rate",
+            "1e-12",
+            "--early_stopping_patience",
+            "2",
+        ),
+    )
     assert result.returncode == 0, result.stdout[-4000:]
     assert "did not improve in the last 2 records" in result.stdout
     assert max(scalars(out, "reduced_train_loss")) < 30
@@ -225,9 +333,13 @@ def test_wandb_offline_run_holds_the_train_and_validation_losses(assets, tmp_pat
     built with --include wandb)."""
     pytest.importorskip("wandb", reason="wandb is not installed here (tools/build_offline_bundle.py --include wandb)")
     out = tmp_path / "wandb"
-    result = run_script("peft_megatron.py", *tiny_job(
-        assets, out, "--max_steps", "20", "--val_check_interval", "10", "--learning_rate", "5e-3", "--use_wandb"),
-        env={"WANDB_MODE": "offline"})
+    result = run_script(
+        "peft_megatron.py",
+        *tiny_job(
+            assets, out, "--max_steps", "20", "--val_check_interval", "10", "--learning_rate", "5e-3", "--use_wandb"
+        ),
+        env={"WANDB_MODE": "offline"},
+    )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     (run_dir,) = out.rglob("offline-run-*")
     rows = wandb_history(run_dir)
@@ -244,13 +356,33 @@ def test_training_failure_exits_non_zero_with_the_error(assets, tmp_path):
     import json
 
     data = tmp_path / "long.jsonl"
-    data.write_text("".join(json.dumps({"question": "What is the code for " * 18000, "answer": f"red-{i}"}) + "\n"
-                            for i in range(10)))
-    result = run_script("peft_megatron.py", *tiny_job(
-        assets, tmp_path / "oom", "--max_steps", "10", "--val_check_interval", "5", "--max_seq_length", "131072",
-        "--micro_batch_size", "1", "--val_fraction", "0.3", "--dataset_name", str(data)))
+    data.write_text(
+        "".join(
+            json.dumps({"question": "What is the code for " * 18000, "answer": f"red-{i}"}) + "\n" for i in range(10)
+        )
+    )
+    result = run_script(
+        "peft_megatron.py",
+        *tiny_job(
+            assets,
+            tmp_path / "oom",
+            "--max_steps",
+            "10",
+            "--val_check_interval",
+            "5",
+            "--max_seq_length",
+            "131072",
+            "--micro_batch_size",
+            "1",
+            "--val_fraction",
+            "0.3",
+            "--dataset_name",
+            str(data),
+        ),
+    )
     assert result.returncode == 1, result.stdout[-3000:]
     output = result.stdout + result.stderr
-    assert any(e in output for e in ("OutOfMemoryError", "out of memory", "RuntimeError: DataLoader worker")), \
-        output[-6000:]
+    assert any(e in output for e in ("OutOfMemoryError", "out of memory", "RuntimeError: DataLoader worker")), output[
+        -6000:
+    ]
     assert "training failed (job states" in result.stderr

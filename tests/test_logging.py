@@ -7,13 +7,16 @@ import warnings
 
 import pytest
 
+from common import log_to_file, phase, setup_logging
 from conftest import REPO, run_script
 
-from common import log_to_file, phase, setup_logging
-
 # Lines users met at the default level before (issue 15), each from another library.
-CHATTER = ["fused_indices_to_multihot has reached end of life", "No exporters were provided",
-           "The deploy module could not be imported", "Detected Megatron Core, using Megatron-FSDP"]
+CHATTER = [
+    "fused_indices_to_multihot has reached end of life",
+    "No exporters were provided",
+    "The deploy module could not be imported",
+    "Detected Megatron Core, using Megatron-FSDP",
+]
 
 
 @pytest.fixture
@@ -40,7 +43,7 @@ def test_console_keeps_our_lines_and_errors_and_the_file_keeps_everything(isolat
     logging.getLogger("megatron.core.dist_checkpointing").error("shard 3 is truncated")
     with warnings.catch_warnings():
         warnings.simplefilter("always")
-        warnings.warn("The pynvml package is deprecated", FutureWarning)
+        warnings.warn("The pynvml package is deprecated", FutureWarning, stacklevel=1)
 
     console = capsys.readouterr().out
     assert "INFO peft_megatron.data] prepared 19 test rows" in console
@@ -115,10 +118,20 @@ def launch_worker(tmp_path, level: str) -> list[str]:
     import sys
 
     (tmp_path / "worker.py").write_text(WORKER)
-    env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}", "PYTHONPATH": str(REPO),
-           "NEMORUN_HOME": str(tmp_path / "home")}
-    out = subprocess.run([sys.executable, "-c", LAUNCH, level, str(tmp_path)], capture_output=True, text=True,
-                         env=env, cwd=tmp_path, timeout=240)
+    env = {
+        **os.environ,
+        "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}",
+        "PYTHONPATH": str(REPO),
+        "NEMORUN_HOME": str(tmp_path / "home"),
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", LAUNCH, level, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=240,
+    )
     assert out.returncode == 0 and "FAILED" in out.stdout.splitlines()[-1], out.stdout[-3000:] + out.stderr[-3000:]
     worker = re.compile(r"^(?:\x1b\[[0-9;:]*m)?qwen3_600m/0(?:\x1b\[[0-9;:]*m)? (?:\[default0\]:)?")
     return [worker.sub("", line) for line in out.stdout.splitlines() if worker.match(line)]
@@ -135,8 +148,13 @@ def test_console_shows_workers_progress_checkpoints_and_errors_and_the_file_has_
     for hidden in ("megatron_init", "fused_indices_to_multihot", "finalized successfully", "Using nproc_per_node"):
         assert not any(hidden in line for line in shown), hidden
     logged = (tmp_path / "peft_megatron.log").read_text()
-    for line in ("megatron_init", "fused_indices_to_multihot", "finalized successfully", "iteration 7/24",
-                 "RuntimeError: CUDA out of memory"):
+    for line in (
+        "megatron_init",
+        "fused_indices_to_multihot",
+        "finalized successfully",
+        "iteration 7/24",
+        "RuntimeError: CUDA out of memory",
+    ):
         assert line in logged, line
 
 

@@ -28,8 +28,13 @@ def packed_batch(device: str):
     positions = torch.cat([torch.arange(n) for n in (*LENGTHS, PACK - used)])
     cu = torch.tensor([0, *torch.tensor(LENGTHS).cumsum(0).tolist(), PACK], dtype=torch.int32)
     max_seqlen = (cu[1:] - cu[:-1]).max()  # a 0-d host tensor, as get_packed_seq_params passes it on
-    params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu.to(device), cu_seqlens_kv=cu.to(device),
-                             max_seqlen_q=max_seqlen, max_seqlen_kv=max_seqlen)
+    params = PackedSeqParams(
+        qkv_format="thd",
+        cu_seqlens_q=cu.to(device),
+        cu_seqlens_kv=cu.to(device),
+        max_seqlen_q=max_seqlen,
+        max_seqlen_kv=max_seqlen,
+    )
     return samples, tokens[None].to(device), positions[None].to(device), params
 
 
@@ -38,15 +43,17 @@ def alone_and_packed(model, device):
     samples, tokens, positions, params = packed_batch(device)
     with torch.no_grad():
         packed = model(tokens, positions, attention_mask=None, packed_seq_params=params)[0]
-        alone = [model(s[None].to(device), torch.arange(len(s), device=device)[None], attention_mask=None)[0]
-                 for s in samples]
+        alone = [
+            model(s[None].to(device), torch.arange(len(s), device=device)[None], attention_mask=None)[0]
+            for s in samples
+        ]
     return packed, alone
 
 
 def assert_each_sample_matches(packed, alone, atol):
     start = 0
-    for n, logits in zip(LENGTHS, alone):
-        got = packed[start:start + n].float()
+    for n, logits in zip(LENGTHS, alone, strict=True):
+        got = packed[start : start + n].float()
         want = logits.float()
         assert got.shape == want.shape
         assert torch.allclose(got, want, atol=atol, rtol=0), (n, (got - want).abs().max().item())
@@ -72,7 +79,9 @@ def test_packed_row_backward_matches_separate_samples(model_parallel):
     model = tiny_gpt("cpu", torch.float32).train()
     CURRENT[0] = "cpu"
     samples, tokens, positions, params = packed_batch("cpu")
-    model(tokens, positions, attention_mask=None, packed_seq_params=params)[0, :sum(LENGTHS)].float().square().sum().backward()
+    model(tokens, positions, attention_mask=None, packed_seq_params=params)[
+        0, : sum(LENGTHS)
+    ].float().square().sum().backward()
     packed = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
     for s in samples:

@@ -34,7 +34,7 @@ def reference(q, k_cache, v_cache, q_lens, k_lens, block_table, scale):
     page = k_cache.shape[1]
     out = torch.zeros(tokens, heads, dim, dtype=torch.float64)
     start = 0
-    for q_len, k_len, blocks in zip(q_lens, k_lens, block_table.cpu()):
+    for q_len, k_len, blocks in zip(q_lens, k_lens, block_table.cpu(), strict=True):
         if q_len == 0:
             continue
         positions = torch.arange(k_len)
@@ -43,10 +43,10 @@ def reference(q, k_cache, v_cache, q_lens, k_lens, block_table, scale):
         values = v_cache.cpu()[physical, positions % page].double()
         group = heads // keys.shape[1]
         keys, values = keys.repeat_interleave(group, 1), values.repeat_interleave(group, 1)
-        scores = torch.einsum("qhd,khd->hqk", q[start:start + q_len].cpu().double(), keys) * scale
+        scores = torch.einsum("qhd,khd->hqk", q[start : start + q_len].cpu().double(), keys) * scale
         visible = positions[None, :] <= torch.arange(q_len)[:, None] + (k_len - q_len)
         scores = scores.masked_fill(~visible[None], float("-inf"))
-        out[start:start + q_len] = torch.einsum("hqk,khd->qhd", scores.softmax(-1), values)
+        out[start : start + q_len] = torch.einsum("hqk,khd->qhd", scores.softmax(-1), values)
         start += q_len
     return out
 
@@ -74,7 +74,15 @@ def run_varlen(pa, q_lens, k_lens, heads, kv_heads, dim, dtype, padding, page=16
     cu_q = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
     cu_k = torch.tensor([0, *torch.tensor(k_lens).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
     out = pa.flash_attn_varlen_func(
-        q, k_cache, v_cache, cu_q, cu_k, max(q_lens), max(k_lens), softmax_scale=scale, causal=True,
+        q,
+        k_cache,
+        v_cache,
+        cu_q,
+        cu_k,
+        max(q_lens),
+        max(k_lens),
+        softmax_scale=scale,
+        causal=True,
         block_table=block_table,
     )
     ref = reference(q, k_cache, v_cache, q_lens, k_lens, block_table, scale or dim**-0.5)
@@ -123,8 +131,9 @@ def test_decode_with_kvcache_including_empty_padded_requests(pa, dtype):
     k_cache, v_cache, block_table = paged_cache([max(k, 1) for k in k_lens], kv_heads, dim, 64, dtype, generator)
     q = torch.randn(len(k_lens), 1, heads, dim, generator=generator).to(dtype).to(DEVICE)
     cache_seqlens = torch.tensor(k_lens, dtype=torch.int32, device=DEVICE)
-    out = pa.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=cache_seqlens, causal=True,
-                                     block_table=block_table)
+    out = pa.flash_attn_with_kvcache(
+        q, k_cache, v_cache, cache_seqlens=cache_seqlens, causal=True, block_table=block_table
+    )
     assert out.shape == q.shape
     ref = reference(q.squeeze(1), k_cache, v_cache, [1 if k else 0 for k in k_lens], k_lens, block_table, dim**-0.5)
     assert relative_error(out[:4, 0], ref[:4]) < TOLERANCE[dtype]
@@ -145,7 +154,8 @@ def test_refuses_what_it_does_not_implement(pa):
     with pytest.raises(NotImplementedError, match="causal"):
         pa.flash_attn_varlen_func(q, cache, cache, seqlens, seqlens, 4, 4, causal=False, block_table=seqlens[None])
     with pytest.raises(NotImplementedError, match="dropout"):
-        pa.flash_attn_varlen_func(q, cache, cache, seqlens, seqlens, 4, 4, dropout_p=0.1, causal=True,
-                                  block_table=seqlens[None])
+        pa.flash_attn_varlen_func(
+            q, cache, cache, seqlens, seqlens, 4, 4, dropout_p=0.1, causal=True, block_table=seqlens[None]
+        )
     with pytest.raises(ValueError, match="multiple"):
         pa.paged_attention(torch.zeros(4, 3, 16), cache, cache, seqlens, seqlens[1:], seqlens[None])

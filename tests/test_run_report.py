@@ -10,9 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import fake_checkpoint
-
 import run_report
+from conftest import fake_checkpoint
 
 GBS, SEQ = 16, 64
 TRAIN = {s: 4.0 - 0.03 * s for s in range(0, 100, 10)}  # logged every 10 steps
@@ -35,8 +34,16 @@ def log_scalars(run_dir: Path, version: int, scalars: dict[str, dict[int, float]
 def run_dir(tmp_path) -> Path:
     """A finished 100-step run of max_steps 200 (early-stopped): two validations, best at step 99, and -last."""
     out = tmp_path / "run"
-    log_scalars(out, 0, {"reduced_train_loss": TRAIN, "val_loss": VAL, "train_step_timing in s": STEP_TIMES,
-                         "memory/peak_allocated_mem": {0: 3.0, 10: 3.2214}})
+    log_scalars(
+        out,
+        0,
+        {
+            "reduced_train_loss": TRAIN,
+            "val_loss": VAL,
+            "train_step_timing in s": STEP_TIMES,
+            "memory/peak_allocated_mem": {0: 3.0, 10: 3.2214},
+        },
+    )
     ckpts = out / "nemo_logs" / "checkpoints"
     fake_checkpoint(ckpts / NAME.format(2.5, 49, 50 * GBS))
     fake_checkpoint(ckpts / NAME.format(1.25, 99, 100 * GBS))
@@ -46,9 +53,17 @@ def run_dir(tmp_path) -> Path:
 
 
 def training_run(**overrides) -> dict:
-    return {"model": "tiny/qwen3", "mode": "PEFT (lora)", "max_steps": 200, "world_size": 2, "global_batch_size": GBS,
-            "max_seq_length": SEQ, "wall_time_s": 123.456, "command": "python peft_megatron.py --max_steps 200",
-            **overrides}
+    return {
+        "model": "tiny/qwen3",
+        "mode": "PEFT (lora)",
+        "max_steps": 200,
+        "world_size": 2,
+        "global_batch_size": GBS,
+        "max_seq_length": SEQ,
+        "wall_time_s": 123.456,
+        "command": "python peft_megatron.py --max_steps 200",
+        **overrides,
+    }
 
 
 def test_summary_counts_steps_tokens_speed_memory_and_names_the_best_and_last_checkpoints(run_dir):
@@ -61,8 +76,11 @@ def test_summary_counts_steps_tokens_speed_memory_and_names_the_best_and_last_ch
     assert summary["tokens_seen"] == 100 * GBS * SEQ
     assert summary["train_loss"] == {"first": pytest.approx(4.0), "last": pytest.approx(4.0 - 0.03 * 90)}
     assert summary["val_loss"] == {"49": 2.5, "99": 1.25}
-    assert summary["best_checkpoint"] == {"path": str(ckpts / NAME.format(1.25, 99, 1600)), "val_loss": 1.25,
-                                          "step": 99}
+    assert summary["best_checkpoint"] == {
+        "path": str(ckpts / NAME.format(1.25, 99, 1600)),
+        "val_loss": 1.25,
+        "step": 99,
+    }
     assert summary["last_checkpoint"]["path"] == str(ckpts / (NAME.format(1.25, 99, 1600) + "-last"))
     assert summary["median_step_time_s"] == pytest.approx(median)
     assert summary["tokens_per_s"] == pytest.approx(GBS * SEQ / median)
@@ -133,7 +151,11 @@ def test_evaluations_of_a_runs_checkpoint_land_in_its_report(run_dir, tmp_path):
     best = run_dir / "nemo_logs" / "checkpoints" / NAME.format(1.25, 99, 1600)
     tc.report_evaluation(best, tmp_path / "p.jsonl", {"exact_match": 0.75, "num_samples": 4})
     summary = json.loads((run_dir / "report" / "summary.json").read_text())
-    assert summary["evaluations"][best.name] == {"checkpoint": str(best), "predictions":
-                                                 str(tmp_path / "p.jsonl"), "exact_match": 0.75, "num_samples": 4}
+    assert summary["evaluations"][best.name] == {
+        "checkpoint": str(best),
+        "predictions": str(tmp_path / "p.jsonl"),
+        "exact_match": 0.75,
+        "num_samples": 4,
+    }
     imported = fake_checkpoint(tmp_path / "imported_hf_ckpt")
     assert run_report.run_of_checkpoint(imported) is None  # not a run's checkpoint: no report to add to

@@ -14,28 +14,65 @@ from conftest import REPO, run_script
 sys.path.insert(0, str(REPO / "examples"))
 sagemaker = pytest.importorskip("sagemaker", reason="the SageMaker SDK v2 is in requirements-dev.txt")
 
-import peft_megatron as pm  # noqa: E402
 import sagemaker_job as sj  # noqa: E402
 
-FAKE_AWS = {"AWS_DEFAULT_REGION": "us-east-1", "AWS_ACCESS_KEY_ID": "AKIAFAKEFAKEFAKE", "AWS_SECRET_ACCESS_KEY": "fake",
-            "SAGEMAKER_SUPPRESS_V2_WARNING": "1"}
-TRAIN = ["--hf_model_id", "Qwen/Qwen3-8B", "--recipe_cls_name", "qwen3_8b", "--full_ft", "--max_steps", "2000",
-         "--learning_rate", "1e-5", "--prompt_template", "### Question:\n{question}\n\n### Answer:", "--input_column",
-         "question", "--packed_sequence", "--micro_batch_size", "1", "--tensor_parallel_size", "auto",
-         "--save_weights_only", "false", "--output_dir", "/fsx/run"]
-JOB = ["--role", "arn:aws:iam::123456789012:role/SageMakerRole", "--image_uri",
-       "123456789012.dkr.ecr.us-east-1.amazonaws.com/nemo:25.09", "--instance_count", "2"]
+import peft_megatron as pm  # noqa: E402
+
+FAKE_AWS = {
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_ACCESS_KEY_ID": "AKIAFAKEFAKEFAKE",
+    "AWS_SECRET_ACCESS_KEY": "fake",
+    "SAGEMAKER_SUPPRESS_V2_WARNING": "1",
+}
+TRAIN = [
+    "--hf_model_id",
+    "Qwen/Qwen3-8B",
+    "--recipe_cls_name",
+    "qwen3_8b",
+    "--full_ft",
+    "--max_steps",
+    "2000",
+    "--learning_rate",
+    "1e-5",
+    "--prompt_template",
+    "### Question:\n{question}\n\n### Answer:",
+    "--input_column",
+    "question",
+    "--packed_sequence",
+    "--micro_batch_size",
+    "1",
+    "--tensor_parallel_size",
+    "auto",
+    "--save_weights_only",
+    "false",
+    "--output_dir",
+    "/fsx/run",
+]
+JOB = [
+    "--role",
+    "arn:aws:iam::123456789012:role/SageMakerRole",
+    "--image_uri",
+    "123456789012.dkr.ecr.us-east-1.amazonaws.com/nemo:25.09",
+    "--instance_count",
+    "2",
+]
 # What SageMaker sets on the second of two ml.p5.48xlarge instances.
-INSTANCE_ENV = {"SM_HOSTS": json.dumps(["algo-1", "algo-2"]), "SM_CURRENT_HOST": "algo-2", "SM_NUM_GPUS": "8",
-                "SM_CHANNEL_TRAINING": "/opt/ml/input/data/training", "SM_MODEL_DIR": "/opt/ml/model"}
+INSTANCE_ENV = {
+    "SM_HOSTS": json.dumps(["algo-1", "algo-2"]),
+    "SM_CURRENT_HOST": "algo-2",
+    "SM_NUM_GPUS": "8",
+    "SM_CHANNEL_TRAINING": "/opt/ml/input/data/training",
+    "SM_MODEL_DIR": "/opt/ml/model",
+}
 
 
 @pytest.fixture
 def session():
     import boto3
 
-    return sagemaker.Session(boto_session=boto3.Session(region_name="us-east-1", aws_access_key_id="AKIAFAKE",
-                                                        aws_secret_access_key="fake"))
+    return sagemaker.Session(
+        boto_session=boto3.Session(region_name="us-east-1", aws_access_key_id="AKIAFAKE", aws_secret_access_key="fake")
+    )
 
 
 def test_hyperparameters_round_trip_through_sagemakers_command_line_to_the_same_config(session, tmp_path):
@@ -53,7 +90,10 @@ def test_hyperparameters_round_trip_through_sagemakers_command_line_to_the_same_
     assert on_instance.full_ft and on_instance.packed_sequence and not on_instance.save_weights_only
 
     assert (estimator.entry_point, estimator.instance_count, estimator.instance_type) == (
-        "peft_megatron.py", 2, "ml.p5.48xlarge")
+        "peft_megatron.py",
+        2,
+        "ml.p5.48xlarge",
+    )
     staged = sorted(p.name for p in tmp_path.iterdir())
     assert {"peft_megatron.py", "dataset_module.py", "nemo_compat.py", "requirements.txt", "startup"} <= set(staged)
     assert not {"tests", ".venv", ".git", "examples"} & set(staged)
@@ -61,7 +101,9 @@ def test_hyperparameters_round_trip_through_sagemakers_command_line_to_the_same_
 
 def test_only_the_given_flags_travel_so_sagemakers_environment_fills_the_rest():
     assert sj.training_hyperparameters(["--max_steps", "10", "--gpus_per_node", "auto"]) == {
-        "max_steps": 10, "gpus_per_node": "auto"}
+        "max_steps": 10,
+        "gpus_per_node": "auto",
+    }
 
 
 def test_flags_sagemaker_owns_or_a_node_count_that_disagrees_are_refused():
@@ -79,14 +121,25 @@ def test_flags_sagemaker_owns_or_a_node_count_that_disagrees_are_refused():
 
 
 def test_cli_dry_run_prints_the_instance_command_and_never_a_forwarded_secret():
-    out = run_script("examples/sagemaker_job.py", *JOB, "--dry_run", "--forward_env", "HF_TOKEN", "--", *TRAIN[:7],
-                     "--output_dir", "/fsx/run",
-                     env={**FAKE_AWS, "HF_TOKEN": "hf_s3cr3t_value"})
+    out = run_script(
+        "examples/sagemaker_job.py",
+        *JOB,
+        "--dry_run",
+        "--forward_env",
+        "HF_TOKEN",
+        "--",
+        *TRAIN[:7],
+        "--output_dir",
+        "/fsx/run",
+        env={**FAKE_AWS, "HF_TOKEN": "hf_s3cr3t_value"},
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "instances: 2 x ml.p5.48xlarge" in out.stdout
     assert "environment: HF_TOKEN (values not shown)" in out.stdout
-    assert ("each instance runs: python peft_megatron.py --full_ft True --hf_model_id Qwen/Qwen3-8B --max_steps 2000 "
-            "--output_dir /fsx/run --recipe_cls_name qwen3_8b") in out.stdout
+    assert (
+        "each instance runs: python peft_megatron.py --full_ft True --hf_model_id Qwen/Qwen3-8B --max_steps 2000 "
+        "--output_dir /fsx/run --recipe_cls_name qwen3_8b"
+    ) in out.stdout
     assert "hf_s3cr3t_value" not in out.stdout + out.stderr
 
 
@@ -94,5 +147,8 @@ def test_cli_refuses_a_misspelled_training_flag_before_building_anything():
     out = run_script("examples/sagemaker_job.py", *JOB, "--", "--max_stepz", "3", env=FAKE_AWS)
     assert out.returncode == 2 and "unrecognized arguments: --max_stepz 3" in out.stderr
     missing = run_script("examples/sagemaker_job.py", "--", "--max_steps", "3", env=FAKE_AWS)
-    assert missing.returncode == 2 and "--role is required" in missing.stderr and "--image_uri is required" in \
-        missing.stderr
+    assert (
+        missing.returncode == 2
+        and "--role is required" in missing.stderr
+        and "--image_uri is required" in missing.stderr
+    )

@@ -14,8 +14,13 @@ def megatron_config(heads=4, groups=2, head_dim=16, **extra):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     return TransformerConfig(
-        num_layers=1, hidden_size=heads * head_dim, num_attention_heads=heads, num_query_groups=groups,
-        kv_channels=head_dim, attention_dropout=0.0, **extra,
+        num_layers=1,
+        hidden_size=heads * head_dim,
+        num_attention_heads=heads,
+        num_query_groups=groups,
+        kv_channels=head_dim,
+        attention_dropout=0.0,
+        **extra,
     )
 
 
@@ -24,8 +29,13 @@ def core_attention(config, mask_type="causal", softmax_scale=None):
 
     from sdpa_attention import SDPADotProductAttention
 
-    return SDPADotProductAttention(config, layer_number=3, attn_mask_type=getattr(AttnMaskType, mask_type),
-                                   attention_type="self", softmax_scale=softmax_scale).eval()
+    return SDPADotProductAttention(
+        config,
+        layer_number=3,
+        attn_mask_type=getattr(AttnMaskType, mask_type),
+        attention_type="self",
+        softmax_scale=softmax_scale,
+    ).eval()
 
 
 def reference(q, k, v, masked_out, scale):
@@ -69,7 +79,7 @@ def test_gradients_match_the_reference():
     for t in (q, k, v):
         t.grad = None
     reference(q, k, v, future(10), 1 / math.sqrt(8)).square().sum().backward()
-    for mine, theirs in zip(ours, (q.grad, k.grad, v.grad)):
+    for mine, theirs in zip(ours, (q.grad, k.grad, v.grad), strict=True):
         torch.testing.assert_close(mine, theirs.float(), atol=1e-4, rtol=1e-4)
 
 
@@ -94,12 +104,12 @@ def test_softmax_scale_is_used_and_layer_scaling_cancels():
 def test_one_query_attends_every_key_and_continued_queries_are_bottom_right_causal():
     attention = core_attention(megatron_config())
     q, k, v = qkv(1, 6, 2, 4, 2, 16, seed=3)
-    torch.testing.assert_close(attention(q, k, v, None).double(), reference(q, k, v, None, 0.25), atol=1e-5,
-                               rtol=1e-5)
+    torch.testing.assert_close(attention(q, k, v, None).double(), reference(q, k, v, None, 0.25), atol=1e-5, rtol=1e-5)
     q, k, v = qkv(3, 8, 2, 4, 2, 16, seed=4)
     bottom_right = torch.ones(3, 8, dtype=torch.bool).triu(1 + 8 - 3)
-    torch.testing.assert_close(attention(q, k, v, None).double(), reference(q, k, v, bottom_right, 0.25),
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        attention(q, k, v, None).double(), reference(q, k, v, bottom_right, 0.25), atol=1e-5, rtol=1e-5
+    )
 
 
 def test_a_padding_layer_without_mask_attends_everything():

@@ -3,6 +3,7 @@ variant's overrides), its synthetic batches are what the model expects, and its 
 
 from __future__ import annotations
 
+import itertools
 import sys
 from pathlib import Path
 
@@ -19,9 +20,19 @@ def test_lora_flops_are_two_thirds_of_nemos_training_formula():
 
     lora, full = bench.CASES["qwen3_8b_lora"], bench.CASES["qwen3_1p7b_full"]
     per_token = bench.model_flops_per_token(lora)
-    nemo = flops_formulas.qwen3(flops_formulas.FLOPSConfig(
-        gbs=1, enc_seq_len=4096, hs=4096, layers=36, ffn_hs=12288, attention_heads=32, query_groups=8,
-        kv_channels=128, vocab_size=151936))
+    nemo = flops_formulas.qwen3(
+        flops_formulas.FLOPSConfig(
+            gbs=1,
+            enc_seq_len=4096,
+            hs=4096,
+            layers=36,
+            ffn_hs=12288,
+            attention_heads=32,
+            query_groups=8,
+            kv_channels=128,
+            vocab_size=151936,
+        )
+    )
     assert per_token == pytest.approx(nemo / 4096 * 2 / 3)
     assert 32e9 < per_token < 33e9  # ~6 x 8.2B params x 2/3, plus causal attention at 4096
     assert bench.model_flops_per_token(full) > 6 * 1.7e9
@@ -29,9 +40,14 @@ def test_lora_flops_are_two_thirds_of_nemos_training_formula():
 
 @pytest.fixture(autouse=True)
 def tiny_cases(monkeypatch):
-    monkeypatch.setitem(bench.CASES, "tiny", bench.Case(recipe="qwen3_600m", shape="qwen3_8b", peft=True, seq_length=32))
-    monkeypatch.setitem(bench.CASES, "tiny_varlen", bench.Case(recipe="qwen3_600m", shape="qwen3_8b", peft=True,
-                                                                seq_length=2048, variable_lengths=True))
+    monkeypatch.setitem(
+        bench.CASES, "tiny", bench.Case(recipe="qwen3_600m", shape="qwen3_8b", peft=True, seq_length=32)
+    )
+    monkeypatch.setitem(
+        bench.CASES,
+        "tiny_varlen",
+        bench.Case(recipe="qwen3_600m", shape="qwen3_8b", peft=True, seq_length=2048, variable_lengths=True),
+    )
 
 
 def test_synthetic_batches_are_learnable_and_causal():
@@ -55,8 +71,9 @@ def test_the_timed_recipe_is_peft_megatrons_with_only_the_benchmark_changes(vari
     import sdpa_attention
 
     env = nemo_compat.Environment(has_te=False, has_cuda=True)
-    recipe, config = bench.benchmark_recipe("qwen3_8b_lora", bench.CASES["qwen3_8b_lora"], bench.VARIANTS[variant],
-                                            15, env, [])
+    recipe, config = bench.benchmark_recipe(
+        "qwen3_8b_lora", bench.CASES["qwen3_8b_lora"], bench.VARIANTS[variant], 15, env, []
+    )
     model = recipe.model.config
     assert model.seq_length == 4096 and model.num_layers == 36 and model.hidden_size == 4096
     assert recipe.peft.dim == 16 and recipe.peft.alpha == 32 and recipe.optim.config.lr == 1e-4
@@ -106,8 +123,7 @@ def test_foreach_fallbacks_keep_the_multi_tensor_contracts_megatron_calls():
         ours, megatrons = ([torch.empty_like(g, dtype=torch.bfloat16) for g in grads] for _ in range(2))
         local_multi_tensor_applier(bench.foreach_multi_tensor_scale, None, [main, ours], scale)
         local_multi_tensor_applier(local_multi_tensor_scale, None, [main, megatrons], scale)
-        assert all(torch.equal(a, b) for a, b in zip(ours, megatrons))
-
+        assert all(torch.equal(a, b) for a, b in zip(ours, megatrons, strict=True))
 
 
 def test_profile_must_name_a_measured_variant(capsys):
@@ -125,7 +141,7 @@ def test_variable_length_samples_are_fixed_and_unpacked_batches_count_their_toke
     module = bench.make_synthetic_data_module("tiny_varlen", micro_batch_size=1, global_batch_size=1)
     module.setup()
     loader = module.train_dataloader()
-    batches = [b for _, b in zip(range(3), loader)]
+    batches = list(itertools.islice(loader, 3))
     assert module.batch_tokens == lengths[:3] == [b["tokens"].shape[1] for b in batches]
     assert all(b["attention_mask"].shape[-1] == b["tokens"].shape[1] for b in batches)
 
@@ -137,11 +153,11 @@ def test_packed_rows_come_from_nemos_packer_and_collate_with_their_real_token_co
     dataset = module._train_ds
     assert sum(len(dataset[i]["seq_boundaries"]) - 1 for i in range(len(dataset))) == bench.POOL
     loader = module.train_dataloader()
-    batches = [b for _, b in zip(range(3), loader)]
+    batches = list(itertools.islice(loader, 3))
     assert len(module.batch_tokens) == 3
-    for j, (batch, counted) in enumerate(zip(batches, module.batch_tokens)):
+    for j, (batch, counted) in enumerate(zip(batches, module.batch_tokens, strict=True)):
         bounds = dataset[j]["seq_boundaries"]  # a sample of n ids trains on n - 1 positions
-        assert counted == int(batch["loss_mask"].sum()) == sum(e - s - 1 for s, e in zip(bounds[:-1], bounds[1:]))
+        assert counted == int(batch["loss_mask"].sum()) == sum(e - s - 1 for s, e in itertools.pairwise(bounds))
         assert batch["tokens"].shape[1] <= case.seq_length and "cu_seqlens" in batch
         assert len(bounds) > 2  # several samples per row
     with pytest.raises(SystemExit):

@@ -6,13 +6,13 @@ import shlex
 
 import pytest
 
-from conftest import wandb_history
-
 import peft_megatron as pm
+from conftest import wandb_history
 
 
 def test_the_recipes_wandb_logger_writes_an_offline_run_with_the_losses(tmp_path, monkeypatch):
     import fiddle as fdl
+
     import nemo_compat
 
     pytest.importorskip("wandb", reason="W&B is optional (requirements.txt installs it)")

@@ -5,7 +5,8 @@ versions installed there, the ones the CPU tests ran against. Inputs: the node's
 `pip freeze` (a bare name means "present, version unknown"); requirements.txt; torch and the CUDA wheels are never
 carried.
 
-    .venv/bin/python tools/build_offline_bundle.py --target tools/targets/nvidia-h100-cuda-py312.txt --python 3.12 --out .whl
+    .venv/bin/python tools/build_offline_bundle.py --target tools/targets/nvidia-h100-cuda-py312.txt \
+        --python 3.12 --out .whl
     # on the node (no network), from the repository root:
     bash .whl/install.sh            # pip install --no-index --no-deps --target /tmp/site .whl/*.whl
     export PYTHONPATH=/tmp/site
@@ -29,29 +30,67 @@ import zipfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-NEVER_CARRY = re.compile(r"^(torch|torchvision|torchaudio|triton|nvidia-(cu|nccl|nvjitlink|nvshmem|nvtx-cu).*|cuda-.*|pip|setuptools|wheel)$")
+NEVER_CARRY = re.compile(
+    r"^(torch|torchvision|torchaudio|triton|nvidia-(cu|nccl|nvjitlink|nvshmem|nvtx-cu).*|cuda-.*|pip|setuptools|wheel)$"
+)
 # What our scripts import on the node (training workers, inference, export, evaluation). Only the distributions these
 # modules load travel: nemo_toolkit[llm] pulls in ~100 more (ray, faiss, jieba, boto3, ...) that no path of ours
 # imports, and they would take the bundle past the 64 MiB a device call may carry.
 RUNTIME_MODULES = [
-    "nemo.collections.llm", "nemo.collections.llm.recipes.qwen3_8b", "nemo.collections.llm.recipes.llama31_8b",
-    "nemo.collections.llm.peft", "nemo.lightning", "nemo.lightning.pytorch.callbacks", "nemo_run",
-    "nemo_run.core.runners.fdl_runner", "nemo.utils.callbacks.dist_ckpt_io",
-    "megatron.core.inference.engines", "megatron.core.inference.contexts.dynamic_context",
+    "nemo.collections.llm",
+    "nemo.collections.llm.recipes.qwen3_8b",
+    "nemo.collections.llm.recipes.llama31_8b",
+    "nemo.collections.llm.peft",
+    "nemo.lightning",
+    "nemo.lightning.pytorch.callbacks",
+    "nemo_run",
+    "nemo_run.core.runners.fdl_runner",
+    "nemo.utils.callbacks.dist_ckpt_io",
+    "megatron.core.inference.engines",
+    "megatron.core.inference.contexts.dynamic_context",
     "megatron.core.inference.text_generation_controllers.text_generation_controller",
-    "modelopt.torch.opt", "modelopt.torch.quantization", "nvidia_resiliency_ext.checkpointing",
-    "lightning.pytorch.loggers", "tensorboard", "datasets", "peft", "bert_score", "rouge_score.rouge_scorer",
-    "transformers", "safetensors", "tokenizers",
+    "modelopt.torch.opt",
+    "modelopt.torch.quantization",
+    "nvidia_resiliency_ext.checkpointing",
+    "lightning.pytorch.loggers",
+    "tensorboard",
+    "datasets",
+    "peft",
+    "bert_score",
+    "rouge_score.rouge_scorer",
+    "transformers",
+    "safetensors",
+    "tokenizers",
 ]
 # Imported by NeMo/Megatron only when installed (try/except ImportError): object-store checkpoints, W&B, NVTX
 # ranges, numexpr. Tracing sees them because they are installed here; the node runs without them. `--include`
 # adds any back (e.g. `--include wandb` for a W&B run: +19 MiB).
 OPTIONAL_AT_RUNTIME = {
-    "wandb", "boto3", "botocore", "s3transfer", "jmespath", "multi-storage-client", "numcodecs", "zarr", "asciitree",
-    "webdataset", "braceexpand", "google-auth", "google-api-core", "googleapis-common-protos", "nvtx", "numexpr",
-    "pyasn1", "pyasn1-modules", "proto-plus", "fasteners",
+    "wandb",
+    "boto3",
+    "botocore",
+    "s3transfer",
+    "jmespath",
+    "multi-storage-client",
+    "numcodecs",
+    "zarr",
+    "asciitree",
+    "webdataset",
+    "braceexpand",
+    "google-auth",
+    "google-api-core",
+    "googleapis-common-protos",
+    "nvtx",
+    "numexpr",
+    "pyasn1",
+    "pyasn1-modules",
+    "proto-plus",
+    "fasteners",
 }
-PLATFORMS = [f"manylinux_2_{n}_x86_64" for n in (39, 35, 34, 31, 28, 27, 24, 17)] + ["manylinux2014_x86_64", "manylinux1_x86_64"]
+PLATFORMS = [f"manylinux_2_{n}_x86_64" for n in (39, 35, 34, 31, 28, 27, 24, 17)] + [
+    "manylinux2014_x86_64",
+    "manylinux1_x86_64",
+]
 INSTALL_SH = """#!/usr/bin/env bash
 # Installs this bundle without network access. Usage: bash .whl/install.sh [TARGET_DIR]  (default /tmp/site)
 set -euo pipefail
@@ -137,8 +176,23 @@ def to_carry(
 def download(name: str, version: str, python: str, out: Path) -> Path:
     before = set(out.iterdir())
     platform_args = [a for p in PLATFORMS for a in ("--platform", p)]
-    cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:", "--python-version",
-           python, "--implementation", "cp", *platform_args, "-d", str(out), f"{name}=={version}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--quiet",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--python-version",
+        python,
+        "--implementation",
+        "cp",
+        *platform_args,
+        "-d",
+        str(out),
+        f"{name}=={version}",
+    ]
     if subprocess.run(cmd, capture_output=True, text=True).returncode != 0:
         # Published as an sdist only: build a wheel here (pure-Python packages; a compiled one would fail loudly).
         cmd = [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", str(out), f"{name}=={version}"]
@@ -170,7 +224,9 @@ def strip_pulp_solvers(wheel: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--target", type=Path, required=True, help="the node's pip freeze (name or name==version lines)")
+    parser.add_argument(
+        "--target", type=Path, required=True, help="the node's pip freeze (name or name==version lines)"
+    )
     parser.add_argument("--python", default="3.12", help="the node's Python version, e.g. 3.12")
     parser.add_argument("--requirements", type=Path, default=REPO / "requirements.txt")
     parser.add_argument("--out", type=Path, default=REPO / ".whl")
