@@ -18,7 +18,7 @@ refused, never reused. Outputs are written to a temporary directory and renamed,
 looks complete. `--verify` (default on for models under
 2B parameters) reloads the export with transformers; for LoRA it checks that the merged model and
 peft.PeftModel(base, adapter) give the same logits. The adapter mapping itself is tested against NeMo's own
-exporter on NeMo-layout LoRA weights (tests/test_checkpoints.py). Runs on CPU or GPU.
+exporter on NeMo-layout LoRA weights (tests/test_convert_checkpoint_to_hf.py). Runs on CPU or GPU.
 Exit codes: 0 ok, 1 failure, 2 invalid arguments.
 """
 

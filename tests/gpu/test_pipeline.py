@@ -1,6 +1,6 @@
 """The GPU path through the real CLI and NeMo-Run's torchrun launcher, on a tiny model (1 GPU).
 
-Run on a CUDA machine: `python -m pytest -m gpu tests/test_gpu.py`; skipped elsewhere with a reason (conftest).
+Run on a CUDA machine: `python -m pytest -m gpu tests/gpu`; skipped elsewhere with a reason (conftest).
 The record of the runs on the lent H100 is docs/gpu-validation.md.
 """
 
