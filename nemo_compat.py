@@ -59,6 +59,9 @@ COMPILED_FUSIONS = {"bias_activation_fusion": True, "bias_dropout_fusion": True}
 # turn it on (the config patch below forces NO_TE_MODEL_OVERRIDES on every config a process builds).
 SLOWER_FUSIONS_OFF = {"cross_entropy_loss_fusion": False}
 
+# The releases whose functions the no-TE shims replace by name and signature (requirements.txt pins them).
+WRITTEN_FOR = {"nemo_toolkit": "2.7.", "megatron-core": "0.15."}
+
 _applied: set[str] = set()
 WORKER_ENV_FLAG = "PEFT_MEGATRON_WORKER_COMPAT"  # set by peft_megatron's executor; read by startup/sitecustomize.py
 
@@ -105,10 +108,34 @@ def prepare_process(env: Environment | None = None) -> Environment:
         return env
     skip_unified_memory_build(env)
     if not env.has_te:
+        check_versions()
         _patch_config_fusions()
         _patch_peft_te_checks()
         _patch_norm_mapping()
     return env
+
+
+def check_versions(installed: dict[str, str] | None = None) -> None:
+    """The no-TE shims replace NeMo / Megatron-Core functions of the releases in WRITTEN_FOR; on other releases they
+    could silently patch the wrong thing, so they refuse, naming what is installed and the fix."""
+    import importlib.metadata as metadata
+
+    if installed is None:
+        installed = {}
+        for dist in WRITTEN_FOR:
+            try:
+                installed[dist] = metadata.version(dist)
+            except metadata.PackageNotFoundError:
+                installed[dist] = "not installed"
+    wrong = {d: v for d, v in installed.items() if d in WRITTEN_FOR and not v.startswith(WRITTEN_FOR[d])}
+    if wrong:
+        found = ", ".join(f"{d} {v}" for d, v in wrong.items())
+        wanted = ", ".join(f"{d} {p}x" for d, p in WRITTEN_FOR.items())
+        raise RuntimeError(
+            f"nemo_compat's shims for running without Transformer Engine were written for {wanted}; found {found}. "
+            "Install the pinned stack (pip install -r requirements.txt), or install Transformer Engine, with which "
+            "no shim is needed."
+        )
 
 
 def model_config_overrides(env: Environment, compiled_fusions: bool = False) -> dict:
@@ -322,6 +349,7 @@ def install_worker_hooks(skip: frozenset[str] = frozenset()) -> None:
     shims to leave out (the benchmark measures each against its absence)."""
     skip_unified_memory_build()
     if importlib.util.find_spec("transformer_engine") is None:
+        check_versions()
         _after_import(LORA_MODULE, _patch_peft_te_checks)
         if "compiled-rope" not in skip:
             _after_import(ROPE_MODULE, compile_unfused_rope)

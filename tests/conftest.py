@@ -45,8 +45,8 @@ def pytest_collection_modifyitems(config, items):
 
 def script_env(env: dict | None = None) -> dict:
     """The environment a user's fresh offline shell gives a script."""
-    # An in-process NeMo call (tests/test_convert_checkpoint_to_hf.py) leaves rendezvous variables in os.environ with its port
-    # still bound; a script started afterwards must not inherit them, as a user's fresh shell would not.
+    # An in-process NeMo call (tests/test_convert_checkpoint_to_hf.py) leaves rendezvous variables in os.environ with
+    # its port still bound; a script started afterwards must not inherit them, as a user's fresh shell would not.
     full_env = {
         **environ_without_rendezvous(),
         "HF_HUB_OFFLINE": "1",
@@ -176,8 +176,8 @@ def module_model_parallel():
     from megatron.core import parallel_state
 
     if parallel_state.model_parallel_is_initialized():
-        # Left by an in-process NeMo import earlier in the session (tests/test_convert_checkpoint_to_hf.py), which never tears
-        # down Megatron's groups; they are the same one-process groups this fixture builds.
+        # Left by an in-process NeMo import earlier in the session (tests/test_convert_checkpoint_to_hf.py), which
+        # never tears down Megatron's groups; they are the same one-process groups this fixture builds.
         parallel_state.destroy_model_parallel()
     created = not dist.is_initialized()
     if created:

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import nemo_compat
@@ -216,3 +217,13 @@ def test_lora_with_dropout_after_the_adapter_keeps_nemos_forward(model_parallel)
     finally:
         nemo_compat.unfuse_lora_output()
     assert torch.allclose(loss, loss_and_gradients(model)[0], rtol=0, atol=0)
+
+
+def test_shims_refuse_releases_they_were_not_written_for():
+    nemo_compat.check_versions()  # the pinned stack installed here
+    nemo_compat.check_versions({"nemo_toolkit": "2.7.3", "megatron-core": "0.15.3"})
+    with pytest.raises(RuntimeError) as refused:
+        nemo_compat.check_versions({"nemo_toolkit": "2.7.3", "megatron-core": "0.16.0"})
+    message = str(refused.value)
+    assert "megatron-core 0.16.0" in message and "nemo_toolkit" not in message.split("found")[1]
+    assert "pip install -r requirements.txt" in message and "Transformer Engine" in message
