@@ -431,13 +431,10 @@ def default_export_path(ckpt: Path, suffix: str) -> Path:
 
 def export(cfg: ExportConfig) -> Path:
     ckpt = resolve_checkpoint(cfg)
-    lora = is_lora_checkpoint(ckpt)
-    if cfg.no_merge and not lora:
-        raise PipelineError(f"--no_merge exports a LoRA adapter, but {ckpt} holds full weights; drop --no_merge")
-    suffix = ".hf_peft" if cfg.no_merge else ".hf_model"
-    out = Path(cfg.output_dir) if cfg.output_dir else default_export_path(ckpt, suffix)
-    base = base_checkpoint(ckpt) if lora else None
-    source = export_source(ckpt, base, "adapter" if cfg.no_merge else "merged" if lora else "full")
+    kind = export_kind(ckpt, cfg.no_merge)
+    out = Path(cfg.output_dir) if cfg.output_dir else default_export_path(ckpt, EXPORT_SUFFIX[kind])
+    base = None if kind == "full" else base_checkpoint(ckpt)
+    source = export_source(ckpt, base, kind)
     out.parent.mkdir(parents=True, exist_ok=True)
     # Two exports into one --output_dir take turns; the second then finds the first one's export.
     with exclusive_lock(out.with_name(f".{out.name}.export-lock"), EXPORT_LOCK_TIMEOUT_S, "export"):
@@ -446,34 +443,59 @@ def export(cfg: ExportConfig) -> Path:
             print(f"export already present: {out}")
             return out
         remove_leftovers(out, "export", ("work.*", "*.partial"))
-        _write_export(cfg, ckpt, base, lora, source, out)
+        _write_export(cfg, kind, ckpt, base, source, out)
     print(f"exported {ckpt} -> {out}")
     return out
 
 
-def _write_export(cfg: ExportConfig, ckpt: Path, base: Path | None, lora: bool, source: dict, out: Path) -> None:
+EXPORT_SUFFIX = {"full": ".hf_model", "merged": ".hf_model", "adapter": ".hf_peft"}
+
+
+def export_kind(ckpt: Path, no_merge: bool) -> str:
+    """full: a fully fine-tuned checkpoint; merged: LoRA merged into its base; adapter: LoRA alone (HF PEFT)."""
+    lora = is_lora_checkpoint(ckpt)
+    if no_merge and not lora:
+        raise PipelineError(f"--no_merge exports a LoRA adapter, but {ckpt} holds full weights; drop --no_merge")
+    return "adapter" if no_merge else "merged" if lora else "full"
+
+
+def _write_export(cfg: ExportConfig, kind: str, ckpt: Path, base: Path | None, source: dict, out: Path) -> None:
     import nemo_compat
 
     env = nemo_compat.prepare_process()
     verify = cfg.verify if cfg.verify is not None else parameter_count(base or ckpt) < VERIFY_MAX_PARAMS
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.work.") as work:
-        work = Path(work)
         with atomic_dir(out, overwrite=cfg.overwrite) as tmp:
-            if not lora:
-                export_hf(ckpt, tmp, env)
-                if verify:
-                    verify_loads(tmp)
-            else:
-                base_hf, adapter = work / "base_hf", (tmp if cfg.no_merge else work / "adapter")
-                export_hf(base, base_hf, env)
-                adapter.mkdir(exist_ok=True)
-                export_adapter(ckpt, adapter, base_model=str(base_hf if not cfg.no_merge else base))
-                merged = work / "merged" if cfg.no_merge else tmp
-                if not cfg.no_merge or verify:
-                    merge_in_hf(base_hf, adapter, merged)
-                if verify:
-                    verify_pair(merged, base_hf, adapter)
+            WRITERS[kind](ckpt, base, tmp, Path(work), env, verify)
             write_export_record(tmp, source)
+
+
+def write_full(ckpt: Path, base: None, out: Path, work: Path, env, verify: bool) -> None:
+    export_hf(ckpt, out, env)
+    if verify:
+        verify_loads(out)
+
+
+def write_merged(ckpt: Path, base: Path, out: Path, work: Path, env, verify: bool) -> None:
+    base_hf, adapter = work / "base_hf", work / "adapter"
+    export_hf(base, base_hf, env)
+    adapter.mkdir()
+    export_adapter(ckpt, adapter, base_model=str(base_hf))
+    merge_in_hf(base_hf, adapter, out)
+    if verify:
+        verify_pair(out, base_hf, adapter)
+
+
+def write_adapter(ckpt: Path, base: Path, out: Path, work: Path, env, verify: bool) -> None:
+    export_adapter(ckpt, out, base_model=str(base))
+    if verify:  # merge in a scratch directory, only to compare logits
+        base_hf, merged = work / "base_hf", work / "merged"
+        export_hf(base, base_hf, env)
+        merge_in_hf(base_hf, out, merged)
+        verify_pair(merged, base_hf, out)
+
+
+WRITERS = {"full": write_full, "merged": write_merged, "adapter": write_adapter}
 
 
 def verify_loads(out: Path) -> None:
