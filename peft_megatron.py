@@ -50,6 +50,7 @@ from common import (
     RUN_NAME,
     ConfigError,
     PipelineError,
+    RunLayout,
     atomic_dir,
     atomic_write_text,
     checkpoint_damage,
@@ -82,7 +83,6 @@ IMPORT_FAILED_SUFFIX = ".import-failed"
 IMPORT_LOCK_SUFFIX = ".import-lock"
 IMPORT_RECORD = ".import_source.json"  # inside an imported checkpoint: the model and recipe it was made from
 EXIT_NO_GPU = 3
-LOG_FILE = "peft_megatron.log"  # under --output_dir: this process's messages, other libraries' included
 SEED_GPUS_PER_NODE = 8  # --gpus_per_node auto on a machine without GPUs: the plan of one 8-GPU node
 
 
@@ -253,12 +253,16 @@ class Config:
         )
 
     @property
+    def layout(self) -> RunLayout:
+        return RunLayout(self.output_path)
+
+    @property
     def data_path(self) -> Path:
-        return Path(self.data_dir) if self.data_dir else self.output_path / "data"
+        return Path(self.data_dir) if self.data_dir else self.layout.data
 
     @property
     def nemo_ckpt_path(self) -> Path:
-        return Path(self.nemo_ckpt_dir) if self.nemo_ckpt_dir else self.output_path / "imported_hf_ckpt"
+        return Path(self.nemo_ckpt_dir) if self.nemo_ckpt_dir else self.layout.imported
 
     @property
     def experiment_title(self) -> str:
@@ -337,7 +341,7 @@ def apply_sagemaker_env(config: Config, explicit: set[str], environ) -> Config:
         offer("data_dir", environ["SM_CHANNEL_TRAINING"])
     if "SM_MODEL_DIR" in environ:
         offer("output_dir", environ["SM_MODEL_DIR"])
-        offer("nemo_ckpt_dir", str(Path(environ["SM_MODEL_DIR"]) / "imported_hf_ckpt"))
+        offer("nemo_ckpt_dir", str(RunLayout(Path(environ["SM_MODEL_DIR"])).imported))
     if "SM_NUM_GPUS" in environ and "gpus_per_node" not in explicit:
         try:
             gpus = int(environ["SM_NUM_GPUS"])
@@ -970,7 +974,8 @@ def configure_logger(config: Config):
         name=RUN_NAME,
         log_dir=str(config.output_path.resolve()),
         use_datetime_version=False,  # a stable checkpoint directory is what lets a restarted run resume
-        tensorboard=run.Config(TensorBoardLogger, save_dir="tb_logs", name="peft_megatron"),
+        # Relative to log_dir, which NeMoLogger resolves it against: <output_dir>/tb_logs.
+        tensorboard=run.Config(TensorBoardLogger, save_dir=config.layout.tensorboard.name, name="peft_megatron"),
         wandb=wandb,
         ckpt=checkpoint,
     )
@@ -1001,7 +1006,7 @@ def configure_callbacks(config: Config) -> list:
         callbacks.append(run.Config(cb.SpeedMonitor, window_size=100))
     if config.enable_runtime_estimator:
         callbacks.append(run.Config(cb.RuntimeEstimator))
-    profile_dir = str((config.output_path / "profiles").resolve())
+    profile_dir = str(config.layout.profiles.resolve())
     if config.enable_memory_profile:
         callbacks.append(run.Config(cb.MemoryProfileCallback, dir=profile_dir, ranks=[0]))
     if config.enable_pytorch_profiler:
@@ -1073,7 +1078,7 @@ def _slurm_executor(config: Config, env_vars: dict):
         container_image=config.container_image,
         container_mounts=mounts,
         env_vars=env_vars,
-        tunnel=run.LocalTunnel(job_dir=str((config.output_path / "nemo_run").resolve())),
+        tunnel=run.LocalTunnel(job_dir=str(config.layout.nemo_run.resolve())),
     )
     executor.launcher = "torchrun"  # one torchrun per node, rendezvous at the first node (NeMo-Run's sbatch script)
     return executor
@@ -1087,14 +1092,14 @@ def submit_training(config: Config, recipe, executor) -> None:
         config.experiment_title,
         executor=executor,
         log_level=config.log_level,
-        base_dir=str((config.output_path / "nemo_run").resolve()),
+        base_dir=str(config.layout.nemo_run.resolve()),
     ) as exp:
         exp.add(recipe, tail_logs=False, name=config.recipe_cls_name)
         exp.run(detach=True)
     for job in exp.jobs:
         print(
-            f"submitted Slurm job {job.id} ({job.state}); logs under {config.output_path / 'nemo_run'}, checkpoints "
-            f"under {checkpoints_dir(config)}",
+            f"submitted Slurm job {job.id} ({job.state}); logs under {config.layout.nemo_run}, checkpoints "
+            f"under {config.layout.checkpoints}",
             flush=True,
         )
 
@@ -1106,8 +1111,8 @@ def launch_training(config: Config, recipe, executor) -> float:
 
     started = time.monotonic()
     if config.enable_pytorch_profiler or config.enable_memory_profile:
-        (config.output_path / "profiles").mkdir(parents=True, exist_ok=True)  # the callbacks require it to exist
-    log.info("training workers' output: in full in %s; here, what matters", config.output_path / LOG_FILE)
+        config.layout.profiles.mkdir(parents=True, exist_ok=True)  # the callbacks require it to exist
+    log.info("training workers' output: in full in %s; here, what matters", config.layout.log_file)
     # A single job's workers are waited for (and their output tailed) when the experiment's context exits.
     with (
         quiet_workers(config.recipe_cls_name, config.log_level, config.log_every_n_steps),
@@ -1115,7 +1120,7 @@ def launch_training(config: Config, recipe, executor) -> float:
             config.experiment_title,
             executor=executor,
             log_level=config.log_level,
-            base_dir=str((config.output_path / "nemo_run").resolve()),
+            base_dir=str(config.layout.nemo_run.resolve()),
         ) as exp,
     ):
         exp.add(recipe, tail_logs=True, name=config.recipe_cls_name)
@@ -1124,15 +1129,11 @@ def launch_training(config: Config, recipe, executor) -> float:
     failed = {jid: str(state) for jid, state in states.items() if state != AppState.SUCCEEDED}
     if failed:
         raise PipelineError(
-            f"training failed (job states {failed}); the worker logs are under {config.output_path / 'nemo_run'} "
+            f"training failed (job states {failed}); the worker logs are under {config.layout.nemo_run} "
             "(the error is printed above)"
         )
-    log.info("fine-tuning finished; checkpoints under %s", checkpoints_dir(config))
+    log.info("fine-tuning finished; checkpoints under %s", config.layout.checkpoints)
     return time.monotonic() - started
-
-
-def checkpoints_dir(config: Config) -> Path:
-    return config.output_path / RUN_NAME / "checkpoints"
 
 
 def write_report(config: Config, wall_time_s: float) -> dict:
@@ -1152,7 +1153,7 @@ def write_report(config: Config, wall_time_s: float) -> dict:
             "command": shlex.join(sys.orig_argv),
         },
     )
-    print(f"report: {run_report.report_dir(config.output_path)}", flush=True)
+    print(f"report: {config.layout.report}", flush=True)
     for line in run_report.summary_lines(summary):
         print(f"  {line}", flush=True)
     return summary
@@ -1180,8 +1181,8 @@ def plan_lines(config: Config) -> list[str]:
         f"imported checkpoint: {config.nemo_ckpt_path} "
         f"({'present' if is_nemo_checkpoint(config.nemo_ckpt_path) else 'to be imported'})",
         f"data: {config.data.dataset_name or '(existing JSONL)'} -> {config.data_path}",
-        f"checkpoints: {checkpoints_dir(config)} (best val_loss + last)",
-        f"tensorboard: {config.output_path / 'tb_logs'}",
+        f"checkpoints: {config.layout.checkpoints} (best val_loss + last)",
+        f"tensorboard: {config.layout.tensorboard}",
     ]
 
 
@@ -1200,7 +1201,7 @@ def slurm_script(config: Config, recipe, executor) -> str:
 
     import nemo_run as run
 
-    base = (config.output_path / "nemo_run").resolve()
+    base = config.layout.nemo_run.resolve()
     created = [p for p in (base, *base.parents) if not p.exists()]
     exp = None
     try:
@@ -1279,8 +1280,8 @@ def demo_config(config: Config) -> Config:
         lora_dim=32,
         lora_alpha=64,
         output_dir=str(DEMO_DIR / "run"),
-        data_dir=str(DEMO_DIR / "run" / "data"),
-        nemo_ckpt_dir=str(DEMO_DIR / "run" / "imported_hf_ckpt"),
+        data_dir=str(RunLayout(DEMO_DIR / "run").data),
+        nemo_ckpt_dir=str(RunLayout(DEMO_DIR / "run").imported),
         data=data,
     )
 
@@ -1332,7 +1333,7 @@ def run_demo(config: Config) -> int:
         _run_script("test_checkpoint.py", *_demo_evaluation_args(config, None, "after"))
     after = _demo_metrics(config, "after")
     with phase("export to Hugging Face format"):
-        _run_script("convert_checkpoint_to_hf.py", "--nemo_logs_dir", str(config.output_path / RUN_NAME), "--overwrite")
+        _run_script("convert_checkpoint_to_hf.py", "--nemo_logs_dir", str(config.layout.logs), "--overwrite")
     print(
         f"\ndemo: exact match on {summary['rows']['test']} held-out questions: before {before['exact_match']:.3f} "
         f"-> after {after['exact_match']:.3f}",
@@ -1361,7 +1362,7 @@ def _demo_evaluation_args(config: Config, checkpoint: Path | None, tag: str) -> 
     ]
     if checkpoint:
         return args + ["--nemo_checkpoint_path", str(checkpoint)]
-    return args + ["--nemo_logs_dir", str(config.output_path / RUN_NAME)]
+    return args + ["--nemo_logs_dir", str(config.layout.logs)]
 
 
 def _demo_metrics(config: Config, tag: str) -> dict:
@@ -1430,7 +1431,7 @@ def main(argv: list[str] | None = None) -> int:
     if config.prepare_data_only:
         prepare_data(config)
         return 0
-    log.info("full log, every library's messages: %s", log_to_file(config.output_path / LOG_FILE, config.log_level))
+    log.info("full log, every library's messages: %s", log_to_file(config.layout.log_file, config.log_level))
     if config.demo:
         return run_demo(config)
     with phase("HF -> NeMo import"):

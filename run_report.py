@@ -20,7 +20,7 @@ import statistics
 from pathlib import Path
 
 from common import (
-    RUN_NAME,
+    RunLayout,
     atomic_write_bytes,
     atomic_write_text,
     checkpoint_val_loss,
@@ -30,17 +30,12 @@ from common import (
 
 log = logging.getLogger("peft_megatron")
 
-REPORT_DIR = "report"
 TRAIN_LOSS, VAL_LOSS = "reduced_train_loss", "val_loss"
 STEP_TIME = "train_step_timing in s"  # NeMo's TimingCallback, in every fine-tuning recipe
 PEAK_MEMORY = "memory/peak_allocated_mem"  # NeMo's MemoryMonitor, in GB (1e9 bytes)
 LOCK_TIMEOUT_S = 600.0
 _STEP = re.compile(r"(?:^|-)step=(\d+)")
 _CONSUMED = re.compile(r"consumed_samples=([0-9.]+)")
-
-
-def report_dir(output_dir: Path) -> Path:
-    return Path(output_dir) / REPORT_DIR
 
 
 def read_scalars(root: Path) -> dict[str, dict[int, float]]:
@@ -58,8 +53,8 @@ def read_scalars(root: Path) -> dict[str, dict[int, float]]:
 
 
 def run_checkpoints(output_dir: Path) -> dict:
-    """The best-val_loss checkpoint and the last one under <output_dir>/<RUN_NAME>/checkpoints, with their steps."""
-    root = Path(output_dir) / RUN_NAME / "checkpoints"
+    """The best-val_loss checkpoint and the last one under the run's checkpoints/, with their steps."""
+    root = RunLayout(Path(output_dir)).checkpoints
     found = sorted(p for p in root.iterdir() if is_nemo_checkpoint(p)) if root.is_dir() else []
     scored = [p for p in found if not p.name.endswith("-last") and checkpoint_val_loss(p) is not None]
     last = [p for p in found if p.name.endswith("-last")]
@@ -153,7 +148,7 @@ def plot_loss_curve(scalars: dict[str, dict[int, float]], best: dict | None, tit
 
 def write_training_report(output_dir: Path, run: dict) -> dict:
     """Write summary.json and loss_curve.png for the run in `output_dir`; evaluations already in the report stay."""
-    out = report_dir(output_dir)
+    out = RunLayout(Path(output_dir)).report
     scalars = read_scalars(Path(output_dir))
     summary = summarize_training(output_dir, run, scalars)
     with exclusive_lock(out / ".lock", LOCK_TIMEOUT_S, "run report"):
@@ -168,7 +163,7 @@ def write_training_report(output_dir: Path, run: dict) -> dict:
 
 def add_evaluation(output_dir: Path, name: str, evaluation: dict) -> None:
     """Record one evaluation (test_checkpoint.py's metrics for a checkpoint) in the run's summary.json."""
-    out = report_dir(output_dir)
+    out = RunLayout(Path(output_dir)).report
     with exclusive_lock(out / ".lock", LOCK_TIMEOUT_S, "run report"):
         summary = _read(out)
         summary.setdefault("evaluations", {})[name] = evaluation
@@ -185,14 +180,6 @@ def _read(out: Path) -> dict:
         # Only our atomic writes make this file; an unreadable one was edited by hand. Start afresh, say so.
         log.warning("%s is not JSON; writing a new report", path)
         return {}
-
-
-def run_of_checkpoint(checkpoint: Path) -> Path | None:
-    """The run directory of a checkpoint that peft_megatron.py wrote (<run>/nemo_logs/checkpoints/<name>)."""
-    checkpoint = Path(checkpoint).resolve()
-    if checkpoint.parent.name == "checkpoints" and checkpoint.parents[1].name == RUN_NAME:
-        return checkpoint.parents[2]
-    return None
 
 
 def summary_lines(summary: dict) -> list[str]:

@@ -34,6 +34,7 @@ from pathlib import Path
 from common import (
     ConfigError,
     PipelineError,
+    RunLayout,
     atomic_write_jsonl,
     atomic_write_text,
     checkpoint_damage,
@@ -470,7 +471,13 @@ def main(argv: list[str] | None = None) -> int:
             f"{ckpt} is damaged: {damage}; evaluate another checkpoint of the run (e.g. its -last "
             "one, --nemo_checkpoint_path), or re-run the training that writes it"
         )
-    data_dir = Path(cfg.data_dir) if cfg.data_dir else ckpt.parents[2] / "data"
+    run = RunLayout.of_checkpoint(ckpt)
+    if not cfg.data_dir and run is None:
+        raise PipelineError(
+            f"{ckpt} is not a checkpoint of a peft_megatron.py run (<output_dir>/nemo_logs/checkpoints/), so its "
+            "test split is unknown; pass --data_dir (the directory holding test.jsonl)"
+        )
+    data_dir = Path(cfg.data_dir) if cfg.data_dir else run.data
     out = Path(cfg.predictions_file) if cfg.predictions_file else ckpt.with_name(ckpt.name + ".predictions.jsonl")
     rows, stats = generate_predictions(cfg, ckpt, data_dir)
     import torch.distributed as dist
@@ -485,10 +492,11 @@ def report_evaluation(ckpt: Path, predictions: Path, metrics: dict) -> None:
     """Add the metrics to the run report of the run that wrote `ckpt` (run_report.py), if a run did."""
     import run_report
 
-    run = run_report.run_of_checkpoint(ckpt)
+    run = RunLayout.of_checkpoint(ckpt)
     if run is not None:
-        run_report.add_evaluation(run, ckpt.name, {"checkpoint": str(ckpt), "predictions": str(predictions), **metrics})
-        print(f"metrics added to {run_report.report_dir(run) / 'summary.json'}")
+        evaluation = {"checkpoint": str(ckpt), "predictions": str(predictions), **metrics}
+        run_report.add_evaluation(run.root, ckpt.name, evaluation)
+        print(f"metrics added to {run.report / 'summary.json'}")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 import run_report
+from common import RunLayout
 from conftest import fake_checkpoint
 
 GBS, SEQ = 16, 64
@@ -158,4 +159,4 @@ def test_evaluations_of_a_runs_checkpoint_land_in_its_report(run_dir, tmp_path):
         "num_samples": 4,
     }
     imported = fake_checkpoint(tmp_path / "imported_hf_ckpt")
-    assert run_report.run_of_checkpoint(imported) is None  # not a run's checkpoint: no report to add to
+    assert RunLayout.of_checkpoint(imported) is None  # not a run's checkpoint: no report to add to

@@ -137,6 +137,13 @@ def test_generation_refuses_without_a_gpu(tmp_path):
     assert out.returncode == 1 and "generation needs a CUDA GPU" in out.stderr and "--evaluate_only" in out.stderr
 
 
+def test_a_checkpoint_outside_a_run_needs_data_dir(tmp_path):
+    fake_checkpoint(tmp_path / "ckpt")
+    out = run_script("test_checkpoint.py", "--nemo_checkpoint_path", str(tmp_path / "ckpt"))
+    assert out.returncode == 1 and "is not a checkpoint of a peft_megatron.py run" in out.stderr
+    assert "pass --data_dir" in out.stderr
+
+
 def test_usage_errors_exit_2(tmp_path):
     out = run_script(
         "test_checkpoint.py",
