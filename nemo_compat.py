@@ -6,13 +6,13 @@ assume it, and assume CUDA even for checkpoint import/export, which is CPU work 
 runtime shim (installed files are never edited), is applied only when the environment needs it, logs what it did,
 and names the upstream behaviour it works around and when it can go. With TE and CUDA present nothing is changed.
 
-Entry points:
+Every shim, the upstream defect it works around and when it can go: `SHIMS` below. Entry points:
     prepare_process()           once per process, before NeMo/Megatron are imported (scripts call it first)
     model_config_overrides()    model-config fields that must change without TE (fusions)
     optimizer_config_overrides()
     cpu_checkpoint_io()         context manager around llm.import_ckpt / export_ckpt on a CPU host
     install_worker_hooks()      the same inside NeMo-Run's torchrun workers (via startup/sitecustomize.py), plus the
-                                training-only compiled RoPE
+                                training-only shims (compiled RoPE, sync-free packed RoPE, fused LoRA)
 """
 
 from __future__ import annotations
@@ -59,6 +59,64 @@ COMPILED_FUSIONS = {"bias_activation_fusion": True, "bias_dropout_fusion": True}
 # turn it on (the config patch below forces NO_TE_MODEL_OVERRIDES on every config a process builds).
 SLOWER_FUSIONS_OFF = {"cross_entropy_loss_fusion": False}
 
+
+@dataclasses.dataclass(frozen=True)
+class Shim:
+    where: str  # the processes it applies to
+    upstream: str  # what the pinned release does wrong without TE / CUDA / flash-attn
+    remove_when: str
+
+
+# Every shim of this module, in one place (each function's docstring gives the detail and the measurements).
+SHIMS = {
+    "unified-memory-stub": Shim(
+        "every process (not with TE and CUDA)",
+        "megatron.core.inference.unified_memory compiles a managed-memory allocator with nvcc at import time: "
+        "IndexError on CPU hosts, ~30 s per fresh GPU worker",
+        "Megatron-Core builds it lazily (> 0.15.3)",
+    ),
+    "no-te-fusion-defaults": Shim(
+        "every process without TE",
+        "NeMo's model configs default to TE-only fusions, which TransformerConfig.__post_init__ then refuses",
+        "NeMo picks fusion defaults from the environment (> 2.7.3)",
+    ),
+    "peft-te-guards": Shim(
+        "every process without TE",
+        "NeMo's LoRA transform compares modules with te.Linear unguarded; peft/utils trusts TE placeholder flags",
+        "NeMo guards both (> 2.7.3)",
+    ),
+    "local-spec-norm-mapping": Shim(
+        "every process without TE",
+        "NeMo's HF connectors map RMSNorm weights only to TE's fused names: imports leave norms at 1.0",
+        "the connectors follow the target's layer spec (> 2.7.3)",
+    ),
+    "cpu-checkpoint-io": Shim(
+        "inside cpu_checkpoint_io() on a host without CUDA",
+        "checkpoint import/export call torch.cuda functions although every tensor is on the CPU",
+        "NeMo's converters run without CUDA",
+    ),
+    "compiled-rope": Shim(
+        "training workers without TE",
+        "Megatron's unfused RoPE is ~12 elementwise kernels per q/k per layer (the fused one needs TE)",
+        "Megatron fuses RoPE without TE",
+    ),
+    "sync-free-packed-rope": Shim(
+        "training workers without TE",
+        "Megatron's packed-sequence RoPE copies sequence lengths to the host (a device sync) for q and k per layer",
+        "Megatron's thd RoPE stops syncing",
+    ),
+    "fused-lora-output": Shim(
+        "training workers without TE",
+        "NeMo's LoRA scales and adds full-width outputs in separate kernels (its fused LoRA needs TE's op fuser)",
+        "NeMo's LoRALinear fuses without TE",
+    ),
+    "paged-attention-triton": Shim(
+        "test_checkpoint.py without flash-attn",
+        "Megatron-Core's dynamic-batching attention calls only flash-attn's paged kernels",
+        "Megatron ships a dynamic attention path without flash-attn",
+    ),
+}
+
 # The releases whose functions the no-TE shims replace by name and signature (requirements.txt pins them).
 WRITTEN_FOR = {"nemo_toolkit": "2.7.", "megatron-core": "0.15."}
 
@@ -96,6 +154,7 @@ def applied() -> frozenset[str]:
 
 
 def _mark(name: str, why: str) -> None:
+    assert name in SHIMS, f"shim {name!r} is not listed in nemo_compat.SHIMS"
     if name not in _applied:
         _applied.add(name)
         log.info("compat: %s (%s)", name, why)
@@ -347,6 +406,9 @@ def install_worker_hooks(skip: frozenset[str] = frozenset()) -> None:
     the allocator build now; apply the PEFT guards, the compiled RoPE and the fused LoRA output as soon as their
     modules load, with no NeMo import of our own (torchrun's launcher process runs this too). `skip` names training
     shims to leave out (the benchmark measures each against its absence)."""
+    unknown = set(skip) - set(SHIMS)
+    if unknown:
+        raise ValueError(f"no shims named {sorted(unknown)}; nemo_compat.SHIMS lists them")
     skip_unified_memory_build()
     if importlib.util.find_spec("transformer_engine") is None:
         check_versions()

@@ -12,9 +12,9 @@ import importlib.util
 import os
 import sys
 
-if os.environ.get("PEFT_MEGATRON_WORKER_COMPAT") == "1":
-    import nemo_compat
+import nemo_compat  # stdlib imports only; the repository is on the workers' PYTHONPATH beside this directory
 
+if os.environ.get(nemo_compat.WORKER_ENV_FLAG) == "1":
     nemo_compat.install_worker_hooks()
 
 _here = os.path.dirname(os.path.abspath(__file__))

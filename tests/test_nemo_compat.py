@@ -227,3 +227,13 @@ def test_shims_refuse_releases_they_were_not_written_for():
     message = str(refused.value)
     assert "megatron-core 0.16.0" in message and "nemo_toolkit" not in message.split("found")[1]
     assert "pip install -r requirements.txt" in message and "Transformer Engine" in message
+
+
+def test_every_shim_is_listed_with_its_upstream_defect_and_when_it_can_go():
+    import re
+
+    marked = set(re.findall(r'_mark\(\s*"([\w-]+)"', (REPO / "nemo_compat.py").read_text()))
+    assert marked == set(nemo_compat.SHIMS)
+    assert all(shim.where and shim.upstream and shim.remove_when for shim in nemo_compat.SHIMS.values())
+    with pytest.raises(ValueError, match="no shims named"):
+        nemo_compat.install_worker_hooks(skip=frozenset({"compiled-ropes"}))
