@@ -513,33 +513,6 @@ def test_dry_run_of_the_seed_multi_node_example_prints_the_plan(tmp_path):
     assert not (tmp_path / "imported_hf_ckpt").exists()  # a dry run touches nothing
 
 
-def test_background_script_reports_success_failure_with_its_log_and_can_be_stopped(tmp_path):
-    """The demo evaluates the base model beside the training launch through BackgroundScript."""
-    preds = tmp_path / "preds.jsonl"
-    preds.write_text(json.dumps({"input": "q", "label": "Blue", "prediction": "blue"}) + "\n")
-    ok = pm.BackgroundScript.start(
-        tmp_path / "ok.log",
-        "test_checkpoint.py",
-        "--evaluate_only",
-        "--predictions_file",
-        str(preds),
-        "--bertscore_model",
-        "none",
-    )
-    ok.wait()
-    assert json.loads(preds.with_suffix(".metrics.json").read_text())["exact_match"] == 1.0
-    assert "exact_match 1.0000" in (tmp_path / "ok.log").read_text()
-
-    bad = pm.BackgroundScript.start(tmp_path / "bad.log", "test_checkpoint.py", "--evaluate_only")
-    with pytest.raises(pm.PipelineError, match=r"test_checkpoint.py failed \(exit 2; full log: .*bad.log"):
-        bad.wait()
-    assert "--evaluate_only needs --predictions_file" in (tmp_path / "bad.log").read_text()
-
-    slow = pm.BackgroundScript.start(tmp_path / "slow.log", "peft_megatron.py", "--dry_run")  # imports NeMo: ~10 s
-    slow.stop()
-    assert slow.process.returncode == -15  # SIGTERM, not a finished run
-
-
 def test_output_paths_that_are_files_are_refused_naming_the_flag(tmp_path):
     a_file = tmp_path / "notes.txt"
     a_file.write_text("mine")

@@ -1,0 +1,38 @@
+"""demo.py: the demo's pieces that can run without a GPU (the whole demo on CPU prepares and exits 3: test_logging.py;
+on the GPU: docs/gpu-validation.md)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import demo
+from common import PipelineError
+
+
+def test_background_script_reports_success_failure_with_its_log_and_can_be_stopped(tmp_path):
+    """The demo evaluates the base model beside the training launch through BackgroundScript."""
+    preds = tmp_path / "preds.jsonl"
+    preds.write_text(json.dumps({"input": "q", "label": "Blue", "prediction": "blue"}) + "\n")
+    ok = demo.BackgroundScript.start(
+        tmp_path / "ok.log",
+        "test_checkpoint.py",
+        "--evaluate_only",
+        "--predictions_file",
+        str(preds),
+        "--bertscore_model",
+        "none",
+    )
+    ok.wait()
+    assert json.loads(preds.with_suffix(".metrics.json").read_text())["exact_match"] == 1.0
+    assert "exact_match 1.0000" in (tmp_path / "ok.log").read_text()
+
+    bad = demo.BackgroundScript.start(tmp_path / "bad.log", "test_checkpoint.py", "--evaluate_only")
+    with pytest.raises(PipelineError, match=r"test_checkpoint.py failed \(exit 2; full log: .*bad.log"):
+        bad.wait()
+    assert "--evaluate_only needs --predictions_file" in (tmp_path / "bad.log").read_text()
+
+    slow = demo.BackgroundScript.start(tmp_path / "slow.log", "peft_megatron.py", "--dry_run")  # imports NeMo: ~10 s
+    slow.stop()
+    assert slow.process.returncode == -15  # SIGTERM, not a finished run
