@@ -363,8 +363,8 @@ def flag_names(cls: type) -> list[str]:
     return [f.name for f, _, _ in iter_fields(cls)]
 
 
-# Set in os.environ by Lightning once a process has joined torch.distributed (and by our executor); a script this
-# process starts must pick its own rendezvous.
+# Set in os.environ by Lightning once a process has joined torch.distributed; a script this process starts must pick
+# its own rendezvous.
 RENDEZVOUS_VARS = frozenset(
     {"MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "NODE_RANK"}
 )
@@ -372,6 +372,21 @@ RENDEZVOUS_VARS = frozenset(
 
 def environ_without_rendezvous() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k not in RENDEZVOUS_VARS}
+
+
+@contextlib.contextmanager
+def scoped_environ(values: dict[str, str]) -> Iterator[None]:
+    """os.environ with `values` set inside the block and as it was afterwards."""
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -41,7 +41,7 @@ import shlex
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,6 +65,7 @@ from common import (
     rank_zero_attempt,
     remove_leftovers,
     run_cli,
+    scoped_environ,
     setup_logging,
     wait_for_file,
 )
@@ -395,34 +396,60 @@ UPPER_BOUNDS = {
 }
 
 
-def validate_config(config: Config, visible_gpus: int | None = None) -> None:
-    """Collect every problem with the settings and raise them together, before any heavy work. `visible_gpus`:
-    the GPUs of this machine when it is about to launch training (None: not launching, nothing to check)."""
-    problems: list[str] = []
-    if visible_gpus and config.gpus_per_node > visible_gpus:
-        problems.append(
-            f"--gpus_per_node {config.gpus_per_node}: this machine shows {visible_gpus} GPU(s) "
-            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); give at most {visible_gpus} "
-            "or leave the flag out (auto)"
-        )
-    positive = (
-        "num_nodes",
-        "gpus_per_node",
-        "tensor_parallel_size",
-        "pipeline_parallel_size",
-        "context_parallel_size",
-        "max_steps",
-        "val_check_interval",
-        "log_every_n_steps",
-        "micro_batch_size",
-        "accumulate_grad_batches",
-        "limit_val_batches",
-        "max_seq_length",
-        "early_stopping_patience",
-    )
-    for name in positive:
-        if getattr(config, name) <= 0:
-            problems.append(f"--{name} {getattr(config, name)} must be a positive integer")
+POSITIVE = (
+    "num_nodes",
+    "gpus_per_node",
+    "tensor_parallel_size",
+    "pipeline_parallel_size",
+    "context_parallel_size",
+    "max_steps",
+    "val_check_interval",
+    "log_every_n_steps",
+    "micro_batch_size",
+    "accumulate_grad_batches",
+    "limit_val_batches",
+    "max_seq_length",
+    "early_stopping_patience",
+)
+PARALLEL = ("num_nodes", "gpus_per_node", "tensor_parallel_size", "pipeline_parallel_size", "context_parallel_size")
+
+
+def validate_config(config: Config, visible_gpus: int | None = None, environ: Mapping[str, str] | None = None) -> None:
+    """Collect every problem with the settings and raise them together, before any heavy work; one checker per
+    concern, each a function of the config (and of the machine where it must be). `visible_gpus`: the GPUs of this
+    machine when it is about to launch training (None: not launching, nothing to check)."""
+    environ = os.environ if environ is None else environ
+    problems = [
+        *_machine_problems(config, visible_gpus, environ),
+        *_range_problems(config),
+        *_layout_problems(config, environ),
+        *_mode_problems(config),
+        *_attention_problems(config),
+        *(_local_model_problems(config) if is_local_model(config.hf_model_id) and not config.demo else []),
+        *_path_problems(config),
+        *_slurm_problems(config),
+        *config.data.problems(),
+    ]
+    if problems:
+        raise ConfigError(problems)
+
+
+def _non_positive(config: Config) -> set[str]:
+    return {n for n in POSITIVE if getattr(config, n) <= 0}
+
+
+def _machine_problems(config: Config, visible_gpus: int | None, environ: Mapping[str, str]) -> list[str]:
+    if not visible_gpus or config.gpus_per_node <= visible_gpus:
+        return []
+    return [
+        f"--gpus_per_node {config.gpus_per_node}: this machine shows {visible_gpus} GPU(s) "
+        f"(CUDA_VISIBLE_DEVICES={environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); give at most {visible_gpus} "
+        "or leave the flag out (auto)"
+    ]
+
+
+def _range_problems(config: Config) -> list[str]:
+    problems = [f"--{n} {getattr(config, n)} must be a positive integer" for n in POSITIVE if getattr(config, n) <= 0]
     for name in ("lora_dim", "lora_alpha", "learning_rate"):
         if getattr(config, name) is not None and getattr(config, name) <= 0:
             problems.append(f"--{name} {getattr(config, name)} must be positive")
@@ -434,9 +461,14 @@ def validate_config(config: Config, visible_gpus: int | None = None) -> None:
         value = getattr(config, name)
         if value is not None and value > bound:
             problems.append(f"--{name} {value} is above {bound:g} ({why}); check the value")
-    bad = {n for n in positive if getattr(config, n) <= 0}
-    parallel = {"num_nodes", "gpus_per_node", "tensor_parallel_size", "pipeline_parallel_size", "context_parallel_size"}
-    if not bad & parallel:
+    return problems
+
+
+def _layout_problems(config: Config, environ: Mapping[str, str]) -> list[str]:
+    """GPUs, parallel sizes, steps and the multi-node rendezvous agree with each other (ranges are checked apart)."""
+    problems = []
+    bad = _non_positive(config)
+    if not bad & set(PARALLEL):
         if config.world_size % config.model_parallel_size:
             problems.append(
                 f"world size {config.world_size} (--num_nodes {config.num_nodes} x --gpus_per_node "
@@ -456,16 +488,18 @@ def validate_config(config: Config, visible_gpus: int | None = None) -> None:
             f"--max_seq_length {config.max_seq_length} must be divisible by 2 x --context_parallel_size "
             f"= {2 * cp} (Megatron splits each sequence into 2 x CP chunks)"
         )
-    if (
-        config.num_nodes > 1
-        and config.executor == "local"
-        and not config.dry_run
-        and not (os.environ.get("MASTER_ADDR") or "SM_HOSTS" in os.environ)
-    ):
+    rendezvous = environ.get("MASTER_ADDR") or "SM_HOSTS" in environ
+    if config.num_nodes > 1 and config.executor == "local" and not config.dry_run and not rendezvous:
         problems.append(
             f"--num_nodes {config.num_nodes}: set MASTER_ADDR (node 0's address) and MASTER_PORT in every node's "
             "environment for the torchrun rendezvous"
         )
+    return problems
+
+
+def _mode_problems(config: Config) -> list[str]:
+    """What to train, which recipe, and which one phase or profiler a run selects."""
+    problems = []
     lora_flags = [f"--{n} {getattr(config, n)}" for n in ("lora_dim", "lora_alpha") if getattr(config, n) is not None]
     if config.full_ft and lora_flags:
         problems.append(f"{' and '.join(lora_flags)} set LoRA, which --full_ft does not train; drop one or the other")
@@ -484,26 +518,37 @@ def validate_config(config: Config, visible_gpus: int | None = None) -> None:
     modes = [f"--{m}" for m in ("dry_run", "import_only", "prepare_data_only") if getattr(config, m)]
     if len(modes) > 1:
         problems.append(f"{', '.join(modes)} each select one phase; give one of them")
+    return problems
+
+
+def _attention_problems(config: Config) -> list[str]:
+    """Packed sequences and context parallelism need attention paths that this machine (or the nodes) must have."""
+    problems = []
+    no_te = importlib.util.find_spec("transformer_engine") is None
     if config.packed_sequence:
-        if config.micro_batch_size != 1 and "micro_batch_size" not in bad:
+        if config.micro_batch_size != 1 and config.micro_batch_size > 0:
             problems.append(
                 f"--packed_sequence with --micro_batch_size {config.micro_batch_size}: a packed row of "
                 f"--max_seq_length tokens is the micro-batch; set --micro_batch_size 1 and raise "
                 "--accumulate_grad_batches for the same tokens per step"
             )
-        if config.core_attention == "unfused" and importlib.util.find_spec("transformer_engine") is None:
+        if config.core_attention == "unfused" and no_te:
             problems.append(
                 "--packed_sequence with --core_attention unfused: Megatron's unfused attention cannot "
                 "keep packed samples apart; use --core_attention sdpa"
             )
+    cp = config.context_parallel_size
     te_on_nodes = config.executor == "slurm" and config.container_image  # a NeMo image holds TE
-    if cp > 1 and not config.dry_run and not te_on_nodes and importlib.util.find_spec("transformer_engine") is None:
+    if cp > 1 and not config.dry_run and not te_on_nodes and no_te:
         problems.append(
             f"--context_parallel_size {cp} needs Transformer Engine's attention, which is not installed here; "
             "use 1 (--dry_run still plans such a layout)"
         )
-    if is_local_model(config.hf_model_id) and not config.demo:
-        problems.extend(_local_model_problems(config))
+    return problems
+
+
+def _path_problems(config: Config) -> list[str]:
+    problems = []
     for flag, path in (
         ("--output_dir", config.output_path),
         ("--data_dir", config.data_path),
@@ -516,10 +561,7 @@ def validate_config(config: Config, visible_gpus: int | None = None) -> None:
             problems.append(
                 f"{flag} {path}: {blocking} is not writable by this user; choose another {flag} or fix its permissions"
             )
-    problems.extend(_slurm_problems(config))
-    problems.extend(config.data.problems())
-    if problems:
-        raise ConfigError(problems)
+    return problems
 
 
 SLURM_TIME = re.compile(r"^(\d+-)?\d{1,2}:\d{2}:\d{2}$")
@@ -1035,16 +1077,22 @@ def configure_executor(config: Config, env=None):
         env_vars[nemo_compat.WORKER_ENV_FLAG] = "1"
     if config.executor == "slurm":
         return _slurm_executor(config, env_vars)
-    if config.num_nodes > 1:
-        # NeMo-Run's torchrun launcher reads these for multi-node rendezvous.
-        os.environ["NODE_RANK"] = str(config.node_rank)
-        hosts = json.loads(os.environ["SM_HOSTS"]) if "SM_HOSTS" in os.environ else None
-        if "MASTER_ADDR" not in os.environ and hosts:
-            os.environ["MASTER_ADDR"] = hosts[0]
-        os.environ.setdefault("MASTER_PORT", "29500")
     return run.LocalExecutor(
         ntasks_per_node=config.gpus_per_node, nodes=config.num_nodes, launcher="torchrun", env_vars=env_vars
     )
+
+
+def rendezvous_environ(config: Config, environ: Mapping[str, str]) -> dict[str, str]:
+    """What NeMo-Run's torchrun launcher reads from this process's environment when it builds a multi-node local
+    launch (node rank, node 0's address from SageMaker's SM_HOSTS unless MASTER_ADDR is set, port); set only while
+    the launch is built and run (common.scoped_environ)."""
+    if config.executor != "local" or config.num_nodes == 1:
+        return {}
+    values = {"NODE_RANK": str(config.node_rank), "MASTER_PORT": environ.get("MASTER_PORT", "29500")}
+    hosts = json.loads(environ["SM_HOSTS"]) if "SM_HOSTS" in environ else None
+    if "MASTER_ADDR" not in environ and hosts:
+        values["MASTER_ADDR"] = hosts[0]
+    return values
 
 
 def target_environment(config: Config, local):
@@ -1115,6 +1163,7 @@ def launch_training(config: Config, recipe, executor) -> float:
     # A single job's workers are waited for (and their output tailed) when the experiment's context exits.
     with (
         quiet_workers(config.recipe_cls_name, config.log_level, config.log_every_n_steps),
+        scoped_environ(rendezvous_environ(config, os.environ)),  # NeMo-Run reads them while it builds the launch
         run.Experiment(
             config.experiment_title,
             executor=executor,
@@ -1233,7 +1282,8 @@ def dry_run(config: Config) -> int:
     if config.executor == "slurm":
         print("  sbatch script NeMo-Run would submit:\n" + slurm_script(config, recipe, executor), flush=True)
     else:
-        print(f"  launch: {launch_command(config, recipe, executor)}", flush=True)
+        with scoped_environ(rendezvous_environ(config, os.environ)):
+            print(f"  launch: {launch_command(config, recipe, executor)}", flush=True)
     return 0
 
 
@@ -1247,7 +1297,7 @@ def main(argv: list[str] | None = None) -> int:
 
         config = demo.demo_config(config)
     launches = config.executor == "local" and not (config.dry_run or config.import_only or config.prepare_data_only)
-    validate_config(config, machine_gpus() if launches else None)
+    validate_config(config, machine_gpus() if launches else None, os.environ)
     if config.dry_run:
         return dry_run(config)
     if config.import_only:

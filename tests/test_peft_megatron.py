@@ -543,3 +543,19 @@ def test_an_output_directory_this_user_cannot_write_is_refused_before_any_work(t
     out = run_script("peft_megatron.py", "--dry_run", "--output_dir", str(locked / "run"))
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert f"--output_dir {locked / 'run'}: {locked} is not writable by this user" in out.stderr
+
+
+def test_the_multi_node_rendezvous_is_returned_and_set_only_around_the_launch(monkeypatch):
+    for name in ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    config = parse("--num_nodes 2 --node_rank 1 --gpus_per_node 8 --tensor_parallel_size 8")
+    sagemaker = {"SM_HOSTS": '["algo-1", "algo-2"]'}
+    expected = {"NODE_RANK": "1", "MASTER_PORT": "29500", "MASTER_ADDR": "algo-1"}
+    assert pm.rendezvous_environ(config, sagemaker) == expected
+    given = {"MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "6000"}
+    assert pm.rendezvous_environ(config, given) == {"NODE_RANK": "1", "MASTER_PORT": "6000"}
+    assert pm.rendezvous_environ(parse("--gpus_per_node 8 --tensor_parallel_size 8"), {}) == {}
+    pm.configure_executor(config)
+    with pm.scoped_environ(pm.rendezvous_environ(config, sagemaker)):
+        assert (os.environ["NODE_RANK"], os.environ["MASTER_ADDR"]) == ("1", "algo-1")
+    assert not {"MASTER_ADDR", "MASTER_PORT", "NODE_RANK"} & set(os.environ)  # nothing left behind
