@@ -153,6 +153,42 @@ def applied() -> frozenset[str]:
     return frozenset(_applied)
 
 
+_undo: list[tuple[str, object, str, object]] = []  # (shim, owner, attribute, the value it replaced), oldest first
+_MISSING = object()
+
+
+def _replace(shim: str, owner, attribute: str, value) -> None:
+    """Set owner.attribute for `shim`, remembering what it replaces so that undo() can put it back."""
+    _undo.append((shim, owner, attribute, getattr(owner, attribute, _MISSING)))
+    setattr(owner, attribute, value)
+
+
+def undo(shim: str | None = None, since: int = 0) -> None:
+    """Put back what the shims (or the one named), applied after the first `since` replacements, replaced; newest
+    first. The unified-memory stub stays: modules that imported it hold it, and the real module would compile."""
+    for entry in reversed(_undo[since:]):
+        name, owner, attribute, previous = entry
+        if shim is not None and name != shim:
+            continue
+        if previous is _MISSING:
+            delattr(owner, attribute)
+        else:
+            setattr(owner, attribute, previous)
+        _undo.remove(entry)
+        if not any(other[0] == name for other in _undo):
+            _applied.discard(name)
+
+
+@contextlib.contextmanager
+def scoped() -> Iterator[None]:
+    """Shims applied inside the block are taken back when it ends (tests; the scripts keep theirs for the process)."""
+    since = len(_undo)
+    try:
+        yield
+    finally:
+        undo(since=since)
+
+
 def _mark(name: str, why: str) -> None:
     assert name in SHIMS, f"shim {name!r} is not listed in nemo_compat.SHIMS"
     if name not in _applied:
@@ -250,7 +286,7 @@ def _patch_config_fusions() -> None:
         original(self)
 
     __post_init__._nemo_compat = True
-    TransformerConfig.__post_init__ = __post_init__
+    _replace("no-te-fusion-defaults", TransformerConfig, "__post_init__", __post_init__)
     _mark("no-te-fusion-defaults", "TE-only fusions are switched off as model configs are built")
 
 
@@ -264,8 +300,9 @@ def _patch_peft_te_checks() -> None:
         LayerNormLinear=type("TransformerEngineAbsentLayerNormLinear", (), {}),
     )
     if not isinstance(lora.te, types.SimpleNamespace):
-        lora.te = absent
-    utils.HAVE_TE = False
+        _replace("peft-te-guards", lora, "te", absent)
+    if utils.HAVE_TE:
+        _replace("peft-te-guards", utils, "HAVE_TE", False)
     _mark("peft-te-guards", "LoRA wraps Megatron's local ColumnParallel/RowParallel linears")
 
 
@@ -328,8 +365,8 @@ def _patch_norm_mapping() -> None:
         return original(source, target, mapping, *args, **kwargs)
 
     apply_transforms._nemo_compat = True
-    io.apply_transforms = apply_transforms
-    state.apply_transforms = apply_transforms
+    _replace("local-spec-norm-mapping", io, "apply_transforms", apply_transforms)
+    _replace("local-spec-norm-mapping", state, "apply_transforms", apply_transforms)
     _mark("local-spec-norm-mapping", "HF<->NeMo conversion maps RMSNorm weights to the local layer spec")
 
 
@@ -446,7 +483,7 @@ def compile_unfused_rope() -> None:
         return
     compiled = torch.compile(original)
     compiled._nemo_compat = True
-    module._apply_rotary_pos_emb_bshd = compiled
+    _replace("compiled-rope", module, "_apply_rotary_pos_emb_bshd", compiled)
     _mark("compiled-rope", "Megatron's unfused RoPE compiled with torch.compile (training workers)")
 
 
@@ -493,7 +530,7 @@ def install_sync_free_packed_rope() -> None:
         ).squeeze(1)
 
     apply_rotary_pos_emb_thd._nemo_compat = True
-    module._apply_rotary_pos_emb_thd = apply_rotary_pos_emb_thd
+    _replace("sync-free-packed-rope", module, "_apply_rotary_pos_emb_thd", apply_rotary_pos_emb_thd)
     _mark("sync-free-packed-rope", "Megatron's packed-sequence RoPE without host syncs (training workers)")
 
 
@@ -552,8 +589,7 @@ def fuse_lora_output() -> None:
         return out, None
 
     forward._nemo_compat = True
-    forward._original = original
-    module.LoRALinear.forward = forward
+    _replace("fused-lora-output", module.LoRALinear, "forward", forward)
     _mark("fused-lora-output", "LoRA as one matmul-only autograd function on one TP rank (training workers)")
 
 
@@ -608,15 +644,6 @@ def _lora_linear_function():
     return LoRALinearFunction
 
 
-def unfuse_lora_output() -> None:
-    """Puts NeMo's LoRALinear.forward back (tests, and benchmarks comparing both in one process)."""
-    module = sys.modules.get(LORA_MODULE)
-    forward = getattr(getattr(module, "LoRALinear", None), "forward", None)
-    if getattr(forward, "_nemo_compat", False):
-        module.LoRALinear.forward = forward._original
-        _applied.discard("fused-lora-output")
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # Paged attention without flash-attn (dynamic inference)
 # --------------------------------------------------------------------------------------------------------------------
@@ -633,10 +660,10 @@ def install_paged_attention_fallback() -> bool:
         return False
     import paged_attention
 
-    attention.flash_attn_varlen_func = paged_attention.flash_attn_varlen_func
-    attention.flash_attn_with_kvcache = paged_attention.flash_attn_with_kvcache
+    _replace("paged-attention-triton", attention, "flash_attn_varlen_func", paged_attention.flash_attn_varlen_func)
+    _replace("paged-attention-triton", attention, "flash_attn_with_kvcache", paged_attention.flash_attn_with_kvcache)
     # Attention.forward asserts flash-attn >= 2.7.3 for dynamic batching by asking flash_attn's version; the
     # stand-ins implement that version's paged API (block_table). Scoped to Megatron's attention module.
-    attention.is_fa_min_version = lambda version, *args, **kwargs: True
+    _replace("paged-attention-triton", attention, "is_fa_min_version", lambda version, *args, **kwargs: True)
     _mark("paged-attention-triton", "flash-attn is not installed; dynamic inference uses paged_attention.py's kernel")
     return True

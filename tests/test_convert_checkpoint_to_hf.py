@@ -17,6 +17,16 @@ from common import PipelineError, environ_without_rendezvous, find_checkpoint, i
 from conftest import REPO, fake_checkpoint, kill_when, run_script, start_script
 from demo_workspace import build_hf_model
 
+
+@pytest.fixture(autouse=True, scope="module")
+def shims_in_scope():
+    """The in-process conversions below apply nemo_compat's shims; later test files get the process back as it was."""
+    import nemo_compat
+
+    with nemo_compat.scoped():
+        yield
+
+
 RECIPES = {"qwen3": "qwen3_600m", "llama": "llama32_1b"}
 
 

@@ -187,19 +187,24 @@ def loss_and_gradients(model):
     return loss, torch.autograd.grad(loss, trained)
 
 
-def test_fused_lora_output_gives_nemos_lora_loss_and_gradients(model_parallel):
+@pytest.fixture
+def shims_in_scope():
+    """The shims a test applies are taken back after it (nemo_compat.scoped)."""
+    with nemo_compat.scoped():
+        yield
+
+
+def test_fused_lora_output_gives_nemos_lora_loss_and_gradients(model_parallel, shims_in_scope):
     from nemo.collections.llm.peft.lora import LoRALinear
 
     model, wrapped = lora_model()
     assert len(wrapped) == 8  # linear_qkv, linear_proj, linear_fc1, linear_fc2 in each of 2 layers
     expected_loss, expected_grads = loss_and_gradients(model)
-    nemo_compat.fuse_lora_output()
-    try:
+    with nemo_compat.scoped():
+        nemo_compat.fuse_lora_output()
         assert LoRALinear.forward._nemo_compat and "fused-lora-output" in nemo_compat.applied()
         loss, grads = loss_and_gradients(model)
         assert all(m.__dict__["_fused_lora_output"] for m in wrapped)  # every adapter took the fused path
-    finally:
-        nemo_compat.unfuse_lora_output()
     assert not getattr(LoRALinear.forward, "_nemo_compat", False) and "fused-lora-output" not in nemo_compat.applied()
     assert len(grads) == 16 and all(g.abs().sum() > 0 for g in grads)  # A and B of each adapter
     assert torch.allclose(loss, expected_loss, rtol=1e-6, atol=0), (loss.item(), expected_loss.item())
@@ -207,15 +212,13 @@ def test_fused_lora_output_gives_nemos_lora_loss_and_gradients(model_parallel):
         assert torch.allclose(got, want, rtol=1e-4, atol=1e-6), (got - want).abs().max().item()
 
 
-def test_lora_with_dropout_after_the_adapter_keeps_nemos_forward(model_parallel):
+def test_lora_with_dropout_after_the_adapter_keeps_nemos_forward(model_parallel, shims_in_scope):
     model, wrapped = lora_model(dropout=0.5, dropout_position="post")
     model.eval()  # dropout off, so both forwards are deterministic
-    nemo_compat.fuse_lora_output()
-    try:
+    with nemo_compat.scoped():
+        nemo_compat.fuse_lora_output()
         loss, _ = loss_and_gradients(model)
         assert not any(m.__dict__["_fused_lora_output"] for m in wrapped)  # dropout on the full output: NeMo's path
-    finally:
-        nemo_compat.unfuse_lora_output()
     assert torch.allclose(loss, loss_and_gradients(model)[0], rtol=0, atol=0)
 
 
@@ -237,3 +240,18 @@ def test_every_shim_is_listed_with_its_upstream_defect_and_when_it_can_go():
     assert all(shim.where and shim.upstream and shim.remove_when for shim in nemo_compat.SHIMS.values())
     with pytest.raises(ValueError, match="no shims named"):
         nemo_compat.install_worker_hooks(skip=frozenset({"compiled-ropes"}))
+
+
+def test_shims_applied_in_a_scope_are_taken_back_after_it():
+    from megatron.core.transformer.transformer_config import TransformerConfig
+    from nemo.collections.llm.peft import lora, utils
+
+    before = (TransformerConfig.__post_init__, lora.te, utils.HAVE_TE, lora.LoRALinear.forward)
+    applied_before = nemo_compat.applied() - {"unified-memory-stub"}  # the stub stays once made (nemo_compat.undo)
+    with nemo_compat.scoped():
+        nemo_compat.prepare_process(nemo_compat.Environment(has_te=False, has_cuda=False))
+        nemo_compat.fuse_lora_output()
+        assert TransformerConfig.__post_init__._nemo_compat and lora.LoRALinear.forward._nemo_compat
+        assert {"no-te-fusion-defaults", "fused-lora-output"} <= nemo_compat.applied()
+    assert (TransformerConfig.__post_init__, lora.te, utils.HAVE_TE, lora.LoRALinear.forward) == before
+    assert nemo_compat.applied() - {"unified-memory-stub"} == applied_before
