@@ -297,10 +297,23 @@ def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
+def declared_fields(cls: type) -> list[tuple[dataclasses.Field, type]]:
+    """cls's fields, each with the dataclass that declares it, in declaration order: the fields of the bases in the
+    order the class lists its bases, then its own (dataclasses.fields orders inherited fields by reverse MRO)."""
+    by_name = {f.name: f for f in dataclasses.fields(cls)}
+    fields: list[tuple[dataclasses.Field, type]] = []
+    for base in cls.__bases__:
+        if dataclasses.is_dataclass(base):
+            fields += [(by_name[f.name], owner) for f, owner in declared_fields(base) if f.name in by_name]
+    seen = {f.name for f, _ in fields}
+    own = cls.__dict__.get("__annotations__", {})
+    return fields + [(by_name[name], cls) for name in own if name in by_name and name not in seen]
+
+
 def iter_fields(cls: type) -> Iterator[tuple[dataclasses.Field, Any, str | None]]:
     """(field, resolved type, parent field name or None), flattening nested dataclass fields."""
     hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
+    for f, _ in declared_fields(cls):
         tp = hints[f.name]
         if dataclasses.is_dataclass(tp):
             for sub, sub_tp, _ in iter_fields(tp):
@@ -309,16 +322,30 @@ def iter_fields(cls: type) -> Iterator[tuple[dataclasses.Field, Any, str | None]
             yield f, tp, None
 
 
+def field_groups(cls: type) -> dict[str, str | None]:
+    """Each flag's --help section: the GROUP of the dataclass that declares it (None: no section)."""
+    hints = typing.get_type_hints(cls)
+    groups: dict[str, str | None] = {}
+    for f, owner in declared_fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            groups.update(field_groups(hints[f.name]))
+        else:
+            groups[f.name] = getattr(owner, "GROUP", None)
+    return groups
+
+
 def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     """One flag per (flattened) field: `--name`, typed from the annotation, help from `metadata["help"]`."""
     seen: set[str] = set()
-    group = None
+    groups = field_groups(cls)
+    sections: dict[str, argparse._ArgumentGroup] = {}
     for f, tp, _ in iter_fields(cls):
         assert f.name not in seen, f"duplicate field name {f.name} across nested dataclasses"
         seen.add(f.name)
-        if "group" in f.metadata:
-            group = parser.add_argument_group(f.metadata["group"])
-        target = group or parser
+        group = groups[f.name]
+        if group is not None and group not in sections:
+            sections[group] = parser.add_argument_group(group)
+        target = sections[group] if group is not None else parser
         help_text = f.metadata.get("help", "")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         base, optional = _unwrap_optional(tp)

@@ -59,10 +59,11 @@ TRUNCATION_WARN_FRACTION = 0.02
 class HFDatasetConfig:
     """Where the data comes from and how rows become prompt/answer pairs (flags of peft_megatron.py)."""
 
+    GROUP = "data"  # the --help section of these flags
+
     dataset_name: str | None = field(
         default=None,
         metadata={
-            "group": "data",
             "help": "Hugging Face hub id, a local directory (files or a datasets.save_to_disk dump), or a file "
             "path (.jsonl/.json/.csv/.parquet; several comma-separated). Unset: --data_dir must already hold "
             "training.jsonl and validation.jsonl",

@@ -87,13 +87,14 @@ SEED_GPUS_PER_NODE = 8  # --gpus_per_node auto on a machine without GPUs: the pl
 
 
 @dataclass
-class Config:
-    """Every setting of a fine-tuning job; the command-line flags are generated from these fields."""
+class ModelSettings:
+    """The model to fine-tune and its recipe."""
 
-    # ---- model ------------------------------------------------------------------------------------------------
+    GROUP = "model"  # the --help section of these flags
+
     hf_model_id: str = field(
         default="Qwen/Qwen3-8B",
-        metadata={"group": "model", "help": "Hugging Face hub id or local directory of the model to fine-tune"},
+        metadata={"help": "Hugging Face hub id or local directory of the model to fine-tune"},
     )
     recipe_cls_name: str = field(
         default="qwen3_8b", metadata={"help": "NeMo recipe module (nemo.collections.llm.recipes.<name>)"}
@@ -101,8 +102,15 @@ class Config:
     trust_remote_code: bool = field(
         default=False, metadata={"help": "allow custom code from the model repository (tokenizer and model loads)"}
     )
-    # ---- parallelism ------------------------------------------------------------------------------------------
-    num_nodes: int = field(default=1, metadata={"group": "parallelism", "help": "number of nodes"})
+
+
+@dataclass
+class ParallelismSettings:
+    """GPUs and how the model is split across them."""
+
+    GROUP = "parallelism"  # the --help section of these flags
+
+    num_nodes: int = field(default=1, metadata={"help": "number of nodes"})
     gpus_per_node: int | None = field(
         default=None,
         metadata={
@@ -123,8 +131,15 @@ class Config:
     )
     pipeline_parallel_size: int = field(default=1, metadata={"help": "pipeline parallelism: splits the layer stack"})
     context_parallel_size: int = field(default=1, metadata={"help": "context parallelism: splits the sequence"})
-    # ---- training ---------------------------------------------------------------------------------------------
-    max_steps: int = field(default=10000, metadata={"group": "training", "help": "optimizer steps"})
+
+
+@dataclass
+class TrainingSettings:
+    """The optimisation run."""
+
+    GROUP = "training"  # the --help section of these flags
+
+    max_steps: int = field(default=10000, metadata={"help": "optimizer steps"})
     val_check_interval: int = field(default=800, metadata={"help": "validate (and checkpoint) every N steps"})
     log_every_n_steps: int = field(default=10, metadata={"help": "logging interval in steps"})
     micro_batch_size: int = field(default=8, metadata={"help": "sequences per GPU per forward pass"})
@@ -154,15 +169,27 @@ class Config:
         default=False,
         metadata={"help": "checkpoints without optimizer state: smaller, but a resumed run restarts the optimizer"},
     )
-    # ---- PEFT -------------------------------------------------------------------------------------------------
-    peft_scheme: str = field(default="lora", metadata={"group": "PEFT", "help": f"one of {', '.join(PEFT_SCHEMES)}"})
+
+
+@dataclass
+class PeftSettings:
+    """What is trained: LoRA/DoRA adapters or every weight."""
+
+    GROUP = "PEFT"  # the --help section of these flags
+
+    peft_scheme: str = field(default="lora", metadata={"help": f"one of {', '.join(PEFT_SCHEMES)}"})
     full_ft: bool = field(default=False, metadata={"help": "full fine-tuning instead of PEFT"})
     lora_dim: int | None = field(default=None, metadata={"help": "LoRA rank (default: NeMo's, 32)"})
     lora_alpha: int | None = field(default=None, metadata={"help": "LoRA alpha (default: NeMo's, 32)"})
-    # ---- monitoring -------------------------------------------------------------------------------------------
-    enable_megatron_progress_bar: bool = field(
-        default=False, metadata={"group": "monitoring", "help": "Megatron-style progress bar"}
-    )
+
+
+@dataclass
+class MonitoringSettings:
+    """Monitors, profilers and W&B."""
+
+    GROUP = "monitoring"  # the --help section of these flags
+
+    enable_megatron_progress_bar: bool = field(default=False, metadata={"help": "Megatron-style progress bar"})
     enable_memory_monitor: bool = field(default=False, metadata={"help": "log GPU memory"})
     enable_speed_monitor: bool = field(default=False, metadata={"help": "log step times and throughput"})
     enable_runtime_estimator: bool = field(default=False, metadata={"help": "log the estimated time to finish"})
@@ -171,21 +198,39 @@ class Config:
     enable_nsys_callback: bool = field(default=False, metadata={"help": "Nsight Systems range (one profiler)"})
     use_wandb: bool = field(default=False, metadata={"help": "also log to W&B (WANDB_MODE=offline works)"})
     wandb_project: str = field(default="peft_megatron", metadata={"help": "W&B project"})
-    # ---- paths ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PathSettings:
+    """Where the run writes (common.RunLayout under --output_dir)."""
+
+    GROUP = "paths"  # the --help section of these flags
+
     output_dir: str | None = field(
-        default=None, metadata={"group": "paths", "help": "logs and checkpoints (default: outputs/<hf_model_id>)"}
+        default=None, metadata={"help": "logs and checkpoints (default: outputs/<hf_model_id>)"}
     )
     data_dir: str | None = field(default=None, metadata={"help": "prepared JSONL (default: <output_dir>/data)"})
     nemo_ckpt_dir: str | None = field(
         default=None, metadata={"help": "imported NeMo checkpoint (default: <output_dir>/imported_hf_ckpt)"}
     )
-    # ---- data (dataset_module.HFDatasetConfig) ----------------------------------------------------------------
+
+
+@dataclass
+class DataSettings:
+    """The dataset and its prompt format (flags of dataset_module.HFDatasetConfig)."""
+
     data: HFDatasetConfig = field(default_factory=HFDatasetConfig)
-    # ---- run control ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunControlSettings:
+    """What this invocation does, and how loudly."""
+
+    GROUP = "run control"  # the --help section of these flags
+
     log_level: str = field(
         default="INFO",
         metadata={
-            "group": "run control",
             "choices": LOG_LEVELS,
             "help": "console level; DEBUG shows every library's and training worker's line (the log file has them all)",
         },
@@ -198,11 +243,17 @@ class Config:
     import_only: bool = field(default=False, metadata={"help": "only import the HF checkpoint to NeMo"})
     prepare_data_only: bool = field(default=False, metadata={"help": "only prepare the JSONL data"})
     demo: bool = field(default=False, metadata={"help": "build and run the bundled demo under ./demo"})
-    # ---- cluster ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ClusterSettings:
+    """Where the training runs: this node or a Slurm cluster."""
+
+    GROUP = "cluster"  # the --help section of these flags
+
     executor: str = field(
         default="local",
         metadata={
-            "group": "cluster",
             "choices": EXECUTORS,
             "help": "local: torchrun on this node; slurm: import and prepare data here (a login node, CPU is fine), "
             "then submit one sbatch job of --num_nodes x --gpus_per_node through NeMo-Run's SlurmExecutor + torchrun",
@@ -225,6 +276,22 @@ class Config:
             "mounted at their own paths (they must be on a filesystem every node shares)"
         },
     )
+
+
+@dataclass
+class Config(
+    ModelSettings,
+    ParallelismSettings,
+    TrainingSettings,
+    PeftSettings,
+    MonitoringSettings,
+    PathSettings,
+    DataSettings,
+    RunControlSettings,
+    ClusterSettings,
+):
+    """Every setting of a fine-tuning job: the groups above, flattened into one flag each (in this order in --help);
+    the command-line flags are generated from these fields."""
 
     # ---- derived ----------------------------------------------------------------------------------------------
     @property

@@ -559,3 +559,54 @@ def test_the_multi_node_rendezvous_is_returned_and_set_only_around_the_launch(mo
     with pm.scoped_environ(pm.rendezvous_environ(config, sagemaker)):
         assert (os.environ["NODE_RANK"], os.environ["MASTER_ADDR"]) == ("1", "algo-1")
     assert not {"MASTER_ADDR", "MASTER_PORT", "NODE_RANK"} & set(os.environ)  # nothing left behind
+
+
+# The flags, by --help section, that peft_megatron.py offers (grouping Config into dataclasses changed none of them).
+HELP_SECTIONS = {
+    "model": ["hf_model_id", "recipe_cls_name", "trust_remote_code"],
+    "parallelism": [
+        "num_nodes", "gpus_per_node", "tensor_parallel_size", "pipeline_parallel_size", "context_parallel_size",
+    ],
+    "training": [
+        "max_steps", "val_check_interval", "log_every_n_steps", "micro_batch_size", "accumulate_grad_batches",
+        "limit_val_batches", "max_seq_length", "packed_sequence", "learning_rate", "early_stopping_threshold",
+        "early_stopping_patience", "core_attention", "save_weights_only",
+    ],
+    "PEFT": ["peft_scheme", "full_ft", "lora_dim", "lora_alpha"],
+    "monitoring": [
+        "enable_megatron_progress_bar", "enable_memory_monitor", "enable_speed_monitor", "enable_runtime_estimator",
+        "enable_memory_profile", "enable_pytorch_profiler", "enable_nsys_callback", "use_wandb", "wandb_project",
+    ],
+    "paths": ["output_dir", "data_dir", "nemo_ckpt_dir"],
+    "data": [
+        "dataset_name", "dataset_subset", "dataset_revision", "input_column", "output_column", "system_column",
+        "prompt_template", "chat", "val_fraction", "test_fraction", "seed", "max_samples", "overwrite_data",
+    ],
+    "run control": ["log_level", "node_rank", "wait_timeout_s", "dry_run", "import_only", "prepare_data_only", "demo"],
+    "cluster": [
+        "executor", "slurm_account", "slurm_partition", "slurm_time", "container_image", "container_mounts",
+    ],
+}  # fmt: skip
+
+
+def test_help_lists_every_flag_in_its_section():
+    import re
+
+    out = run_script("peft_megatron.py", "--help")
+    assert out.returncode == 0, out.stderr
+    sections: dict[str, list[str]] = {}
+    current = None
+    for line in out.stdout.splitlines():
+        if re.fullmatch(r"[A-Za-z][\w ]*:", line):
+            current = sections.setdefault(line[:-1], [])
+        elif current is not None and (flag := re.match(r"  --(\w+)", line)):
+            current.append(flag[1])
+    assert sections.pop("options") == [] and "  -h, --help" in out.stdout  # argparse's own section: help only
+    assert sections == HELP_SECTIONS
+
+
+def test_config_is_its_groups_flattened():
+    assert [g.GROUP for g in pm.Config.__bases__ if hasattr(g, "GROUP")] == [s for s in HELP_SECTIONS if s != "data"]
+    assert flag_names(pm.Config) == [name for names in HELP_SECTIONS.values() for name in names]
+    config = pm.Config(hf_model_id="m", max_steps=5, lora_dim=8)  # one flat namespace, as the flags are
+    assert isinstance(config, pm.TrainingSettings) and (config.hf_model_id, config.max_steps) == ("m", 5)
