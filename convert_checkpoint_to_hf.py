@@ -34,6 +34,7 @@ from pathlib import Path
 from common import (
     ConfigError,
     PipelineError,
+    RunLayout,
     atomic_dir,
     checkpoint_damage,
     exclusive_lock,
@@ -424,7 +425,10 @@ def default_export_path(ckpt: Path, suffix: str) -> Path:
     Never inside checkpoints/: NeMo's ModelCheckpoint treats every directory there as a checkpoint, parses
     `val_loss=` out of its name and, on a resumed run, deletes the surplus over save_top_k - an export named after
     the best checkpoint competes with it (seen on the H100: the resumed run failed)."""
-    if ckpt.parent.name == "checkpoints":
+    run = RunLayout.of_checkpoint(ckpt)
+    if run is not None:
+        return run.exports / (ckpt.name + suffix)
+    if ckpt.parent.name == "checkpoints":  # another NeMoLogger's run: the same layout under its own name
         return ckpt.parent.parent / "exports" / (ckpt.name + suffix)
     return ckpt.with_name(ckpt.name + suffix)
 

@@ -21,6 +21,8 @@
 
 The seven phases are one function each: configure (Config + validate_config), import_hf_checkpoint,
 prepare_data, configure_recipe, launch_training, then test_checkpoint.py and convert_checkpoint_to_hf.py.
+Where a run's files go: common.RunLayout. Every runtime shim of NeMo / Megatron-Core: nemo_compat.SHIMS.
+The demo: demo.py (its assets: demo_workspace.py).
 Exit codes: 0 success, 1 pipeline failure, 2 invalid arguments, 3 demo prepared but no CUDA GPU to train on.
 On SageMaker, SM_CHANNEL_TRAINING, SM_MODEL_DIR, SM_HOSTS, SM_CURRENT_HOST and SM_NUM_GPUS fill the matching
 settings unless a flag is given explicitly.

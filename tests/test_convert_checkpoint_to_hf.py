@@ -30,6 +30,15 @@ def shims_in_scope():
 RECIPES = {"qwen3": "qwen3_600m", "llama": "llama32_1b"}
 
 
+def import_args(model, nemo: Path, recipe: str = "qwen3_600m") -> list[str]:
+    """peft_megatron.py's arguments for the HF -> NeMo import alone."""
+    return ["--import_only", "--hf_model_id", str(model), "--recipe_cls_name", recipe, "--nemo_ckpt_dir", str(nemo)]
+
+
+def run_import(model, nemo: Path, recipe: str = "qwen3_600m", **kwargs):
+    return run_script("peft_megatron.py", *import_args(model, nemo, recipe), **kwargs)
+
+
 @pytest.fixture(scope="module")
 def qwen3_head_dim_64(assets):
     return build_hf_model(assets["root"] / "qwen3_hd64", assets["tokenizer"], "qwen3", hidden_size=128, head_dim=64)
@@ -37,16 +46,7 @@ def qwen3_head_dim_64(assets):
 
 def import_and_export(model_dir: Path, recipe: str, tmp: Path) -> Path:
     nemo = tmp / "nemo"
-    out = run_script(
-        "peft_megatron.py",
-        "--import_only",
-        "--hf_model_id",
-        str(model_dir),
-        "--recipe_cls_name",
-        recipe,
-        "--nemo_ckpt_dir",
-        str(nemo),
-    )
+    out = run_import(model_dir, nemo, recipe)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "compat: local-spec-norm-mapping" in out.stdout
     hf = tmp / "hf"
@@ -79,16 +79,7 @@ def test_round_trip_is_bit_exact(family, assets, tmp_path):
 
 def test_import_refuses_a_head_dim_the_importer_would_get_wrong(qwen3_head_dim_64, tmp_path):
     # NeMo 2.7.3's Qwen3 importer fixes kv_channels=128 whatever the HF config says.
-    out = run_script(
-        "peft_megatron.py",
-        "--import_only",
-        "--hf_model_id",
-        str(qwen3_head_dim_64),
-        "--recipe_cls_name",
-        "qwen3_600m",
-        "--nemo_ckpt_dir",
-        str(tmp_path / "nemo"),
-    )
+    out = run_import(qwen3_head_dim_64, tmp_path / "nemo")
     assert out.returncode == 1
     assert "head_dim 64 but NeMo's importer would build head_dim 128" in out.stderr
     assert not (tmp_path / "nemo").exists()  # nothing that looks like a checkpoint
@@ -159,16 +150,7 @@ def test_waiting_node_times_out_clearly(assets, tmp_path, monkeypatch):
 
 def test_partial_checkpoint_directory_is_refused(assets, tmp_path):
     (tmp_path / "nemo" / "weights").mkdir(parents=True)
-    out = run_script(
-        "peft_megatron.py",
-        "--import_only",
-        "--hf_model_id",
-        str(assets["qwen3"]),
-        "--recipe_cls_name",
-        "qwen3_600m",
-        "--nemo_ckpt_dir",
-        str(tmp_path / "nemo"),
-    )
+    out = run_import(assets["qwen3"], tmp_path / "nemo")
     assert out.returncode == 1 and "exists but is not a complete NeMo checkpoint" in out.stderr
 
 
@@ -238,19 +220,7 @@ def test_adapter_mapping_matches_nemo_exporter_on_fused_lora(assets, tmp_path):
 
     env = nemo_compat.prepare_process()
     nemo_dir = tmp_path / "nemo"
-    assert (
-        run_script(
-            "peft_megatron.py",
-            "--import_only",
-            "--hf_model_id",
-            str(assets["qwen3"]),
-            "--recipe_cls_name",
-            "qwen3_600m",
-            "--nemo_ckpt_dir",
-            str(nemo_dir),
-        ).returncode
-        == 0
-    )
+    assert run_import(assets["qwen3"], nemo_dir).returncode == 0
     model = load_context(nemo_dir / "context", subpath="model")
     exporter = model.exporter("hf", str(nemo_dir))
     exporter.trust_remote_code = False  # normally set inside apply()
@@ -307,16 +277,7 @@ def test_export_keeps_only_its_own_current_export_and_refuses_anything_else(asse
     import shutil
 
     nemo = tmp_path / "nemo"
-    out = run_script(
-        "peft_megatron.py",
-        "--import_only",
-        "--hf_model_id",
-        str(assets["qwen3"]),
-        "--recipe_cls_name",
-        "qwen3_600m",
-        "--nemo_ckpt_dir",
-        str(nemo),
-    )
+    out = run_import(assets["qwen3"], nemo)
     assert out.returncode == 0, out.stderr[-3000:]
 
     def export(ckpt: Path, target: Path):
@@ -394,16 +355,7 @@ def test_import_is_reused_only_for_its_own_model_and_cleans_killed_imports(asset
     model = shutil.copytree(assets["qwen3"], tmp_path / "model")
 
     def import_only(model_dir: Path, recipe: str):
-        return run_script(
-            "peft_megatron.py",
-            "--import_only",
-            "--hf_model_id",
-            str(model_dir),
-            "--recipe_cls_name",
-            recipe,
-            "--nemo_ckpt_dir",
-            str(nemo),
-        )
+        return run_import(model_dir, nemo, recipe)
 
     first = import_only(model, "qwen3_600m")
     assert first.returncode == 0, first.stderr[-3000:]
@@ -426,17 +378,7 @@ def test_import_is_reused_only_for_its_own_model_and_cleans_killed_imports(asset
 
 
 def test_an_unreachable_hub_model_is_one_message_naming_the_flag(tmp_path):
-    out = run_script(
-        "peft_megatron.py",
-        "--import_only",
-        "--hf_model_id",
-        "some-org/no-such-model",
-        "--recipe_cls_name",
-        "qwen3_600m",
-        "--nemo_ckpt_dir",
-        str(tmp_path / "nemo"),
-        env={"HF_HUB_OFFLINE": "1"},
-    )
+    out = run_import("some-org/no-such-model", str(tmp_path / "nemo"), env={"HF_HUB_OFFLINE": "1"})
     assert out.returncode == 1
     assert "--hf_model_id some-org/no-such-model: could not read the model's configuration" in out.stderr
     assert "point --hf_model_id at a local directory" in out.stderr and "Traceback" not in out.stderr
@@ -451,16 +393,7 @@ def test_damaged_checkpoints_are_named_before_any_loading(assets, tmp_path):
     from common import checkpoint_damage
 
     nemo = tmp_path / "nemo"
-    out = run_script(
-        "peft_megatron.py",
-        "--import_only",
-        "--hf_model_id",
-        str(assets["qwen3"]),
-        "--recipe_cls_name",
-        "qwen3_600m",
-        "--nemo_ckpt_dir",
-        str(nemo),
-    )
+    out = run_import(assets["qwen3"], nemo)
     assert out.returncode == 0, out.stderr[-3000:]
     assert checkpoint_damage(nemo) is None
     damaged = {}
@@ -487,35 +420,17 @@ def test_damaged_checkpoints_are_named_before_any_loading(assets, tmp_path):
     assert export.returncode == 1 and "Traceback" not in export.stderr
     assert f"{damaged['shard']} is damaged: weights/" in export.stderr and "export another checkpoint" in export.stderr
     assert not (tmp_path / "hf").exists()
-    reuse = run_script(
-        "peft_megatron.py",
-        "--import_only",
-        "--hf_model_id",
-        str(assets["qwen3"]),
-        "--recipe_cls_name",
-        "qwen3_600m",
-        "--nemo_ckpt_dir",
-        str(damaged["dot_metadata"]),
-    )
+    reuse = run_import(assets["qwen3"], damaged["dot_metadata"])
     assert reuse.returncode == 1 and "holds a damaged import: weights/.metadata is unreadable" in reuse.stderr
 
 
 def test_killed_import_and_export_leave_nothing_that_looks_complete_and_rerun_cleanly(assets, tmp_path):
     nemo, hf = tmp_path / "nemo", tmp_path / "hf"
-    import_args = (
-        "peft_megatron.py",
-        "--import_only",
-        "--hf_model_id",
-        str(assets["qwen3"]),
-        "--recipe_cls_name",
-        "qwen3_600m",
-        "--nemo_ckpt_dir",
-        str(nemo),
-    )
-    proc = start_script(*import_args)
+    command = ("peft_megatron.py", *import_args(assets["qwen3"], nemo))
+    proc = start_script(*command)
     kill_when(proc, lambda: any(tmp_path.glob(".nemo.*.partial/weights")))  # killed while writing the weights
     assert not nemo.exists() and list(tmp_path.glob(".nemo.*.partial"))
-    rerun = run_script(*import_args)
+    rerun = run_script(*command)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "removed 1 unfinished import(s) left by killed runs" in rerun.stdout
     assert is_nemo_checkpoint(nemo) and not list(tmp_path.glob(".nemo.*.partial"))

@@ -10,9 +10,12 @@ import pytest
 
 import dataset_module as dm
 from common import PipelineError
-from conftest import run_script
+from conftest import qa_job, run_script
 
 ROWS = [{"question": f"What is {i} plus one?", "answer": str(i + 1), "ctx": f"Count #{i}"} for i in range(40)]
+
+
+ONE_SAMPLE_STEPS = ("--micro_batch_size", "1", "--accumulate_grad_batches", "1")
 
 
 def write_jsonl(path: Path, rows) -> Path:
@@ -276,30 +279,8 @@ def test_summary_warns_about_truncation(tmp_path, assets):
 
 
 def test_prepare_data_only_cli(tmp_path, assets):
-    out = run_script(
-        "peft_megatron.py",
-        "--prepare_data_only",
-        "--hf_model_id",
-        str(assets["qwen3"]),
-        "--dataset_name",
-        str(assets["data"]),
-        "--input_column",
-        "question",
-        "--output_column",
-        "answer",
-        "--output_dir",
-        str(tmp_path),
-        "--val_fraction",
-        "0.25",
-        "--micro_batch_size",
-        "4",
-        "--accumulate_grad_batches",
-        "1",
-        "--gpus_per_node",
-        "1",
-        "--tensor_parallel_size",
-        "1",
-    )
+    job = qa_job(assets["qwen3"], tmp_path, *"--val_fraction 0.25 --micro_batch_size 4".split(), dataset=assets["data"])
+    out = run_script("peft_megatron.py", "--prepare_data_only", *job, "--accumulate_grad_batches", "1")
     assert out.returncode == 0, out.stderr[-2000:]
     assert (
         "train       67 rows" in out.stdout
@@ -439,33 +420,8 @@ def test_two_preparations_of_one_directory_never_interleave(tmp_path, assets):
     out = tmp_path / "data"
 
     def start(seed: int) -> subprocess.Popen:
-        cmd = [
-            sys.executable,
-            str(REPO / "peft_megatron.py"),
-            "--prepare_data_only",
-            "--hf_model_id",
-            str(assets["qwen3"]),
-            "--dataset_name",
-            str(src),
-            "--input_column",
-            "question",
-            "--output_column",
-            "answer",
-            "--data_dir",
-            str(out),
-            "--output_dir",
-            str(tmp_path / "run"),
-            "--micro_batch_size",
-            "1",
-            "--accumulate_grad_batches",
-            "1",
-            "--gpus_per_node",
-            "1",
-            "--tensor_parallel_size",
-            "1",
-            "--seed",
-            str(seed),
-        ]
+        job = qa_job(assets["qwen3"], tmp_path / "run", "--data_dir", str(out), "--seed", str(seed), dataset=src)
+        cmd = [sys.executable, str(REPO / "peft_megatron.py"), "--prepare_data_only", *job, *ONE_SAMPLE_STEPS]
         return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     first = start(1)
@@ -525,24 +481,8 @@ def test_a_preparation_killed_between_its_splits_is_never_used_and_the_rerun_cle
     out = tmp_path / "data"
     args = [
         "--prepare_data_only",
-        "--hf_model_id",
-        str(assets["qwen3"]),
-        "--input_column",
-        "question",
-        "--output_column",
-        "answer",
-        "--data_dir",
-        str(out),
-        "--output_dir",
-        str(tmp_path / "run"),
-        "--micro_batch_size",
-        "1",
-        "--accumulate_grad_batches",
-        "1",
-        "--gpus_per_node",
-        "1",
-        "--tensor_parallel_size",
-        "1",
+        *qa_job(assets["qwen3"], tmp_path / "run", "--data_dir", str(out)),
+        *ONE_SAMPLE_STEPS,
     ]
     proc = start_script("peft_megatron.py", *args, "--dataset_name", str(src))
     kill_when(proc, lambda: (out / "training.jsonl").exists())  # SIGKILL: no cleanup code runs

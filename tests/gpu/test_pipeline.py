@@ -12,43 +12,16 @@ from pathlib import Path
 import pytest
 
 import run_report
-from conftest import run_script, wandb_history
+from conftest import qa_job, run_script, wandb_history
 
 pytestmark = pytest.mark.gpu
 
 
 def tiny_job(assets, out: Path, *extra: str) -> list[str]:
-    return [
-        "--hf_model_id",
-        str(assets["qwen3"]),
-        "--recipe_cls_name",
-        "qwen3_600m",
-        "--gpus_per_node",
-        "1",
-        "--tensor_parallel_size",
-        "1",
-        "--dataset_name",
-        str(assets["data"]),
-        "--input_column",
-        "question",
-        "--output_column",
-        "answer",
-        "--val_fraction",
-        "0.2",
-        "--micro_batch_size",
-        "8",
-        "--accumulate_grad_batches",
-        "1",
-        "--limit_val_batches",
-        "2",
-        "--max_seq_length",
-        "64",
-        "--output_dir",
-        str(out),
-        "--nemo_ckpt_dir",
-        str(out.parent / "imported"),
-        *extra,
-    ]
+    settings = "--recipe_cls_name qwen3_600m --val_fraction 0.2 --micro_batch_size 8 --accumulate_grad_batches 1"
+    settings += " --limit_val_batches 2 --max_seq_length 64"
+    job = [*settings.split(), "--nemo_ckpt_dir", str(out.parent / "imported"), *extra]
+    return qa_job(assets["qwen3"], out, *job, dataset=assets["data"])
 
 
 def scalars(run_dir: Path, tag: str) -> dict[int, float]:
