@@ -168,15 +168,15 @@ def _replace(shim: str, owner, attribute: str, value) -> None:
 def undo(shim: str | None = None, since: int = 0) -> None:
     """Put back what the shims (or the one named), applied after the first `since` replacements, replaced; newest
     first. The unified-memory stub stays: modules that imported it hold it, and the real module would compile."""
-    for entry in reversed(_undo[since:]):
-        name, owner, attribute, previous = entry
+    for index in reversed(range(since, len(_undo))):
+        name, owner, attribute, previous = _undo[index]
         if shim is not None and name != shim:
             continue
         if previous is _MISSING:
             delattr(owner, attribute)
         else:
             setattr(owner, attribute, previous)
-        _undo.remove(entry)
+        del _undo[index]
         if not any(other[0] == name for other in _undo):
             _applied.discard(name)
 
