@@ -29,6 +29,13 @@ USAGE_ERROR = 2  # argparse's exit code for bad usage; validation errors use it 
 RUN_NAME = "nemo_logs"  # NeMoLogger's name: <output_dir>/nemo_logs/checkpoints/nemo_logs--val_loss=...-step=...
 
 
+def attention_head_dim(config) -> int:
+    """The attention head size of a Megatron/NeMo config (kv_channels) or an HF config (head_dim); both fall back to
+    hidden_size / attention heads, as TransformerConfig and transformers do."""
+    explicit = getattr(config, "kv_channels", None) or getattr(config, "head_dim", None)
+    return explicit or config.hidden_size // config.num_attention_heads
+
+
 @dataclasses.dataclass(frozen=True)
 class RunLayout:
     """Where a run keeps what it writes under --output_dir (README, "Outputs"); every script finds it here."""

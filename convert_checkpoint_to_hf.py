@@ -36,6 +36,7 @@ from common import (
     PipelineError,
     RunLayout,
     atomic_dir,
+    attention_head_dim,
     checkpoint_damage,
     exclusive_lock,
     file_heads,
@@ -255,7 +256,6 @@ def lora_settings(ckpt: Path) -> dict:
 
     lora = load_context(ckpt / "context", subpath="model.model_transform")
     cfg = load_context(ckpt / "context", subpath="model.config")
-    head_dim = cfg.kv_channels or cfg.hidden_size // cfg.num_attention_heads
     return {
         "dim": lora.dim,
         "alpha": lora.alpha,
@@ -263,7 +263,7 @@ def lora_settings(ckpt: Path) -> dict:
         "target_modules": list(lora.target_modules),
         "num_attention_heads": cfg.num_attention_heads,
         "num_query_groups": cfg.num_query_groups or cfg.num_attention_heads,
-        "head_dim": head_dim,
+        "head_dim": attention_head_dim(cfg),
         "ffn_hidden_size": cfg.ffn_hidden_size,
         "num_layers": cfg.num_layers,
         "gated": bool(getattr(cfg, "gated_linear_unit", False)),

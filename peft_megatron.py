@@ -55,6 +55,7 @@ from common import (
     RunLayout,
     atomic_dir,
     atomic_write_text,
+    attention_head_dim,
     checkpoint_damage,
     file_heads,
     hf_load_error,
@@ -864,8 +865,7 @@ def check_importer_head_dim(model, source: str, trust_remote_code: bool = False)
         hf = AutoConfig.from_pretrained(hf_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise PipelineError(hf_load_error(hf_path, e)) from None
-    hf_head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
-    nemo_head_dim = nemo_cfg.kv_channels or nemo_cfg.hidden_size // nemo_cfg.num_attention_heads
+    hf_head_dim, nemo_head_dim = attention_head_dim(hf), attention_head_dim(nemo_cfg)
     if hf_head_dim != nemo_head_dim:
         raise PipelineError(
             f"{hf_path}: head_dim {hf_head_dim} but NeMo's importer would build head_dim {nemo_head_dim}; this "

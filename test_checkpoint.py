@@ -37,6 +37,7 @@ from common import (
     RunLayout,
     atomic_write_jsonl,
     atomic_write_text,
+    attention_head_dim,
     checkpoint_damage,
     exclusive_lock,
     find_checkpoint,
@@ -367,7 +368,7 @@ def build_engine(model, inference_wrapper_config, tokenizer, cfg: EvalConfig, te
     context = DynamicInferenceContext(
         params_dtype=torch.bfloat16,
         num_layers=mcfg.num_layers,
-        kv_channels=mcfg.kv_channels or mcfg.hidden_size // mcfg.num_attention_heads,
+        kv_channels=attention_head_dim(mcfg),
         num_attention_heads=mcfg.num_query_groups or mcfg.num_attention_heads,  # the KV cache holds KV heads
         max_sequence_length=cfg.inference_max_seq_length,
         buffer_size_gb=cfg.buffer_size_gb,
