@@ -387,27 +387,22 @@ def cpu_checkpoint_io(env: Environment | None = None) -> Iterator[None]:
     import nemo.lightning.io.pl as nemo_pl
     import torch
 
-    saved = {
-        "synchronize": torch.cuda.synchronize,
-        "current_device": torch.cuda.current_device,
-        "Stream": torch.cuda.Stream,
-        "stream": torch.cuda.stream,
-        "is_initialized": torch.cuda.is_initialized,
+    since = len(_undo)
+    cpu_no_ops = {
+        "synchronize": lambda *a, **k: None,
+        "current_device": lambda: "cpu",
+        "Stream": lambda *a, **k: None,
+        "stream": lambda *a, **k: contextlib.nullcontext(),
+        "is_initialized": lambda: True,
     }
-    saved_fix = nemo_pl._fix_tensors_device
-    torch.cuda.synchronize = lambda *a, **k: None
-    torch.cuda.current_device = lambda: "cpu"
-    torch.cuda.Stream = lambda *a, **k: None
-    torch.cuda.stream = lambda *a, **k: contextlib.nullcontext()
-    torch.cuda.is_initialized = lambda: True
-    nemo_pl._fix_tensors_device = lambda ckpt: ckpt
+    for name, no_op in cpu_no_ops.items():
+        _replace("cpu-checkpoint-io", torch.cuda, name, no_op)
+    _replace("cpu-checkpoint-io", nemo_pl, "_fix_tensors_device", lambda ckpt: ckpt)
     _mark("cpu-checkpoint-io", "checkpoint conversion on a host without CUDA")
     try:
         yield
     finally:
-        for name, fn in saved.items():
-            setattr(torch.cuda, name, fn)
-        nemo_pl._fix_tensors_device = saved_fix
+        undo("cpu-checkpoint-io", since=since)
 
 
 class _PostImportHook(importlib.abc.MetaPathFinder):
