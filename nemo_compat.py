@@ -212,18 +212,24 @@ def prepare_process(env: Environment | None = None) -> Environment:
     return env
 
 
+@functools.cache
+def _installed_versions() -> dict[str, str]:
+    """The installed releases of WRITTEN_FOR's distributions, read once per process (prepare_process runs often)."""
+    import importlib.metadata as metadata
+
+    installed = {}
+    for dist in WRITTEN_FOR:
+        try:
+            installed[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            installed[dist] = "not installed"
+    return installed
+
+
 def check_versions(installed: dict[str, str] | None = None) -> None:
     """The no-TE shims replace NeMo / Megatron-Core functions of the releases in WRITTEN_FOR; on other releases they
     could silently patch the wrong thing, so they refuse, naming what is installed and the fix."""
-    import importlib.metadata as metadata
-
-    if installed is None:
-        installed = {}
-        for dist in WRITTEN_FOR:
-            try:
-                installed[dist] = metadata.version(dist)
-            except metadata.PackageNotFoundError:
-                installed[dist] = "not installed"
+    installed = _installed_versions() if installed is None else installed
     wrong = {d: v for d, v in installed.items() if d in WRITTEN_FOR and not v.startswith(WRITTEN_FOR[d])}
     if wrong:
         found = ", ".join(f"{d} {v}" for d, v in wrong.items())
