@@ -131,7 +131,7 @@ class WorkerConsole:
     """Stands in for sys.stdout while NeMo-Run tails the training workers' output, which it prints there, each line
     prefixed with the role and replica (`qwen3_8b/0 [default0]:...`). Every worker line goes to our log file (its
     handlers only: NeMo-Run's console handler on the root logger would print it back here); the console shows the
-    workers' lines of ours, every `every_n_steps`-th progress line, checkpoint and early-stopping decisions, and,
+    workers' lines of ours, every `every_n_steps`-th progress line, resuming, checkpoint and stopping decisions, and,
     from a worker's first traceback or error on, everything. Other text passes unchanged."""
 
     _ANSI_CODE = r"\x1b\[[0-9;:]*m"
@@ -142,8 +142,8 @@ class WorkerConsole:
     )
     PROGRESS = re.compile(r"Training epoch \d+, iteration (\d+)/(\d+)")
     DECISIONS = re.compile(
-        r"'val_loss' reached|'val_loss' was not in top|did not improve in the last|"
-        r"Signaling Trainer to stop|peft_megatron"
+        r"'val_loss' reached|'val_loss' was not in top|did not improve in the last|Signaling Trainer to stop|"
+        r"Restoring states from the checkpoint path|`Trainer.fit` stopped|peft_megatron"
     )
     RANK = re.compile(r"^\[\w+\]:")  # torchrun's per-rank prefix, [default0]:
 

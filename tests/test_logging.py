@@ -88,10 +88,12 @@ WORKER = r"""
 import sys
 print("[NeMo I 2026-12-02 01:08:14 megatron_init:1] Rank 0 has tensor model parallel rank: 0")
 print("WARNING:megatron.core.utils:fused_indices_to_multihot has reached end of life.")
+print("Restoring states from the checkpoint path at /run/nemo_logs/checkpoints/x-last")
 for i in range(25):
     print(f"Training epoch 0, iteration {i}/24 | lr: 0.001 | global_step: {i} | reduced_train_loss: {6 - i / 10:.2f}")
 print("INFO:pytorch_lightning.utilities.rank_zero:Epoch 0, global step 24: 'val_loss' reached 1.52945 (best 1.52945), "
       "saving model to '/run/nemo_logs/checkpoints/x.ckpt' as top 1")
+print("INFO:pytorch_lightning.utilities.rank_zero:`Trainer.fit` stopped: `max_steps=24` reached.")
 print("[NeMo I 2026-12-02 01:10:49 model_checkpoint:677] Async checkpoint save for step 25 finalized successfully.")
 raise RuntimeError("CUDA out of memory (as a worker reports it)")
 """
@@ -141,7 +143,9 @@ def test_console_shows_workers_progress_checkpoints_and_errors_and_the_file_has_
     shown = launch_worker(tmp_path, "INFO")
     progress = [line.split(" |")[0] for line in shown if line.startswith("Training epoch")]
     assert progress == [f"Training epoch 0, iteration {i}/24" for i in (0, 10, 20, 24)]  # every 10th, and the last
-    assert any("'val_loss' reached 1.52945" in line for line in shown)
+    decisions = ("Restoring states from the checkpoint path", "'val_loss' reached 1.52945", "`max_steps=24` reached")
+    for decision in decisions:
+        assert any(decision in line for line in shown), decision
     error = shown.index("Traceback (most recent call last):")  # the failing worker's traceback, whole
     assert "RuntimeError: CUDA out of memory (as a worker reports it)" in shown[error:]
     assert any("ChildFailedError" in line for line in shown[error:])
