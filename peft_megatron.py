@@ -57,6 +57,7 @@ from common import (
     atomic_write_text,
     attention_head_dim,
     checkpoint_damage,
+    experiment,
     file_heads,
     hf_load_error,
     int_or_auto,
@@ -1202,9 +1203,7 @@ def _slurm_executor(config: Config, env_vars: dict):
 
 def submit_training(config: Config, recipe, executor) -> None:
     """--executor slurm: submit the job and return; the job's logs and checkpoints appear under --output_dir."""
-    import nemo_run as run
-
-    with run.Experiment(
+    with experiment(
         config.experiment_title,
         executor=executor,
         log_level=config.log_level,
@@ -1222,7 +1221,6 @@ def submit_training(config: Config, recipe, executor) -> None:
 
 def launch_training(config: Config, recipe, executor) -> float:
     """Run the experiment to its end; returns its wall time in seconds."""
-    import nemo_run as run
     from torchx.specs.api import AppState
 
     started = time.monotonic()
@@ -1233,7 +1231,7 @@ def launch_training(config: Config, recipe, executor) -> float:
     with (
         quiet_workers(config.recipe_cls_name, config.log_level, config.log_every_n_steps),
         scoped_environ(rendezvous_environ(config, os.environ)),  # NeMo-Run reads them while it builds the launch
-        run.Experiment(
+        experiment(
             config.experiment_title,
             executor=executor,
             log_level=config.log_level,
@@ -1316,13 +1314,11 @@ def slurm_script(config: Config, recipe, executor) -> str:
     """The sbatch script NeMo-Run would submit, from NeMo-Run's own dry run; the files it writes are removed."""
     import shutil
 
-    import nemo_run as run
-
     base = config.layout.nemo_run.resolve()
     created = [p for p in (base, *base.parents) if not p.exists()]
     exp = None
     try:
-        with run.Experiment(config.experiment_title, executor=executor, base_dir=str(base), log_level="WARN") as exp:
+        with experiment(config.experiment_title, executor=executor, base_dir=str(base), log_level="WARN") as exp:
             exp.add(recipe, tail_logs=False, name=config.recipe_cls_name)
             exp.dryrun(log=False, delete_exp_dir=False)
             return next(Path(exp._exp_dir).glob("*_sbatch.sh")).read_text()  # NeMo-Run names no public accessor

@@ -98,17 +98,21 @@ print("[NeMo I 2026-12-02 01:10:49 model_checkpoint:677] Async checkpoint save f
 raise RuntimeError("CUDA out of memory (as a worker reports it)")
 """
 LAUNCH = r"""
-import sys
+import gc, logging, sys
 import nemo_run as run
-from common import log_to_file, quiet_workers, setup_logging
+from common import experiment, log_to_file, quiet_workers, setup_logging
 setup_logging(sys.argv[1])
 log_to_file(sys.argv[2] + "/peft_megatron.log")
 script = run.Script(path=sys.argv[2] + "/worker.py", entrypoint="python")
 executor = run.LocalExecutor(ntasks_per_node=1, launcher="torchrun")
-with quiet_workers("qwen3_600m", sys.argv[1], 10), run.Experiment("t", executor=executor, base_dir=sys.argv[2]) as exp:
+with quiet_workers("qwen3_600m", sys.argv[1], 10), experiment("t", executor=executor, base_dir=sys.argv[2]) as exp:
     exp.add(script, tail_logs=True, name="qwen3_600m")
     exp.run(detach=False)
-print("states", [str(job.state) for job in exp.jobs])
+states = [str(job.state) for job in exp.jobs]
+del exp
+gc.collect()
+logging.getLogger("peft_megatron").info("after the launch")
+print("states", states)
 """
 
 
@@ -135,6 +139,9 @@ def launch_worker(tmp_path, level: str) -> list[str]:
         timeout=240,
     )
     assert out.returncode == 0 and "FAILED" in out.stdout.splitlines()[-1], out.stdout[-3000:] + out.stderr[-3000:]
+    # NeMo-Run swaps the root logger's handlers for its own: our lines after the launch keep our format and file
+    assert re.search(r"^\[[\d:]+ INFO peft_megatron\] after the launch$", out.stdout, re.M), out.stdout[-2000:]
+    assert "INFO peft_megatron] after the launch" in (tmp_path / "peft_megatron.log").read_text()
     worker = re.compile(r"^(?:\x1b\[[0-9;:]*m)?qwen3_600m/0(?:\x1b\[[0-9;:]*m)? (?:\[default0\]:)?")
     return [worker.sub("", line) for line in out.stdout.splitlines() if worker.match(line)]
 
