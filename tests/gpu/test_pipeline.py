@@ -20,7 +20,8 @@ pytestmark = pytest.mark.gpu
 def tiny_job(assets, out: Path, *extra: str) -> list[str]:
     settings = "--recipe_cls_name qwen3_600m --val_fraction 0.2 --micro_batch_size 8 --accumulate_grad_batches 1"
     settings += " --limit_val_batches 2 --max_seq_length 64"
-    job = [*settings.split(), "--nemo_ckpt_dir", str(out.parent / "imported"), *extra]
+    # One HF -> NeMo import per session (~20 s a run): the first run makes it, the others reuse it
+    job = [*settings.split(), "--nemo_ckpt_dir", str(assets["root"] / "qwen3_imported"), *extra]
     return qa_job(assets["qwen3"], out, *job, dataset=assets["data"])
 
 
