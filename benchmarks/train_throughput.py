@@ -832,6 +832,10 @@ def result_rows(args, case: Case, matmul: dict, hf: dict, ours: dict, hf_amp: di
     return rows
 
 
+def table_line(name: str, tokens: float, tflops: float, mfu: str, mem: float, step_ms: float, ratio: str, ok) -> str:
+    return f"{name:20s} {tokens:8,.0f} {tflops:8.1f} {mfu:>6s} {mem:9.1f} {step_ms:8.1f} {ratio:>6s} {str(ok):>8s}"
+
+
 def print_table(rows: list[dict]) -> None:
     print(
         f"\n{'variant':20s} {'tok/s':>8s} {'TFLOP/s':>8s} {'MFU':>6s} {'peak GiB':>9s} {'ms/step':>8s} "
@@ -843,26 +847,35 @@ def print_table(rows: list[dict]) -> None:
             continue
         ratio = f"{row['ratio_vs_baseline']:.2f}" if row["ratio_vs_baseline"] else "-"
         print(
-            f"{row['variant']:20s} {row['tokens_per_s_per_gpu']:8,.0f} {row['model_tflops_per_gpu']:8.1f} "
-            f"{row['mfu']:6.3f} {row['peak_mem_gib']:9.1f} {row['median_step_ms']:8.1f} {ratio:>6s} "
-            f"{str(row['trained']):>8s}"
+            table_line(
+                row["variant"],
+                row["tokens_per_s_per_gpu"],
+                row["model_tflops_per_gpu"],
+                f"{row['mfu']:.3f}",
+                row["peak_mem_gib"],
+                row["median_step_ms"],
+                ratio,
+                row["trained"],
+            )
         )
-    hf = rows[0].get("baseline") or {}
-    if "tokens_per_s_per_gpu" in hf:
+    first = rows[0]
+    hf, amp = first.get("baseline") or {}, first.get("amp_baseline") or {}
+    baselines = [("HF + PEFT (SDPA)", hf, "baseline_trained"), ("HF, fp32 + autocast", amp, "amp_baseline_trained")]
+    for name, base, trained_key in baselines:
+        if "tokens_per_s_per_gpu" not in base:
+            continue
+        tokens = base["tokens_per_s_per_gpu"]
         print(
-            f"{'HF + PEFT (SDPA)':20s} {hf['tokens_per_s_per_gpu']:8,.0f} "
-            f"{rows[0]['baseline_model_tflops_per_gpu']:8.1f} "
-            f"{'':6s} {hf['peak_mem_gib']:9.1f} {1000 * hf['median_step_s']:8.1f} {'1.00':>6s} "
-            f"{str(rows[0]['baseline_trained']):>8s}"
-        )
-    amp = rows[0].get("amp_baseline") or {}
-    if "tokens_per_s_per_gpu" in amp:
-        print(
-            f"{'HF, fp32 + autocast':20s} {amp['tokens_per_s_per_gpu']:8,.0f} "
-            f"{amp['tokens_per_s_per_gpu'] * rows[0]['model_flops_per_token'] / 1e12:8.1f} {'':6s} "
-            f"{amp['peak_mem_gib']:9.1f} {1000 * amp['median_step_s']:8.1f} "
-            f"{amp['tokens_per_s_per_gpu'] / hf['tokens_per_s_per_gpu']:6.2f} "
-            f"{str(rows[0]['amp_baseline_trained']):>8s}"
+            table_line(
+                name,
+                tokens,
+                tokens * first["model_flops_per_token"] / 1e12,
+                "",
+                base["peak_mem_gib"],
+                1000 * base["median_step_s"],
+                f"{tokens / hf['tokens_per_s_per_gpu']:.2f}",
+                first[trained_key],
+            )
         )
 
 

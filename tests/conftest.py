@@ -58,13 +58,20 @@ def script_env(env: dict | None = None) -> dict:
     return {**full_env, **(env or {})}
 
 
-def qa_job(model, output_dir: Path, *extra: str, dataset=None) -> list[str]:
-    """peft_megatron.py's flags for a one-GPU job of `model` on a question/answer dataset (the tests' tiny assets)."""
-    args = ["--hf_model_id", str(model), "--input_column", "question", "--output_column", "answer"]
-    args += ["--output_dir", str(output_dir), "--gpus_per_node", "1", "--tensor_parallel_size", "1"]
+def qa_flags(output_dir: Path, model=None, dataset=None) -> list[str]:
+    """peft_megatron.py's flags naming a question/answer job's columns and output, and its model and dataset if given
+    (else the flags' defaults)."""
+    args = ["--input_column", "question", "--output_column", "answer", "--output_dir", str(output_dir)]
+    if model is not None:
+        args += ["--hf_model_id", str(model)]
     if dataset is not None:
         args += ["--dataset_name", str(dataset)]
-    return [*args, *extra]
+    return args
+
+
+def qa_job(model, output_dir: Path, *extra: str, dataset=None) -> list[str]:
+    """peft_megatron.py's flags for a one-GPU job of `model` on a question/answer dataset (the tests' tiny assets)."""
+    return [*qa_flags(output_dir, model, dataset), "--gpus_per_node", "1", "--tensor_parallel_size", "1", *extra]
 
 
 def run_script(script: str, *args: str, env: dict | None = None, timeout: int = 600, cwd: Path | None = None):

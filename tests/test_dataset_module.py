@@ -10,7 +10,7 @@ import pytest
 
 import dataset_module as dm
 from common import PipelineError
-from conftest import qa_job, run_script
+from conftest import qa_flags, qa_job, run_script
 
 ROWS = [{"question": f"What is {i} plus one?", "answer": str(i + 1), "ctx": f"Count #{i}"} for i in range(40)]
 
@@ -304,20 +304,7 @@ def test_prepare_data_only_cli(tmp_path, assets):
 
 
 def test_validation_smaller_than_a_global_batch_is_refused(tmp_path, assets):
-    out = run_script(
-        "peft_megatron.py",
-        "--prepare_data_only",
-        "--hf_model_id",
-        str(assets["qwen3"]),
-        "--dataset_name",
-        str(assets["data"]),
-        "--input_column",
-        "question",
-        "--output_column",
-        "answer",
-        "--output_dir",
-        str(tmp_path),
-    )
+    out = run_script("peft_megatron.py", "--prepare_data_only", *qa_flags(tmp_path, assets["qwen3"], assets["data"]))
     assert out.returncode == 1
     # Defaults on a GPU-less machine: one 8-GPU node planned, TP auto = 2 (the model's 2 KV heads), so DP 4:
     # micro-batch 8 x accumulate 8 x DP 4.
@@ -620,28 +607,11 @@ def test_a_failed_packing_leaves_nothing_that_looks_packed(tmp_path, assets, mon
 
 
 def test_packed_sequence_cli_prepares_packs_and_refuses_a_micro_batch_above_one(tmp_path, assets):
+    packed = "--val_fraction 0.25 --packed_sequence --max_seq_length 128".split()
     common = [
         "peft_megatron.py",
         "--prepare_data_only",
-        "--hf_model_id",
-        str(assets["qwen3"]),
-        "--dataset_name",
-        str(assets["data"]),
-        "--input_column",
-        "question",
-        "--output_column",
-        "answer",
-        "--output_dir",
-        str(tmp_path),
-        "--val_fraction",
-        "0.25",
-        "--gpus_per_node",
-        "1",
-        "--tensor_parallel_size",
-        "1",
-        "--packed_sequence",
-        "--max_seq_length",
-        "128",
+        *qa_job(assets["qwen3"], tmp_path, *packed, dataset=assets["data"]),
     ]
     bad = run_script(*common, "--micro_batch_size", "2")
     assert bad.returncode == 2

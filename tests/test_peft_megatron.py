@@ -13,7 +13,7 @@ import pytest
 
 import peft_megatron as pm
 from common import ConfigError, flag_names
-from conftest import REPO, run_script
+from conftest import REPO, qa_flags, run_script
 
 SEED_EXAMPLES = [
     "",
@@ -281,20 +281,7 @@ def test_auto_gpus_and_tensor_parallel_size_fit_the_machine_and_the_models_heads
 
 
 def test_a_launch_asking_for_more_gpus_than_the_machine_shows_is_refused(assets, tmp_path):
-    args = [
-        "--gpus_per_node",
-        "4",
-        "--tensor_parallel_size",
-        "1",
-        "--dataset_name",
-        str(assets["data"]),
-        "--input_column",
-        "question",
-        "--output_column",
-        "answer",
-        "--output_dir",
-        str(tmp_path / "out"),
-    ]
+    args = ["--gpus_per_node", "4", "--tensor_parallel_size", "1", *qa_flags(tmp_path / "out", dataset=assets["data"])]
     out = run_script("peft_megatron.py", *args, env=fake_nvidia_smi(tmp_path, 2))
     assert out.returncode == 2, out.stderr[-2000:]
     assert (
@@ -302,7 +289,7 @@ def test_a_launch_asking_for_more_gpus_than_the_machine_shows_is_refused(assets,
         "the flag out (auto)" in out.stderr
     )
     assert not (tmp_path / "out").exists()  # refused before any work
-    pm.validate_config(parse(" ".join(args[:-2]), gpus=2), visible_gpus=None)  # a --dry_run plans any node
+    pm.validate_config(parse(shlex.join(args), gpus=2), visible_gpus=None)  # a --dry_run plans any node
 
 
 def test_dry_run_on_a_gpu_machine_plans_the_gpus_it_shows(tmp_path):

@@ -74,18 +74,22 @@ def test_bertscore_matches_a_direct_bert_score_call(tiny_bert):
     assert ours["bertscore_recall"] == pytest.approx(float(r.mean()))
 
 
-def test_evaluate_only_end_to_end(tmp_path, tiny_bert):
-    preds = write_predictions(tmp_path / "preds.jsonl")
-    out = run_script(
-        "test_checkpoint.py",
-        "--evaluate_only",
+def evaluate_only(preds: Path, bertscore_model, layers: str):
+    """test_checkpoint.py scoring an existing predictions file with the given BERTScore model and layers."""
+    args = [
         "--predictions_file",
         str(preds),
         "--bertscore_model",
-        str(tiny_bert),
+        str(bertscore_model),
         "--bertscore_num_layers",
-        "2",
-    )
+        layers,
+    ]
+    return run_script("test_checkpoint.py", "--evaluate_only", *args)
+
+
+def test_evaluate_only_end_to_end(tmp_path, tiny_bert):
+    preds = write_predictions(tmp_path / "preds.jsonl")
+    out = evaluate_only(preds, tiny_bert, "2")
     assert out.returncode == 0, out.stderr[-2000:]
     metrics = json.loads((tmp_path / "preds.metrics.json").read_text())
     assert metrics["num_samples"] == 4 and metrics["exact_match"] == 0.5
@@ -254,15 +258,6 @@ def test_a_local_bertscore_model_is_checked_before_scoring(tmp_path, tiny_bert):
         (str(tiny_bert), "5"): f"--bertscore_num_layers 5 is beyond the 2 layers of {tiny_bert}; give 1-2",
     }
     for (model, layers), message in cases.items():
-        out = run_script(
-            "test_checkpoint.py",
-            "--evaluate_only",
-            "--predictions_file",
-            str(preds),
-            "--bertscore_model",
-            model,
-            "--bertscore_num_layers",
-            layers,
-        )
+        out = evaluate_only(preds, model, layers)
         assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, out.stderr[-2000:]
     assert not (tmp_path / "preds.metrics.json").exists()

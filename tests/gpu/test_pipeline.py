@@ -17,6 +17,9 @@ from conftest import qa_job, run_script, wandb_history
 pytestmark = pytest.mark.gpu
 
 
+STEPS_30 = "--max_steps 30 --val_check_interval 10 --learning_rate 5e-3".split()  # learns the tiny task
+
+
 def tiny_job(assets, out: Path, *extra: str) -> list[str]:
     settings = "--recipe_cls_name qwen3_600m --val_fraction 0.2 --micro_batch_size 8 --accumulate_grad_batches 1"
     settings += " --limit_val_batches 2 --max_seq_length 64"
@@ -43,12 +46,7 @@ def lora_run(assets, tmp_path_factory) -> dict:
         *tiny_job(
             assets,
             out,
-            "--max_steps",
-            "30",
-            "--val_check_interval",
-            "10",
-            "--learning_rate",
-            "5e-3",
+            *STEPS_30,
             "--enable_memory_monitor",
             "--enable_speed_monitor",
             "--enable_runtime_estimator",
@@ -259,12 +257,7 @@ def test_packed_sequences_train_validate_and_checkpoint(assets, tmp_path):
             "2",
             "--max_seq_length",
             "64",
-            "--max_steps",
-            "30",
-            "--val_check_interval",
-            "10",
-            "--learning_rate",
-            "5e-3",
+            *STEPS_30,
             "--log_every_n_steps",
             "1",
         ),
