@@ -112,6 +112,12 @@ SHIMS = {
         "NeMo's LoRA scales and adds full-width outputs in separate kernels (its fused LoRA needs TE's op fuser)",
         "NeMo's LoRALinear fuses without TE",
     ),
+    "torch-optimizer-kernels": Shim(
+        "training workers without TE or apex",
+        "Megatron's optimizer fallbacks without apex: torch's AdamW in its default (foreach) mode, and per-tensor "
+        "loops for the gradient norm (a host sync per tensor) and the master-weight copy",
+        "Megatron uses torch's fused AdamW and foreach ops when apex is absent (> 0.15.3)",
+    ),
     "paged-attention-triton": Shim(
         "test_checkpoint.py without flash-attn",
         "Megatron-Core's dynamic-batching attention calls only flash-attn's paged kernels",
@@ -443,9 +449,9 @@ def _after_import(module: str, patch) -> None:
 
 def install_worker_hooks(skip: frozenset[str] = frozenset()) -> None:
     """For the training workers (startup/sitecustomize.py; benchmarks/train_throughput.py in its own process): stub
-    the allocator build now; apply the PEFT guards, the compiled RoPE and the fused LoRA output as soon as their
-    modules load, with no NeMo import of our own (torchrun's launcher process runs this too). `skip` names training
-    shims to leave out (the benchmark measures each against its absence)."""
+    the allocator build now; apply the PEFT guards, the compiled RoPE, the fused LoRA output and torch's optimizer
+    kernels as soon as their modules load, with no NeMo import of our own (torchrun's launcher process runs this
+    too). `skip` names training shims to leave out (the benchmark measures each against its absence)."""
     unknown = set(skip) - set(SHIMS)
     if unknown:
         raise ValueError(f"no shims named {sorted(unknown)}; nemo_compat.SHIMS lists them")
@@ -458,10 +464,13 @@ def install_worker_hooks(skip: frozenset[str] = frozenset()) -> None:
         _after_import(ROPE_MODULE, install_sync_free_packed_rope)
         if "fused-lora-output" not in skip:
             _after_import(LORA_MODULE, fuse_lora_output)
+        if "torch-optimizer-kernels" not in skip:
+            _after_import(OPTIMIZER_MODULE, use_torch_optimizer_kernels)
 
 
 ROPE_MODULE = "megatron.core.models.common.embeddings.rope_utils"
 LORA_MODULE = "nemo.collections.llm.peft.lora"
+OPTIMIZER_MODULE = "megatron.core.optimizer"
 
 
 def compile_unfused_rope() -> None:
@@ -650,6 +659,66 @@ def _lora_linear_function():
 # --------------------------------------------------------------------------------------------------------------------
 # Paged attention without flash-attn (dynamic inference)
 # --------------------------------------------------------------------------------------------------------------------
+def use_torch_optimizer_kernels() -> None:
+    """Without TE or apex, Megatron-Core 0.15.3 builds torch's AdamW in its default foreach mode (several passes
+    over the fp32 master weights and both moments per step) and replaces apex's multi-tensor kernels with per-tensor
+    loops: `local_multi_tensor_l2_norm` copies every gradient's norm to the host (a device sync per tensor) and
+    `local_multi_tensor_scale` runs two kernels and an fp32 temporary per tensor for the master-weight copy and the
+    gradient clipping. Here torch's fused AdamW (switched on as each optimizer is built, while its state is empty; a
+    checkpoint's param groups carry the mode, so a resume keeps it) and torch's foreach norm and copy, with apex's
+    contracts, take their place. Qwen3-1.7B full fine-tuning on the H100, one job: +8%, 16,292 vs 15,050 tokens/s
+    (run 34). Training workers only; remove when Megatron uses torch's fused kernels without apex."""
+    package = importlib.import_module(OPTIMIZER_MODULE)
+    if not getattr(package, "USING_PYTORCH_OPTIMIZER", False):
+        return  # TE's or apex's fused optimizer and kernels
+    build = package._get_megatron_optimizer_based_on_param_groups
+    if getattr(build, "_nemo_compat", False):
+        return
+    clip_grads = importlib.import_module(f"{OPTIMIZER_MODULE}.clip_grads")
+    mixed_precision = importlib.import_module(f"{OPTIMIZER_MODULE}.optimizer")
+
+    @functools.wraps(build)
+    def build_fused(*args, **kwargs):
+        built = build(*args, **kwargs)
+        _fuse_adam(getattr(built, "optimizer", None))
+        return built
+
+    build_fused._nemo_compat = True
+    _replace("torch-optimizer-kernels", package, "_get_megatron_optimizer_based_on_param_groups", build_fused)
+    _replace("torch-optimizer-kernels", clip_grads, "l2_norm_impl", foreach_l2_norm)
+    _replace("torch-optimizer-kernels", clip_grads, "multi_tensor_scale_impl", foreach_scale)
+    _replace("torch-optimizer-kernels", mixed_precision, "multi_tensor_scale_impl", foreach_scale)
+    _mark("torch-optimizer-kernels", "torch's fused AdamW and foreach norm / copy in place of per-tensor loops")
+
+
+def _fuse_adam(optimizer) -> None:
+    import torch
+
+    if not isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW) or optimizer.state:
+        return  # SGD, or already stepped: leave it as built
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if all(p.is_floating_point() and p.device.type in ("cuda", "cpu") for p in params):
+        for group in optimizer.param_groups:
+            group.update(fused=True, foreach=False)
+
+
+def foreach_scale(chunk_size, noop_flag, tensor_lists, scale) -> None:
+    """amp_C.multi_tensor_scale's contract, dst = src * scale, in torch's foreach kernels."""
+    import torch
+
+    sources, targets = tensor_lists
+    torch._foreach_copy_(targets, sources if scale == 1.0 else torch._foreach_mul(sources, scale))
+
+
+def foreach_l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
+    """amp_C.multi_tensor_l2norm's contract: the total L2 norm as a float32 [1] tensor on the tensors' device (no host
+    round trip), and None for the per-tensor norms (Megatron asks for none)."""
+    import torch
+
+    norms = torch._foreach_norm(tensor_lists[0])
+    return torch.linalg.vector_norm(torch.stack(norms).float()).reshape(1), None
+
+
 def install_paged_attention_fallback() -> bool:
     """Megatron-Core 0.15.3's dynamic-batching attention calls only flash-attn's paged kernels (attention.py,
     `flash_decode_and_prefill`); without flash-attn those names are None. Point them at paged_attention.py's Triton

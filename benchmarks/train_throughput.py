@@ -86,7 +86,6 @@ class Variant:
     help: str
     flags: dict = field(default_factory=dict)  # peft_megatron Config fields
     model: dict = field(default_factory=dict)  # model-config fields set after configure_recipe
-    trials: tuple = ()  # levers under trial (PROCESS_TRIALS, TRAINER_TRIALS), applied in the measuring process only
     skip_shims: frozenset = frozenset()  # training-worker shims left out (nemo_compat.install_worker_hooks)
 
 
@@ -123,10 +122,10 @@ VARIANTS = {
         "the default with --packed_sequence (variable-length case: NeMo's packer, one packed row per micro-batch)",
         flags={"packed_sequence": True},
     ),
-    "optimizer_path": Variant(
-        "the default + torch's fused AdamW and foreach gradient norm / master-weight copy in "
-        "place of Megatron's apex-less per-tensor fallbacks (trial)",
-        trials=("fused_adam", "foreach_multi_tensor"),
+    "megatron_optimizer": Variant(
+        "the default with Megatron's apex-less optimizer fallbacks (foreach AdamW, per-tensor norm and copy loops; "
+        "as before torch's fused AdamW and foreach kernels)",
+        skip_shims=frozenset({"torch-optimizer-kernels"}),
     ),
 }
 
@@ -325,73 +324,6 @@ class StepRecorder:
         }
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Levers under trial: measured here before any of them enters the product (each is a scoped change of this
-# measurement process only; a lever that pays moves into nemo_compat with a GPU test, one that does not is removed)
-# ---------------------------------------------------------------------------------------------------------------
-def foreach_multi_tensor_scale(chunk_size, noop_flag, tensor_lists, scale):
-    """amp_C.multi_tensor_scale's contract (dst = src * scale) with torch's foreach kernels; Megatron's apex-less
-    fallback loops `dst.copy_(src * scale)` per tensor (two kernels and an fp32 temporary each)."""
-    import torch
-
-    sources, targets = tensor_lists
-    torch._foreach_copy_(targets, sources if scale == 1.0 else torch._foreach_mul(sources, scale))
-
-
-def foreach_multi_tensor_l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
-    """amp_C.multi_tensor_l2norm's contract (total L2 norm, float32 [1] on the GPU, None per tensor) without the
-    fallback's host round trip per tensor (`torch.tensor([norm, ...])` of CUDA scalars)."""
-    import torch
-
-    norms = torch._foreach_norm(tensor_lists[0])
-    return torch.linalg.vector_norm(torch.stack(norms).float()).reshape(1), None
-
-
-def trial_foreach_multi_tensor() -> None:
-    from megatron.core.optimizer import clip_grads, optimizer
-
-    clip_grads.l2_norm_impl = foreach_multi_tensor_l2_norm
-    clip_grads.multi_tensor_scale_impl = foreach_multi_tensor_scale
-    optimizer.multi_tensor_scale_impl = foreach_multi_tensor_scale
-
-
-def torch_optimizers(optimizer):
-    """The torch optimizers inside NeMo's McoreDistributedOptimizer / Megatron's (chained) mixed-precision ones."""
-    import torch
-
-    inner = getattr(optimizer, "mcore_optimizer", None) or getattr(optimizer, "optimizer", None)
-    chained = getattr(optimizer, "chained_optimizers", None)
-    if chained is not None:
-        for child in chained:
-            yield from torch_optimizers(child)
-    elif inner is not None and inner is not optimizer:
-        yield from torch_optimizers(inner)
-    elif isinstance(optimizer, torch.optim.Optimizer):
-        yield optimizer
-
-
-def trial_fused_adam(trainer) -> None:
-    """Megatron without TE/apex builds torch's AdamW with its defaults (foreach, several passes over the fp32
-    master weights and both moments); torch's fused AdamW does one. Switched before the first step, while the
-    optimizer state is still empty (torch reads `fused` per step; the state's step counters follow it)."""
-    import torch
-
-    switched = 0
-    for optimizer in trainer.optimizers:
-        for inner in torch_optimizers(optimizer):
-            if not isinstance(inner, torch.optim.Adam) or inner.state:
-                raise RuntimeError(f"fused_adam trial: unexpected optimizer {type(inner).__name__} or state present")
-            for group in inner.param_groups:
-                group.update(fused=True, foreach=False)
-            switched += 1
-    if not switched:
-        raise RuntimeError("fused_adam trial: no torch Adam found inside the trainer's optimizers")
-
-
-PROCESS_TRIALS = {"foreach_multi_tensor": trial_foreach_multi_tensor}
-TRAINER_TRIALS = {"fused_adam": trial_fused_adam}  # need the built optimizer: applied when training starts
-
-
 def benchmark_recipe(case_name: str, case: Case, variant: Variant, max_steps: int, env, callbacks: list):
     """peft_megatron's recipe for this case (configure_recipe, as a job would get it), then only what a benchmark
     must change: random init instead of a restore, synthetic data, a constant learning rate, no validation,
@@ -455,18 +387,12 @@ def run_ours(args, case: Case, variant: Variant) -> dict:
 
     env = nemo_compat.prepare_process()
     nemo_compat.install_worker_hooks(skip=variant.skip_shims)  # as startup/sitecustomize.py does in the workers
-    for name in variant.trials:
-        if name in PROCESS_TRIALS:
-            PROCESS_TRIALS[name]()
     recorder = StepRecorder()
 
     class Timer(pl.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             if not recorder.seconds:  # NeMo applies LoRA (and freezes the base) when training starts: after it
                 recorder.start_training(pl_module.named_parameters())
-                for name in variant.trials:
-                    if name in TRAINER_TRIALS:
-                        TRAINER_TRIALS[name](trainer)
             torch.cuda.synchronize()
             self.started = time.perf_counter()
 
@@ -493,7 +419,6 @@ def run_ours(args, case: Case, variant: Variant) -> dict:
         "stack": "ours",
         "variant": args.variant,
         "environment": env.describe(),
-        "trials": list(variant.trials),
         "compat": sorted(nemo_compat.applied()),
         "core_attention": config.core_attention,
         "micro_batch_size": config.micro_batch_size,

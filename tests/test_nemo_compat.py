@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
@@ -255,3 +256,109 @@ def test_shims_applied_in_a_scope_are_taken_back_after_it():
         assert {"no-te-fusion-defaults", "fused-lora-output"} <= nemo_compat.applied()
     assert (TransformerConfig.__post_init__, lora.te, utils.HAVE_TE, lora.LoRALinear.forward) == before
     assert nemo_compat.applied() - {"unified-memory-stub"} == applied_before
+
+
+def test_foreach_kernels_keep_the_multi_tensor_contracts_megatron_calls():
+    from megatron.core.utils import local_multi_tensor_applier, local_multi_tensor_scale
+
+    torch.manual_seed(0)
+    grads = [torch.randn(7, 5), torch.randn(130), torch.randn(3, 3, 3)]
+    norm, per_tensor = local_multi_tensor_applier(nemo_compat.foreach_l2_norm, None, [grads], False)
+    assert per_tensor is None and norm.shape == (1,) and norm.dtype == torch.float32
+    assert norm.item() == pytest.approx(torch.cat([g.flatten() for g in grads]).norm().item(), rel=1e-6)
+    for scale in (1.0, 0.25):
+        main = [g.clone() for g in grads]
+        ours, megatrons = ([torch.empty_like(g, dtype=torch.bfloat16) for g in grads] for _ in range(2))
+        local_multi_tensor_applier(nemo_compat.foreach_scale, None, [main, ours], scale)
+        local_multi_tensor_applier(local_multi_tensor_scale, None, [main, megatrons], scale)
+        assert all(torch.equal(a, b) for a, b in zip(ours, megatrons, strict=True))
+
+
+def test_torch_optimizer_kernels_replace_what_megatron_looks_up_and_go_back(shims_in_scope):
+    from megatron.core import optimizer as package
+    from megatron.core.optimizer import clip_grads
+    from megatron.core.optimizer import optimizer as mixed_precision
+
+    assert package.USING_PYTORCH_OPTIMIZER  # no TE or apex here, as on the lent GPU
+    lookups = (package.get_megatron_optimizer.__globals__, clip_grads.__dict__, mixed_precision.__dict__)
+    names = ("_get_megatron_optimizer_based_on_param_groups", "l2_norm_impl", "multi_tensor_scale_impl")
+    before = [namespace[name] for namespace, name in zip(lookups, names, strict=True)]
+    with nemo_compat.scoped():
+        nemo_compat.use_torch_optimizer_kernels()
+        nemo_compat.use_torch_optimizer_kernels()  # idempotent
+        builder, norm, scale = (namespace[name] for namespace, name in zip(lookups, names, strict=True))
+        assert builder._nemo_compat and builder.__wrapped__ is before[0]  # what get_megatron_optimizer calls
+        assert (norm, scale, clip_grads.multi_tensor_scale_impl) == (
+            nemo_compat.foreach_l2_norm,
+            nemo_compat.foreach_scale,
+            nemo_compat.foreach_scale,
+        )
+        assert "torch-optimizer-kernels" in nemo_compat.applied()
+    assert [namespace[name] for namespace, name in zip(lookups, names, strict=True)] == before
+
+
+def test_fused_adam_is_switched_on_only_while_the_state_is_empty():
+    params = [torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(5))]
+    fresh, stepped = (torch.optim.AdamW(params, lr=1e-2) for _ in range(2))
+    for p in params:
+        p.grad = torch.ones_like(p)
+    stepped.step()
+    nemo_compat._fuse_adam(fresh)
+    nemo_compat._fuse_adam(stepped)
+    nemo_compat._fuse_adam(torch.optim.SGD(params, lr=1e-2))
+    nemo_compat._fuse_adam(None)  # a rank without trainable parameters
+    assert all(g["fused"] and not g["foreach"] for g in fresh.param_groups)
+    assert not any(g["fused"] for g in stepped.param_groups)
+
+
+@pytest.mark.gpu
+def test_megatron_optimizer_with_torch_kernels_steps_clips_and_resumes_like_megatrons(model_parallel):
+    """Megatron's mixed-precision optimizer (bf16 weights, fp32 master weights, clipping) as NeMo builds it without
+    TE: with torch's fused AdamW and foreach kernels it takes the same steps, and its state dict resumes it."""
+    from megatron.core import optimizer as package
+    from megatron.core.optimizer import OptimizerConfig
+
+    def build(params):
+        config = OptimizerConfig(optimizer="adam", lr=1e-2, weight_decay=0.1, clip_grad=0.5, bf16=True)
+        group = {"params": params, "wd_mult": 1.0, "lr_mult": 1.0, "is_expert_parallel": False}
+        group |= {"is_decoupled_lr": False, "default_config": True, "max_lr": 1e-2, "min_lr": 0.0}
+        return package._get_megatron_optimizer_based_on_param_groups(config, model_chunks=[], param_groups=[group])
+
+    def train(steps: int, shim: bool, resume_from=None):
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(s, device="cuda", dtype=torch.bfloat16)) for s in SHAPES]
+        grads = torch.Generator(device="cuda").manual_seed(1)
+        with nemo_compat.scoped():
+            if shim:
+                nemo_compat.use_torch_optimizer_kernels()
+            optimizer = build(params)
+            if resume_from is not None:
+                optimizer.load_state_dict(resume_from["state"])
+                for p, saved in zip(params, resume_from["params"], strict=True):
+                    p.data.copy_(saved)
+                for _, shape in itertools.product(range(resume_from["steps"]), SHAPES):  # the steps already taken
+                    torch.randn(shape, device="cuda", generator=grads)
+            norms = []
+            for _ in range(steps):
+                for p in params:
+                    p.main_grad = torch.randn(p.shape, device="cuda", generator=grads)
+                norms.append(optimizer.step()[1])
+        fused = [g.get("fused") for g in optimizer.optimizer.param_groups]
+        masters = [p.detach().clone() for p in optimizer.fp32_from_float16_groups[0]]
+        params = [p.detach().clone() for p in params]
+        return {"params": params, "masters": masters, "norms": norms, "fused": fused, "opt": optimizer}
+
+    megatrons, ours = train(4, shim=False), train(4, shim=True)
+    assert megatrons["fused"] == [None] and ours["fused"] == [True]
+    assert ours["norms"] == pytest.approx(megatrons["norms"], rel=1e-5) and max(ours["norms"]) > 0.5  # clipped
+    for a, b in zip(ours["masters"], megatrons["masters"], strict=True):  # fp32: torch's kernels round alike
+        assert a.dtype == torch.float32 and torch.allclose(a, b, rtol=1e-5, atol=1e-6), (a - b).abs().max()
+    first = train(2, shim=True)
+    saved = {"state": first["opt"].state_dict(), "params": first["params"], "steps": 2}
+    resumed = train(2, shim=True, resume_from=saved)
+    assert resumed["fused"] == [True] and resumed["norms"] == pytest.approx(ours["norms"][2:], rel=1e-5)
+    for a, b in zip(resumed["params"] + resumed["masters"], ours["params"] + ours["masters"], strict=True):
+        assert torch.equal(a, b)
+
+
+SHAPES = [(64, 32), (32,), (3, 5, 7)]

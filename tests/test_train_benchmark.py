@@ -108,24 +108,6 @@ def test_micro_batch_override_applies_to_both_stacks_and_is_validated():
         bench.parse_args(["--micro_batch_size", "0"])
 
 
-def test_foreach_fallbacks_keep_the_multi_tensor_contracts_megatron_calls():
-    import torch
-    from megatron.core.utils import local_multi_tensor_applier, local_multi_tensor_scale
-
-    torch.manual_seed(0)
-    grads = [torch.randn(7, 5), torch.randn(130), torch.randn(3, 3, 3)]
-    norm, per_tensor = local_multi_tensor_applier(bench.foreach_multi_tensor_l2_norm, None, [grads], False)
-    assert per_tensor is None and norm.shape == (1,) and norm.dtype == torch.float32
-    assert norm.item() == pytest.approx(torch.cat([g.flatten() for g in grads]).norm().item(), rel=1e-6)
-
-    for scale in (1.0, 0.25):
-        main = [g.clone() for g in grads]
-        ours, megatrons = ([torch.empty_like(g, dtype=torch.bfloat16) for g in grads] for _ in range(2))
-        local_multi_tensor_applier(bench.foreach_multi_tensor_scale, None, [main, ours], scale)
-        local_multi_tensor_applier(local_multi_tensor_scale, None, [main, megatrons], scale)
-        assert all(torch.equal(a, b) for a, b in zip(ours, megatrons, strict=True))
-
-
 def test_profile_must_name_a_measured_variant(capsys):
     with pytest.raises(SystemExit):
         bench.parse_args(["--variants", "default", "--profile", "sdpa"])
