@@ -74,7 +74,7 @@ class PipelineError(RuntimeError):
     """A failure with a message meant for the user (bad data, missing checkpoint, failed launch); exit code 1."""
 
 
-_FORMAT = "[%(asctime)s %(levelname)s %(name)s] %(message)s"
+LOG_FORMAT = "[%(asctime)s %(levelname)s %(name)s] %(message)s"  # our console, log file and workers' lines
 
 
 class _ConsolePolicy(logging.Filter):
@@ -105,7 +105,7 @@ def setup_logging(level: str = "INFO") -> None:
     for handler in [h for h in root.handlers if getattr(h, "peft_megatron", False)]:
         root.removeHandler(handler)
     console = logging.StreamHandler(sys.stdout)
-    console.setFormatter(logging.Formatter(_FORMAT, datefmt="%H:%M:%S"))
+    console.setFormatter(logging.Formatter(LOG_FORMAT, datefmt="%H:%M:%S"))
     console.addFilter(_ConsolePolicy(level_no))
     console.peft_megatron = True  # type: ignore[attr-defined]
     root.addHandler(console)
@@ -141,6 +141,7 @@ class WorkerConsole:
         r"\[NeMo E|CRITICAL|ChildFailedError|exitcode"
     )
     PROGRESS = re.compile(r"Training epoch \d+, iteration (\d+)/(\d+)")
+    COMPAT = re.compile(r"peft_megatron\.compat\] compat: ")  # each worker's shims (nemo_compat): the log file's
     DECISIONS = re.compile(
         r"'val_loss' reached|'val_loss' was not in top|did not improve in the last|Signaling Trainer to stop|"
         r"Restoring states from the checkpoint path|`Trainer.fit` stopped|peft_megatron"
@@ -194,6 +195,8 @@ class WorkerConsole:
         if self.failing or self.FAILURE.search(body):
             self.failing = True
             return True
+        if self.COMPAT.search(body):
+            return False
         progress = self.PROGRESS.search(body)
         if progress:
             step, last = int(progress[1]), int(progress[2])
@@ -254,7 +257,7 @@ def log_to_file(path: Path, level: str = "INFO") -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(path, encoding="utf-8")
-    handler.setFormatter(logging.Formatter(_FORMAT, datefmt="%Y-%m-%d %H:%M:%S"))
+    handler.setFormatter(logging.Formatter(LOG_FORMAT, datefmt="%Y-%m-%d %H:%M:%S"))
     handler.setLevel(min(getattr(logging, level.upper(), logging.INFO), logging.INFO))
     handler.peft_megatron = True  # type: ignore[attr-defined]
     logging.getLogger().addHandler(handler)

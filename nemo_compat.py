@@ -447,6 +447,20 @@ def _after_import(module: str, patch) -> None:
         sys.meta_path.insert(0, _PostImportHook(module, patch))
 
 
+def log_to_worker_output() -> None:
+    """The training workers' `compat:` lines on their stderr, which NeMo-Run tails into the run's log file (the
+    console leaves them out: common.WorkerConsole); nothing else configures logging in a worker this early."""
+    from common import LOG_FORMAT
+
+    if not any(getattr(h, "_nemo_compat", False) for h in log.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(LOG_FORMAT, datefmt="%H:%M:%S"))
+        handler._nemo_compat = True
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False  # whatever NeMo later puts on the root logger would print them twice
+
+
 def install_worker_hooks(skip: frozenset[str] = frozenset()) -> None:
     """For the training workers (startup/sitecustomize.py; benchmarks/train_throughput.py in its own process): stub
     the allocator build now; apply the PEFT guards, the compiled RoPE, the fused LoRA output and torch's optimizer

@@ -15,6 +15,7 @@ import sys
 import nemo_compat  # stdlib imports only; the repository is on the workers' PYTHONPATH beside this directory
 
 if os.environ.get(nemo_compat.WORKER_ENV_FLAG) == "1":
+    nemo_compat.log_to_worker_output()
     nemo_compat.install_worker_hooks()
 
 _here = os.path.dirname(os.path.abspath(__file__))

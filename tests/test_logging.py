@@ -88,6 +88,7 @@ WORKER = r"""
 import sys
 print("[NeMo I 2026-12-02 01:08:14 megatron_init:1] Rank 0 has tensor model parallel rank: 0")
 print("WARNING:megatron.core.utils:fused_indices_to_multihot has reached end of life.")
+print("[08:14:02 INFO peft_megatron.compat] compat: torch-optimizer-kernels (torch's fused AdamW)", file=sys.stderr)
 print("Restoring states from the checkpoint path at /run/nemo_logs/checkpoints/x-last")
 for i in range(25):
     print(f"Training epoch 0, iteration {i}/24 | lr: 0.001 | global_step: {i} | reduced_train_loss: {6 - i / 10:.2f}")
@@ -156,11 +157,12 @@ def test_console_shows_workers_progress_checkpoints_and_errors_and_the_file_has_
     error = shown.index("Traceback (most recent call last):")  # the failing worker's traceback, whole
     assert "RuntimeError: CUDA out of memory (as a worker reports it)" in shown[error:]
     assert any("ChildFailedError" in line for line in shown[error:])
-    for hidden in ("megatron_init", "fused_indices_to_multihot", "finalized successfully", "Using nproc_per_node"):
+    for hidden in ("megatron_init", "fused_indices_to_multihot", "finalized successfully", "nproc_per_node", "compat:"):
         assert not any(hidden in line for line in shown), hidden
     logged = (tmp_path / "peft_megatron.log").read_text()
     for line in (
         "megatron_init",
+        "compat: torch-optimizer-kernels",
         "fused_indices_to_multihot",
         "finalized successfully",
         "iteration 7/24",

@@ -14,13 +14,14 @@ import nemo_compat
 from conftest import REPO
 
 
-def run_python(code: str, env_extra: dict | None = None) -> str:
+def run_python(code: str, env_extra: dict | None = None, output: str = "last line") -> str:
+    """Run `code` in a fresh interpreter; its stdout's last line, or (output="stderr") all of its stderr."""
     import os
 
     env = {**os.environ, **(env_extra or {})}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    return out.stdout.strip().splitlines()[-1]
+    return out.stderr if output == "stderr" else out.stdout.strip().splitlines()[-1]
 
 
 def test_noop_when_transformer_engine_and_cuda_are_present():
@@ -69,8 +70,14 @@ def test_worker_startup_hook_applies_guards_before_nemo_runs():
         " getattr(rope_utils._apply_rotary_pos_emb_thd, '_nemo_compat', False),"
         " getattr(lora.LoRALinear.forward, '_nemo_compat', False))"
     )
-    out = run_python(probe, {"PYTHONPATH": f"{REPO / 'startup'}:{REPO}", nemo_compat.WORKER_ENV_FLAG: "1"})
+    worker = {"PYTHONPATH": f"{REPO / 'startup'}:{REPO}", nemo_compat.WORKER_ENV_FLAG: "1"}
+    out = run_python(probe, worker)
     assert out == "SimpleNamespace True True True True"
+    # The optimizer kernels as Megatron's optimizer package loads; each shim a `compat:` line on the worker's stderr
+    load = "from megatron.core import optimizer; print(optimizer._get_megatron_optimizer_based_on_param_groups)"
+    stderr = run_python(load, worker, output="stderr")
+    for shim in ("unified-memory-stub", "torch-optimizer-kernels"):
+        assert f"INFO peft_megatron.compat] compat: {shim} (" in stderr, stderr[-2000:]
     # Without the launcher's flag (test_checkpoint.py, conversions: CUDA-graph inference) RoPE and LoRA stay upstream's.
     out = run_python(probe, {"PYTHONPATH": f"{REPO / 'startup'}:{REPO}", nemo_compat.WORKER_ENV_FLAG: "0"})
     assert out.endswith(" False False False")

@@ -70,6 +70,9 @@ def test_lora_trains_checkpoints_logs_and_profiles(lora_run):
     # Without TE the default run trains with SDPA core attention: the model config saved with it says so.
     context = "".join(p.read_text(errors="replace") for p in checkpoints(out)[0].glob("context/*") if p.is_file())
     assert "sdpa_attention" in context and "layer_spec" in context
+    worker_shims = ("compiled-rope", "fused-lora-output", "torch-optimizer-kernels")  # each worker logs its shims
+    logged = (out / "peft_megatron.log").read_text()
+    assert all(f"compat: {shim} (" in logged for shim in worker_shims), [s for s in worker_shims if s not in logged]
     summary = json.loads((out / "report" / "summary.json").read_text())
     assert (summary["steps"], summary["early_stopped"], summary["tokens_seen"]) == (30, False, 30 * 8 * 64)
     assert summary["best_checkpoint"]["val_loss"] == pytest.approx(min(val.values()), abs=5e-5)
