@@ -671,17 +671,18 @@ def _lora_linear_function():
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Paged attention without flash-attn (dynamic inference)
+# Optimizer kernels without apex (training workers)
 # --------------------------------------------------------------------------------------------------------------------
 def use_torch_optimizer_kernels() -> None:
     """Without TE or apex, Megatron-Core 0.15.3 builds torch's AdamW in its default foreach mode (several passes
     over the fp32 master weights and both moments per step) and replaces apex's multi-tensor kernels with per-tensor
     loops: `local_multi_tensor_l2_norm` copies every gradient's norm to the host (a device sync per tensor) and
     `local_multi_tensor_scale` runs two kernels and an fp32 temporary per tensor for the master-weight copy and the
-    gradient clipping. Here torch's fused AdamW (switched on as each optimizer is built, while its state is empty; a
-    checkpoint's param groups carry the mode, so a resume keeps it) and torch's foreach norm and copy, with apex's
-    contracts, take their place. Qwen3-1.7B full fine-tuning on the H100, one job: +8%, 16,292 vs 15,050 tokens/s
-    (run 34). Training workers only; remove when Megatron uses torch's fused kernels without apex."""
+    gradient clipping. Here torch's fused AdamW (switched on as each optimizer is built, while its state is empty;
+    NeMo's checkpoints do not save param groups, and torch moves a resumed step counter to the device the fused
+    kernel needs) and torch's foreach norm and copy, with apex's contracts, take their place. Qwen3-1.7B full
+    fine-tuning on the H100, one job: +8%, 16,292 vs 15,050 tokens/s (run 34). Training workers only; remove when
+    Megatron uses torch's fused kernels without apex."""
     package = importlib.import_module(OPTIMIZER_MODULE)
     if not getattr(package, "USING_PYTORCH_OPTIMIZER", False):
         return  # TE's or apex's fused optimizer and kernels
@@ -733,6 +734,9 @@ def foreach_l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
     return torch.linalg.vector_norm(torch.stack(norms).float()).reshape(1), None
 
 
+# --------------------------------------------------------------------------------------------------------------------
+# Paged attention without flash-attn (dynamic inference)
+# --------------------------------------------------------------------------------------------------------------------
 def install_paged_attention_fallback() -> bool:
     """Megatron-Core 0.15.3's dynamic-batching attention calls only flash-attn's paged kernels (attention.py,
     `flash_decode_and_prefill`); without flash-attn those names are None. Point them at paged_attention.py's Triton
