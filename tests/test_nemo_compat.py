@@ -319,7 +319,7 @@ def test_fused_adam_is_switched_on_only_while_the_state_is_empty():
 
 
 @pytest.mark.gpu
-def test_megatron_optimizer_with_torch_kernels_steps_clips_and_resumes_like_megatrons(model_parallel):
+def test_megatron_optimizer_with_torch_kernels_steps_clips_and_resumes_like_megatrons(module_model_parallel):
     """Megatron's mixed-precision optimizer (bf16 weights, fp32 master weights, clipping) as NeMo builds it without
     TE: with torch's fused AdamW and foreach kernels it takes the same steps, and its state dict resumes it."""
     from megatron.core import optimizer as package
