@@ -127,12 +127,82 @@ def phase(name: str) -> Iterator[None]:
     log.info("== %s: done in %.1f s", name, time.monotonic() - started)
 
 
-class WorkerConsole:
+def _log_files() -> list[logging.Handler]:
+    """Our log-file handlers (log_to_file) on the root logger."""
+    root = logging.getLogger()
+    return [h for h in root.handlers if isinstance(h, logging.FileHandler) and getattr(h, "peft_megatron", False)]
+
+
+class _LineWriter:
+    """A stand-in for sys.stdout that hands on whole lines (`route`); anything else it is asked is the console's."""
+
+    def __init__(self, console):
+        self.console, self._partial, self._lock = console, "", threading.RLock()
+        self.log_files = _log_files()
+
+    def write(self, text: str) -> int:
+        with self._lock:
+            *lines, self._partial = (self._partial + text).split("\n")
+            for line in lines:
+                self.route(line)
+        return len(text)
+
+    def flush(self) -> None:
+        self.console.flush()
+
+    def __getattr__(self, name: str):  # isatty, encoding, fileno, ...: the console's own
+        if name == "console":
+            raise AttributeError(name)
+        return getattr(self.console, name)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._partial:
+                self.route(self._partial)
+                self._partial = ""
+
+    def to_log_files(self, source: str, line: str) -> None:
+        """Into our log file only: NeMo-Run's console handler on the root logger would print it back here."""
+        record = logging.LogRecord(source, logging.INFO, __file__, 0, "%s", (line,), None)
+        for handler in self.log_files:
+            handler.handle(record)
+
+    def route(self, line: str) -> None:
+        raise NotImplementedError
+
+
+class PrintsToLogFile(_LineWriter):
+    """What a library prints on stdout goes to our log file, not the console."""
+
+    def __init__(self, console, source: str):
+        super().__init__(console)
+        self.source = source
+
+    def route(self, line: str) -> None:
+        if line.strip():
+            self.to_log_files(self.source, line)
+
+
+@contextlib.contextmanager
+def prints_to_log_file(source: str, level: str) -> Iterator[None]:
+    """Inside the block, stdout prints (NeMo's import draws a tree of the files it wrote) go to the log file only;
+    at DEBUG, or without a log file (--import_only), they stay on the console. Our records and stderr are untouched."""
+    if getattr(logging, level.upper(), logging.INFO) <= logging.DEBUG or not _log_files():
+        yield
+        return
+    writer = PrintsToLogFile(sys.stdout, source)
+    with contextlib.redirect_stdout(writer):
+        try:
+            yield
+        finally:
+            writer.close()
+
+
+class WorkerConsole(_LineWriter):
     """Stands in for sys.stdout while NeMo-Run tails the training workers' output, which it prints there, each line
-    prefixed with the role and replica (`qwen3_8b/0 [default0]:...`). Every worker line goes to our log file (its
-    handlers only: NeMo-Run's console handler on the root logger would print it back here); the console shows the
-    workers' lines of ours, every `every_n_steps`-th progress line, resuming, checkpoint and stopping decisions, and,
-    from a worker's first traceback or error on, everything. Other text passes unchanged."""
+    prefixed with the role and replica (`qwen3_8b/0 [default0]:...`). Every worker line goes to our log file; the
+    console shows the workers' lines of ours, every `every_n_steps`-th progress line, resuming, checkpoint and
+    stopping decisions, and, from a worker's first traceback or error on, everything. Other text passes unchanged."""
 
     _ANSI_CODE = r"\x1b\[[0-9;:]*m"
     _ANSI = rf"(?:{_ANSI_CODE})?"
@@ -149,45 +219,17 @@ class WorkerConsole:
     RANK = re.compile(r"^\[\w+\]:")  # torchrun's per-rank prefix, [default0]:
 
     def __init__(self, console, role: str, every_n_steps: int):
-        self.console, self.every = console, max(1, every_n_steps)
+        super().__init__(console)
+        self.every = max(1, every_n_steps)
         self.worker_line = re.compile(rf"^{self._ANSI}{re.escape(role[-10:])}/\d+{self._ANSI} ")
-        self.failing, self._partial, self._lock = False, "", threading.RLock()
-        self.log_files = [
-            h
-            for h in logging.getLogger().handlers
-            if isinstance(h, logging.FileHandler) and getattr(h, "peft_megatron", False)
-        ]
+        self.failing = False
 
-    def write(self, text: str) -> int:
-        with self._lock:
-            *lines, self._partial = (self._partial + text).split("\n")
-            for line in lines:
-                self._route(line)
-        return len(text)
-
-    def flush(self) -> None:
-        self.console.flush()
-
-    def __getattr__(self, name: str):  # isatty, encoding, fileno, ...: the console's own
-        if name == "console":
-            raise AttributeError(name)
-        return getattr(self.console, name)
-
-    def close(self) -> None:
-        with self._lock:
-            if self._partial:
-                self._route(self._partial)
-                self._partial = ""
-
-    def _route(self, line: str) -> None:
+    def route(self, line: str) -> None:
         start = self.worker_line.match(line)
         if start is None:
             self.console.write(line + "\n")
             return
-        plain = re.sub(self._ANSI_CODE, "", line)
-        record = logging.LogRecord("workers", logging.INFO, __file__, 0, "%s", (plain,), None)
-        for handler in self.log_files:
-            handler.handle(record)
+        self.to_log_files("workers", re.sub(self._ANSI_CODE, "", line))
         if self.shows(self.RANK.sub("", line[start.end() :])):
             self.console.write(line + "\n")
 

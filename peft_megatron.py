@@ -65,6 +65,7 @@ from common import (
     log_to_file,
     parse_dataclass_args,
     phase,
+    prints_to_log_file,
     quiet_workers,
     rank_zero_attempt,
     remove_leftovers,
@@ -847,7 +848,8 @@ def _run_import(config: Config, target: Path, identity: dict) -> None:
         # Some importers (Qwen3) take trust_remote_code, others (Llama) do not and never run remote code.
         accepts = "trust_remote_code" in inspect.signature(type(model.importer(source)).apply).parameters
         extra = {"trust_remote_code": config.trust_remote_code} if accepts else {}
-        llm.import_ckpt(model=model, source=source, output_path=tmp, overwrite=True, **extra)
+        with prints_to_log_file("nemo.import_ckpt", config.log_level):  # its tree of the files it wrote
+            llm.import_ckpt(model=model, source=source, output_path=tmp, overwrite=True, **extra)
         if not is_nemo_checkpoint(tmp):
             raise PipelineError(f"llm.import_ckpt finished but {tmp} is not a complete checkpoint")
         atomic_write_text(tmp / IMPORT_RECORD, json.dumps(identity, indent=2) + "\n")

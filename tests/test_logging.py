@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 
-from common import log_to_file, phase, setup_logging
+from common import log_to_file, phase, prints_to_log_file, setup_logging
 from conftest import REPO, run_script
 
 # Lines users met at the default level before (issue 15), each from another library.
@@ -51,6 +51,25 @@ def test_console_keeps_our_lines_and_errors_and_the_file_keeps_everything(isolat
     assert not any(line in console for line in [*CHATTER[:3], "pynvml"])
     kept = log_file.read_text()
     assert all(line in kept for line in [*CHATTER[:3], "prepared 19 test rows", "shard 3 is truncated", "pynvml"])
+
+
+def test_library_prints_go_to_the_log_file_and_stay_on_the_console_without_one(isolated_logging, tmp_path, capsys):
+    setup_logging("INFO")
+    with prints_to_log_file("nemo.import_ckpt", "INFO"):  # --import_only writes no log file: nothing is lost
+        print("Imported Checkpoint (no log file)")
+    log_file = log_to_file(tmp_path / "run.log")
+    with prints_to_log_file("nemo.import_ckpt", "INFO"):
+        print("Imported Checkpoint\n├── context/")
+        logging.getLogger("peft_megatron").info("imported checkpoint written")
+        print("└── weights/", end="")  # an unfinished line is kept too
+    with prints_to_log_file("nemo.import_ckpt", "DEBUG"):
+        print("shown at DEBUG")
+    console = capsys.readouterr().out
+    assert "Imported Checkpoint (no log file)" in console and "shown at DEBUG" in console
+    assert "├── context/" not in console and "└── weights/" not in console
+    assert "INFO peft_megatron] imported checkpoint written" in console
+    kept = log_file.read_text(encoding="utf-8")
+    assert "INFO nemo.import_ckpt] ├── context/" in kept and "INFO nemo.import_ckpt] └── weights/" in kept
 
 
 def test_phases_are_console_landmarks_with_their_duration(isolated_logging, capsys):
