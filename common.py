@@ -127,6 +127,9 @@ def phase(name: str) -> Iterator[None]:
     log.info("== %s: done in %.1f s", name, time.monotonic() - started)
 
 
+ANSI_CODE = r"\x1b\[[0-9;:]*m"  # terminal colours, as rich and NeMo-Run print them; not for the log file
+
+
 def _log_files() -> list[logging.Handler]:
     """Our log-file handlers (log_to_file) on the root logger."""
     root = logging.getLogger()
@@ -163,7 +166,7 @@ class _LineWriter:
 
     def to_log_files(self, source: str, line: str) -> None:
         """Into our log file only: NeMo-Run's console handler on the root logger would print it back here."""
-        record = logging.LogRecord(source, logging.INFO, __file__, 0, "%s", (line,), None)
+        record = logging.LogRecord(source, logging.INFO, __file__, 0, "%s", (re.sub(ANSI_CODE, "", line),), None)
         for handler in self.log_files:
             handler.handle(record)
 
@@ -204,8 +207,7 @@ class WorkerConsole(_LineWriter):
     console shows the workers' lines of ours, every `every_n_steps`-th progress line, resuming, checkpoint and
     stopping decisions, and, from a worker's first traceback or error on, everything. Other text passes unchanged."""
 
-    _ANSI_CODE = r"\x1b\[[0-9;:]*m"
-    _ANSI = rf"(?:{_ANSI_CODE})?"
+    _ANSI = rf"(?:{ANSI_CODE})?"
     FAILURE = re.compile(
         r"Traceback \(most recent call last\)|^\s*[\w.]*(?:Error|Exception)\b.*:|\bERROR\b:|"
         r"\[NeMo E|CRITICAL|ChildFailedError|exitcode"
@@ -229,7 +231,7 @@ class WorkerConsole(_LineWriter):
         if start is None:
             self.console.write(line + "\n")
             return
-        self.to_log_files("workers", re.sub(self._ANSI_CODE, "", line))
+        self.to_log_files("workers", line)
         if self.shows(self.RANK.sub("", line[start.end() :])):
             self.console.write(line + "\n")
 

@@ -59,7 +59,7 @@ def test_library_prints_go_to_the_log_file_and_stay_on_the_console_without_one(i
         print("Imported Checkpoint (no log file)")
     log_file = log_to_file(tmp_path / "run.log")
     with prints_to_log_file("nemo.import_ckpt", "INFO"):
-        print("Imported Checkpoint\n├── context/")
+        print("Imported Checkpoint\n\x1b[1m├── context/\x1b[0m")  # rich's colours on a terminal
         logging.getLogger("peft_megatron").info("imported checkpoint written")
         print("└── weights/", end="")  # an unfinished line is kept too
     with prints_to_log_file("nemo.import_ckpt", "DEBUG"):
