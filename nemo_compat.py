@@ -12,7 +12,8 @@ Every shim, the upstream defect it works around and when it can go: `SHIMS` belo
     optimizer_config_overrides()
     cpu_checkpoint_io()         context manager around llm.import_ckpt / export_ckpt on a CPU host
     install_worker_hooks()      the same inside NeMo-Run's torchrun workers (via startup/sitecustomize.py), plus the
-                                training-only shims (compiled RoPE, sync-free packed RoPE, fused LoRA)
+                                training-only shims (compiled RoPE, sync-free packed RoPE, fused LoRA, torch's
+                                optimizer kernels); log_to_worker_output() puts their `compat:` lines in the run's log
     scoped(), undo()            take shims back (tests apply theirs in a scope)
     check_versions()            the shims refuse NeMo / Megatron-Core releases they were not written for
 """

@@ -506,8 +506,8 @@ def validate_config(config: Config, visible_gpus: int | None = None, environ: Ma
         raise ConfigError(problems)
 
 
-def _non_positive(config: Config) -> set[str]:
-    return {n for n in POSITIVE if getattr(config, n) <= 0}
+def _non_positive(config: Config) -> list[str]:
+    return [n for n in POSITIVE if getattr(config, n) <= 0]
 
 
 def _machine_problems(config: Config, visible_gpus: int | None, environ: Mapping[str, str]) -> list[str]:
@@ -521,7 +521,7 @@ def _machine_problems(config: Config, visible_gpus: int | None, environ: Mapping
 
 
 def _range_problems(config: Config) -> list[str]:
-    problems = [f"--{n} {getattr(config, n)} must be a positive integer" for n in POSITIVE if getattr(config, n) <= 0]
+    problems = [f"--{n} {getattr(config, n)} must be a positive integer" for n in _non_positive(config)]
     for name in ("lora_dim", "lora_alpha", "learning_rate"):
         if getattr(config, name) is not None and getattr(config, name) <= 0:
             problems.append(f"--{name} {getattr(config, name)} must be positive")
@@ -539,7 +539,7 @@ def _range_problems(config: Config) -> list[str]:
 def _layout_problems(config: Config, environ: Mapping[str, str]) -> list[str]:
     """GPUs, parallel sizes, steps and the multi-node rendezvous agree with each other (ranges are checked apart)."""
     problems = []
-    bad = _non_positive(config)
+    bad = set(_non_positive(config))
     if not bad & set(PARALLEL):
         if config.world_size % config.model_parallel_size:
             problems.append(
