@@ -788,6 +788,64 @@ def checkpoint_damage(path: Path) -> str | None:
     return None
 
 
+ADAPTER_META = "adapter_metadata.json"  # NeMo's marker of a PEFT checkpoint (weights/ holds the adapter only)
+
+
+def is_lora_checkpoint(ckpt: Path) -> bool:
+    return (Path(ckpt) / "weights" / ADAPTER_META).exists()
+
+
+def read_adapter_tensors(ckpt: Path) -> dict:
+    """The adapter weights of a NeMo LoRA checkpoint (torch_dist format, read without a process group), each layer
+    stack one tensor, layer first. The checkpoint also holds the optimizer's state of every adapter weight under
+    `optimizer.state.<kind>.<key>`; those are left out."""
+    import torch
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    with tempfile.TemporaryDirectory() as tmp:
+        flat = Path(tmp) / "state.pt"
+        dcp_to_torch_save(str(Path(ckpt) / "weights"), str(flat))
+        state = torch.load(flat, map_location="cpu", weights_only=False)
+    return {
+        k: v for k, v in state.items() if ".adapter." in k and not k.startswith("optimizer.") and hasattr(v, "shape")
+    }
+
+
+def untrained_adapters(adapter: dict) -> list[str]:
+    """The LoRA output matrices (B) among `adapter` (read_adapter_tensors) that are all zero, one name per layer. B
+    starts at zero and leaves it at an adapter's first step, so these adapters change nothing: they never trained, or
+    their weights were lost when the checkpoint was written (GPU runs 51-53)."""
+    found = []
+    for key, tensor in sorted(adapter.items()):
+        if not key.endswith("linear_out.weight"):
+            continue
+        name = key.removeprefix("module.")
+        stacked = ".layers." in name and tensor.dim() == 3  # [layers, out, rank]
+        for layer, matrix in enumerate(tensor if stacked else [tensor]):
+            if not matrix.any():
+                found.append(name.replace(".layers.", f".layers.{layer}.", 1) if stacked else name)
+    return found
+
+
+def warn_untrained_adapters(ckpt: Path, logger: logging.Logger, consequence: str, adapter: dict | None = None) -> list:
+    """Log the untrained_adapters of LoRA checkpoint `ckpt` (read unless given), if any, as one warning that ends in
+    `consequence`; returns them. A full checkpoint has none."""
+    if adapter is None:
+        adapter = read_adapter_tensors(ckpt) if is_lora_checkpoint(ckpt) else {}
+    found = untrained_adapters(adapter)
+    if found:
+        logger.warning(
+            "%s: %d LoRA adapter(s) have an all-zero output matrix (B) and change nothing: %s. A trained adapter's B "
+            "is non-zero after its first step, so these never trained or were lost when the checkpoint was written; "
+            "%s",
+            Path(ckpt).name,
+            len(found),
+            ", ".join(found),
+            consequence,
+        )
+    return found
+
+
 def checkpoint_val_loss(path: Path) -> float | None:
     m = _VAL_LOSS.search(Path(path).name)
     return float(m.group(1).rstrip(".")) if m else None

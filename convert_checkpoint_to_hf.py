@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from common import (
+    ADAPTER_META,
     ConfigError,
     PipelineError,
     RunLayout,
@@ -41,16 +42,18 @@ from common import (
     exclusive_lock,
     file_heads,
     find_checkpoint,
+    is_lora_checkpoint,
     is_nemo_checkpoint,
     parse_dataclass_args,
+    read_adapter_tensors,
     remove_leftovers,
     run_cli,
     setup_logging,
+    warn_untrained_adapters,
 )
 
 log = logging.getLogger("peft_megatron.export")
 
-ADAPTER_META = "adapter_metadata.json"  # NeMo's marker of a PEFT checkpoint (weights/ holds the adapter only)
 VERIFY_MAX_PARAMS = 2e9
 EXPORT_LOCK_TIMEOUT_S = 6 * 3600  # an export of a 70B model can take an hour; a second export waits for it
 VERIFY_PROMPT_TOKENS = 24
@@ -131,10 +134,6 @@ def resolve_checkpoint(cfg: ExportConfig) -> Path:
             "one), or re-run the training that writes it"
         )
     return ckpt
-
-
-def is_lora_checkpoint(ckpt: Path) -> bool:
-    return (ckpt / "weights" / ADAPTER_META).exists()
 
 
 def base_checkpoint(ckpt: Path) -> Path:
@@ -270,18 +269,6 @@ def lora_settings(ckpt: Path) -> dict:
     }
 
 
-def read_adapter_tensors(ckpt: Path) -> dict:
-    """The adapter tensors of a NeMo LoRA checkpoint (torch_dist format, read without a process group)."""
-    import torch
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    with tempfile.TemporaryDirectory() as tmp:
-        flat = Path(tmp) / "state.pt"
-        dcp_to_torch_save(str(ckpt / "weights"), str(flat))
-        state = torch.load(flat, map_location="cpu", weights_only=False)
-    return {k: v for k, v in state.items() if ".adapter." in k and hasattr(v, "shape")}
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # NeMo fused LoRA -> HF PEFT (the generic exporter NeMo 2.7.3 lacks for Qwen3/Qwen2/Mistral)
 # --------------------------------------------------------------------------------------------------------------------
@@ -354,7 +341,9 @@ def export_adapter(lora_ckpt: Path, out: Path, base_model: str) -> None:
     unsupported = sorted(set(settings["target_modules"]) - set(HF_TARGETS))
     if unsupported:
         raise PipelineError(f"LoRA targets {unsupported} have no HF PEFT equivalent; export merged instead")
-    tensors = nemo_lora_to_peft(read_adapter_tensors(lora_ckpt), settings)
+    adapter = read_adapter_tensors(lora_ckpt)
+    warn_untrained_adapters(lora_ckpt, log, "the export holds them as they are", adapter)
+    tensors = nemo_lora_to_peft(adapter, settings)
     save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
     (out / "adapter_config.json").write_text(json.dumps(adapter_config(settings, base_model), indent=2) + "\n")
 

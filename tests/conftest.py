@@ -111,13 +111,14 @@ def assets(tmp_path_factory) -> dict:
     return {"root": root, "tokenizer": tokenizer, "qwen3": qwen3, "llama": llama, "data": data, "rows": rows}
 
 
-def fake_checkpoint(path: Path, adapter: bool = False) -> Path:
-    """A NeMo checkpoint's layout with intact (tiny) torch-dist weight files and no model behind them."""
+def fake_checkpoint(path: Path, adapter: bool = False, tensors: dict | None = None) -> Path:
+    """A NeMo checkpoint's layout with intact torch-dist weight files (`tensors`, else one tiny tensor) and no model
+    behind them."""
     import torch
     import torch.distributed.checkpoint as dcp
 
     (path / "context").mkdir(parents=True)
-    dcp.save({"w": torch.zeros(4)}, checkpoint_id=str(path / "weights"))
+    dcp.save(tensors or {"w": torch.zeros(4)}, checkpoint_id=str(path / "weights"))
     (path / "weights" / "metadata.json").write_text("{}")
     if adapter:
         (path / "weights" / "adapter_metadata.json").write_text('{"model_ckpt_path": "/nowhere/base"}')
@@ -250,3 +251,22 @@ def tiny_gpt(device: str, dtype, max_sequence_length: int = 40):
         rotary_base=1_000_000,
     )
     return model.to(device=device, dtype=dtype).eval()
+
+
+def lora_tensors(untrained_layer: int | None = None) -> dict:
+    """A two-layer LoRA checkpoint's tensors as NeMo writes them: layer stacks, and the optimizer's state of each
+    adapter weight beside them (zero moments, fp32 copies). `untrained_layer`'s linear_proj output matrix is zero."""
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    shapes = {"self_attention.linear_proj": (16, 64), "mlp.linear_fc1": (128, 16)}
+    model = {}
+    for target, (out_dim, in_dim) in shapes.items():
+        key = f"module.decoder.layers.{target}.adapter"
+        model[f"{key}.linear_in.weight"] = torch.randn(2, 4, in_dim, generator=gen)
+        model[f"{key}.linear_out.weight"] = torch.randn(2, out_dim, 4, generator=gen)
+    if untrained_layer is not None:
+        model["module.decoder.layers.self_attention.linear_proj.adapter.linear_out.weight"][untrained_layer] = 0
+    optimizer = {f"optimizer.state.exp_avg.{k}": torch.zeros_like(v) for k, v in model.items()}
+    optimizer |= {f"optimizer.state.fp32_param.{k}": torch.randn(v.shape, generator=gen) for k, v in model.items()}
+    return {**optimizer, **model}

@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from types import SimpleNamespace
 
-from common import RunLayout, attention_head_dim
+from common import RunLayout, attention_head_dim, read_adapter_tensors, untrained_adapters
+from conftest import fake_checkpoint, lora_tensors
 
 
 def test_attention_head_dim_reads_megatron_and_hf_configs():
@@ -22,3 +23,14 @@ def test_run_layout_finds_the_run_of_its_checkpoints_only(tmp_path):
     assert run.exports == run.checkpoints.parent / "exports"  # beside checkpoints/, never inside it
     assert RunLayout.of_checkpoint(run.imported) is None
     assert RunLayout.of_checkpoint(Path("/elsewhere/checkpoints/x")) is None  # another logger's name
+
+
+def test_adapter_tensors_are_the_models_and_an_all_zero_output_matrix_is_named_per_layer(tmp_path):
+    written = lora_tensors(untrained_layer=0)
+    ckpt = fake_checkpoint(tmp_path / "lora", adapter=True, tensors=written)
+    adapter = read_adapter_tensors(ckpt)
+    assert sorted(adapter) == sorted(k for k in written if k.startswith("module."))  # not the optimizer's state
+    assert all(adapter[k].equal(written[k]) for k in adapter)
+    assert untrained_adapters(adapter) == ["decoder.layers.0.self_attention.linear_proj.adapter.linear_out.weight"]
+    trained = fake_checkpoint(tmp_path / "trained", adapter=True, tensors=lora_tensors())
+    assert untrained_adapters(read_adapter_tensors(trained)) == []

@@ -73,11 +73,11 @@ def test_worker_startup_hook_applies_guards_before_nemo_runs():
     worker = {"PYTHONPATH": f"{REPO / 'startup'}:{REPO}", nemo_compat.WORKER_ENV_FLAG: "1"}
     out = run_python(probe, worker)
     assert out == "SimpleNamespace True True True True"
-    # The optimizer kernels as Megatron's optimizer package loads; each shim a `compat:` line on the worker's stderr
+    # Each shim a `compat:` line on the worker's stderr; the suspended optimizer kernels stay out of the workers
     load = "from megatron.core import optimizer; print(optimizer._get_megatron_optimizer_based_on_param_groups)"
     stderr = run_python(load, worker, output="stderr")
-    for shim in ("unified-memory-stub", "torch-optimizer-kernels"):
-        assert f"INFO peft_megatron.compat] compat: {shim} (" in stderr, stderr[-2000:]
+    assert "INFO peft_megatron.compat] compat: unified-memory-stub (" in stderr, stderr[-2000:]
+    assert "torch-optimizer-kernels" in nemo_compat.SUSPENDED and "torch-optimizer-kernels" not in stderr
     # Without the launcher's flag (test_checkpoint.py, conversions: CUDA-graph inference) RoPE and LoRA stay upstream's.
     out = run_python(probe, {"PYTHONPATH": f"{REPO / 'startup'}:{REPO}", nemo_compat.WORKER_ENV_FLAG: "0"})
     assert out.endswith(" False False False")
@@ -248,6 +248,20 @@ def test_every_shim_is_listed_with_its_upstream_defect_and_when_it_can_go():
     assert all(shim.where and shim.upstream and shim.remove_when for shim in nemo_compat.SHIMS.values())
     with pytest.raises(ValueError, match="no shims named"):
         nemo_compat.install_worker_hooks(skip=frozenset({"compiled-ropes"}))
+    with pytest.raises(ValueError, match="no shims named"):
+        nemo_compat.install_worker_hooks(include=frozenset({"torch-optimizer-kernel"}))
+    assert set(nemo_compat.SUSPENDED) <= set(nemo_compat.SHIMS) and all(nemo_compat.SUSPENDED.values())
+
+
+def test_a_suspended_shim_is_applied_only_when_included():
+    probe = (
+        "import sys, nemo_compat\n"
+        "nemo_compat.install_worker_hooks(include=frozenset(sys.argv[1:]))\n"
+        "from megatron.core import optimizer\n"
+        "print(getattr(optimizer._get_megatron_optimizer_based_on_param_groups, '_nemo_compat', False))"
+    )
+    assert run_python(probe) == "False"
+    assert run_python(probe.replace("sys.argv[1:]", "{'torch-optimizer-kernels'}")) == "True"
 
 
 def test_shims_applied_in_a_scope_are_taken_back_after_it():

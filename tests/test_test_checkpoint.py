@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 import test_checkpoint as tc
-from conftest import fake_checkpoint, run_script, start_script
+from conftest import fake_checkpoint, lora_tensors, run_script, start_script
 
 
 @pytest.fixture(scope="module")
@@ -139,6 +139,18 @@ def test_generation_refuses_without_a_gpu(tmp_path):
         "test_checkpoint.py", "--nemo_checkpoint_path", str(tmp_path / "ckpt"), "--data_dir", str(tmp_path)
     )
     assert out.returncode == 1 and "generation needs a CUDA GPU" in out.stderr and "--evaluate_only" in out.stderr
+
+
+def test_an_adapter_that_changes_nothing_is_named_before_generation(tmp_path):
+    fake_checkpoint(tmp_path / "ckpt", adapter=True, tensors=lora_tensors(untrained_layer=1))
+    out = run_script(
+        "test_checkpoint.py", "--nemo_checkpoint_path", str(tmp_path / "ckpt"), "--data_dir", str(tmp_path)
+    )
+    assert out.returncode == 1 and "generation needs a CUDA GPU" in out.stderr
+    assert (
+        "ckpt: 1 LoRA adapter(s) have an all-zero output matrix (B) and change nothing: "
+        "decoder.layers.1.self_attention.linear_proj.adapter.linear_out.weight." in out.stdout
+    ), out.stdout[-2000:]
 
 
 def test_a_checkpoint_outside_a_run_needs_data_dir(tmp_path):
