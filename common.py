@@ -798,17 +798,21 @@ def is_lora_checkpoint(ckpt: Path) -> bool:
 def read_adapter_tensors(ckpt: Path) -> dict:
     """The adapter weights of a NeMo LoRA checkpoint (torch_dist format, read without a process group), each layer
     stack one tensor, layer first. The checkpoint also holds the optimizer's state of every adapter weight under
-    `optimizer.state.<kind>.<key>`; those are left out."""
+    `optimizer.state.<kind>.<key>`, several times their size; only the weights are read."""
     import torch
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    import torch.distributed.checkpoint as dcp
 
-    with tempfile.TemporaryDirectory() as tmp:
-        flat = Path(tmp) / "state.pt"
-        dcp_to_torch_save(str(Path(ckpt) / "weights"), str(flat))
-        state = torch.load(flat, map_location="cpu", weights_only=False)
-    return {
-        k: v for k, v in state.items() if ".adapter." in k and not k.startswith("optimizer.") and hasattr(v, "shape")
+    reader = dcp.FileSystemReader(str(Path(ckpt) / "weights"))
+    state = {
+        key: torch.zeros(meta.size, dtype=meta.properties.dtype)  # a chunk the writer lost reads as zero
+        for key, meta in reader.read_metadata().state_dict_metadata.items()
+        if ".adapter." in key
+        and not key.startswith("optimizer.")
+        and isinstance(meta, dcp.metadata.TensorStorageMetadata)
     }
+    if state:
+        dcp.load(state, storage_reader=reader, no_dist=True)
+    return state
 
 
 def untrained_adapters(adapter: dict) -> list[str]:
