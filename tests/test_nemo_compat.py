@@ -254,14 +254,15 @@ def test_every_shim_is_listed_with_its_upstream_defect_and_when_it_can_go():
 
 
 def test_a_suspended_shim_is_applied_only_when_included():
-    probe = (
-        "import sys, nemo_compat\n"
-        "nemo_compat.install_worker_hooks(include=frozenset(sys.argv[1:]))\n"
-        "from megatron.core import optimizer\n"
-        "print(getattr(optimizer._get_megatron_optimizer_based_on_param_groups, '_nemo_compat', False))"
-    )
-    assert run_python(probe) == "False"
-    assert run_python(probe.replace("sys.argv[1:]", "{'torch-optimizer-kernels'}")) == "True"
+    def optimizer_kernels_applied(include: str) -> str:
+        return run_python(
+            f"import nemo_compat; nemo_compat.install_worker_hooks(include=frozenset({include}))\n"
+            "from megatron.core import optimizer\n"
+            "print(getattr(optimizer._get_megatron_optimizer_based_on_param_groups, '_nemo_compat', False))"
+        )
+
+    assert optimizer_kernels_applied("") == "False"
+    assert optimizer_kernels_applied("['torch-optimizer-kernels']") == "True"
 
 
 def test_shims_applied_in_a_scope_are_taken_back_after_it():

@@ -133,20 +133,12 @@ def test_offline_bertscore_hub_name_says_how_to_fix(tmp_path):
     )
 
 
-def test_generation_refuses_without_a_gpu(tmp_path):
-    fake_checkpoint(tmp_path / "ckpt")
-    out = run_script(
-        "test_checkpoint.py", "--nemo_checkpoint_path", str(tmp_path / "ckpt"), "--data_dir", str(tmp_path)
-    )
-    assert out.returncode == 1 and "generation needs a CUDA GPU" in out.stderr and "--evaluate_only" in out.stderr
-
-
-def test_an_adapter_that_changes_nothing_is_named_before_generation(tmp_path):
+def test_generation_refuses_without_a_gpu_after_naming_adapters_that_change_nothing(tmp_path):
     fake_checkpoint(tmp_path / "ckpt", adapter=True, tensors=lora_tensors(untrained_layer=1))
     out = run_script(
         "test_checkpoint.py", "--nemo_checkpoint_path", str(tmp_path / "ckpt"), "--data_dir", str(tmp_path)
     )
-    assert out.returncode == 1 and "generation needs a CUDA GPU" in out.stderr
+    assert out.returncode == 1 and "generation needs a CUDA GPU" in out.stderr and "--evaluate_only" in out.stderr
     assert (
         "ckpt: 1 LoRA adapter(s) have an all-zero output matrix (B) and change nothing: "
         "decoder.layers.1.self_attention.linear_proj.adapter.linear_out.weight." in out.stdout
