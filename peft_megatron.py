@@ -174,6 +174,10 @@ class TrainingSettings:
         default=False,
         metadata={"help": "checkpoints without optimizer state: smaller, but a resumed run restarts the optimizer"},
     )
+    save_top_k: int = field(
+        default=1,
+        metadata={"help": "checkpoints kept by lowest val_loss, besides the last one; -1 keeps every checkpoint"},
+    )
 
 
 @dataclass
@@ -527,6 +531,8 @@ def _range_problems(config: Config) -> list[str]:
             problems.append(f"--{name} {getattr(config, name)} must be positive")
     if config.early_stopping_threshold < 0:
         problems.append(f"--early_stopping_threshold {config.early_stopping_threshold} must be >= 0")
+    if config.save_top_k == 0 or config.save_top_k < -1:
+        problems.append(f"--save_top_k {config.save_top_k} must be a positive integer, or -1 to keep every checkpoint")
     if config.wait_timeout_s <= 0:
         problems.append(f"--wait_timeout_s {config.wait_timeout_s} must be positive")
     for name, (bound, why) in UPPER_BOUNDS.items():
@@ -1072,7 +1078,7 @@ def configure_logger(config: Config):
         monitor="val_loss",
         mode="min",
         save_last="link",
-        save_top_k=1,
+        save_top_k=config.save_top_k,
         save_weights_only=config.save_weights_only,
         # NeMo's default drops the optimizer from the checkpoint written at the end of training, so a run resumed
         # from `last` could not continue; keep it unless the user asked for weights only.

@@ -74,9 +74,13 @@ def test_worker_startup_hook_applies_guards_before_nemo_runs():
     out = run_python(probe, worker)
     assert out == "SimpleNamespace True True True True"
     # Each shim a `compat:` line on the worker's stderr; the suspended optimizer kernels stay out of the workers
-    load = "from megatron.core import optimizer; print(optimizer._get_megatron_optimizer_based_on_param_groups)"
+    load = (
+        "from megatron.core import optimizer; from megatron.core.dist_checkpointing.strategies import async_utils\n"
+        "print(async_utils.TemporalAsyncCaller.schedule_async_call._nemo_compat)"
+    )
     stderr = run_python(load, worker, output="stderr")
     assert "INFO peft_megatron.compat] compat: unified-memory-stub (" in stderr, stderr[-2000:]
+    assert "compat: async-save-staged-buffers (" in stderr
     assert "torch-optimizer-kernels" in nemo_compat.SUSPENDED and "torch-optimizer-kernels" not in stderr
     # Without the launcher's flag (test_checkpoint.py, conversions: CUDA-graph inference) RoPE and LoRA stay upstream's.
     out = run_python(probe, {"PYTHONPATH": f"{REPO / 'startup'}:{REPO}", nemo_compat.WORKER_ENV_FLAG: "0"})
@@ -384,3 +388,46 @@ def test_megatron_optimizer_with_torch_kernels_steps_clips_and_resumes_like_mega
 
 
 SHAPES = [(64, 32), (32,), (3, 5, 7)]
+
+
+def _write_sum(path, staged):
+    """The forked writer of the test below: what it reads from the staged tensors, once the trainer has moved on."""
+    import time
+
+    time.sleep(1.0)
+    path.write_text(str(float(sum(t.sum() for t in staged))))
+
+
+def test_async_save_holds_its_staged_copies_until_the_writer_is_joined(module_model_parallel, monkeypatch, tmp_path):
+    import gc
+    import weakref
+
+    from megatron.core.dist_checkpointing.strategies.async_utils import AsyncRequest, TemporalAsyncCaller
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *args: None)  # after the D2H copies; no CUDA here
+    staged = []
+
+    def stage():
+        copy = torch.full((4, 4), 2.0)  # stands for the pinned host copy of a GPU tensor
+        staged.append(weakref.ref(copy))
+        return [copy]
+
+    def save(with_fix: bool) -> tuple[bool, bool, str]:
+        """(staged copy alive while the writer runs, alive after the join, what the writer wrote)"""
+        out = tmp_path / f"written_{with_fix}"
+        with nemo_compat.scoped():
+            if with_fix:
+                nemo_compat.hold_async_save_buffers()
+            caller = TemporalAsyncCaller()
+            caller.schedule_async_call(AsyncRequest(_write_sum, (out, None), [], preload_fn=stage))
+            gc.collect()
+            while_writing = staged[-1]() is not None
+            caller.is_current_async_call_done(blocking=True, no_dist=True)
+            gc.collect()
+            return while_writing, staged[-1]() is not None, out.read_text()
+
+    # Megatron-Core 0.15.3 drops the pinned copies while its writer still reads them (torch may reuse them); the
+    # fix holds them for exactly the writer's lifetime.
+    assert save(with_fix=False) == (False, False, "32.0")
+    assert save(with_fix=True) == (True, False, "32.0")
+    assert "async-save-staged-buffers" not in nemo_compat.applied()

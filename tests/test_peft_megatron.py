@@ -131,6 +131,8 @@ VALIDATION_CASES = [
     ("--lora_dim 1000000", "--lora_dim 1000000 is above 65536"),
     ("--full_ft --lora_dim 8", "--lora_dim 8 set LoRA, which --full_ft does not train"),
     ("--wait_timeout_s 1e9", "--wait_timeout_s 1000000000.0 is above 604800"),
+    ("--save_top_k 0", "--save_top_k 0 must be a positive integer, or -1 to keep every checkpoint"),
+    ("--save_top_k -2", "--save_top_k -2 must be a positive integer, or -1 to keep every checkpoint"),
 ]
 
 
@@ -419,10 +421,10 @@ def test_configure_recipe_full_ft_and_optional_callbacks(tmp_path, no_te, monkey
     config = parse(
         f"--full_ft --gpus_per_node 8 --tensor_parallel_size 2 --context_parallel_size 2 --output_dir {tmp_path} "
         "--enable_megatron_progress_bar --enable_memory_monitor --enable_speed_monitor --enable_runtime_estimator "
-        "--enable_pytorch_profiler --use_wandb"
+        "--enable_pytorch_profiler --use_wandb --save_top_k -1"
     )
     recipe = pm.configure_recipe(config, no_te)
-    assert recipe.peft is None
+    assert recipe.peft is None and recipe.log.ckpt.save_top_k == -1
     assert recipe.trainer.strategy.context_parallel_size == 2
     assert _callback_targets(recipe) == [
         "TimingCallback",
@@ -557,7 +559,7 @@ HELP_SECTIONS = {
     "training": [
         "max_steps", "val_check_interval", "log_every_n_steps", "micro_batch_size", "accumulate_grad_batches",
         "limit_val_batches", "max_seq_length", "packed_sequence", "learning_rate", "early_stopping_threshold",
-        "early_stopping_patience", "core_attention", "save_weights_only",
+        "early_stopping_patience", "core_attention", "save_weights_only", "save_top_k",
     ],
     "PEFT": ["peft_scheme", "full_ft", "lora_dim", "lora_alpha"],
     "monitoring": [

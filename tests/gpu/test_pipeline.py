@@ -74,7 +74,7 @@ def test_lora_trains_checkpoints_logs_and_profiles(lora_run):
     # Without TE the default run trains with SDPA core attention: the model config saved with it says so.
     context = "".join(p.read_text(errors="replace") for p in checkpoints(out)[0].glob("context/*") if p.is_file())
     assert "sdpa_attention" in context and "layer_spec" in context
-    worker_shims = ("compiled-rope", "fused-lora-output")  # each worker logs its shims; suspended ones stay out
+    worker_shims = ("compiled-rope", "fused-lora-output", "async-save-staged-buffers")  # suspended ones stay out
     logged = (out / "peft_megatron.log").read_text()
     assert all(f"compat: {shim} (" in logged for shim in worker_shims), [s for s in worker_shims if s not in logged]
     assert not [s for s in nemo_compat.SUSPENDED if f"compat: {s} (" in logged]
@@ -83,6 +83,45 @@ def test_lora_trains_checkpoints_logs_and_profiles(lora_run):
     assert summary["best_checkpoint"]["val_loss"] == pytest.approx(min(val.values()), abs=5e-5)
     assert summary["last_checkpoint"]["path"].endswith("-last") and summary["tokens_per_s"] > 0
     assert 0 < summary["peak_gpu_mem_gib"] < 80 and (out / "report" / "loss_curve.png").stat().st_size > 10_000
+
+
+def adapters_unlike_their_master_copies(ckpt: Path) -> list[str]:
+    """The adapter weights (per layer) of LoRA checkpoint `ckpt` that are not the cast of the fp32 master copy
+    Megatron's optimizer saved beside them. After every step the weights are exactly that cast, so a difference is
+    data the checkpoint's writer lost."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    weights = read_adapter_tensors(ckpt)
+    reader = dcp.FileSystemReader(str(ckpt / "weights"))
+    stored = reader.read_metadata().state_dict_metadata
+    masters = {key: torch.zeros(stored[f"optimizer.state.fp32_param.{key}"].size) for key in weights}
+    dcp.load({f"optimizer.state.fp32_param.{k}": v for k, v in masters.items()}, storage_reader=reader, no_dist=True)
+    differ = []
+    for key, weight in sorted(weights.items()):
+        master = masters[key].to(weight.dtype)
+        stacked = ".layers." in key and weight.dim() == 3  # [layers, ...]
+        for layer, (w, m) in enumerate(zip(weight, master, strict=True) if stacked else [(weight, master)]):
+            if not torch.equal(w, m):
+                differ.append(f"{key} (layer {layer})" if stacked else key)
+    return differ
+
+
+def test_every_checkpoint_written_while_training_goes_on_is_intact(assets, tmp_path):
+    """NeMo writes checkpoints asynchronously while training goes on, and Megatron-Core 0.15.3 let torch reuse their
+    staged copies before the writer had read them (GPU runs 51 and 53 lost an adapter;
+    nemo_compat.hold_async_save_buffers). Eight saves during training, all kept: each holds every trained adapter,
+    each equal to the fp32 master copy saved with it."""
+    out = tmp_path / "run"
+    steps = "--max_steps 160 --val_check_interval 20 --learning_rate 5e-3 --early_stopping_patience 20".split()
+    result = run_script("peft_megatron.py", *tiny_job(assets, out, *steps, "--save_top_k", "-1"))
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    saved = [p for p in checkpoints(out) if not p.name.endswith("-last")]
+    assert len(saved) == 8, [p.name for p in saved]
+    for ckpt in saved:
+        assert untrained_adapters(read_adapter_tensors(ckpt)) == [], ckpt.name
+        assert adapters_unlike_their_master_copies(ckpt) == [], ckpt.name
+    assert "compat: async-save-staged-buffers (" in (out / "peft_megatron.log").read_text()
 
 
 def test_sdpa_attention_trains_like_megatrons_unfused_attention(assets, tmp_path):
