@@ -15,7 +15,8 @@ Every shim, the upstream defect it works around and when it can go: `SHIMS` belo
                                 training-only shims (compiled RoPE, sync-free packed RoPE, fused LoRA; torch's
                                 optimizer kernels only on request: SUSPENDED) and, with or without TE, the fix of
                                 Megatron-Core 0.15's asynchronous checkpoint save; log_to_worker_output() puts their
-                                `compat:` lines in the run's log
+                                `compat:` lines in the run's log; WORKER_INCLUDE_ENV asks the workers for
+                                suspended shims
     scoped(), undo()            take shims back (tests apply theirs in a scope)
     check_versions()            the shims refuse NeMo / Megatron-Core releases they were not written for
 """
@@ -151,7 +152,30 @@ SUSPENDED = {
 WRITTEN_FOR = {"nemo_toolkit": "2.7.", "megatron-core": "0.15."}
 
 _applied: set[str] = set()
-WORKER_ENV_FLAG = "PEFT_MEGATRON_WORKER_COMPAT"  # set by peft_megatron's executor; read by startup/sitecustomize.py
+# Set by peft_megatron's executor, read by startup/sitecustomize.py: "1" applies every worker hook (no TE or no
+# CUDA), CHECKPOINT_ONLY only the asynchronous-checkpoint fix (TE and CUDA, where nothing else needs changing).
+WORKER_ENV_FLAG = "PEFT_MEGATRON_WORKER_COMPAT"
+CHECKPOINT_ONLY = "checkpoint"
+# SUSPENDED shims the training workers apply all the same, comma-separated: for the GPU tests and runs that decide
+# whether one comes back (unset: none).
+WORKER_INCLUDE_ENV = "PEFT_MEGATRON_WORKER_INCLUDE"
+
+
+def worker_flag(env: Environment) -> str:
+    """WORKER_ENV_FLAG's value for training workers in environment `env`."""
+    return CHECKPOINT_ONLY if env.has_te and env.has_cuda else "1"
+
+
+def included_in_workers(environ) -> frozenset[str]:
+    """The SUSPENDED shims that `environ`'s WORKER_INCLUDE_ENV asks the training workers to apply; ValueError for a
+    name that is not one."""
+    names = frozenset(name.strip() for name in environ.get(WORKER_INCLUDE_ENV, "").split(",") if name.strip())
+    if names - set(SUSPENDED):
+        raise ValueError(
+            f"{WORKER_INCLUDE_ENV}={environ[WORKER_INCLUDE_ENV]!r} names {sorted(names - set(SUSPENDED))}, which are "
+            f"not suspended shims; give a comma-separated list of {sorted(SUSPENDED)}, or unset it"
+        )
+    return names
 
 
 @dataclasses.dataclass(frozen=True)
@@ -483,13 +507,15 @@ def log_to_worker_output() -> None:
         log.propagate = False  # whatever NeMo later puts on the root logger would print them twice
 
 
-def install_worker_hooks(skip: frozenset[str] = frozenset(), include: frozenset[str] = frozenset()) -> None:
+def install_worker_hooks(
+    skip: frozenset[str] = frozenset(), include: frozenset[str] = frozenset(), checkpoint_only: bool = False
+) -> None:
     """For the training workers (startup/sitecustomize.py; benchmarks/train_throughput.py in its own process): stub
     the allocator build now; apply the PEFT guards, the compiled RoPE and the fused LoRA output as soon as their
     modules load, and keep asynchronous checkpoint saves intact (hold_async_save_buffers, with or without TE), with no
     NeMo import of our own (torchrun's launcher process runs this too). `skip` names training
     shims to leave out, `include` SUSPENDED ones to apply (torch's optimizer kernels); the benchmark measures each
-    against its absence."""
+    against its absence. `checkpoint_only` (TE and CUDA present): the checkpoint fix alone."""
     unknown = (set(skip) | set(include)) - set(SHIMS)
     if unknown:
         raise ValueError(f"no shims named {sorted(unknown)}; nemo_compat.SHIMS lists them")
@@ -497,9 +523,11 @@ def install_worker_hooks(skip: frozenset[str] = frozenset(), include: frozenset[
     def wanted(shim: str) -> bool:
         return shim not in skip and (shim not in SUSPENDED or shim in include)
 
-    skip_unified_memory_build()
     if _installed_versions()["megatron-core"].startswith(STAGED_BUFFERS_DROPPED_IN):
         _after_import(ASYNC_SAVE_MODULE, hold_async_save_buffers)
+    if checkpoint_only:
+        return
+    skip_unified_memory_build()
     if importlib.util.find_spec("transformer_engine") is None:
         check_versions()
         _after_import(LORA_MODULE, _patch_peft_te_checks)

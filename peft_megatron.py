@@ -515,13 +515,20 @@ def _non_positive(config: Config) -> list[str]:
 
 
 def _machine_problems(config: Config, visible_gpus: int | None, environ: Mapping[str, str]) -> list[str]:
-    if not visible_gpus or config.gpus_per_node <= visible_gpus:
-        return []
-    return [
-        f"--gpus_per_node {config.gpus_per_node}: this machine shows {visible_gpus} GPU(s) "
-        f"(CUDA_VISIBLE_DEVICES={environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); give at most {visible_gpus} "
-        "or leave the flag out (auto)"
-    ]
+    import nemo_compat  # stdlib imports only
+
+    problems = []
+    try:
+        nemo_compat.included_in_workers(environ)
+    except ValueError as e:
+        problems.append(str(e))
+    if visible_gpus and config.gpus_per_node > visible_gpus:
+        problems.append(
+            f"--gpus_per_node {config.gpus_per_node}: this machine shows {visible_gpus} GPU(s) "
+            f"(CUDA_VISIBLE_DEVICES={environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); give at most {visible_gpus} "
+            "or leave the flag out (auto)"
+        )
+    return problems
 
 
 def _range_problems(config: Config) -> list[str]:
@@ -1149,10 +1156,10 @@ def configure_executor(config: Config, env=None):
         "PYTHONPATH": pythonpath,  # the workers import dataset_module and nemo_compat from this repository
         "TOKENIZERS_PARALLELISM": "false",
     }
-    if not env.has_te or not env.has_cuda:
-        # startup/sitecustomize.py applies nemo_compat's import-time adaptation in each worker before NeMo loads.
-        env_vars["PYTHONPATH"] = os.pathsep.join([str(REPO_DIR / "startup"), pythonpath])
-        env_vars[nemo_compat.WORKER_ENV_FLAG] = "1"
+    # startup/sitecustomize.py applies nemo_compat's import-time adaptations in each worker before NeMo loads: all of
+    # them without TE or CUDA, with both only the asynchronous-checkpoint fix.
+    env_vars["PYTHONPATH"] = os.pathsep.join([str(REPO_DIR / "startup"), pythonpath])
+    env_vars[nemo_compat.WORKER_ENV_FLAG] = nemo_compat.worker_flag(env)
     if config.executor == "slurm":
         return _slurm_executor(config, env_vars)
     return run.LocalExecutor(

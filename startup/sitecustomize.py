@@ -1,7 +1,8 @@
 """Start-up hook for NeMo-Run's torchrun workers (peft_megatron.py puts this directory first on their PYTHONPATH).
 
 Megatron-Core 0.15.3 compiles a managed-memory allocator with nvcc when NeMo is imported, before any code of ours runs
-in the worker, and NeMo's LoRA transform needs its TE guards before it runs; nemo_compat installs both here. (A
+in the worker, NeMo's LoRA transform needs its TE guards before it runs, and Megatron-Core's asynchronous checkpoint
+save needs its fix (with TE too) before the first save; nemo_compat installs them here. (A
 Lightning callback could carry the guards, but it would be pickled into every checkpoint's context, which NeMo's
 restricted unpickler then refuses to load.) Only active when the launcher set the flag, and any
 other sitecustomize on the path still runs afterwards.
@@ -14,9 +15,12 @@ import sys
 
 import nemo_compat  # stdlib imports only; the repository is on the workers' PYTHONPATH beside this directory
 
-if os.environ.get(nemo_compat.WORKER_ENV_FLAG) == "1":
+_flag = os.environ.get(nemo_compat.WORKER_ENV_FLAG)
+if _flag in ("1", nemo_compat.CHECKPOINT_ONLY):
     nemo_compat.log_to_worker_output()
-    nemo_compat.install_worker_hooks()
+    nemo_compat.install_worker_hooks(
+        include=nemo_compat.included_in_workers(os.environ), checkpoint_only=_flag == nemo_compat.CHECKPOINT_ONLY
+    )
 
 _here = os.path.dirname(os.path.abspath(__file__))
 _rest = [p for p in sys.path if os.path.abspath(p or ".") != _here]

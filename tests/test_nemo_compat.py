@@ -267,6 +267,28 @@ def test_a_suspended_shim_is_applied_only_when_included():
 
     assert optimizer_kernels_applied("") == "False"
     assert optimizer_kernels_applied("['torch-optimizer-kernels']") == "True"
+    # The launched workers take the same request from their environment (the GPU tests use it)
+    load = "from megatron.core import optimizer; print(optimizer._get_megatron_optimizer_based_on_param_groups)"
+    worker = {"PYTHONPATH": f"{REPO / 'startup'}:{REPO}", nemo_compat.WORKER_ENV_FLAG: "1"}
+    stderr = run_python(load, {**worker, nemo_compat.WORKER_INCLUDE_ENV: "torch-optimizer-kernels"}, output="stderr")
+    assert "compat: torch-optimizer-kernels (" in stderr
+    assert nemo_compat.included_in_workers({}) == frozenset()
+    with pytest.raises(ValueError, match="names \\['compiled-rope'\\], which are not suspended shims"):
+        nemo_compat.included_in_workers({nemo_compat.WORKER_INCLUDE_ENV: "compiled-rope"})
+
+
+def test_with_te_and_cuda_the_workers_get_only_the_checkpoint_fix():
+    te = nemo_compat.Environment(has_te=True, has_cuda=True)
+    assert nemo_compat.worker_flag(te) == nemo_compat.CHECKPOINT_ONLY
+    assert nemo_compat.worker_flag(nemo_compat.Environment(has_te=False, has_cuda=True)) == "1"
+    probe = (
+        "import sys, nemo_compat\n"
+        "from megatron.core.dist_checkpointing.strategies import async_utils\n"
+        "print(sorted(nemo_compat.applied()), 'stub' in (sys.modules['megatron.core.inference.unified_memory'].__doc__"
+        " or ''))"
+    )
+    worker = {"PYTHONPATH": f"{REPO / 'startup'}:{REPO}", nemo_compat.WORKER_ENV_FLAG: nemo_compat.CHECKPOINT_ONLY}
+    assert run_python(probe, worker) == "['async-save-staged-buffers'] False"
 
 
 def test_shims_applied_in_a_scope_are_taken_back_after_it():
