@@ -1294,6 +1294,7 @@ def write_report(config: Config, wall_time_s: float) -> dict:
 # ====================================================================================================================
 def plan_lines(config: Config) -> list[str]:
     mode = "full fine-tuning" if config.full_ft else f"PEFT ({config.peft_scheme})"
+    kept = {1: "best val_loss", -1: "every validation's"}.get(config.save_top_k, f"{config.save_top_k} best val_loss")
     return [
         f"model: {config.hf_model_id}",
         f"recipe: {config.recipe_cls_name}",
@@ -1311,7 +1312,7 @@ def plan_lines(config: Config) -> list[str]:
         f"imported checkpoint: {config.nemo_ckpt_path} "
         f"({'present' if is_nemo_checkpoint(config.nemo_ckpt_path) else 'to be imported'})",
         f"data: {config.data.dataset_name or '(existing JSONL)'} -> {config.data_path}",
-        f"checkpoints: {config.layout.checkpoints} (best val_loss + last)",
+        f"checkpoints: {config.layout.checkpoints} ({kept} + last)",
         f"tensorboard: {config.layout.tensorboard}",
     ]
 

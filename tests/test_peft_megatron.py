@@ -304,6 +304,15 @@ def test_a_launch_asking_for_more_gpus_than_the_machine_shows_is_refused(assets,
     pm.validate_config(parse(shlex.join(args), gpus=2), visible_gpus=None)  # a --dry_run plans any node
 
 
+@pytest.mark.parametrize(
+    "top_k, kept", [(1, "best val_loss + last"), (3, "3 best val_loss + last"), (-1, "every validation's + last")]
+)
+def test_the_plan_says_which_checkpoints_are_kept(tmp_path, top_k, kept):
+    lines = pm.plan_lines(parse(f"--save_top_k {top_k} --output_dir {tmp_path}"))
+    checkpoints = tmp_path / "nemo_logs" / "checkpoints"
+    assert [line for line in lines if line.startswith("checkpoints:")] == [f"checkpoints: {checkpoints} ({kept})"]
+
+
 def test_dry_run_on_a_gpu_machine_plans_the_gpus_it_shows(tmp_path):
     out = run_script("peft_megatron.py", "--dry_run", "--output_dir", str(tmp_path), env=fake_nvidia_smi(tmp_path, 2))
     assert out.returncode == 0, out.stderr[-3000:]
