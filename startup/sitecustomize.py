@@ -17,10 +17,14 @@ import nemo_compat  # stdlib imports only; the repository is on the workers' PYT
 
 _flag = os.environ.get(nemo_compat.WORKER_ENV_FLAG)
 if _flag in ("1", nemo_compat.CHECKPOINT_ONLY):
-    nemo_compat.log_to_worker_output()
-    nemo_compat.install_worker_hooks(
-        include=nemo_compat.included_in_workers(os.environ), checkpoint_only=_flag == nemo_compat.CHECKPOINT_ONLY
-    )
+    try:
+        nemo_compat.log_to_worker_output()
+        nemo_compat.install_worker_hooks(
+            include=nemo_compat.included_in_workers(os.environ), checkpoint_only=_flag == nemo_compat.CHECKPOINT_ONLY
+        )
+    except Exception as e:  # site.py would print it and let the worker train without its shims
+        print(f"error: nemo_compat could not prepare this training worker: {e}", file=sys.stderr, flush=True)
+        os._exit(1)
 
 _here = os.path.dirname(os.path.abspath(__file__))
 _rest = [p for p in sys.path if os.path.abspath(p or ".") != _here]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import subprocess
 import sys
 
@@ -16,8 +17,6 @@ from conftest import REPO
 
 def run_python(code: str, env_extra: dict | None = None, output: str = "last line") -> str:
     """Run `code` in a fresh interpreter; its stdout's last line, or (output="stderr") all of its stderr."""
-    import os
-
     env = {**os.environ, **(env_extra or {})}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -273,6 +272,13 @@ def test_a_suspended_shim_is_applied_only_when_included():
     stderr = run_python(load, {**worker, nemo_compat.WORKER_INCLUDE_ENV: "torch-optimizer-kernels"}, output="stderr")
     assert "compat: torch-optimizer-kernels (" in stderr
     assert nemo_compat.included_in_workers({}) == frozenset()
+    # A worker that cannot be prepared stops, naming why, instead of training without its shims
+    bad = {**worker, nemo_compat.WORKER_INCLUDE_ENV: "compiled-rope"}
+    out = subprocess.run(
+        [sys.executable, "-c", "print('trained')"], capture_output=True, text=True, cwd=REPO, env={**os.environ, **bad}
+    )
+    assert (out.returncode, out.stdout) == (1, "")
+    assert "error: nemo_compat could not prepare this training worker: PEFT_MEGATRON_WORKER_INCLUDE=" in out.stderr
     with pytest.raises(ValueError, match="names \\['compiled-rope'\\], which are not suspended shims"):
         nemo_compat.included_in_workers({nemo_compat.WORKER_INCLUDE_ENV: "compiled-rope"})
 
