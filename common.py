@@ -795,40 +795,53 @@ def is_lora_checkpoint(ckpt: Path) -> bool:
     return (Path(ckpt) / "weights" / ADAPTER_META).exists()
 
 
-def read_adapter_tensors(ckpt: Path) -> dict:
+def read_adapter_tensors(ckpt: Path, optimizer_state: str | None = None) -> dict:
     """The adapter weights of a NeMo LoRA checkpoint (torch_dist format, read without a process group), each layer
     stack one tensor, layer first. The checkpoint also holds the optimizer's state of every adapter weight under
-    `optimizer.state.<kind>.<key>`, several times their size; only the weights are read."""
+    `optimizer.state.<kind>.<key>`, several times their size: only the weights are read, or with `optimizer_state`
+    (e.g. "fp32_param", the master copies) that state of each weight instead, under the weight's key."""
     import torch
     import torch.distributed.checkpoint as dcp
 
     reader = dcp.FileSystemReader(str(Path(ckpt) / "weights"))
-    state = {
-        key: torch.zeros(meta.size, dtype=meta.properties.dtype)  # a chunk the writer lost reads as zero
-        for key, meta in reader.read_metadata().state_dict_metadata.items()
+    stored = reader.read_metadata().state_dict_metadata
+    prefix = f"optimizer.state.{optimizer_state}." if optimizer_state else ""
+    weights = [
+        key
+        for key, meta in stored.items()
         if ".adapter." in key
         and not key.startswith("optimizer.")
         and isinstance(meta, dcp.metadata.TensorStorageMetadata)
+    ]
+    # zeros: a chunk the writer lost reads as zero
+    state = {
+        prefix + k: torch.zeros(stored[prefix + k].size, dtype=stored[prefix + k].properties.dtype) for k in weights
     }
     if state:
         dcp.load(state, storage_reader=reader, no_dist=True)
-    return state
+    return {key.removeprefix(prefix): tensor for key, tensor in state.items()}
+
+
+def adapter_matrices(adapter: dict) -> list[tuple[str, object]]:
+    """(name, matrix) for every LoRA matrix of `adapter` (read_adapter_tensors), one per layer of each layer stack,
+    named as Megatron names that layer's module (`decoder.layers.3.self_attention...`), in key order."""
+    found = []
+    for key, tensor in sorted(adapter.items()):
+        name = key.removeprefix("module.")
+        if ".layers." in name and tensor.dim() == 3:  # [layers, out, in]
+            found += [(name.replace(".layers.", f".layers.{layer}.", 1), m) for layer, m in enumerate(tensor)]
+        else:
+            found.append((name, tensor))
+    return found
 
 
 def untrained_adapters(adapter: dict) -> list[str]:
     """The LoRA output matrices (B) among `adapter` (read_adapter_tensors) that are all zero, one name per layer. B
     starts at zero and leaves it at an adapter's first step, so these adapters change nothing: they never trained, or
     their weights were lost when the checkpoint was written (GPU runs 51-53)."""
-    found = []
-    for key, tensor in sorted(adapter.items()):
-        if not key.endswith("linear_out.weight"):
-            continue
-        name = key.removeprefix("module.")
-        stacked = ".layers." in name and tensor.dim() == 3  # [layers, out, rank]
-        for layer, matrix in enumerate(tensor if stacked else [tensor]):
-            if not matrix.any():
-                found.append(name.replace(".layers.", f".layers.{layer}.", 1) if stacked else name)
-    return found
+    return [
+        name for name, matrix in adapter_matrices(adapter) if name.endswith("linear_out.weight") and not matrix.any()
+    ]
 
 
 def warn_untrained_adapters(ckpt: Path, logger: logging.Logger, consequence: str, adapter: dict | None = None) -> list:

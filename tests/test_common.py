@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from types import SimpleNamespace
 
-from common import RunLayout, attention_head_dim, read_adapter_tensors, untrained_adapters
+from common import RunLayout, adapter_matrices, attention_head_dim, read_adapter_tensors, untrained_adapters
 from conftest import fake_checkpoint, lora_tensors
 
 
@@ -34,3 +34,11 @@ def test_adapter_tensors_are_the_models_and_an_all_zero_output_matrix_is_named_p
     assert untrained_adapters(adapter) == ["decoder.layers.0.self_attention.linear_proj.adapter.linear_out.weight"]
     trained = fake_checkpoint(tmp_path / "trained", adapter=True, tensors=lora_tensors())
     assert untrained_adapters(read_adapter_tensors(trained)) == []
+    masters = read_adapter_tensors(ckpt, optimizer_state="fp32_param")  # under the weights' own keys
+    assert sorted(masters) == sorted(adapter)
+    assert all(masters[k].equal(written[f"optimizer.state.fp32_param.{k}"]) for k in masters)
+    names = [name for name, _ in adapter_matrices(adapter)]
+    assert len(names) == 8 and names[:2] == [
+        "decoder.layers.0.mlp.linear_fc1.adapter.linear_in.weight",
+        "decoder.layers.1.mlp.linear_fc1.adapter.linear_in.weight",
+    ]

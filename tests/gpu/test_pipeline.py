@@ -13,7 +13,7 @@ import pytest
 
 import nemo_compat
 import run_report
-from common import read_adapter_tensors, untrained_adapters
+from common import adapter_matrices, read_adapter_tensors, untrained_adapters
 from conftest import qa_job, run_script, wandb_history
 
 pytestmark = pytest.mark.gpu
@@ -86,25 +86,14 @@ def test_lora_trains_checkpoints_logs_and_profiles(lora_run):
 
 
 def adapters_unlike_their_master_copies(ckpt: Path) -> list[str]:
-    """The adapter weights (per layer) of LoRA checkpoint `ckpt` that are not the cast of the fp32 master copy
+    """The adapter matrices (per layer) of LoRA checkpoint `ckpt` that are not the cast of the fp32 master copy
     Megatron's optimizer saved beside them. After every step the weights are exactly that cast, so a difference is
     data the checkpoint's writer lost."""
     import torch
-    import torch.distributed.checkpoint as dcp
 
-    weights = read_adapter_tensors(ckpt)
-    reader = dcp.FileSystemReader(str(ckpt / "weights"))
-    stored = reader.read_metadata().state_dict_metadata
-    masters = {key: torch.zeros(stored[f"optimizer.state.fp32_param.{key}"].size) for key in weights}
-    dcp.load({f"optimizer.state.fp32_param.{k}": v for k, v in masters.items()}, storage_reader=reader, no_dist=True)
-    differ = []
-    for key, weight in sorted(weights.items()):
-        master = masters[key].to(weight.dtype)
-        stacked = ".layers." in key and weight.dim() == 3  # [layers, ...]
-        for layer, (w, m) in enumerate(zip(weight, master, strict=True) if stacked else [(weight, master)]):
-            if not torch.equal(w, m):
-                differ.append(f"{key} (layer {layer})" if stacked else key)
-    return differ
+    weights = adapter_matrices(read_adapter_tensors(ckpt))
+    masters = adapter_matrices(read_adapter_tensors(ckpt, optimizer_state="fp32_param"))
+    return [name for (name, w), (_, m) in zip(weights, masters, strict=True) if not torch.equal(w, m.to(w.dtype))]
 
 
 @pytest.mark.parametrize("include", ["", "torch-optimizer-kernels"])
