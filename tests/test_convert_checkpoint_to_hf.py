@@ -14,7 +14,7 @@ import torch
 import convert_checkpoint_to_hf as conv
 import peft_megatron as pm
 from common import PipelineError, environ_without_rendezvous, find_checkpoint, is_nemo_checkpoint
-from conftest import REPO, fake_checkpoint, kill_when, run_script, start_script
+from conftest import REPO, fake_checkpoint, kill_when, lora_tensors, run_script, start_script
 from demo_workspace import build_hf_model
 
 
@@ -269,6 +269,26 @@ def test_adapter_mapping_matches_nemo_exporter_on_fused_lora(assets, tmp_path):
         expected - AutoModelForCausalLM.from_pretrained(assets["qwen3"], torch_dtype=torch.float32)(ids).logits
     ).abs().max() > 1e-2
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_adapter_export_names_an_adapter_whose_weights_are_all_zero(tmp_path, monkeypatch, caplog):
+    from safetensors.torch import load_file
+
+    ckpt = fake_checkpoint(tmp_path / "lora", adapter=True, tensors=lora_tensors(untrained_layer=0))
+    settings = {"dim": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["linear_proj", "linear_fc1"], "gated": True}
+    monkeypatch.setattr(conv, "lora_settings", lambda _: settings)  # a fake checkpoint has no NeMo context to read
+    monkeypatch.setattr(conv.log, "handlers", [caplog.handler])
+    out = tmp_path / "adapter"
+    out.mkdir()
+    conv.export_adapter(ckpt, out, "base")
+    assert (
+        "lora: 1 LoRA adapter(s) have an all-zero output matrix (B) and change nothing: "
+        "decoder.layers.0.self_attention.linear_proj.adapter.linear_out.weight." in caplog.text
+    )
+    assert "the export holds them as they are" in caplog.text
+    exported = load_file(out / "adapter_model.safetensors")  # as read, the lost matrix included
+    assert not exported["base_model.model.model.layers.0.self_attn.o_proj.lora_B.weight"].any()
+    assert exported["base_model.model.model.layers.1.self_attn.o_proj.lora_B.weight"].any()
 
 
 def test_export_keeps_only_its_own_current_export_and_refuses_anything_else(assets, tmp_path):
