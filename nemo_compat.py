@@ -12,11 +12,10 @@ Every shim, the upstream defect it works around and when it can go: `SHIMS` belo
     optimizer_config_overrides()
     cpu_checkpoint_io()         context manager around llm.import_ckpt / export_ckpt on a CPU host
     install_worker_hooks()      the same inside NeMo-Run's torchrun workers (via startup/sitecustomize.py), plus the
-                                training-only shims (compiled RoPE, sync-free packed RoPE, fused LoRA; torch's
-                                optimizer kernels only on request: SUSPENDED) and, with or without TE, the fix of
-                                Megatron-Core 0.15's asynchronous checkpoint save; log_to_worker_output() puts their
-                                `compat:` lines in the run's log; WORKER_INCLUDE_ENV asks the workers for
-                                suspended shims
+                                training-only shims (compiled RoPE, sync-free packed RoPE, fused LoRA, torch's
+                                optimizer kernels) and, with or without TE, the fix of Megatron-Core 0.15's
+                                asynchronous checkpoint save; log_to_worker_output() puts their `compat:` lines in
+                                the run's log; WORKER_SKIP_ENV leaves optional ones out
     scoped(), undo()            take shims back (tests apply theirs in a scope)
     check_versions()            the shims refuse NeMo / Megatron-Core releases they were not written for
 """
@@ -135,18 +134,15 @@ SHIMS = {
     ),
 }
 
-# Shims kept out of the training workers until the GPU shows them safe; install_worker_hooks(include=...) applies
-# them (the training benchmark measures each against its absence).
-SUSPENDED = {
-    "torch-optimizer-kernels": (
-        "GPU runs 51-53 (one H200): with it, the demo's training ran identically three times, yet twice its best "
-        "checkpoint's layer-0 linear_proj LoRA output matrix read back all zero (exact match 0.000 instead of 0.947); "
-        "without it, both runs kept every adapter. Most likely not this shim's doing: with it the best checkpoint is "
-        "written mid-training (step 1749), where Megatron-Core 0.15's asynchronous save loses data "
-        "(hold_async_save_buffers), and without it the best is the final save. Back once a GPU run with that fix "
-        "shows every checkpoint it writes intact (it gives +39% on Qwen3-1.7B full fine-tuning, run 55)"
-    ),
-}
+# The training-worker shims a run can leave out, for a run that must show one's effect or do without one
+# (WORKER_SKIP_ENV; the training benchmark measures each against its absence).
+OPTIONAL_WORKER_SHIMS = (
+    "compiled-rope",
+    "sync-free-packed-rope",
+    "fused-lora-output",
+    "torch-optimizer-kernels",
+    "async-save-staged-buffers",
+)
 
 # The releases whose functions the no-TE shims replace by name and signature (requirements.txt pins them).
 WRITTEN_FOR = {"nemo_toolkit": "2.7.", "megatron-core": "0.15."}
@@ -156,9 +152,8 @@ _applied: set[str] = set()
 # CUDA), CHECKPOINT_ONLY only the asynchronous-checkpoint fix (TE and CUDA, where nothing else needs changing).
 WORKER_ENV_FLAG = "PEFT_MEGATRON_WORKER_COMPAT"
 CHECKPOINT_ONLY = "checkpoint"
-# SUSPENDED shims the training workers apply all the same, comma-separated: for the GPU tests and runs that decide
-# whether one comes back (unset: none).
-WORKER_INCLUDE_ENV = "PEFT_MEGATRON_WORKER_INCLUDE"
+# OPTIONAL_WORKER_SHIMS the training workers leave out, comma-separated (unset: none).
+WORKER_SKIP_ENV = "PEFT_MEGATRON_WORKER_SKIP"
 
 
 def worker_flag(env: Environment) -> str:
@@ -166,14 +161,15 @@ def worker_flag(env: Environment) -> str:
     return CHECKPOINT_ONLY if env.has_te and env.has_cuda else "1"
 
 
-def included_in_workers(environ) -> frozenset[str]:
-    """The SUSPENDED shims that `environ`'s WORKER_INCLUDE_ENV asks the training workers to apply; ValueError for a
-    name that is not one."""
-    names = frozenset(name.strip() for name in environ.get(WORKER_INCLUDE_ENV, "").split(",") if name.strip())
-    if names - set(SUSPENDED):
+def skipped_in_workers(environ) -> frozenset[str]:
+    """The OPTIONAL_WORKER_SHIMS that `environ`'s WORKER_SKIP_ENV asks the training workers to leave out; ValueError
+    for a name that is not one."""
+    names = frozenset(name.strip() for name in environ.get(WORKER_SKIP_ENV, "").split(",") if name.strip())
+    if names - set(OPTIONAL_WORKER_SHIMS):
         raise ValueError(
-            f"{WORKER_INCLUDE_ENV}={environ[WORKER_INCLUDE_ENV]!r} names {sorted(names - set(SUSPENDED))}, which are "
-            f"not suspended shims; give a comma-separated list of {sorted(SUSPENDED)}, or unset it"
+            f"{WORKER_SKIP_ENV}={environ[WORKER_SKIP_ENV]!r} names {sorted(names - set(OPTIONAL_WORKER_SHIMS))}, "
+            f"which the training workers cannot leave out; give a comma-separated list of "
+            f"{list(OPTIONAL_WORKER_SHIMS)}, or unset it"
         )
     return names
 
@@ -507,23 +503,22 @@ def log_to_worker_output() -> None:
         log.propagate = False  # whatever NeMo later puts on the root logger would print them twice
 
 
-def install_worker_hooks(
-    skip: frozenset[str] = frozenset(), include: frozenset[str] = frozenset(), checkpoint_only: bool = False
-) -> None:
+def install_worker_hooks(skip: frozenset[str] = frozenset(), checkpoint_only: bool = False) -> None:
     """For the training workers (startup/sitecustomize.py; benchmarks/train_throughput.py in its own process): stub
     the allocator build now; apply the PEFT guards, the compiled RoPE and the fused LoRA output as soon as their
     modules load, and keep asynchronous checkpoint saves intact (hold_async_save_buffers, with or without TE), with no
     NeMo import of our own (torchrun's launcher process runs this too). `skip` names training
-    shims to leave out, `include` SUSPENDED ones to apply (torch's optimizer kernels); the benchmark measures each
-    against its absence. `checkpoint_only` (TE and CUDA present): the checkpoint fix alone."""
-    unknown = (set(skip) | set(include)) - set(SHIMS)
+    OPTIONAL_WORKER_SHIMS to leave out; the benchmark measures each against its absence. `checkpoint_only` (TE and
+    CUDA present): the checkpoint fix alone."""
+    unknown = set(skip) - set(OPTIONAL_WORKER_SHIMS)
     if unknown:
-        raise ValueError(f"no shims named {sorted(unknown)}; nemo_compat.SHIMS lists them")
+        raise ValueError(f"no optional worker shims named {sorted(unknown)}; OPTIONAL_WORKER_SHIMS lists them")
 
     def wanted(shim: str) -> bool:
-        return shim not in skip and (shim not in SUSPENDED or shim in include)
+        return shim not in skip
 
-    if _installed_versions()["megatron-core"].startswith(STAGED_BUFFERS_DROPPED_IN):
+    staged_buffers_dropped = _installed_versions()["megatron-core"].startswith(STAGED_BUFFERS_DROPPED_IN)
+    if wanted("async-save-staged-buffers") and staged_buffers_dropped:
         _after_import(ASYNC_SAVE_MODULE, hold_async_save_buffers)
     if checkpoint_only:
         return
@@ -533,7 +528,8 @@ def install_worker_hooks(
         _after_import(LORA_MODULE, _patch_peft_te_checks)
         if wanted("compiled-rope"):
             _after_import(ROPE_MODULE, compile_unfused_rope)
-        _after_import(ROPE_MODULE, install_sync_free_packed_rope)
+        if wanted("sync-free-packed-rope"):
+            _after_import(ROPE_MODULE, install_sync_free_packed_rope)
         if wanted("fused-lora-output"):
             _after_import(LORA_MODULE, fuse_lora_output)
         if wanted("torch-optimizer-kernels"):
@@ -784,9 +780,10 @@ def use_torch_optimizer_kernels() -> None:
     gradient clipping. Here torch's fused AdamW (switched on as each optimizer is built, while its state is empty;
     NeMo's checkpoints do not save param groups, and torch moves a resumed step counter to the device the fused
     kernel needs) and torch's foreach norm and copy, with apex's contracts, take their place. Qwen3-1.7B full
-    fine-tuning on the H100, one job: +8%, 16,292 vs 15,050 tokens/s (run 34). SUSPENDED: the training workers
-    apply it only when asked (install_worker_hooks(include=...)); remove when Megatron uses torch's fused kernels
-    without apex."""
+    fine-tuning on the H200, one job: +39%, 23,377 vs 16,817 tokens/s (run 55). Suspended after runs 51-53 lost an
+    adapter from a checkpoint written mid-training; the cause was Megatron-Core's asynchronous save
+    (hold_async_save_buffers), and with that fix every checkpoint written during training was intact, with and
+    without these kernels (run 57). Remove when Megatron uses torch's fused kernels without apex."""
     package = importlib.import_module(OPTIMIZER_MODULE)
     if not getattr(package, "USING_PYTORCH_OPTIMIZER", False):
         return  # TE's or apex's fused optimizer and kernels

@@ -519,7 +519,7 @@ def _machine_problems(config: Config, visible_gpus: int | None, environ: Mapping
 
     problems = []
     try:
-        nemo_compat.included_in_workers(environ)
+        nemo_compat.skipped_in_workers(environ)
     except ValueError as e:
         problems.append(str(e))
     if visible_gpus and config.gpus_per_node > visible_gpus:

@@ -86,8 +86,7 @@ class Variant:
     help: str
     flags: dict = field(default_factory=dict)  # peft_megatron Config fields
     model: dict = field(default_factory=dict)  # model-config fields set after configure_recipe
-    skip_shims: frozenset = frozenset()  # training-worker shims left out (nemo_compat.install_worker_hooks)
-    include_shims: frozenset = frozenset()  # suspended ones put in (nemo_compat.SUSPENDED)
+    skip_shims: frozenset = frozenset()  # training-worker shims left out (nemo_compat.OPTIONAL_WORKER_SHIMS)
 
 
 VARIANTS = {
@@ -123,10 +122,10 @@ VARIANTS = {
         "the default with --packed_sequence (variable-length case: NeMo's packer, one packed row per micro-batch)",
         flags={"packed_sequence": True},
     ),
-    "torch_optimizer": Variant(
-        "the default + torch's fused AdamW and foreach norm / copy kernels in place of Megatron's apex-less "
-        "fallbacks (the suspended torch-optimizer-kernels shim)",
-        include_shims=frozenset({"torch-optimizer-kernels"}),
+    "megatron_optimizer": Variant(
+        "the default with Megatron's apex-less optimizer fallbacks (foreach AdamW, per-tensor norm and copy loops; "
+        "as before the torch-optimizer-kernels shim)",
+        skip_shims=frozenset({"torch-optimizer-kernels"}),
     ),
 }
 
@@ -388,7 +387,7 @@ def run_ours(args, case: Case, variant: Variant) -> dict:
 
     env = nemo_compat.prepare_process()
     # as startup/sitecustomize.py does in the workers
-    nemo_compat.install_worker_hooks(skip=variant.skip_shims, include=variant.include_shims)
+    nemo_compat.install_worker_hooks(skip=variant.skip_shims)
     recorder = StepRecorder()
 
     class Timer(pl.Callback):

@@ -72,7 +72,7 @@ def test_worker_startup_hook_applies_guards_before_nemo_runs():
     worker = {"PYTHONPATH": f"{REPO / 'startup'}:{REPO}", nemo_compat.WORKER_ENV_FLAG: "1"}
     out = run_python(probe, worker)
     assert out == "SimpleNamespace True True True True"
-    # Each shim a `compat:` line on the worker's stderr; the suspended optimizer kernels stay out of the workers
+    # Each shim a `compat:` line on the worker's stderr
     load = (
         "from megatron.core import optimizer; from megatron.core.dist_checkpointing.strategies import async_utils\n"
         "print(async_utils.TemporalAsyncCaller.schedule_async_call._nemo_compat)"
@@ -80,7 +80,7 @@ def test_worker_startup_hook_applies_guards_before_nemo_runs():
     stderr = run_python(load, worker, output="stderr")
     assert "INFO peft_megatron.compat] compat: unified-memory-stub (" in stderr, stderr[-2000:]
     assert "compat: async-save-staged-buffers (" in stderr
-    assert "torch-optimizer-kernels" in nemo_compat.SUSPENDED and "torch-optimizer-kernels" not in stderr
+    assert "compat: torch-optimizer-kernels (" in stderr
     # Without the launcher's flag (test_checkpoint.py, conversions: CUDA-graph inference) RoPE and LoRA stay upstream's.
     out = run_python(probe, {"PYTHONPATH": f"{REPO / 'startup'}:{REPO}", nemo_compat.WORKER_ENV_FLAG: "0"})
     assert out.endswith(" False False False")
@@ -249,38 +249,45 @@ def test_every_shim_is_listed_with_its_upstream_defect_and_when_it_can_go():
     marked = set(re.findall(r'_mark\(\s*"([\w-]+)"', (REPO / "nemo_compat.py").read_text()))
     assert marked == set(nemo_compat.SHIMS)
     assert all(shim.where and shim.upstream and shim.remove_when for shim in nemo_compat.SHIMS.values())
-    with pytest.raises(ValueError, match="no shims named"):
+    with pytest.raises(ValueError, match="no optional worker shims named"):
         nemo_compat.install_worker_hooks(skip=frozenset({"compiled-ropes"}))
-    with pytest.raises(ValueError, match="no shims named"):
-        nemo_compat.install_worker_hooks(include=frozenset({"torch-optimizer-kernel"}))
-    assert set(nemo_compat.SUSPENDED) <= set(nemo_compat.SHIMS) and all(nemo_compat.SUSPENDED.values())
+    with pytest.raises(ValueError, match="no optional worker shims named"):
+        nemo_compat.install_worker_hooks(skip=frozenset({"peft-te-guards"}))  # LoRA cannot build without it
+    assert set(nemo_compat.OPTIONAL_WORKER_SHIMS) <= set(nemo_compat.SHIMS)
 
 
-def test_a_suspended_shim_is_applied_only_when_included():
-    def optimizer_kernels_applied(include: str) -> str:
+def test_an_optional_worker_shim_is_left_out_when_skipped():
+    def optimizer_kernels_applied(skip: str) -> str:
         return run_python(
-            f"import nemo_compat; nemo_compat.install_worker_hooks(include=frozenset({include}))\n"
+            f"import nemo_compat; nemo_compat.install_worker_hooks(skip=frozenset({skip}))\n"
             "from megatron.core import optimizer\n"
             "print(getattr(optimizer._get_megatron_optimizer_based_on_param_groups, '_nemo_compat', False))"
         )
 
-    assert optimizer_kernels_applied("") == "False"
-    assert optimizer_kernels_applied("['torch-optimizer-kernels']") == "True"
-    # The launched workers take the same request from their environment (the GPU tests use it)
-    load = "from megatron.core import optimizer; print(optimizer._get_megatron_optimizer_based_on_param_groups)"
+    assert optimizer_kernels_applied("") == "True"
+    assert optimizer_kernels_applied("['torch-optimizer-kernels']") == "False"
+    # The launched workers take the same request from their environment
+    load = (
+        "from megatron.core import optimizer; from megatron.core.dist_checkpointing.strategies import async_utils\n"
+        "print(hasattr(async_utils.TemporalAsyncCaller.schedule_async_call, '_nemo_compat'))"
+    )
     worker = {"PYTHONPATH": f"{REPO / 'startup'}:{REPO}", nemo_compat.WORKER_ENV_FLAG: "1"}
-    stderr = run_python(load, {**worker, nemo_compat.WORKER_INCLUDE_ENV: "torch-optimizer-kernels"}, output="stderr")
-    assert "compat: torch-optimizer-kernels (" in stderr
-    assert nemo_compat.included_in_workers({}) == frozenset()
+    skip = {**worker, nemo_compat.WORKER_SKIP_ENV: " torch-optimizer-kernels,async-save-staged-buffers "}
+    out = subprocess.run(
+        [sys.executable, "-c", load], capture_output=True, text=True, cwd=REPO, env={**os.environ, **skip}
+    )
+    assert out.stdout.strip() == "False" and "compat: compiled-rope (" in out.stderr, out.stderr[-2000:]
+    assert "torch-optimizer-kernels" not in out.stderr and "async-save-staged-buffers" not in out.stderr
+    assert nemo_compat.skipped_in_workers({}) == frozenset()
     # A worker that cannot be prepared stops, naming why, instead of training without its shims
-    bad = {**worker, nemo_compat.WORKER_INCLUDE_ENV: "compiled-rope"}
+    bad = {**worker, nemo_compat.WORKER_SKIP_ENV: "peft-te-guards"}
     out = subprocess.run(
         [sys.executable, "-c", "print('trained')"], capture_output=True, text=True, cwd=REPO, env={**os.environ, **bad}
     )
     assert (out.returncode, out.stdout) == (1, "")
-    assert "error: nemo_compat could not prepare this training worker: PEFT_MEGATRON_WORKER_INCLUDE=" in out.stderr
-    with pytest.raises(ValueError, match="names \\['compiled-rope'\\], which are not suspended shims"):
-        nemo_compat.included_in_workers({nemo_compat.WORKER_INCLUDE_ENV: "compiled-rope"})
+    assert "error: nemo_compat could not prepare this training worker: PEFT_MEGATRON_WORKER_SKIP=" in out.stderr
+    with pytest.raises(ValueError, match="names \\['peft-te-guards'\\], which the training workers cannot leave out"):
+        nemo_compat.skipped_in_workers({nemo_compat.WORKER_SKIP_ENV: "peft-te-guards"})
 
 
 def test_with_te_and_cuda_the_workers_get_only_the_checkpoint_fix():

@@ -162,14 +162,14 @@ def test_all_problems_reported_together_with_exit_code_2():
     assert "Traceback" not in out.stderr
 
 
-def test_a_worker_shim_request_that_names_no_suspended_shim_is_refused_before_launch():
-    environ = {"PEFT_MEGATRON_WORKER_INCLUDE": "torch-optimizer-kernels,compiled-rope"}
+def test_a_worker_shim_skip_that_names_no_optional_shim_is_refused_before_launch():
+    environ = {"PEFT_MEGATRON_WORKER_SKIP": "torch-optimizer-kernels,peft-te-guards"}
     with pytest.raises(ConfigError) as err:
         pm.validate_config(parse(), None, environ)
-    assert "PEFT_MEGATRON_WORKER_INCLUDE='torch-optimizer-kernels,compiled-rope' names ['compiled-rope']" in str(
+    assert "PEFT_MEGATRON_WORKER_SKIP='torch-optimizer-kernels,peft-te-guards' names ['peft-te-guards']" in str(
         err.value
     )
-    pm.validate_config(parse(), None, {"PEFT_MEGATRON_WORKER_INCLUDE": " torch-optimizer-kernels "})
+    pm.validate_config(parse(), None, {"PEFT_MEGATRON_WORKER_SKIP": " torch-optimizer-kernels "})
 
 
 def test_multi_node_needs_a_rendezvous_address(monkeypatch):
