@@ -799,7 +799,7 @@ def read_adapter_tensors(ckpt: Path, optimizer_state: str | None = None) -> dict
     """The adapter weights of a NeMo LoRA checkpoint (torch_dist format, read without a process group), each layer
     stack one tensor, layer first. The checkpoint also holds the optimizer's state of every adapter weight under
     `optimizer.state.<kind>.<key>`, several times their size: only the weights are read, or with `optimizer_state`
-    (e.g. "fp32_param", the master copies) that state of each weight instead, under the weight's key."""
+    (e.g. "fp32_param", the master copies) that state of each weight that has it instead, under the weight's key."""
     import torch
     import torch.distributed.checkpoint as dcp
 
@@ -812,6 +812,7 @@ def read_adapter_tensors(ckpt: Path, optimizer_state: str | None = None) -> dict
         if ".adapter." in key
         and not key.startswith("optimizer.")
         and isinstance(meta, dcp.metadata.TensorStorageMetadata)
+        and prefix + key in stored
     ]
     # zeros: a chunk the writer lost reads as zero
     state = {
@@ -844,22 +845,44 @@ def untrained_adapters(adapter: dict) -> list[str]:
     ]
 
 
-def warn_untrained_adapters(ckpt: Path, logger: logging.Logger, consequence: str, adapter: dict | None = None) -> list:
-    """Log the untrained_adapters of LoRA checkpoint `ckpt` (read unless given), if any, as one warning that ends in
-    `consequence`; returns them. A full checkpoint has none."""
+def adapters_unlike_their_master_copies(ckpt: Path, adapter: dict) -> list[str]:
+    """The LoRA matrices (per layer) of checkpoint `ckpt` whose weights in `adapter` (read_adapter_tensors) are not
+    the cast of the fp32 master copies that Megatron's mixed-precision optimizer saved beside them. After every step
+    the weights are exactly that cast (16 checkpoints written during training on the GPU, run 57), so a difference is
+    data lost when the checkpoint was written. None where the checkpoint holds no master copies (fp32 training, the
+    distributed optimizer's layout)."""
+    import torch
+
+    masters = dict(adapter_matrices(read_adapter_tensors(ckpt, optimizer_state="fp32_param")))
+    return [
+        name
+        for name, weight in adapter_matrices(adapter)
+        if name in masters and not torch.equal(weight, masters[name].to(weight.dtype))
+    ]
+
+
+def warn_damaged_adapters(ckpt: Path, logger: logging.Logger, consequence: str, adapter: dict | None = None) -> dict:
+    """Log the untrained_adapters and the adapters_unlike_their_master_copies of LoRA checkpoint `ckpt` (read unless
+    given), if any, one warning each, ending in `consequence`; returns both lists under those names (the metrics
+    file's keys). A full checkpoint has neither."""
+    lora = is_lora_checkpoint(ckpt)
     if adapter is None:
-        adapter = read_adapter_tensors(ckpt) if is_lora_checkpoint(ckpt) else {}
-    found = untrained_adapters(adapter)
-    if found:
-        logger.warning(
-            "%s: %d LoRA adapter(s) have an all-zero output matrix (B) and change nothing: %s. A trained adapter's B "
-            "is non-zero after its first step, so these never trained or were lost when the checkpoint was written; "
-            "%s",
-            Path(ckpt).name,
-            len(found),
-            ", ".join(found),
-            consequence,
-        )
+        adapter = read_adapter_tensors(ckpt) if lora else {}
+    found = {
+        "untrained_adapters": untrained_adapters(adapter),
+        "adapters_unlike_master_copies": adapters_unlike_their_master_copies(ckpt, adapter) if lora else [],
+    }
+    why = {
+        "untrained_adapters": "LoRA adapter(s) have an all-zero output matrix (B) and change nothing: %s. A trained "
+        "adapter's B is non-zero after its first step, so these never trained or were lost when the checkpoint was "
+        "written",
+        "adapters_unlike_master_copies": "LoRA matrix(es) differ from the fp32 master copies saved beside them: %s. "
+        "Megatron's optimizer makes the weights exactly the cast of those copies after every step, so these were "
+        "damaged when the checkpoint was written",
+    }
+    for kind, names in found.items():
+        if names:
+            logger.warning("%s: %d " + why[kind] + "; %s", Path(ckpt).name, len(names), ", ".join(names), consequence)
     return found
 
 

@@ -49,7 +49,7 @@ from common import (
     remove_leftovers,
     run_cli,
     setup_logging,
-    warn_untrained_adapters,
+    warn_damaged_adapters,
 )
 
 log = logging.getLogger("peft_megatron.export")
@@ -342,7 +342,7 @@ def export_adapter(lora_ckpt: Path, out: Path, base_model: str) -> None:
     if unsupported:
         raise PipelineError(f"LoRA targets {unsupported} have no HF PEFT equivalent; export merged instead")
     adapter = read_adapter_tensors(lora_ckpt)
-    warn_untrained_adapters(lora_ckpt, log, "the export holds them as they are", adapter)
+    warn_damaged_adapters(lora_ckpt, log, "the export holds them as they are", adapter)
     tensors = nemo_lora_to_peft(adapter, settings)
     save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
     (out / "adapter_config.json").write_text(json.dumps(adapter_config(settings, base_model), indent=2) + "\n")

@@ -141,6 +141,12 @@ def demo_failure(before: dict, after: dict) -> str | None:
     lost = after.get("untrained_adapters") or []
     if lost:
         return f"the evaluated checkpoint has {len(lost)} LoRA adapter(s) with all-zero weights ({', '.join(lost)})"
+    damaged = after.get("adapters_unlike_master_copies") or []
+    if damaged:
+        return (
+            f"the evaluated checkpoint has {len(damaged)} LoRA matrix(es) unlike the fp32 master copies saved beside "
+            f"them ({', '.join(damaged)})"
+        )
     if after["exact_match"] <= before["exact_match"]:
         return "fine-tuning did not raise exact match; the evaluation's predictions are in predictions_after.jsonl"
     return None

@@ -46,7 +46,7 @@ from common import (
     parse_dataclass_args,
     run_cli,
     setup_logging,
-    warn_untrained_adapters,
+    warn_damaged_adapters,
 )
 
 log = logging.getLogger("peft_megatron.eval")
@@ -481,11 +481,13 @@ def main(argv: list[str] | None = None) -> int:
         )
     data_dir = Path(cfg.data_dir) if cfg.data_dir else run.data
     out = Path(cfg.predictions_file) if cfg.predictions_file else ckpt.with_name(ckpt.name + ".predictions.jsonl")
-    untrained = warn_untrained_adapters(
-        ckpt, log, "its metrics measure the base model there; evaluate another checkpoint of the run (e.g. -last)"
+    damaged = warn_damaged_adapters(
+        ckpt,
+        log,
+        "its metrics do not measure the trained adapter there; evaluate another checkpoint of the run (e.g. -last)",
     )
     rows, stats = generate_predictions(cfg, ckpt, data_dir)
-    stats["untrained_adapters"] = untrained  # in the metrics file: what these metrics did not measure
+    stats |= damaged  # in the metrics file: what these metrics did not measure
     import torch.distributed as dist
 
     if not dist.is_initialized() or dist.get_rank() == 0:

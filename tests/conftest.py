@@ -253,20 +253,25 @@ def tiny_gpt(device: str, dtype, max_sequence_length: int = 40):
     return model.to(device=device, dtype=dtype).eval()
 
 
-def lora_tensors(untrained_layer: int | None = None) -> dict:
-    """A two-layer LoRA checkpoint's tensors as NeMo writes them: layer stacks, and the optimizer's state of each
-    adapter weight beside them (zero moments, fp32 copies). `untrained_layer`'s linear_proj output matrix is zero."""
+def lora_tensors(untrained_layer: int | None = None, damaged_layer: int | None = None) -> dict:
+    """A two-layer LoRA checkpoint's tensors as NeMo writes them in bf16 training: layer stacks of bf16 weights, each
+    the cast of the fp32 master copy saved beside it with the optimizer's other state (zero moments).
+    `untrained_layer`'s linear_proj output matrix is zero (its master copy too); `damaged_layer`'s linear_fc1 input
+    matrix has one value unlike its master copy's."""
     import torch
 
     gen = torch.Generator().manual_seed(0)
     shapes = {"self_attention.linear_proj": (16, 64), "mlp.linear_fc1": (128, 16)}
-    model = {}
+    masters = {}
     for target, (out_dim, in_dim) in shapes.items():
         key = f"module.decoder.layers.{target}.adapter"
-        model[f"{key}.linear_in.weight"] = torch.randn(2, 4, in_dim, generator=gen)
-        model[f"{key}.linear_out.weight"] = torch.randn(2, out_dim, 4, generator=gen)
+        masters[f"{key}.linear_in.weight"] = torch.randn(2, 4, in_dim, generator=gen)
+        masters[f"{key}.linear_out.weight"] = torch.randn(2, out_dim, 4, generator=gen)
     if untrained_layer is not None:
-        model["module.decoder.layers.self_attention.linear_proj.adapter.linear_out.weight"][untrained_layer] = 0
-    optimizer = {f"optimizer.state.exp_avg.{k}": torch.zeros_like(v) for k, v in model.items()}
-    optimizer |= {f"optimizer.state.fp32_param.{k}": torch.randn(v.shape, generator=gen) for k, v in model.items()}
+        masters["module.decoder.layers.self_attention.linear_proj.adapter.linear_out.weight"][untrained_layer] = 0
+    model = {k: v.to(torch.bfloat16) for k, v in masters.items()}
+    if damaged_layer is not None:
+        model["module.decoder.layers.mlp.linear_fc1.adapter.linear_in.weight"][damaged_layer, 0, 0] += 1
+    optimizer = {f"optimizer.state.exp_avg.{k}": torch.zeros_like(v) for k, v in masters.items()}
+    optimizer |= {f"optimizer.state.fp32_param.{k}": v for k, v in masters.items()}
     return {**optimizer, **model}

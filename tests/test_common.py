@@ -5,7 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 from types import SimpleNamespace
 
-from common import RunLayout, adapter_matrices, attention_head_dim, read_adapter_tensors, untrained_adapters
+from common import (
+    RunLayout,
+    adapter_matrices,
+    adapters_unlike_their_master_copies,
+    attention_head_dim,
+    read_adapter_tensors,
+    untrained_adapters,
+)
 from conftest import fake_checkpoint, lora_tensors
 
 
@@ -42,3 +49,17 @@ def test_adapter_tensors_are_the_models_and_an_all_zero_output_matrix_is_named_p
         "decoder.layers.0.mlp.linear_fc1.adapter.linear_in.weight",
         "decoder.layers.1.mlp.linear_fc1.adapter.linear_in.weight",
     ]
+
+
+def test_an_adapter_matrix_unlike_the_master_copy_saved_beside_it_is_named_per_layer(tmp_path):
+    intact = fake_checkpoint(tmp_path / "intact", adapter=True, tensors=lora_tensors(untrained_layer=0))
+    assert adapters_unlike_their_master_copies(intact, read_adapter_tensors(intact)) == []
+    damaged = fake_checkpoint(tmp_path / "damaged", adapter=True, tensors=lora_tensors(damaged_layer=1))
+    assert adapters_unlike_their_master_copies(damaged, read_adapter_tensors(damaged)) == [
+        "decoder.layers.1.mlp.linear_fc1.adapter.linear_in.weight"
+    ]
+    # No master copies saved (fp32 training, the distributed optimizer's layout): nothing to compare, nothing named
+    weights_only = {k: v for k, v in lora_tensors(damaged_layer=1).items() if k.startswith("module.")}
+    bare = fake_checkpoint(tmp_path / "bare", adapter=True, tensors=weights_only)
+    assert read_adapter_tensors(bare, optimizer_state="fp32_param") == {}
+    assert adapters_unlike_their_master_copies(bare, read_adapter_tensors(bare)) == []

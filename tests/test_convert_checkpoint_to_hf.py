@@ -271,10 +271,10 @@ def test_adapter_mapping_matches_nemo_exporter_on_fused_lora(assets, tmp_path):
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
-def test_adapter_export_names_an_adapter_whose_weights_are_all_zero(tmp_path, monkeypatch, caplog):
+def test_adapter_export_names_adapters_all_zero_or_unlike_their_master_copies(tmp_path, monkeypatch, caplog):
     from safetensors.torch import load_file
 
-    ckpt = fake_checkpoint(tmp_path / "lora", adapter=True, tensors=lora_tensors(untrained_layer=0))
+    ckpt = fake_checkpoint(tmp_path / "lora", adapter=True, tensors=lora_tensors(untrained_layer=0, damaged_layer=1))
     settings = {"dim": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["linear_proj", "linear_fc1"], "gated": True}
     monkeypatch.setattr(conv, "lora_settings", lambda _: settings)  # a fake checkpoint has no NeMo context to read
     monkeypatch.setattr(conv.log, "handlers", [caplog.handler])
@@ -285,7 +285,12 @@ def test_adapter_export_names_an_adapter_whose_weights_are_all_zero(tmp_path, mo
         "lora: 1 LoRA adapter(s) have an all-zero output matrix (B) and change nothing: "
         "decoder.layers.0.self_attention.linear_proj.adapter.linear_out.weight." in caplog.text
     )
-    assert "the export holds them as they are" in caplog.text
+    assert (
+        "lora: 1 LoRA matrix(es) differ from the fp32 master copies saved beside them: "
+        "decoder.layers.1.mlp.linear_fc1.adapter.linear_in.weight. Megatron's optimizer" in caplog.text
+    )
+    warned = {r.getMessage() for r in caplog.records if r.getMessage().endswith("the export holds them as they are")}
+    assert len(warned) == 2
     exported = load_file(out / "adapter_model.safetensors")  # as read, the lost matrix included
     assert not exported["base_model.model.model.layers.0.self_attn.o_proj.lora_B.weight"].any()
     assert exported["base_model.model.model.layers.1.self_attn.o_proj.lora_B.weight"].any()

@@ -38,9 +38,13 @@ def test_background_script_reports_success_failure_with_its_log_and_can_be_stopp
     assert slow.process.returncode == -15  # SIGTERM, not a finished run
 
 
-def test_the_demo_fails_unless_fine_tuning_raised_exact_match_with_every_adapter_trained():
+def test_the_demo_fails_unless_fine_tuning_raised_exact_match_with_every_adapter_trained_and_intact():
     before, good = {"exact_match": 0.0}, {"exact_match": 0.947, "untrained_adapters": []}
     assert demo.demo_failure(before, good) is None
     assert "did not raise exact match" in demo.demo_failure(before, {"exact_match": 0.0, "untrained_adapters": []})
     lost = {"exact_match": 0.3, "untrained_adapters": ["decoder.layers.0.self_attention.linear_proj.adapter"]}
     assert "1 LoRA adapter(s) with all-zero weights (decoder.layers.0" in demo.demo_failure(before, lost)
+    damaged = {"exact_match": 0.9, "adapters_unlike_master_copies": ["decoder.layers.1.mlp.linear_fc1.adapter"]}
+    assert "1 LoRA matrix(es) unlike the fp32 master copies saved beside them (decoder.layers.1" in demo.demo_failure(
+        before, damaged
+    )

@@ -134,7 +134,7 @@ def test_offline_bertscore_hub_name_says_how_to_fix(tmp_path):
 
 
 def test_generation_refuses_without_a_gpu_after_naming_adapters_that_change_nothing(tmp_path):
-    fake_checkpoint(tmp_path / "ckpt", adapter=True, tensors=lora_tensors(untrained_layer=1))
+    fake_checkpoint(tmp_path / "ckpt", adapter=True, tensors=lora_tensors(untrained_layer=1, damaged_layer=0))
     out = run_script(
         "test_checkpoint.py", "--nemo_checkpoint_path", str(tmp_path / "ckpt"), "--data_dir", str(tmp_path)
     )
@@ -143,6 +143,10 @@ def test_generation_refuses_without_a_gpu_after_naming_adapters_that_change_noth
         "ckpt: 1 LoRA adapter(s) have an all-zero output matrix (B) and change nothing: "
         "decoder.layers.1.self_attention.linear_proj.adapter.linear_out.weight." in out.stdout
     ), out.stdout[-2000:]
+    assert (
+        "ckpt: 1 LoRA matrix(es) differ from the fp32 master copies saved beside them: "
+        "decoder.layers.0.mlp.linear_fc1.adapter.linear_in.weight." in out.stdout
+    )
 
 
 def test_a_checkpoint_outside_a_run_needs_data_dir(tmp_path):
