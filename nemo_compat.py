@@ -507,9 +507,9 @@ def install_worker_hooks(skip: frozenset[str] = frozenset(), checkpoint_only: bo
     """For the training workers (startup/sitecustomize.py; benchmarks/train_throughput.py in its own process): stub
     the allocator build now; apply the PEFT guards, the compiled RoPE and the fused LoRA output as soon as their
     modules load, and keep asynchronous checkpoint saves intact (hold_async_save_buffers, with or without TE), with no
-    NeMo import of our own (torchrun's launcher process runs this too). `skip` names training
-    OPTIONAL_WORKER_SHIMS to leave out; the benchmark measures each against its absence. `checkpoint_only` (TE and
-    CUDA present): the checkpoint fix alone."""
+    NeMo import of our own (torchrun's launcher process runs this too). `skip` names OPTIONAL_WORKER_SHIMS to leave
+    out; the benchmark measures each against its absence. `checkpoint_only` (TE and CUDA present): the checkpoint fix
+    alone."""
     unknown = set(skip) - set(OPTIONAL_WORKER_SHIMS)
     if unknown:
         raise ValueError(f"no optional worker shims named {sorted(unknown)}; OPTIONAL_WORKER_SHIMS lists them")
