@@ -865,12 +865,11 @@ def warn_damaged_adapters(ckpt: Path, logger: logging.Logger, consequence: str, 
     """Log the untrained_adapters and the adapters_unlike_their_master_copies of LoRA checkpoint `ckpt` (read unless
     given), if any, one warning each, ending in `consequence`; returns both lists under those names (the metrics
     file's keys). A full checkpoint has neither."""
-    lora = is_lora_checkpoint(ckpt)
     if adapter is None:
-        adapter = read_adapter_tensors(ckpt) if lora else {}
+        adapter = read_adapter_tensors(ckpt) if is_lora_checkpoint(ckpt) else {}
     found = {
         "untrained_adapters": untrained_adapters(adapter),
-        "adapters_unlike_master_copies": adapters_unlike_their_master_copies(ckpt, adapter) if lora else [],
+        "adapters_unlike_master_copies": adapters_unlike_their_master_copies(ckpt, adapter) if adapter else [],
     }
     why = {
         "untrained_adapters": "LoRA adapter(s) have an all-zero output matrix (B) and change nothing: %s. A trained "

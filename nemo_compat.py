@@ -514,11 +514,8 @@ def install_worker_hooks(skip: frozenset[str] = frozenset(), checkpoint_only: bo
     if unknown:
         raise ValueError(f"no optional worker shims named {sorted(unknown)}; OPTIONAL_WORKER_SHIMS lists them")
 
-    def wanted(shim: str) -> bool:
-        return shim not in skip
-
     staged_buffers_dropped = _installed_versions()["megatron-core"].startswith(STAGED_BUFFERS_DROPPED_IN)
-    if wanted("async-save-staged-buffers") and staged_buffers_dropped:
+    if "async-save-staged-buffers" not in skip and staged_buffers_dropped:
         _after_import(ASYNC_SAVE_MODULE, hold_async_save_buffers)
     if checkpoint_only:
         return
@@ -526,13 +523,13 @@ def install_worker_hooks(skip: frozenset[str] = frozenset(), checkpoint_only: bo
     if importlib.util.find_spec("transformer_engine") is None:
         check_versions()
         _after_import(LORA_MODULE, _patch_peft_te_checks)
-        if wanted("compiled-rope"):
+        if "compiled-rope" not in skip:
             _after_import(ROPE_MODULE, compile_unfused_rope)
-        if wanted("sync-free-packed-rope"):
+        if "sync-free-packed-rope" not in skip:
             _after_import(ROPE_MODULE, install_sync_free_packed_rope)
-        if wanted("fused-lora-output"):
+        if "fused-lora-output" not in skip:
             _after_import(LORA_MODULE, fuse_lora_output)
-        if wanted("torch-optimizer-kernels"):
+        if "torch-optimizer-kernels" not in skip:
             _after_import(OPTIMIZER_MODULE, use_torch_optimizer_kernels)
 
 
