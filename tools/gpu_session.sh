@@ -2,6 +2,7 @@
 # Driver for a run on an offline GPU node: install the carried wheel bundle, record versions, then run each command
 # given as an argument under a shared deadline, logging to $OUT/<n>.log. Used for docs/gpu-validation.md.
 #   bash tools/gpu_session.sh "python peft_megatron.py --demo" "python -m pytest -m gpu tests"
+#   EXTRA_WHEELS="/path/wandb-*.whl" bash tools/gpu_session.sh "..."   # on a warm node: add wheels to its /tmp/site
 set -uo pipefail
 START=$(date +%s); DEADLINE=${DEADLINE:-560}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -9,7 +10,14 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PAR
 {
   echo "== host $(date -u +%FT%TZ)"; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   t=$(date +%s)
-  bash .whl/install.sh /tmp/site || { echo BUNDLE_INSTALL_FAILED; exit 1; }
+  if [ -n "${EXTRA_WHEELS:-}" ]; then
+    # A warm machine whose /tmp/site holds the bundle from an earlier call gets only these wheels (one call carries
+    # at most 64 MiB; the bundle with wandb is larger).
+    [ -d /tmp/site/nemo ] || { echo "BUNDLE_INSTALL_FAILED: EXTRA_WHEELS needs /tmp/site from an earlier call"; exit 1; }
+    python3 -m pip install -q --no-deps --no-index --target /tmp/site $EXTRA_WHEELS || { echo BUNDLE_INSTALL_FAILED; exit 1; }
+  else
+    bash .whl/install.sh /tmp/site || { echo BUNDLE_INSTALL_FAILED; exit 1; }
+  fi
   echo "== bundle install: $(( $(date +%s) - t ))s"
 } 2>&1 | tee "$OUT/session.log"
 export PYTHONPATH=/tmp/site
