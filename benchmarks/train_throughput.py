@@ -122,6 +122,11 @@ VARIANTS = {
         "the default with --packed_sequence (variable-length case: NeMo's packer, one packed row per micro-batch)",
         flags={"packed_sequence": True},
     ),
+    "cuda_graphs": Variant(
+        "the default with Megatron's local CUDA graphs: each transformer layer's forward and backward captured after "
+        "the first step and replayed (one launch per layer instead of its kernels; a graph-safe RNG tracker)",
+        model={"cuda_graph_impl": "local"},
+    ),
     "megatron_optimizer": Variant(
         "the default with Megatron's apex-less optimizer fallbacks (foreach AdamW, per-tensor norm and copy loops; "
         "as before the torch-optimizer-kernels shim)",
@@ -376,6 +381,16 @@ def benchmark_recipe(case_name: str, case: Case, variant: Variant, max_steps: in
     return recipe, config
 
 
+def use_graph_safe_rng() -> None:
+    """Megatron's CudaGraphManager, made in every transformer layer when cuda_graph_impl is "local", asserts an RNG
+    tracker whose CUDA generators are graph-safe. NeMo seeds the default tracker, and Megatron keeps the first
+    tracker a process makes, so the graph-safe one is made before NeMo's setup (Megatron-LM's training loop passes
+    use_cudagraphable_rng itself)."""
+    from megatron.core.tensor_parallel.random import initialize_rng_tracker
+
+    initialize_rng_tracker(use_cudagraphable_rng=True, force_reset=True)
+
+
 def run_ours(args, case: Case, variant: Variant) -> dict:
     import time
 
@@ -415,6 +430,8 @@ def run_ours(args, case: Case, variant: Variant) -> dict:
     recipe, config = benchmark_recipe(
         args.case, case, variant, args.warmup_steps + args.steps, env, [run.Config(Timer)]
     )
+    if variant.model.get("cuda_graph_impl") == "local":
+        use_graph_safe_rng()
     run.run(recipe, direct=True)
     result = {
         "stack": "ours",

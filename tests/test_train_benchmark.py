@@ -65,7 +65,7 @@ def test_synthetic_batches_are_learnable_and_causal():
     assert (module._train_ds[6]["tokens"] != sample["tokens"]).any()
 
 
-@pytest.mark.parametrize("variant", ["default", "unfused_recompute", "native_ce"])
+@pytest.mark.parametrize("variant", ["default", "unfused_recompute", "native_ce", "cuda_graphs"])
 def test_the_timed_recipe_is_peft_megatrons_with_only_the_benchmark_changes(variant):
     import nemo_compat
     import sdpa_attention
@@ -84,10 +84,40 @@ def test_the_timed_recipe_is_peft_megatrons_with_only_the_benchmark_changes(vari
         assert model.bias_activation_fusion and model.bias_dropout_fusion and not model.cross_entropy_loss_fusion
     elif variant == "native_ce":
         assert model.cross_entropy_loss_fusion and model.cross_entropy_fusion_impl == "native"
+    elif variant == "cuda_graphs":  # Megatron refuses CUDA graphs with recompute; the default recomputes nothing
+        assert model.transformer_layer_spec is sdpa_attention.layer_spec
+        assert model.cuda_graph_impl == "local" and model.recompute_granularity is None
     else:
         assert model.transformer_layer_spec is not sdpa_attention.layer_spec
         assert model.recompute_granularity == "selective" and not model.bias_activation_fusion
     assert not model.apply_rope_fusion and not model.masked_softmax_fusion  # TE-only: always off without TE
+
+
+@pytest.mark.gpu
+def test_the_cuda_graph_variant_gives_megatron_the_rng_tracker_its_graphed_layers_need(
+    module_model_parallel, monkeypatch
+):
+    """Every transformer layer of a cuda_graph_impl="local" model makes a CudaGraphManager, which refuses NeMo's
+    default RNG tracker; the variant makes a graph-safe one first (CUDA torch only), and NeMo's setup keeps it."""
+    import megatron.core.tensor_parallel.random as megatron_random
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.transformer_config import TransformerConfig
+    from megatron.core.transformer.transformer_layer import TransformerLayer
+
+    monkeypatch.setattr(megatron_random, "_CUDA_RNG_STATE_TRACKER", None)  # restored after the test
+    monkeypatch.setattr(megatron_random, "_CUDA_RNG_STATE_TRACKER_INITIALIZED", False)
+    config = TransformerConfig(
+        num_layers=1, hidden_size=64, num_attention_heads=4, use_cpu_initialization=True, cuda_graph_impl="local"
+    )
+    layer_spec = get_gpt_layer_local_spec().submodules
+    megatron_random.initialize_rng_tracker()  # what NeMo's setup makes
+    with pytest.raises(AssertionError, match="RNG tracker does not support cudagraphs"):
+        TransformerLayer(config, layer_spec)
+
+    bench.use_graph_safe_rng()
+    megatron_random.initialize_rng_tracker(use_te_rng_tracker=False)  # NeMo's setup, after the variant's
+    assert megatron_random.get_cuda_rng_tracker().use_cudagraphable_rng
+    assert TransformerLayer(config, layer_spec).cudagraph_manager is not None
 
 
 def test_a_run_that_did_not_train_is_not_a_result():
