@@ -20,6 +20,7 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PAR
   fi
   echo "== bundle install: $(( $(date +%s) - t ))s"
 } 2>&1 | tee "$OUT/session.log"
+[ "${PIPESTATUS[0]}" -eq 0 ] || exit 1  # the block's `exit` ends only its own subshell of the pipeline
 export PYTHONPATH=/tmp/site
 python3 - <<'PY' 2>&1 | tee -a "$OUT/session.log"
 import importlib.metadata as md, platform, torch
