@@ -994,7 +994,8 @@ def configure_recipe(config: Config, env=None):
         imported = load_context(config.nemo_ckpt_path / "context", subpath="model.config", build=False)
         recipe.model.config = fdl.cast(run.Config, imported)
     # Sequence length settings in the model and the data must agree.
-    overrides = nemo_compat.model_config_overrides(env, compiled_fusions=True)
+    skipped = nemo_compat.skipped_in_workers(os.environ)  # the workers inherit this environment
+    overrides = nemo_compat.model_config_overrides(env, training=True, skip=skipped)
     assign(recipe.model.config, seq_length=config.max_seq_length, **overrides)
     configure_attention(config, recipe.model.config, env)
     recipe.data = configure_data(config)

@@ -127,6 +127,12 @@ VARIANTS = {
         "the first step and replayed (one launch per layer instead of its kernels; a graph-safe RNG tracker)",
         model={"cuda_graph_impl": "local"},
     ),
+    "megatron_wgrad": Variant(
+        "the default with weight gradients written in bf16 and added to main_grad by Megatron's DDP hook (as before "
+        "the torch-wgrad-accumulation shim)",
+        model={"gradient_accumulation_fusion": False},
+        skip_shims=frozenset({"torch-wgrad-accumulation"}),
+    ),
     "megatron_optimizer": Variant(
         "the default with Megatron's apex-less optimizer fallbacks (foreach AdamW, per-tensor norm and copy loops; "
         "as before the torch-optimizer-kernels shim)",

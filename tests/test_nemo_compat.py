@@ -116,13 +116,17 @@ def test_te_only_fusions_switch_off_without_te_and_torch_compiled_ones_stay():
         "c = LlamaConfig(num_layers=2, hidden_size=64, num_attention_heads=4)\n"
         "print(c.apply_rope_fusion, c.masked_softmax_fusion, c.gradient_accumulation_fusion, c.bias_activation_fusion,"
         " LlamaConfig(num_layers=2, hidden_size=64, num_attention_heads=4, cross_entropy_loss_fusion=True)"
-        ".cross_entropy_loss_fusion)"
+        ".cross_entropy_loss_fusion, end=' ')\n"
+        "nemo_compat.accumulate_wgrad_with_torch()\n"
+        "print(LlamaConfig(num_layers=2, hidden_size=64, num_attention_heads=4, gradient_accumulation_fusion=True)"
+        ".gradient_accumulation_fusion)"
     )
     # SwiGLU is torch.compile'd (no TE needed); the native cross-entropy fusion is off only by the recipe's override,
-    # so train_throughput.py's native_ce variant really measures it.
-    assert run_python(probe) == "False False False True True"
+    # so train_throughput.py's native_ce variant really measures it; the weight-gradient accumulation fusion stays
+    # once torch's GEMM stands in for apex's kernel.
+    assert run_python(probe) == "False False False True True True"
     no_te = nemo_compat.Environment(has_te=False, has_cuda=True)
-    training = nemo_compat.model_config_overrides(no_te, compiled_fusions=True)
+    training = nemo_compat.model_config_overrides(no_te, training=True)
     inference = nemo_compat.model_config_overrides(no_te)
     assert training["bias_activation_fusion"] and training["bias_dropout_fusion"]
     assert not inference["bias_activation_fusion"] and not inference["bias_dropout_fusion"]
@@ -370,6 +374,62 @@ def test_fused_adam_is_switched_on_only_while_the_state_is_empty():
     nemo_compat._fuse_adam(None)  # a rank without trainable parameters
     assert all(g["fused"] and not g["foreach"] for g in fresh.param_groups)
     assert not any(g["fused"] for g in stepped.param_groups)
+
+
+def test_torch_wgrad_accumulation_adds_each_weight_gradient_into_main_grad(model_parallel, shims_in_scope):
+    """Megatron's linear layers with gradient_accumulation_fusion (refused without apex until the shim) add each
+    micro-batch's weight gradient into the main_grad buffer DDP reduces and hand autograd a placeholder that DDP's
+    hook then skips: after two micro-batches main_grad holds the sum the unfused layer's .grad holds."""
+    from megatron.core import ModelParallelConfig
+    from megatron.core.tensor_parallel import ColumnParallelLinear, layers
+
+    def linear(fused: bool):
+        config = ModelParallelConfig(gradient_accumulation_fusion=fused, use_cpu_initialization=True)
+        torch.manual_seed(0)
+        return ColumnParallelLinear(16, 24, config=config, init_method=torch.nn.init.normal_, bias=False)
+
+    with pytest.raises(RuntimeError, match="fused_weight_gradient_mlp_cuda"):
+        linear(fused=True)
+    with nemo_compat.scoped():
+        nemo_compat.accumulate_wgrad_with_torch()
+        nemo_compat.accumulate_wgrad_with_torch()  # idempotent
+        assert "torch-wgrad-accumulation" in nemo_compat.applied() and nemo_compat.wgrad_accumulation_available()
+        fused, unfused = linear(fused=True), linear(fused=False)
+        assert torch.equal(fused.weight, unfused.weight)
+        start = torch.randn(24, 16)  # what earlier micro-batches left there
+        fused.weight.main_grad, fused.weight.grad_added_to_main_grad = start.clone(), False  # as Megatron's DDP sets
+        for micro_batch in range(2):
+            x = torch.randn(5, 2, 16, generator=torch.Generator().manual_seed(micro_batch))
+            for layer in (fused, unfused):
+                output, _ = layer(x)
+                output.square().sum().backward()
+        assert fused.weight.grad_added_to_main_grad  # DDP's hook adds nothing more
+        assert torch.allclose(fused.weight.main_grad - start, unfused.weight.grad, rtol=1e-5, atol=1e-4)
+        assert unfused.weight.grad.abs().sum() > 0
+    assert not layers._grad_accum_fusion_available and not nemo_compat.wgrad_accumulation_available()
+    no_te = nemo_compat.Environment(has_te=False, has_cuda=True)
+    assert nemo_compat.model_config_overrides(no_te, training=True)["gradient_accumulation_fusion"]
+    skipped = frozenset({"torch-wgrad-accumulation"})
+    assert not nemo_compat.model_config_overrides(no_te, training=True, skip=skipped)["gradient_accumulation_fusion"]
+    assert not nemo_compat.model_config_overrides(no_te)["gradient_accumulation_fusion"]  # inference: no backward
+
+
+@pytest.mark.gpu
+def test_torch_wgrad_gemm_accumulates_bf16_weight_gradients_in_fp32_on_the_gpu():
+    """The CUDA branch (torch's addmm with an fp32 output): in place, and closer to the exact fp32 sum than a bf16
+    gradient added afterwards (what Megatron's DDP hook does without the fusion)."""
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    x, grad_output = (torch.randn(4096, n, device="cuda", generator=generator).bfloat16() for n in (512, 256))
+    main_grad = torch.randn(256, 512, device="cuda", generator=generator)
+    start, address = main_grad.clone(), main_grad.data_ptr()
+    nemo_compat.wgrad_gemm_accumulate(x, grad_output, main_grad)
+    exact = start + grad_output.double().t().matmul(x.double()).float()
+    unfused = start + grad_output.t().matmul(x).float()  # the bf16 .grad, then DDP's add
+    assert main_grad.data_ptr() == address and main_grad.dtype == torch.float32
+    assert (main_grad - exact).abs().max() < 1e-3 < (unfused - exact).abs().max()
+    bf16_main_grad = start.bfloat16()
+    nemo_compat.wgrad_gemm_accumulate(x, grad_output, bf16_main_grad)  # wgrad_gemm_accum_fp16's contract
+    assert torch.allclose(bf16_main_grad.float(), exact, rtol=2e-2, atol=0.5)
 
 
 @pytest.mark.gpu
