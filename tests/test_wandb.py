@@ -15,7 +15,7 @@ def test_the_recipes_wandb_logger_writes_an_offline_run_with_the_losses(tmp_path
 
     import nemo_compat
 
-    pytest.importorskip("wandb", reason="W&B is optional (requirements.txt installs it)")
+    wandb = pytest.importorskip("wandb", reason="W&B is optional (requirements.txt installs it)")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     config = pm.parse_config(shlex.split(f"--use_wandb --output_dir {tmp_path}"), environ={}, visible_gpus=lambda: 0)
@@ -25,6 +25,9 @@ def test_the_recipes_wandb_logger_writes_an_offline_run_with_the_losses(tmp_path
     logger.log_metrics({"val_loss": 1.25}, step=9)
     assert logger.experiment.name == "peft_lora"  # the run is named after the mode
     logger.experiment.finish()
+    # finish() returns before wandb-core's writer has flushed the run file (CI read a header-only file); the service
+    # flushes when it shuts down, which a training process's exit does and teardown() does here.
+    wandb.teardown()
 
     (run_dir,) = tmp_path.rglob("offline-run-*")
     rows = wandb_history(run_dir)
