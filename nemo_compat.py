@@ -15,7 +15,8 @@ Every shim, the upstream defect it works around and when it can go: `SHIMS` belo
                                 training-only shims (compiled RoPE, sync-free packed RoPE, fused LoRA, torch's
                                 optimizer kernels and weight-gradient accumulation) and, with or without TE, the
                                 fix of Megatron-Core 0.15's asynchronous checkpoint save; log_to_worker_output()
-                                puts their `compat:` lines in the run's log; WORKER_SKIP_ENV leaves optional ones out
+                                puts their `compat:` lines in the run's log; WORKER_SKIP_ENV leaves optional ones out;
+                                `trial=` adds shims still being measured (TRIAL_WORKER_SHIMS: Liger-Kernel's RMSNorm)
     scoped(), undo()            take shims back (tests apply theirs in a scope)
     check_versions()            the shims refuse NeMo / Megatron-Core releases they were not written for
 """
@@ -130,6 +131,12 @@ SHIMS = {
         "gradient is written in bf16 and then added to the fp32 main_grad by a separate kernel",
         "Megatron falls back to torch's GEMM with an fp32 output when apex is absent (> 0.15.3)",
     ),
+    "liger-rmsnorm": Shim(
+        "training workers without TE, on trial (TRIAL_WORKER_SHIMS)",
+        "without TE or apex the local layer spec normalises with torch.nn.RMSNorm: its weight gradient is a separate "
+        "reduction kernel (GammaBetaBackward, 9 ms of the Qwen3-1.7B full fine-tuning step on the H200)",
+        "Megatron's local spec has a fused RMSNorm without TE or apex",
+    ),
     "async-save-staged-buffers": Shim(
         "training workers (with or without TE) on Megatron-Core 0.15 / 0.16",
         "TemporalAsyncCaller (NeMo's asynchronous checkpoint save, on by default) drops the pinned host copies of the "
@@ -153,6 +160,10 @@ OPTIONAL_WORKER_SHIMS = (
     "torch-wgrad-accumulation",
     "async-save-staged-buffers",
 )
+
+# Training-worker shims on trial: applied only where a run asks for them (install_worker_hooks(trial=...); the training
+# benchmark's variants), until their gain is measured on the GPU and they join the defaults.
+TRIAL_WORKER_SHIMS = ("liger-rmsnorm",)
 
 # The releases whose functions the no-TE shims replace by name and signature (requirements.txt pins them).
 WRITTEN_FOR = {"nemo_toolkit": "2.7.", "megatron-core": "0.15."}
@@ -518,16 +529,22 @@ def log_to_worker_output() -> None:
         log.propagate = False  # whatever NeMo later puts on the root logger would print them twice
 
 
-def install_worker_hooks(skip: frozenset[str] = frozenset(), checkpoint_only: bool = False) -> None:
+def install_worker_hooks(
+    skip: frozenset[str] = frozenset(), checkpoint_only: bool = False, trial: frozenset[str] = frozenset()
+) -> None:
     """For the training workers (startup/sitecustomize.py; benchmarks/train_throughput.py in its own process): stub
     the allocator build now; apply the PEFT guards, the compiled RoPE and the fused LoRA output as soon as their
     modules load, and keep asynchronous checkpoint saves intact (hold_async_save_buffers, with or without TE), with no
     NeMo import of our own (torchrun's launcher process runs this too). `skip` names OPTIONAL_WORKER_SHIMS to leave
-    out; the benchmark measures each against its absence. `checkpoint_only` (TE and CUDA present): the checkpoint fix
-    alone."""
+    out; the benchmark measures each against its absence. `trial` names TRIAL_WORKER_SHIMS to apply as well.
+    `checkpoint_only` (TE and CUDA present): the checkpoint fix alone."""
     unknown = set(skip) - set(OPTIONAL_WORKER_SHIMS)
     if unknown:
         raise ValueError(f"no optional worker shims named {sorted(unknown)}; OPTIONAL_WORKER_SHIMS lists them")
+    if set(trial) - set(TRIAL_WORKER_SHIMS):
+        raise ValueError(
+            f"no trial worker shims named {sorted(set(trial) - set(TRIAL_WORKER_SHIMS))}; TRIAL_WORKER_SHIMS lists them"
+        )
 
     staged_buffers_dropped = _installed_versions()["megatron-core"].startswith(STAGED_BUFFERS_DROPPED_IN)
     if "async-save-staged-buffers" not in skip and staged_buffers_dropped:
@@ -548,12 +565,15 @@ def install_worker_hooks(skip: frozenset[str] = frozenset(), checkpoint_only: bo
             _after_import(OPTIMIZER_MODULE, use_torch_optimizer_kernels)
         if "torch-wgrad-accumulation" not in skip:
             _after_import(LINEAR_MODULE, accumulate_wgrad_with_torch)
+        if "liger-rmsnorm" in trial:
+            _after_import(NORM_MODULE, fuse_rmsnorm_with_liger)
 
 
 ROPE_MODULE = "megatron.core.models.common.embeddings.rope_utils"
 LORA_MODULE = "nemo.collections.llm.peft.lora"
 OPTIMIZER_MODULE = "megatron.core.optimizer"
 LINEAR_MODULE = "megatron.core.tensor_parallel.layers"
+NORM_MODULE = "megatron.core.transformer.torch_norm"
 
 
 def compile_unfused_rope() -> None:
@@ -737,6 +757,68 @@ def _lora_linear_function():
             return grad_x.view_as(x), None, grad_low.t().mm(rows), grad_rows.t().mm(low), None
 
     return LoRALinearFunction
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Fused RMSNorm from Liger-Kernel (training workers, on trial)
+# --------------------------------------------------------------------------------------------------------------------
+def fuse_rmsnorm_with_liger() -> None:
+    """Without TE or apex, Megatron-Core 0.15.3's local layer spec builds every norm through WrappedTorchNorm, which
+    returns torch.nn.RMSNorm: the layers' input and pre-MLP norms, Qwen3's q/k norms and the final norm, 113 in the
+    Qwen3-1.7B step. Its backward is two kernels, the input gradient and a separate weight-gradient reduction
+    (GammaBetaBackward: 9 of the 16 ms per step of norms in GPU run 63's profile; Qwen3's q/k norms reduce 65,536
+    and 32,768 rows of 128). Liger-Kernel's RMSNorm (a maintained Triton kernel library) does the backward in one
+    kernel whose programs each sum their rows' weight gradient in fp32, then adds the per-SM partials.
+    WrappedTorchNorm's norms become liger_rmsnorm_class() — the same parameters and state dict, torch's maths —
+    wherever a local spec is built after this. On trial (TRIAL_WORKER_SHIMS): the training benchmark's `liger_norm`
+    variant measures it before it joins the defaults. Remove when Megatron's local spec has a fused norm without TE
+    or apex."""
+    import inspect
+
+    module = importlib.import_module(NORM_MODULE)
+    wrapper = getattr(module, "WrappedTorchNorm", None)
+    original = getattr(wrapper, "__new__", None)
+    if getattr(original, "_nemo_compat", False):
+        return
+    expected = ["cls", "config", "hidden_size", "eps", "persist_layer_norm", "zero_centered_gamma", "normalization"]
+    if original is None or list(inspect.signature(original).parameters) != expected:
+        log.warning("compat: norms left as torch's: %s.WrappedTorchNorm is not Megatron-Core 0.15's", NORM_MODULE)
+        return
+    if importlib.util.find_spec("liger_kernel") is None:
+        log.warning("compat: norms left as torch's: liger-kernel is not installed (requirements-dev.txt pins it)")
+        return
+    import torch
+
+    fused = liger_rmsnorm_class()
+
+    def new(cls, *args, **kwargs):
+        norm = original(cls, *args, **kwargs)  # Megatron's own checks of the config
+        if type(norm) is not torch.nn.RMSNorm:  # LayerNorm / L2Norm models keep theirs
+            return norm
+        return fused(norm.normalized_shape, eps=norm.eps)
+
+    new._nemo_compat = True
+    _replace("liger-rmsnorm", wrapper, "__new__", new)
+    _mark("liger-rmsnorm", "RMSNorm forward and backward in Liger-Kernel's Triton kernels (training workers, trial)")
+
+
+@functools.cache
+def liger_rmsnorm_class():
+    import torch
+    from liger_kernel.ops.rms_norm import LigerRMSNormFunction
+
+    class LigerRMSNorm(torch.nn.RMSNorm):
+        """torch.nn.RMSNorm whose CUDA forward and backward are Liger-Kernel's kernels. Its "gemma" casting with
+        offset 0 is torch's maths: statistics and the weight multiply in fp32, the output cast to the input's dtype.
+        The backward writes the input gradient to a fresh tensor (Liger's in-place default would overwrite the
+        incoming gradient, which autograd may share). Other devices, or no weight / eps: torch's forward."""
+
+        def forward(self, x):
+            if not x.is_cuda or self.weight is None or self.eps is None:
+                return super().forward(x)
+            return LigerRMSNormFunction.apply(x, self.weight, self.eps, 0.0, "gemma", False)
+
+    return LigerRMSNorm
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -8,6 +8,8 @@ model-config overrides, NeMo's trainer) against Hugging Face transformers + PEFT
         --profile default --out /tmp/ablation.json                    # each lever on its own, and a trace split
     python benchmarks/train_throughput.py --case qwen3_8b_lora_varlen --variants default packed \\
         --out benchmarks/results/training_packed.json                 # variable-length samples, unpacked vs packed
+    python benchmarks/train_throughput.py --case qwen3_1p7b_full --variants default liger_norm cuda_graphs \\
+        cuda_graphs+liger_norm                                        # a lever alone and on top of another ('+')
 
 Both stacks get the named shape with random weights (no download), bf16, the same synthetic token sequences, the
 same LoRA rank / alpha / target modules (every linear layer of attention and MLP) or full fine-tuning, the same
@@ -87,6 +89,7 @@ class Variant:
     flags: dict = field(default_factory=dict)  # peft_megatron Config fields
     model: dict = field(default_factory=dict)  # model-config fields set after configure_recipe
     skip_shims: frozenset = frozenset()  # training-worker shims left out (nemo_compat.OPTIONAL_WORKER_SHIMS)
+    trial_shims: frozenset = frozenset()  # shims on trial applied as well (nemo_compat.TRIAL_WORKER_SHIMS)
 
 
 VARIANTS = {
@@ -138,7 +141,45 @@ VARIANTS = {
         "as before the torch-optimizer-kernels shim)",
         skip_shims=frozenset({"torch-optimizer-kernels"}),
     ),
+    "liger_norm": Variant(
+        "the default with Liger-Kernel's RMSNorm (Triton forward, one-kernel backward with the weight gradient) for "
+        "every norm: the liger-rmsnorm shim, on trial",
+        trial_shims=frozenset({"liger-rmsnorm"}),
+    ),
 }
+
+
+def resolve_variant(name: str) -> Variant:
+    """A variant by name; "a+b" measures variants together (their flags, model fields and shims), e.g.
+    cuda_graphs+liger_norm. ValueError for an unknown name or two parts that set one field differently."""
+    parts = name.split("+")
+    unknown = [part for part in parts if part not in VARIANTS]
+    if unknown or len(set(parts)) != len(parts):
+        raise ValueError(f"{name!r}: give one of {list(VARIANTS)}, or several joined by '+', each once")
+    chosen = [VARIANTS[part] for part in parts]
+    merged = {}
+    for attribute in ("flags", "model"):
+        merged[attribute] = {}
+        for part, one in zip(parts, chosen, strict=True):
+            for key, value in getattr(one, attribute).items():
+                if merged[attribute].get(key, value) != value:
+                    raise ValueError(f"{name!r}: {part} sets {key}={value!r}, another part {merged[attribute][key]!r}")
+                merged[attribute][key] = value
+    return Variant(
+        " + ".join(one.help for one in chosen),
+        **merged,
+        skip_shims=frozenset().union(*(one.skip_shims for one in chosen)),
+        trial_shims=frozenset().union(*(one.trial_shims for one in chosen)),
+    )
+
+
+def variant_name(name: str) -> str:
+    """argparse type of the variant flags: the name, once resolve_variant() accepts it."""
+    try:
+        resolve_variant(name)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return name
 
 
 def parse_args(argv=None):
@@ -147,15 +188,16 @@ def parse_args(argv=None):
     parser.add_argument(
         "--variants",
         nargs="+",
-        choices=list(VARIANTS),
+        type=variant_name,
         default=["default"],
-        help="configurations of ours to measure; the first is the headline row",
+        help=f"configurations of ours to measure, from {list(VARIANTS)}; 'a+b' measures two together; the first "
+        "is the headline row",
     )
     parser.add_argument("--steps", type=int, default=12, help="timed steps per run")
     parser.add_argument("--warmup_steps", type=int, default=3)
     parser.add_argument("--micro_batch_size", type=int, help="both stacks' micro-batch (default: the case's, 1)")
     parser.add_argument("--skip_hf", action="store_true", help="measure ours only (no ratio)")
-    parser.add_argument("--profile", choices=list(VARIANTS), help="also trace 2 steps of this variant")
+    parser.add_argument("--profile", type=variant_name, help="also trace 2 steps of this variant")
     parser.add_argument("--timeout_s", type=int, default=900, help="per measurement process")
     parser.add_argument(
         "--hf_pythonpath",
@@ -164,7 +206,7 @@ def parse_args(argv=None):
     )
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "training.json"))
     parser.add_argument("--worker", choices=["ours", "hf", "hf_amp", "matmul"], help=argparse.SUPPRESS)
-    parser.add_argument("--variant", choices=list(VARIANTS), default="default", help=argparse.SUPPRESS)
+    parser.add_argument("--variant", type=variant_name, default="default", help=argparse.SUPPRESS)
     parser.add_argument("--result_file", help=argparse.SUPPRESS)
     parser.add_argument("--trace", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -175,7 +217,7 @@ def parse_args(argv=None):
     case = CASES[args.case]
     if case.variable_lengths and (args.micro_batch_size or 1) != 1:
         parser.error(f"--case {args.case} runs one sample (or one packed row) per micro-batch; drop --micro_batch_size")
-    if "packed" in args.variants and not case.variable_lengths:
+    if any("packed" in name.split("+") for name in args.variants) and not case.variable_lengths:
         parser.error("--variants packed needs a variable-length case (e.g. --case qwen3_8b_lora_varlen)")
     if args.steps < 6 or args.warmup_steps < 1:
         parser.error(
@@ -408,7 +450,7 @@ def run_ours(args, case: Case, variant: Variant) -> dict:
 
     env = nemo_compat.prepare_process()
     # as startup/sitecustomize.py does in the workers
-    nemo_compat.install_worker_hooks(skip=variant.skip_shims)
+    nemo_compat.install_worker_hooks(skip=variant.skip_shims, trial=variant.trial_shims)
     recorder = StepRecorder()
 
     class Timer(pl.Callback):
@@ -439,6 +481,9 @@ def run_ours(args, case: Case, variant: Variant) -> dict:
     if variant.model.get("cuda_graph_impl") == "local":
         use_graph_safe_rng()
     run.run(recipe, direct=True)
+    missing = variant.trial_shims - nemo_compat.applied()
+    if missing:  # a shim that could not apply (its log line says why) would time the default under this name
+        raise RuntimeError(f"variant {args.variant}: shims {sorted(missing)} were not applied; see the compat: lines")
     result = {
         "stack": "ours",
         "variant": args.variant,
@@ -733,7 +778,7 @@ def result_rows(args, case: Case, matmul: dict, hf: dict, ours: dict, hf_amp: di
             "model": f"{case.shape} shape (random init)",
             "recipe": case.recipe,
             "variant": name,
-            "variant_help": VARIANTS[name].help,
+            "variant_help": resolve_variant(name).help,
             "seq_length": case.seq_length,
             "peft": f"lora r{case.lora_dim} alpha {case.lora_alpha}" if case.peft else None,
             "micro_batch_size": result.get("micro_batch_size"),
@@ -845,7 +890,7 @@ def run_worker(args) -> int:
     elif args.worker in ("hf", "hf_amp"):
         result = run_hf(args, case, amp=args.worker == "hf_amp")
     else:
-        result = run_ours(args, case, VARIANTS[args.variant])
+        result = run_ours(args, case, resolve_variant(args.variant))
     Path(args.result_file).write_text(json.dumps(result))
     return 0
 

@@ -482,6 +482,90 @@ def test_megatron_optimizer_with_torch_kernels_steps_clips_and_resumes_like_mega
         assert torch.equal(a, b)
 
 
+def test_liger_rmsnorm_trial_builds_every_norm_of_a_local_spec_gpt_with_the_same_state(model_parallel, shims_in_scope):
+    """On trial, the training workers' norms come from Liger-Kernel: every RMSNorm of Megatron's local spec (input,
+    pre-MLP, Qwen3's q/k, final) is a LigerRMSNorm with torch.nn.RMSNorm's parameters and state-dict keys, and on
+    CPU it computes what torch's does; a LayerNorm model keeps torch's norm, and scoped() puts Megatron's back."""
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from conftest import tiny_gpt
+
+    def norms(model) -> dict:
+        names = ("input_layernorm", "q_layernorm", "k_layernorm", "pre_mlp_layernorm", "final_layernorm")
+        return {name: type(module) for name, module in model.named_modules() if name.endswith(names)}
+
+    torch_model = tiny_gpt("cpu", torch.float32)
+    tokens = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(2))
+    positions = torch.arange(16)[None].expand(2, -1)
+    with nemo_compat.scoped():
+        nemo_compat.fuse_rmsnorm_with_liger()
+        nemo_compat.fuse_rmsnorm_with_liger()  # idempotent
+        assert "liger-rmsnorm" in nemo_compat.applied()
+        liger_model = tiny_gpt("cpu", torch.float32)
+        layer_norm = WrappedTorchNorm(TransformerConfig(num_layers=1, hidden_size=8, num_attention_heads=1), 8)
+    fused = nemo_compat.liger_rmsnorm_class()
+    assert set(norms(liger_model).values()) == {fused} and issubclass(fused, torch.nn.RMSNorm)
+    assert len(norms(liger_model)) == 9  # 4 in each of 2 layers + the final norm
+    assert type(layer_norm) is torch.nn.LayerNorm
+    assert liger_model.state_dict().keys() == torch_model.state_dict().keys()
+    with torch.no_grad():  # scales unlike the initial ones, loaded into both
+        for name in norms(torch_model):
+            module = torch_model.get_submodule(name)
+            module.weight.copy_(torch.linspace(0.5, 1.5, module.weight.numel()))
+    liger_model.load_state_dict(torch_model.state_dict())
+    assert torch.equal(liger_model(tokens, positions, None), torch_model(tokens, positions, None))
+    assert "liger-rmsnorm" not in nemo_compat.applied()
+    assert set(norms(tiny_gpt("cpu", torch.float32)).values()) == {torch.nn.RMSNorm}
+
+
+def test_trial_worker_shims_are_applied_only_where_asked_for():
+    probe = (
+        "import nemo_compat; nemo_compat.install_worker_hooks(trial=frozenset({trial}))\n"
+        "from megatron.core.transformer.torch_norm import WrappedTorchNorm\n"
+        "from megatron.core.transformer.transformer_config import TransformerConfig\n"
+        "config = TransformerConfig(num_layers=1, hidden_size=8, num_attention_heads=1, normalization='RMSNorm')\n"
+        "print(type(WrappedTorchNorm(config, 8)).__name__, sorted(nemo_compat.applied() & {{'liger-rmsnorm'}}))"
+    )
+    assert run_python(probe.format(trial="")) == "RMSNorm []"
+    assert run_python(probe.format(trial="['liger-rmsnorm']")) == "LigerRMSNorm ['liger-rmsnorm']"
+    assert set(nemo_compat.TRIAL_WORKER_SHIMS) <= set(nemo_compat.SHIMS)
+    assert not set(nemo_compat.TRIAL_WORKER_SHIMS) & set(nemo_compat.OPTIONAL_WORKER_SHIMS)
+    with pytest.raises(ValueError, match="no trial worker shims named \\['compiled-rope'\\]"):
+        nemo_compat.install_worker_hooks(trial=frozenset({"compiled-rope"}))
+
+
+@pytest.mark.gpu
+def test_liger_rmsnorm_gives_torchs_norm_and_gradients_in_bf16_on_the_gpu():
+    """The CUDA path (Liger-Kernel's Triton kernels) against torch.nn.RMSNorm on the shapes of the Qwen3 step: the
+    hidden-size norms (4,096 rows of 2,048) and the q/k norms (65,536 rows of 128, a strided view of the fused QKV
+    output); the incoming gradient is left as it was."""
+    fused = nemo_compat.liger_rmsnorm_class()
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    for shape, width in (((4096, 1, 2048), 2048), ((4096, 1, 16, 3 * 128), 128)):
+        base = torch.randn(shape, device="cuda", generator=generator).bfloat16()
+        x = base[..., :width] if width != shape[-1] else base  # q/k: a non-contiguous slice of the QKV output
+        weight = torch.rand(width, device="cuda", generator=generator) + 0.5
+        grad = torch.randn(x.shape, device="cuda", generator=generator).bfloat16()
+        results = []
+        for cls in (torch.nn.RMSNorm, fused):
+            norm = cls(width, eps=1e-6).cuda().bfloat16()
+            with torch.no_grad():
+                norm.weight.copy_(weight)
+            inp = x.detach().clone().requires_grad_()
+            given = grad.clone()
+            out = norm(inp)
+            out.backward(given)
+            assert torch.equal(given, grad)  # not overwritten in place
+            results.append((out, inp.grad, norm.weight.grad))
+        (want_y, want_dx, want_dw), (y, dx, dw) = results
+        assert y.dtype == dx.dtype == dw.dtype == torch.bfloat16
+        assert torch.allclose(y.float(), want_y.float(), rtol=1e-2, atol=1e-2), (y - want_y).abs().max()
+        assert torch.allclose(dx.float(), want_dx.float(), rtol=2e-2, atol=2e-2), (dx - want_dx).abs().max()
+        scale = want_dw.float().abs().max()
+        assert (dw.float() - want_dw.float()).abs().max() < 1e-2 * scale, ((dw - want_dw).abs().max(), scale)
+
+
 SHAPES = [(64, 32), (32,), (3, 5, 7)]
 
 

@@ -65,7 +65,9 @@ def test_synthetic_batches_are_learnable_and_causal():
     assert (module._train_ds[6]["tokens"] != sample["tokens"]).any()
 
 
-@pytest.mark.parametrize("variant", ["default", "unfused_recompute", "native_ce", "cuda_graphs", "megatron_wgrad"])
+@pytest.mark.parametrize(
+    "variant", ["default", "unfused_recompute", "native_ce", "cuda_graphs", "megatron_wgrad", "liger_norm"]
+)
 def test_the_timed_recipe_is_peft_megatrons_with_only_the_benchmark_changes(variant):
     import nemo_compat
     import sdpa_attention
@@ -80,7 +82,7 @@ def test_the_timed_recipe_is_peft_megatrons_with_only_the_benchmark_changes(vari
     assert recipe.resume is None and recipe.optim.lr_scheduler is None and recipe.trainer.max_steps == 15
     assert recipe.data.case_name == "qwen3_8b_lora" and recipe.data.micro_batch_size == 1 and not recipe.data.packed
     assert model.gradient_accumulation_fusion == (variant != "megatron_wgrad")  # torch's GEMM accumulates
-    if variant in ("default", "megatron_wgrad"):  # the latter differs from the default in the fusion above alone
+    if variant in ("default", "megatron_wgrad", "liger_norm"):  # megatron_wgrad: the fusion above; liger_norm: a shim
         assert model.transformer_layer_spec is sdpa_attention.layer_spec
         assert model.bias_activation_fusion and model.bias_dropout_fusion and not model.cross_entropy_loss_fusion
     elif variant == "native_ce":
@@ -119,6 +121,37 @@ def test_the_cuda_graph_variant_gives_megatron_the_rng_tracker_its_graphed_layer
     megatron_random.initialize_rng_tracker(use_te_rng_tracker=False)  # NeMo's setup, after the variant's
     assert megatron_random.get_cuda_rng_tracker().use_cudagraphable_rng
     assert TransformerLayer(config, layer_spec).cudagraph_manager is not None
+
+
+def test_variants_combine_with_a_plus_and_refuse_what_they_cannot_mean(capsys):
+    import nemo_compat
+
+    both = bench.resolve_variant("cuda_graphs+liger_norm")
+    assert both.model == {"cuda_graph_impl": "local"} and both.trial_shims == {"liger-rmsnorm"} and not both.skip_shims
+    assert "CUDA graphs" in both.help and "Liger-Kernel" in both.help
+    skipping = bench.resolve_variant("megatron_wgrad+eager_rope")
+    assert skipping.skip_shims == {"torch-wgrad-accumulation", "compiled-rope"}
+    assert skipping.model == {"gradient_accumulation_fusion": False}
+    assert bench.resolve_variant("liger_norm") == bench.VARIANTS["liger_norm"]
+    for one in bench.VARIANTS.values():  # every shim a variant names is one the workers know
+        assert one.skip_shims <= set(nemo_compat.OPTIONAL_WORKER_SHIMS)
+        assert one.trial_shims <= set(nemo_compat.TRIAL_WORKER_SHIMS)
+    with pytest.raises(ValueError, match="native_ce sets cross_entropy_loss_fusion=True, another part False"):
+        bench.resolve_variant("unfused_recompute+native_ce")
+    for wrong in ("default+default", "cuda_graph", "cuda_graphs+"):
+        with pytest.raises(ValueError, match="joined by '\\+', each once"):
+            bench.resolve_variant(wrong)
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--variants", "default", "liger_norm+liger"])
+    assert "'liger_norm+liger': give one of" in capsys.readouterr().err
+    args = bench.parse_args(["--variants", "default", "cuda_graphs+liger_norm", "--profile", "cuda_graphs+liger_norm"])
+    assert args.variants == ["default", "cuda_graphs+liger_norm"]
+    env = nemo_compat.Environment(has_te=False, has_cuda=True)
+    case = bench.CASES["qwen3_1p7b_full"]
+    recipe, _ = bench.benchmark_recipe("qwen3_1p7b_full", case, skipping, 15, env, [])
+    assert not recipe.model.config.gradient_accumulation_fusion and recipe.model.config.num_layers == 28
+    graphed, _ = bench.benchmark_recipe("qwen3_1p7b_full", case, both, 15, env, [])
+    assert graphed.model.config.cuda_graph_impl == "local" and graphed.model.config.gradient_accumulation_fusion
 
 
 def test_a_run_that_did_not_train_is_not_a_result():

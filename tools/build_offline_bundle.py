@@ -61,6 +61,7 @@ RUNTIME_MODULES = [
     "transformers",
     "safetensors",
     "tokenizers",
+    "liger_kernel.ops.rms_norm",
 ]
 # Imported by NeMo/Megatron only when installed (try/except ImportError): object-store checkpoints, W&B, NVTX
 # ranges, numexpr. Tracing sees them because they are installed here; the node runs without them. `--include`
