@@ -804,6 +804,7 @@ def fuse_rmsnorm_with_liger() -> None:
 
 @functools.cache
 def liger_rmsnorm_class():
+    """The norm module fuse_rmsnorm_with_liger builds, defined on first use (it imports torch and Liger-Kernel)."""
     import torch
     from liger_kernel.ops.rms_norm import LigerRMSNormFunction
 
