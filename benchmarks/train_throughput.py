@@ -190,7 +190,7 @@ def parse_args(argv=None):
         nargs="+",
         type=variant_name,
         default=["default"],
-        help=f"configurations of ours to measure, from {list(VARIANTS)}; 'a+b' measures two together; the first "
+        help=f"configurations of ours to measure, from {list(VARIANTS)}; 'a+b' measures variants together; the first "
         "is the headline row",
     )
     parser.add_argument("--steps", type=int, default=12, help="timed steps per run")
