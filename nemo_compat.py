@@ -541,10 +541,9 @@ def install_worker_hooks(
     unknown = set(skip) - set(OPTIONAL_WORKER_SHIMS)
     if unknown:
         raise ValueError(f"no optional worker shims named {sorted(unknown)}; OPTIONAL_WORKER_SHIMS lists them")
-    if set(trial) - set(TRIAL_WORKER_SHIMS):
-        raise ValueError(
-            f"no trial worker shims named {sorted(set(trial) - set(TRIAL_WORKER_SHIMS))}; TRIAL_WORKER_SHIMS lists them"
-        )
+    unknown = set(trial) - set(TRIAL_WORKER_SHIMS)
+    if unknown:
+        raise ValueError(f"no trial worker shims named {sorted(unknown)}; TRIAL_WORKER_SHIMS lists them")
 
     staged_buffers_dropped = _installed_versions()["megatron-core"].startswith(STAGED_BUFFERS_DROPPED_IN)
     if "async-save-staged-buffers" not in skip and staged_buffers_dropped:
