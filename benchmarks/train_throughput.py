@@ -42,6 +42,7 @@ import dataclasses
 import datetime
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -197,7 +198,12 @@ def parse_args(argv=None):
     parser.add_argument("--warmup_steps", type=int, default=3)
     parser.add_argument("--micro_batch_size", type=int, help="both stacks' micro-batch (default: the case's, 1)")
     parser.add_argument("--skip_hf", action="store_true", help="measure ours only (no ratio)")
-    parser.add_argument("--profile", type=variant_name, help="also trace 2 steps of this variant")
+    parser.add_argument(
+        "--profile",
+        type=variant_name,
+        help="also trace this variant: 2 steps under torch.profiler (GPU kernels, host time in torch ops, CUDA runtime "
+        "calls), then 2 under cProfile (Python hotspots)",
+    )
     parser.add_argument("--timeout_s", type=int, default=900, help="per measurement process")
     parser.add_argument(
         "--hf_pythonpath",
@@ -469,6 +475,9 @@ def run_ours(args, case: Case, variant: Variant) -> dict:
                 self.profiler = start_trace()
             if args.trace and len(recorder.seconds) == args.warmup_steps + 2:
                 recorder.trace = finish_trace(self.profiler, recorder.seconds[-2:])
+                self.python_profile = start_python_profile()  # the next 2 steps, apart: each profiler slows the other
+            if args.trace and len(recorder.seconds) == args.warmup_steps + 4:
+                recorder.trace["python_hotspots"] = finish_python_profile(self.python_profile, 2)
 
         def on_train_end(self, trainer, pl_module):
             recorder.moved_info = recorder.moved(pl_module.named_parameters())
@@ -668,7 +677,92 @@ def finish_trace(profiler, step_seconds: list) -> dict:
         "host_gap_s": wall - busy,
         "kernels_per_step": len(kernels) / len(step_seconds),
         "top_kernels": [{"name": n, "gpu_s": t, "calls": c} for n, (t, c) in top],
+        "host": summarize_host(profiler.events(), len(step_seconds)),
     }
+
+
+SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
+RUNTIME_CALL = re.compile(r"cu(da)?[A-Z]")  # CUDA runtime (cudaLaunchKernel) and driver (Triton's cuLaunchKernel)
+
+
+def summarize_host(events, steps: int) -> dict:
+    """Where a host-bound step's CPU time goes, from a torch.profiler trace: the time the host spent inside torch
+    ops (the union of their intervals; the rest of the step is Python between ops: Megatron, NeMo, Lightning), the
+    CUDA runtime calls per step (kernel launches, and the synchronisations that drain the GPU's queue) and the ops
+    with the most host time of their own."""
+    import torch
+
+    ops = [
+        e
+        for e in events
+        if e.device_type == torch.autograd.DeviceType.CPU and not getattr(e, "is_user_annotation", False)
+    ]
+    spans = sorted((e.time_range.start, e.time_range.end) for e in ops)
+    inside, reach = 0.0, float("-inf")
+    for start, end in spans:  # union of intervals: nested ops (an aten op inside another) count once
+        if end > reach:
+            inside += end - max(start, reach)
+            reach = end
+    runtime: dict = {}
+    own: dict = {}
+    for e in ops:
+        if RUNTIME_CALL.match(e.name):
+            calls = runtime.setdefault(e.name, [0, 0.0])
+            calls[0] += 1
+            calls[1] += e.time_range.elapsed_us()
+        else:
+            total = own.setdefault(e.name[:100], [0, 0.0])
+            total[0] += 1
+            total[1] += e.self_cpu_time_total
+    per_step = 1000.0 * steps  # microseconds over the steps -> ms per step
+    return {
+        "in_torch_ops_ms_per_step": inside / per_step,
+        "runtime_calls_per_step": {
+            name: {"calls": calls / steps, "host_ms": us / per_step}
+            for name, (calls, us) in sorted(runtime.items(), key=lambda item: item[1][1], reverse=True)[:8]
+        },
+        "syncs_per_step": sum(runtime.get(name, [0])[0] for name in SYNC_CALLS) / steps,
+        "top_ops_self_host": [
+            {"name": name, "calls_per_step": calls / steps, "self_host_ms_per_step": us / per_step}
+            for name, (calls, us) in sorted(own.items(), key=lambda item: item[1][1], reverse=True)[:15]
+        ],
+    }
+
+
+def start_python_profile():
+    import cProfile
+
+    profile = cProfile.Profile()
+    profile.enable()
+    return profile
+
+
+def finish_python_profile(profile, steps: int, top: int = 30) -> list[dict]:
+    """The Python functions with the most time of their own (cProfile's tottime) per step, named by package path.
+    cProfile's per-call cost inflates small Python functions against C calls: compare functions, not milliseconds
+    with the unprofiled step."""
+    import pstats
+
+    profile.disable()
+    stats = pstats.Stats(profile).stats
+    rows = sorted(stats.items(), key=lambda item: item[1][2], reverse=True)[:top]
+    return [
+        {
+            "function": f"{short_path(path)}:{line}({name})",
+            "calls_per_step": calls / steps,
+            "own_ms_per_step": 1000 * own / steps,
+            "cumulative_ms_per_step": 1000 * cumulative / steps,
+        }
+        for (path, line, name), (_, calls, own, cumulative, _) in rows
+    ]
+
+
+def short_path(path: str) -> str:
+    """`.../site-packages/megatron/core/x.py` -> `megatron/core/x.py`; the repository's own files relative to it."""
+    for marker in ("site-packages/", "dist-packages/", f"{REPO}/"):
+        if marker in path:
+            return path.rsplit(marker, 1)[1]
+    return path
 
 
 # ---------------------------------------------------------------------------------------------------------------

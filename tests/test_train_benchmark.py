@@ -178,6 +178,52 @@ def test_profile_must_name_a_measured_variant(capsys):
     assert "--profile sdpa must be one of --variants" in capsys.readouterr().err
 
 
+def test_host_summary_counts_time_in_torch_ops_once_and_leaves_python_between_them_out():
+    import time
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    x = torch.randn(128, 128)
+    with profile(activities=[ProfilerActivity.CPU]) as trace:
+        for _ in range(2):
+            torch.nn.functional.gelu(x @ x)  # aten::matmul holds aten::mm: nested ops
+            time.sleep(0.05)  # host time outside torch
+    events = trace.events()
+    host = bench.summarize_host(events, steps=2)
+
+    top_level_ms = sum(e.time_range.elapsed_us() for e in events if e.cpu_parent is None) / 1000 / 2
+    assert host["in_torch_ops_ms_per_step"] == pytest.approx(top_level_ms)
+    assert host["in_torch_ops_ms_per_step"] < 50
+    ops = {op["name"]: op for op in host["top_ops_self_host"]}
+    assert ops["aten::mm"]["calls_per_step"] == 1 and ops["aten::gelu"]["calls_per_step"] == 1
+    assert host["runtime_calls_per_step"] == {} and host["syncs_per_step"] == 0  # no CUDA here
+
+
+def test_cuda_runtime_calls_are_told_apart_from_ops():
+    runtime = ["cudaLaunchKernel", "cudaStreamSynchronize", "cuLaunchKernelEx", "cudaMemcpyAsync"]
+    assert all(bench.RUNTIME_CALL.match(name) for name in runtime)
+    assert not any(bench.RUNTIME_CALL.match(name) for name in ["aten::cumsum", "aten::cudnn_convolution", "cutlass"])
+
+
+def _square_sum(n: int) -> int:
+    total = 0
+    for i in range(n):
+        total += i * i
+    return total
+
+
+def test_python_hotspots_name_the_function_that_spent_the_time():
+    profile = bench.start_python_profile()
+    for _ in range(2):
+        _square_sum(300_000)
+    rows = bench.finish_python_profile(profile, steps=2, top=3)
+    assert rows[0]["function"].startswith("tests/test_train_benchmark.py:")
+    assert rows[0]["function"].endswith("(_square_sum)") and rows[0]["calls_per_step"] == 1
+    assert rows[0]["own_ms_per_step"] > 1 and rows[0]["cumulative_ms_per_step"] >= rows[0]["own_ms_per_step"]
+    assert bench.short_path("/x/lib/python3.12/site-packages/megatron/core/y.py") == "megatron/core/y.py"
+
+
 def test_variable_length_samples_are_fixed_and_unpacked_batches_count_their_tokens():
     case = bench.CASES["tiny_varlen"]
     lengths = [bench.sample_length(i, case) for i in range(bench.POOL)]
