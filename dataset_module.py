@@ -44,6 +44,7 @@ FAILED_MARKER = ".data_failed"
 PREPARING_MARKER = ".data_preparing"  # written first and removed last: present afterwards = interrupted
 LOCK_FILE = ".data.lock"
 FORMAT_VERSION = 1
+COLLATE_ONLY_KWARGS = ("pad_to_max_length",)  # NeMo dataset settings that change batches, not packed files
 PACKED_DIR = "packed"  # <data_dir>/packed/<pack size>-<key>/: training.npy, validation.npy, metadata.jsonl
 PACKED_MARKER = ".packed_ready.json"  # written last inside a packed directory renamed into place whole
 PACK_FAILED_MARKER = ".packing_failed"
@@ -760,6 +761,7 @@ def _build_data_module_class():
             wait_timeout_s: float = 3600.0,
             tokenizer_identity: str | None = None,
             packed_sequence: bool = False,
+            one_shape: bool = False,
             **kwargs,
         ):
             # A plain dict: NeMo stores these arguments in every checkpoint's context and its restricted unpickler
@@ -778,7 +780,13 @@ def _build_data_module_class():
                 from nemo.collections.llm.gpt.data.packed_sequence import PackedSequenceSpecs
 
                 # One pack per micro-batch (NeMo checks micro_batch_size == 1), each up to seq_length tokens.
-                kwargs["packed_sequence_specs"] = PackedSequenceSpecs(packed_sequence_size=seq_length)
+                # `one_shape` (CUDA graphs): NeMo pads every row to seq_length and its sequence boundaries to the
+                # most samples any row holds (from the packing metadata), so every batch has one shape.
+                kwargs["packed_sequence_specs"] = PackedSequenceSpecs(
+                    packed_sequence_size=seq_length, pad_cu_seqlens=one_shape
+                )
+                if one_shape:
+                    dataset_kwargs["pad_to_max_length"] = True
             self._packed_location: Path | None = None
             super().__init__(
                 dataset_root=dataset_root,
@@ -816,13 +824,18 @@ def _build_data_module_class():
                 self._tokenizer_key(),
                 self.packed_sequence_size,
                 self.seed,
-                self.dataset_kwargs,
+                self._packing_kwargs(),
                 global_rank=global_rank,
                 wait_timeout_s=self.wait_timeout_s,
             )
 
         def _tokenizer_key(self) -> str:
             return self.tokenizer_identity or self.tokenizer_name_or_path
+
+        def _packing_kwargs(self) -> dict:
+            """The dataset settings packing depends on: padding rows to one shape happens when batches are collated,
+            so the same packed files serve runs with and without it."""
+            return {k: v for k, v in self.dataset_kwargs.items() if k not in COLLATE_ONLY_KWARGS}
 
         def packed_dir(self) -> Path:
             """This data's packed directory (dataset_module.packed_location), the same on every rank."""
@@ -832,7 +845,7 @@ def _build_data_module_class():
                     self._tokenizer_key(),
                     self.packed_sequence_size,
                     self.seed,
-                    self.dataset_kwargs,
+                    self._packing_kwargs(),
                 )
             return self._packed_location
 

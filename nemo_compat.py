@@ -137,6 +137,12 @@ SHIMS = {
         "reduction kernel (GammaBetaBackward, 9 ms of the Qwen3-1.7B full fine-tuning step on the H200)",
         "Megatron's local spec has a fused RMSNorm without TE or apex",
     ),
+    "graph-safe-rng": Shim(
+        "training workers of a --cuda_graphs run (with or without TE)",
+        "NeMo seeds Megatron's default RNG tracker, and Megatron's local CUDA graphs (CudaGraphManager) refuse any but "
+        "a graph-safe one; Megatron-LM's own training loop makes that one (use_cudagraphable_rng)",
+        "NeMo makes the graph-safe tracker when cuda_graph_impl is 'local'",
+    ),
     "async-save-staged-buffers": Shim(
         "training workers (with or without TE) on Megatron-Core 0.15 / 0.16",
         "TemporalAsyncCaller (NeMo's asynchronous checkpoint save, on by default) drops the pinned host copies of the "
@@ -175,6 +181,8 @@ WORKER_ENV_FLAG = "PEFT_MEGATRON_WORKER_COMPAT"
 CHECKPOINT_ONLY = "checkpoint"
 # OPTIONAL_WORKER_SHIMS the training workers leave out, comma-separated (unset: none).
 WORKER_SKIP_ENV = "PEFT_MEGATRON_WORKER_SKIP"
+# "1" when the run trains with CUDA graphs (--cuda_graphs): the workers make Megatron's graph-safe RNG tracker.
+CUDA_GRAPHS_ENV = "PEFT_MEGATRON_CUDA_GRAPHS"
 
 
 def worker_flag(env: Environment) -> str:
@@ -530,14 +538,18 @@ def log_to_worker_output() -> None:
 
 
 def install_worker_hooks(
-    skip: frozenset[str] = frozenset(), checkpoint_only: bool = False, trial: frozenset[str] = frozenset()
+    skip: frozenset[str] = frozenset(),
+    checkpoint_only: bool = False,
+    trial: frozenset[str] = frozenset(),
+    cuda_graphs: bool = False,
 ) -> None:
     """For the training workers (startup/sitecustomize.py; benchmarks/train_throughput.py in its own process): stub
     the allocator build now; apply the PEFT guards, the compiled RoPE and the fused LoRA output as soon as their
     modules load, and keep asynchronous checkpoint saves intact (hold_async_save_buffers, with or without TE), with no
     NeMo import of our own (torchrun's launcher process runs this too). `skip` names OPTIONAL_WORKER_SHIMS to leave
     out; the benchmark measures each against its absence. `trial` names TRIAL_WORKER_SHIMS to apply as well.
-    `checkpoint_only` (TE and CUDA present): the checkpoint fix alone."""
+    `cuda_graphs` (a --cuda_graphs run, with or without TE): Megatron's graph-safe RNG tracker.
+    `checkpoint_only` (TE and CUDA present): the checkpoint fix (and the tracker) alone."""
     unknown = set(skip) - set(OPTIONAL_WORKER_SHIMS)
     if unknown:
         raise ValueError(f"no optional worker shims named {sorted(unknown)}; OPTIONAL_WORKER_SHIMS lists them")
@@ -548,6 +560,8 @@ def install_worker_hooks(
     staged_buffers_dropped = _installed_versions()["megatron-core"].startswith(STAGED_BUFFERS_DROPPED_IN)
     if "async-save-staged-buffers" not in skip and staged_buffers_dropped:
         _after_import(ASYNC_SAVE_MODULE, hold_async_save_buffers)
+    if cuda_graphs:
+        _after_import(RNG_MODULE, make_rng_tracker_graph_safe)
     if checkpoint_only:
         return
     skip_unified_memory_build()
@@ -573,6 +587,25 @@ LORA_MODULE = "nemo.collections.llm.peft.lora"
 OPTIMIZER_MODULE = "megatron.core.optimizer"
 LINEAR_MODULE = "megatron.core.tensor_parallel.layers"
 NORM_MODULE = "megatron.core.transformer.torch_norm"
+RNG_MODULE = "megatron.core.tensor_parallel.random"
+
+
+def make_rng_tracker_graph_safe() -> None:
+    """Megatron's CudaGraphManager, made in every transformer layer when cuda_graph_impl is "local", asserts an RNG
+    tracker whose CUDA generators are graph-safe. NeMo's setup seeds whichever tracker exists and makes the default
+    one if none does; Megatron keeps the first tracker a process makes, so the graph-safe one is made here, when
+    Megatron's RNG module loads, before NeMo's setup. Megatron-LM's training loop passes use_cudagraphable_rng itself.
+    Remove when NeMo makes it for cuda_graph_impl="local"."""
+    import torch
+
+    if not hasattr(torch.Generator, "graphsafe_get_state") or not torch.cuda.is_available():
+        raise RuntimeError(
+            f"--cuda_graphs needs a CUDA GPU and a CUDA build of torch; this worker has torch {torch.__version__} "
+            f"with CUDA {'available' if torch.cuda.is_available() else 'unavailable'}: drop --cuda_graphs"
+        )
+    module = importlib.import_module(RNG_MODULE)
+    module.initialize_rng_tracker(use_cudagraphable_rng=True, force_reset=True)
+    _mark("graph-safe-rng", "Megatron's graph-safe RNG tracker for the local CUDA graphs (training workers)")
 
 
 def compile_unfused_rope() -> None:

@@ -159,6 +159,15 @@ class TrainingSettings:
             "--accumulate_grad_batches then counts packed rows"
         },
     )
+    cuda_graphs: bool = field(
+        default=False,
+        metadata={
+            "help": "capture each transformer layer's forward and backward as CUDA graphs after the first step and "
+            "replay them (Megatron's local graphs: one launch per layer; the gain is largest where steps are "
+            "host-bound, as in full fine-tuning of small models). Needs --packed_sequence: graphs replay one shape, "
+            "so packed rows and their sequence boundaries are padded to it"
+        },
+    )
     learning_rate: float | None = field(default=None, metadata={"help": "peak learning rate (default: recipe's)"})
     early_stopping_threshold: float = field(default=0.001, metadata={"help": "minimum val_loss improvement"})
     early_stopping_patience: int = field(default=3, metadata={"help": "validation checks without improvement"})
@@ -522,6 +531,8 @@ def _machine_problems(config: Config, visible_gpus: int | None, environ: Mapping
         nemo_compat.skipped_in_workers(environ)
     except ValueError as e:
         problems.append(str(e))
+    if config.cuda_graphs and visible_gpus == 0:
+        problems.append("--cuda_graphs needs CUDA GPUs and this machine shows none; drop --cuda_graphs")
     if visible_gpus and config.gpus_per_node > visible_gpus:
         problems.append(
             f"--gpus_per_node {config.gpus_per_node}: this machine shows {visible_gpus} GPU(s) "
@@ -622,6 +633,12 @@ def _attention_problems(config: Config) -> list[str]:
                 "--packed_sequence with --core_attention unfused: Megatron's unfused attention cannot "
                 "keep packed samples apart; use --core_attention sdpa"
             )
+    if config.cuda_graphs and not config.packed_sequence:
+        problems.append(
+            "--cuda_graphs without --packed_sequence: Megatron's CUDA graphs replay the shapes they captured, and "
+            "unpacked batches change shape with their longest sample; add --packed_sequence (rows of "
+            "--max_seq_length tokens) or drop --cuda_graphs"
+        )
     cp = config.context_parallel_size
     te_on_nodes = config.executor == "slurm" and config.container_image  # a NeMo image holds TE
     if cp > 1 and not config.dry_run and not te_on_nodes and no_te:
@@ -998,6 +1015,8 @@ def configure_recipe(config: Config, env=None):
     overrides = nemo_compat.model_config_overrides(env, training=True, skip=skipped)
     assign(recipe.model.config, seq_length=config.max_seq_length, **overrides)
     configure_attention(config, recipe.model.config, env)
+    if config.cuda_graphs:
+        assign(recipe.model.config, cuda_graph_impl="local")
     recipe.data = configure_data(config)
 
     assign(
@@ -1067,6 +1086,7 @@ def configure_data(config: Config):
         wait_timeout_s=config.wait_timeout_s,
         tokenizer_identity=config.hf_model_id,
         packed_sequence=config.packed_sequence,
+        one_shape=config.cuda_graphs,
         num_workers=2,
     )
 
@@ -1161,6 +1181,8 @@ def configure_executor(config: Config, env=None):
     # them without TE or CUDA, with both only the asynchronous-checkpoint fix.
     env_vars["PYTHONPATH"] = os.pathsep.join([str(REPO_DIR / "startup"), pythonpath])
     env_vars[nemo_compat.WORKER_ENV_FLAG] = nemo_compat.worker_flag(env)
+    if config.cuda_graphs:
+        env_vars[nemo_compat.CUDA_GRAPHS_ENV] = "1"
     if config.executor == "slurm":
         return _slurm_executor(config, env_vars)
     return run.LocalExecutor(
@@ -1310,6 +1332,7 @@ def plan_lines(config: Config) -> list[str]:
         f"max_steps: {config.max_steps} "
         f"(validate every {config.val_check_interval}, {config.limit_val_batches} batches)",
         f"max_seq_length: {config.max_seq_length}" + (" (samples packed into rows)" if config.packed_sequence else ""),
+        *(["CUDA graphs: every transformer layer, captured after the first step"] if config.cuda_graphs else []),
         f"imported checkpoint: {config.nemo_ckpt_path} "
         f"({'present' if is_nemo_checkpoint(config.nemo_ckpt_path) else 'to be imported'})",
         f"data: {config.data.dataset_name or '(existing JSONL)'} -> {config.data_path}",

@@ -138,8 +138,7 @@ class SDPADotProductAttention(torch.nn.Module):
         dropout = self.dropout_p if self.training else 0.0
         varlen = varlen_kernel() if query.is_cuda and dropout == 0.0 else None
         if varlen is not None:
-            # NeMo's collate gives max_seqlen as a host tensor: reading it costs no device sync.
-            max_q, max_k = (int(m) if m is not None else t for m in (params.max_seqlen_q, params.max_seqlen_kv))
+            max_q, max_k = varlen_max_lengths(params, t)
             out = varlen(
                 query, key, value, cu_q.to(torch.int32), cu_k.to(torch.int32), max_q, max_k, self.softmax_scale
             )
@@ -159,6 +158,16 @@ class SDPADotProductAttention(torch.nn.Module):
         else:
             out = self._attend(q, k, v, allowed, False, dropout, False)
         return out[0].transpose(0, 1).reshape(t, heads * head_dim)
+
+
+def varlen_max_lengths(params, t: int) -> tuple[int, int]:
+    """The longest query and key sequence of a packed row, for the varlen kernel's launch grid. NeMo's collate gives
+    them as host tensors, so reading them costs no device sync. Inside a CUDA-graph capture (--cuda_graphs) they
+    would be baked into the graph, and Megatron captures with its inputs zeroed, so the row's length, an upper bound
+    for every batch the graph replays, is used there."""
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        return t, t
+    return tuple(int(m) if m is not None else t for m in (params.max_seqlen_q, params.max_seqlen_kv))
 
 
 @functools.lru_cache(maxsize=1)

@@ -10,6 +10,8 @@ model-config overrides, NeMo's trainer) against Hugging Face transformers + PEFT
         --out benchmarks/results/training_packed.json                 # variable-length samples, unpacked vs packed
     python benchmarks/train_throughput.py --case qwen3_1p7b_full --variants default liger_norm cuda_graphs \\
         cuda_graphs+liger_norm                                        # a lever alone and on top of another ('+')
+    python benchmarks/train_throughput.py --case qwen3_1p7b_full_varlen --variants packed packed+cuda_graphs \
+        --hf_pythonpath ''                                            # --cuda_graphs' padded packed rows
 
 Both stacks get the named shape with random weights (no download), bf16, the same synthetic token sequences, the
 same LoRA rank / alpha / target modules (every linear layer of attention and MLP) or full fine-tuning, the same
@@ -79,6 +81,9 @@ CASES = {
     "qwen3_1p7b_full": Case(recipe="qwen3_1p7b", shape="qwen3_1p7b", peft=False, learning_rate=1e-5),
     "qwen3_8b_lora_varlen": Case(
         recipe="qwen3_8b", shape="qwen3_8b", peft=True, learning_rate=1e-4, variable_lengths=True
+    ),
+    "qwen3_1p7b_full_varlen": Case(
+        recipe="qwen3_1p7b", shape="qwen3_1p7b", peft=False, learning_rate=1e-5, variable_lengths=True
     ),
 }
 MIN_SAMPLE, POOL = 256, 400  # variable-length samples: shortest length, and how many the packer packs
@@ -255,8 +260,9 @@ def sample_length(index: int, case: Case) -> int:
     return min(case.seq_length, int(math.exp(rng.uniform(math.log(MIN_SAMPLE), math.log(case.seq_length)))))
 
 
-def write_packed_pool(case: Case, path: Path) -> None:
-    """NeMo's packing of the case's sample pool (what --packed_sequence's pack_dataset writes), as a .npy file."""
+def write_packed_pool(case: Case, path: Path) -> Path:
+    """NeMo's packing of the case's sample pool (what --packed_sequence's pack_dataset writes), as a .npy file, and
+    its packing metadata beside it (what padding rows to one shape reads); returns the metadata's path."""
     import numpy as np
     from nemo.utils.sequence_packing_utils import create_hist, create_packing_strategy, fill_packing_strategy
 
@@ -265,14 +271,20 @@ def write_packed_pool(case: Case, path: Path) -> None:
         {"input_ids": counting_sequence(i, sample_length(i, case)).tolist(), "answer_start_idx": 0} for i in range(POOL)
     ]
     sequences, histogram = create_hist(samples, case.seq_length)
-    assignments, _ = create_packing_strategy(histogram, case.seq_length, "first_fit_shuffle")
+    assignments, metadata = create_packing_strategy(histogram, case.seq_length, "first_fit_shuffle")
     np.save(path, fill_packing_strategy(assignments, sequences, case.seq_length, 0))
+    metadata_path = path.with_name("metadata.jsonl")
+    metadata_path.write_text(json.dumps([metadata]))  # a JSON list, as NeMo's packer writes it
+    return metadata_path
 
 
-def make_synthetic_data_module(case_name: str, micro_batch_size: int, global_batch_size: int, packed: bool = False):
+def make_synthetic_data_module(
+    case_name: str, micro_batch_size: int, global_batch_size: int, packed: bool = False, one_shape: bool = False
+):
     """A NeMo data module (MockDataModule's sampler and loaders) whose batches are what NeMo's SFT collate gives
     peft_megatron's model (tokens, labels, loss mask, positions, Megatron's causal mask: True = masked out), or with
-    `packed` what NeMo's packed dataset gives it. Every collated batch's trained-token count is kept in
+    `packed` what NeMo's packed dataset gives it (`one_shape`: rows and sequence boundaries padded to one shape, as
+    --cuda_graphs has them). Every collated batch's trained-token count is kept in
     `module.batch_tokens` (loaded in this process: num_workers 0), in the order the steps consume them."""
     import functools
 
@@ -314,8 +326,12 @@ def make_synthetic_data_module(case_name: str, micro_batch_size: int, global_bat
         from nemo.collections.llm.gpt.data.core import GPTSFTPackedDataset, create_sft_dataset
 
         path = Path(tempfile.mkdtemp(prefix="packed_pool_")) / "training.npy"
-        write_packed_pool(case, path)
-        dataset = create_sft_dataset(path, SyntheticTokenizer(), seq_length=seq_length, seed=1234)  # as NeMo's module
+        metadata = write_packed_pool(case, path)
+        padding = dict(pad_to_max_length=True, pad_cu_seqlens=True, pack_metadata_file_path=metadata)
+        # as NeMo's module builds it
+        dataset = create_sft_dataset(
+            path, SyntheticTokenizer(), seq_length=seq_length, seed=1234, **(padding if one_shape else {})
+        )
         assert isinstance(dataset, GPTSFTPackedDataset)
         collate = dataset.collate_fn
 
@@ -431,18 +447,15 @@ def benchmark_recipe(case_name: str, case: Case, variant: Variant, max_steps: in
         micro_batch_size=config.micro_batch_size,
         global_batch_size=config.global_batch_size,
         packed=config.packed_sequence,
+        one_shape=config.packed_sequence and graphed(variant),
     )
     return recipe, config
 
 
-def use_graph_safe_rng() -> None:
-    """Megatron's CudaGraphManager, made in every transformer layer when cuda_graph_impl is "local", asserts an RNG
-    tracker whose CUDA generators are graph-safe. NeMo seeds the default tracker, and Megatron keeps the first
-    tracker a process makes, so the graph-safe one is made before NeMo's setup (Megatron-LM's training loop passes
-    use_cudagraphable_rng itself)."""
-    from megatron.core.tensor_parallel.random import initialize_rng_tracker
-
-    initialize_rng_tracker(use_cudagraphable_rng=True, force_reset=True)
+def graphed(variant: Variant) -> bool:
+    """Whether the variant trains with Megatron's local CUDA graphs (the `cuda_graphs` variant or the product's
+    --cuda_graphs flag)."""
+    return variant.model.get("cuda_graph_impl") == "local" or bool(variant.flags.get("cuda_graphs"))
 
 
 def run_ours(args, case: Case, variant: Variant) -> dict:
@@ -456,7 +469,7 @@ def run_ours(args, case: Case, variant: Variant) -> dict:
 
     env = nemo_compat.prepare_process()
     # as startup/sitecustomize.py does in the workers
-    nemo_compat.install_worker_hooks(skip=variant.skip_shims, trial=variant.trial_shims)
+    nemo_compat.install_worker_hooks(skip=variant.skip_shims, trial=variant.trial_shims, cuda_graphs=graphed(variant))
     recorder = StepRecorder()
 
     class Timer(pl.Callback):
@@ -487,8 +500,6 @@ def run_ours(args, case: Case, variant: Variant) -> dict:
     recipe, config = benchmark_recipe(
         args.case, case, variant, args.warmup_steps + args.steps, env, [run.Config(Timer)]
     )
-    if variant.model.get("cuda_graph_impl") == "local":
-        use_graph_safe_rng()
     run.run(recipe, direct=True)
     missing = variant.trial_shims - nemo_compat.applied()
     if missing:  # a shim that could not apply (its log line says why) would time the default under this name

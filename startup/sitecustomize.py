@@ -20,7 +20,9 @@ if _flag in ("1", nemo_compat.CHECKPOINT_ONLY):
     try:
         nemo_compat.log_to_worker_output()
         nemo_compat.install_worker_hooks(
-            skip=nemo_compat.skipped_in_workers(os.environ), checkpoint_only=_flag == nemo_compat.CHECKPOINT_ONLY
+            skip=nemo_compat.skipped_in_workers(os.environ),
+            checkpoint_only=_flag == nemo_compat.CHECKPOINT_ONLY,
+            cuda_graphs=os.environ.get(nemo_compat.CUDA_GRAPHS_ENV) == "1",
         )
     except Exception as e:  # site.py would print it and let the worker train without its shims
         print(f"error: nemo_compat could not prepare this training worker: {e}", file=sys.stderr, flush=True)

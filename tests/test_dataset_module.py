@@ -485,7 +485,7 @@ def test_a_preparation_killed_between_its_splits_is_never_used_and_the_rerun_cle
 # ---------------------------------------------------------------------------------------------------------------------
 # --packed_sequence: NeMo's packer on the prepared JSONL, atomic and keyed on what it is made from
 # ---------------------------------------------------------------------------------------------------------------------
-def packed_module(cfg, root: Path, model: Path, seq_length: int = 64):
+def packed_module(cfg, root: Path, model: Path, seq_length: int = 64, one_shape: bool = False):
     from dataset_module import GeneralizedHFDataModule
 
     return GeneralizedHFDataModule(
@@ -498,6 +498,7 @@ def packed_module(cfg, root: Path, model: Path, seq_length: int = 64):
         num_workers=0,
         pin_memory=False,
         packed_sequence=True,
+        one_shape=one_shape,
     )
 
 
@@ -543,6 +544,37 @@ def test_packed_rows_hold_exactly_the_unpacked_samples_and_loss_masks(tmp_path, 
         for start, end in list(itertools.pairwise(cu))[:samples]:
             assert batch["position_ids"][0, start:end].tolist() == list(range(end - start))
     assert sorted(got) == sorted(expected)
+
+
+def test_one_shape_packed_batches_keep_their_samples_and_share_one_shape(tmp_path, assets):
+    """--cuda_graphs: every packed row, training and validation, collates to seq_length tokens and one
+    cu_seqlens length (zero-length sequences pad it), with one max_seqlen; the samples and loss masks are the
+    unpadded rows', and both read the same packed files."""
+    src = write_jsonl(tmp_path / "src.jsonl", ROWS)
+    cfg = config(src, prompt_template="Q: {question}\nA:")
+    prepare(cfg, tmp_path / "out", assets["tokenizer"])
+    plain = packed_module(cfg, tmp_path / "out", assets["qwen3"])
+    fixed = packed_module(cfg, tmp_path / "out", assets["qwen3"], one_shape=True)
+    plain.prepare_packed()
+    fixed.prepare_packed()
+    assert fixed.packed_dir() == plain.packed_dir()  # padding happens in the collate: one pack serves both
+
+    shapes = set()
+    for path in (fixed.train_path_packed, fixed.validation_path_packed):
+        unpadded = plain._create_dataset(path, pack_metadata_path=plain.pack_metadata, is_test=True)
+        padded = fixed._create_dataset(
+            path, pack_metadata_path=fixed.pack_metadata, is_test=True, **fixed.dataset_kwargs
+        )
+        assert len(padded) == len(unpadded) > 0
+        for i in range(len(padded)):
+            want, got = unpadded.collate_fn([unpadded[i]]), padded.collate_fn([padded[i]])
+            samples = len(padded[i]["seq_boundaries"]) - 1
+            assert segments(got)[:samples] == segments(want)[:samples]
+            assert int(got["loss_mask"].sum()) == int(want["loss_mask"].sum())
+            cu = got["cu_seqlens"][0, : int(got["cu_seqlens_argmin"][0])]
+            assert cu[-1] == 64 and bool((cu.diff() >= 0).all())  # trailing zero-length sequences
+            shapes.add((tuple(got["tokens"].shape), len(cu), int(got["max_seqlen"].flatten()[0])))
+    assert len(shapes) == 1 and next(iter(shapes))[0] == (1, 64)
 
 
 def test_packing_is_reused_while_nothing_changes_and_replaced_when_the_data_does(tmp_path, assets, caplog):

@@ -535,6 +535,19 @@ def test_trial_worker_shims_are_applied_only_where_asked_for():
         nemo_compat.install_worker_hooks(trial=frozenset({"compiled-rope"}))
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal a worker without CUDA gives")
+def test_a_cuda_graphs_worker_without_cuda_stops_with_the_fix():
+    probe = (
+        "import nemo_compat; nemo_compat.install_worker_hooks(cuda_graphs=True)\n"
+        "import megatron.core.tensor_parallel.random"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO, timeout=300)
+    stderr = out.stderr
+    assert out.returncode == 1 and "RuntimeError: --cuda_graphs needs a CUDA GPU and a CUDA build of torch" in stderr
+    assert "drop --cuda_graphs" in stderr
+    assert "graph-safe-rng" in nemo_compat.SHIMS
+
+
 @pytest.mark.gpu
 def test_liger_rmsnorm_gives_torchs_norm_and_gradients_in_bf16_on_the_gpu():
     """The CUDA path (Liger-Kernel's Triton kernels) against torch.nn.RMSNorm on the shapes of the Qwen3 step: the

@@ -133,6 +133,7 @@ VALIDATION_CASES = [
     ("--wait_timeout_s 1e9", "--wait_timeout_s 1000000000.0 is above 604800"),
     ("--save_top_k 0", "--save_top_k 0 must be a positive integer, or -1 to keep every checkpoint"),
     ("--save_top_k -2", "--save_top_k -2 must be a positive integer, or -1 to keep every checkpoint"),
+    ("--cuda_graphs", "--cuda_graphs without --packed_sequence: Megatron's CUDA graphs replay the shapes"),
 ]
 
 
@@ -170,6 +171,14 @@ def test_a_worker_shim_skip_that_names_no_optional_shim_is_refused_before_launch
         err.value
     )
     pm.validate_config(parse(), None, {"PEFT_MEGATRON_WORKER_SKIP": " torch-optimizer-kernels "})
+
+
+def test_cuda_graphs_are_refused_where_no_gpu_will_run_them():
+    config = parse("--cuda_graphs --packed_sequence --micro_batch_size 1 --gpus_per_node 1")
+    with pytest.raises(ConfigError, match="--cuda_graphs needs CUDA GPUs and this machine shows none"):
+        pm.validate_config(config, visible_gpus=0)
+    pm.validate_config(config, visible_gpus=1)
+    pm.validate_config(config, visible_gpus=None)  # not launching here (--dry_run, Slurm)
 
 
 def test_multi_node_needs_a_rendezvous_address(monkeypatch):
@@ -457,6 +466,20 @@ def test_configure_recipe_full_ft_and_optional_callbacks(tmp_path, no_te, monkey
     assert recipe.log.wandb.__fn_or_cls__.__name__ == "WandbLogger"
 
 
+def test_cuda_graphs_graph_the_layers_pad_packed_rows_to_one_shape_and_tell_the_workers(tmp_path, no_te):
+    import nemo_compat
+
+    graphed = parse(f"--packed_sequence --micro_batch_size 1 --cuda_graphs --output_dir {tmp_path}")
+    recipe = pm.configure_recipe(graphed, no_te)
+    assert recipe.model.config.cuda_graph_impl == "local" and recipe.data.one_shape is True
+    assert pm.configure_executor(graphed, no_te).env_vars[nemo_compat.CUDA_GRAPHS_ENV] == "1"
+
+    eager = parse(f"--packed_sequence --micro_batch_size 1 --output_dir {tmp_path}")
+    recipe = pm.configure_recipe(eager, no_te)
+    assert getattr(recipe.model.config, "cuda_graph_impl", "none") == "none" and recipe.data.one_shape is False
+    assert nemo_compat.CUDA_GRAPHS_ENV not in pm.configure_executor(eager, no_te).env_vars
+
+
 def test_checkpoints_are_named_as_the_seed_shows_them(tmp_path, no_te):
     """NeMo's ModelCheckpoint, built from the recipe's config, names a checkpoint directory this way."""
     import fiddle as fdl
@@ -577,7 +600,8 @@ HELP_SECTIONS = {
     ],
     "training": [
         "max_steps", "val_check_interval", "log_every_n_steps", "micro_batch_size", "accumulate_grad_batches",
-        "limit_val_batches", "max_seq_length", "packed_sequence", "learning_rate", "early_stopping_threshold",
+        "limit_val_batches", "max_seq_length", "packed_sequence", "cuda_graphs", "learning_rate",
+        "early_stopping_threshold",
         "early_stopping_patience", "core_attention", "save_weights_only", "save_top_k",
     ],
     "PEFT": ["peft_scheme", "full_ft", "lora_dim", "lora_alpha"],

@@ -145,6 +145,20 @@ def test_unsupported_packed_formats_and_configs_are_refused_by_name():
     assert sdpa_attention.unsupported_reason(megatron_config()) is None
 
 
+def test_the_varlen_grid_takes_the_batchs_longest_sequence_from_the_host():
+    """Outside a CUDA-graph capture the kernel's max lengths are the collate's host tensors (no device sync), or the
+    row's length where the batch gives none; inside one (GPU suite) the row's length."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    import sdpa_attention
+
+    cu = torch.tensor([0, 5, 12, 12], dtype=torch.int32)
+    given = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=torch.tensor(7))
+    given.max_seqlen_kv = torch.tensor(7)
+    assert sdpa_attention.varlen_max_lengths(given, 12) == (7, 7)
+    assert sdpa_attention.varlen_max_lengths(PackedSeqParams(qkv_format="thd"), 12) == (12, 12)
+
+
 def test_layer_spec_swaps_only_the_core_attention():
     from megatron.core.transformer.dot_product_attention import DotProductAttention
     from nemo.collections.llm.gpt.model.base import local_layer_spec

@@ -107,6 +107,8 @@ def test_the_cuda_graph_variant_gives_megatron_the_rng_tracker_its_graphed_layer
     from megatron.core.transformer.transformer_config import TransformerConfig
     from megatron.core.transformer.transformer_layer import TransformerLayer
 
+    import nemo_compat
+
     monkeypatch.setattr(megatron_random, "_CUDA_RNG_STATE_TRACKER", None)  # restored after the test
     monkeypatch.setattr(megatron_random, "_CUDA_RNG_STATE_TRACKER_INITIALIZED", False)
     config = TransformerConfig(
@@ -117,8 +119,8 @@ def test_the_cuda_graph_variant_gives_megatron_the_rng_tracker_its_graphed_layer
     with pytest.raises(AssertionError, match="RNG tracker does not support cudagraphs"):
         TransformerLayer(config, layer_spec)
 
-    bench.use_graph_safe_rng()
-    megatron_random.initialize_rng_tracker(use_te_rng_tracker=False)  # NeMo's setup, after the variant's
+    nemo_compat.make_rng_tracker_graph_safe()  # the variant's, and a --cuda_graphs run's workers'
+    megatron_random.initialize_rng_tracker(use_te_rng_tracker=False)  # NeMo's setup, after it
     assert megatron_random.get_cuda_rng_tracker().use_cudagraphable_rng
     assert TransformerLayer(config, layer_spec).cudagraph_manager is not None
 
@@ -252,6 +254,17 @@ def test_packed_rows_come_from_nemos_packer_and_collate_with_their_real_token_co
         assert counted == int(batch["loss_mask"].sum()) == sum(e - s - 1 for s, e in itertools.pairwise(bounds))
         assert batch["tokens"].shape[1] <= case.seq_length and "cu_seqlens" in batch
         assert len(bounds) > 2  # several samples per row
+    padded = bench.make_synthetic_data_module(
+        "tiny_varlen", micro_batch_size=1, global_batch_size=1, packed=True, one_shape=True
+    )
+    padded.setup()
+    shapes = set()
+    for batch in itertools.islice(padded.train_dataloader(), 6):
+        cu = batch["cu_seqlens"][0, : int(batch["cu_seqlens_argmin"][0])]
+        shapes.add((tuple(batch["tokens"].shape), len(cu), int(batch["max_seqlen"].flatten()[0])))
+    assert len(shapes) == 1 and next(iter(shapes))[0] == (1, case.seq_length)
+    assert padded.batch_tokens[:3] == module.batch_tokens  # the same rows; their padding trains nothing
+    assert bench.graphed(bench.resolve_variant("packed+cuda_graphs")) and not bench.graphed(bench.VARIANTS["packed"])
     with pytest.raises(SystemExit):
         bench.parse_args(["--case", "qwen3_8b_lora", "--variants", "packed"])
     with pytest.raises(SystemExit):
