@@ -10,7 +10,7 @@ model-config overrides, NeMo's trainer) against Hugging Face transformers + PEFT
         --out benchmarks/results/training_packed.json                 # variable-length samples, unpacked vs packed
     python benchmarks/train_throughput.py --case qwen3_1p7b_full --variants default liger_norm cuda_graphs \\
         cuda_graphs+liger_norm                                        # a lever alone and on top of another ('+')
-    python benchmarks/train_throughput.py --case qwen3_1p7b_full_varlen --variants packed packed+cuda_graphs \
+    python benchmarks/train_throughput.py --case qwen3_1p7b_full_varlen --variants packed packed+cuda_graphs \\
         --hf_pythonpath ''                                            # --cuda_graphs' padded packed rows
 
 Both stacks get the named shape with random weights (no download), bf16, the same synthetic token sequences, the
