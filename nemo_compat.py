@@ -16,7 +16,8 @@ Every shim, the upstream defect it works around and when it can go: `SHIMS` belo
                                 optimizer kernels and weight-gradient accumulation) and, with or without TE, the
                                 fix of Megatron-Core 0.15's asynchronous checkpoint save; log_to_worker_output()
                                 puts their `compat:` lines in the run's log; WORKER_SKIP_ENV leaves optional ones out;
-                                `trial=` adds shims still being measured (TRIAL_WORKER_SHIMS: Liger-Kernel's RMSNorm)
+                                `trial=` adds shims still being measured (TRIAL_WORKER_SHIMS: Liger-Kernel's RMSNorm);
+                                `cuda_graphs=` (CUDA_GRAPHS_ENV, --cuda_graphs) makes Megatron's graph-safe RNG tracker
     scoped(), undo()            take shims back (tests apply theirs in a scope)
     check_versions()            the shims refuse NeMo / Megatron-Core releases they were not written for
 """
