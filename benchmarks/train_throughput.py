@@ -228,7 +228,7 @@ def parse_args(argv=None):
     case = CASES[args.case]
     if case.variable_lengths and (args.micro_batch_size or 1) != 1:
         parser.error(f"--case {args.case} runs one sample (or one packed row) per micro-batch; drop --micro_batch_size")
-    if any("packed" in name.split("+") for name in args.variants) and not case.variable_lengths:
+    if any(resolve_variant(name).flags.get("packed_sequence") for name in args.variants) and not case.variable_lengths:
         parser.error("--variants packed needs a variable-length case (e.g. --case qwen3_8b_lora_varlen)")
     if args.steps < 6 or args.warmup_steps < 1:
         parser.error(
@@ -453,9 +453,8 @@ def benchmark_recipe(case_name: str, case: Case, variant: Variant, max_steps: in
 
 
 def graphed(variant: Variant) -> bool:
-    """Whether the variant trains with Megatron's local CUDA graphs (the `cuda_graphs` variant or the product's
-    --cuda_graphs flag)."""
-    return variant.model.get("cuda_graph_impl") == "local" or bool(variant.flags.get("cuda_graphs"))
+    """Whether the variant trains with Megatron's local CUDA graphs (what --cuda_graphs sets on the model)."""
+    return variant.model.get("cuda_graph_impl") == "local"
 
 
 def run_ours(args, case: Case, variant: Variant) -> dict:
