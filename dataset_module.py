@@ -13,6 +13,7 @@ global rank 0 only while other ranks wait with a timeout.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -21,6 +22,7 @@ import os
 import random
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,8 +50,8 @@ COLLATE_ONLY_KWARGS = ("pad_to_max_length",)  # NeMo dataset settings that chang
 PACKED_DIR = "packed"  # <data_dir>/packed/<pack size>-<key>/: training.npy, validation.npy, metadata.jsonl
 PACKED_MARKER = ".packed_ready.json"  # written last inside a packed directory renamed into place whole
 PACK_FAILED_MARKER = ".packing_failed"
-PACK_FORMAT_VERSION = 1
-PACK_ALGORITHM = "first_fit_shuffle"  # NeMo's default: first-fit over a shuffled order, deterministic for a seed
+PACK_FORMAT_VERSION = 2  # 2: packing order seeded (packs made before it depended on numpy's unseeded state)
+PACK_ALGORITHM = "first_fit_shuffle"  # NeMo's default: first-fit over a shuffled order (seeded_numpy: one per seed)
 PACKED_FILES = {"train": "training.npy", "val": "validation.npy"}
 LOCAL_SUFFIXES = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 _SPLIT_ALIASES = {"train": ("train",), "val": ("validation", "val", "valid", "dev"), "test": ("test",)}
@@ -651,6 +653,21 @@ def pack_dataset(
         return summary
 
 
+@contextlib.contextmanager
+def seeded_numpy(seed: int) -> Iterator[None]:
+    """numpy's global generator seeded with `seed`, and given back as it was. NeMo 2.7.3's first_fit_shuffle draws
+    its order from that generator and nothing seeds it (prepare_packed_sequence_data's `seed` reaches only the
+    tokenizing dataset), so without this two runs of one command pack different rows."""
+    import numpy as np
+
+    state = np.random.get_state()
+    np.random.seed(seed)
+    try:
+        yield
+    finally:
+        np.random.set_state(state)
+
+
 def _read_packed_marker(location: Path) -> dict | None:
     """The marker of a packed directory whose files are all there with the sizes and hashes it records."""
     try:
@@ -678,17 +695,18 @@ def _pack_into_place(
     summary: dict[str, Any] = {"pack_size": pack_size, "directory": str(location)}
     try:
         for split, filename in PACKED_FILES.items():
-            prepare_packed_sequence_data(
-                input_path=data_dir / SPLIT_FILES[split],
-                output_path=work / filename,
-                output_metadata_path=work / "metadata.jsonl",
-                packed_sequence_size=pack_size,
-                tokenizer=tokenizer,
-                max_seq_length=pack_size,
-                seed=seed,
-                packing_algorithm=PACK_ALGORITHM,
-                dataset_kwargs=dict(dataset_kwargs or {}),  # NeMo pops keys from it
-            )
+            with seeded_numpy(seed):
+                prepare_packed_sequence_data(
+                    input_path=data_dir / SPLIT_FILES[split],
+                    output_path=work / filename,
+                    output_metadata_path=work / "metadata.jsonl",
+                    packed_sequence_size=pack_size,
+                    tokenizer=tokenizer,
+                    max_seq_length=pack_size,
+                    seed=seed,
+                    packing_algorithm=PACK_ALGORITHM,
+                    dataset_kwargs=dict(dataset_kwargs or {}),  # NeMo pops keys from it
+                )
             packs = np.load(work / filename, allow_pickle=True)
             samples = int(sum(len(p["seq_start_id"]) for p in packs))
             # A sample of n ids trains on n - 1 positions (inputs and labels are shifted), as the packer counts.

@@ -687,19 +687,23 @@ _last_positions: tuple = (lambda: None, -1, 0, None)  # (weakref to cu_seqlens, 
 
 def positions_in_sequence(cu_seqlens, tokens: int):
     """Each packed token's position inside its own sequence, on cu_seqlens' device; every layer (q and k) gets the
-    same cu_seqlens tensor, so it is computed once per batch."""
+    same cu_seqlens tensor, so it is computed once per batch. Not while a CUDA graph is capturing (--cuda_graphs):
+    each layer's graph must compute them from its own cu_seqlens buffer, which every replay refills; a cached tensor
+    would be baked into the graph with the capture batch's positions."""
     import weakref
 
     import torch
 
     global _last_positions
+    capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
     ref, version, size, positions = _last_positions
-    if ref() is cu_seqlens and version == cu_seqlens._version and size == tokens:
+    if not capturing and ref() is cu_seqlens and version == cu_seqlens._version and size == tokens:
         return positions
     index = torch.arange(tokens, device=cu_seqlens.device)
     starts = cu_seqlens.to(index.dtype)
     positions = index - starts[torch.searchsorted(starts, index, right=True) - 1]
-    _last_positions = (weakref.ref(cu_seqlens), cu_seqlens._version, tokens, positions)
+    if not capturing:
+        _last_positions = (weakref.ref(cu_seqlens), cu_seqlens._version, tokens, positions)
     return positions
 
 

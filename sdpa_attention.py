@@ -165,7 +165,7 @@ def varlen_max_lengths(params, t: int) -> tuple[int, int]:
     them as host tensors, so reading them costs no device sync. Inside a CUDA-graph capture (--cuda_graphs) they
     would be baked into the graph, and Megatron captures with its inputs zeroed, so the row's length, an upper bound
     for every batch the graph replays, is used there."""
-    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+    if capturing():
         return t, t
     return tuple(int(m) if m is not None else t for m in (params.max_seqlen_q, params.max_seqlen_kv))
 
@@ -218,16 +218,23 @@ _last_block_mask: tuple = (lambda: None, -1, 0, None)  # (weakref to cu_seqlens,
 
 def block_causal_mask(cu_seqlens: torch.Tensor, t: int) -> torch.Tensor:
     """SDPA mask `[t, t]` (True = attend) letting each token of a packed row see its own sequence's earlier tokens.
-    Every layer gets the same `cu_seqlens` tensor, so the mask is built once per batch."""
+    Every layer gets the same `cu_seqlens` tensor, so the mask is built once per batch - except inside a CUDA-graph
+    capture, where each graph builds it from the cu_seqlens buffer its replays refill."""
     global _last_block_mask
     ref, version, size, mask = _last_block_mask
-    if ref() is cu_seqlens and version == cu_seqlens._version and size == t:
+    if not capturing() and ref() is cu_seqlens and version == cu_seqlens._version and size == t:
         return mask
     positions = torch.arange(t, device=cu_seqlens.device)
     sequence = torch.searchsorted(cu_seqlens.to(positions.dtype), positions, right=True)
     mask = (sequence[:, None] == sequence[None, :]) & torch.ones(t, t, dtype=torch.bool, device=positions.device).tril()
-    _last_block_mask = (weakref.ref(cu_seqlens), cu_seqlens._version, t, mask)
+    if not capturing():
+        _last_block_mask = (weakref.ref(cu_seqlens), cu_seqlens._version, t, mask)
     return mask
+
+
+def capturing() -> bool:
+    """Whether a CUDA graph is being captured on the current stream (Megatron's --cuda_graphs layers)."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def sdpa_mask(attention_mask, mask_type, sq: int, sk: int, device) -> tuple[torch.Tensor | None, bool]:

@@ -129,3 +129,23 @@ def test_packed_row_on_cuda_uses_flash_varlen_and_matches_separate_samples(model
     assert_each_sample_matches(packed, alone, atol=0.08)  # bf16 logits of magnitude ~1: a few bf16 steps
     reference, _ = alone_and_packed(tiny_gpt("cpu", torch.float32), "cpu")  # same initial weights, fp32 maths
     assert (packed.float().cpu() - reference).abs().max() < 0.08
+
+
+@pytest.mark.gpu
+def test_packed_positions_and_mask_follow_every_replay_of_a_cuda_graph():
+    """--cuda_graphs: the per-batch caches already hold this very cu_seqlens when Megatron captures a layer, yet the
+    graph must compute positions and mask from the buffer that each replay refills, not bake the capture batch's."""
+    import nemo_compat
+    import sdpa_attention
+
+    cu = torch.tensor([0, 3, 8, 8], dtype=torch.int32, device="cuda")
+    nemo_compat.positions_in_sequence(cu, 8), sdpa_attention.block_causal_mask(cu, 8)  # cached, as after warm-up
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        positions = nemo_compat.positions_in_sequence(cu, 8)
+        mask = sdpa_attention.block_causal_mask(cu, 8)
+    cu.copy_(torch.tensor([0, 5, 6, 8], dtype=torch.int32))  # the next batch, as Megatron's replay copies it in
+    graph.replay()
+    torch.cuda.synchronize()
+    assert positions.tolist() == [0, 1, 2, 3, 4, 0, 0, 1]
+    assert torch.equal(mask.cpu(), sdpa_attention.block_causal_mask(cu.cpu(), 8))
