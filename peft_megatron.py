@@ -1029,7 +1029,10 @@ def configure_recipe(config: Config, env=None):
     assign(
         recipe.trainer,
         max_steps=config.max_steps,
-        num_sanity_val_steps=1,
+        # Megatron's local CUDA graphs capture whichever layer calls come first. NeMo's LoRA set-up puts the model
+        # back in train mode after Lightning's eval() for the sanity check, so those no-grad calls would be captured
+        # as forward-only graphs that training steps then replay and cannot run backward through.
+        num_sanity_val_steps=0 if config.cuda_graphs else 1,
         val_check_interval=config.val_check_interval,
         limit_val_batches=config.limit_val_batches,
         log_every_n_steps=config.log_every_n_steps,
