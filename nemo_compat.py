@@ -17,7 +17,8 @@ Every shim, the upstream defect it works around and when it can go: `SHIMS` belo
                                 fix of Megatron-Core 0.15's asynchronous checkpoint save; log_to_worker_output()
                                 puts their `compat:` lines in the run's log; WORKER_SKIP_ENV leaves optional ones out;
                                 `trial=` adds shims still being measured (TRIAL_WORKER_SHIMS: Liger-Kernel's RMSNorm);
-                                `cuda_graphs=` (CUDA_GRAPHS_ENV, --cuda_graphs) makes Megatron's graph-safe RNG tracker
+                                `cuda_graphs=` (CUDA_GRAPHS_ENV, --cuda_graphs) graphs the layers of every model
+                                config the worker builds, with Megatron's graph-safe RNG tracker
     scoped(), undo()            take shims back (tests apply theirs in a scope)
     check_versions()            the shims refuse NeMo / Megatron-Core releases they were not written for
 """
@@ -144,6 +145,13 @@ SHIMS = {
         "a graph-safe one; Megatron-LM's own training loop makes that one (use_cudagraphable_rng)",
         "NeMo makes the graph-safe tracker when cuda_graph_impl is 'local'",
     ),
+    "local-cuda-graphs": Shim(
+        "training workers of a --cuda_graphs run (with or without TE)",
+        "NeMo keeps a model config's constructor arguments in every checkpoint's context, so a recipe's "
+        "cuda_graph_impl='local' would reach every loader (the HF exporter, generation), whose CudaGraphManager per "
+        "layer then asserts a graph-safe RNG tracker and makes CUDA streams: CPU exports and eager generation fail",
+        "NeMo keeps execution settings out of checkpoint contexts, or its loaders reset cuda_graph_impl",
+    ),
     "async-save-staged-buffers": Shim(
         "training workers (with or without TE) on Megatron-Core 0.15 / 0.16",
         "TemporalAsyncCaller (NeMo's asynchronous checkpoint save, on by default) drops the pinned host copies of the "
@@ -182,7 +190,8 @@ WORKER_ENV_FLAG = "PEFT_MEGATRON_WORKER_COMPAT"
 CHECKPOINT_ONLY = "checkpoint"
 # OPTIONAL_WORKER_SHIMS the training workers leave out, comma-separated (unset: none).
 WORKER_SKIP_ENV = "PEFT_MEGATRON_WORKER_SKIP"
-# "1" when the run trains with CUDA graphs (--cuda_graphs): the workers make Megatron's graph-safe RNG tracker.
+# "1" when the run trains with CUDA graphs (--cuda_graphs): the workers graph their model's layers, with Megatron's
+# graph-safe RNG tracker.
 CUDA_GRAPHS_ENV = "PEFT_MEGATRON_CUDA_GRAPHS"
 
 
@@ -549,7 +558,8 @@ def install_worker_hooks(
     modules load, and keep asynchronous checkpoint saves intact (hold_async_save_buffers, with or without TE), with no
     NeMo import of our own (torchrun's launcher process runs this too). `skip` names OPTIONAL_WORKER_SHIMS to leave
     out; the benchmark measures each against its absence. `trial` names TRIAL_WORKER_SHIMS to apply as well.
-    `cuda_graphs` (a --cuda_graphs run, with or without TE): Megatron's graph-safe RNG tracker.
+    `cuda_graphs` (a --cuda_graphs run, with or without TE): Megatron's local CUDA graphs on every model config
+    built here, and its graph-safe RNG tracker.
     `checkpoint_only` (TE and CUDA present): the checkpoint fix (and the tracker) alone."""
     unknown = set(skip) - set(OPTIONAL_WORKER_SHIMS)
     if unknown:
@@ -563,6 +573,7 @@ def install_worker_hooks(
         _after_import(ASYNC_SAVE_MODULE, hold_async_save_buffers)
     if cuda_graphs:
         _after_import(RNG_MODULE, make_rng_tracker_graph_safe)
+        _after_import(CONFIG_MODULE, graph_every_model_built_here)
     if checkpoint_only:
         return
     skip_unified_memory_build()
@@ -589,6 +600,7 @@ OPTIMIZER_MODULE = "megatron.core.optimizer"
 LINEAR_MODULE = "megatron.core.tensor_parallel.layers"
 NORM_MODULE = "megatron.core.transformer.torch_norm"
 RNG_MODULE = "megatron.core.tensor_parallel.random"
+CONFIG_MODULE = "megatron.core.transformer.transformer_config"
 
 
 def make_rng_tracker_graph_safe() -> None:
@@ -607,6 +619,30 @@ def make_rng_tracker_graph_safe() -> None:
     module = importlib.import_module(RNG_MODULE)
     module.initialize_rng_tracker(use_cudagraphable_rng=True, force_reset=True)
     _mark("graph-safe-rng", "Megatron's graph-safe RNG tracker for the local CUDA graphs (training workers)")
+
+
+def graph_every_model_built_here() -> None:
+    """--cuda_graphs: Megatron's local CUDA graphs (cuda_graph_impl="local") for every model config this process
+    builds, set as it is built (before Megatron's own checks) rather than in the recipe. NeMo keeps the config's
+    constructor arguments, not its later state, in each checkpoint's context, so the checkpoints keep "none" and load
+    anywhere; a recipe setting would make every loader (the HF exporter on CPU, eager generation) build a
+    CudaGraphManager per layer, which asserts a graph-safe RNG tracker and makes CUDA streams. Remove when NeMo keeps
+    execution settings out of checkpoint contexts or its loaders reset them."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    original = TransformerConfig.__post_init__
+    if getattr(original, "_graphs_every_model", False):
+        return
+
+    def __post_init__(self):
+        deprecated = getattr(self, "enable_cuda_graph", False) or getattr(self, "external_cuda_graph", False)
+        if self.cuda_graph_impl == "none" and not deprecated:  # those two choose the implementation themselves
+            self.cuda_graph_impl = "local"
+        original(self)
+
+    __post_init__._graphs_every_model = True
+    _replace("local-cuda-graphs", TransformerConfig, "__post_init__", __post_init__)
+    _mark("local-cuda-graphs", "every transformer layer runs Megatron's local CUDA graphs (training workers)")
 
 
 def compile_unfused_rope() -> None:

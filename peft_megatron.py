@@ -1015,8 +1015,6 @@ def configure_recipe(config: Config, env=None):
     overrides = nemo_compat.model_config_overrides(env, training=True, skip=skipped)
     assign(recipe.model.config, seq_length=config.max_seq_length, **overrides)
     configure_attention(config, recipe.model.config, env)
-    if config.cuda_graphs:
-        assign(recipe.model.config, cuda_graph_impl="local")
     recipe.data = configure_data(config)
 
     assign(

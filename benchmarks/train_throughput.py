@@ -453,7 +453,8 @@ def benchmark_recipe(case_name: str, case: Case, variant: Variant, max_steps: in
 
 
 def graphed(variant: Variant) -> bool:
-    """Whether the variant trains with Megatron's local CUDA graphs (what --cuda_graphs sets on the model)."""
+    """Whether the variant trains with Megatron's local CUDA graphs (what a --cuda_graphs run's workers set on the
+    model config as they build it)."""
     return variant.model.get("cuda_graph_impl") == "local"
 
 

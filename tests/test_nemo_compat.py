@@ -548,6 +548,23 @@ def test_a_cuda_graphs_worker_without_cuda_stops_with_the_fix():
     assert "graph-safe-rng" in nemo_compat.SHIMS
 
 
+def test_cuda_graphs_workers_graph_the_model_they_build_and_its_checkpoints_load_without(tmp_path):
+    """--cuda_graphs: a worker's model config is built with Megatron's local CUDA graphs, while the context NeMo writes
+    into each checkpoint (the constructor arguments) keeps cuda_graph_impl at "none", so exports and generation
+    build the model without CudaGraphManagers; outside the workers nothing changes."""
+    from nemo.collections.llm.gpt.model.qwen3 import Qwen3Config600M
+    from nemo.lightning.io import load_context
+
+    with nemo_compat.scoped():
+        nemo_compat.graph_every_model_built_here()
+        config = Qwen3Config600M(seq_length=64)
+        assert config.cuda_graph_impl == "local" and "local-cuda-graphs" in nemo_compat.applied()
+        config.io_dump(tmp_path, yaml_attrs=[])
+    saved = load_context(tmp_path)
+    assert type(saved) is Qwen3Config600M and saved.seq_length == 64 and saved.cuda_graph_impl == "none"
+    assert Qwen3Config600M().cuda_graph_impl == "none" and "local-cuda-graphs" not in nemo_compat.applied()
+
+
 @pytest.mark.gpu
 def test_liger_rmsnorm_gives_torchs_norm_and_gradients_in_bf16_on_the_gpu():
     """The CUDA path (Liger-Kernel's Triton kernels) against torch.nn.RMSNorm on the shapes of the Qwen3 step: the
