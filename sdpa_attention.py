@@ -163,8 +163,8 @@ class SDPADotProductAttention(torch.nn.Module):
 def varlen_max_lengths(params, t: int) -> tuple[int, int]:
     """The longest query and key sequence of a packed row, for the varlen kernel's launch grid. NeMo's collate gives
     them as host tensors, so reading them costs no device sync. Inside a CUDA-graph capture (--cuda_graphs) they
-    would be baked into the graph, and Megatron captures with its inputs zeroed, so the row's length, an upper bound
-    for every batch the graph replays, is used there."""
+    would be baked into the graph, which Megatron captures with the first batch's inputs (or zeroed ones), so the
+    row's length, an upper bound for every batch the graph replays, is used there."""
     if capturing():
         return t, t
     return tuple(int(m) if m is not None else t for m in (params.max_seqlen_q, params.max_seqlen_kv))
