@@ -17,8 +17,8 @@ Every shim, the upstream defect it works around and when it can go: `SHIMS` belo
                                 fix of Megatron-Core 0.15's asynchronous checkpoint save; log_to_worker_output()
                                 puts their `compat:` lines in the run's log; WORKER_SKIP_ENV leaves optional ones out;
                                 `trial=` adds shims still being measured (TRIAL_WORKER_SHIMS: Liger-Kernel's RMSNorm);
-                                `cuda_graphs=` (CUDA_GRAPHS_ENV, --cuda_graphs) graphs the layers of every model
-                                config the worker builds, with Megatron's graph-safe RNG tracker
+                                `cuda_graphs=` (CUDA_GRAPHS_ENV, --cuda_graphs) graphs the layers of the model the
+                                worker builds, with Megatron's graph-safe RNG tracker
     scoped(), undo()            take shims back (tests apply theirs in a scope)
     check_versions()            the shims refuse NeMo / Megatron-Core releases they were not written for
 """
@@ -558,8 +558,8 @@ def install_worker_hooks(
     modules load, and keep asynchronous checkpoint saves intact (hold_async_save_buffers, with or without TE), with no
     NeMo import of our own (torchrun's launcher process runs this too). `skip` names OPTIONAL_WORKER_SHIMS to leave
     out; the benchmark measures each against its absence. `trial` names TRIAL_WORKER_SHIMS to apply as well.
-    `cuda_graphs` (a --cuda_graphs run, with or without TE): Megatron's local CUDA graphs on every model config
-    built here, and its graph-safe RNG tracker.
+    `cuda_graphs` (a --cuda_graphs run, with or without TE): Megatron's local CUDA graphs on the model NeMo builds
+    here, and its graph-safe RNG tracker.
     `checkpoint_only` (TE and CUDA present): the checkpoint fix (and the tracker) alone."""
     unknown = set(skip) - set(OPTIONAL_WORKER_SHIMS)
     if unknown:
@@ -573,7 +573,7 @@ def install_worker_hooks(
         _after_import(ASYNC_SAVE_MODULE, hold_async_save_buffers)
     if cuda_graphs:
         _after_import(RNG_MODULE, make_rng_tracker_graph_safe)
-        _after_import(CONFIG_MODULE, graph_every_model_built_here)
+        _after_import(GPT_MODEL_MODULE, graph_layers_as_the_model_is_built)
     if checkpoint_only:
         return
     skip_unified_memory_build()
@@ -600,7 +600,7 @@ OPTIMIZER_MODULE = "megatron.core.optimizer"
 LINEAR_MODULE = "megatron.core.tensor_parallel.layers"
 NORM_MODULE = "megatron.core.transformer.torch_norm"
 RNG_MODULE = "megatron.core.tensor_parallel.random"
-CONFIG_MODULE = "megatron.core.transformer.transformer_config"
+GPT_MODEL_MODULE = "nemo.collections.llm.gpt.model.base"
 
 
 def make_rng_tracker_graph_safe() -> None:
@@ -621,27 +621,34 @@ def make_rng_tracker_graph_safe() -> None:
     _mark("graph-safe-rng", "Megatron's graph-safe RNG tracker for the local CUDA graphs (training workers)")
 
 
-def graph_every_model_built_here() -> None:
-    """--cuda_graphs: Megatron's local CUDA graphs (cuda_graph_impl="local") for every model config this process
-    builds, set as it is built (before Megatron's own checks) rather than in the recipe. NeMo keeps the config's
-    constructor arguments, not its later state, in each checkpoint's context, so the checkpoints keep "none" and load
-    anywhere; a recipe setting would make every loader (the HF exporter on CPU, eager generation) build a
-    CudaGraphManager per layer, which asserts a graph-safe RNG tracker and makes CUDA streams. Remove when NeMo keeps
-    execution settings out of checkpoint contexts or its loaders reset them."""
-    from megatron.core.transformer.transformer_config import TransformerConfig
+def graph_layers_as_the_model_is_built() -> None:
+    """--cuda_graphs: Megatron's local CUDA graphs (cuda_graph_impl="local") set on the model config when NeMo builds
+    the Megatron model from it (`GPTConfig.configure_model`, which Qwen3, Llama and Mistral use), not in the recipe.
+    The checkpoint context holds the config as the LightningModule took it at construction (its constructor
+    arguments, or a snapshot of its fields where NeMo's init wrapper skipped the class), so checkpoints keep "none"
+    and load anywhere; a recipe setting would make every loader (the HF exporter on CPU, eager generation) build a
+    CudaGraphManager per layer, which asserts a graph-safe RNG tracker and makes CUDA streams. Megatron's config
+    check has run by then, so its refusals for graphs (recomputation, CPU offloading) are made here. Remove when NeMo
+    keeps execution settings out of checkpoint contexts or its loaders reset them."""
+    from nemo.collections.llm.gpt.model.base import GPTConfig
 
-    original = TransformerConfig.__post_init__
-    if getattr(original, "_graphs_every_model", False):
+    original = GPTConfig.configure_model
+    if getattr(original, "_nemo_compat", False):
         return
 
-    def __post_init__(self):
-        deprecated = getattr(self, "enable_cuda_graph", False) or getattr(self, "external_cuda_graph", False)
-        if self.cuda_graph_impl == "none" and not deprecated:  # those two choose the implementation themselves
+    def configure_model(self, *args, **kwargs):
+        if self.cuda_graph_impl == "none":
+            uncapturable = [name for name in ("recompute_granularity", "cpu_offloading") if getattr(self, name, None)]
+            if uncapturable:  # what TransformerConfig.__post_init__ refuses for graphs, which ran before this
+                raise ValueError(
+                    f"--cuda_graphs: the model config sets {' and '.join(uncapturable)}, which Megatron's CUDA graphs "
+                    "do not support; drop --cuda_graphs"
+                )
             self.cuda_graph_impl = "local"
-        original(self)
+        return original(self, *args, **kwargs)
 
-    __post_init__._graphs_every_model = True
-    _replace("local-cuda-graphs", TransformerConfig, "__post_init__", __post_init__)
+    configure_model._nemo_compat = True
+    _replace("local-cuda-graphs", GPTConfig, "configure_model", configure_model)
     _mark("local-cuda-graphs", "every transformer layer runs Megatron's local CUDA graphs (training workers)")
 
 

@@ -548,21 +548,32 @@ def test_a_cuda_graphs_worker_without_cuda_stops_with_the_fix():
     assert "graph-safe-rng" in nemo_compat.SHIMS
 
 
-def test_cuda_graphs_workers_graph_the_model_they_build_and_its_checkpoints_load_without(tmp_path):
-    """--cuda_graphs: a worker's model config is built with Megatron's local CUDA graphs, while the context NeMo writes
-    into each checkpoint (the constructor arguments) keeps cuda_graph_impl at "none", so exports and generation
-    build the model without CudaGraphManagers; outside the workers nothing changes."""
+def test_cuda_graphs_workers_graph_the_layers_they_build_and_checkpoints_load_without(tmp_path, model_parallel):
+    """--cuda_graphs: the workers turn Megatron's local CUDA graphs on as NeMo builds the model (Megatron's
+    CudaGraphManager, made for each layer, refuses this CPU process's RNG tracker: the layers were being graphed),
+    while the context NeMo writes into each checkpoint keeps cuda_graph_impl at "none", so exports and generation
+    build the model without graphs; outside the workers nothing changes."""
+    from nemo.collections import llm
     from nemo.collections.llm.gpt.model.qwen3 import Qwen3Config600M
     from nemo.lightning.io import load_context
 
+    shape = dict(num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4, num_query_groups=2)
+    shape.update(use_cpu_initialization=True)  # no CUDA RNG tracker here
+    config = Qwen3Config600M(**shape, vocab_size=128, seq_length=64)
+    model = llm.GPTModel(config)  # checkpoints take their context from here
     with nemo_compat.scoped():
-        nemo_compat.graph_every_model_built_here()
-        config = Qwen3Config600M(seq_length=64)
+        nemo_compat.graph_layers_as_the_model_is_built()
+        with pytest.raises(AssertionError, match="RNG tracker does not support cudagraphs"):
+            config.configure_model(tokenizer=None)
         assert config.cuda_graph_impl == "local" and "local-cuda-graphs" in nemo_compat.applied()
-        config.io_dump(tmp_path, yaml_attrs=[])
-    saved = load_context(tmp_path)
+        recomputing = Qwen3Config600M(**shape, vocab_size=128, recompute_granularity="selective")
+        with pytest.raises(ValueError, match="sets recompute_granularity, which Megatron's CUDA graphs do not support"):
+            recomputing.configure_model(tokenizer=None)
+    model.io_dump(tmp_path, yaml_attrs=[])
+    saved = load_context(tmp_path, subpath="config")
     assert type(saved) is Qwen3Config600M and saved.seq_length == 64 and saved.cuda_graph_impl == "none"
-    assert Qwen3Config600M().cuda_graph_impl == "none" and "local-cuda-graphs" not in nemo_compat.applied()
+    built = Qwen3Config600M(**shape, vocab_size=128).configure_model(tokenizer=None)
+    assert built.config.cuda_graph_impl == "none" and "local-cuda-graphs" not in nemo_compat.applied()
 
 
 @pytest.mark.gpu
