@@ -86,6 +86,14 @@ def run_script(script: str, *args: str, env: dict | None = None, timeout: int = 
     )
 
 
+def failure(result) -> str:
+    """What a failed run shows: its output from the first traceback on (the launcher prints a training worker's from
+    there; NeMo-Run's own exit report follows it and would fill a plain tail), else the tail, then stderr's tail."""
+    start = result.stdout.find("Traceback (most recent call last)")
+    shown = result.stdout[start : start + 8000] if start >= 0 else result.stdout[-4000:]
+    return shown + (result.stderr or "")[-2000:]
+
+
 def start_script(script: str, *args: str) -> subprocess.Popen:
     """Start a script in the background, its stdout and stderr merged into one text pipe."""
     return subprocess.Popen(

@@ -15,7 +15,7 @@ import pytest
 import nemo_compat
 import run_report
 from common import adapters_unlike_their_master_copies, read_adapter_tensors, untrained_adapters
-from conftest import qa_job, run_script, wandb_history
+from conftest import failure, qa_job, run_script, wandb_history
 
 pytestmark = pytest.mark.gpu
 
@@ -57,7 +57,7 @@ def lora_run(assets, tmp_path_factory) -> dict:
             "--enable_pytorch_profiler",
         ),
     )
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    assert result.returncode == 0, failure(result)
     return {"out": out, "train": scalars(out, "reduced_train_loss"), "val": scalars(out, "val_loss")}
 
 
@@ -93,7 +93,7 @@ def test_every_checkpoint_written_while_training_goes_on_is_intact(assets, tmp_p
     out = tmp_path / "run"
     steps = "--max_steps 160 --val_check_interval 20 --learning_rate 5e-3 --early_stopping_patience 20".split()
     result = run_script("peft_megatron.py", *tiny_job(assets, out, *steps, "--save_top_k", "-1"))
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    assert result.returncode == 0, failure(result)
     saved = [p for p in checkpoints(out) if not p.name.endswith("-last")]
     assert len(saved) == 8, [p.name for p in saved]
     for ckpt in saved:
@@ -126,7 +126,7 @@ def test_sdpa_attention_trains_like_megatrons_unfused_attention(assets, tmp_path
                 attention,
             ),
         )
-        assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+        assert result.returncode == 0, failure(result)
         losses[attention] = scalars(out, "reduced_train_loss")
     sdpa, unfused = losses["sdpa"], losses["unfused"]
     print("\n".join(f"step {s:2d}: sdpa {sdpa[s]:.5f} unfused {unfused[s]:.5f}" for s in sorted(sdpa)))
@@ -161,7 +161,7 @@ def generate_predictions(out: Path, predictions: Path, graphs: str, *extra: str)
         "none",
         *extra,
     )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.returncode == 0, failure(result)
     summary = next(line for line in result.stdout.splitlines() if "generated tokens/s" in line)
     print(summary)
     assert f"decode CUDA graphs: {graphs}" in summary
@@ -240,7 +240,7 @@ def test_lora_resumes_from_last_with_its_optimizer_and_data_position(assets, lor
         "peft_megatron.py",
         *tiny_job(assets, out, "--max_steps", "40", "--val_check_interval", "10", "--learning_rate", "5e-3"),
     )
-    assert resumed.returncode == 0, resumed.stdout[-4000:]
+    assert resumed.returncode == 0, failure(resumed)
     assert "Restoring states from the checkpoint path" in resumed.stdout
     assert "`max_steps=40` reached" in resumed.stdout
     train_after = scalars(out, "reduced_train_loss")
@@ -258,7 +258,7 @@ def test_full_fine_tuning_reduces_val_loss_and_exports(assets, tmp_path):
             assets, out, "--full_ft", "--max_steps", "30", "--val_check_interval", "10", "--learning_rate", "1e-4"
         ),
     )
-    assert result.returncode == 0, result.stdout[-4000:]
+    assert result.returncode == 0, failure(result)
     val = scalars(out, "val_loss")
     assert val[max(val)] < val[min(val)], val
     export = run_script("convert_checkpoint_to_hf.py", "--nemo_logs_dir", str(out / "nemo_logs"))
@@ -288,7 +288,7 @@ def test_packed_sequences_train_validate_and_checkpoint(assets, tmp_path):
             "1",
         ),
     )
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    assert result.returncode == 0, failure(result)
     assert "packed train" in result.stdout and "rows of <= 64 tokens" in result.stdout
     train, val = scalars(out, "reduced_train_loss"), scalars(out, "val_loss")
     print({s: round(v, 4) for s, v in sorted(train.items())}, val)
@@ -309,7 +309,7 @@ def test_cuda_graphs_train_packed_rows_like_eager_layers(assets, tmp_path, mode)
     for name, extra in (("eager", []), ("graphs", ["--cuda_graphs"])):
         out = tmp_path / name
         result = run_script("peft_megatron.py", *tiny_job(assets, out, *packed, *steps, *mode, *extra))
-        assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+        assert result.returncode == 0, failure(result)
         losses[name] = (scalars(out, "reduced_train_loss"), scalars(out, "val_loss"))
     logged = (tmp_path / "graphs" / "peft_megatron.log").read_text()
     assert "compat: graph-safe-rng (" in logged and "compat: local-cuda-graphs (" in logged
@@ -344,7 +344,7 @@ def test_early_stopping_ends_a_run_that_cannot_improve(assets, tmp_path):
             "2",
         ),
     )
-    assert result.returncode == 0, result.stdout[-4000:]
+    assert result.returncode == 0, failure(result)
     assert "did not improve in the last 2 records" in result.stdout
     assert max(scalars(out, "reduced_train_loss")) < 30
     summary = json.loads((out / "report" / "summary.json").read_text())
@@ -363,7 +363,7 @@ def test_wandb_offline_run_holds_the_train_and_validation_losses(assets, tmp_pat
         ),
         env={"WANDB_MODE": "offline"},
     )
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    assert result.returncode == 0, failure(result)
     (run_dir,) = out.rglob("offline-run-*")
     rows = wandb_history(run_dir)
     val = scalars(out, "val_loss")
