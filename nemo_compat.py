@@ -737,15 +737,17 @@ def positions_in_sequence(cu_seqlens, tokens: int):
 
     import torch
 
+    from sdpa_attention import capturing
+
     global _last_positions
-    capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    in_capture = capturing()
     ref, version, size, positions = _last_positions
-    if not capturing and ref() is cu_seqlens and version == cu_seqlens._version and size == tokens:
+    if not in_capture and ref() is cu_seqlens and version == cu_seqlens._version and size == tokens:
         return positions
     index = torch.arange(tokens, device=cu_seqlens.device)
     starts = cu_seqlens.to(index.dtype)
     positions = index - starts[torch.searchsorted(starts, index, right=True) - 1]
-    if not capturing:
+    if not in_capture:
         _last_positions = (weakref.ref(cu_seqlens), cu_seqlens._version, tokens, positions)
     return positions
 

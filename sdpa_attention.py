@@ -221,19 +221,21 @@ def block_causal_mask(cu_seqlens: torch.Tensor, t: int) -> torch.Tensor:
     Every layer gets the same `cu_seqlens` tensor, so the mask is built once per batch - except inside a CUDA-graph
     capture, where each graph builds it from the cu_seqlens buffer its replays refill."""
     global _last_block_mask
+    in_capture = capturing()
     ref, version, size, mask = _last_block_mask
-    if not capturing() and ref() is cu_seqlens and version == cu_seqlens._version and size == t:
+    if not in_capture and ref() is cu_seqlens and version == cu_seqlens._version and size == t:
         return mask
     positions = torch.arange(t, device=cu_seqlens.device)
     sequence = torch.searchsorted(cu_seqlens.to(positions.dtype), positions, right=True)
     mask = (sequence[:, None] == sequence[None, :]) & torch.ones(t, t, dtype=torch.bool, device=positions.device).tril()
-    if not capturing():
+    if not in_capture:
         _last_block_mask = (weakref.ref(cu_seqlens), cu_seqlens._version, t, mask)
     return mask
 
 
 def capturing() -> bool:
-    """Whether a CUDA graph is being captured on the current stream (Megatron's --cuda_graphs layers)."""
+    """Whether a CUDA graph is being captured on the current stream (Megatron's --cuda_graphs layers): per-batch
+    caches (this module's mask, nemo_compat's packed positions) must neither serve nor keep a capture's tensors."""
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
