@@ -327,6 +327,26 @@ def test_cuda_graphs_train_packed_rows_like_eager_layers(assets, tmp_path, mode)
     assert len(best) == 1 and f"val_loss={min(val.values()):.4f}" in best[0]
 
 
+def test_cuda_graphs_lora_resumes_from_last_and_graphs_again(assets, tmp_path):
+    """A graphed run resumed from its -last checkpoint: the restored process captures its own graphs after its first
+    step (graphs hold device pointers and do not travel in checkpoints) and the loss continues where it stopped."""
+    out = tmp_path / "graphs"
+    packed = "--packed_sequence --micro_batch_size 1 --accumulate_grad_batches 2 --log_every_n_steps 1".split()
+    common = [*packed, "--val_check_interval", "6", "--learning_rate", "5e-3", "--cuda_graphs"]
+    first = run_script("peft_megatron.py", *tiny_job(assets, out, *common, "--max_steps", "12"))
+    assert first.returncode == 0, failure(first)
+    train = scalars(out, "reduced_train_loss")
+    resumed = run_script("peft_megatron.py", *tiny_job(assets, out, *common, "--max_steps", "18"))
+    assert resumed.returncode == 0, failure(resumed)
+    assert "Restoring states from the checkpoint path" in resumed.stdout
+    assert "`max_steps=18` reached" in resumed.stdout
+    assert (out / "peft_megatron.log").read_text().count("Creating 4 CUDA graphs") == 2  # once in each run
+    train_after = scalars(out, "reduced_train_loss")
+    print({s: round(v, 4) for s, v in sorted(train_after.items())})
+    assert min(s for s in train_after if s not in train) == 12
+    assert abs(train_after[12] - train[11]) < 0.25 * train[11] and train_after[12] < train[min(train)]
+
+
 def test_early_stopping_ends_a_run_that_cannot_improve(assets, tmp_path):
     out = tmp_path / "stop"
     result = run_script(
