@@ -31,26 +31,21 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common import (
+from nemo_finetune.checkpoints import (
     ADAPTER_META,
-    ConfigError,
-    PipelineError,
-    RunLayout,
-    atomic_dir,
     attention_head_dim,
     checkpoint_damage,
-    exclusive_lock,
-    file_heads,
     find_checkpoint,
     is_lora_checkpoint,
     is_nemo_checkpoint,
-    parse_dataclass_args,
     read_adapter_tensors,
-    remove_leftovers,
-    run_cli,
-    setup_logging,
     warn_damaged_adapters,
 )
+from nemo_finetune.cli import parse_dataclass_args, run_cli
+from nemo_finetune.console import setup_logging
+from nemo_finetune.errors import ConfigError, PipelineError
+from nemo_finetune.files import atomic_dir, exclusive_lock, file_heads, remove_leftovers
+from nemo_finetune.layout import RunLayout
 
 log = logging.getLogger("peft_megatron.export")
 

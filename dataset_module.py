@@ -27,12 +27,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common import (
-    PipelineError,
+from nemo_finetune.checkpoints import hf_load_error
+from nemo_finetune.errors import PipelineError
+from nemo_finetune.files import (
     atomic_write_jsonl,
     atomic_write_text,
     file_digest,
-    hf_load_error,
     iter_jsonl,
     rank_zero_attempt,
     wait_for_file,

@@ -536,7 +536,7 @@ def _after_import(module: str, patch) -> None:
 def log_to_worker_output() -> None:
     """The training workers' `compat:` lines on their stderr, which NeMo-Run tails into the run's log file (the
     console leaves them out: common.WorkerConsole); nothing else configures logging in a worker this early."""
-    from common import LOG_FORMAT
+    from nemo_finetune.console import LOG_FORMAT
 
     if not any(getattr(h, "_nemo_compat", False) for h in log.handlers):
         handler = logging.StreamHandler(sys.stderr)

@@ -16,7 +16,7 @@ JSONL, and BERTScore / exact match / ROUGE-L.
 
 Outputs: the predictions JSONL (input, label, prediction, prompt_tokens, generated_tokens, generated_token_ids)
 and, next to it, <predictions>.metrics.json with num_samples, bertscore_f1/precision/recall, exact_match and rouge_l;
-for a checkpoint of a peft_megatron.py run the metrics are also added to <run>/report/summary.json (run_report.py).
+for a checkpoint of a peft_megatron.py run the metrics are also added to <run>/report/summary.json.
 Exit codes: 0 ok, 1 failure (no GPU for generation, bad predictions file, ...), 2 invalid arguments.
 """
 
@@ -31,23 +31,18 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common import (
-    ConfigError,
-    PipelineError,
-    RunLayout,
-    atomic_write_jsonl,
-    atomic_write_text,
+from nemo_finetune.checkpoints import (
     attention_head_dim,
     checkpoint_damage,
-    exclusive_lock,
     find_checkpoint,
     is_nemo_checkpoint,
-    iter_jsonl,
-    parse_dataclass_args,
-    run_cli,
-    setup_logging,
     warn_damaged_adapters,
 )
+from nemo_finetune.cli import parse_dataclass_args, run_cli
+from nemo_finetune.console import setup_logging
+from nemo_finetune.errors import ConfigError, PipelineError
+from nemo_finetune.files import atomic_write_jsonl, atomic_write_text, exclusive_lock, iter_jsonl
+from nemo_finetune.layout import RunLayout
 
 log = logging.getLogger("peft_megatron.eval")
 
@@ -497,8 +492,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def report_evaluation(ckpt: Path, predictions: Path, metrics: dict) -> None:
-    """Add the metrics to the run report of the run that wrote `ckpt` (run_report.py), if a run did."""
-    import run_report
+    """Add the metrics to the run report of the run that wrote `ckpt` (nemo_finetune/report.py), if a run did."""
+    from nemo_finetune import report as run_report
 
     run = RunLayout.of_checkpoint(ckpt)
     if run is not None:

@@ -1,4 +1,4 @@
-"""Training throughput on one GPU: the project's own training path (peft_megatron.configure_recipe: the recipe, the
+"""Training throughput on one GPU: the project's own training path (configure_recipe: the recipe, the
 model-config overrides, NeMo's trainer) against Hugging Face transformers + PEFT, in the same job.
 
     python benchmarks/train_throughput.py --case qwen3_8b_lora           # Qwen3-8B shape, LoRA r16, seq 4096, mbs 1
@@ -52,13 +52,15 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from nemo_finetune.recipe import assign, configure_recipe
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from generation_throughput import QWEN3_COMMON, SHAPES  # noqa: E402
 
-from common import atomic_write_text  # noqa: E402
+from nemo_finetune.files import atomic_write_text  # noqa: E402
 
 CYCLE, FIRST_TOKEN = 97, 1000  # the learnable task: token ids FIRST_TOKEN + (start + i) % CYCLE
 
@@ -427,12 +429,12 @@ def benchmark_recipe(case_name: str, case: Case, variant: Variant, max_steps: in
     if case.peft:
         flags.update(lora_dim=case.lora_dim, lora_alpha=case.lora_alpha)
     config = peft_megatron.Config(**{**flags, **variant.flags})
-    recipe = peft_megatron.configure_recipe(config, env)
-    peft_megatron.assign(recipe.model.config, **variant.model)
+    recipe = configure_recipe(config, env)
+    assign(recipe.model.config, **variant.model)
     recipe.resume = None
     recipe.optim.lr_scheduler = None
     recipe.log = run.Config(nl.NeMoLogger, log_dir=str(out), ckpt=None, tensorboard=None)
-    peft_megatron.assign(
+    assign(
         recipe.trainer,
         enable_checkpointing=False,
         num_sanity_val_steps=0,

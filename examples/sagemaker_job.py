@@ -39,7 +39,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import peft_megatron as pm  # noqa: E402  (the repository root is not a package)
-from common import ConfigError, iter_fields, parse_dataclass_args, run_cli, setup_logging  # noqa: E402
+from nemo_finetune.cli import iter_fields, parse_dataclass_args, run_cli  # noqa: E402
+from nemo_finetune.console import setup_logging  # noqa: E402
+from nemo_finetune.errors import ConfigError  # noqa: E402
 
 # Set by SageMaker on the instances; given explicitly they would fight what the cluster really is.
 SAGEMAKER_OWNED = ("node_rank", "dry_run", "demo", "import_only", "prepare_data_only")

@@ -13,8 +13,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from common import environ_without_rendezvous  # noqa: E402
-from demo_workspace import build_hf_model, build_tokenizer, recall_rows  # noqa: E402
+from nemo_finetune.demo_assets import build_hf_model, build_tokenizer, recall_rows  # noqa: E402
+from nemo_finetune.rendezvous import environ_without_rendezvous  # noqa: E402
 
 
 def pytest_configure(config):

@@ -5,15 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 from types import SimpleNamespace
 
-from common import (
-    RunLayout,
+from conftest import fake_checkpoint, lora_tensors
+from nemo_finetune.checkpoints import (
     adapter_matrices,
     adapters_unlike_their_master_copies,
     attention_head_dim,
     read_adapter_tensors,
     untrained_adapters,
 )
-from conftest import fake_checkpoint, lora_tensors
+from nemo_finetune.layout import RunLayout
 
 
 def test_attention_head_dim_reads_megatron_and_hf_configs():

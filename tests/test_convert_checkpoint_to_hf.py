@@ -13,9 +13,12 @@ import torch
 
 import convert_checkpoint_to_hf as conv
 import peft_megatron as pm
-from common import PipelineError, environ_without_rendezvous, find_checkpoint, is_nemo_checkpoint
 from conftest import REPO, fake_checkpoint, kill_when, lora_tensors, run_script, start_script
-from demo_workspace import build_hf_model
+from nemo_finetune.checkpoints import find_checkpoint, is_nemo_checkpoint
+from nemo_finetune.demo_assets import build_hf_model
+from nemo_finetune.errors import PipelineError
+from nemo_finetune.importer import IMPORT_FAILED_SUFFIX, IMPORT_LOCK_SUFFIX, IMPORT_RECORD, import_hf_checkpoint
+from nemo_finetune.rendezvous import environ_without_rendezvous
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -83,9 +86,9 @@ def test_import_refuses_a_head_dim_the_importer_would_get_wrong(qwen3_head_dim_6
     assert out.returncode == 1
     assert "head_dim 64 but NeMo's importer would build head_dim 128" in out.stderr
     assert not (tmp_path / "nemo").exists()  # nothing that looks like a checkpoint
-    marker = tmp_path / ("nemo" + pm.IMPORT_FAILED_SUFFIX)
+    marker = tmp_path / ("nemo" + IMPORT_FAILED_SUFFIX)
     assert "head_dim 64" in marker.read_text()
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([marker.name, ".nemo" + pm.IMPORT_LOCK_SUFFIX])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([marker.name, ".nemo" + IMPORT_LOCK_SUFFIX])
 
 
 def test_other_node_fails_fast_when_rank0_import_fails(qwen3_head_dim_64, tmp_path):
@@ -145,7 +148,7 @@ def test_waiting_node_times_out_clearly(assets, tmp_path, monkeypatch):
         {},
     )
     with pytest.raises(PipelineError, match="timed out after 1s waiting for the HF -> NeMo import"):
-        pm.import_hf_checkpoint(config)
+        import_hf_checkpoint(config)
 
 
 def test_partial_checkpoint_directory_is_refused(assets, tmp_path):
@@ -350,7 +353,7 @@ def test_export_keeps_only_its_own_current_export_and_refuses_anything_else(asse
     assert (nested / "config.json").is_file()  # kept, untouched
 
     # A killed export's leftovers are removed by the next one; two exports into one directory take turns.
-    from common import exclusive_lock
+    from nemo_finetune.files import exclusive_lock
 
     turns = tmp_path / "turns"
     (tmp_path / ".turns.k1ll3d.partial").mkdir()
@@ -386,7 +389,7 @@ def test_import_is_reused_only_for_its_own_model_and_cleans_killed_imports(asset
     assert first.returncode == 0, first.stderr[-3000:]
     assert "removed 1 unfinished import(s) left by killed runs: .nemo.k1ll3d.partial" in first.stdout
     assert not orphan.exists()
-    record = json.loads((nemo / pm.IMPORT_RECORD).read_text())
+    record = json.loads((nemo / IMPORT_RECORD).read_text())
     assert record["model"] == str(model.resolve()) and record["recipe"] == "qwen3_600m"
     again = import_only(model, "qwen3_600m")
     assert again.returncode == 0 and "imported checkpoint already present" in again.stdout
@@ -415,7 +418,7 @@ def test_damaged_checkpoints_are_named_before_any_loading(assets, tmp_path):
     the export and by the import's reuse with the damage named, never a 200-line load traceback."""
     import shutil
 
-    from common import checkpoint_damage
+    from nemo_finetune.checkpoints import checkpoint_damage
 
     nemo = tmp_path / "nemo"
     out = run_import(assets["qwen3"], nemo)

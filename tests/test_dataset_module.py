@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 import dataset_module as dm
-from common import PipelineError
 from conftest import qa_flags, qa_job, run_script
+from nemo_finetune.errors import PipelineError
 
 ROWS = [{"question": f"What is {i} plus one?", "answer": str(i + 1), "ctx": f"Count #{i}"} for i in range(40)]
 
@@ -196,7 +196,7 @@ def test_waiting_rank_fails_fast_on_rank0_failure_and_times_out(tmp_path, assets
 def test_an_old_failure_marker_is_believed_after_a_grace_period(tmp_path):
     import os
 
-    from common import wait_for_file
+    from nemo_finetune.files import wait_for_file
 
     failed = tmp_path / "x.failed"
     failed.write_text("ValueError: old\n")

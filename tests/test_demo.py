@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-import demo
-from common import PipelineError
+from nemo_finetune import demo
+from nemo_finetune.errors import PipelineError
 
 
 def test_background_script_reports_success_failure_with_its_log_and_can_be_stopped(tmp_path):

@@ -7,8 +7,8 @@ import warnings
 
 import pytest
 
-from common import log_to_file, phase, prints_to_log_file, setup_logging
 from conftest import REPO, run_script
+from nemo_finetune.console import log_to_file, phase, prints_to_log_file, setup_logging
 
 # Lines users met at the default level before (issue 15), each from another library.
 CHATTER = [
@@ -120,7 +120,7 @@ raise RuntimeError("CUDA out of memory (as a worker reports it)")
 LAUNCH = r"""
 import gc, logging, sys
 import nemo_run as run
-from common import experiment, log_to_file, quiet_workers, setup_logging
+from nemo_finetune.console import experiment, log_to_file, quiet_workers, setup_logging
 setup_logging(sys.argv[1])
 log_to_file(sys.argv[2] + "/peft_megatron.log")
 script = run.Script(path=sys.argv[2] + "/worker.py", entrypoint="python")

@@ -12,8 +12,15 @@ from pathlib import Path
 import pytest
 
 import peft_megatron as pm
-from common import ConfigError, flag_names
 from conftest import REPO, qa_flags, run_script
+from nemo_finetune.checks import validate_config
+from nemo_finetune.cli import flag_names
+from nemo_finetune.errors import ConfigError
+from nemo_finetune.launch import configure_executor
+from nemo_finetune.plan import plan_lines
+from nemo_finetune.recipe import assign, configure_recipe
+from nemo_finetune.rendezvous import rendezvous_environ, scoped_environ
+from nemo_finetune.resolve import visible_gpu_count
 
 SEED_EXAMPLES = [
     "",
@@ -46,7 +53,7 @@ def fake_nvidia_smi(tmp_path: Path, gpus: int) -> dict:
 def test_every_seed_example_parses_and_validates(args, monkeypatch):
     monkeypatch.setenv("MASTER_ADDR", "10.0.0.1")
     config = parse(args)
-    pm.validate_config(config)
+    validate_config(config)
     assert config.full_ft == ("--full_ft" in args)
 
 
@@ -151,7 +158,7 @@ def test_non_finite_numbers_are_refused_naming_the_flag(flag, value, capsys):
 @pytest.mark.parametrize("args, message", VALIDATION_CASES)
 def test_validation_names_the_flag(args, message):
     with pytest.raises(ConfigError) as err:
-        pm.validate_config(parse(args))
+        validate_config(parse(args))
     assert message in str(err.value)
 
 
@@ -166,26 +173,26 @@ def test_all_problems_reported_together_with_exit_code_2():
 def test_a_worker_shim_skip_that_names_no_optional_shim_is_refused_before_launch():
     environ = {"PEFT_MEGATRON_WORKER_SKIP": "torch-optimizer-kernels,peft-te-guards"}
     with pytest.raises(ConfigError) as err:
-        pm.validate_config(parse(), None, environ)
+        validate_config(parse(), None, environ)
     assert "PEFT_MEGATRON_WORKER_SKIP='torch-optimizer-kernels,peft-te-guards' names ['peft-te-guards']" in str(
         err.value
     )
-    pm.validate_config(parse(), None, {"PEFT_MEGATRON_WORKER_SKIP": " torch-optimizer-kernels "})
+    validate_config(parse(), None, {"PEFT_MEGATRON_WORKER_SKIP": " torch-optimizer-kernels "})
 
 
 def test_cuda_graphs_are_refused_where_no_gpu_will_run_them():
     config = parse("--cuda_graphs --packed_sequence --micro_batch_size 1 --gpus_per_node 1")
     with pytest.raises(ConfigError, match="--cuda_graphs needs CUDA GPUs and this machine shows none"):
-        pm.validate_config(config, visible_gpus=0)
-    pm.validate_config(config, visible_gpus=1)
-    pm.validate_config(config, visible_gpus=None)  # not launching here (--dry_run, Slurm)
+        validate_config(config, visible_gpus=0)
+    validate_config(config, visible_gpus=1)
+    validate_config(config, visible_gpus=None)  # not launching here (--dry_run, Slurm)
 
 
 def test_multi_node_needs_a_rendezvous_address(monkeypatch):
     monkeypatch.delenv("MASTER_ADDR", raising=False)
     with pytest.raises(ConfigError, match="set MASTER_ADDR"):
-        pm.validate_config(parse("--num_nodes 2"))
-    pm.validate_config(parse("--num_nodes 2 --dry_run"))
+        validate_config(parse("--num_nodes 2"))
+    validate_config(parse("--num_nodes 2 --dry_run"))
 
 
 def test_local_model_directory_problems_are_named_before_any_import(assets, tmp_path):
@@ -214,34 +221,34 @@ def test_local_model_directory_problems_are_named_before_any_import(assets, tmp_
     # (the recipe check names the family mismatch too; the default recipe is qwen3_8b)
     for model, message in expected.items():
         with pytest.raises(ConfigError, match=message):
-            pm.validate_config(parse(f"--hf_model_id {model} --dry_run"))
+            validate_config(parse(f"--hf_model_id {model} --dry_run"))
     with pytest.raises(
         ConfigError,
         match=r"--recipe_cls_name llama31_8b imports llama models but .* says "
         r"model_type 'qwen3'; choose the recipe of the model's family",
     ):
-        pm.validate_config(
+        validate_config(
             parse(
                 f"--hf_model_id {assets['qwen3']} --recipe_cls_name llama31_8b --gpus_per_node 1 "
                 "--tensor_parallel_size 1 --import_only"
             )
         )
-    pm.validate_config(
+    validate_config(
         parse(
             f"--hf_model_id {assets['llama']} --recipe_cls_name llama31_8b --gpus_per_node 1 "
             "--tensor_parallel_size 1 --import_only"
         )
     )
-    pm.validate_config(parse(f"--hf_model_id {custom} --recipe_cls_name nemotron3_8b --trust_remote_code --dry_run"))
+    validate_config(parse(f"--hf_model_id {custom} --recipe_cls_name nemotron3_8b --trust_remote_code --dry_run"))
     known = tmp_path / "known"
     known.mkdir()
     (known / "config.json").write_text(json.dumps({"model_type": "qwen3", "auto_map": {"AutoConfig": "x.C"}}))
-    pm.validate_config(parse(f"--hf_model_id {known} --dry_run"))  # transformers' own Qwen3 code runs: no flag needed
+    validate_config(parse(f"--hf_model_id {known} --dry_run"))  # transformers' own Qwen3 code runs: no flag needed
 
 
 def test_local_model_shape_must_fit_the_parallel_layout(assets):
     with pytest.raises(ConfigError, match="must divide the model's 4 attention heads and 2 KV heads"):
-        pm.validate_config(parse(f"--hf_model_id {assets['qwen3']} --gpus_per_node 8 --tensor_parallel_size 8"))
+        validate_config(parse(f"--hf_model_id {assets['qwen3']} --gpus_per_node 8 --tensor_parallel_size 8"))
 
 
 def test_sagemaker_environment_fills_settings_and_flags_win():
@@ -278,12 +285,12 @@ def test_malformed_sm_hosts_is_a_clear_error(hosts):
 def test_visible_gpus_are_nvidia_smis_list_narrowed_by_cuda_visible_devices(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", fake_nvidia_smi(tmp_path, 4)["PATH"])
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    assert pm.visible_gpu_count() == 4
+    assert visible_gpu_count() == 4
     for visible, count in (("1,3", 2), ("0,-1,2", 1), ("", 0), ("-1", 0), ("0,1,2,3,4,5", 4), ("GPU-00000002", 1)):
         monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
-        assert pm.visible_gpu_count() == count, visible
+        assert visible_gpu_count() == count, visible
     monkeypatch.setenv("PATH", str(tmp_path / "nowhere"))
-    assert pm.visible_gpu_count() == 0  # no driver tools: a CPU machine
+    assert visible_gpu_count() == 0  # no driver tools: a CPU machine
 
 
 def test_auto_gpus_and_tensor_parallel_size_fit_the_machine_and_the_models_heads(assets):
@@ -310,14 +317,14 @@ def test_a_launch_asking_for_more_gpus_than_the_machine_shows_is_refused(assets,
         "the flag out (auto)" in out.stderr
     )
     assert not (tmp_path / "out").exists()  # refused before any work
-    pm.validate_config(parse(shlex.join(args), gpus=2), visible_gpus=None)  # a --dry_run plans any node
+    validate_config(parse(shlex.join(args), gpus=2), visible_gpus=None)  # a --dry_run plans any node
 
 
 @pytest.mark.parametrize(
     "top_k, kept", [(1, "best val_loss + last"), (3, "3 best val_loss + last"), (-1, "every validation's + last")]
 )
 def test_the_plan_says_which_checkpoints_are_kept(tmp_path, top_k, kept):
-    lines = pm.plan_lines(parse(f"--save_top_k {top_k} --output_dir {tmp_path}"))
+    lines = plan_lines(parse(f"--save_top_k {top_k} --output_dir {tmp_path}"))
     checkpoints = tmp_path / "nemo_logs" / "checkpoints"
     assert [line for line in lines if line.startswith("checkpoints:")] == [f"checkpoints: {checkpoints} ({kept})"]
 
@@ -386,14 +393,14 @@ def test_slurm_dry_run_prints_nemo_runs_sbatch_script(tmp_path, nodes):
 
 def test_slurm_settings_are_validated_together():
     with pytest.raises(ConfigError) as err:
-        pm.validate_config(parse("--executor slurm --slurm_time 4h --container_mounts /data --num_nodes 2"))
+        validate_config(parse("--executor slurm --slurm_time 4h --container_mounts /data --num_nodes 2"))
     assert err.value.problems[-3:] == [
         "--executor slurm needs --slurm_account (the account sbatch charges)",
         "--slurm_time '4h' is not [D-]HH:MM:SS (e.g. 04:00:00 or 1-12:00:00)",
         "--container_mounts /data: each mount is host_path:container_path",
     ]  # and no MASTER_ADDR demand: NeMo-Run's sbatch script finds the first node itself
     with pytest.raises(ConfigError, match="--slurm_account, --container_image apply to --executor slurm only"):
-        pm.validate_config(parse("--slurm_account llm --container_image img"))
+        validate_config(parse("--slurm_account llm --container_image img"))
 
 
 # ---- recipe assembly (real NeMo objects) ------------------------------------------------------------------------
@@ -417,7 +424,7 @@ def test_configure_recipe_lora(tmp_path, no_te):
         f"--limit_val_batches 7 --micro_batch_size 2 --accumulate_grad_batches 4 --max_seq_length 1024 "
         f"--lora_dim 16 --lora_alpha 32 --learning_rate 2e-4 --output_dir {tmp_path} --dataset_name x.jsonl"
     )
-    recipe = pm.configure_recipe(config, no_te)
+    recipe = configure_recipe(config, no_te)
     strategy, trainer = recipe.trainer.strategy, recipe.trainer
     assert (strategy.tensor_model_parallel_size, strategy.pipeline_model_parallel_size) == (4, 2)
     assert strategy.context_parallel_size == 1 and strategy.ckpt_load_strictness is False
@@ -451,7 +458,7 @@ def test_configure_recipe_full_ft_and_optional_callbacks(tmp_path, no_te, monkey
         "--enable_megatron_progress_bar --enable_memory_monitor --enable_speed_monitor --enable_runtime_estimator "
         "--enable_pytorch_profiler --use_wandb --save_top_k -1"
     )
-    recipe = pm.configure_recipe(config, no_te)
+    recipe = configure_recipe(config, no_te)
     assert recipe.peft is None and recipe.log.ckpt.save_top_k == -1
     assert recipe.trainer.strategy.context_parallel_size == 2
     assert _callback_targets(recipe) == [
@@ -470,17 +477,17 @@ def test_cuda_graphs_graph_the_layers_pad_packed_rows_to_one_shape_and_tell_the_
     import nemo_compat
 
     graphed = parse(f"--packed_sequence --micro_batch_size 1 --cuda_graphs --output_dir {tmp_path}")
-    recipe = pm.configure_recipe(graphed, no_te)
+    recipe = configure_recipe(graphed, no_te)
     # The workers graph the layers (nemo_compat.graph_layers_as_the_model_is_built): checkpoints keep the default.
     assert getattr(recipe.model.config, "cuda_graph_impl", "none") == "none" and recipe.data.one_shape is True
     assert recipe.trainer.num_sanity_val_steps == 0  # the first graphed layer calls must be a training step's
-    assert pm.configure_executor(graphed, no_te).env_vars[nemo_compat.CUDA_GRAPHS_ENV] == "1"
+    assert configure_executor(graphed, no_te).env_vars[nemo_compat.CUDA_GRAPHS_ENV] == "1"
 
     eager = parse(f"--packed_sequence --micro_batch_size 1 --output_dir {tmp_path}")
-    recipe = pm.configure_recipe(eager, no_te)
+    recipe = configure_recipe(eager, no_te)
     assert getattr(recipe.model.config, "cuda_graph_impl", "none") == "none" and recipe.data.one_shape is False
     assert recipe.trainer.num_sanity_val_steps == 1
-    assert nemo_compat.CUDA_GRAPHS_ENV not in pm.configure_executor(eager, no_te).env_vars
+    assert nemo_compat.CUDA_GRAPHS_ENV not in configure_executor(eager, no_te).env_vars
 
 
 def test_checkpoints_are_named_as_the_seed_shows_them(tmp_path, no_te):
@@ -489,7 +496,7 @@ def test_checkpoints_are_named_as_the_seed_shows_them(tmp_path, no_te):
     import torch
     from nemo.lightning.ckpt_utils import ckpt_to_dir
 
-    checkpoint = fdl.build(pm.configure_recipe(parse(f"--output_dir {tmp_path}"), no_te).log.ckpt)
+    checkpoint = fdl.build(configure_recipe(parse(f"--output_dir {tmp_path}"), no_te).log.ckpt)
     metrics = {"val_loss": torch.tensor(0.54321), "step": torch.tensor(799), "consumed_samples": torch.tensor(12800.0)}
     name = Path(ckpt_to_dir(checkpoint.format_checkpoint_name(metrics))).name
     assert name == "nemo_logs--val_loss=0.5432-step=799-consumed_samples=12800"
@@ -498,7 +505,7 @@ def test_checkpoints_are_named_as_the_seed_shows_them(tmp_path, no_te):
 def test_recipe_with_transformer_engine_keeps_nemo_defaults(tmp_path):
     import nemo_compat
 
-    recipe = pm.configure_recipe(parse(f"--output_dir {tmp_path}"), nemo_compat.Environment(has_te=True, has_cuda=True))
+    recipe = configure_recipe(parse(f"--output_dir {tmp_path}"), nemo_compat.Environment(has_te=True, has_cuda=True))
     assert recipe.model.config.masked_softmax_fusion is True
     assert recipe.optim.config.use_distributed_optimizer is True
     from nemo.collections.llm.gpt.model.base import default_layer_spec
@@ -511,18 +518,18 @@ def test_without_te_training_uses_sdpa_attention_unless_asked_for_megatrons(tmp_
 
     import sdpa_attention
 
-    recipe = pm.configure_recipe(parse(f"--output_dir {tmp_path}"), no_te)
+    recipe = configure_recipe(parse(f"--output_dir {tmp_path}"), no_te)
     assert recipe.model.config.transformer_layer_spec is sdpa_attention.layer_spec
     assert recipe.model.config.bias_activation_fusion and not recipe.model.config.cross_entropy_loss_fusion
-    unfused = pm.configure_recipe(parse(f"--output_dir {tmp_path} --core_attention unfused"), no_te)
+    unfused = configure_recipe(parse(f"--output_dir {tmp_path} --core_attention unfused"), no_te)
     assert unfused.model.config.transformer_layer_spec is default_layer_spec
 
 
 def test_assign_refuses_attributes_the_target_does_not_take(no_te, tmp_path):
-    recipe = pm.configure_recipe(parse(f"--output_dir {tmp_path}"), no_te)
+    recipe = configure_recipe(parse(f"--output_dir {tmp_path}"), no_te)
     with pytest.raises(TypeError, match="takes no \\['tensor_parallel_size'\\]"):
-        pm.assign(recipe.trainer.strategy, tensor_parallel_size=2)  # the real name is tensor_model_parallel_size
-    pm.assign(recipe.trainer.strategy, sequence_parallel=True)
+        assign(recipe.trainer.strategy, tensor_parallel_size=2)  # the real name is tensor_model_parallel_size
+    assign(recipe.trainer.strategy, sequence_parallel=True)
 
 
 def test_dry_run_of_the_seed_multi_node_example_prints_the_plan(tmp_path):
@@ -552,7 +559,7 @@ def test_output_paths_that_are_files_are_refused_naming_the_flag(tmp_path):
     a_file.write_text("mine")
     for flag, value in (("--output_dir", a_file), ("--data_dir", a_file / "data"), ("--nemo_ckpt_dir", a_file)):
         with pytest.raises(ConfigError) as err:
-            pm.validate_config(parse(f"{flag} {value}"))
+            validate_config(parse(f"{flag} {value}"))
         assert f"{flag} {value}: {a_file} is a file, not a directory; choose another {flag}" in str(err.value)
     assert a_file.read_text() == "mine"
 
@@ -585,12 +592,12 @@ def test_the_multi_node_rendezvous_is_returned_and_set_only_around_the_launch(mo
     config = parse("--num_nodes 2 --node_rank 1 --gpus_per_node 8 --tensor_parallel_size 8")
     sagemaker = {"SM_HOSTS": '["algo-1", "algo-2"]'}
     expected = {"NODE_RANK": "1", "MASTER_PORT": "29500", "MASTER_ADDR": "algo-1"}
-    assert pm.rendezvous_environ(config, sagemaker) == expected
+    assert rendezvous_environ(config, sagemaker) == expected
     given = {"MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "6000"}
-    assert pm.rendezvous_environ(config, given) == {"NODE_RANK": "1", "MASTER_PORT": "6000"}
-    assert pm.rendezvous_environ(parse("--gpus_per_node 8 --tensor_parallel_size 8"), {}) == {}
-    pm.configure_executor(config)
-    with pm.scoped_environ(pm.rendezvous_environ(config, sagemaker)):
+    assert rendezvous_environ(config, given) == {"NODE_RANK": "1", "MASTER_PORT": "6000"}
+    assert rendezvous_environ(parse("--gpus_per_node 8 --tensor_parallel_size 8"), {}) == {}
+    configure_executor(config)
+    with scoped_environ(rendezvous_environ(config, sagemaker)):
         assert (os.environ["NODE_RANK"], os.environ["MASTER_ADDR"]) == ("1", "algo-1")
     assert not {"MASTER_ADDR", "MASTER_PORT", "NODE_RANK"} & set(os.environ)  # nothing left behind
 

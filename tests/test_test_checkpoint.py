@@ -239,7 +239,7 @@ def test_decode_graph_count_avoids_megatrons_empty_graph_list(requested, max_bat
 
 def test_two_evaluations_of_one_predictions_file_take_turns(tmp_path):
     """While another job holds the predictions' lock, an evaluation waits and writes nothing; then it finishes."""
-    from common import exclusive_lock
+    from nemo_finetune.files import exclusive_lock
 
     preds = write_predictions(tmp_path / "preds.jsonl")
     with exclusive_lock(tmp_path / ".preds.jsonl.lock", timeout_s=5, what="a test's evaluation"):

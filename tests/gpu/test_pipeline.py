@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 import nemo_compat
-import run_report
-from common import adapters_unlike_their_master_copies, read_adapter_tensors, untrained_adapters
 from conftest import failure, qa_job, run_script, wandb_history
+from nemo_finetune import report as run_report
+from nemo_finetune.checkpoints import adapters_unlike_their_master_copies, read_adapter_tensors, untrained_adapters
 
 pytestmark = pytest.mark.gpu
 

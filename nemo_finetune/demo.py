@@ -1,6 +1,6 @@
 """The bundled demo, `python peft_megatron.py --demo`: a tiny Qwen3 model and a key->code recall task run through
 the whole pipeline on one GPU in a few minutes (import -> base-model evaluation beside LoRA training -> evaluation
--> merged export), its result printed as exact match before -> after. The assets come from demo_workspace.py; on a
+-> merged export), its result printed as exact match before -> after. The assets come from demo_assets.py; on a
 machine without a GPU it prepares them, prints the plan and exits 3.
 
     python peft_megatron.py --demo
@@ -10,32 +10,31 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from common import PipelineError, RunLayout, environ_without_rendezvous, phase
-from peft_megatron import (
-    EXIT_NO_GPU,
-    REPO_DIR,
-    Config,
-    configure_executor,
-    configure_recipe,
-    dry_run,
-    import_hf_checkpoint,
-    launch_training,
-    log,
-    prepare_data,
-    write_report,
-)
+from nemo_finetune.console import phase
+from nemo_finetune.data import prepare_data
+from nemo_finetune.errors import EXIT_NO_GPU, PipelineError
+from nemo_finetune.importer import import_hf_checkpoint
+from nemo_finetune.launch import configure_executor, launch_training
+from nemo_finetune.layout import REPO_DIR, RunLayout
+from nemo_finetune.plan import dry_run
+from nemo_finetune.recipe import configure_recipe
+from nemo_finetune.rendezvous import environ_without_rendezvous
+from nemo_finetune.report import write_report
+
+log = logging.getLogger("peft_megatron")
 
 DEMO_DIR = REPO_DIR / "demo"
 
 
-def demo_config(config: Config) -> Config:
+def demo_config(config):
     """The demo job: a tiny Qwen3 model and a key->code recall task, one GPU, a few minutes."""
-    from demo_workspace import build_demo_workspace
+    from nemo_finetune.demo_assets import build_demo_workspace
 
     paths = build_demo_workspace(DEMO_DIR)
     data = dataclasses.replace(
@@ -75,7 +74,7 @@ def demo_config(config: Config) -> Config:
     )
 
 
-def run_demo(config: Config) -> int:
+def run_demo(config) -> int:
     import nemo_compat
 
     env = nemo_compat.detect_environment()
@@ -108,7 +107,7 @@ def run_demo(config: Config) -> int:
     write_report(config, wall_time_s)
     before_eval.wait()
     before = _demo_metrics(config, "before")
-    import run_report
+    from nemo_finetune import report as run_report
 
     run_report.add_evaluation(
         config.output_path,
@@ -152,7 +151,7 @@ def demo_failure(before: dict, after: dict) -> str | None:
     return None
 
 
-def _demo_evaluation_args(config: Config, checkpoint: Path | None, tag: str) -> list[str]:
+def _demo_evaluation_args(config, checkpoint: Path | None, tag: str) -> list[str]:
     """test_checkpoint.py on the demo's 19 test questions: 8 new tokens each, a 1 GB KV cache, and no CUDA graphs
     (capturing them takes ~8 s on the H100; generating all 19 answers eagerly takes ~1 s)."""
     predictions = config.output_path / f"predictions_{tag}.jsonl"
@@ -175,7 +174,7 @@ def _demo_evaluation_args(config: Config, checkpoint: Path | None, tag: str) -> 
     return args + ["--nemo_logs_dir", str(config.layout.logs)]
 
 
-def _demo_metrics(config: Config, tag: str) -> dict:
+def _demo_metrics(config, tag: str) -> dict:
     return json.loads((config.output_path / f"predictions_{tag}.metrics.json").read_text())
 
 

@@ -16,17 +16,14 @@ import io
 import json
 import logging
 import re
+import shlex
 import statistics
+import sys
 from pathlib import Path
 
-from common import (
-    RunLayout,
-    atomic_write_bytes,
-    atomic_write_text,
-    checkpoint_val_loss,
-    exclusive_lock,
-    is_nemo_checkpoint,
-)
+from nemo_finetune.checkpoints import checkpoint_val_loss, is_nemo_checkpoint
+from nemo_finetune.files import atomic_write_bytes, atomic_write_text, exclusive_lock
+from nemo_finetune.layout import RunLayout
 
 log = logging.getLogger("peft_megatron")
 
@@ -201,3 +198,24 @@ def summary_lines(summary: dict) -> list[str]:
     if summary["peak_gpu_mem_gib"]:
         lines.append(f"peak GPU memory (global rank 0): {summary['peak_gpu_mem_gib']:.1f} GiB")
     return lines
+
+
+def write_report(config, wall_time_s: float) -> dict:
+    """<output_dir>/report/: summary.json and loss_curve.png of the finished run; prints the gist."""
+    summary = write_training_report(
+        config.output_path,
+        {
+            "model": config.hf_model_id,
+            "mode": "full fine-tuning" if config.full_ft else f"PEFT ({config.peft_scheme})",
+            "max_steps": config.max_steps,
+            "world_size": config.world_size,
+            "global_batch_size": config.global_batch_size,
+            "max_seq_length": config.max_seq_length,
+            "wall_time_s": wall_time_s,
+            "command": shlex.join(sys.orig_argv),
+        },
+    )
+    print(f"report: {config.layout.report}", flush=True)
+    for line in summary_lines(summary):
+        print(f"  {line}", flush=True)
+    return summary

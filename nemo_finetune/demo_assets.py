@@ -4,7 +4,7 @@ Everything here is made locally: a byte-level BPE tokenizer trained with `tokeni
 Qwen3- or Llama-architecture Hugging Face model (GQA, head_dim 128 because NeMo's Qwen3 importer assumes it), and a
 key->code recall task whose answers can be checked by exact match.
 
-    python demo_workspace.py demo/          # builds demo/tokenizer, demo/hf_model, demo/dataset (idempotent)
+    python -m nemo_finetune.demo_assets demo/          # builds demo/tokenizer, demo/hf_model, demo/dataset (idempotent)
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import random
 import sys
 from pathlib import Path
 
-from common import atomic_dir, atomic_write_text
+from nemo_finetune.files import atomic_dir, atomic_write_text
 
 EOS = "<|endoftext|>"
 CHAT_TEMPLATE = (

@@ -1,4 +1,4 @@
-"""run_report.py and its callers: summary.json and loss_curve.png from a run directory laid out as NeMo writes it
+"""The run report and its callers: summary.json and loss_curve.png from a run directory laid out as NeMo writes it
 (TensorBoard event files from torch's SummaryWriter, checkpoint directories named by NeMo's ModelCheckpoint)."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-import run_report
-from common import RunLayout
 from conftest import fake_checkpoint
+from nemo_finetune import report as run_report
+from nemo_finetune.layout import RunLayout
 
 GBS, SEQ = 16, 64
 TRAIN = {s: 4.0 - 0.03 * s for s in range(0, 100, 10)}  # logged every 10 steps

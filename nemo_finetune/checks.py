@@ -1,0 +1,332 @@
+"""Validation of a training job: one checker per concern, every problem collected and raised together (ConfigError),
+each naming the flag and the fix, before any heavy work."""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import json
+import logging
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+from nemo_finetune.choices import PEFT_SCHEMES, PROFILER_FLAGS
+from nemo_finetune.errors import ConfigError
+from nemo_finetune.resolve import attention_heads, available_recipes, is_local_model
+
+log = logging.getLogger("peft_megatron")
+
+
+UPPER_BOUNDS = {
+    "learning_rate": (1.0, "fine-tuning learning rates are around 1e-6 to 1e-3"),
+    "micro_batch_size": (65536, "a micro-batch is what one GPU holds"),
+    "accumulate_grad_batches": (65536, "global batches are rarely over a few thousand sequences"),
+    "max_seq_length": (1 << 20, "no supported model has a context over 1,048,576 tokens"),
+    "lora_dim": (65536, "a LoRA rank is at most the model's hidden size"),
+    "wait_timeout_s": (7 * 24 * 3600.0, "a week"),
+}
+
+
+POSITIVE = (
+    "num_nodes",
+    "gpus_per_node",
+    "tensor_parallel_size",
+    "pipeline_parallel_size",
+    "context_parallel_size",
+    "max_steps",
+    "val_check_interval",
+    "log_every_n_steps",
+    "micro_batch_size",
+    "accumulate_grad_batches",
+    "limit_val_batches",
+    "max_seq_length",
+    "early_stopping_patience",
+)
+PARALLEL = ("num_nodes", "gpus_per_node", "tensor_parallel_size", "pipeline_parallel_size", "context_parallel_size")
+
+
+def validate_config(config, visible_gpus: int | None = None, environ: Mapping[str, str] | None = None) -> None:
+    """Collect every problem with the settings and raise them together, before any heavy work; one checker per
+    concern, each a function of the config (and of the machine where it must be). `visible_gpus`: the GPUs of this
+    machine when it is about to launch training (None: not launching, nothing to check)."""
+    environ = os.environ if environ is None else environ
+    problems = [
+        *_machine_problems(config, visible_gpus, environ),
+        *_range_problems(config),
+        *_layout_problems(config, environ),
+        *_mode_problems(config),
+        *_attention_problems(config),
+        *(_local_model_problems(config) if is_local_model(config.hf_model_id) and not config.demo else []),
+        *_path_problems(config),
+        *_slurm_problems(config),
+        *config.data.problems(),
+    ]
+    if problems:
+        raise ConfigError(problems)
+
+
+def _non_positive(config) -> list[str]:
+    return [n for n in POSITIVE if getattr(config, n) <= 0]
+
+
+def _machine_problems(config, visible_gpus: int | None, environ: Mapping[str, str]) -> list[str]:
+    import nemo_compat  # stdlib imports only
+
+    problems = []
+    try:
+        nemo_compat.skipped_in_workers(environ)
+    except ValueError as e:
+        problems.append(str(e))
+    if config.cuda_graphs and visible_gpus == 0:
+        problems.append("--cuda_graphs needs CUDA GPUs and this machine shows none; drop --cuda_graphs")
+    if visible_gpus and config.gpus_per_node > visible_gpus:
+        problems.append(
+            f"--gpus_per_node {config.gpus_per_node}: this machine shows {visible_gpus} GPU(s) "
+            f"(CUDA_VISIBLE_DEVICES={environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); give at most {visible_gpus} "
+            "or leave the flag out (auto)"
+        )
+    return problems
+
+
+def _range_problems(config) -> list[str]:
+    problems = [f"--{n} {getattr(config, n)} must be a positive integer" for n in _non_positive(config)]
+    for name in ("lora_dim", "lora_alpha", "learning_rate"):
+        if getattr(config, name) is not None and getattr(config, name) <= 0:
+            problems.append(f"--{name} {getattr(config, name)} must be positive")
+    if config.early_stopping_threshold < 0:
+        problems.append(f"--early_stopping_threshold {config.early_stopping_threshold} must be >= 0")
+    if config.save_top_k == 0 or config.save_top_k < -1:
+        problems.append(f"--save_top_k {config.save_top_k} must be a positive integer, or -1 to keep every checkpoint")
+    if config.wait_timeout_s <= 0:
+        problems.append(f"--wait_timeout_s {config.wait_timeout_s} must be positive")
+    for name, (bound, why) in UPPER_BOUNDS.items():
+        value = getattr(config, name)
+        if value is not None and value > bound:
+            problems.append(f"--{name} {value} is above {bound:g} ({why}); check the value")
+    return problems
+
+
+def _layout_problems(config, environ: Mapping[str, str]) -> list[str]:
+    """GPUs, parallel sizes, steps and the multi-node rendezvous agree with each other (ranges are checked apart)."""
+    problems = []
+    bad = set(_non_positive(config))
+    if not bad & set(PARALLEL):
+        if config.world_size % config.model_parallel_size:
+            problems.append(
+                f"world size {config.world_size} (--num_nodes {config.num_nodes} x --gpus_per_node "
+                f"{config.gpus_per_node}) is not divisible by --tensor_parallel_size x --pipeline_parallel_size x "
+                f"--context_parallel_size = {config.model_parallel_size}; change the parallel sizes or GPU count"
+            )
+        if not 0 <= config.node_rank < config.num_nodes:
+            problems.append(f"--node_rank {config.node_rank} must be in [0, --num_nodes {config.num_nodes})")
+    if not bad & {"val_check_interval", "max_steps"} and config.val_check_interval > config.max_steps:
+        problems.append(
+            f"--val_check_interval {config.val_check_interval} > --max_steps {config.max_steps}: validation "
+            "(and so checkpointing and early stopping) would never run; lower it"
+        )
+    cp = config.context_parallel_size
+    if not bad & {"context_parallel_size", "max_seq_length"} and cp > 1 and config.max_seq_length % (2 * cp):
+        problems.append(
+            f"--max_seq_length {config.max_seq_length} must be divisible by 2 x --context_parallel_size "
+            f"= {2 * cp} (Megatron splits each sequence into 2 x CP chunks)"
+        )
+    rendezvous = environ.get("MASTER_ADDR") or "SM_HOSTS" in environ
+    if config.num_nodes > 1 and config.executor == "local" and not config.dry_run and not rendezvous:
+        problems.append(
+            f"--num_nodes {config.num_nodes}: set MASTER_ADDR (node 0's address) and MASTER_PORT in every node's "
+            "environment for the torchrun rendezvous"
+        )
+    return problems
+
+
+def _mode_problems(config) -> list[str]:
+    """What to train, which recipe, and which one phase or profiler a run selects."""
+    problems = []
+    lora_flags = [f"--{n} {getattr(config, n)}" for n in ("lora_dim", "lora_alpha") if getattr(config, n) is not None]
+    if config.full_ft and lora_flags:
+        problems.append(f"{' and '.join(lora_flags)} set LoRA, which --full_ft does not train; drop one or the other")
+    if config.peft_scheme.lower() not in PEFT_SCHEMES and not config.full_ft:
+        problems.append(f"--peft_scheme {config.peft_scheme!r} is not one of {list(PEFT_SCHEMES)} (or use --full_ft)")
+    recipes = available_recipes()
+    if not recipes:
+        problems.append("NeMo is not installed: pip install -r requirements.txt (see README)")
+    elif config.recipe_cls_name not in recipes:
+        close = difflib.get_close_matches(config.recipe_cls_name, recipes, n=5, cutoff=0.5)
+        hint = f"close matches: {', '.join(close)}" if close else f"available: {', '.join(recipes)}"
+        problems.append(f"--recipe_cls_name {config.recipe_cls_name!r} is not a NeMo fine-tuning recipe ({hint})")
+    enabled = [f"--{p}" for p in PROFILER_FLAGS if getattr(config, p)]
+    if len(enabled) > 1:
+        problems.append(f"{' and '.join(enabled)} are mutually exclusive profilers; enable one per run")
+    modes = [f"--{m}" for m in ("dry_run", "import_only", "prepare_data_only") if getattr(config, m)]
+    if len(modes) > 1:
+        problems.append(f"{', '.join(modes)} each select one phase; give one of them")
+    return problems
+
+
+def _attention_problems(config) -> list[str]:
+    """Packed sequences and context parallelism need attention paths that this machine (or the nodes) must have."""
+    problems = []
+    no_te = importlib.util.find_spec("transformer_engine") is None
+    if config.packed_sequence:
+        if config.micro_batch_size != 1 and config.micro_batch_size > 0:
+            problems.append(
+                f"--packed_sequence with --micro_batch_size {config.micro_batch_size}: a packed row of "
+                f"--max_seq_length tokens is the micro-batch; set --micro_batch_size 1 and raise "
+                "--accumulate_grad_batches for the same tokens per step"
+            )
+        if config.core_attention == "unfused" and no_te:
+            problems.append(
+                "--packed_sequence with --core_attention unfused: Megatron's unfused attention cannot "
+                "keep packed samples apart; use --core_attention sdpa"
+            )
+    if config.cuda_graphs and not config.packed_sequence:
+        problems.append(
+            "--cuda_graphs without --packed_sequence: Megatron's CUDA graphs replay the shapes they captured, and "
+            "unpacked batches change shape with their longest sample; add --packed_sequence (rows of "
+            "--max_seq_length tokens) or drop --cuda_graphs"
+        )
+    cp = config.context_parallel_size
+    te_on_nodes = config.executor == "slurm" and config.container_image  # a NeMo image holds TE
+    if cp > 1 and not config.dry_run and not te_on_nodes and no_te:
+        problems.append(
+            f"--context_parallel_size {cp} needs Transformer Engine's attention, which is not installed here; "
+            "use 1 (--dry_run still plans such a layout)"
+        )
+    return problems
+
+
+def _path_problems(config) -> list[str]:
+    problems = []
+    for flag, path in (
+        ("--output_dir", config.output_path),
+        ("--data_dir", config.data_path),
+        ("--nemo_ckpt_dir", config.nemo_ckpt_path),
+    ):
+        blocking = next((p for p in (path, *path.parents) if p.exists()), None)
+        if blocking is not None and not blocking.is_dir():
+            problems.append(f"{flag} {path}: {blocking} is a file, not a directory; choose another {flag}")
+        elif flag == "--output_dir" and blocking is not None and not os.access(blocking, os.W_OK | os.X_OK):
+            problems.append(
+                f"{flag} {path}: {blocking} is not writable by this user; choose another {flag} or fix its permissions"
+            )
+    return problems
+
+
+SLURM_TIME = re.compile(r"^(\d+-)?\d{1,2}:\d{2}:\d{2}$")
+
+
+def _slurm_problems(config) -> list[str]:
+    if config.executor != "slurm":
+        given = [f"--{n}" for n in ("slurm_account", "slurm_partition", "container_image") if getattr(config, n)]
+        return [f"{', '.join(given)} apply to --executor slurm only; add it or drop them"] if given else []
+    problems = []
+    if not config.slurm_account:
+        problems.append("--executor slurm needs --slurm_account (the account sbatch charges)")
+    if not SLURM_TIME.match(config.slurm_time):
+        problems.append(f"--slurm_time {config.slurm_time!r} is not [D-]HH:MM:SS (e.g. 04:00:00 or 1-12:00:00)")
+    if config.demo:
+        problems.append("--demo runs on this machine's GPU; drop --executor slurm")
+    bad_mounts = [m for m in config.container_mounts.split(",") if m.strip() and ":" not in m]
+    if bad_mounts:
+        problems.append(f"--container_mounts {', '.join(bad_mounts)}: each mount is host_path:container_path")
+    return problems
+
+
+# Recipe-name prefix -> the HF `model_type`s its importer can read (checked for local models before any import).
+RECIPE_MODEL_TYPES = {
+    "qwen3_": ("qwen3", "qwen3_moe"),
+    "qwen2_": ("qwen2",),
+    "qwen25_": ("qwen2",),
+    "llama2_": ("llama",),
+    "llama3_": ("llama",),
+    "llama31_8b": ("llama",),
+    "llama31_70b": ("llama",),
+    "llama31_405b": ("llama",),
+    "llama32_": ("llama",),
+    "mistral_": ("mistral",),
+    "mixtral_": ("mixtral",),
+    "gemma_": ("gemma",),
+    "gemma2_": ("gemma2",),
+    "gemma3_": ("gemma3", "gemma3_text"),
+}
+
+
+def _local_model_problems(config) -> list[str]:
+    """What a local --hf_model_id directory says before any import: it exists, holds a readable config.json, its
+    architecture is the recipe's family, and its shape fits the parallel layout."""
+    model_dir = Path(config.hf_model_id).expanduser()
+    flag = f"--hf_model_id {config.hf_model_id}"
+    if not model_dir.exists():
+        return [
+            f"{flag}: no such directory; give a Hugging Face model directory (save_pretrained output) or a hub "
+            "id such as Qwen/Qwen3-8B"
+        ]
+    if not model_dir.is_dir():
+        return [f"{flag}: is a file; give the model's directory (the one holding config.json)"]
+    if not (model_dir / "config.json").exists():
+        return [
+            f"{flag}: no config.json in that directory; give a Hugging Face model directory (save_pretrained "
+            "output) or a hub id such as Qwen/Qwen3-8B"
+        ]
+    try:
+        hf = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    except (ValueError, OSError) as e:
+        return [f"{flag}: config.json is not readable JSON ({e}); re-save the model with save_pretrained"]
+    if not isinstance(hf, dict):
+        return [f"{flag}: config.json holds a {type(hf).__name__}, not a model configuration object"]
+    problems = []
+    family = next(
+        (p for p in sorted(RECIPE_MODEL_TYPES, key=len, reverse=True) if config.recipe_cls_name.startswith(p)), None
+    )
+    model_type = hf.get("model_type")
+    if family and model_type and model_type not in RECIPE_MODEL_TYPES[family]:
+        problems.append(
+            f"--recipe_cls_name {config.recipe_cls_name} imports {'/'.join(RECIPE_MODEL_TYPES[family])} models but "
+            f"{model_dir / 'config.json'} says model_type {model_type!r}; choose the recipe of the model's family"
+        )
+    if hf.get("auto_map") and not config.trust_remote_code:
+        # transformers runs the repository's code only for a model_type it does not know itself.
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+        if model_type not in CONFIG_MAPPING_NAMES:
+            problems.append(
+                f"{flag}: config.json points model_type {model_type!r}, which transformers does not know, to code in "
+                "the model repository (auto_map); pass --trust_remote_code if you trust that code"
+            )
+    problems.extend(_weight_file_problems(model_dir, flag))
+    if not (config.import_only or config.prepare_data_only):
+        problems.extend(_model_shape_problems(config, hf))
+    return problems
+
+
+def _weight_file_problems(model_dir: Path, flag: str) -> list[str]:
+    """safetensors files whose header does not describe the file (a download or copy cut short): reading the
+    header is cheap, and the importer would otherwise fail deep inside transformers."""
+    from safetensors import SafetensorError, safe_open
+
+    problems = []
+    for path in sorted(model_dir.glob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="numpy"):
+                pass
+        except (SafetensorError, OSError) as e:
+            problems.append(
+                f"{flag}: {path.name} is unreadable ({e}); the file is incomplete or damaged — copy or "
+                "download the model again"
+            )
+    return problems
+
+
+def _model_shape_problems(config, hf: dict) -> list[str]:
+    """Parallel sizes the model's shape cannot take, read from a local config.json."""
+    out = []
+    heads, groups = attention_heads(hf) or (None, None)
+    layers = hf.get("num_hidden_layers")
+    tp, pp = config.tensor_parallel_size, config.pipeline_parallel_size
+    if heads and tp > 0 and (heads % tp or groups % tp):
+        out.append(f"--tensor_parallel_size {tp} must divide the model's {heads} attention heads and {groups} KV heads")
+    if layers and pp > 0 and layers % pp:
+        out.append(f"--pipeline_parallel_size {pp} must divide the model's {layers} layers")
+    return out

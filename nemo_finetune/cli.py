@@ -1,0 +1,185 @@
+"""Dataclass -> argparse: one dataclass is the single source of truth of a script's flags and their help;
+`run_cli` maps the two user-facing errors to exit codes without a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import sys
+import types
+import typing
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from nemo_finetune.errors import USAGE_ERROR, ConfigError, PipelineError
+
+
+def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> None:
+    """Exit codes: 0 ok, 1 pipeline failure, 2 usage error. Messages go to stderr without a traceback."""
+    try:
+        code = main(argv)
+    except ConfigError as e:
+        print(f"error: invalid arguments:\n{e}", file=sys.stderr)
+        code = USAGE_ERROR
+    except PipelineError as e:
+        print(f"error: {e}", file=sys.stderr)
+        code = 1
+    sys.exit(code)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Dataclass -> argparse. The dataclass is the single source of truth: names, types, defaults and help.
+# --------------------------------------------------------------------------------------------------------------------
+_TRUE, _FALSE = {"true", "1", "yes", "y", "on"}, {"false", "0", "no", "n", "off"}
+
+
+def parse_bool(text: str) -> bool:
+    low = str(text).strip().lower()
+    if low in _TRUE:
+        return True
+    if low in _FALSE:
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def finite_float(text: str) -> float:
+    """The argparse type of float fields: nan and inf are never a meaningful setting, and would pass every range
+    check (comparisons with nan are false)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def int_or_auto(text: str) -> int | None:
+    """An integer flag whose value may be `auto` (None: resolved later from the machine)."""
+    if text.strip().lower() == "auto":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'auto', got {text!r}") from None
+
+
+class _BoolAction(argparse.Action):
+    """`--flag`, `--no-flag`, and `--flag true|false` (the form SageMaker uses for hyperparameters)."""
+
+    def __init__(self, option_strings, dest, default=None, help=None, **kwargs):
+        name = option_strings[0][2:]
+        super().__init__([f"--{name}", f"--no-{name}"], dest, nargs="?", default=default, help=help, metavar="BOOL")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if option_string.startswith("--no-"):
+            if values is not None:
+                parser.error(f"{option_string} takes no value")
+            setattr(namespace, self.dest, False)
+        else:
+            try:
+                setattr(namespace, self.dest, True if values is None else parse_bool(values))
+            except argparse.ArgumentTypeError as e:
+                parser.error(f"{option_string}: {e}")
+
+
+def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):  # Optional[int] and int | None
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+def declared_fields(cls: type) -> list[tuple[dataclasses.Field, type]]:
+    """cls's fields, each with the dataclass that declares it, in declaration order: the fields of the bases in the
+    order the class lists its bases, then its own (dataclasses.fields orders inherited fields by reverse MRO)."""
+    by_name = {f.name: f for f in dataclasses.fields(cls)}
+    fields: list[tuple[dataclasses.Field, type]] = []
+    for base in cls.__bases__:
+        if dataclasses.is_dataclass(base):
+            fields += [(by_name[f.name], owner) for f, owner in declared_fields(base) if f.name in by_name]
+    seen = {f.name for f, _ in fields}
+    own = cls.__dict__.get("__annotations__", {})
+    return fields + [(by_name[name], cls) for name in own if name in by_name and name not in seen]
+
+
+def iter_fields(cls: type) -> Iterator[tuple[dataclasses.Field, Any, str | None]]:
+    """(field, resolved type, parent field name or None), flattening nested dataclass fields."""
+    hints = typing.get_type_hints(cls)
+    for f, _ in declared_fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            for sub, sub_tp, _ in iter_fields(tp):
+                yield sub, sub_tp, f.name
+        else:
+            yield f, tp, None
+
+
+def field_groups(cls: type) -> dict[str, str | None]:
+    """Each flag's --help section: the GROUP of the dataclass that declares it (None: no section)."""
+    hints = typing.get_type_hints(cls)
+    groups: dict[str, str | None] = {}
+    for f, owner in declared_fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            groups.update(field_groups(hints[f.name]))
+        else:
+            groups[f.name] = getattr(owner, "GROUP", None)
+    return groups
+
+
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One flag per (flattened) field: `--name`, typed from the annotation, help from `metadata["help"]`."""
+    seen: set[str] = set()
+    groups = field_groups(cls)
+    sections: dict[str, argparse._ArgumentGroup] = {}
+    for f, tp, _ in iter_fields(cls):
+        assert f.name not in seen, f"duplicate field name {f.name} across nested dataclasses"
+        seen.add(f.name)
+        group = groups[f.name]
+        if group is not None and group not in sections:
+            sections[group] = parser.add_argument_group(group)
+        target = sections[group] if group is not None else parser
+        help_text = f.metadata.get("help", "")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        base, optional = _unwrap_optional(tp)
+        kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS}
+        if base is bool:
+            target.add_argument(f"--{f.name}", action=_BoolAction, help=f"{help_text} (default: {default})", **kwargs)
+            continue
+        if "choices" in f.metadata:
+            kwargs["choices"] = f.metadata["choices"]
+        if "type" in f.metadata:
+            kwargs["type"] = f.metadata["type"]
+        elif base in (int, float, str):
+            kwargs["type"] = finite_float if base is float else base
+        else:
+            raise TypeError(f"unsupported field type {tp} for {f.name}")
+        shown = f.metadata.get("shown", "unset" if default is None and optional else default)
+        target.add_argument(f"--{f.name}", help=f"{help_text} (default: {shown})", metavar=f.name.upper(), **kwargs)
+
+
+def dataclass_from_namespace(cls: type, ns: argparse.Namespace | dict) -> Any:
+    """Build `cls` from parsed values; nested dataclasses are filled from the same flat namespace."""
+    values = vars(ns) if isinstance(ns, argparse.Namespace) else ns
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            kwargs[f.name] = dataclass_from_namespace(hints[f.name], values)
+        elif f.name in values:
+            kwargs[f.name] = values[f.name]
+    return cls(**kwargs)
+
+
+def parse_dataclass_args(cls: type, argv: list[str] | None, description: str) -> tuple[Any, set[str]]:
+    """Parse argv into `cls`; also return the names of the flags given explicitly (they beat the environment)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_dataclass_arguments(parser, cls)
+    ns = parser.parse_args(argv)
+    return dataclass_from_namespace(cls, ns), set(vars(ns))
+
+
+def flag_names(cls: type) -> list[str]:
+    return [f.name for f, _, _ in iter_fields(cls)]

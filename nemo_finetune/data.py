@@ -1,0 +1,40 @@
+"""Phase 2: the job's data: dataset_module's JSONL splits (and packed rows), checked against one global batch."""
+
+from __future__ import annotations
+
+import logging
+
+from dataset_module import format_summary, prepare_dataset
+from nemo_finetune.errors import PipelineError
+from nemo_finetune.recipe import configure_data
+from nemo_finetune.resolve import tokenizer_source
+
+log = logging.getLogger("peft_megatron")
+
+
+def prepare_data(config) -> dict:
+    summary = prepare_dataset(
+        config.data,
+        config.data_path,
+        tokenizer_name=tokenizer_source(config),
+        max_seq_length=config.max_seq_length,
+        trust_remote_code=config.trust_remote_code,
+        global_rank=config.node_rank,
+        wait_timeout_s=config.wait_timeout_s,
+        tokenizer_identity=config.hf_model_id,
+    )
+    if config.packed_sequence:
+        import fiddle as fdl
+
+        summary["packed"] = fdl.build(configure_data(config)).prepare_packed(global_rank=config.node_rank)
+    print(format_summary(summary), flush=True)
+    val_rows = summary["packed"]["val"]["packs"] if config.packed_sequence else summary["rows"].get("val", 0)
+    if val_rows < config.global_batch_size:
+        # Megatron's validation sampler drops the incomplete last global batch: no val_loss, so no checkpoint.
+        what = "packs into" if config.packed_sequence else "has"
+        raise PipelineError(
+            f"the validation split {what} {val_rows} rows, fewer than one global batch ({config.global_batch_size}): "
+            "validation would run no batch, so no val_loss and no checkpoint. Raise --val_fraction or lower "
+            "--micro_batch_size/--accumulate_grad_batches"
+        )
+    return summary

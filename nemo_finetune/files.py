@@ -1,0 +1,249 @@
+"""Filesystem primitives: atomic outputs (a crash never leaves a file that looks complete), locks, rank-0
+attempts and the other nodes' waits, content fingerprints, JSON-lines reading. Standard library only."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+import typing
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+from nemo_finetune.errors import PipelineError
+
+log = logging.getLogger("peft_megatron")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Atomic outputs: a crash never leaves a file or directory that looks complete.
+# --------------------------------------------------------------------------------------------------------------------
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
+@contextlib.contextmanager
+def _atomic_open(path: Path, binary: bool = False) -> Iterator[typing.IO]:
+    """A handle on a temporary sibling of `path`, fsynced and renamed over it only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; the result is an ordinary file, readable as any other
+        with os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8") as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    with _atomic_open(path) as fh:
+        fh.write(text)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    with _atomic_open(path, binary=True) as fh:
+        fh.write(data)
+
+
+def atomic_write_jsonl(path: Path, rows: Iterable[dict]) -> int:
+    """Write rows as JSON lines through a temporary file; returns the row count."""
+    count = 0
+    with _atomic_open(path) as fh:
+        for row in rows:
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+            count += 1
+    return count
+
+
+@contextlib.contextmanager
+def atomic_dir(path: Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a sibling temporary directory; on success it is renamed to `path`, on failure removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():
+            if not overwrite:
+                raise FileExistsError(f"{path} appeared while it was being written; nothing was replaced")
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: Path, timeout_s: float, what: str, poll_s: float = 0.5) -> Iterator[None]:
+    """Hold an exclusive advisory lock (fcntl) on `path` for the block; another job on the same directory waits, up
+    to `timeout_s`. The kernel drops the lock when its holder dies, so a killed run never leaves it held."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + timeout_s
+    with open(path, "a+") as fh:
+        waited = False
+        while True:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise PipelineError(
+                        f"another job has held {path} for {timeout_s:.0f}s ({what}); wait for it to "
+                        "finish, or use another directory"
+                    ) from None
+                if not waited:
+                    log.info("waiting for another job's %s (lock %s)", what, path)
+                    waited = True
+                time.sleep(poll_s)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def rank_zero_attempt(lock: Path, failed: Path, timeout_s: float, what: str) -> Iterator[None]:
+    """Global rank 0's side of a phase on the shared filesystem (the other nodes run wait_for_file): one job at a
+    time; the last attempt's failure marker cleared first; any failure of this one recorded for the waiting nodes."""
+    with exclusive_lock(lock, timeout_s, what):
+        failed.unlink(missing_ok=True)
+        try:
+            yield
+        except BaseException as e:
+            atomic_write_text(failed, f"{type(e).__name__}: {e}\n")
+            raise
+
+
+def file_heads(root: Path, recursive: bool = True) -> dict[str, list]:
+    """{relative path: [size, sha256 of the first MiB]} of every file under `root`: an identity of model and
+    checkpoint directories that is cheap at any size (small files are hashed whole; large ones by their headers and
+    leading tensors) and the same on every node's copy (no modification times)."""
+    heads = {}
+    for path in sorted(p for p in (root.rglob("*") if recursive else root.iterdir()) if p.is_file()):
+        with open(path, "rb") as fh:
+            heads[str(path.relative_to(root))] = [path.stat().st_size, hashlib.sha256(fh.read(1 << 20)).hexdigest()]
+    return heads
+
+
+def file_digest(path: Path) -> dict:
+    """Size and sha256 of a file: what a done marker records so that reading it back can check the file."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+STALE_FAILURE_GRACE_S = 120.0
+
+
+def filesystem_now(directory: Path) -> float:
+    """The current time on the filesystem's clock (a shared filesystem stamps files with its server's time, which
+    need not match this node's): the modification time of a file created now."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".clock.") as probe:
+            return os.stat(probe.name).st_mtime
+    except OSError:  # a directory this node cannot write: its own clock is the best estimate
+        return time.time()
+
+
+def wait_for_file(
+    done: Path,
+    failed: Path,
+    timeout_s: float,
+    what: str,
+    poll_s: float = 2.0,
+    is_done: Callable[[], bool] | None = None,
+    stale_grace_s: float = STALE_FAILURE_GRACE_S,
+) -> None:
+    """Wait until `done` exists (or `is_done()`), failing fast when `failed` appears and after `timeout_s`.
+
+    A `failed` marker written before this node began waiting may be an earlier attempt's, which global rank 0
+    removes when it starts this one: it is believed only if it is still there `stale_grace_s` later."""
+    start = time.monotonic()
+    deadline = start + timeout_s
+    started_on_fs = filesystem_now(failed.parent) - 1.0  # 1 s: filesystems with coarse timestamps
+    check = is_done or done.exists
+    next_log = 0.0
+    while True:
+        if check():
+            return
+        now = time.monotonic()
+        try:  # rank 0 may remove the marker between these two reads
+            written = failed.stat().st_mtime
+            reason = failed.read_text(errors="replace").strip()
+        except FileNotFoundError:
+            written = None
+        if written is not None and (written >= started_on_fs or now - start >= stale_grace_s):
+            when = (
+                ""
+                if written >= started_on_fs
+                else (f", written before this node started; rank 0 began no new attempt in {stale_grace_s:.0f}s")
+            )
+            raise PipelineError(f"{what} failed on global rank 0: {reason} (marker {failed}{when}); fix it and re-run")
+        if now >= deadline:
+            raise PipelineError(
+                f"timed out after {timeout_s:.0f}s waiting for {what} ({done}); is global rank 0 running and "
+                f"is the directory on a filesystem every node shares?"
+            )
+        if now >= next_log:
+            log.info("waiting for %s from global rank 0 (%.0fs left)", what, deadline - now)
+            next_log = now + 30
+        time.sleep(poll_s)
+
+
+def iter_jsonl(path: Path, required: Iterable[str] = (), text: Iterable[str] = ()) -> Iterator[dict]:
+    """Rows of a JSON-lines file; a malformed line, a non-object, a missing field or a `text` field that is not a
+    string names the file and line."""
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise PipelineError(f"{path}:{lineno}: malformed JSON line ({e.msg} at column {e.colno})") from None
+            if not isinstance(row, dict):
+                raise PipelineError(f"{path}:{lineno}: expected a JSON object per line, got {type(row).__name__}")
+            missing = [k for k in required if k not in row]
+            if missing:
+                raise PipelineError(f"{path}:{lineno}: missing field(s) {missing}")
+            for key in text:
+                if not isinstance(row[key], str):
+                    raise PipelineError(f"{path}:{lineno}: field {key!r} is {json.dumps(row[key])[:40]}, not text")
+            yield row
+
+
+def remove_leftovers(target: Path, what: str, patterns: tuple[str, ...] = ("*.partial",)) -> None:
+    """Remove the temporary siblings `.<target name>.<pattern>` that killed runs writing `target` left (atomic_dir's
+    `.partial` directories and the like), saying so in one line. Call under the lock that guards `target`."""
+    parent = target.parent
+    leftovers = (
+        sorted({p for pattern in patterns for p in parent.glob(f".{target.name}.{pattern}")}) if parent.is_dir() else []
+    )
+    for path in leftovers:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    if leftovers:
+        log.warning(
+            "removed %d unfinished %s(s) left by killed runs: %s",
+            len(leftovers),
+            what,
+            ", ".join(p.name for p in leftovers),
+        )

@@ -1,0 +1,150 @@
+"""Phase 1: the Hugging Face model imported into a NeMo checkpoint (--nemo_ckpt_dir). Global rank 0 imports,
+atomically and under a lock; the other nodes wait for it and check what it imported."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from nemo_finetune.checkpoints import attention_head_dim, checkpoint_damage, hf_load_error, is_nemo_checkpoint
+from nemo_finetune.console import prints_to_log_file
+from nemo_finetune.errors import PipelineError
+from nemo_finetune.files import (
+    atomic_dir,
+    atomic_write_text,
+    file_heads,
+    rank_zero_attempt,
+    remove_leftovers,
+    wait_for_file,
+)
+from nemo_finetune.recipe import assign, recipe_module
+from nemo_finetune.resolve import is_local_model, model_location
+
+log = logging.getLogger("peft_megatron")
+
+
+IMPORT_FAILED_SUFFIX = ".import-failed"
+IMPORT_LOCK_SUFFIX = ".import-lock"
+IMPORT_RECORD = ".import_source.json"  # inside an imported checkpoint: the model and recipe it was made from
+
+
+def import_failed_marker(config) -> Path:
+    return config.nemo_ckpt_path.with_name(config.nemo_ckpt_path.name + IMPORT_FAILED_SUFFIX)
+
+
+def import_hf_checkpoint(config) -> Path:
+    """Import `hf_model_id` into `nemo_ckpt_dir` unless a complete checkpoint is there; atomic, rank 0 only."""
+    target = config.nemo_ckpt_path
+    failed = import_failed_marker(config)
+    if config.node_rank != 0:
+        wait_for_file(
+            target, failed, config.wait_timeout_s, "the HF -> NeMo import", is_done=lambda: is_nemo_checkpoint(target)
+        )
+        check_import_source(target, import_source(config))  # every node refuses a stale import, not only rank 0
+        return target
+    lock = target.with_name(f".{target.name}{IMPORT_LOCK_SUFFIX}")
+    with rank_zero_attempt(lock, failed, config.wait_timeout_s, "HF -> NeMo import"):
+        _import_on_rank0(config, target)
+    return target
+
+
+def _import_on_rank0(config, target: Path) -> None:
+    source = import_source(config)
+    if is_nemo_checkpoint(target):
+        check_import_source(target, source)
+        damage = checkpoint_damage(target)
+        if damage:
+            raise PipelineError(f"--nemo_ckpt_dir {target} holds a damaged import: {damage}; remove it to import again")
+        log.info("imported checkpoint already present: %s", target)
+        return
+    if target.exists() and any(target.iterdir()):
+        raise PipelineError(
+            f"--nemo_ckpt_dir {target} exists but is not a complete NeMo checkpoint (no context/ + weights/"
+            "metadata.json); remove it or choose another --nemo_ckpt_dir"
+        )
+    remove_leftovers(target, "import")
+    _run_import(config, target, source)
+
+
+def import_source(config) -> dict:
+    """What an import is made from: the recipe and the model, a hub id or a local directory (file_heads)."""
+    identity: dict[str, Any] = {"model": model_location(config), "recipe": config.recipe_cls_name}
+    model_dir = Path(identity["model"])
+    if is_local_model(config.hf_model_id) and model_dir.is_dir():
+        identity["files"] = file_heads(model_dir, recursive=False)
+    return identity
+
+
+def check_import_source(target: Path, source: dict) -> None:
+    """Refuse an existing import of another model (or of the same directory since changed)."""
+    record = target / IMPORT_RECORD
+    if not record.is_file():
+        log.warning(
+            "%s has no %s (imported before this check existed); using it as the import of %s — remove it if it is not",
+            target,
+            IMPORT_RECORD,
+            source["model"],
+        )
+        return
+    try:
+        recorded = json.loads(record.read_text())
+    except ValueError:
+        recorded = {}
+    if recorded != source:
+        changed = sorted(k for k in set(recorded) | set(source) if recorded.get(k) != source.get(k))
+        raise PipelineError(
+            f"--nemo_ckpt_dir {target} holds an import of {recorded.get('model')} (recipe {recorded.get('recipe')}), "
+            f"not of {source['model']} (recipe {source['recipe']}) as it is now (differs in: {', '.join(changed)}); "
+            "choose another --nemo_ckpt_dir, or remove it to import again"
+        )
+
+
+def _run_import(config, target: Path, identity: dict) -> None:
+    import nemo_compat
+
+    env = nemo_compat.prepare_process()
+    import fiddle as fdl
+    from nemo.collections import llm
+
+    recipe = recipe_module(config.recipe_cls_name).finetune_recipe(num_nodes=1, num_gpus_per_node=1)
+    assign(recipe.model.config, **nemo_compat.model_config_overrides(env))  # e.g. RoPE fusion needs TE
+    model = fdl.build(recipe.model)  # picks the importer; the sizes come from the HF config
+    source = f"hf://{model_location(config)}"
+    check_importer_head_dim(model, source, config.trust_remote_code)
+    log.info("importing %s -> %s (%s)", source, target, env.describe())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.exists():
+        target.rmdir()  # empty (checked by the caller); import writes to a temporary sibling and renames
+    with atomic_dir(target) as tmp, nemo_compat.cpu_checkpoint_io(env):
+        # Some importers (Qwen3) take trust_remote_code, others (Llama) do not and never run remote code.
+        accepts = "trust_remote_code" in inspect.signature(type(model.importer(source)).apply).parameters
+        extra = {"trust_remote_code": config.trust_remote_code} if accepts else {}
+        with prints_to_log_file("nemo.import_ckpt", config.log_level):  # its tree of the files it wrote
+            llm.import_ckpt(model=model, source=source, output_path=tmp, overwrite=True, **extra)
+        if not is_nemo_checkpoint(tmp):
+            raise PipelineError(f"llm.import_ckpt finished but {tmp} is not a complete checkpoint")
+        atomic_write_text(tmp / IMPORT_RECORD, json.dumps(identity, indent=2) + "\n")
+    log.info("imported checkpoint written to %s", target)
+
+
+def check_importer_head_dim(model, source: str, trust_remote_code: bool = False) -> None:
+    """NeMo's importers ignore HF `head_dim` (Qwen3's fixes kv_channels=128): refuse rather than write a wrong model."""
+    from transformers import AutoConfig
+
+    connector = model.importer(source)
+    connector.trust_remote_code = trust_remote_code  # read by connector.config; normally set inside apply()
+    hf_path = str(connector)
+    try:
+        nemo_cfg = connector.config
+        hf = AutoConfig.from_pretrained(hf_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise PipelineError(hf_load_error(hf_path, e)) from None
+    hf_head_dim, nemo_head_dim = attention_head_dim(hf), attention_head_dim(nemo_cfg)
+    if hf_head_dim != nemo_head_dim:
+        raise PipelineError(
+            f"{hf_path}: head_dim {hf_head_dim} but NeMo's importer would build head_dim {nemo_head_dim}; this "
+            "checkpoint cannot be converted correctly by NeMo 2.7.3"
+        )

@@ -1,0 +1,153 @@
+"""Phase 4: the launch through NeMo-Run: torchrun on this node, or an sbatch job through its SlurmExecutor."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+from nemo_finetune.console import experiment, quiet_workers
+from nemo_finetune.errors import PipelineError
+from nemo_finetune.layout import REPO_DIR
+from nemo_finetune.rendezvous import rendezvous_environ, scoped_environ
+
+log = logging.getLogger("peft_megatron")
+
+
+def configure_executor(config, env=None):
+    import nemo_run as run
+
+    import nemo_compat
+
+    env = env or nemo_compat.detect_environment()
+    pythonpath = os.pathsep.join(p for p in (str(REPO_DIR), os.environ.get("PYTHONPATH", "")) if p)
+    env_vars = {
+        "PYTHONPATH": pythonpath,  # the workers import dataset_module and nemo_compat from this repository
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    # startup/sitecustomize.py applies nemo_compat's import-time adaptations in each worker before NeMo loads: all of
+    # them without TE or CUDA, with both only the asynchronous-checkpoint fix.
+    env_vars["PYTHONPATH"] = os.pathsep.join([str(REPO_DIR / "startup"), pythonpath])
+    env_vars[nemo_compat.WORKER_ENV_FLAG] = nemo_compat.worker_flag(env)
+    if config.cuda_graphs:
+        env_vars[nemo_compat.CUDA_GRAPHS_ENV] = "1"
+    if config.executor == "slurm":
+        return _slurm_executor(config, env_vars)
+    return run.LocalExecutor(
+        ntasks_per_node=config.gpus_per_node, nodes=config.num_nodes, launcher="torchrun", env_vars=env_vars
+    )
+
+
+def target_environment(config, local):
+    """Where the training workers run: this machine for --executor local; for Slurm the compute nodes, which have
+    GPUs, and TE when they run a container image (NeMo's images hold it) or this environment has it."""
+    if config.executor == "local":
+        return local
+    import nemo_compat
+
+    return nemo_compat.Environment(has_te=local.has_te or bool(config.container_image), has_cuda=True)
+
+
+def _slurm_executor(config, env_vars: dict):
+    import nemo_run as run
+
+    mounts = [m.strip() for m in config.container_mounts.split(",") if m.strip()]
+    if config.container_image:
+        # The workers import this repository's modules and read and write the run's files at the same paths.
+        run_dirs = (config.output_path, config.data_path, config.nemo_ckpt_path)
+        shared = sorted({REPO_DIR, *(p.resolve() for p in run_dirs)})
+        shared = [p for p in shared if not any(q != p and q in p.parents for q in shared)]
+        mounts += [f"{p}:{p}" for p in shared]
+    executor = run.SlurmExecutor(
+        account=config.slurm_account,
+        partition=config.slurm_partition,
+        time=config.slurm_time,
+        nodes=config.num_nodes,
+        ntasks_per_node=config.gpus_per_node,
+        gpus_per_node=config.gpus_per_node,
+        container_image=config.container_image,
+        container_mounts=mounts,
+        env_vars=env_vars,
+        tunnel=run.LocalTunnel(job_dir=str(config.layout.nemo_run.resolve())),
+    )
+    executor.launcher = "torchrun"  # one torchrun per node, rendezvous at the first node (NeMo-Run's sbatch script)
+    return executor
+
+
+def submit_training(config, recipe, executor) -> None:
+    """--executor slurm: submit the job and return; the job's logs and checkpoints appear under --output_dir."""
+    with experiment(
+        config.experiment_title,
+        executor=executor,
+        log_level=config.log_level,
+        base_dir=str(config.layout.nemo_run.resolve()),
+    ) as exp:
+        exp.add(recipe, tail_logs=False, name=config.recipe_cls_name)
+        exp.run(detach=True)
+    for job in exp.jobs:
+        print(
+            f"submitted Slurm job {job.id} ({job.state}); logs under {config.layout.nemo_run}, checkpoints "
+            f"under {config.layout.checkpoints}",
+            flush=True,
+        )
+
+
+def launch_training(config, recipe, executor) -> float:
+    """Run the experiment to its end; returns its wall time in seconds."""
+    from torchx.specs.api import AppState
+
+    started = time.monotonic()
+    if config.enable_pytorch_profiler or config.enable_memory_profile:
+        config.layout.profiles.mkdir(parents=True, exist_ok=True)  # the callbacks require it to exist
+    log.info("training workers' output: in full in %s; here, what matters", config.layout.log_file)
+    # A single job's workers are waited for (and their output tailed) when the experiment's context exits.
+    with (
+        quiet_workers(config.recipe_cls_name, config.log_level, config.log_every_n_steps),
+        scoped_environ(rendezvous_environ(config, os.environ)),  # NeMo-Run reads them while it builds the launch
+        experiment(
+            config.experiment_title,
+            executor=executor,
+            log_level=config.log_level,
+            base_dir=str(config.layout.nemo_run.resolve()),
+        ) as exp,
+    ):
+        exp.add(recipe, tail_logs=True, name=config.recipe_cls_name)
+        exp.run(detach=False)
+    states = {job.id: job.state for job in exp.jobs}  # final only once the context has waited for the jobs
+    failed = {jid: str(state) for jid, state in states.items() if state != AppState.SUCCEEDED}
+    if failed:
+        raise PipelineError(
+            f"training failed (job states {failed}); the worker logs are under {config.layout.nemo_run} "
+            "(the error is printed above)"
+        )
+    log.info("fine-tuning finished; checkpoints under %s", config.layout.checkpoints)
+    return time.monotonic() - started
+
+
+def launch_command(config, recipe, executor) -> str:
+    """The torchrun command NeMo-Run would run on this node (the serialized recipe argument abbreviated)."""
+    from nemo_run.run.torchx_backend.packaging import package
+
+    role = package(config.recipe_cls_name, recipe, executor, serialize_to_file=False).roles[0]
+    args = [a if len(a) < 200 else f"<serialized recipe, {len(a)} chars>" for a in role.args]
+    return " ".join([role.entrypoint, *args])
+
+
+def slurm_script(config, recipe, executor) -> str:
+    """The sbatch script NeMo-Run would submit, from NeMo-Run's own dry run; the files it writes are removed."""
+    import shutil
+
+    base = config.layout.nemo_run.resolve()
+    created = [p for p in (base, *base.parents) if not p.exists()]
+    exp = None
+    try:
+        with experiment(config.experiment_title, executor=executor, base_dir=str(base), log_level="WARN") as exp:
+            exp.add(recipe, tail_logs=False, name=config.recipe_cls_name)
+            exp.dryrun(log=False, delete_exp_dir=False)
+            return next(Path(exp._exp_dir).glob("*_sbatch.sh")).read_text()  # NeMo-Run names no public accessor
+    finally:
+        if created:
+            shutil.rmtree(created[-1], ignore_errors=True)
+        elif exp is not None:
+            shutil.rmtree(exp._exp_dir, ignore_errors=True)
