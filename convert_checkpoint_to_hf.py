@@ -199,9 +199,9 @@ def export_hf(nemo_ckpt: Path, out: Path, env) -> None:
     """`llm.export_ckpt(target="hf")` of a full (or merged) checkpoint into `out` (must not exist)."""
     from nemo.collections import llm
 
-    import nemo_compat
+    from nemo_finetune import compat
 
-    with nemo_compat.cpu_checkpoint_io(env):
+    with compat.cpu_checkpoint_io(env):
         llm.export_ckpt(path=nemo_ckpt, target="hf", output_path=out, overwrite=True)
     fix_special_token_ids(nemo_ckpt, out)
 
@@ -346,24 +346,14 @@ def export_adapter(lora_ckpt: Path, out: Path, base_model: str) -> None:
 # --------------------------------------------------------------------------------------------------------------------
 # Verification
 # --------------------------------------------------------------------------------------------------------------------
-def _not_the_module_name_warning(record: logging.LogRecord) -> bool:
-    return "is not a valid Python identifier" not in record.getMessage()
-
-
 def reference_logits(model_dir: Path, adapter_dir: Path | None = None):
     import torch
     from transformers import AutoModelForCausalLM
 
-    # transformers 4.57's from_pretrained looks for custom generation code (GenerationMixin.load_custom_generate)
-    # under a module named after the directory, and warns that a checkpoint's name (`...val_loss=0.5432...`) is no
-    # Python identifier. Nothing is imported from there (no custom code, no trust_remote_code): silenced for this
-    # load only. Goes when transformers stops deriving module names for local directories without custom code.
-    module_logger = logging.getLogger("transformers.dynamic_module_utils")
-    module_logger.addFilter(_not_the_module_name_warning)
-    try:
+    from nemo_finetune.compat.fixes import without_module_name_warning
+
+    with without_module_name_warning():  # a checkpoint's directory name is no Python identifier; nothing is imported
         model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
-    finally:
-        module_logger.removeFilter(_not_the_module_name_warning)
     if adapter_dir is not None:
         from peft import PeftModel
 
@@ -448,9 +438,9 @@ def export_kind(ckpt: Path, no_merge: bool) -> str:
 
 
 def _write_export(cfg: ExportConfig, kind: str, ckpt: Path, base: Path | None, source: dict, out: Path) -> None:
-    import nemo_compat
+    from nemo_finetune import compat
 
-    env = nemo_compat.prepare_process()
+    env = compat.prepare_process()
     verify = cfg.verify if cfg.verify is not None else parameter_count(base or ckpt) < VERIFY_MAX_PARAMS
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.work.") as work:
         with atomic_dir(out, overwrite=cfg.overwrite) as tmp:

@@ -13,7 +13,6 @@ global rank 0 only while other ranks wait with a timeout.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -22,12 +21,12 @@ import os
 import random
 import shutil
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from nemo_finetune.checkpoints import hf_load_error
+from nemo_finetune.compat import fixes
 from nemo_finetune.errors import PipelineError
 from nemo_finetune.files import (
     atomic_write_jsonl,
@@ -496,7 +495,7 @@ def _prepare_on_rank0(
         )
     atomic_write_text(data_dir / PREPARING_MARKER, json.dumps({"pid": os.getpid(), "started": time.time()}) + "\n")
     (data_dir / MARKER).unlink(missing_ok=True)  # an interrupted re-prepare must not leave the old marker behind
-    _remove_memmap_indexes(data_dir)
+    fixes.remove_memmap_indexes([data_dir / name for name in SPLIT_FILES.values()])
     summary = _prepare(cfg, data_dir, tokenizer_name, max_seq_length, trust_remote_code)
     files = {name: file_digest(data_dir / name) for name in SPLIT_FILES.values()}
     atomic_write_text(
@@ -516,15 +515,6 @@ def _damaged_files(data_dir: Path, marker: dict) -> list[str]:
         for name in SPLIT_FILES.values()
         if not (data_dir / name).is_file() or file_digest(data_dir / name) != recorded.get(name)
     ]
-
-
-def _remove_memmap_indexes(data_dir: Path) -> None:
-    """NeMo's JSONL reader keeps a newline index beside each file (`<file>.idx.npy`, `.idx.info`) and reuses it
-    whenever it exists, never checking it against the file: after a re-prepare it would cut the new rows at the old
-    offsets. Removed before new split files are written; NeMo rebuilds them on first read."""
-    for name in SPLIT_FILES.values():
-        for suffix in (".idx.npy", ".idx.info"):
-            (data_dir / f"{name}{suffix}").unlink(missing_ok=True)
 
 
 def _remove_interrupted_preparation(data_dir: Path) -> bool:
@@ -653,21 +643,6 @@ def pack_dataset(
         return summary
 
 
-@contextlib.contextmanager
-def seeded_numpy(seed: int) -> Iterator[None]:
-    """numpy's global generator seeded with `seed`, and given back as it was. NeMo 2.7.3's first_fit_shuffle draws
-    its order from that generator and nothing seeds it (prepare_packed_sequence_data's `seed` reaches only the
-    tokenizing dataset), so without this two runs of one command pack different rows."""
-    import numpy as np
-
-    state = np.random.get_state()
-    np.random.seed(seed)
-    try:
-        yield
-    finally:
-        np.random.set_state(state)
-
-
 def _read_packed_marker(location: Path) -> dict | None:
     """The marker of a packed directory whose files are all there with the sizes and hashes it records."""
     try:
@@ -695,7 +670,7 @@ def _pack_into_place(
     summary: dict[str, Any] = {"pack_size": pack_size, "directory": str(location)}
     try:
         for split, filename in PACKED_FILES.items():
-            with seeded_numpy(seed):
+            with fixes.seeded_numpy(seed):
                 prepare_packed_sequence_data(
                     input_path=data_dir / SPLIT_FILES[split],
                     output_path=work / filename,

@@ -21,7 +21,7 @@
 
 The seven phases are one function each: configure (Config + validate_config), import_hf_checkpoint,
 prepare_data, configure_recipe, launch_training, then test_checkpoint.py and convert_checkpoint_to_hf.py.
-Where a run's files go: common.RunLayout. Every runtime shim of NeMo / Megatron-Core: nemo_compat.SHIMS.
+Where a run's files go: common.RunLayout. Every runtime shim of NeMo / Megatron-Core: compat.SHIMS.
 The demo: nemo_finetune/demo.py (its assets: nemo_finetune/demo_assets.py).
 Exit codes: 0 success, 1 pipeline failure, 2 invalid arguments, 3 demo prepared but no CUDA GPU to train on.
 On SageMaker, SM_CHANNEL_TRAINING, SM_MODEL_DIR, SM_HOSTS, SM_CURRENT_HOST and SM_NUM_GPUS fill the matching
@@ -354,9 +354,9 @@ def main(argv: list[str] | None = None) -> int:
         import_hf_checkpoint(config)
     with phase("data preparation"):
         prepare_data(config)
-    import nemo_compat
+    from nemo_finetune import compat
 
-    env = target_environment(config, nemo_compat.prepare_process())
+    env = target_environment(config, compat.prepare_process())
     recipe, executor = configure_recipe(config, env), configure_executor(config, env)
     if config.executor == "slurm":
         submit_training(config, recipe, executor)

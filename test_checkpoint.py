@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -39,6 +38,7 @@ from nemo_finetune.checkpoints import (
     warn_damaged_adapters,
 )
 from nemo_finetune.cli import parse_dataclass_args, run_cli
+from nemo_finetune.compat import fixes
 from nemo_finetune.console import setup_logging
 from nemo_finetune.errors import ConfigError, PipelineError
 from nemo_finetune.files import atomic_write_jsonl, atomic_write_text, exclusive_lock, iter_jsonl
@@ -287,9 +287,9 @@ def load_model_and_tokenizer(ckpt: Path, cfg: EvalConfig):
     NeMo tokenizer)."""
     import torch
 
-    import nemo_compat
+    from nemo_finetune import compat
 
-    env = nemo_compat.prepare_process()
+    env = compat.prepare_process()
     if not env.has_cuda:
         raise PipelineError(
             "generation needs a CUDA GPU and this machine has none; score an existing predictions file with "
@@ -304,7 +304,7 @@ def load_model_and_tokenizer(ckpt: Path, cfg: EvalConfig):
         strategy=nl.MegatronStrategy(tensor_model_parallel_size=cfg.tensor_parallel_size, ckpt_load_strictness=False),
         plugins=nl.MegatronMixedPrecision(precision="bf16-mixed", params_dtype=torch.bfloat16),
     )
-    overrides = nemo_compat.model_config_overrides(env)
+    overrides = compat.model_config_overrides(env)
     if cfg.num_cuda_graphs:
         overrides.update(cuda_graph_model_overrides())
     wrapped, tokenizer = setup_model_and_tokenizer(
@@ -326,22 +326,6 @@ def cuda_graph_model_overrides() -> dict:
     return {"cuda_graph_impl": "local", "recompute_granularity": None}  # Megatron refuses graphs with recompute
 
 
-def decode_graph_count(requested: int, max_batch_size: int, tensor_parallel_size: int) -> int:
-    """How many decode CUDA graphs to ask DynamicInferenceContext for. Megatron-Core 0.15.3 rounds max_requests up
-    to a multiple of 4 and of the TP size from 4 requests on (REQUEST_ROUNDER), spaces the graphs' batch sizes by
-    max_requests / count rounded up to a multiple of 8 and of the TP size, and fails with IndexError
-    (dynamic_context.py:385) when that step is not below max_requests, e.g. for a test split of 4 prompts. One
-    graph, at max_requests, is what it would use there. Drop when Megatron guards it."""
-    tp = tensor_parallel_size
-    max_requests = max_batch_size
-    if max_batch_size >= 4:
-        rounder = math.ceil(4 / tp) * tp
-        max_requests = math.ceil(max_batch_size / rounder) * rounder
-    step = math.ceil(max_requests / min(requested, max_requests) / 8) * 8
-    step = math.ceil(step / tp) * tp
-    return requested if step < max_requests else 1
-
-
 def build_engine(model, inference_wrapper_config, tokenizer, cfg: EvalConfig, termination_id: int):
     """Megatron-Core's DynamicInferenceEngine over `model` (paged KV cache of --buffer_size_gb, up to
     --max_batch_size requests in flight). Without flash-attn, its attention runs on paged_attention.py's kernel.
@@ -354,9 +338,9 @@ def build_engine(model, inference_wrapper_config, tokenizer, cfg: EvalConfig, te
     from megatron.core.inference.model_inference_wrappers.gpt.gpt_inference_wrapper import GPTInferenceWrapper
     from megatron.core.inference.text_generation_controllers.text_generation_controller import TextGenerationController
 
-    import nemo_compat
+    from nemo_finetune import compat
 
-    nemo_compat.install_paged_attention_fallback()
+    compat.install_paged_attention_fallback()
     mcfg = model.config
     graphs = getattr(mcfg, "cuda_graph_impl", "none") == "local"
     if graphs and not cfg.num_cuda_graphs:
@@ -373,7 +357,7 @@ def build_engine(model, inference_wrapper_config, tokenizer, cfg: EvalConfig, te
         max_requests_override=cfg.max_batch_size,
         tensor_model_parallel_size=cfg.tensor_parallel_size,
         unified_memory_level=0,
-        num_cuda_graphs=decode_graph_count(cfg.num_cuda_graphs, cfg.max_batch_size, cfg.tensor_parallel_size)
+        num_cuda_graphs=fixes.decode_graph_count(cfg.num_cuda_graphs, cfg.max_batch_size, cfg.tensor_parallel_size)
         if graphs
         else None,
         use_cuda_graphs_for_non_decode_steps=False,

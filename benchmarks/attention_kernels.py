@@ -87,7 +87,7 @@ def main(argv=None) -> int:
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    import sdpa_attention
+    from nemo_finetune.kernels import sdpa_attention
 
     cuts = torch.randperm(s - 1, generator=torch.Generator().manual_seed(0))[: args.packed_sequences - 1] + 1
     cu = torch.cat([torch.tensor([0]), cuts.sort().values, torch.tensor([s])]).to("cuda", torch.int32)

@@ -127,11 +127,11 @@ def build_megatron_model(shape: str, cuda_graphs: bool):
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
     from nemo.collections.llm.gpt.model import qwen3
 
-    import nemo_compat
+    from nemo_finetune import compat
     from test_checkpoint import cuda_graph_model_overrides
 
-    env = nemo_compat.detect_environment()
-    overrides = nemo_compat.model_config_overrides(env)
+    env = compat.detect_environment()
+    overrides = compat.model_config_overrides(env)
     if cuda_graphs:
         overrides.update(cuda_graph_model_overrides())
     model_parallel_cuda_manual_seed(1234)
@@ -459,9 +459,9 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("this benchmark needs a CUDA GPU", file=sys.stderr)
         return 1
-    import nemo_compat
+    from nemo_finetune import compat
 
-    nemo_compat.prepare_process()  # before Megatron's inference modules are imported (see nemo_compat)
+    compat.prepare_process()  # before Megatron's inference modules are imported (see nemo_compat)
     gen = torch.Generator().manual_seed(0)
     all_prompts = torch.randint(1000, 100_000, (max(args.batch_sizes), args.prompt_tokens), generator=gen).tolist()
     hf = {} if args.skip_hf else measure_hf(args, all_prompts)  # first: its peak memory is its own

@@ -96,8 +96,8 @@ class Variant:
     help: str
     flags: dict = field(default_factory=dict)  # peft_megatron Config fields
     model: dict = field(default_factory=dict)  # model-config fields set after configure_recipe
-    skip_shims: frozenset = frozenset()  # training-worker shims left out (nemo_compat.OPTIONAL_WORKER_SHIMS)
-    trial_shims: frozenset = frozenset()  # shims on trial applied as well (nemo_compat.TRIAL_WORKER_SHIMS)
+    skip_shims: frozenset = frozenset()  # training-worker shims left out (compat.OPTIONAL_WORKER_SHIMS)
+    trial_shims: frozenset = frozenset()  # shims on trial applied as well (compat.TRIAL_WORKER_SHIMS)
 
 
 VARIANTS = {
@@ -467,11 +467,11 @@ def run_ours(args, case: Case, variant: Variant) -> dict:
     import nemo_run as run
     import torch
 
-    import nemo_compat
+    from nemo_finetune import compat
 
-    env = nemo_compat.prepare_process()
+    env = compat.prepare_process()
     # as startup/sitecustomize.py does in the workers
-    nemo_compat.install_worker_hooks(skip=variant.skip_shims, trial=variant.trial_shims, cuda_graphs=graphed(variant))
+    compat.install_worker_hooks(skip=variant.skip_shims, trial=variant.trial_shims, cuda_graphs=graphed(variant))
     recorder = StepRecorder()
 
     class Timer(pl.Callback):
@@ -503,14 +503,14 @@ def run_ours(args, case: Case, variant: Variant) -> dict:
         args.case, case, variant, args.warmup_steps + args.steps, env, [run.Config(Timer)]
     )
     run.run(recipe, direct=True)
-    missing = variant.trial_shims - nemo_compat.applied()
+    missing = variant.trial_shims - compat.applied()
     if missing:  # a shim that could not apply (its log line says why) would time the default under this name
         raise RuntimeError(f"variant {args.variant}: shims {sorted(missing)} were not applied; see the compat: lines")
     result = {
         "stack": "ours",
         "variant": args.variant,
         "environment": env.describe(),
-        "compat": sorted(nemo_compat.applied()),
+        "compat": sorted(compat.applied()),
         "core_attention": config.core_attention,
         "micro_batch_size": config.micro_batch_size,
         **summarize(args, recorder, config.micro_batch_size * case.seq_length),

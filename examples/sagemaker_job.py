@@ -121,11 +121,13 @@ def validate_job(job: JobConfig, hyperparameters: dict) -> None:
 
 
 def stage_source(target: Path) -> Path:
-    """The files the instances need (the scripts, their modules, the worker start-up hook, requirements.txt), not
-    the whole checkout: SageMaker uploads the source directory as it is, virtual environment and all."""
+    """The files the instances need (the scripts, the nemo_finetune package, the worker start-up hook,
+    requirements.txt), not the whole checkout: SageMaker uploads the source directory as it is, virtual environment
+    and all."""
     for path in REPO.glob("*.py"):
         shutil.copy2(path, target / path.name)
-    shutil.copytree(REPO / "startup", target / "startup", ignore=shutil.ignore_patterns("__pycache__"))
+    for package in ("nemo_finetune", "startup"):
+        shutil.copytree(REPO / package, target / package, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy2(REPO / "requirements.txt", target / "requirements.txt")
     return target
 

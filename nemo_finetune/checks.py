@@ -72,11 +72,11 @@ def _non_positive(config) -> list[str]:
 
 
 def _machine_problems(config, visible_gpus: int | None, environ: Mapping[str, str]) -> list[str]:
-    import nemo_compat  # stdlib imports only
+    from nemo_finetune import compat  # stdlib imports only
 
     problems = []
     try:
-        nemo_compat.skipped_in_workers(environ)
+        compat.skipped_in_workers(environ)
     except ValueError as e:
         problems.append(str(e))
     if config.cuda_graphs and visible_gpus == 0:

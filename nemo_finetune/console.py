@@ -10,7 +10,6 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 log = logging.getLogger("peft_megatron")
 
@@ -201,40 +200,6 @@ def quiet_workers(role: str, level: str, every_n_steps: int) -> Iterator[None]:
             yield
         finally:
             console.close()
-
-
-_EXPERIMENTS: list[Any] = []  # see experiment(): kept alive so that their __del__ runs only at exit
-
-
-@contextlib.contextmanager
-def experiment(title: str, **kwargs: Any) -> Iterator[Any]:
-    """`nemo_run.Experiment(title, **kwargs)`, entered, with the root logger's handlers and level left as they were.
-
-    NeMo-Run 0.11.1 replaces the root logger's handlers whenever an Experiment is built (`configure_logging`:
-    `logging.basicConfig(force=True)` with its RichHandler) and removes the root's first handler whenever one is
-    garbage-collected (`Experiment.__del__` -> `deconfigure_logging`): every line of ours after a launch lost our
-    format, the console policy and the log file. Ours go back once it is built; keeping the object alive defers its
-    __del__ to interpreter exit. This can go when NeMo-Run leaves the root logger alone."""
-    import nemo_run as run
-
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-
-    def restore() -> None:
-        for handler in [h for h in root.handlers if h not in handlers]:
-            root.removeHandler(handler)
-        for handler in [h for h in handlers if h not in root.handlers]:
-            root.addHandler(handler)
-        root.setLevel(level)
-
-    try:
-        exp = run.Experiment(title, **kwargs)
-        restore()
-        _EXPERIMENTS.append(exp)
-        with exp:
-            yield exp
-    finally:
-        restore()
 
 
 def log_to_file(path: Path, level: str = "INFO") -> Path:

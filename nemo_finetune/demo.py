@@ -75,9 +75,9 @@ def demo_config(config):
 
 
 def run_demo(config) -> int:
-    import nemo_compat
+    from nemo_finetune import compat
 
-    env = nemo_compat.detect_environment()
+    env = compat.detect_environment()
     if not env.has_cuda:
         prepare_data(config)
         dry_run(config)

@@ -103,14 +103,14 @@ def check_import_source(target: Path, source: dict) -> None:
 
 
 def _run_import(config, target: Path, identity: dict) -> None:
-    import nemo_compat
+    from nemo_finetune import compat
 
-    env = nemo_compat.prepare_process()
+    env = compat.prepare_process()
     import fiddle as fdl
     from nemo.collections import llm
 
     recipe = recipe_module(config.recipe_cls_name).finetune_recipe(num_nodes=1, num_gpus_per_node=1)
-    assign(recipe.model.config, **nemo_compat.model_config_overrides(env))  # e.g. RoPE fusion needs TE
+    assign(recipe.model.config, **compat.model_config_overrides(env))  # e.g. RoPE fusion needs TE
     model = fdl.build(recipe.model)  # picks the importer; the sizes come from the HF config
     source = f"hf://{model_location(config)}"
     check_importer_head_dim(model, source, config.trust_remote_code)
@@ -118,7 +118,7 @@ def _run_import(config, target: Path, identity: dict) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     if target.exists():
         target.rmdir()  # empty (checked by the caller); import writes to a temporary sibling and renames
-    with atomic_dir(target) as tmp, nemo_compat.cpu_checkpoint_io(env):
+    with atomic_dir(target) as tmp, compat.cpu_checkpoint_io(env):
         # Some importers (Qwen3) take trust_remote_code, others (Llama) do not and never run remote code.
         accepts = "trust_remote_code" in inspect.signature(type(model.importer(source)).apply).parameters
         extra = {"trust_remote_code": config.trust_remote_code} if accepts else {}

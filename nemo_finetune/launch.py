@@ -7,7 +7,8 @@ import os
 import time
 from pathlib import Path
 
-from nemo_finetune.console import experiment, quiet_workers
+from nemo_finetune.compat.fixes import experiment
+from nemo_finetune.console import quiet_workers
 from nemo_finetune.errors import PipelineError
 from nemo_finetune.layout import REPO_DIR
 from nemo_finetune.rendezvous import rendezvous_environ, scoped_environ
@@ -18,20 +19,17 @@ log = logging.getLogger("peft_megatron")
 def configure_executor(config, env=None):
     import nemo_run as run
 
-    import nemo_compat
+    from nemo_finetune import compat
 
-    env = env or nemo_compat.detect_environment()
+    env = env or compat.detect_environment()
     pythonpath = os.pathsep.join(p for p in (str(REPO_DIR), os.environ.get("PYTHONPATH", "")) if p)
     env_vars = {
-        "PYTHONPATH": pythonpath,  # the workers import dataset_module and nemo_compat from this repository
+        "PYTHONPATH": pythonpath,  # the workers import dataset_module and nemo_finetune from this repository
         "TOKENIZERS_PARALLELISM": "false",
     }
-    # startup/sitecustomize.py applies nemo_compat's import-time adaptations in each worker before NeMo loads: all of
-    # them without TE or CUDA, with both only the asynchronous-checkpoint fix.
+    # startup/sitecustomize.py applies the workers' shims before NeMo loads (compat.apply says which).
     env_vars["PYTHONPATH"] = os.pathsep.join([str(REPO_DIR / "startup"), pythonpath])
-    env_vars[nemo_compat.WORKER_ENV_FLAG] = nemo_compat.worker_flag(env)
-    if config.cuda_graphs:
-        env_vars[nemo_compat.CUDA_GRAPHS_ENV] = "1"
+    env_vars.update(compat.worker_environment(env, cuda_graphs=config.cuda_graphs))
     if config.executor == "slurm":
         return _slurm_executor(config, env_vars)
     return run.LocalExecutor(
@@ -44,9 +42,9 @@ def target_environment(config, local):
     GPUs, and TE when they run a container image (NeMo's images hold it) or this environment has it."""
     if config.executor == "local":
         return local
-    import nemo_compat
+    from nemo_finetune import compat
 
-    return nemo_compat.Environment(has_te=local.has_te or bool(config.container_image), has_cuda=True)
+    return compat.Environment(has_te=local.has_te or bool(config.container_image), has_cuda=True)
 
 
 def _slurm_executor(config, env_vars: dict):

@@ -40,9 +40,9 @@ def plan_lines(config) -> list[str]:
 
 
 def dry_run(config) -> int:
-    import nemo_compat
+    from nemo_finetune import compat
 
-    local = nemo_compat.prepare_process()
+    local = compat.prepare_process()
     env = target_environment(config, local)
     recipe = configure_recipe(config, env)
     executor = configure_executor(config, env)
@@ -51,8 +51,7 @@ def dry_run(config) -> int:
         print(f"  {line}")
     where = "this machine" if config.executor == "local" else "the Slurm nodes"
     print(
-        f"  environment ({where}): {env.describe()}; adaptations here: "
-        f"{', '.join(sorted(nemo_compat.applied())) or 'none'}"
+        f"  environment ({where}): {env.describe()}; adaptations here: {', '.join(sorted(compat.applied())) or 'none'}"
     )
     if config.executor == "slurm":
         print("  sbatch script NeMo-Run would submit:\n" + slurm_script(config, recipe, executor), flush=True)

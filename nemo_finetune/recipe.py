@@ -52,9 +52,9 @@ def configure_recipe(config, env=None):
     import fiddle as fdl
     import nemo_run as run
 
-    import nemo_compat
+    from nemo_finetune import compat
 
-    env = env or nemo_compat.detect_environment()
+    env = env or compat.detect_environment()
     recipe = recipe_module(config.recipe_cls_name).finetune_recipe(
         dir=str(config.output_path),
         name=RUN_NAME,
@@ -70,8 +70,8 @@ def configure_recipe(config, env=None):
         imported = load_context(config.nemo_ckpt_path / "context", subpath="model.config", build=False)
         recipe.model.config = fdl.cast(run.Config, imported)
     # Sequence length settings in the model and the data must agree.
-    skipped = nemo_compat.skipped_in_workers(os.environ)  # the workers inherit this environment
-    overrides = nemo_compat.model_config_overrides(env, training=True, skip=skipped)
+    skipped = compat.skipped_in_workers(os.environ)  # the workers inherit this environment
+    overrides = compat.model_config_overrides(env, training=True, skip=skipped)
     assign(recipe.model.config, seq_length=config.max_seq_length, **overrides)
     configure_attention(config, recipe.model.config, env)
     recipe.data = configure_data(config)
@@ -104,7 +104,7 @@ def configure_recipe(config, env=None):
     assign(recipe.resume.restore_config, path=str(config.nemo_ckpt_path.resolve()))
 
     optim = {"lr": config.learning_rate} if config.learning_rate else {}
-    assign(recipe.optim.config, **optim, **nemo_compat.optimizer_config_overrides(env))
+    assign(recipe.optim.config, **optim, **compat.optimizer_config_overrides(env))
     if not config.full_ft:
         lora = {k: v for k, v in (("dim", config.lora_dim), ("alpha", config.lora_alpha)) if v is not None}
         assign(recipe.peft, **lora)
@@ -119,7 +119,7 @@ def configure_attention(config, model_config, env) -> None:
         return
     from nemo.collections.llm.gpt.model.base import default_layer_spec, local_layer_spec
 
-    import sdpa_attention
+    from nemo_finetune.kernels import sdpa_attention
 
     if model_config.transformer_layer_spec in (default_layer_spec, local_layer_spec, sdpa_attention.layer_spec):
         assign(model_config, transformer_layer_spec=sdpa_attention.layer_spec)

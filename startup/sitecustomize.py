@@ -2,7 +2,7 @@
 
 Megatron-Core 0.15.3 compiles a managed-memory allocator with nvcc when NeMo is imported, before any code of ours runs
 in the worker, NeMo's LoRA transform needs its TE guards before it runs, and Megatron-Core's asynchronous checkpoint
-save needs its fix (with TE too) before the first save; nemo_compat installs them here. (A
+save needs its fix (with TE too) before the first save; nemo_finetune.compat installs them here. (A
 Lightning callback could carry the guards, but it would be pickled into every checkpoint's context, which NeMo's
 restricted unpickler then refuses to load.) Only active when the launcher set the flag, and any
 other sitecustomize on the path still runs afterwards.
@@ -13,20 +13,14 @@ import importlib.util
 import os
 import sys
 
-import nemo_compat  # stdlib imports only; the repository is on the workers' PYTHONPATH beside this directory
+from nemo_finetune import compat  # stdlib imports only; the repository is on the workers' PYTHONPATH
 
-_flag = os.environ.get(nemo_compat.WORKER_ENV_FLAG)
-if _flag in ("1", nemo_compat.CHECKPOINT_ONLY):
-    try:
-        nemo_compat.log_to_worker_output()
-        nemo_compat.install_worker_hooks(
-            skip=nemo_compat.skipped_in_workers(os.environ),
-            checkpoint_only=_flag == nemo_compat.CHECKPOINT_ONLY,
-            cuda_graphs=os.environ.get(nemo_compat.CUDA_GRAPHS_ENV) == "1",
-        )
-    except Exception as e:  # site.py would print it and let the worker train without its shims
-        print(f"error: nemo_compat could not prepare this training worker: {e}", file=sys.stderr, flush=True)
-        os._exit(1)
+try:
+    compat.install_from_environment(os.environ)
+except Exception as e:  # site.py would print it and let the worker train without its shims
+    print(f"error: could not prepare this training worker's shims (nemo_finetune.compat): {e}", file=sys.stderr)
+    sys.stderr.flush()
+    os._exit(1)
 
 _here = os.path.dirname(os.path.abspath(__file__))
 _rest = [p for p in sys.path if os.path.abspath(p or ".") != _here]

@@ -227,7 +227,7 @@ def tiny_gpt(device: str, dtype, max_sequence_length: int = 40):
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    from sdpa_attention import SDPADotProductAttention
+    from nemo_finetune.kernels.sdpa_attention import SDPADotProductAttention
 
     config = TransformerConfig(
         num_layers=2,

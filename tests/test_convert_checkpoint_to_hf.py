@@ -24,9 +24,9 @@ from nemo_finetune.rendezvous import environ_without_rendezvous
 @pytest.fixture(autouse=True, scope="module")
 def shims_in_scope():
     """The in-process conversions below apply nemo_compat's shims; later test files get the process back as it was."""
-    import nemo_compat
+    from nemo_finetune import compat
 
-    with nemo_compat.scoped():
+    with compat.scoped():
         yield
 
 
@@ -219,15 +219,15 @@ def test_adapter_mapping_matches_nemo_exporter_on_fused_lora(assets, tmp_path):
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
 
-    import nemo_compat
+    from nemo_finetune import compat
 
-    env = nemo_compat.prepare_process()
+    env = compat.prepare_process()
     nemo_dir = tmp_path / "nemo"
     assert run_import(assets["qwen3"], nemo_dir).returncode == 0
     model = load_context(nemo_dir / "context", subpath="model")
     exporter = model.exporter("hf", str(nemo_dir))
     exporter.trust_remote_code = False  # normally set inside apply()
-    with nemo_compat.cpu_checkpoint_io(env):
+    with compat.cpu_checkpoint_io(env):
         source, _ = exporter.nemo_load(str(nemo_dir))
     cfg = source.config
     rank, alpha, layers = 4, 8, cfg.num_layers

@@ -120,7 +120,8 @@ raise RuntimeError("CUDA out of memory (as a worker reports it)")
 LAUNCH = r"""
 import gc, logging, sys
 import nemo_run as run
-from nemo_finetune.console import experiment, log_to_file, quiet_workers, setup_logging
+from nemo_finetune.compat.fixes import experiment
+from nemo_finetune.console import log_to_file, quiet_workers, setup_logging
 setup_logging(sys.argv[1])
 log_to_file(sys.argv[2] + "/peft_megatron.log")
 script = run.Script(path=sys.argv[2] + "/worker.py", entrypoint="python")

@@ -1,4 +1,5 @@
-"""nemo_compat: adapts NeMo/Megatron to no-TE / no-CUDA hosts, and changes nothing when TE and CUDA are there."""
+"""nemo_finetune.compat: adapts NeMo/Megatron to no-TE / no-CUDA hosts, and changes nothing when TE and CUDA are
+there."""
 
 from __future__ import annotations
 
@@ -7,12 +8,13 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-import nemo_compat
 from conftest import REPO
+from nemo_finetune import compat
 
 
 def run_python(code: str, env_extra: dict | None = None, output: str = "last line") -> str:
@@ -25,32 +27,40 @@ def run_python(code: str, env_extra: dict | None = None, output: str = "last lin
 
 def test_noop_when_transformer_engine_and_cuda_are_present():
     probe = (
-        "import sys, json, nemo_compat\n"
-        "env = nemo_compat.prepare_process(nemo_compat.Environment(has_te=True, has_cuda=True))\n"
+        "import sys, json\nfrom nemo_finetune import compat\n"
+        "env = compat.prepare_process(compat.Environment(has_te=True, has_cuda=True))\n"
         "import megatron.core.transformer.transformer_config as tc, nemo.lightning.io as io\n"
         "from nemo.collections.llm.peft import lora, utils\n"
-        "print(json.dumps({'applied': sorted(nemo_compat.applied()),"
+        "print(json.dumps({'applied': sorted(compat.applied()),"
         " 'stub': 'stub' in (sys.modules['megatron.core.inference.unified_memory'].__doc__ or ''),"
         " 'post_init': getattr(tc.TransformerConfig.__post_init__, '_nemo_compat', False),"
         " 'mapping': getattr(io.apply_transforms, '_nemo_compat', False), 'te_guard': type(lora.te).__name__}))"
     )
     result = json.loads(run_python(probe))
-    assert result == {"applied": [], "stub": False, "post_init": False, "mapping": False, "te_guard": "UnavailableMeta"}
-    te = nemo_compat.Environment(has_te=True, has_cuda=True)
-    assert nemo_compat.model_config_overrides(te) == {} and nemo_compat.optimizer_config_overrides(te) == {}
+    # Nothing of NeMo or Megatron changes; only this project's own moved module names are aliased.
+    assert result == {
+        "applied": ["moved-modules"],
+        "stub": False,
+        "post_init": False,
+        "mapping": False,
+        "te_guard": "UnavailableMeta",
+    }
+    te = compat.Environment(has_te=True, has_cuda=True)
+    assert compat.model_config_overrides(te) == {} and compat.optimizer_config_overrides(te) == {}
 
 
 def test_cpu_host_imports_nemo_without_compiling_anything(tmp_path):
     probe = (
-        "import sys, json, nemo_compat\n"
-        "nemo_compat.prepare_process()\n"
+        "import sys, json\nfrom nemo_finetune import compat\n"
+        "compat.prepare_process()\n"
         "import nemo.collections.llm, megatron.core.inference.contexts.dynamic_context\n"
         "m = sys.modules['megatron.core.inference.unified_memory']\n"
-        "print(json.dumps({'stub': 'stub' in m.__doc__, 'applied': sorted(nemo_compat.applied())}))"
+        "print(json.dumps({'stub': 'stub' in m.__doc__, 'applied': sorted(compat.applied())}))"
     )
     result = json.loads(run_python(probe, {"TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")}))
     assert result["stub"] is True
     assert set(result["applied"]) == {
+        "moved-modules",
         "unified-memory-stub",
         "no-te-fusion-defaults",
         "peft-te-guards",
@@ -69,7 +79,7 @@ def test_worker_startup_hook_applies_guards_before_nemo_runs():
         " getattr(rope_utils._apply_rotary_pos_emb_thd, '_nemo_compat', False),"
         " getattr(lora.LoRALinear.forward, '_nemo_compat', False))"
     )
-    worker = {"PYTHONPATH": f"{REPO / 'startup'}:{REPO}", nemo_compat.WORKER_ENV_FLAG: "1"}
+    worker = {"PYTHONPATH": f"{REPO / 'startup'}:{REPO}", compat.WORKER_ENV_FLAG: "1"}
     out = run_python(probe, worker)
     assert out == "SimpleNamespace True True True True"
     # Each shim a `compat:` line on the worker's stderr
@@ -82,7 +92,7 @@ def test_worker_startup_hook_applies_guards_before_nemo_runs():
     assert "compat: async-save-staged-buffers (" in stderr
     assert "compat: torch-optimizer-kernels (" in stderr
     # Without the launcher's flag (test_checkpoint.py, conversions: CUDA-graph inference) RoPE and LoRA stay upstream's.
-    out = run_python(probe, {"PYTHONPATH": f"{REPO / 'startup'}:{REPO}", nemo_compat.WORKER_ENV_FLAG: "0"})
+    out = run_python(probe, {"PYTHONPATH": f"{REPO / 'startup'}:{REPO}", compat.WORKER_ENV_FLAG: "0"})
     assert out.endswith(" False False False")
 
 
@@ -91,10 +101,10 @@ def test_compiled_rope_gives_megatrons_rope_and_its_gradient(monkeypatch):
 
     eager = rope_utils._apply_rotary_pos_emb_bshd
     monkeypatch.setattr(rope_utils, "_apply_rotary_pos_emb_bshd", eager)  # restored after the test
-    nemo_compat.compile_unfused_rope()
+    compat.compile_unfused_rope()
     compiled = rope_utils._apply_rotary_pos_emb_bshd
     assert compiled is not eager and compiled._nemo_compat
-    nemo_compat.compile_unfused_rope()
+    compat.compile_unfused_rope()
     assert rope_utils._apply_rotary_pos_emb_bshd is compiled  # idempotent: never compiled twice
     torch.manual_seed(0)
     freqs = torch.randn(16, 1, 1, 32)
@@ -110,14 +120,14 @@ def test_compiled_rope_gives_megatrons_rope_and_its_gradient(monkeypatch):
 
 def test_te_only_fusions_switch_off_without_te_and_torch_compiled_ones_stay():
     probe = (
-        "import nemo_compat\n"
-        "nemo_compat.prepare_process(nemo_compat.Environment(has_te=False, has_cuda=False))\n"
+        "from nemo_finetune import compat\n"
+        "compat.prepare_process(compat.Environment(has_te=False, has_cuda=False))\n"
         "from nemo.collections.llm import LlamaConfig\n"
         "c = LlamaConfig(num_layers=2, hidden_size=64, num_attention_heads=4)\n"
         "print(c.apply_rope_fusion, c.masked_softmax_fusion, c.gradient_accumulation_fusion, c.bias_activation_fusion,"
         " LlamaConfig(num_layers=2, hidden_size=64, num_attention_heads=4, cross_entropy_loss_fusion=True)"
         ".cross_entropy_loss_fusion, end=' ')\n"
-        "nemo_compat.accumulate_wgrad_with_torch()\n"
+        "compat.accumulate_wgrad_with_torch()\n"
         "print(LlamaConfig(num_layers=2, hidden_size=64, num_attention_heads=4, gradient_accumulation_fusion=True)"
         ".gradient_accumulation_fusion)"
     )
@@ -125,9 +135,9 @@ def test_te_only_fusions_switch_off_without_te_and_torch_compiled_ones_stay():
     # so train_throughput.py's native_ce variant really measures it; the weight-gradient accumulation fusion stays
     # once torch's GEMM stands in for apex's kernel.
     assert run_python(probe) == "False False False True True True"
-    no_te = nemo_compat.Environment(has_te=False, has_cuda=True)
-    training = nemo_compat.model_config_overrides(no_te, training=True)
-    inference = nemo_compat.model_config_overrides(no_te)
+    no_te = compat.Environment(has_te=False, has_cuda=True)
+    training = compat.model_config_overrides(no_te, training=True)
+    inference = compat.model_config_overrides(no_te)
     assert training["bias_activation_fusion"] and training["bias_dropout_fusion"]
     assert not inference["bias_activation_fusion"] and not inference["bias_dropout_fusion"]
     assert not training["cross_entropy_loss_fusion"]  # the native one measured 4.4x slower
@@ -142,23 +152,23 @@ def test_norm_mapping_targets_the_local_layer_spec():
     }
     local = ["decoder.layers.0.input_layernorm.weight", "decoder.layers.0.pre_mlp_layernorm.weight"]
     fused = ["decoder.layers.0.self_attention.linear_qkv.layer_norm_weight"]
-    imported = nemo_compat.remap_norm_keys(mapping, local, nemo_is_target=True)
+    imported = compat.remap_norm_keys(mapping, local, nemo_is_target=True)
     assert imported["**.input_layernorm.weight"] == "**.input_layernorm.weight"
     assert imported["**.post_attention_layernorm.weight"] == "**.pre_mlp_layernorm.weight"
-    assert nemo_compat.remap_norm_keys(mapping, fused, nemo_is_target=True) == mapping  # TE layer spec: unchanged
+    assert compat.remap_norm_keys(mapping, fused, nemo_is_target=True) == mapping  # TE layer spec: unchanged
     export = {v: k for k, v in mapping.items()}
-    exported = nemo_compat.remap_norm_keys(export, local, nemo_is_target=False)
+    exported = compat.remap_norm_keys(export, local, nemo_is_target=False)
     assert exported["**.input_layernorm.weight"] == "**.input_layernorm.weight"
 
 
 def test_dynamic_attention_gets_the_triton_stand_ins_only_without_flash_attn():
     """Megatron's flash_decode_and_prefill looks the two flash-attn functions up in its module at call time."""
     probe = (
-        "import json, nemo_compat, paged_attention\n"
-        "nemo_compat.skip_unified_memory_build()\n"
+        "import json\nfrom nemo_finetune import compat\nfrom nemo_finetune.kernels import paged_attention\n"
+        "compat.skip_unified_memory_build()\n"
         "from megatron.core.transformer import attention\n"
         "before = attention.flash_attn_varlen_func is None and attention.flash_attn_with_kvcache is None\n"
-        "install = nemo_compat.install_paged_attention_fallback\n"
+        "install = compat.install_paged_attention_fallback\n"
         "first, second = install(), install()\n"
         "print(json.dumps({'absent_before': before, 'installed': [first, second],"
         " 'varlen': attention.flash_attn_varlen_func is paged_attention.flash_attn_varlen_func,"
@@ -183,7 +193,7 @@ def lora_model(dropout: float = 0.0, dropout_position: str = "pre"):
 
     from conftest import tiny_gpt
 
-    nemo_compat.prepare_process()  # NeMo's LoRA transform needs the no-TE guards, as every script applies them
+    compat.prepare_process()  # NeMo's LoRA transform needs the no-TE guards, as every script applies them
     model = tiny_gpt("cpu", torch.float32).train()
     model.requires_grad_(False)
     model = fn.walk(model, LoRA(dim=4, alpha=8, dropout=dropout, dropout_position=dropout_position).transform)
@@ -204,8 +214,8 @@ def loss_and_gradients(model):
 
 @pytest.fixture
 def shims_in_scope():
-    """The shims a test applies are taken back after it (nemo_compat.scoped)."""
-    with nemo_compat.scoped():
+    """The shims a test applies are taken back after it (compat.scoped)."""
+    with compat.scoped():
         yield
 
 
@@ -215,12 +225,12 @@ def test_fused_lora_output_gives_nemos_lora_loss_and_gradients(model_parallel, s
     model, wrapped = lora_model()
     assert len(wrapped) == 8  # linear_qkv, linear_proj, linear_fc1, linear_fc2 in each of 2 layers
     expected_loss, expected_grads = loss_and_gradients(model)
-    with nemo_compat.scoped():
-        nemo_compat.fuse_lora_output()
-        assert LoRALinear.forward._nemo_compat and "fused-lora-output" in nemo_compat.applied()
+    with compat.scoped():
+        compat.fuse_lora_output()
+        assert LoRALinear.forward._nemo_compat and "fused-lora-output" in compat.applied()
         loss, grads = loss_and_gradients(model)
         assert all(m.__dict__["_fused_lora_output"] for m in wrapped)  # every adapter took the fused path
-    assert not getattr(LoRALinear.forward, "_nemo_compat", False) and "fused-lora-output" not in nemo_compat.applied()
+    assert not getattr(LoRALinear.forward, "_nemo_compat", False) and "fused-lora-output" not in compat.applied()
     assert len(grads) == 16 and all(g.abs().sum() > 0 for g in grads)  # A and B of each adapter
     assert torch.allclose(loss, expected_loss, rtol=1e-6, atol=0), (loss.item(), expected_loss.item())
     for got, want in zip(grads, expected_grads, strict=True):
@@ -230,18 +240,18 @@ def test_fused_lora_output_gives_nemos_lora_loss_and_gradients(model_parallel, s
 def test_lora_with_dropout_after_the_adapter_keeps_nemos_forward(model_parallel, shims_in_scope):
     model, wrapped = lora_model(dropout=0.5, dropout_position="post")
     model.eval()  # dropout off, so both forwards are deterministic
-    with nemo_compat.scoped():
-        nemo_compat.fuse_lora_output()
+    with compat.scoped():
+        compat.fuse_lora_output()
         loss, _ = loss_and_gradients(model)
         assert not any(m.__dict__["_fused_lora_output"] for m in wrapped)  # dropout on the full output: NeMo's path
     assert torch.allclose(loss, loss_and_gradients(model)[0], rtol=0, atol=0)
 
 
 def test_shims_refuse_releases_they_were_not_written_for():
-    nemo_compat.check_versions()  # the pinned stack installed here
-    nemo_compat.check_versions({"nemo_toolkit": "2.7.3", "megatron-core": "0.15.3"})
+    compat.check_versions()  # the pinned stack installed here
+    compat.check_versions({"nemo_toolkit": "2.7.3", "megatron-core": "0.15.3"})
     with pytest.raises(RuntimeError) as refused:
-        nemo_compat.check_versions({"nemo_toolkit": "2.7.3", "megatron-core": "0.16.0"})
+        compat.check_versions({"nemo_toolkit": "2.7.3", "megatron-core": "0.16.0"})
     message = str(refused.value)
     assert "megatron-core 0.16.0" in message and "nemo_toolkit" not in message.split("found")[1]
     assert "pip install -r requirements.txt" in message and "Transformer Engine" in message
@@ -250,20 +260,23 @@ def test_shims_refuse_releases_they_were_not_written_for():
 def test_every_shim_is_listed_with_its_upstream_defect_and_when_it_can_go():
     import re
 
-    marked = set(re.findall(r'_mark\(\s*"([\w-]+)"', (REPO / "nemo_compat.py").read_text()))
-    assert marked == set(nemo_compat.SHIMS)
-    assert all(shim.where and shim.upstream and shim.remove_when for shim in nemo_compat.SHIMS.values())
+    kinds = (compat.no_te, compat.speedups, compat.cuda_graphs, compat.fixes, compat.moved)
+    for kind in kinds:  # each kind's module lists exactly the shims it applies
+        marked = set(re.findall(r'\bmark\(\s*"([\w-]+)"', Path(kind.__file__).read_text()))
+        assert marked == set(kind.SHIMS), kind.__name__
+    assert set(compat.SHIMS) == {name for kind in kinds for name in kind.SHIMS}
+    assert all(shim.where and shim.upstream and shim.remove_when for shim in compat.SHIMS.values())
     with pytest.raises(ValueError, match="no optional worker shims named"):
-        nemo_compat.install_worker_hooks(skip=frozenset({"compiled-ropes"}))
+        compat.install_worker_hooks(skip=frozenset({"compiled-ropes"}))
     with pytest.raises(ValueError, match="no optional worker shims named"):
-        nemo_compat.install_worker_hooks(skip=frozenset({"peft-te-guards"}))  # LoRA cannot build without it
-    assert set(nemo_compat.OPTIONAL_WORKER_SHIMS) <= set(nemo_compat.SHIMS)
+        compat.install_worker_hooks(skip=frozenset({"peft-te-guards"}))  # LoRA cannot build without it
+    assert set(compat.OPTIONAL_WORKER_SHIMS) <= set(compat.SHIMS)
 
 
 def test_an_optional_worker_shim_is_left_out_when_skipped():
     def optimizer_kernels_applied(skip: str) -> str:
         return run_python(
-            f"import nemo_compat; nemo_compat.install_worker_hooks(skip=frozenset({skip}))\n"
+            f"from nemo_finetune import compat; compat.install_worker_hooks(skip=frozenset({skip}))\n"
             "from megatron.core import optimizer\n"
             "print(getattr(optimizer._get_megatron_optimizer_based_on_param_groups, '_nemo_compat', False))"
         )
@@ -275,37 +288,40 @@ def test_an_optional_worker_shim_is_left_out_when_skipped():
         "from megatron.core import optimizer; from megatron.core.dist_checkpointing.strategies import async_utils\n"
         "print(hasattr(async_utils.TemporalAsyncCaller.schedule_async_call, '_nemo_compat'))"
     )
-    worker = {"PYTHONPATH": f"{REPO / 'startup'}:{REPO}", nemo_compat.WORKER_ENV_FLAG: "1"}
-    skip = {**worker, nemo_compat.WORKER_SKIP_ENV: " torch-optimizer-kernels,async-save-staged-buffers "}
+    worker = {"PYTHONPATH": f"{REPO / 'startup'}:{REPO}", compat.WORKER_ENV_FLAG: "1"}
+    skip = {**worker, compat.WORKER_SKIP_ENV: " torch-optimizer-kernels,async-save-staged-buffers "}
     out = subprocess.run(
         [sys.executable, "-c", load], capture_output=True, text=True, cwd=REPO, env={**os.environ, **skip}
     )
     assert out.stdout.strip() == "False" and "compat: compiled-rope (" in out.stderr, out.stderr[-2000:]
     assert "torch-optimizer-kernels" not in out.stderr and "async-save-staged-buffers" not in out.stderr
-    assert nemo_compat.skipped_in_workers({}) == frozenset()
+    assert compat.skipped_in_workers({}) == frozenset()
     # A worker that cannot be prepared stops, naming why, instead of training without its shims
-    bad = {**worker, nemo_compat.WORKER_SKIP_ENV: "peft-te-guards"}
+    bad = {**worker, compat.WORKER_SKIP_ENV: "peft-te-guards"}
     out = subprocess.run(
         [sys.executable, "-c", "print('trained')"], capture_output=True, text=True, cwd=REPO, env={**os.environ, **bad}
     )
     assert (out.returncode, out.stdout) == (1, "")
-    assert "error: nemo_compat could not prepare this training worker: PEFT_MEGATRON_WORKER_SKIP=" in out.stderr
+    assert (
+        "error: could not prepare this training worker's shims (nemo_finetune.compat): PEFT_MEGATRON_WORKER_SKIP="
+        in out.stderr
+    )
     with pytest.raises(ValueError, match="names \\['peft-te-guards'\\], which the training workers cannot leave out"):
-        nemo_compat.skipped_in_workers({nemo_compat.WORKER_SKIP_ENV: "peft-te-guards"})
+        compat.skipped_in_workers({compat.WORKER_SKIP_ENV: "peft-te-guards"})
 
 
 def test_with_te_and_cuda_the_workers_get_only_the_checkpoint_fix():
-    te = nemo_compat.Environment(has_te=True, has_cuda=True)
-    assert nemo_compat.worker_flag(te) == nemo_compat.CHECKPOINT_ONLY
-    assert nemo_compat.worker_flag(nemo_compat.Environment(has_te=False, has_cuda=True)) == "1"
+    te = compat.Environment(has_te=True, has_cuda=True)
+    assert compat.worker_flag(te) == compat.CHECKPOINT_ONLY
+    assert compat.worker_flag(compat.Environment(has_te=False, has_cuda=True)) == "1"
     probe = (
-        "import sys, nemo_compat\n"
+        "import sys\nfrom nemo_finetune import compat\n"
         "from megatron.core.dist_checkpointing.strategies import async_utils\n"
-        "print(sorted(nemo_compat.applied()), 'stub' in (sys.modules['megatron.core.inference.unified_memory'].__doc__"
+        "print(sorted(compat.applied()), 'stub' in (sys.modules['megatron.core.inference.unified_memory'].__doc__"
         " or ''))"
     )
-    worker = {"PYTHONPATH": f"{REPO / 'startup'}:{REPO}", nemo_compat.WORKER_ENV_FLAG: nemo_compat.CHECKPOINT_ONLY}
-    assert run_python(probe, worker) == "['async-save-staged-buffers'] False"
+    worker = {"PYTHONPATH": f"{REPO / 'startup'}:{REPO}", compat.WORKER_ENV_FLAG: compat.CHECKPOINT_ONLY}
+    assert run_python(probe, worker) == "['async-save-staged-buffers', 'moved-modules'] False"
 
 
 def test_shims_applied_in_a_scope_are_taken_back_after_it():
@@ -313,14 +329,14 @@ def test_shims_applied_in_a_scope_are_taken_back_after_it():
     from nemo.collections.llm.peft import lora, utils
 
     before = (TransformerConfig.__post_init__, lora.te, utils.HAVE_TE, lora.LoRALinear.forward)
-    applied_before = nemo_compat.applied() - {"unified-memory-stub"}  # the stub stays once made (nemo_compat.undo)
-    with nemo_compat.scoped():
-        nemo_compat.prepare_process(nemo_compat.Environment(has_te=False, has_cuda=False))
-        nemo_compat.fuse_lora_output()
+    applied_before = compat.applied() - {"unified-memory-stub"}  # the stub stays once made (compat.undo)
+    with compat.scoped():
+        compat.prepare_process(compat.Environment(has_te=False, has_cuda=False))
+        compat.fuse_lora_output()
         assert TransformerConfig.__post_init__._nemo_compat and lora.LoRALinear.forward._nemo_compat
-        assert {"no-te-fusion-defaults", "fused-lora-output"} <= nemo_compat.applied()
+        assert {"no-te-fusion-defaults", "fused-lora-output"} <= compat.applied()
     assert (TransformerConfig.__post_init__, lora.te, utils.HAVE_TE, lora.LoRALinear.forward) == before
-    assert nemo_compat.applied() - {"unified-memory-stub"} == applied_before
+    assert compat.applied() - {"unified-memory-stub"} == applied_before
 
 
 def test_foreach_kernels_keep_the_multi_tensor_contracts_megatron_calls():
@@ -328,13 +344,13 @@ def test_foreach_kernels_keep_the_multi_tensor_contracts_megatron_calls():
 
     torch.manual_seed(0)
     grads = [torch.randn(7, 5), torch.randn(130), torch.randn(3, 3, 3)]
-    norm, per_tensor = local_multi_tensor_applier(nemo_compat.foreach_l2_norm, None, [grads], False)
+    norm, per_tensor = local_multi_tensor_applier(compat.foreach_l2_norm, None, [grads], False)
     assert per_tensor is None and norm.shape == (1,) and norm.dtype == torch.float32
     assert norm.item() == pytest.approx(torch.cat([g.flatten() for g in grads]).norm().item(), rel=1e-6)
     for scale in (1.0, 0.25):
         main = [g.clone() for g in grads]
         ours, megatrons = ([torch.empty_like(g, dtype=torch.bfloat16) for g in grads] for _ in range(2))
-        local_multi_tensor_applier(nemo_compat.foreach_scale, None, [main, ours], scale)
+        local_multi_tensor_applier(compat.foreach_scale, None, [main, ours], scale)
         local_multi_tensor_applier(local_multi_tensor_scale, None, [main, megatrons], scale)
         assert all(torch.equal(a, b) for a, b in zip(ours, megatrons, strict=True))
 
@@ -348,17 +364,17 @@ def test_torch_optimizer_kernels_replace_what_megatron_looks_up_and_go_back(shim
     lookups = (package.get_megatron_optimizer.__globals__, clip_grads.__dict__, mixed_precision.__dict__)
     names = ("_get_megatron_optimizer_based_on_param_groups", "l2_norm_impl", "multi_tensor_scale_impl")
     before = [namespace[name] for namespace, name in zip(lookups, names, strict=True)]
-    with nemo_compat.scoped():
-        nemo_compat.use_torch_optimizer_kernels()
-        nemo_compat.use_torch_optimizer_kernels()  # idempotent
+    with compat.scoped():
+        compat.use_torch_optimizer_kernels()
+        compat.use_torch_optimizer_kernels()  # idempotent
         builder, norm, scale = (namespace[name] for namespace, name in zip(lookups, names, strict=True))
         assert builder._nemo_compat and builder.__wrapped__ is before[0]  # what get_megatron_optimizer calls
         assert (norm, scale, clip_grads.multi_tensor_scale_impl) == (
-            nemo_compat.foreach_l2_norm,
-            nemo_compat.foreach_scale,
-            nemo_compat.foreach_scale,
+            compat.foreach_l2_norm,
+            compat.foreach_scale,
+            compat.foreach_scale,
         )
-        assert "torch-optimizer-kernels" in nemo_compat.applied()
+        assert "torch-optimizer-kernels" in compat.applied()
     assert [namespace[name] for namespace, name in zip(lookups, names, strict=True)] == before
 
 
@@ -368,10 +384,10 @@ def test_fused_adam_is_switched_on_only_while_the_state_is_empty():
     for p in params:
         p.grad = torch.ones_like(p)
     stepped.step()
-    nemo_compat._fuse_adam(fresh)
-    nemo_compat._fuse_adam(stepped)
-    nemo_compat._fuse_adam(torch.optim.SGD(params, lr=1e-2))
-    nemo_compat._fuse_adam(None)  # a rank without trainable parameters
+    compat.speedups._fuse_adam(fresh)
+    compat.speedups._fuse_adam(stepped)
+    compat.speedups._fuse_adam(torch.optim.SGD(params, lr=1e-2))
+    compat.speedups._fuse_adam(None)  # a rank without trainable parameters
     assert all(g["fused"] and not g["foreach"] for g in fresh.param_groups)
     assert not any(g["fused"] for g in stepped.param_groups)
 
@@ -390,10 +406,10 @@ def test_torch_wgrad_accumulation_adds_each_weight_gradient_into_main_grad(model
 
     with pytest.raises(RuntimeError, match="fused_weight_gradient_mlp_cuda"):
         linear(fused=True)
-    with nemo_compat.scoped():
-        nemo_compat.accumulate_wgrad_with_torch()
-        nemo_compat.accumulate_wgrad_with_torch()  # idempotent
-        assert "torch-wgrad-accumulation" in nemo_compat.applied() and nemo_compat.wgrad_accumulation_available()
+    with compat.scoped():
+        compat.accumulate_wgrad_with_torch()
+        compat.accumulate_wgrad_with_torch()  # idempotent
+        assert "torch-wgrad-accumulation" in compat.applied() and compat.wgrad_accumulation_available()
         fused, unfused = linear(fused=True), linear(fused=False)
         assert torch.equal(fused.weight, unfused.weight)
         start = torch.randn(24, 16)  # what earlier micro-batches left there
@@ -406,12 +422,12 @@ def test_torch_wgrad_accumulation_adds_each_weight_gradient_into_main_grad(model
         assert fused.weight.grad_added_to_main_grad  # DDP's hook adds nothing more
         assert torch.allclose(fused.weight.main_grad - start, unfused.weight.grad, rtol=1e-5, atol=1e-4)
         assert unfused.weight.grad.abs().sum() > 0
-    assert not layers._grad_accum_fusion_available and not nemo_compat.wgrad_accumulation_available()
-    no_te = nemo_compat.Environment(has_te=False, has_cuda=True)
-    assert nemo_compat.model_config_overrides(no_te, training=True)["gradient_accumulation_fusion"]
+    assert not layers._grad_accum_fusion_available and not compat.wgrad_accumulation_available()
+    no_te = compat.Environment(has_te=False, has_cuda=True)
+    assert compat.model_config_overrides(no_te, training=True)["gradient_accumulation_fusion"]
     skipped = frozenset({"torch-wgrad-accumulation"})
-    assert not nemo_compat.model_config_overrides(no_te, training=True, skip=skipped)["gradient_accumulation_fusion"]
-    assert not nemo_compat.model_config_overrides(no_te)["gradient_accumulation_fusion"]  # inference: no backward
+    assert not compat.model_config_overrides(no_te, training=True, skip=skipped)["gradient_accumulation_fusion"]
+    assert not compat.model_config_overrides(no_te)["gradient_accumulation_fusion"]  # inference: no backward
 
 
 @pytest.mark.gpu
@@ -422,13 +438,13 @@ def test_torch_wgrad_gemm_accumulates_bf16_weight_gradients_in_fp32_on_the_gpu()
     x, grad_output = (torch.randn(4096, n, device="cuda", generator=generator).bfloat16() for n in (512, 256))
     main_grad = torch.randn(256, 512, device="cuda", generator=generator)
     start, address = main_grad.clone(), main_grad.data_ptr()
-    nemo_compat.wgrad_gemm_accumulate(x, grad_output, main_grad)
+    compat.wgrad_gemm_accumulate(x, grad_output, main_grad)
     exact = start + grad_output.double().t().matmul(x.double()).float()
     unfused = start + grad_output.t().matmul(x).float()  # the bf16 .grad, then DDP's add
     assert main_grad.data_ptr() == address and main_grad.dtype == torch.float32
     assert (main_grad - exact).abs().max() < 1e-3 < (unfused - exact).abs().max()
     bf16_main_grad = start.bfloat16()
-    nemo_compat.wgrad_gemm_accumulate(x, grad_output, bf16_main_grad)  # wgrad_gemm_accum_fp16's contract
+    compat.wgrad_gemm_accumulate(x, grad_output, bf16_main_grad)  # wgrad_gemm_accum_fp16's contract
     assert torch.allclose(bf16_main_grad.float(), exact, rtol=2e-2, atol=0.5)
 
 
@@ -449,9 +465,9 @@ def test_megatron_optimizer_with_torch_kernels_steps_clips_and_resumes_like_mega
         torch.manual_seed(0)
         params = [torch.nn.Parameter(torch.randn(s, device="cuda", dtype=torch.bfloat16)) for s in SHAPES]
         grads = torch.Generator(device="cuda").manual_seed(1)
-        with nemo_compat.scoped():
+        with compat.scoped():
             if shim:
-                nemo_compat.use_torch_optimizer_kernels()
+                compat.use_torch_optimizer_kernels()
             optimizer = build(params)
             if resume_from is not None:
                 optimizer.load_state_dict(resume_from["state"])
@@ -498,13 +514,13 @@ def test_liger_rmsnorm_trial_builds_every_norm_of_a_local_spec_gpt_with_the_same
     torch_model = tiny_gpt("cpu", torch.float32)
     tokens = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(2))
     positions = torch.arange(16)[None].expand(2, -1)
-    with nemo_compat.scoped():
-        nemo_compat.fuse_rmsnorm_with_liger()
-        nemo_compat.fuse_rmsnorm_with_liger()  # idempotent
-        assert "liger-rmsnorm" in nemo_compat.applied()
+    with compat.scoped():
+        compat.fuse_rmsnorm_with_liger()
+        compat.fuse_rmsnorm_with_liger()  # idempotent
+        assert "liger-rmsnorm" in compat.applied()
         liger_model = tiny_gpt("cpu", torch.float32)
         layer_norm = WrappedTorchNorm(TransformerConfig(num_layers=1, hidden_size=8, num_attention_heads=1), 8)
-    fused = nemo_compat.liger_rmsnorm_class()
+    fused = compat.liger_rmsnorm_class()
     assert set(norms(liger_model).values()) == {fused} and issubclass(fused, torch.nn.RMSNorm)
     assert len(norms(liger_model)) == 9  # 4 in each of 2 layers + the final norm
     assert type(layer_norm) is torch.nn.LayerNorm
@@ -515,37 +531,38 @@ def test_liger_rmsnorm_trial_builds_every_norm_of_a_local_spec_gpt_with_the_same
             module.weight.copy_(torch.linspace(0.5, 1.5, module.weight.numel()))
     liger_model.load_state_dict(torch_model.state_dict())
     assert torch.equal(liger_model(tokens, positions, None), torch_model(tokens, positions, None))
-    assert "liger-rmsnorm" not in nemo_compat.applied()
+    assert "liger-rmsnorm" not in compat.applied()
     assert set(norms(tiny_gpt("cpu", torch.float32)).values()) == {torch.nn.RMSNorm}
 
 
 def test_trial_worker_shims_are_applied_only_where_asked_for():
     probe = (
-        "import nemo_compat; nemo_compat.install_worker_hooks(trial=frozenset({trial}))\n"
+        "from nemo_finetune import compat; compat.install_worker_hooks(trial=frozenset({trial}))\n"
         "from megatron.core.transformer.torch_norm import WrappedTorchNorm\n"
         "from megatron.core.transformer.transformer_config import TransformerConfig\n"
         "config = TransformerConfig(num_layers=1, hidden_size=8, num_attention_heads=1, normalization='RMSNorm')\n"
-        "print(type(WrappedTorchNorm(config, 8)).__name__, sorted(nemo_compat.applied() & {{'liger-rmsnorm'}}))"
+        "print(type(WrappedTorchNorm(config, 8)).__name__, sorted(compat.applied() & {{'liger-rmsnorm'}}))"
     )
     assert run_python(probe.format(trial="")) == "RMSNorm []"
     assert run_python(probe.format(trial="['liger-rmsnorm']")) == "LigerRMSNorm ['liger-rmsnorm']"
-    assert set(nemo_compat.TRIAL_WORKER_SHIMS) <= set(nemo_compat.SHIMS)
-    assert not set(nemo_compat.TRIAL_WORKER_SHIMS) & set(nemo_compat.OPTIONAL_WORKER_SHIMS)
+    assert set(compat.TRIAL_WORKER_SHIMS) <= set(compat.SHIMS)
+    assert not set(compat.TRIAL_WORKER_SHIMS) & set(compat.OPTIONAL_WORKER_SHIMS)
     with pytest.raises(ValueError, match="no trial worker shims named \\['compiled-rope'\\]"):
-        nemo_compat.install_worker_hooks(trial=frozenset({"compiled-rope"}))
+        compat.install_worker_hooks(trial=frozenset({"compiled-rope"}))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal a worker without CUDA gives")
 def test_a_cuda_graphs_worker_without_cuda_stops_with_the_fix():
     probe = (
-        "import nemo_compat; nemo_compat.install_worker_hooks(cuda_graphs=True)\n"
+        "from nemo_finetune import compat\n"
+        "compat.install_worker_hooks(cuda_graphs=True)\n"
         "import megatron.core.tensor_parallel.random"
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO, timeout=300)
     stderr = out.stderr
     assert out.returncode == 1 and "RuntimeError: --cuda_graphs needs a CUDA GPU and a CUDA build of torch" in stderr
     assert "drop --cuda_graphs" in stderr
-    assert "graph-safe-rng" in nemo_compat.SHIMS
+    assert "graph-safe-rng" in compat.SHIMS
 
 
 def test_cuda_graphs_workers_graph_the_layers_they_build_and_checkpoints_load_without(tmp_path, model_parallel):
@@ -561,11 +578,11 @@ def test_cuda_graphs_workers_graph_the_layers_they_build_and_checkpoints_load_wi
     shape.update(use_cpu_initialization=True)  # no CUDA RNG tracker here
     config = Qwen3Config600M(**shape, vocab_size=128, seq_length=64)
     model = llm.GPTModel(config)  # checkpoints take their context from here
-    with nemo_compat.scoped():
-        nemo_compat.graph_layers_as_the_model_is_built()
+    with compat.scoped():
+        compat.graph_layers_as_the_model_is_built()
         with pytest.raises(AssertionError, match="RNG tracker does not support cudagraphs"):
             config.configure_model(tokenizer=None)
-        assert config.cuda_graph_impl == "local" and "local-cuda-graphs" in nemo_compat.applied()
+        assert config.cuda_graph_impl == "local" and "local-cuda-graphs" in compat.applied()
         recomputing = Qwen3Config600M(**shape, vocab_size=128, recompute_granularity="selective")
         with pytest.raises(ValueError, match="sets recompute_granularity, which Megatron's CUDA graphs do not support"):
             recomputing.configure_model(tokenizer=None)
@@ -573,7 +590,7 @@ def test_cuda_graphs_workers_graph_the_layers_they_build_and_checkpoints_load_wi
     saved = load_context(tmp_path, subpath="config")
     assert type(saved) is Qwen3Config600M and saved.seq_length == 64 and saved.cuda_graph_impl == "none"
     built = Qwen3Config600M(**shape, vocab_size=128).configure_model(tokenizer=None)
-    assert built.config.cuda_graph_impl == "none" and "local-cuda-graphs" not in nemo_compat.applied()
+    assert built.config.cuda_graph_impl == "none" and "local-cuda-graphs" not in compat.applied()
 
 
 @pytest.mark.gpu
@@ -581,7 +598,7 @@ def test_liger_rmsnorm_gives_torchs_norm_and_gradients_in_bf16_on_the_gpu():
     """The CUDA path (Liger-Kernel's Triton kernels) against torch.nn.RMSNorm on the shapes of the Qwen3 step: the
     hidden-size norms (4,096 rows of 2,048) and the q/k norms (65,536 rows of 128, a strided view of the fused QKV
     output); the incoming gradient is left as it was."""
-    fused = nemo_compat.liger_rmsnorm_class()
+    fused = compat.liger_rmsnorm_class()
     generator = torch.Generator(device="cuda").manual_seed(0)
     for shape, width in (((4096, 1, 2048), 2048), ((4096, 1, 16, 3 * 128), 128)):
         base = torch.randn(shape, device="cuda", generator=generator).bfloat16()
@@ -635,9 +652,9 @@ def test_async_save_holds_its_staged_copies_until_the_writer_is_joined(module_mo
     def save(with_fix: bool) -> tuple[bool, bool, str]:
         """(staged copy alive while the writer runs, alive after the join, what the writer wrote)"""
         out = tmp_path / f"written_{with_fix}"
-        with nemo_compat.scoped():
+        with compat.scoped():
             if with_fix:
-                nemo_compat.hold_async_save_buffers()
+                compat.hold_async_save_buffers()
             caller = TemporalAsyncCaller()
             caller.schedule_async_call(AsyncRequest(_write_sum, (out, None), [], preload_fn=stage))
             gc.collect()
@@ -650,4 +667,17 @@ def test_async_save_holds_its_staged_copies_until_the_writer_is_joined(module_mo
     # fix holds them for exactly the writer's lifetime.
     assert save(with_fix=False) == (False, False, "32.0")
     assert save(with_fix=True) == (True, False, "32.0")
-    assert "async-save-staged-buffers" not in nemo_compat.applied()
+    assert "async-save-staged-buffers" not in compat.applied()
+
+
+def test_checkpoints_of_earlier_versions_find_the_moved_kernels_under_their_old_names():
+    probe = (
+        "import importlib, json, sys\n"
+        "from nemo_finetune import compat\n"
+        "compat.prepare_process()\n"
+        "from nemo_finetune.kernels import sdpa_attention\n"
+        "old = importlib.import_module('sdpa_attention')\n"  # what a context saved before the move names
+        "print(json.dumps({'same': old is sdpa_attention, 'spec': old.layer_spec is sdpa_attention.layer_spec,"
+        " 'applied': 'moved-modules' in compat.applied()}))"
+    )
+    assert json.loads(run_python(probe)) == {"same": True, "spec": True, "applied": True}

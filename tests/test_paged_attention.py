@@ -23,7 +23,7 @@ TOLERANCE = {torch.float32: 1e-3, torch.float16: 5e-3, torch.bfloat16: 2e-2}  # 
 def pa():
     if not CUDA and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("no GPU and Triton's interpreter is off (conftest turns it on before Triton is imported)")
-    import paged_attention
+    from nemo_finetune.kernels import paged_attention
 
     return paged_attention
 

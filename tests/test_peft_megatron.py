@@ -406,9 +406,9 @@ def test_slurm_settings_are_validated_together():
 # ---- recipe assembly (real NeMo objects) ------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def no_te():
-    import nemo_compat
+    from nemo_finetune import compat
 
-    return nemo_compat.Environment(has_te=False, has_cuda=False)
+    return compat.Environment(has_te=False, has_cuda=False)
 
 
 def _callback_targets(recipe):
@@ -474,20 +474,20 @@ def test_configure_recipe_full_ft_and_optional_callbacks(tmp_path, no_te, monkey
 
 
 def test_cuda_graphs_graph_the_layers_pad_packed_rows_to_one_shape_and_tell_the_workers(tmp_path, no_te):
-    import nemo_compat
+    from nemo_finetune import compat
 
     graphed = parse(f"--packed_sequence --micro_batch_size 1 --cuda_graphs --output_dir {tmp_path}")
     recipe = configure_recipe(graphed, no_te)
-    # The workers graph the layers (nemo_compat.graph_layers_as_the_model_is_built): checkpoints keep the default.
+    # The workers graph the layers (compat.graph_layers_as_the_model_is_built): checkpoints keep the default.
     assert getattr(recipe.model.config, "cuda_graph_impl", "none") == "none" and recipe.data.one_shape is True
     assert recipe.trainer.num_sanity_val_steps == 0  # the first graphed layer calls must be a training step's
-    assert configure_executor(graphed, no_te).env_vars[nemo_compat.CUDA_GRAPHS_ENV] == "1"
+    assert configure_executor(graphed, no_te).env_vars[compat.CUDA_GRAPHS_ENV] == "1"
 
     eager = parse(f"--packed_sequence --micro_batch_size 1 --output_dir {tmp_path}")
     recipe = configure_recipe(eager, no_te)
     assert getattr(recipe.model.config, "cuda_graph_impl", "none") == "none" and recipe.data.one_shape is False
     assert recipe.trainer.num_sanity_val_steps == 1
-    assert nemo_compat.CUDA_GRAPHS_ENV not in configure_executor(eager, no_te).env_vars
+    assert compat.CUDA_GRAPHS_ENV not in configure_executor(eager, no_te).env_vars
 
 
 def test_checkpoints_are_named_as_the_seed_shows_them(tmp_path, no_te):
@@ -503,9 +503,9 @@ def test_checkpoints_are_named_as_the_seed_shows_them(tmp_path, no_te):
 
 
 def test_recipe_with_transformer_engine_keeps_nemo_defaults(tmp_path):
-    import nemo_compat
+    from nemo_finetune import compat
 
-    recipe = configure_recipe(parse(f"--output_dir {tmp_path}"), nemo_compat.Environment(has_te=True, has_cuda=True))
+    recipe = configure_recipe(parse(f"--output_dir {tmp_path}"), compat.Environment(has_te=True, has_cuda=True))
     assert recipe.model.config.masked_softmax_fusion is True
     assert recipe.optim.config.use_distributed_optimizer is True
     from nemo.collections.llm.gpt.model.base import default_layer_spec
@@ -516,7 +516,7 @@ def test_recipe_with_transformer_engine_keeps_nemo_defaults(tmp_path):
 def test_without_te_training_uses_sdpa_attention_unless_asked_for_megatrons(tmp_path, no_te):
     from nemo.collections.llm.gpt.model.base import default_layer_spec
 
-    import sdpa_attention
+    from nemo_finetune.kernels import sdpa_attention
 
     recipe = configure_recipe(parse(f"--output_dir {tmp_path}"), no_te)
     assert recipe.model.config.transformer_layer_spec is sdpa_attention.layer_spec

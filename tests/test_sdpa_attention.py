@@ -27,7 +27,7 @@ def megatron_config(heads=4, groups=2, head_dim=16, **extra):
 def core_attention(config, mask_type="causal", softmax_scale=None):
     from megatron.core.transformer.enums import AttnMaskType
 
-    from sdpa_attention import SDPADotProductAttention
+    from nemo_finetune.kernels.sdpa_attention import SDPADotProductAttention
 
     return SDPADotProductAttention(
         config,
@@ -119,7 +119,7 @@ def test_a_padding_layer_without_mask_attends_everything():
 
 
 def test_plain_causal_check_is_per_mask_object_and_version():
-    import sdpa_attention
+    from nemo_finetune.kernels import sdpa_attention
 
     plain = future(6).expand(2, 1, 6, 6).clone()
     assert sdpa_attention.is_plain_causal(plain)
@@ -131,7 +131,7 @@ def test_plain_causal_check_is_per_mask_object_and_version():
 def test_unsupported_packed_formats_and_configs_are_refused_by_name():
     from megatron.core.packed_seq_params import PackedSeqParams
 
-    import sdpa_attention
+    from nemo_finetune.kernels import sdpa_attention
 
     q, k, v = qkv(4, 4, 1, 4, 2, 16)
     with pytest.raises(NotImplementedError, match="packed qkv_format 'sbhd'"):
@@ -150,7 +150,7 @@ def test_the_varlen_grid_takes_the_batchs_longest_sequence_from_the_host():
     row's length where the batch gives none; inside one (GPU suite) the row's length."""
     from megatron.core.packed_seq_params import PackedSeqParams
 
-    import sdpa_attention
+    from nemo_finetune.kernels import sdpa_attention
 
     cu = torch.tensor([0, 5, 12, 12], dtype=torch.int32)
     given = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=torch.tensor(7))
@@ -164,7 +164,7 @@ def test_layer_spec_swaps_only_the_core_attention():
     from nemo.collections.llm.gpt.model.base import local_layer_spec
     from nemo.collections.llm.gpt.model.qwen3 import Qwen3Config600M
 
-    import sdpa_attention
+    from nemo_finetune.kernels import sdpa_attention
 
     config = Qwen3Config600M()
     ours, theirs = sdpa_attention.layer_spec(config), local_layer_spec(config)

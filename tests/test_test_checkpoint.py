@@ -10,6 +10,7 @@ import pytest
 
 import test_checkpoint as tc
 from conftest import fake_checkpoint, lora_tensors, run_script, start_script
+from nemo_finetune.compat import fixes
 
 
 @pytest.fixture(scope="module")
@@ -234,7 +235,7 @@ def test_generation_loop_keeps_input_order_and_truncates_long_prompts():
     ],
 )
 def test_decode_graph_count_avoids_megatrons_empty_graph_list(requested, max_batch_size, tp, expected):
-    assert tc.decode_graph_count(requested, max_batch_size, tp) == expected
+    assert fixes.decode_graph_count(requested, max_batch_size, tp) == expected
 
 
 def test_two_evaluations_of_one_predictions_file_take_turns(tmp_path):

@@ -69,10 +69,10 @@ def test_synthetic_batches_are_learnable_and_causal():
     "variant", ["default", "unfused_recompute", "native_ce", "cuda_graphs", "megatron_wgrad", "liger_norm"]
 )
 def test_the_timed_recipe_is_peft_megatrons_with_only_the_benchmark_changes(variant):
-    import nemo_compat
-    import sdpa_attention
+    from nemo_finetune import compat
+    from nemo_finetune.kernels import sdpa_attention
 
-    env = nemo_compat.Environment(has_te=False, has_cuda=True)
+    env = compat.Environment(has_te=False, has_cuda=True)
     recipe, config = bench.benchmark_recipe(
         "qwen3_8b_lora", bench.CASES["qwen3_8b_lora"], bench.VARIANTS[variant], 15, env, []
     )
@@ -107,7 +107,7 @@ def test_the_cuda_graph_variant_gives_megatron_the_rng_tracker_its_graphed_layer
     from megatron.core.transformer.transformer_config import TransformerConfig
     from megatron.core.transformer.transformer_layer import TransformerLayer
 
-    import nemo_compat
+    from nemo_finetune import compat
 
     monkeypatch.setattr(megatron_random, "_CUDA_RNG_STATE_TRACKER", None)  # restored after the test
     monkeypatch.setattr(megatron_random, "_CUDA_RNG_STATE_TRACKER_INITIALIZED", False)
@@ -119,14 +119,14 @@ def test_the_cuda_graph_variant_gives_megatron_the_rng_tracker_its_graphed_layer
     with pytest.raises(AssertionError, match="RNG tracker does not support cudagraphs"):
         TransformerLayer(config, layer_spec)
 
-    nemo_compat.make_rng_tracker_graph_safe()  # the variant's, and a --cuda_graphs run's workers'
+    compat.make_rng_tracker_graph_safe()  # the variant's, and a --cuda_graphs run's workers'
     megatron_random.initialize_rng_tracker(use_te_rng_tracker=False)  # NeMo's setup, after it
     assert megatron_random.get_cuda_rng_tracker().use_cudagraphable_rng
     assert TransformerLayer(config, layer_spec).cudagraph_manager is not None
 
 
 def test_variants_combine_with_a_plus_and_refuse_what_they_cannot_mean(capsys):
-    import nemo_compat
+    from nemo_finetune import compat
 
     both = bench.resolve_variant("cuda_graphs+liger_norm")
     assert both.model == {"cuda_graph_impl": "local"} and both.trial_shims == {"liger-rmsnorm"} and not both.skip_shims
@@ -136,8 +136,8 @@ def test_variants_combine_with_a_plus_and_refuse_what_they_cannot_mean(capsys):
     assert skipping.model == {"gradient_accumulation_fusion": False}
     assert bench.resolve_variant("liger_norm") == bench.VARIANTS["liger_norm"]
     for one in bench.VARIANTS.values():  # every shim a variant names is one the workers know
-        assert one.skip_shims <= set(nemo_compat.OPTIONAL_WORKER_SHIMS)
-        assert one.trial_shims <= set(nemo_compat.TRIAL_WORKER_SHIMS)
+        assert one.skip_shims <= set(compat.OPTIONAL_WORKER_SHIMS)
+        assert one.trial_shims <= set(compat.TRIAL_WORKER_SHIMS)
     with pytest.raises(ValueError, match="native_ce sets cross_entropy_loss_fusion=True, another part False"):
         bench.resolve_variant("unfused_recompute+native_ce")
     for wrong in ("default+default", "cuda_graph", "cuda_graphs+"):
@@ -148,7 +148,7 @@ def test_variants_combine_with_a_plus_and_refuse_what_they_cannot_mean(capsys):
     assert "'liger_norm+liger': give one of" in capsys.readouterr().err
     args = bench.parse_args(["--variants", "default", "cuda_graphs+liger_norm", "--profile", "cuda_graphs+liger_norm"])
     assert args.variants == ["default", "cuda_graphs+liger_norm"]
-    env = nemo_compat.Environment(has_te=False, has_cuda=True)
+    env = compat.Environment(has_te=False, has_cuda=True)
     case = bench.CASES["qwen3_1p7b_full"]
     recipe, _ = bench.benchmark_recipe("qwen3_1p7b_full", case, skipping, 15, env, [])
     assert not recipe.model.config.gradient_accumulation_fusion and recipe.model.config.num_layers == 28

@@ -14,13 +14,13 @@ from nemo_finetune.recipe import configure_recipe
 def test_the_recipes_wandb_logger_writes_an_offline_run_with_the_losses(tmp_path, monkeypatch):
     import fiddle as fdl
 
-    import nemo_compat
+    from nemo_finetune import compat
 
     wandb = pytest.importorskip("wandb", reason="W&B is optional (requirements.txt installs it)")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     config = pm.parse_config(shlex.split(f"--use_wandb --output_dir {tmp_path}"), environ={}, visible_gpus=lambda: 0)
-    env = nemo_compat.Environment(has_te=False, has_cuda=False)
+    env = compat.Environment(has_te=False, has_cuda=False)
     logger = fdl.build(configure_recipe(config, env).log.wandb)
     logger.log_metrics({"reduced_train_loss": 2.5}, step=9)
     logger.log_metrics({"val_loss": 1.25}, step=9)

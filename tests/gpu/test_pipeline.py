@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-import nemo_compat
 from conftest import failure, qa_job, run_script, wandb_history
+from nemo_finetune import compat
 from nemo_finetune import report as run_report
 from nemo_finetune.checkpoints import adapters_unlike_their_master_copies, read_adapter_tensors, untrained_adapters
 
@@ -76,7 +76,7 @@ def test_lora_trains_checkpoints_logs_and_profiles(lora_run):
     context = "".join(p.read_text(errors="replace") for p in checkpoints(out)[0].glob("context/*") if p.is_file())
     assert "sdpa_attention" in context and "layer_spec" in context
     logged = (out / "peft_megatron.log").read_text()
-    missing = [s for s in nemo_compat.OPTIONAL_WORKER_SHIMS if f"compat: {s} (" not in logged]
+    missing = [s for s in compat.OPTIONAL_WORKER_SHIMS if f"compat: {s} (" not in logged]
     assert missing == [], missing
     summary = json.loads((out / "report" / "summary.json").read_text())
     assert (summary["steps"], summary["early_stopped"], summary["tokens_seen"]) == (30, False, 30 * 8 * 64)
@@ -88,7 +88,7 @@ def test_lora_trains_checkpoints_logs_and_profiles(lora_run):
 def test_every_checkpoint_written_while_training_goes_on_is_intact(assets, tmp_path):
     """NeMo writes checkpoints asynchronously while training goes on, and Megatron-Core 0.15.3 let torch reuse their
     staged copies before the writer had read them (GPU runs 51 and 53 lost an adapter;
-    nemo_compat.hold_async_save_buffers). Eight saves during training, all kept: each holds every trained adapter,
+    compat.hold_async_save_buffers). Eight saves during training, all kept: each holds every trained adapter,
     each equal to the fp32 master copy saved with it."""
     out = tmp_path / "run"
     steps = "--max_steps 160 --val_check_interval 20 --learning_rate 5e-3 --early_stopping_patience 20".split()

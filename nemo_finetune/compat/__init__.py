@@ -1,0 +1,171 @@
+"""Runtime shims of NeMo 2.7.3 and Megatron-Core 0.15.3, one module per kind, each shim an entry of SHIMS that names
+the upstream defect and when it can go (installed files are never edited; every shim logs a `compat:` line):
+
+    no_te        correctness without Transformer Engine, CUDA or flash-attn (without them a process fails or
+                 writes a wrong model)
+    speedups     measured speed-ups of the training workers without TE or apex (each can be left out; some on trial)
+    cuda_graphs  --cuda_graphs: Megatron's local CUDA graphs in NeMo's training workers
+    fixes        upstream bugs that bite with or without TE
+    moved        old module names that checkpoints of earlier versions of this project refer to
+    apply        which process applies which set: prepare_process() in the scripts, install_worker_hooks() in the
+                 training workers (startup/sitecustomize.py), model_config_overrides() for the recipe
+    base         the table's entry type, applied() / scoped() / undo(), the releases the shims were written for
+
+Importing this package imports nothing heavy (NeMo, Megatron-Core and torch load inside the shims)."""
+
+from __future__ import annotations
+
+from nemo_finetune.compat import apply, base, cuda_graphs, fixes, no_te, speedups
+from nemo_finetune.compat.apply import (
+    CHECKPOINT_ONLY,
+    CUDA_GRAPHS_ENV,
+    OPTIONAL_WORKER_SHIMS,
+    TRIAL_WORKER_SHIMS,
+    WORKER_ENV_FLAG,
+    WORKER_SKIP_ENV,
+    install_from_environment,
+    install_worker_hooks,
+    log_to_worker_output,
+    model_config_overrides,
+    prepare_process,
+    skipped_in_workers,
+    worker_environment,
+    worker_flag,
+)
+from nemo_finetune.compat.base import (
+    SHIMS,
+    WRITTEN_FOR,
+    Environment,
+    Shim,
+    after_import,
+    applied,
+    check_versions,
+    detect_environment,
+    installed_versions,
+    mark,
+    register,
+    replace_attribute,
+    replacement_count,
+    scoped,
+    undo,
+)
+from nemo_finetune.compat.cuda_graphs import (
+    GPT_MODEL_MODULE,
+    RNG_MODULE,
+    graph_layers_as_the_model_is_built,
+    make_rng_tracker_graph_safe,
+)
+from nemo_finetune.compat.fixes import ASYNC_SAVE_MODULE, STAGED_BUFFERS_DROPPED_IN, hold_async_save_buffers
+from nemo_finetune.compat.moved import MOVED, alias_moved_modules
+from nemo_finetune.compat.no_te import (
+    NO_TE_MODEL_OVERRIDES,
+    TE_TO_LOCAL_NORM_KEYS,
+    cpu_checkpoint_io,
+    install_paged_attention_fallback,
+    optimizer_config_overrides,
+    patch_config_fusions,
+    patch_norm_mapping,
+    patch_peft_te_checks,
+    remap_norm_keys,
+    skip_unified_memory_build,
+)
+from nemo_finetune.compat.speedups import (
+    COMPILED_FUSIONS,
+    LINEAR_MODULE,
+    LORA_MODULE,
+    NORM_MODULE,
+    OPTIMIZER_MODULE,
+    ROPE_MODULE,
+    SLOWER_FUSIONS_OFF,
+    WGRAD_FUSION,
+    accumulate_wgrad_with_torch,
+    compile_unfused_rope,
+    foreach_l2_norm,
+    foreach_scale,
+    fuse_lora_output,
+    fuse_rmsnorm_with_liger,
+    install_sync_free_packed_rope,
+    liger_rmsnorm_class,
+    positions_in_sequence,
+    use_torch_optimizer_kernels,
+    wgrad_accumulation_available,
+    wgrad_gemm_accumulate,
+)
+
+__all__ = [
+    "base",
+    "Shim",
+    "SHIMS",
+    "register",
+    "WRITTEN_FOR",
+    "Environment",
+    "detect_environment",
+    "applied",
+    "replace_attribute",
+    "replacement_count",
+    "undo",
+    "scoped",
+    "mark",
+    "installed_versions",
+    "check_versions",
+    "after_import",
+    "no_te",
+    "TE_TO_LOCAL_NORM_KEYS",
+    "NO_TE_MODEL_OVERRIDES",
+    "optimizer_config_overrides",
+    "skip_unified_memory_build",
+    "patch_config_fusions",
+    "patch_peft_te_checks",
+    "remap_norm_keys",
+    "patch_norm_mapping",
+    "cpu_checkpoint_io",
+    "install_paged_attention_fallback",
+    "speedups",
+    "COMPILED_FUSIONS",
+    "SLOWER_FUSIONS_OFF",
+    "WGRAD_FUSION",
+    "ROPE_MODULE",
+    "LORA_MODULE",
+    "OPTIMIZER_MODULE",
+    "LINEAR_MODULE",
+    "NORM_MODULE",
+    "compile_unfused_rope",
+    "install_sync_free_packed_rope",
+    "positions_in_sequence",
+    "fuse_lora_output",
+    "fuse_rmsnorm_with_liger",
+    "liger_rmsnorm_class",
+    "use_torch_optimizer_kernels",
+    "foreach_scale",
+    "foreach_l2_norm",
+    "accumulate_wgrad_with_torch",
+    "wgrad_accumulation_available",
+    "wgrad_gemm_accumulate",
+    "cuda_graphs",
+    "RNG_MODULE",
+    "GPT_MODEL_MODULE",
+    "make_rng_tracker_graph_safe",
+    "graph_layers_as_the_model_is_built",
+    "fixes",
+    "moved",
+    "MOVED",
+    "alias_moved_modules",
+    "ASYNC_SAVE_MODULE",
+    "STAGED_BUFFERS_DROPPED_IN",
+    "hold_async_save_buffers",
+    "apply",
+    "OPTIONAL_WORKER_SHIMS",
+    "TRIAL_WORKER_SHIMS",
+    "WORKER_ENV_FLAG",
+    "CHECKPOINT_ONLY",
+    "WORKER_SKIP_ENV",
+    "CUDA_GRAPHS_ENV",
+    "worker_flag",
+    "skipped_in_workers",
+    "prepare_process",
+    "model_config_overrides",
+    "log_to_worker_output",
+    "install_worker_hooks",
+    "worker_environment",
+    "install_from_environment",
+]
