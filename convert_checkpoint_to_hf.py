@@ -44,8 +44,9 @@ from nemo_finetune.checkpoints import (
 from nemo_finetune.cli import parse_dataclass_args, run_cli
 from nemo_finetune.console import setup_logging
 from nemo_finetune.errors import ConfigError, PipelineError
-from nemo_finetune.files import atomic_dir, exclusive_lock, file_heads, remove_leftovers
+from nemo_finetune.files import atomic_dir, file_heads, remove_leftovers
 from nemo_finetune.layout import RunLayout
+from nemo_finetune.records import output_files
 
 log = logging.getLogger("peft_megatron.export")
 
@@ -398,7 +399,7 @@ def default_export_path(ckpt: Path, suffix: str) -> Path:
 
     Never inside checkpoints/: NeMo's ModelCheckpoint treats every directory there as a checkpoint, parses
     `val_loss=` out of its name and, on a resumed run, deletes the surplus over save_top_k - an export named after
-    the best checkpoint competes with it (seen on the H100: the resumed run failed)."""
+    the best checkpoint competes with it (a resumed run then fails)."""
     run = RunLayout.of_checkpoint(ckpt)
     if run is not None:
         return run.exports / (ckpt.name + suffix)
@@ -415,7 +416,7 @@ def export(cfg: ExportConfig) -> Path:
     source = export_source(ckpt, base, kind)
     out.parent.mkdir(parents=True, exist_ok=True)
     # Two exports into one --output_dir take turns; the second then finds the first one's export.
-    with exclusive_lock(out.with_name(f".{out.name}.export-lock"), EXPORT_LOCK_TIMEOUT_S, "export"):
+    with output_files(out).locked(EXPORT_LOCK_TIMEOUT_S, "export"):
         if not cfg.overwrite and is_current_export(out, source):
             log.info("%s already holds this export; keeping it (pass --overwrite to replace it)", out)
             print(f"export already present: {out}")

@@ -33,22 +33,18 @@ from nemo_finetune.files import (
     atomic_write_text,
     file_digest,
     iter_jsonl,
-    rank_zero_attempt,
-    wait_for_file,
 )
+from nemo_finetune.records import DATA_RECORD, PACKED_RECORD, data_files, packing_files
 
 log = logging.getLogger("peft_megatron.data")
 
 SPLIT_FILES = {"train": "training.jsonl", "val": "validation.jsonl", "test": "test.jsonl"}
-MARKER = ".data_ready.json"  # written last: the settings' fingerprint, the summary, and each file's size and hash
-FAILED_MARKER = ".data_failed"
+MARKER = DATA_RECORD  # written last: the settings' fingerprint, the summary, and each file's size and hash
 PREPARING_MARKER = ".data_preparing"  # written first and removed last: present afterwards = interrupted
-LOCK_FILE = ".data.lock"
 FORMAT_VERSION = 1
 COLLATE_ONLY_KWARGS = ("pad_to_max_length",)  # NeMo dataset settings that change batches, not packed files
 PACKED_DIR = "packed"  # <data_dir>/packed/<pack size>-<key>/: training.npy, validation.npy, metadata.jsonl
-PACKED_MARKER = ".packed_ready.json"  # written last inside a packed directory renamed into place whole
-PACK_FAILED_MARKER = ".packing_failed"
+PACKED_MARKER = PACKED_RECORD  # written last inside a packed directory renamed into place whole
 PACK_FORMAT_VERSION = 2  # 2: packing order seeded (packs made before it depended on numpy's unseeded state)
 PACK_ALGORITHM = "first_fit_shuffle"  # NeMo's default: first-fit over a shuffled order (seeded_numpy: one per seed)
 PACKED_FILES = {"train": "training.npy", "val": "validation.npy"}
@@ -420,10 +416,7 @@ def fingerprint(cfg: HFDatasetConfig, tokenizer_name: str) -> dict:
 
 
 def _read_marker(root: Path) -> dict | None:
-    try:
-        return json.loads((root / MARKER).read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
+    return data_files(root).read()
 
 
 def _files_present(root: Path) -> bool:
@@ -440,28 +433,30 @@ def _diff(old: dict, new: dict) -> list[str]:
     return changed or ["format version"]
 
 
-def prepare_dataset(
-    cfg: HFDatasetConfig,
-    data_dir: Path,
-    tokenizer_name: str,
-    max_seq_length: int,
-    trust_remote_code: bool = False,
-    global_rank: int = 0,
-    wait_timeout_s: float = 3600.0,
-    tokenizer_identity: str | None = None,
-) -> dict:
-    """Write train/val/test JSONL under `data_dir` unless identical data is there; return the summary.
+@dataclass(frozen=True)
+class DataTarget:
+    """Where a dataset is prepared, for which tokenizer, and how the nodes share the work: what the data calls take
+    besides the dataset settings (HFDatasetConfig)."""
 
-    `tokenizer_name` is loaded for the token statistics; `tokenizer_identity` (default: the same) enters the
-    fingerprint, so the same model reached through its imported checkpoint's tokenizer copy counts as unchanged."""
-    data_dir = Path(data_dir)
+    data_dir: Path
+    tokenizer: str  # hub id or local directory, loaded for the token statistics
+    max_seq_length: int
+    tokenizer_identity: str | None = None  # enters the fingerprint (default: `tokenizer`), so the same model reached
+    # through its imported checkpoint's tokenizer copy counts as unchanged
+    trust_remote_code: bool = False
+    global_rank: int = 0
+    wait_timeout_s: float = 3600.0
+
+
+def prepare_dataset(cfg: HFDatasetConfig, target: DataTarget) -> dict:
+    """Write train/val/test JSONL under `target.data_dir` unless identical data is there; return the summary."""
+    data_dir, tokenizer_name, max_seq_length = Path(target.data_dir), target.tokenizer, target.max_seq_length
+    trust_remote_code, global_rank, wait_timeout_s = target.trust_remote_code, target.global_rank, target.wait_timeout_s
     if cfg.dataset_name is None:
         return _use_existing_jsonl(data_dir, cfg)
-    fp = fingerprint(cfg, tokenizer_identity or tokenizer_name)
+    fp = fingerprint(cfg, target.tokenizer_identity or tokenizer_name)
     if global_rank != 0:
-        wait_for_file(
-            data_dir / MARKER,
-            data_dir / FAILED_MARKER,
+        data_files(data_dir).wait(
             wait_timeout_s,
             "data preparation",
             is_done=lambda: (_read_marker(data_dir) or {}).get("fingerprint", {}).get("sha256") == fp["sha256"],
@@ -469,7 +464,7 @@ def prepare_dataset(
         return _read_marker(data_dir)["summary"]
     # One preparation at a time per directory: a second job waits, then finds the first one's data (and reuses it
     # or refuses it with the differences); it never writes between the first one's files.
-    with rank_zero_attempt(data_dir / LOCK_FILE, data_dir / FAILED_MARKER, wait_timeout_s, "data preparation"):
+    with data_files(data_dir).attempt(wait_timeout_s, "data preparation"):
         return _prepare_on_rank0(cfg, data_dir, fp, tokenizer_name, max_seq_length, trust_remote_code)
 
 
@@ -498,9 +493,7 @@ def _prepare_on_rank0(
     fixes.remove_memmap_indexes([data_dir / name for name in SPLIT_FILES.values()])
     summary = _prepare(cfg, data_dir, tokenizer_name, max_seq_length, trust_remote_code)
     files = {name: file_digest(data_dir / name) for name in SPLIT_FILES.values()}
-    atomic_write_text(
-        data_dir / MARKER, json.dumps({"fingerprint": fp, "summary": summary, "files": files}, indent=2) + "\n"
-    )
+    data_files(data_dir).write({"fingerprint": fp, "summary": summary, "files": files})
     (data_dir / PREPARING_MARKER).unlink()
     return summary
 
@@ -627,10 +620,11 @@ def pack_dataset(
     marker matches is reused, and packed directories of other settings are removed."""
     data_dir = Path(data_dir)
     location, key = packed_location(data_dir, tokenizer_identity, pack_size, seed, dataset_kwargs)
+    files = packing_files(data_dir, location)
     if global_rank != 0:
-        wait_for_file(location / PACKED_MARKER, data_dir / PACK_FAILED_MARKER, wait_timeout_s, "sequence packing")
-        return json.loads((location / PACKED_MARKER).read_text())["summary"]
-    with rank_zero_attempt(data_dir / LOCK_FILE, data_dir / PACK_FAILED_MARKER, wait_timeout_s, "sequence packing"):
+        files.wait(wait_timeout_s, "sequence packing")
+        return files.read()["summary"]
+    with files.attempt(wait_timeout_s, "sequence packing"):
         marker = _read_packed_marker(location)
         if marker is not None and marker.get("key", {}).get("sha256") == key["sha256"]:
             log.info("packed data in %s already made with these settings; reusing it", location)
@@ -645,9 +639,8 @@ def pack_dataset(
 
 def _read_packed_marker(location: Path) -> dict | None:
     """The marker of a packed directory whose files are all there with the sizes and hashes it records."""
-    try:
-        marker = json.loads((location / PACKED_MARKER).read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+    marker = packing_files(location.parents[1], location).read()
+    if marker is None:
         return None
     files = marker.get("files", {})
     if set(files) != set(PACKED_FILES.values()) or any(
@@ -757,8 +750,8 @@ def _build_data_module_class():
             one_shape: bool = False,
             **kwargs,
         ):
-            # A plain dict: NeMo stores these arguments in every checkpoint's context and its restricted unpickler
-            # accepts only framework classes there.
+            # Plain values (the dataset settings as a dict, not HFDatasetConfig or DataTarget): NeMo stores these
+            # arguments in every checkpoint's context and its restricted unpickler accepts only framework classes.
             config = HFDatasetConfig(**dataset_config)
             self.config = config
             self.tokenizer_identity = tokenizer_identity
@@ -796,16 +789,16 @@ def _build_data_module_class():
             import torch.distributed as dist
 
             rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-            prepare_dataset(
-                self.config,
+            target = DataTarget(
                 Path(self.dataset_root),
                 self.tokenizer_name_or_path,
                 self.seq_length,
-                self.trust_remote_code,
+                tokenizer_identity=self.tokenizer_identity,
+                trust_remote_code=self.trust_remote_code,
                 global_rank=rank,
                 wait_timeout_s=self.wait_timeout_s,
-                tokenizer_identity=self.tokenizer_identity,
             )
+            prepare_dataset(self.config, target)
             if self.packed_sequence_size > 0:
                 self.prepare_packed(global_rank=rank)
 

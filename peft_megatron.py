@@ -19,10 +19,11 @@
     python peft_megatron.py --import_only --hf_model_id ./my-hf-model --recipe_cls_name qwen3_8b --nemo_ckpt_dir ckpt/
     python peft_megatron.py --prepare_data_only --hf_model_id ./my-hf-model --dataset_name data.jsonl
 
-The seven phases are one function each: configure (Config + validate_config), import_hf_checkpoint,
-prepare_data, configure_recipe, launch_training, then test_checkpoint.py and convert_checkpoint_to_hf.py.
-Where a run's files go: common.RunLayout. Every runtime shim of NeMo / Megatron-Core: compat.SHIMS.
-The demo: nemo_finetune/demo.py (its assets: nemo_finetune/demo_assets.py).
+This file is the pipeline: the settings (Config, one flag per field), then one function per phase in the order a run
+goes through them (check -> import -> data -> job -> train -> report), then main. Evaluation and export follow with
+test_checkpoint.py and convert_checkpoint_to_hf.py. The machinery lives in the nemo_finetune package
+(docs/ARCHITECTURE.md): where a run's files go, nemo_finetune/layout.py and records.py; every runtime shim of NeMo /
+Megatron-Core, nemo_finetune/compat; the demo, nemo_finetune/demo.py.
 Exit codes: 0 success, 1 pipeline failure, 2 invalid arguments, 3 demo prepared but no CUDA GPU to train on.
 On SageMaker, SM_CHANNEL_TRAINING, SM_MODEL_DIR, SM_HOSTS, SM_CURRENT_HOST and SM_NUM_GPUS fill the matching
 settings unless a flag is given explicitly.
@@ -38,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dataset_module import HFDatasetConfig
-from nemo_finetune import demo
+from nemo_finetune import compat, demo
 from nemo_finetune.checks import validate_config
 from nemo_finetune.choices import CORE_ATTENTION, EXECUTORS, LOG_LEVELS, PEFT_SCHEMES
 from nemo_finetune.cli import int_or_auto, parse_dataclass_args, run_cli
@@ -184,7 +185,7 @@ class MonitoringSettings:
 
 @dataclass
 class PathSettings:
-    """Where the run writes (common.RunLayout under --output_dir)."""
+    """Where the run writes (nemo_finetune.layout.RunLayout under --output_dir)."""
 
     GROUP = "paths"  # the --help section of these flags
 
@@ -319,7 +320,7 @@ class Config(
 
 
 # ====================================================================================================================
-# Phase 1: configuration
+# The pipeline, one function per phase
 # ====================================================================================================================
 def parse_config(
     argv: list[str] | None = None, environ: dict | None = None, visible_gpus: Callable[[], int] | None = None
@@ -330,15 +331,49 @@ def parse_config(
     return apply_machine_defaults(config, visible_gpus or visible_gpu_count)
 
 
-# ====================================================================================================================
+def check(config: Config, machine_gpus: Callable[[], int]) -> None:
+    """Every problem with the settings at once (exit 2), before any heavy work; a local launch is also checked
+    against this machine's GPUs."""
+    launches = config.executor == "local" and not (config.dry_run or config.import_only or config.prepare_data_only)
+    validate_config(config, machine_gpus() if launches else None, os.environ)
+
+
+def import_model(config: Config) -> Path:
+    """The HF model as a NeMo checkpoint in --nemo_ckpt_dir: global rank 0 imports it, the other nodes wait."""
+    with phase("HF -> NeMo import"):
+        return import_hf_checkpoint(config)
+
+
+def prepare(config: Config) -> dict:
+    """Train / validation / test JSONL (and packed rows) in --data_dir: global rank 0 writes, the others wait."""
+    with phase("data preparation"):
+        return prepare_data(config)
+
+
+def build_job(config: Config) -> tuple:
+    """The NeMo recipe and the NeMo-Run executor, for the environment the training workers will have."""
+    env = target_environment(config, compat.prepare_process())
+    return configure_recipe(config, env), configure_executor(config, env)
+
+
+def train(config: Config, recipe, executor) -> float:
+    """torchrun through NeMo-Run on this node until training ends; returns the wall time in seconds."""
+    with phase("training"):
+        return launch_training(config, recipe, executor)
+
+
+def report(config: Config, wall_time_s: float) -> dict:
+    """<output_dir>/report/: summary.json and loss_curve.png, and the gist printed."""
+    return write_report(config, wall_time_s)
+
+
 def main(argv: list[str] | None = None) -> int:
     machine_gpus = functools.cache(visible_gpu_count)  # asked at most once, by `auto` or by the launch check
     config = parse_config(argv, visible_gpus=machine_gpus)
     setup_logging(config.log_level)
     if config.demo:
         config = demo.demo_config(config)
-    launches = config.executor == "local" and not (config.dry_run or config.import_only or config.prepare_data_only)
-    validate_config(config, machine_gpus() if launches else None, os.environ)
+    check(config, machine_gpus)
     if config.dry_run:
         return dry_run(config)
     if config.import_only:
@@ -350,20 +385,13 @@ def main(argv: list[str] | None = None) -> int:
     log.info("full log, every library's messages: %s", log_to_file(config.layout.log_file, config.log_level))
     if config.demo:
         return demo.run_demo(config)
-    with phase("HF -> NeMo import"):
-        import_hf_checkpoint(config)
-    with phase("data preparation"):
-        prepare_data(config)
-    from nemo_finetune import compat
-
-    env = target_environment(config, compat.prepare_process())
-    recipe, executor = configure_recipe(config, env), configure_executor(config, env)
+    import_model(config)
+    prepare(config)
+    recipe, executor = build_job(config)
     if config.executor == "slurm":
         submit_training(config, recipe, executor)
         return 0
-    with phase("training"):
-        wall_time_s = launch_training(config, recipe, executor)
-    write_report(config, wall_time_s)
+    report(config, train(config, recipe, executor))
     return 0
 
 

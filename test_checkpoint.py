@@ -41,8 +41,9 @@ from nemo_finetune.cli import parse_dataclass_args, run_cli
 from nemo_finetune.compat import fixes
 from nemo_finetune.console import setup_logging
 from nemo_finetune.errors import ConfigError, PipelineError
-from nemo_finetune.files import atomic_write_jsonl, atomic_write_text, exclusive_lock, iter_jsonl
+from nemo_finetune.files import atomic_write_jsonl, atomic_write_text, iter_jsonl
 from nemo_finetune.layout import RunLayout
+from nemo_finetune.records import output_files
 
 log = logging.getLogger("peft_megatron.eval")
 
@@ -427,7 +428,7 @@ def generate_predictions(cfg: EvalConfig, ckpt: Path, data_dir: Path) -> tuple[l
 def write_and_evaluate(cfg: EvalConfig, out: Path, rows: list[dict] | None, stats: dict | None = None) -> dict:
     """Write the predictions (unless scoring an existing file) and their metrics as one pair: two evaluations
     writing the same files take turns, so a metrics file always scores the predictions beside it."""
-    with exclusive_lock(out.with_name(f".{out.name}.lock"), OUTPUT_LOCK_TIMEOUT_S, "evaluation output"):
+    with output_files(out).locked(OUTPUT_LOCK_TIMEOUT_S, "evaluation output"):
         if rows is not None:
             atomic_write_jsonl(out, rows)
         return evaluate(cfg, out, extra=stats)

@@ -123,18 +123,18 @@ def adapter_matrices(adapter: dict) -> list[tuple[str, object]]:
 def untrained_adapters(adapter: dict) -> list[str]:
     """The LoRA output matrices (B) among `adapter` (read_adapter_tensors) that are all zero, one name per layer. B
     starts at zero and leaves it at an adapter's first step, so these adapters change nothing: they never trained, or
-    their weights were lost when the checkpoint was written (GPU runs 51-53)."""
+    their weights were lost when the checkpoint was written."""
     return [
         name for name, matrix in adapter_matrices(adapter) if name.endswith("linear_out.weight") and not matrix.any()
     ]
 
 
 def adapters_unlike_their_master_copies(ckpt: Path, adapter: dict) -> list[str]:
-    """The LoRA matrices (per layer) of checkpoint `ckpt` whose weights in `adapter` (read_adapter_tensors) are not
-    the cast of the fp32 master copies that Megatron's mixed-precision optimizer saved beside them. After every step
-    the weights are exactly that cast (16 checkpoints written during training on the GPU, run 57), so a difference is
-    data lost when the checkpoint was written. None where the checkpoint holds no master copies (fp32 training, the
-    distributed optimizer's layout)."""
+    """The LoRA matrices (per layer) of checkpoint `ckpt` whose weights in `adapter` (read_adapter_tensors) are not the
+    cast of the fp32 master copies that Megatron's mixed-precision optimizer saved beside them. After every step the
+    weights are exactly that cast (docs/gpu-validation.md checked it on checkpoints written during training), so a
+    difference is data lost when the checkpoint was written. None where the checkpoint holds no master copies (fp32
+    training, the distributed optimizer's layout)."""
     import torch
 
     masters = dict(adapter_matrices(read_adapter_tensors(ckpt, optimizer_state="fp32_param")))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from dataset_module import format_summary, prepare_dataset
+from dataset_module import DataTarget, format_summary, prepare_dataset
 from nemo_finetune.errors import PipelineError
 from nemo_finetune.recipe import configure_data
 from nemo_finetune.resolve import tokenizer_source
@@ -12,17 +12,22 @@ from nemo_finetune.resolve import tokenizer_source
 log = logging.getLogger("peft_megatron")
 
 
-def prepare_data(config) -> dict:
-    summary = prepare_dataset(
-        config.data,
+def data_target(config) -> DataTarget:
+    """Where and for which tokenizer the job's data is prepared (the imported checkpoint's tokenizer once there)."""
+    return DataTarget(
         config.data_path,
-        tokenizer_name=tokenizer_source(config),
-        max_seq_length=config.max_seq_length,
+        tokenizer_source(config),
+        config.max_seq_length,
+        tokenizer_identity=config.hf_model_id,
         trust_remote_code=config.trust_remote_code,
         global_rank=config.node_rank,
         wait_timeout_s=config.wait_timeout_s,
-        tokenizer_identity=config.hf_model_id,
     )
+
+
+def prepare_data(config) -> dict:
+    """JSONL splits (and packed rows) for the job; refused when validation would run no batch."""
+    summary = prepare_dataset(config.data, data_target(config))
     if config.packed_sequence:
         import fiddle as fdl
 

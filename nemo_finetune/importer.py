@@ -16,37 +16,24 @@ from nemo_finetune.files import (
     atomic_dir,
     atomic_write_text,
     file_heads,
-    rank_zero_attempt,
     remove_leftovers,
-    wait_for_file,
 )
 from nemo_finetune.recipe import assign, recipe_module
+from nemo_finetune.records import IMPORT_RECORD, import_files
 from nemo_finetune.resolve import is_local_model, model_location
 
 log = logging.getLogger("peft_megatron")
 
 
-IMPORT_FAILED_SUFFIX = ".import-failed"
-IMPORT_LOCK_SUFFIX = ".import-lock"
-IMPORT_RECORD = ".import_source.json"  # inside an imported checkpoint: the model and recipe it was made from
-
-
-def import_failed_marker(config) -> Path:
-    return config.nemo_ckpt_path.with_name(config.nemo_ckpt_path.name + IMPORT_FAILED_SUFFIX)
-
-
 def import_hf_checkpoint(config) -> Path:
     """Import `hf_model_id` into `nemo_ckpt_dir` unless a complete checkpoint is there; atomic, rank 0 only."""
     target = config.nemo_ckpt_path
-    failed = import_failed_marker(config)
+    files = import_files(target)
     if config.node_rank != 0:
-        wait_for_file(
-            target, failed, config.wait_timeout_s, "the HF -> NeMo import", is_done=lambda: is_nemo_checkpoint(target)
-        )
+        files.wait(config.wait_timeout_s, "the HF -> NeMo import", is_done=lambda: is_nemo_checkpoint(target))
         check_import_source(target, import_source(config))  # every node refuses a stale import, not only rank 0
         return target
-    lock = target.with_name(f".{target.name}{IMPORT_LOCK_SUFFIX}")
-    with rank_zero_attempt(lock, failed, config.wait_timeout_s, "HF -> NeMo import"):
+    with files.attempt(config.wait_timeout_s, "HF -> NeMo import"):
         _import_on_rank0(config, target)
     return target
 
@@ -80,8 +67,8 @@ def import_source(config) -> dict:
 
 def check_import_source(target: Path, source: dict) -> None:
     """Refuse an existing import of another model (or of the same directory since changed)."""
-    record = target / IMPORT_RECORD
-    if not record.is_file():
+    files = import_files(target)
+    if not files.record.is_file():
         log.warning(
             "%s has no %s (imported before this check existed); using it as the import of %s — remove it if it is not",
             target,
@@ -89,10 +76,7 @@ def check_import_source(target: Path, source: dict) -> None:
             source["model"],
         )
         return
-    try:
-        recorded = json.loads(record.read_text())
-    except ValueError:
-        recorded = {}
+    recorded = files.read() or {}  # a damaged record matches no model
     if recorded != source:
         changed = sorted(k for k in set(recorded) | set(source) if recorded.get(k) != source.get(k))
         raise PipelineError(
@@ -126,7 +110,7 @@ def _run_import(config, target: Path, identity: dict) -> None:
             llm.import_ckpt(model=model, source=source, output_path=tmp, overwrite=True, **extra)
         if not is_nemo_checkpoint(tmp):
             raise PipelineError(f"llm.import_ckpt finished but {tmp} is not a complete checkpoint")
-        atomic_write_text(tmp / IMPORT_RECORD, json.dumps(identity, indent=2) + "\n")
+        atomic_write_text(tmp / IMPORT_RECORD, json.dumps(identity, indent=2) + "\n")  # written last
     log.info("imported checkpoint written to %s", target)
 
 

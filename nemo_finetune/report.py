@@ -22,8 +22,9 @@ import sys
 from pathlib import Path
 
 from nemo_finetune.checkpoints import checkpoint_val_loss, is_nemo_checkpoint
-from nemo_finetune.files import atomic_write_bytes, atomic_write_text, exclusive_lock
+from nemo_finetune.files import atomic_write_bytes, atomic_write_text
 from nemo_finetune.layout import RunLayout
+from nemo_finetune.records import report_files
 
 log = logging.getLogger("peft_megatron")
 
@@ -148,7 +149,7 @@ def write_training_report(output_dir: Path, run: dict) -> dict:
     out = RunLayout(Path(output_dir)).report
     scalars = read_scalars(Path(output_dir))
     summary = summarize_training(output_dir, run, scalars)
-    with exclusive_lock(out / ".lock", LOCK_TIMEOUT_S, "run report"):
+    with report_files(out).locked(LOCK_TIMEOUT_S, "run report"):
         summary["evaluations"] = _read(out).get("evaluations", {})
         if summary["loss_curve"]:
             png = io.BytesIO()
@@ -161,7 +162,7 @@ def write_training_report(output_dir: Path, run: dict) -> dict:
 def add_evaluation(output_dir: Path, name: str, evaluation: dict) -> None:
     """Record one evaluation (test_checkpoint.py's metrics for a checkpoint) in the run's summary.json."""
     out = RunLayout(Path(output_dir)).report
-    with exclusive_lock(out / ".lock", LOCK_TIMEOUT_S, "run report"):
+    with report_files(out).locked(LOCK_TIMEOUT_S, "run report"):
         summary = _read(out)
         summary.setdefault("evaluations", {})[name] = evaluation
         atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")

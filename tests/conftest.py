@@ -35,9 +35,7 @@ def pytest_collection_modifyitems(config, items):
         has_gpu = False
     if has_gpu:
         return
-    skip = pytest.mark.skip(
-        reason="no CUDA GPU on this machine (GPU tests run on the lent H100: docs/gpu-validation.md)"
-    )
+    skip = pytest.mark.skip(reason="no CUDA GPU on this machine (the GPU runs are recorded in docs/gpu-validation.md)")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)

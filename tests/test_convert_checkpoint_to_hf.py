@@ -17,7 +17,8 @@ from conftest import REPO, fake_checkpoint, kill_when, lora_tensors, run_script,
 from nemo_finetune.checkpoints import find_checkpoint, is_nemo_checkpoint
 from nemo_finetune.demo_assets import build_hf_model
 from nemo_finetune.errors import PipelineError
-from nemo_finetune.importer import IMPORT_FAILED_SUFFIX, IMPORT_LOCK_SUFFIX, IMPORT_RECORD, import_hf_checkpoint
+from nemo_finetune.importer import import_hf_checkpoint
+from nemo_finetune.records import IMPORT_RECORD, import_files, output_files
 from nemo_finetune.rendezvous import environ_without_rendezvous
 
 
@@ -86,9 +87,11 @@ def test_import_refuses_a_head_dim_the_importer_would_get_wrong(qwen3_head_dim_6
     assert out.returncode == 1
     assert "head_dim 64 but NeMo's importer would build head_dim 128" in out.stderr
     assert not (tmp_path / "nemo").exists()  # nothing that looks like a checkpoint
-    marker = tmp_path / ("nemo" + IMPORT_FAILED_SUFFIX)
+    marker = import_files(tmp_path / "nemo").failed
     assert "head_dim 64" in marker.read_text()
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([marker.name, ".nemo" + IMPORT_LOCK_SUFFIX])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [marker.name, import_files(tmp_path / "nemo").lock.name]
+    )
 
 
 def test_other_node_fails_fast_when_rank0_import_fails(qwen3_head_dim_64, tmp_path):
@@ -353,12 +356,11 @@ def test_export_keeps_only_its_own_current_export_and_refuses_anything_else(asse
     assert (nested / "config.json").is_file()  # kept, untouched
 
     # A killed export's leftovers are removed by the next one; two exports into one directory take turns.
-    from nemo_finetune.files import exclusive_lock
 
     turns = tmp_path / "turns"
     (tmp_path / ".turns.k1ll3d.partial").mkdir()
     (tmp_path / ".turns.work.k1ll3d").mkdir()
-    with exclusive_lock(tmp_path / ".turns.export-lock", timeout_s=5, what="a test's export"):
+    with output_files(tmp_path / "turns").locked(timeout_s=5, what="a test's export"):
         proc = start_script(
             "convert_checkpoint_to_hf.py", "--nemo_checkpoint_path", str(nemo), "--output_dir", str(turns)
         )

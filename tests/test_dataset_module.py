@@ -11,6 +11,7 @@ import pytest
 import dataset_module as dm
 from conftest import qa_flags, qa_job, run_script
 from nemo_finetune.errors import PipelineError
+from nemo_finetune.records import data_files, packing_files
 
 ROWS = [{"question": f"What is {i} plus one?", "answer": str(i + 1), "ctx": f"Count #{i}"} for i in range(40)]
 
@@ -30,8 +31,8 @@ def config(source, **kw) -> dm.HFDatasetConfig:
     return dm.HFDatasetConfig(**{**base, **kw})
 
 
-def prepare(cfg, data_dir, tokenizer, **kw):
-    return dm.prepare_dataset(cfg, data_dir, str(tokenizer), max_seq_length=kw.pop("max_seq_length", 64), **kw)
+def prepare(cfg, data_dir, tokenizer, max_seq_length=64, **kw):
+    return dm.prepare_dataset(cfg, dm.DataTarget(Path(data_dir), str(tokenizer), max_seq_length, **kw))
 
 
 def read(path: Path) -> list[dict]:
@@ -151,7 +152,7 @@ def test_interrupted_write_leaves_no_marker_and_no_half_file(tmp_path, assets, m
     assert not (out / dm.MARKER).exists()
     assert not (out / "validation.jsonl").exists()
     assert [p.name for p in out.iterdir() if p.name.endswith(".tmp")] == []
-    assert "killed mid-write" in (out / dm.FAILED_MARKER).read_text()
+    assert "killed mid-write" in (data_files(out).failed).read_text()
 
 
 def test_waiting_rank_fails_fast_on_rank0_failure_and_times_out(tmp_path, assets):
@@ -180,17 +181,17 @@ def test_waiting_rank_fails_fast_on_rank0_failure_and_times_out(tmp_path, assets
 
     # A failure written while the other node waits stops it at once, with rank 0's error.
     waiter = wait_in_thread()
-    (out / dm.FAILED_MARKER).write_text("ValueError: bad column\n")
+    (data_files(out).failed).write_text("ValueError: bad column\n")
     waiter["thread"].join(timeout=10)
     assert "failed on global rank 0: ValueError: bad column" in waiter["error"]
 
     # An earlier attempt's failure does not stop the next attempt: rank 0 clears it and prepares.
-    os.utime(out / dm.FAILED_MARKER, (time.time() - 3600, time.time() - 3600))
+    os.utime(data_files(out).failed, (time.time() - 3600, time.time() - 3600))
     waiter = wait_in_thread()
     summary = prepare(config(src), out, assets["tokenizer"])
     waiter["thread"].join(timeout=30)
     assert waiter.get("summary") == summary and "error" not in waiter
-    assert not (out / dm.FAILED_MARKER).exists()
+    assert not (data_files(out).failed).exists()
 
 
 def test_an_old_failure_marker_is_believed_after_a_grace_period(tmp_path):
@@ -390,7 +391,7 @@ def test_an_interrupted_preparation_is_cleaned_up_by_the_next_run(tmp_path, asse
         "an earlier preparation was interrupted; removed what it left (training.jsonl, validation.jsonl" in caplog.text
     )
     assert summary["rows"] == {"train": 32, "val": 4, "test": 4} and files_match_marker(out)
-    assert not (out / dm.PREPARING_MARKER).exists() and not (out / dm.FAILED_MARKER).exists()
+    assert not (out / dm.PREPARING_MARKER).exists() and not (data_files(out).failed).exists()
 
 
 def test_two_preparations_of_one_directory_never_interleave(tmp_path, assets):
@@ -652,10 +653,10 @@ def test_a_failed_packing_leaves_nothing_that_looks_packed(tmp_path, assets, mon
         module.prepare_packed()
     assert calls == ["training.npy", "validation.npy"]
     assert not module.packed_dir().exists() and not list((tmp_path / "out" / dm.PACKED_DIR).iterdir())
-    assert "disk full" in (tmp_path / "out" / dm.PACK_FAILED_MARKER).read_text()
+    assert "disk full" in (packing_files(tmp_path / "out", tmp_path / "out" / "packed").failed).read_text()
     monkeypatch.setattr(nemo_packing, "prepare_packed_sequence_data", real)
     assert module.prepare_packed()["train"]["samples"] == 32  # the next attempt packs, and clears the failure
-    assert not (tmp_path / "out" / dm.PACK_FAILED_MARKER).exists()
+    assert not (packing_files(tmp_path / "out", tmp_path / "out" / "packed").failed).exists()
 
 
 def test_packed_sequence_cli_prepares_packs_and_refuses_a_micro_batch_above_one(tmp_path, assets):

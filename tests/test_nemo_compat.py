@@ -360,7 +360,7 @@ def test_torch_optimizer_kernels_replace_what_megatron_looks_up_and_go_back(shim
     from megatron.core.optimizer import clip_grads
     from megatron.core.optimizer import optimizer as mixed_precision
 
-    assert package.USING_PYTORCH_OPTIMIZER  # no TE or apex here, as on the lent GPU
+    assert package.USING_PYTORCH_OPTIMIZER  # no TE or apex here, as on the GPU machine of docs/gpu-validation.md
     lookups = (package.get_megatron_optimizer.__globals__, clip_grads.__dict__, mixed_precision.__dict__)
     names = ("_get_megatron_optimizer_based_on_param_groups", "l2_norm_impl", "multi_tensor_scale_impl")
     before = [namespace[name] for namespace, name in zip(lookups, names, strict=True)]

@@ -2,7 +2,7 @@
 layer spec (SDPA core attention, RoPE, QK-norm, GQA) gives every sample of a packed row exactly the logits it gets
 alone — attention never crosses samples and positions restart — with Megatron's own RoPE and with the training
 workers' sync-free one; and the data path packs a prepared dataset atomically, reusing it while nothing changed.
-The CUDA case runs the flash-attention varlen kernel in bf16 on the lent H100."""
+The CUDA case runs the flash-attention varlen kernel in bf16 on a GPU."""
 
 from __future__ import annotations
 

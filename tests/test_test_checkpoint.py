@@ -11,6 +11,7 @@ import pytest
 import test_checkpoint as tc
 from conftest import fake_checkpoint, lora_tensors, run_script, start_script
 from nemo_finetune.compat import fixes
+from nemo_finetune.records import output_files
 
 
 @pytest.fixture(scope="module")
@@ -240,10 +241,9 @@ def test_decode_graph_count_avoids_megatrons_empty_graph_list(requested, max_bat
 
 def test_two_evaluations_of_one_predictions_file_take_turns(tmp_path):
     """While another job holds the predictions' lock, an evaluation waits and writes nothing; then it finishes."""
-    from nemo_finetune.files import exclusive_lock
 
     preds = write_predictions(tmp_path / "preds.jsonl")
-    with exclusive_lock(tmp_path / ".preds.jsonl.lock", timeout_s=5, what="a test's evaluation"):
+    with output_files(tmp_path / "preds.jsonl").locked(timeout_s=5, what="a test's evaluation"):
         proc = start_script(
             "test_checkpoint.py", "--evaluate_only", "--predictions_file", str(preds), "--bertscore_model", "none"
         )

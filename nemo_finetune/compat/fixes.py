@@ -74,8 +74,8 @@ def hold_async_save_buffers() -> None:
     process is forked to write them, and the caller drops its references to those copies as soon as the writer
     starts. Pinned pages are shared with a forked child, not copied on write, and torch's pinned-memory cache hands
     the freed buffers to the trainer's next pinned allocations (the data loader pins every batch), so the writer can
-    save whatever has been put there since. GPU runs 51 and 53: the demo's best checkpoint, written mid-training,
-    read back one LoRA output matrix as all zero (exact match 0.000 instead of 0.947). The caller now holds the
+    save whatever has been put there since (a LoRA output matrix read back as all zero: docs/gpu-validation.md).
+    The caller now holds the
     copies until the writer has been joined, as Megatron-LM #2288 does. Remove with Megatron-Core >= 0.17.0."""
     caller = importlib.import_module(ASYNC_SAVE_MODULE).TemporalAsyncCaller
     schedule, close = caller.schedule_async_call, caller.close

@@ -48,7 +48,7 @@ SHIMS = register(
         "liger-rmsnorm": Shim(
             "training workers without TE, on trial (TRIAL_WORKER_SHIMS)",
             "without TE or apex the local layer spec normalises with torch.nn.RMSNorm: its weight gradient is a "
-            "separate reduction kernel (GammaBetaBackward, 9 ms of the Qwen3-1.7B full fine-tuning step on the H200)",
+            "separate reduction kernel (GammaBetaBackward)",
             "Megatron's local spec has a fused RMSNorm without TE or apex",
         ),
     }
@@ -56,11 +56,10 @@ SHIMS = register(
 
 
 # Fusions Megatron compiles with torch.compile (`megatron/core/jit.py` jit_fuser; `fusions/fused_bias_swiglu.py`,
-# `fused_bias_dropout.py`): no TE needed, only Triton. Training turns them on (Qwen3-8B LoRA on the H100: 8,847 vs
-# 8,515 tokens/s, and 39.7 vs 46.4 GiB; benchmarks/train_throughput.py); inference leaves them off, because the
-# dynamic engine captures CUDA graphs and a compilation inside a capture fails. The third torch-compiled fusion,
-# cross_entropy_loss_fusion with the "native" implementation, stays off: it made the same step 4.4x slower
-# (2,021 tokens/s).
+# `fused_bias_dropout.py`): no TE needed, only Triton. Training turns them on (faster and smaller, measured in
+# docs/BENCHMARKS.md); inference leaves them off, because the dynamic engine captures CUDA graphs and a compilation
+# inside a capture fails. The third torch-compiled fusion, cross_entropy_loss_fusion with the "native"
+# implementation, stays off: it made the step several times slower.
 COMPILED_FUSIONS = {"bias_activation_fusion": True, "bias_dropout_fusion": True}
 
 # Off by measurement, not because TE is missing: set by model_config_overrides only, so that a benchmark can still
@@ -85,8 +84,8 @@ NORM_MODULE = "megatron.core.transformer.torch_norm"
 def compile_unfused_rope() -> None:
     """Without TE (`apply_rope_fusion` needs it), Megatron-Core 0.15.3 applies RoPE as ~12 unfused elementwise
     kernels per q/k per layer and pass (`rope_utils._apply_rotary_pos_emb_bshd`: cos, sin, casts, chunk, neg, cat,
-    multiplies, add); torch.compile fuses them, as Megatron's own jit_fuser does for SwiGLU. Qwen3-8B LoRA on the
-    H100, one job: 9,603 vs 7,719 tokens/s (benchmarks/train_throughput.py, docs/BENCHMARKS.md). Training workers only:
+    multiplies, add); torch.compile fuses them, as Megatron's own jit_fuser does for SwiGLU (gain: docs/BENCHMARKS.md).
+    Training workers only:
     inference captures CUDA graphs, where a first compilation fails. Remove when Megatron fuses RoPE without TE."""
     import inspect
 
@@ -186,12 +185,12 @@ def fuse_lora_output() -> None:
     """NeMo 2.7.3's LoRA (`LoRALinear.forward`, `ParallelLinearAdapter.forward`) runs the frozen linear and the
     adapter's two linears each through Megatron's parallel-linear machinery, scales the adapter's full-width output
     by alpha/dim, adds it to the base output, and in backward scales the gradient and adds the two input gradients:
-    four elementwise passes over full-width tensors per adapted linear, 576 kernels of a Qwen3-8B step (~30 ms of the
-    GPU's 337; profile in docs/BENCHMARKS.md), plus the host time of launching them. On one tensor-parallel rank, for
+    four elementwise passes over full-width tensors per adapted linear (hundreds of kernels per step; profile in
+    docs/BENCHMARKS.md), plus the host time of launching them. On one tensor-parallel rank, for
     a plain LoRA (identity activation, no dropout, no expert or sequence-parallel communication) on a frozen
     bias-free linear, `LoRALinearFunction` computes the same in matmuls alone: the scale moves to the rank-r
     intermediate, ((x A^T) s) B^T = s (x A^T B^T), and both sums go into the matmuls (`addmm`). Everything else keeps
-    NeMo's forward. Qwen3-8B LoRA on the H200, one job: 12,269 vs 10,228 tokens/s, same losses (run 43). TE's op fuser
+    NeMo's forward; same losses, the gain in docs/BENCHMARKS.md. TE's op fuser
     (NeMo's TEFusedLoRALinear) fuses the same with TE. Training workers only; remove when NeMo's LoRALinear fuses
     without TE."""
     module = importlib.import_module(LORA_MODULE)
@@ -278,13 +277,12 @@ def fuse_rmsnorm_with_liger() -> None:
     """Without TE or apex, Megatron-Core 0.15.3's local layer spec builds every norm through WrappedTorchNorm, which
     returns torch.nn.RMSNorm: the layers' input and pre-MLP norms, Qwen3's q/k norms and the final norm, 113 in the
     Qwen3-1.7B step. Its backward is two kernels, the input gradient and a separate weight-gradient reduction
-    (GammaBetaBackward: 9 of the 16 ms per step of norms in GPU run 63's profile; Qwen3's q/k norms reduce 65,536
-    and 32,768 rows of 128). Liger-Kernel's RMSNorm (a maintained Triton kernel library) does the backward in one
-    kernel whose programs each sum their rows' weight gradient in fp32, then adds the per-SM partials.
-    WrappedTorchNorm's norms become liger_rmsnorm_class() — the same parameters and state dict, torch's maths —
-    wherever a local spec is built after this. On trial (TRIAL_WORKER_SHIMS): the training benchmark's `liger_norm`
-    variant measures it before it joins the defaults. Remove when Megatron's local spec has a fused norm without TE
-    or apex."""
+    (GammaBetaBackward, most of the norms' time in the profile of docs/BENCHMARKS.md). Liger-Kernel's RMSNorm (a
+    maintained Triton kernel library) does the backward in one kernel whose programs each sum their rows' weight
+    gradient in fp32, then adds the per-SM partials. WrappedTorchNorm's norms become liger_rmsnorm_class() — the same
+    parameters and state dict, torch's maths — wherever a local spec is built after this. On trial (TRIAL_WORKER_SHIMS):
+    the training benchmark's `liger_norm` variant measures it before it joins the defaults. Remove when Megatron's local
+    spec has a fused norm without TE or apex."""
     import inspect
 
     module = importlib.import_module(NORM_MODULE)
@@ -344,11 +342,9 @@ def use_torch_optimizer_kernels() -> None:
     `local_multi_tensor_scale` runs two kernels and an fp32 temporary per tensor for the master-weight copy and the
     gradient clipping. Here torch's fused AdamW (switched on as each optimizer is built, while its state is empty;
     NeMo's checkpoints do not save param groups, and torch moves a resumed step counter to the device the fused
-    kernel needs) and torch's foreach norm and copy, with apex's contracts, take their place. Qwen3-1.7B full
-    fine-tuning on the H200, one job: +39%, 23,377 vs 16,817 tokens/s (run 55). Suspended after runs 51-53 lost an
-    adapter from a checkpoint written mid-training; the cause was Megatron-Core's asynchronous save
-    (hold_async_save_buffers), and with that fix every checkpoint written during training was intact, with and
-    without these kernels (run 57). Remove when Megatron uses torch's fused kernels without apex."""
+    kernel needs) and torch's foreach norm and copy, with apex's contracts, take their place (gain and the
+    checkpoint checks in docs/BENCHMARKS.md and docs/gpu-validation.md). Remove when Megatron uses torch's fused
+    kernels without apex."""
     package = importlib.import_module(OPTIMIZER_MODULE)
     if not getattr(package, "USING_PYTORCH_OPTIMIZER", False):
         return  # TE's or apex's fused optimizer and kernels
@@ -408,10 +404,9 @@ def accumulate_wgrad_with_torch() -> None:
     `main_grad` buffer that its DDP reduces and the optimizer reads, in one GEMM (apex's fused_weight_gradient_mlp_cuda:
     cuBLAS with bf16 inputs, an fp32 output and beta 1). Without apex, Megatron-Core 0.15.3 refuses the fusion, so
     every weight gradient is first written in bf16 and then added to main_grad by DDP's backward hook in a separate
-    kernel: 10 bytes of memory traffic per parameter per step, ~12 ms of the Qwen3-1.7B full fine-tuning step on the
-    H200 (CUDAFunctor_add<float>, 226 calls per step; profile of GPU run 63), and the bf16 gradients round before they
-    are summed. torch's addmm with out_dtype=float32 is that GEMM; it takes the extension's place. Run 64, one job:
-    202 vs 207 ms per step (+2.6%, within that host-bound node's spread), same losses, fp32 sums. Frozen weights
+    kernel: 10 bytes of memory traffic per parameter per step (CUDAFunctor_add<float> in the profile of
+    docs/BENCHMARKS.md), and the bf16 gradients round before they are summed. torch's addmm with out_dtype=float32
+    is that GEMM; it takes the extension's place (same losses, fp32 sums). Frozen weights
     (LoRA's base) compute no weight gradient either way. Remove when Megatron falls back to torch's GEMM without
     apex."""
     layers = importlib.import_module(LINEAR_MODULE)

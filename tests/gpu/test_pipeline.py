@@ -1,7 +1,7 @@
 """The GPU path through the real CLI and NeMo-Run's torchrun launcher, on a tiny model (1 GPU).
 
 Run on a CUDA machine: `python -m pytest -m gpu tests/gpu`; skipped elsewhere with a reason (conftest).
-The record of the runs on the lent H100 is docs/gpu-validation.md.
+The record of the GPU runs is docs/gpu-validation.md.
 """
 
 from __future__ import annotations
