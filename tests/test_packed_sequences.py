@@ -68,7 +68,7 @@ def test_packed_row_gives_each_sample_its_own_logits(model_parallel, monkeypatch
         from megatron.core.models.common.embeddings import rope_utils
 
         monkeypatch.setattr(rope_utils, "_apply_rotary_pos_emb_thd", rope_utils._apply_rotary_pos_emb_thd)
-        compat.install_sync_free_packed_rope()
+        compat.speedups.install_sync_free_packed_rope()
         assert getattr(rope_utils._apply_rotary_pos_emb_thd, "_nemo_compat", False)
     packed, alone = alone_and_packed(tiny_gpt("cpu", torch.float32), "cpu")
     assert_each_sample_matches(packed, alone, atol=2e-5)
@@ -94,11 +94,11 @@ def test_sync_free_positions_restart_per_sequence_and_are_cached_per_batch():
     from nemo_finetune import compat
 
     cu = torch.tensor([0, 3, 3, 7, 8, 8], dtype=torch.int32)  # an empty sequence inside and at the end
-    positions = compat.positions_in_sequence(cu, 8)
+    positions = compat.speedups.positions_in_sequence(cu, 8)
     assert positions.tolist() == [0, 1, 2, 0, 1, 2, 3, 0]
-    assert compat.positions_in_sequence(cu, 8) is positions
+    assert compat.speedups.positions_in_sequence(cu, 8) is positions
     cu[1] = 2  # an in-place change of the same tensor is a new batch
-    assert compat.positions_in_sequence(cu, 8).tolist() == [0, 1, 0, 0, 1, 2, 3, 0]
+    assert compat.speedups.positions_in_sequence(cu, 8).tolist() == [0, 1, 0, 0, 1, 2, 3, 0]
 
 
 def test_block_causal_mask_keeps_each_token_inside_its_sequence():
@@ -123,7 +123,7 @@ def test_packed_row_on_cuda_uses_flash_varlen_and_matches_separate_samples(model
     from megatron.core.models.common.embeddings import rope_utils
 
     monkeypatch.setattr(rope_utils, "_apply_rotary_pos_emb_thd", rope_utils._apply_rotary_pos_emb_thd)
-    compat.install_sync_free_packed_rope()
+    compat.speedups.install_sync_free_packed_rope()
     model = tiny_gpt("cuda", torch.bfloat16)
     packed, alone = alone_and_packed(model, "cuda")
     assert_each_sample_matches(packed, alone, atol=0.08)  # bf16 logits of magnitude ~1: a few bf16 steps
@@ -139,10 +139,10 @@ def test_packed_positions_and_mask_follow_every_replay_of_a_cuda_graph():
     from nemo_finetune.kernels import sdpa_attention
 
     cu = torch.tensor([0, 3, 8, 8], dtype=torch.int32, device="cuda")
-    compat.positions_in_sequence(cu, 8), sdpa_attention.block_causal_mask(cu, 8)  # cached, as after warm-up
+    compat.speedups.positions_in_sequence(cu, 8), sdpa_attention.block_causal_mask(cu, 8)  # cached, as after warm-up
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        positions = compat.positions_in_sequence(cu, 8)
+        positions = compat.speedups.positions_in_sequence(cu, 8)
         mask = sdpa_attention.block_causal_mask(cu, 8)
     cu.copy_(torch.tensor([0, 5, 6, 8], dtype=torch.int32))  # the next batch, as Megatron's replay copies it in
     graph.replay()

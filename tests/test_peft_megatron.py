@@ -478,7 +478,7 @@ def test_cuda_graphs_graph_the_layers_pad_packed_rows_to_one_shape_and_tell_the_
 
     graphed = parse(f"--packed_sequence --micro_batch_size 1 --cuda_graphs --output_dir {tmp_path}")
     recipe = configure_recipe(graphed, no_te)
-    # The workers graph the layers (compat.graph_layers_as_the_model_is_built): checkpoints keep the default.
+    # The workers graph the layers (compat.cuda_graphs.graph_layers_as_the_model_is_built); checkpoints keep "none".
     assert getattr(recipe.model.config, "cuda_graph_impl", "none") == "none" and recipe.data.one_shape is True
     assert recipe.trainer.num_sanity_val_steps == 0  # the first graphed layer calls must be a training step's
     assert configure_executor(graphed, no_te).env_vars[compat.CUDA_GRAPHS_ENV] == "1"

@@ -119,7 +119,7 @@ def test_the_cuda_graph_variant_gives_megatron_the_rng_tracker_its_graphed_layer
     with pytest.raises(AssertionError, match="RNG tracker does not support cudagraphs"):
         TransformerLayer(config, layer_spec)
 
-    compat.make_rng_tracker_graph_safe()  # the variant's, and a --cuda_graphs run's workers'
+    compat.cuda_graphs.make_rng_tracker_graph_safe()  # the variant's, and a --cuda_graphs run's workers'
     megatron_random.initialize_rng_tracker(use_te_rng_tracker=False)  # NeMo's setup, after it
     assert megatron_random.get_cuda_rng_tracker().use_cudagraphable_rng
     assert TransformerLayer(config, layer_spec).cudagraph_manager is not None

@@ -154,31 +154,24 @@ def install_sync_free_packed_rope() -> None:
     mark("sync-free-packed-rope", "Megatron's packed-sequence RoPE without host syncs (training workers)")
 
 
-_last_positions: tuple = (lambda: None, -1, 0, None)  # (weakref to cu_seqlens, its version, tokens, positions)
-
-
 def positions_in_sequence(cu_seqlens, tokens: int):
-    """Each packed token's position inside its own sequence, on cu_seqlens' device; every layer (q and k) gets the
-    same cu_seqlens tensor, so it is computed once per batch. Not while a CUDA graph is capturing (--cuda_graphs):
-    each layer's graph must compute them from its own cu_seqlens buffer, which every replay refills; a cached tensor
-    would be baked into the graph with the capture batch's positions."""
-    import weakref
-
+    """Each packed token's position inside its own sequence, on cu_seqlens' device; computed once per batch for every
+    layer's q and k (kernels.sdpa_attention.PerBatch, which a CUDA-graph capture bypasses)."""
     import torch
 
-    from nemo_finetune.kernels.sdpa_attention import capturing
+    def compute():
+        index = torch.arange(tokens, device=cu_seqlens.device)
+        starts = cu_seqlens.to(index.dtype)
+        return index - starts[torch.searchsorted(starts, index, right=True) - 1]
 
-    global _last_positions
-    in_capture = capturing()
-    ref, version, size, positions = _last_positions
-    if not in_capture and ref() is cu_seqlens and version == cu_seqlens._version and size == tokens:
-        return positions
-    index = torch.arange(tokens, device=cu_seqlens.device)
-    starts = cu_seqlens.to(index.dtype)
-    positions = index - starts[torch.searchsorted(starts, index, right=True) - 1]
-    if not in_capture:
-        _last_positions = (weakref.ref(cu_seqlens), cu_seqlens._version, tokens, positions)
-    return positions
+    return _packed_positions().get(cu_seqlens, tokens, compute)
+
+
+@functools.cache
+def _packed_positions():
+    from nemo_finetune.kernels.sdpa_attention import PerBatch  # imports torch: only in processes that train packed
+
+    return PerBatch()
 
 
 def fuse_lora_output() -> None:

@@ -213,29 +213,46 @@ def varlen_kernel():
     return attend
 
 
-_last_block_mask: tuple = (lambda: None, -1, 0, None)  # (weakref to cu_seqlens, its version, t, mask)
+class PerBatch:
+    """A value computed from a packed batch's `cu_seqlens`, kept for the batch: every layer gets the same tensor, so
+    the value is computed once per batch (keyed by the tensor's identity, version and the size asked for) - except
+    inside a CUDA-graph capture, where each graph must compute it from the cu_seqlens buffer its replays refill (a
+    kept tensor would be baked into the graph with the capture batch's values)."""
+
+    def __init__(self) -> None:
+        self._key: tuple = (lambda: None, -1, 0)
+        self._value = None
+
+    def get(self, cu_seqlens: torch.Tensor, size: int, compute):
+        in_capture = capturing()
+        ref, version, kept_size = self._key
+        if not in_capture and ref() is cu_seqlens and version == cu_seqlens._version and kept_size == size:
+            return self._value
+        value = compute()
+        if not in_capture:
+            self._key, self._value = (weakref.ref(cu_seqlens), cu_seqlens._version, size), value
+        return value
+
+
+_block_masks = PerBatch()
 
 
 def block_causal_mask(cu_seqlens: torch.Tensor, t: int) -> torch.Tensor:
-    """SDPA mask `[t, t]` (True = attend) letting each token of a packed row see its own sequence's earlier tokens.
-    Every layer gets the same `cu_seqlens` tensor, so the mask is built once per batch - except inside a CUDA-graph
-    capture, where each graph builds it from the cu_seqlens buffer its replays refill."""
-    global _last_block_mask
-    in_capture = capturing()
-    ref, version, size, mask = _last_block_mask
-    if not in_capture and ref() is cu_seqlens and version == cu_seqlens._version and size == t:
-        return mask
-    positions = torch.arange(t, device=cu_seqlens.device)
-    sequence = torch.searchsorted(cu_seqlens.to(positions.dtype), positions, right=True)
-    mask = (sequence[:, None] == sequence[None, :]) & torch.ones(t, t, dtype=torch.bool, device=positions.device).tril()
-    if not in_capture:
-        _last_block_mask = (weakref.ref(cu_seqlens), cu_seqlens._version, t, mask)
-    return mask
+    """SDPA mask `[t, t]` (True = attend) letting each token of a packed row see its own sequence's earlier tokens;
+    built once per batch (PerBatch)."""
+
+    def build() -> torch.Tensor:
+        positions = torch.arange(t, device=cu_seqlens.device)
+        sequence = torch.searchsorted(cu_seqlens.to(positions.dtype), positions, right=True)
+        causal = torch.ones(t, t, dtype=torch.bool, device=positions.device).tril()
+        return (sequence[:, None] == sequence[None, :]) & causal
+
+    return _block_masks.get(cu_seqlens, t, build)
 
 
 def capturing() -> bool:
     """Whether a CUDA graph is being captured on the current stream (Megatron's --cuda_graphs layers): per-batch
-    caches (this module's mask, nemo_compat's packed positions) must neither serve nor keep a capture's tensors."""
+    caches (PerBatch) must neither serve nor keep a capture's tensors."""
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 

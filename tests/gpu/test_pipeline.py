@@ -88,7 +88,7 @@ def test_lora_trains_checkpoints_logs_and_profiles(lora_run):
 def test_every_checkpoint_written_while_training_goes_on_is_intact(assets, tmp_path):
     """NeMo writes checkpoints asynchronously while training goes on, and Megatron-Core 0.15.3 let torch reuse their
     staged copies before the writer had read them (GPU runs 51 and 53 lost an adapter;
-    compat.hold_async_save_buffers). Eight saves during training, all kept: each holds every trained adapter,
+    compat.fixes.hold_async_save_buffers). Eight saves during training, all kept: each holds every trained adapter,
     each equal to the fp32 master copy saved with it."""
     out = tmp_path / "run"
     steps = "--max_steps 160 --val_check_interval 20 --learning_rate 5e-3 --early_stopping_patience 20".split()

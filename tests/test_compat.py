@@ -101,10 +101,10 @@ def test_compiled_rope_gives_megatrons_rope_and_its_gradient(monkeypatch):
 
     eager = rope_utils._apply_rotary_pos_emb_bshd
     monkeypatch.setattr(rope_utils, "_apply_rotary_pos_emb_bshd", eager)  # restored after the test
-    compat.compile_unfused_rope()
+    compat.speedups.compile_unfused_rope()
     compiled = rope_utils._apply_rotary_pos_emb_bshd
     assert compiled is not eager and compiled._nemo_compat
-    compat.compile_unfused_rope()
+    compat.speedups.compile_unfused_rope()
     assert rope_utils._apply_rotary_pos_emb_bshd is compiled  # idempotent: never compiled twice
     torch.manual_seed(0)
     freqs = torch.randn(16, 1, 1, 32)
@@ -127,7 +127,7 @@ def test_te_only_fusions_switch_off_without_te_and_torch_compiled_ones_stay():
         "print(c.apply_rope_fusion, c.masked_softmax_fusion, c.gradient_accumulation_fusion, c.bias_activation_fusion,"
         " LlamaConfig(num_layers=2, hidden_size=64, num_attention_heads=4, cross_entropy_loss_fusion=True)"
         ".cross_entropy_loss_fusion, end=' ')\n"
-        "compat.accumulate_wgrad_with_torch()\n"
+        "compat.speedups.accumulate_wgrad_with_torch()\n"
         "print(LlamaConfig(num_layers=2, hidden_size=64, num_attention_heads=4, gradient_accumulation_fusion=True)"
         ".gradient_accumulation_fusion)"
     )
@@ -152,12 +152,12 @@ def test_norm_mapping_targets_the_local_layer_spec():
     }
     local = ["decoder.layers.0.input_layernorm.weight", "decoder.layers.0.pre_mlp_layernorm.weight"]
     fused = ["decoder.layers.0.self_attention.linear_qkv.layer_norm_weight"]
-    imported = compat.remap_norm_keys(mapping, local, nemo_is_target=True)
+    imported = compat.no_te.remap_norm_keys(mapping, local, nemo_is_target=True)
     assert imported["**.input_layernorm.weight"] == "**.input_layernorm.weight"
     assert imported["**.post_attention_layernorm.weight"] == "**.pre_mlp_layernorm.weight"
-    assert compat.remap_norm_keys(mapping, fused, nemo_is_target=True) == mapping  # TE layer spec: unchanged
+    assert compat.no_te.remap_norm_keys(mapping, fused, nemo_is_target=True) == mapping  # TE layer spec: unchanged
     export = {v: k for k, v in mapping.items()}
-    exported = compat.remap_norm_keys(export, local, nemo_is_target=False)
+    exported = compat.no_te.remap_norm_keys(export, local, nemo_is_target=False)
     assert exported["**.input_layernorm.weight"] == "**.input_layernorm.weight"
 
 
@@ -165,7 +165,7 @@ def test_dynamic_attention_gets_the_triton_stand_ins_only_without_flash_attn():
     """Megatron's flash_decode_and_prefill looks the two flash-attn functions up in its module at call time."""
     probe = (
         "import json\nfrom nemo_finetune import compat\nfrom nemo_finetune.kernels import paged_attention\n"
-        "compat.skip_unified_memory_build()\n"
+        "compat.no_te.skip_unified_memory_build()\n"
         "from megatron.core.transformer import attention\n"
         "before = attention.flash_attn_varlen_func is None and attention.flash_attn_with_kvcache is None\n"
         "install = compat.install_paged_attention_fallback\n"
@@ -226,7 +226,7 @@ def test_fused_lora_output_gives_nemos_lora_loss_and_gradients(model_parallel, s
     assert len(wrapped) == 8  # linear_qkv, linear_proj, linear_fc1, linear_fc2 in each of 2 layers
     expected_loss, expected_grads = loss_and_gradients(model)
     with compat.scoped():
-        compat.fuse_lora_output()
+        compat.speedups.fuse_lora_output()
         assert LoRALinear.forward._nemo_compat and "fused-lora-output" in compat.applied()
         loss, grads = loss_and_gradients(model)
         assert all(m.__dict__["_fused_lora_output"] for m in wrapped)  # every adapter took the fused path
@@ -241,7 +241,7 @@ def test_lora_with_dropout_after_the_adapter_keeps_nemos_forward(model_parallel,
     model, wrapped = lora_model(dropout=0.5, dropout_position="post")
     model.eval()  # dropout off, so both forwards are deterministic
     with compat.scoped():
-        compat.fuse_lora_output()
+        compat.speedups.fuse_lora_output()
         loss, _ = loss_and_gradients(model)
         assert not any(m.__dict__["_fused_lora_output"] for m in wrapped)  # dropout on the full output: NeMo's path
     assert torch.allclose(loss, loss_and_gradients(model)[0], rtol=0, atol=0)
@@ -332,7 +332,7 @@ def test_shims_applied_in_a_scope_are_taken_back_after_it():
     applied_before = compat.applied() - {"unified-memory-stub"}  # the stub stays once made (compat.undo)
     with compat.scoped():
         compat.prepare_process(compat.Environment(has_te=False, has_cuda=False))
-        compat.fuse_lora_output()
+        compat.speedups.fuse_lora_output()
         assert TransformerConfig.__post_init__._nemo_compat and lora.LoRALinear.forward._nemo_compat
         assert {"no-te-fusion-defaults", "fused-lora-output"} <= compat.applied()
     assert (TransformerConfig.__post_init__, lora.te, utils.HAVE_TE, lora.LoRALinear.forward) == before
@@ -344,13 +344,13 @@ def test_foreach_kernels_keep_the_multi_tensor_contracts_megatron_calls():
 
     torch.manual_seed(0)
     grads = [torch.randn(7, 5), torch.randn(130), torch.randn(3, 3, 3)]
-    norm, per_tensor = local_multi_tensor_applier(compat.foreach_l2_norm, None, [grads], False)
+    norm, per_tensor = local_multi_tensor_applier(compat.speedups.foreach_l2_norm, None, [grads], False)
     assert per_tensor is None and norm.shape == (1,) and norm.dtype == torch.float32
     assert norm.item() == pytest.approx(torch.cat([g.flatten() for g in grads]).norm().item(), rel=1e-6)
     for scale in (1.0, 0.25):
         main = [g.clone() for g in grads]
         ours, megatrons = ([torch.empty_like(g, dtype=torch.bfloat16) for g in grads] for _ in range(2))
-        local_multi_tensor_applier(compat.foreach_scale, None, [main, ours], scale)
+        local_multi_tensor_applier(compat.speedups.foreach_scale, None, [main, ours], scale)
         local_multi_tensor_applier(local_multi_tensor_scale, None, [main, megatrons], scale)
         assert all(torch.equal(a, b) for a, b in zip(ours, megatrons, strict=True))
 
@@ -365,14 +365,14 @@ def test_torch_optimizer_kernels_replace_what_megatron_looks_up_and_go_back(shim
     names = ("_get_megatron_optimizer_based_on_param_groups", "l2_norm_impl", "multi_tensor_scale_impl")
     before = [namespace[name] for namespace, name in zip(lookups, names, strict=True)]
     with compat.scoped():
-        compat.use_torch_optimizer_kernels()
-        compat.use_torch_optimizer_kernels()  # idempotent
+        compat.speedups.use_torch_optimizer_kernels()
+        compat.speedups.use_torch_optimizer_kernels()  # idempotent
         builder, norm, scale = (namespace[name] for namespace, name in zip(lookups, names, strict=True))
         assert builder._nemo_compat and builder.__wrapped__ is before[0]  # what get_megatron_optimizer calls
         assert (norm, scale, clip_grads.multi_tensor_scale_impl) == (
-            compat.foreach_l2_norm,
-            compat.foreach_scale,
-            compat.foreach_scale,
+            compat.speedups.foreach_l2_norm,
+            compat.speedups.foreach_scale,
+            compat.speedups.foreach_scale,
         )
         assert "torch-optimizer-kernels" in compat.applied()
     assert [namespace[name] for namespace, name in zip(lookups, names, strict=True)] == before
@@ -407,9 +407,9 @@ def test_torch_wgrad_accumulation_adds_each_weight_gradient_into_main_grad(model
     with pytest.raises(RuntimeError, match="fused_weight_gradient_mlp_cuda"):
         linear(fused=True)
     with compat.scoped():
-        compat.accumulate_wgrad_with_torch()
-        compat.accumulate_wgrad_with_torch()  # idempotent
-        assert "torch-wgrad-accumulation" in compat.applied() and compat.wgrad_accumulation_available()
+        compat.speedups.accumulate_wgrad_with_torch()
+        compat.speedups.accumulate_wgrad_with_torch()  # idempotent
+        assert "torch-wgrad-accumulation" in compat.applied() and compat.speedups.wgrad_accumulation_available()
         fused, unfused = linear(fused=True), linear(fused=False)
         assert torch.equal(fused.weight, unfused.weight)
         start = torch.randn(24, 16)  # what earlier micro-batches left there
@@ -422,7 +422,7 @@ def test_torch_wgrad_accumulation_adds_each_weight_gradient_into_main_grad(model
         assert fused.weight.grad_added_to_main_grad  # DDP's hook adds nothing more
         assert torch.allclose(fused.weight.main_grad - start, unfused.weight.grad, rtol=1e-5, atol=1e-4)
         assert unfused.weight.grad.abs().sum() > 0
-    assert not layers._grad_accum_fusion_available and not compat.wgrad_accumulation_available()
+    assert not layers._grad_accum_fusion_available and not compat.speedups.wgrad_accumulation_available()
     no_te = compat.Environment(has_te=False, has_cuda=True)
     assert compat.model_config_overrides(no_te, training=True)["gradient_accumulation_fusion"]
     skipped = frozenset({"torch-wgrad-accumulation"})
@@ -438,13 +438,13 @@ def test_torch_wgrad_gemm_accumulates_bf16_weight_gradients_in_fp32_on_the_gpu()
     x, grad_output = (torch.randn(4096, n, device="cuda", generator=generator).bfloat16() for n in (512, 256))
     main_grad = torch.randn(256, 512, device="cuda", generator=generator)
     start, address = main_grad.clone(), main_grad.data_ptr()
-    compat.wgrad_gemm_accumulate(x, grad_output, main_grad)
+    compat.speedups.wgrad_gemm_accumulate(x, grad_output, main_grad)
     exact = start + grad_output.double().t().matmul(x.double()).float()
     unfused = start + grad_output.t().matmul(x).float()  # the bf16 .grad, then DDP's add
     assert main_grad.data_ptr() == address and main_grad.dtype == torch.float32
     assert (main_grad - exact).abs().max() < 1e-3 < (unfused - exact).abs().max()
     bf16_main_grad = start.bfloat16()
-    compat.wgrad_gemm_accumulate(x, grad_output, bf16_main_grad)  # wgrad_gemm_accum_fp16's contract
+    compat.speedups.wgrad_gemm_accumulate(x, grad_output, bf16_main_grad)  # wgrad_gemm_accum_fp16's contract
     assert torch.allclose(bf16_main_grad.float(), exact, rtol=2e-2, atol=0.5)
 
 
@@ -467,7 +467,7 @@ def test_megatron_optimizer_with_torch_kernels_steps_clips_and_resumes_like_mega
         grads = torch.Generator(device="cuda").manual_seed(1)
         with compat.scoped():
             if shim:
-                compat.use_torch_optimizer_kernels()
+                compat.speedups.use_torch_optimizer_kernels()
             optimizer = build(params)
             if resume_from is not None:
                 optimizer.load_state_dict(resume_from["state"])
@@ -515,12 +515,12 @@ def test_liger_rmsnorm_trial_builds_every_norm_of_a_local_spec_gpt_with_the_same
     tokens = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(2))
     positions = torch.arange(16)[None].expand(2, -1)
     with compat.scoped():
-        compat.fuse_rmsnorm_with_liger()
-        compat.fuse_rmsnorm_with_liger()  # idempotent
+        compat.speedups.fuse_rmsnorm_with_liger()
+        compat.speedups.fuse_rmsnorm_with_liger()  # idempotent
         assert "liger-rmsnorm" in compat.applied()
         liger_model = tiny_gpt("cpu", torch.float32)
         layer_norm = WrappedTorchNorm(TransformerConfig(num_layers=1, hidden_size=8, num_attention_heads=1), 8)
-    fused = compat.liger_rmsnorm_class()
+    fused = compat.speedups.liger_rmsnorm_class()
     assert set(norms(liger_model).values()) == {fused} and issubclass(fused, torch.nn.RMSNorm)
     assert len(norms(liger_model)) == 9  # 4 in each of 2 layers + the final norm
     assert type(layer_norm) is torch.nn.LayerNorm
@@ -579,7 +579,7 @@ def test_cuda_graphs_workers_graph_the_layers_they_build_and_checkpoints_load_wi
     config = Qwen3Config600M(**shape, vocab_size=128, seq_length=64)
     model = llm.GPTModel(config)  # checkpoints take their context from here
     with compat.scoped():
-        compat.graph_layers_as_the_model_is_built()
+        compat.cuda_graphs.graph_layers_as_the_model_is_built()
         with pytest.raises(AssertionError, match="RNG tracker does not support cudagraphs"):
             config.configure_model(tokenizer=None)
         assert config.cuda_graph_impl == "local" and "local-cuda-graphs" in compat.applied()
@@ -598,7 +598,7 @@ def test_liger_rmsnorm_gives_torchs_norm_and_gradients_in_bf16_on_the_gpu():
     """The CUDA path (Liger-Kernel's Triton kernels) against torch.nn.RMSNorm on the shapes of the Qwen3 step: the
     hidden-size norms (4,096 rows of 2,048) and the q/k norms (65,536 rows of 128, a strided view of the fused QKV
     output); the incoming gradient is left as it was."""
-    fused = compat.liger_rmsnorm_class()
+    fused = compat.speedups.liger_rmsnorm_class()
     generator = torch.Generator(device="cuda").manual_seed(0)
     for shape, width in (((4096, 1, 2048), 2048), ((4096, 1, 16, 3 * 128), 128)):
         base = torch.randn(shape, device="cuda", generator=generator).bfloat16()
@@ -654,7 +654,7 @@ def test_async_save_holds_its_staged_copies_until_the_writer_is_joined(module_mo
         out = tmp_path / f"written_{with_fix}"
         with compat.scoped():
             if with_fix:
-                compat.hold_async_save_buffers()
+                compat.fixes.hold_async_save_buffers()
             caller = TemporalAsyncCaller()
             caller.schedule_async_call(AsyncRequest(_write_sum, (out, None), [], preload_fn=stage))
             gc.collect()

@@ -1,4 +1,4 @@
-"""common.py's small shared pieces that have no script of their own to be tested through."""
+"""nemo_finetune.checkpoints and .layout: shared pieces with no script of their own to be tested through."""
 
 from __future__ import annotations
 
