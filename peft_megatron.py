@@ -333,8 +333,9 @@ def parse_config(
 
 def check(config: Config, machine_gpus: Callable[[], int]) -> None:
     """Every problem with the settings at once (exit 2), before any heavy work; a local launch is also checked
-    against this machine's GPUs."""
-    launches = config.executor == "local" and not (config.dry_run or config.import_only or config.prepare_data_only)
+    against this machine's GPUs (the demo checks for its GPU itself: without one it prepares and exits 3)."""
+    phase_only = config.dry_run or config.import_only or config.prepare_data_only or config.demo
+    launches = config.executor == "local" and not phase_only
     validate_config(config, machine_gpus() if launches else None, os.environ)
 
 

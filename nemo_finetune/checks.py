@@ -9,12 +9,13 @@ import json
 import logging
 import os
 import re
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 
 from nemo_finetune.choices import PEFT_SCHEMES, PROFILER_FLAGS
 from nemo_finetune.errors import ConfigError
-from nemo_finetune.resolve import attention_heads, available_recipes, is_local_model
+from nemo_finetune.resolve import attention_heads, available_recipes, is_local_model, torchrun_of_this_python
 
 log = logging.getLogger("peft_megatron")
 
@@ -79,8 +80,20 @@ def _machine_problems(config, visible_gpus: int | None, environ: Mapping[str, st
         compat.skipped_in_workers(environ)
     except ValueError as e:
         problems.append(str(e))
-    if config.cuda_graphs and visible_gpus == 0:
-        problems.append("--cuda_graphs needs CUDA GPUs and this machine shows none; drop --cuda_graphs")
+    launches_here = config.executor == "local" and not (config.import_only or config.prepare_data_only)
+    if launches_here and torchrun_of_this_python() is None:  # a --dry_run prints the command, so checks it too
+        problems.append(
+            f"torchrun is not installed beside this Python ({sys.executable}), which launches the training workers: "
+            "install torch into this environment (README's install command), or run the script with the Python "
+            "that has it"
+        )
+    if visible_gpus == 0:
+        visible = environ.get("CUDA_VISIBLE_DEVICES")
+        problems.append(
+            "training needs CUDA GPUs and this machine shows none (nvidia-smi lists no GPU"
+            f"{'' if visible is None else f', CUDA_VISIBLE_DEVICES={visible}'}): plan the job with --dry_run, run the "
+            "CPU phases with --import_only or --prepare_data_only, or submit it to GPU nodes with --executor slurm"
+        )
     if visible_gpus and config.gpus_per_node > visible_gpus:
         problems.append(
             f"--gpus_per_node {config.gpus_per_node}: this machine shows {visible_gpus} GPU(s) "

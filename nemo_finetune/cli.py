@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import math
 import sys
 import types
 import typing
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, NoReturn
 
 from nemo_finetune.errors import USAGE_ERROR, ConfigError, PipelineError
 
@@ -129,6 +130,31 @@ def field_groups(cls: type) -> dict[str, str | None]:
     return groups
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse without prefix matching (`--learning_rat` is not taken as `--learning_rate`), and a mistake in the
+    command line answered with one line that names the flag and its closest match, not the whole usage."""
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(allow_abbrev=False, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(USAGE_ERROR, f"error: {self._explain(message)}; see --help\n")
+
+    def _explain(self, message: str) -> str:
+        prefix = "unrecognized arguments: "
+        if not message.startswith(prefix):
+            return message
+        flags = [arg.split("=", 1)[0] for arg in message[len(prefix) :].split() if arg.startswith("-")]
+        if not flags:
+            return f"unexpected value(s) {message[len(prefix) :]} (every value follows its flag)"
+        known = [option for option in self._option_string_actions if option.startswith("--")]
+        parts = []
+        for flag in flags:
+            close = difflib.get_close_matches(flag, known, n=1, cutoff=0.6)
+            parts.append(f"unknown flag {flag}" + (f" (did you mean {close[0]}?)" if close else ""))
+        return "; ".join(parts)
+
+
 def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     """One flag per (flattened) field: `--name`, typed from the annotation, help from `metadata["help"]`."""
     seen: set[str] = set()
@@ -150,6 +176,8 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             continue
         if "choices" in f.metadata:
             kwargs["choices"] = f.metadata["choices"]
+        else:
+            kwargs["metavar"] = f.name.upper()  # with choices, argparse shows them: {sdpa,unfused}
         if "type" in f.metadata:
             kwargs["type"] = f.metadata["type"]
         elif base in (int, float, str):
@@ -157,7 +185,9 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         else:
             raise TypeError(f"unsupported field type {tp} for {f.name}")
         shown = f.metadata.get("shown", "unset" if default is None and optional else default)
-        target.add_argument(f"--{f.name}", help=f"{help_text} (default: {shown})", metavar=f.name.upper(), **kwargs)
+        if "(default:" not in help_text:  # a help text that says its own default keeps it
+            help_text = f"{help_text} (default: {shown})"
+        target.add_argument(f"--{f.name}", help=help_text, **kwargs)
 
 
 def dataclass_from_namespace(cls: type, ns: argparse.Namespace | dict) -> Any:
@@ -175,7 +205,7 @@ def dataclass_from_namespace(cls: type, ns: argparse.Namespace | dict) -> Any:
 
 def parse_dataclass_args(cls: type, argv: list[str] | None, description: str) -> tuple[Any, set[str]]:
     """Parse argv into `cls`; also return the names of the flags given explicitly (they beat the environment)."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_dataclass_arguments(parser, cls)
     ns = parser.parse_args(argv)
     return dataclass_from_namespace(cls, ns), set(vars(ns))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from nemo_finetune.console import quiet_workers
 from nemo_finetune.errors import PipelineError
 from nemo_finetune.layout import REPO_DIR
 from nemo_finetune.rendezvous import rendezvous_environ, scoped_environ
+from nemo_finetune.resolve import torchrun_of_this_python
 
 log = logging.getLogger("peft_megatron")
 
@@ -29,6 +31,9 @@ def configure_executor(config, env=None):
     }
     # startup/sitecustomize.py applies the workers' shims before NeMo loads (compat.apply says which).
     env_vars["PYTHONPATH"] = os.pathsep.join([str(REPO_DIR / "startup"), pythonpath])
+    if not (config.executor == "slurm" and config.container_image):  # a container brings its own torchrun
+        # NeMo-Run starts `torchrun` by name: this Python's own, whether or not its environment is activated.
+        env_vars["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     env_vars.update(compat.worker_environment(env, cuda_graphs=config.cuda_graphs))
     if config.executor == "slurm":
         return _slurm_executor(config, env_vars)
@@ -124,12 +129,16 @@ def launch_training(config, recipe, executor) -> float:
 
 
 def launch_command(config, recipe, executor) -> str:
-    """The torchrun command NeMo-Run would run on this node (the serialized recipe argument abbreviated)."""
+    """The torchrun command NeMo-Run would run on this node (the serialized recipe argument abbreviated), with the
+    torchrun it finds: the one beside this Python, whose directory the executor puts first on the workers' PATH."""
     from nemo_run.run.torchx_backend.packaging import package
 
     role = package(config.recipe_cls_name, recipe, executor, serialize_to_file=False).roles[0]
     args = [a if len(a) < 200 else f"<serialized recipe, {len(a)} chars>" for a in role.args]
-    return " ".join([role.entrypoint, *args])
+    entrypoint = role.entrypoint
+    if entrypoint == "torchrun" and config.executor == "local":
+        entrypoint = str(torchrun_of_this_python() or entrypoint)
+    return " ".join([entrypoint, *args])
 
 
 def slurm_script(config, recipe, executor) -> str:

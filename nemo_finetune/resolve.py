@@ -8,7 +8,9 @@ import importlib.util
 import json
 import logging
 import os
+import shutil
 import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,13 +25,17 @@ SEED_GPUS_PER_NODE = 8  # --gpus_per_node auto on a machine without GPUs: the pl
 
 
 def visible_gpu_count() -> int:
-    """The CUDA GPUs this process may use, without importing torch (which takes seconds): nvidia-smi's list,
-    narrowed by CUDA_VISIBLE_DEVICES as CUDA narrows it (up to the first invalid entry such as -1)."""
+    """The CUDA GPUs this process may use, without importing torch (which takes seconds): nvidia-smi's list (the
+    driver's device files where nvidia-smi is not installed), narrowed by CUDA_VISIBLE_DEVICES as CUDA narrows it (up
+    to the first invalid entry such as -1)."""
     try:
         listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        return 0
-    physical = sum(line.startswith("GPU ") for line in listing.stdout.splitlines()) if listing.returncode == 0 else 0
+        listed = listing.stdout.splitlines() if listing.returncode == 0 else []
+        physical = sum(line.startswith("GPU ") for line in listed)
+    except subprocess.TimeoutExpired:
+        physical = 0
+    except OSError:  # no nvidia-smi: count the driver's device files (/dev/nvidia0, /dev/nvidia1, ...)
+        physical = sum(p.name[len("nvidia") :].isdigit() for p in Path("/dev").glob("nvidia[0-9]*"))
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is None:
         return physical
@@ -142,3 +148,23 @@ def tokenizer_source(config) -> str:
     """The imported checkpoint's own tokenizer once it exists (always local), else the HF model's."""
     nemo_tokenizer = config.nemo_ckpt_path / "context" / "nemo_tokenizer"
     return str(nemo_tokenizer.resolve()) if nemo_tokenizer.is_dir() else model_location(config)
+
+
+def torchrun_of_this_python() -> Path | None:
+    """The torchrun that launches this Python's torch: the one beside the interpreter (a virtual environment's bin/,
+    activated or not), else the first on PATH whose script runs an interpreter of the same directory (a system
+    Python's torchrun may live in /usr/local/bin); None when there is none (another environment's torchrun does not
+    count: it would train with other packages)."""
+    own = Path(sys.executable).parent
+    found = shutil.which("torchrun", path=os.pathsep.join([str(own), os.environ.get("PATH", "")]))
+    if found is None:
+        return None
+    try:
+        with open(found, "rb") as script:
+            first = script.readline(512).decode("utf-8", "replace")
+    except OSError:
+        return None
+    interpreter = first[2:].split()[0] if first.startswith("#!") and first[2:].split() else ""
+    if Path(found).parent == own or (interpreter and Path(interpreter).parent.resolve() == own.resolve()):
+        return Path(found)
+    return None

@@ -60,7 +60,6 @@ def test_cpu_host_imports_nemo_without_compiling_anything(tmp_path):
     result = json.loads(run_python(probe, {"TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")}))
     assert result["stub"] is True
     assert set(result["applied"]) == {
-        "moved-modules",
         "unified-memory-stub",
         "no-te-fusion-defaults",
         "peft-te-guards",
@@ -321,7 +320,7 @@ def test_with_te_and_cuda_the_workers_get_only_the_checkpoint_fix():
         " or ''))"
     )
     worker = {"PYTHONPATH": f"{REPO / 'startup'}:{REPO}", compat.WORKER_ENV_FLAG: compat.CHECKPOINT_ONLY}
-    assert run_python(probe, worker) == "['async-save-staged-buffers', 'moved-modules'] False"
+    assert run_python(probe, worker) == "['async-save-staged-buffers'] False"
 
 
 def test_shims_applied_in_a_scope_are_taken_back_after_it():
@@ -676,6 +675,7 @@ def test_checkpoints_of_earlier_versions_find_the_moved_kernels_under_their_old_
         "from nemo_finetune import compat\n"
         "compat.prepare_process()\n"
         "from nemo_finetune.kernels import sdpa_attention\n"
+        "assert 'moved-modules' not in compat.applied()\n"  # nothing to say until an old name is imported
         "old = importlib.import_module('sdpa_attention')\n"  # what a context saved before the move names
         "print(json.dumps({'same': old is sdpa_attention, 'spec': old.layer_spec is sdpa_attention.layer_spec,"
         " 'applied': 'moved-modules' in compat.applied()}))"

@@ -20,7 +20,7 @@ from nemo_finetune.launch import configure_executor
 from nemo_finetune.plan import plan_lines
 from nemo_finetune.recipe import assign, configure_recipe
 from nemo_finetune.rendezvous import rendezvous_environ, scoped_environ
-from nemo_finetune.resolve import visible_gpu_count
+from nemo_finetune.resolve import torchrun_of_this_python, visible_gpu_count
 
 SEED_EXAMPLES = [
     "",
@@ -180,12 +180,84 @@ def test_a_worker_shim_skip_that_names_no_optional_shim_is_refused_before_launch
     validate_config(parse(), None, {"PEFT_MEGATRON_WORKER_SKIP": " torch-optimizer-kernels "})
 
 
-def test_cuda_graphs_are_refused_where_no_gpu_will_run_them():
+def test_a_launch_is_refused_where_no_gpu_will_run_it():
     config = parse("--cuda_graphs --packed_sequence --micro_batch_size 1 --gpus_per_node 1")
-    with pytest.raises(ConfigError, match="--cuda_graphs needs CUDA GPUs and this machine shows none"):
-        validate_config(config, visible_gpus=0)
+    with pytest.raises(ConfigError, match="training needs CUDA GPUs and this machine shows none") as refused:
+        validate_config(config, visible_gpus=0, environ={"CUDA_VISIBLE_DEVICES": "-1"})
+    assert refused.value.problems == [
+        "training needs CUDA GPUs and this machine shows none (nvidia-smi lists no GPU, CUDA_VISIBLE_DEVICES=-1): "
+        "plan the job with --dry_run, run the CPU phases with --import_only or --prepare_data_only, or submit it to "
+        "GPU nodes with --executor slurm"
+    ]
     validate_config(config, visible_gpus=1)
     validate_config(config, visible_gpus=None)  # not launching here (--dry_run, Slurm)
+
+
+def test_a_launch_on_a_machine_without_gpus_stops_before_any_work_with_one_line(assets, tmp_path):
+    out = run_script(
+        "peft_megatron.py", *qa_flags(tmp_path / "out", dataset=assets["data"]), env=fake_nvidia_smi(tmp_path, 0)
+    )
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert out.stderr.splitlines() == [
+        "error: invalid arguments:",
+        "  - training needs CUDA GPUs and this machine shows none (nvidia-smi lists no GPU): plan the job with "
+        "--dry_run, run the CPU phases with --import_only or --prepare_data_only, or submit it to GPU nodes with "
+        "--executor slurm",
+    ]
+    assert not (tmp_path / "out").exists()  # no import, no data: nothing written
+
+
+def test_the_launch_uses_this_pythons_torchrun_whether_or_not_its_environment_is_activated(tmp_path):
+    own_bin = Path(sys.executable).parent
+    bare_path = os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if Path(p) != own_bin)
+    out = run_script("peft_megatron.py", "--dry_run", "--output_dir", str(tmp_path), env={"PATH": bare_path})
+    assert out.returncode == 0, out.stderr[-3000:]
+    launch = next(line for line in out.stdout.splitlines() if line.startswith("  launch: "))
+    assert launch.startswith(f"  launch: {own_bin / 'torchrun'} --rdzv-backend c10d") and "--nproc-per-node 8" in launch
+    from nemo_finetune import compat
+
+    executor = configure_executor(parse(f"--output_dir {tmp_path}"), compat.Environment(has_te=False, has_cuda=True))
+    assert executor.env_vars["PATH"].split(os.pathsep)[0] == str(own_bin)  # the workers' torchrun, first on PATH
+
+
+def test_another_environments_torchrun_is_not_this_pythons(tmp_path, monkeypatch):
+    def environment(name: str, torchrun_runs: str | None) -> Path:
+        bin_dir = tmp_path / name / "bin"
+        bin_dir.mkdir(parents=True)
+        (bin_dir / "python").symlink_to(sys.executable)
+        if torchrun_runs is not None:
+            (bin_dir / "torchrun").write_text(f"#!{torchrun_runs}\nimport sys\n")
+            (bin_dir / "torchrun").chmod(0o755)
+        return bin_dir
+
+    ours, other = environment("ours", None), environment("other", str(tmp_path / "other/bin/python"))
+    system = environment("system", str(ours / "python"))  # e.g. /usr/local/bin/torchrun of /usr/bin/python3
+    monkeypatch.setattr(sys, "executable", str(ours / "python"))
+    monkeypatch.setenv("PATH", str(other))
+    assert torchrun_of_this_python() is None
+    with pytest.raises(ConfigError, match=r"torchrun is not installed beside this Python \(.*ours/bin/python\)"):
+        validate_config(parse(f"--output_dir {tmp_path}"))
+    monkeypatch.setenv("PATH", os.pathsep.join([str(other), str(system)]))
+    assert torchrun_of_this_python() is None  # the first torchrun on PATH is the one that would run
+    monkeypatch.setenv("PATH", str(system))
+    assert torchrun_of_this_python() == system / "torchrun"
+    (ours / "torchrun").write_text(f"#!{ours / 'python'}\n")
+    (ours / "torchrun").chmod(0o755)
+    monkeypatch.setenv("PATH", str(other))
+    assert torchrun_of_this_python() == ours / "torchrun"  # beside the interpreter wins, activated or not
+
+
+def test_flags_are_never_taken_by_prefix_and_a_mistake_gets_one_line():
+    out = run_script("peft_megatron.py", "--learning_rat", "1e-4")
+    assert (out.returncode, out.stdout) == (2, "")
+    assert out.stderr == "error: unknown flag --learning_rat (did you mean --learning_rate?); see --help\n"
+    out = run_script("peft_megatron.py", "--max_step", "3", "--bogus_flag")
+    assert out.stderr == (
+        "error: unknown flag --max_step (did you mean --max_steps?); unknown flag --bogus_flag; see --help\n"
+    )
+    help_text = " ".join(run_script("peft_megatron.py", "--help").stdout.split())
+    assert "peak learning rate (default: recipe's) --early" in help_text  # one default, not two
+    assert "--core_attention {sdpa,unfused}" in help_text and "--log_level {DEBUG,INFO,WARNING,ERROR}" in help_text
 
 
 def test_multi_node_needs_a_rendezvous_address(monkeypatch):

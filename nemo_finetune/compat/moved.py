@@ -37,6 +37,7 @@ class _Alias(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         return importlib.util.spec_from_loader(fullname, self) if fullname in MOVED else None
 
     def create_module(self, spec):
+        mark("moved-modules", f"{spec.name} (named by a checkpoint of an earlier version) is {MOVED[spec.name]}")
         return importlib.import_module(MOVED[spec.name])
 
     def exec_module(self, module) -> None:
@@ -44,7 +45,7 @@ class _Alias(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
 
 def alias_moved_modules() -> None:
-    """Let the old module names import; idempotent, and nothing is imported until a context asks for one."""
+    """Let the old module names import; idempotent. The shim counts as applied (and says so) once a checkpoint's
+    context imports one of them."""
     if not any(isinstance(finder, _Alias) for finder in sys.meta_path):
         sys.meta_path.append(_Alias())  # last: a real module of that name on sys.path still wins
-        mark("moved-modules", f"old names of moved modules import their new place: {', '.join(MOVED)}")
