@@ -156,7 +156,8 @@ def torchrun_of_this_python() -> Path | None:
     Python's torchrun may live in /usr/local/bin); None when there is none (another environment's torchrun does not
     count: it would train with other packages)."""
     own = Path(sys.executable).parent
-    found = shutil.which("torchrun", path=os.pathsep.join([str(own), os.environ.get("PATH", "")]))
+    search = os.pathsep.join([str(own), os.environ.get("PATH", "")])
+    found = shutil.which("torchrun", path=search)
     if found is None:
         return None
     try:
@@ -164,7 +165,10 @@ def torchrun_of_this_python() -> Path | None:
             first = script.readline(512).decode("utf-8", "replace")
     except OSError:
         return None
-    interpreter = first[2:].split()[0] if first.startswith("#!") and first[2:].split() else ""
+    words = first[2:].split() if first.startswith("#!") else []
+    if len(words) > 1 and Path(words[0]).name == "env":  # #!/usr/bin/env python3: the python3 on that PATH
+        words = [shutil.which(words[1], path=search) or words[1]]
+    interpreter = words[0] if words else ""
     if Path(found).parent == own or (interpreter and Path(interpreter).parent.resolve() == own.resolve()):
         return Path(found)
     return None

@@ -241,6 +241,8 @@ def test_another_environments_torchrun_is_not_this_pythons(tmp_path, monkeypatch
     assert torchrun_of_this_python() is None  # the first torchrun on PATH is the one that would run
     monkeypatch.setenv("PATH", str(system))
     assert torchrun_of_this_python() == system / "torchrun"
+    (system / "torchrun").write_text("#!/usr/bin/env python\n")  # the python on PATH: ours comes first
+    assert torchrun_of_this_python() == system / "torchrun"
     (ours / "torchrun").write_text(f"#!{ours / 'python'}\n")
     (ours / "torchrun").chmod(0o755)
     monkeypatch.setenv("PATH", str(other))
