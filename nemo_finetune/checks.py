@@ -202,10 +202,11 @@ def _attention_problems(config) -> list[str]:
         )
     cp = config.context_parallel_size
     te_on_nodes = config.executor == "slurm" and config.container_image  # a NeMo image holds TE
-    if cp > 1 and not config.dry_run and not te_on_nodes and no_te:
+    if cp > 1 and not te_on_nodes and no_te:  # a --dry_run refuses what the launch would
         problems.append(
-            f"--context_parallel_size {cp} needs Transformer Engine's attention, which is not installed here; "
-            "use 1 (--dry_run still plans such a layout)"
+            f"--context_parallel_size {cp} needs Transformer Engine's attention, which is not installed where the "
+            "workers would run; use 1, or plan it for nodes that have TE (--executor slurm --container_image with a "
+            "NeMo image)"
         )
     return problems
 

@@ -624,7 +624,10 @@ def test_dry_run_of_the_seed_multi_node_example_prints_the_plan(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     assert "global_batch_size: 128" in out.stdout
     assert "parallelism: TP 8 | PP 2 | CP 1 | DP 2" in out.stdout
-    assert "launch: torchrun" in out.stdout and "--nnodes 4 --nproc-per-node 8" in out.stdout
+    assert (
+        f"launch: {Path(sys.executable).parent / 'torchrun'} " in out.stdout
+        and "--nnodes 4 --nproc-per-node 8" in out.stdout
+    )
     assert not (tmp_path / "imported_hf_ckpt").exists()  # a dry run touches nothing
 
 
