@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 
 from nemo_finetune.checkpoints import is_nemo_checkpoint
 from nemo_finetune.launch import configure_executor, launch_command, slurm_script, target_environment
 from nemo_finetune.recipe import configure_recipe
+from nemo_finetune.records import data_files
 from nemo_finetune.rendezvous import rendezvous_environ, scoped_environ
 
 log = logging.getLogger("peft_megatron")
@@ -39,6 +41,59 @@ def plan_lines(config) -> list[str]:
     ]
 
 
+def recipe_lines(config, recipe) -> list[str]:
+    """What the recipe will do, as a user checks it before spending GPU hours: the optimizer and learning-rate
+    schedule, what is trained, tokens per step, and the epochs the steps mean over the prepared training split."""
+    import fiddle as fdl
+
+    optim = fdl.ordered_arguments(recipe.optim.config, include_defaults=True)
+    schedule = recipe.optim.lr_scheduler
+    lines = [
+        f"optimizer: {optim['optimizer']} (peak lr {optim['lr']:g}, betas {optim['adam_beta1']:g}/"
+        f"{optim['adam_beta2']:g}, eps {optim['adam_eps']:g}, weight decay {optim['weight_decay']:g}, "
+        f"gradient clip {optim['clip_grad']:g})"
+    ]
+    if schedule is not None:
+        sched = fdl.ordered_arguments(schedule, include_defaults=True)
+        warmup = sched.get("warmup_steps", 0)
+        lines.append(
+            f"learning rate: {schedule.__fn_or_cls__.__name__} over {config.max_steps} steps, {warmup} warm-up "
+            f"steps, down to {sched.get('min_lr', 0):g}"
+            + (
+                "; the warm-up is longer than the run, so the peak is never reached"
+                if warmup >= config.max_steps
+                else ""
+            )
+        )
+    if recipe.peft is None:
+        lines.append("trained: every weight (full fine-tuning)")
+    else:
+        peft = fdl.build(copy.deepcopy(recipe.peft))  # a plain dataclass: its defaults, factories included
+        lines.append(
+            f"trained: {type(peft).__name__} adapters, rank {peft.dim}, alpha {peft.alpha} (scale "
+            f"{peft.alpha / peft.dim:g}), dropout {peft.dropout:g}, on {', '.join(peft.target_modules)}"
+        )
+    tokens = config.global_batch_size * config.max_seq_length
+    lines.append(
+        f"tokens per step: at most {tokens:,} ({config.global_batch_size} rows of {config.max_seq_length}); "
+        + ("packing fills the rows" if config.packed_sequence else "padding to each batch's longest row is not trained")
+    )
+    lines.append(f"epochs: {_epochs(config)}")
+    return lines
+
+
+def _epochs(config) -> str:
+    """The steps as passes over the training split, from the prepared data's record (or its packed rows)."""
+    record = data_files(config.data_path).read() or {}
+    rows = (record.get("summary") or {}).get("rows", {}).get("train")
+    if not isinstance(rows, int) or rows <= 0:
+        return "known once the data is prepared (--prepare_data_only prints the split sizes)"
+    if config.packed_sequence:
+        return f"about {config.max_steps * config.global_batch_size:,} packed rows from {rows:,} training samples"
+    epochs = config.max_steps * config.global_batch_size / rows
+    return f"{epochs:,.1f} over {rows:,} training rows ({config.max_steps} steps x {config.global_batch_size} rows)"
+
+
 def dry_run(config) -> int:
     from nemo_finetune import compat
 
@@ -47,7 +102,7 @@ def dry_run(config) -> int:
     recipe = configure_recipe(config, env)
     executor = configure_executor(config, env)
     print("plan:")
-    for line in plan_lines(config):
+    for line in plan_lines(config) + recipe_lines(config, recipe):
         print(f"  {line}")
     where = "this machine" if config.executor == "local" else "the Slurm nodes"
     print(

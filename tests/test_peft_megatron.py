@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import peft_megatron as pm
-from conftest import REPO, qa_flags, run_script
+from conftest import REPO, qa_flags, qa_job, run_script
 from nemo_finetune.checks import validate_config
 from nemo_finetune.cli import flag_names
 from nemo_finetune.errors import ConfigError
@@ -729,3 +729,31 @@ def test_config_is_its_groups_flattened():
     assert flag_names(pm.Config) == [name for names in HELP_SECTIONS.values() for name in names]
     config = pm.Config(hf_model_id="m", max_steps=5, lora_dim=8)  # one flat namespace, as the flags are
     assert isinstance(config, pm.TrainingSettings) and (config.hf_model_id, config.max_steps) == ("m", 5)
+
+
+def test_the_plan_shows_the_schedule_what_is_trained_tokens_per_step_and_epochs(assets, tmp_path):
+    job = qa_job(
+        assets["qwen3"],
+        tmp_path / "run",
+        *("--recipe_cls_name", "qwen3_600m", "--learning_rate", "3e-4", "--lora_dim", "8", "--lora_alpha", "16"),
+        *("--max_steps", "40", "--val_check_interval", "20", "--micro_batch_size", "2", "--accumulate_grad_batches"),
+        *("2", "--max_seq_length", "64", "--val_fraction", "0.2", "--test_fraction", "0.1"),
+        dataset=assets["data"],
+    )
+    before = run_script("peft_megatron.py", "--dry_run", *job)
+    assert before.returncode == 0, before.stderr[-3000:]
+    assert "  epochs: known once the data is prepared (--prepare_data_only prints the split sizes)" in before.stdout
+    assert run_script("peft_megatron.py", "--prepare_data_only", *job).returncode == 0
+    plan = run_script("peft_megatron.py", "--dry_run", *job)
+    assert plan.returncode == 0, plan.stderr[-3000:]
+    lines = [line.strip() for line in plan.stdout.splitlines()]
+    train_rows = json.loads((tmp_path / "run" / "data" / ".data_ready.json").read_text())["summary"]["rows"]["train"]
+    assert {
+        "optimizer: adam (peak lr 0.0003, betas 0.9/0.98, eps 1e-05, weight decay 0.1, gradient clip 1)",
+        "learning rate: CosineAnnealingScheduler over 40 steps, 50 warm-up steps, down to 0; the warm-up is longer "
+        "than the run, so the peak is never reached",
+        "trained: LoRA adapters, rank 8, alpha 16 (scale 2), dropout 0, on linear_qkv, linear_proj, linear_fc1, "
+        "linear_fc2",
+        "tokens per step: at most 256 (4 rows of 64); padding to each batch's longest row is not trained",
+        f"epochs: {40 * 4 / train_rows:,.1f} over {train_rows:,} training rows (40 steps x 4 rows)",
+    } <= set(lines)
