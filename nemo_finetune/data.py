@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import logging
 
-from dataset_module import DataTarget, format_summary, prepare_dataset
+from dataset_module import DataTarget, fingerprint, format_summary, prepare_dataset
 from nemo_finetune.errors import PipelineError
 from nemo_finetune.recipe import configure_data
+from nemo_finetune.records import data_files
 from nemo_finetune.resolve import tokenizer_source
 
 log = logging.getLogger("peft_megatron")
@@ -33,13 +34,33 @@ def prepare_data(config) -> dict:
 
         summary["packed"] = fdl.build(configure_data(config)).prepare_packed(global_rank=config.node_rank)
     print(format_summary(summary), flush=True)
-    val_rows = summary["packed"]["val"]["packs"] if config.packed_sequence else summary["rows"].get("val", 0)
-    if val_rows < config.global_batch_size:
-        # Megatron's validation sampler drops the incomplete last global batch: no val_loss, so no checkpoint.
-        what = "packs into" if config.packed_sequence else "has"
-        raise PipelineError(
-            f"the validation split {what} {val_rows} rows, fewer than one global batch ({config.global_batch_size}): "
-            "validation would run no batch, so no val_loss and no checkpoint. Raise --val_fraction or lower "
-            "--micro_batch_size/--accumulate_grad_batches"
-        )
+    problem = validation_problem(config, summary)
+    if problem:
+        raise PipelineError(problem)
     return summary
+
+
+def prepared_summary(config) -> dict | None:
+    """The summary of data already prepared in --data_dir with these settings (what a re-run would reuse), else None."""
+    record = data_files(config.data_path).read() or {}
+    summary = record.get("summary")
+    if not isinstance(summary, dict) or not isinstance(summary.get("rows"), dict):
+        return None
+    if config.data.dataset_name is None:  # the JSONL there is the data, whatever made it
+        return summary
+    recorded = (record.get("fingerprint") or {}).get("sha256")
+    return summary if recorded == fingerprint(config.data, config.hf_model_id)["sha256"] else None
+
+
+def validation_problem(config, summary: dict) -> str | None:
+    """Why validation would run no batch with this data (no val_loss, so no checkpoint), or None. Megatron's
+    validation sampler drops the incomplete last global batch."""
+    val_rows = summary["packed"]["val"]["packs"] if config.packed_sequence else summary["rows"].get("val", 0)
+    if val_rows >= config.global_batch_size:
+        return None
+    what = "packs into" if config.packed_sequence else "has"
+    return (
+        f"the validation split {what} {val_rows} rows, fewer than one global batch ({config.global_batch_size}): "
+        "validation would run no batch, so no val_loss and no checkpoint. Raise --val_fraction or lower "
+        "--micro_batch_size/--accumulate_grad_batches"
+    )

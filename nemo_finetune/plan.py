@@ -7,10 +7,12 @@ import logging
 import os
 
 from nemo_finetune.checkpoints import is_nemo_checkpoint
+from nemo_finetune.data import prepared_summary, validation_problem
+from nemo_finetune.errors import ConfigError
 from nemo_finetune.launch import configure_executor, launch_command, slurm_script, target_environment
 from nemo_finetune.recipe import configure_recipe
-from nemo_finetune.records import data_files
 from nemo_finetune.rendezvous import rendezvous_environ, scoped_environ
+from nemo_finetune.resolve import is_local_model
 
 log = logging.getLogger("peft_megatron")
 
@@ -84,8 +86,7 @@ def recipe_lines(config, recipe) -> list[str]:
 
 def _epochs(config) -> str:
     """The steps as passes over the training split, from the prepared data's record (or its packed rows)."""
-    record = data_files(config.data_path).read() or {}
-    rows = (record.get("summary") or {}).get("rows", {}).get("train")
+    rows = (prepared_summary(config) or {}).get("rows", {}).get("train")
     if not isinstance(rows, int) or rows <= 0:
         return "known once the data is prepared (--prepare_data_only prints the split sizes)"
     if config.packed_sequence:
@@ -95,8 +96,12 @@ def _epochs(config) -> str:
 
 
 def dry_run(config) -> int:
+    """Print the plan; refuse (exit 2) what the launch would refuse and this machine can know."""
     from nemo_finetune import compat
 
+    summary = prepared_summary(config)
+    if summary and not config.packed_sequence and validation_problem(config, summary):
+        raise ConfigError([f"--data_dir {config.data_path}: {validation_problem(config, summary)}"])
     local = compat.prepare_process()
     env = target_environment(config, local)
     recipe = configure_recipe(config, env)
@@ -111,6 +116,27 @@ def dry_run(config) -> int:
     if config.executor == "slurm":
         print("  sbatch script NeMo-Run would submit:\n" + slurm_script(config, recipe, executor), flush=True)
     else:
-        with scoped_environ(rendezvous_environ(config, os.environ)):
+        rendezvous = rendezvous_environ(config, os.environ)
+        if config.num_nodes > 1 and "MASTER_ADDR" not in {**os.environ, **rendezvous}:
+            rendezvous["MASTER_ADDR"] = "$MASTER_ADDR"  # each node's shell fills it in
+        with scoped_environ(rendezvous):
             print(f"  launch: {launch_command(config, recipe, executor)}", flush=True)
+    for line in unchecked_lines(config):
+        print(f"  not checked here: {line}", flush=True)
     return 0
+
+
+def unchecked_lines(config) -> list[str]:
+    """What a dry run cannot know on this machine, which the launch finds out."""
+    lines = []
+    if not is_local_model(config.hf_model_id) and not is_nemo_checkpoint(config.nemo_ckpt_path):
+        lines.append(
+            f"--hf_model_id {config.hf_model_id}: the hub is asked at the import (offline, give a local directory)"
+        )
+    if config.executor == "local" and config.num_nodes > 1 and "MASTER_ADDR" not in os.environ:
+        lines.append("the rendezvous host: set MASTER_ADDR (node 0's address) and MASTER_PORT on every node")
+    if config.packed_sequence:
+        lines.append("the validation split against one global batch: known once the rows are packed")
+    elif prepared_summary(config) is None:
+        lines.append("the validation split against one global batch: the data is not prepared yet")
+    return lines

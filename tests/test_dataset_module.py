@@ -310,6 +310,14 @@ def test_validation_smaller_than_a_global_batch_is_refused(tmp_path, assets):
     # Defaults on a GPU-less machine: one 8-GPU node planned, TP auto = 2 (the model's 2 KV heads), so DP 4:
     # micro-batch 8 x accumulate 8 x DP 4.
     assert "validation split has 5 rows, fewer than one global batch (256)" in out.stderr
+    # The dry run refuses what the launch would, once it can know it (the data is prepared with these settings).
+    plan = run_script("peft_megatron.py", "--dry_run", *qa_flags(tmp_path, assets["qwen3"], assets["data"]))
+    assert plan.returncode == 2, plan.stderr[-2000:]
+    assert "validation split has 5 rows, fewer than one global batch (256)" in plan.stderr
+    smaller = ["--micro_batch_size", "1", "--accumulate_grad_batches", "1"]  # 1 x 1 x DP 4 = 4 rows
+    plan = run_script("peft_megatron.py", "--dry_run", *smaller, *qa_flags(tmp_path, assets["qwen3"], assets["data"]))
+    assert plan.returncode == 0, plan.stderr[-2000:]
+    assert "not checked here: the validation split" not in plan.stdout and "  epochs: " in plan.stdout
 
 
 def test_nemo_datamodule_batches_mask_the_prompt(tmp_path, assets):

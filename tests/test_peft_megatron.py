@@ -757,3 +757,25 @@ def test_the_plan_shows_the_schedule_what_is_trained_tokens_per_step_and_epochs(
         "tokens per step: at most 256 (4 rows of 64); padding to each batch's longest row is not trained",
         f"epochs: {40 * 4 / train_rows:,.1f} over {train_rows:,} training rows (40 steps x 4 rows)",
     } <= set(lines)
+
+
+def test_a_multi_node_plan_shows_the_rendezvous_host_and_says_what_it_could_not_check(tmp_path):
+    args = ["--dry_run", "--num_nodes", "2", "--gpus_per_node", "8", "--output_dir", str(tmp_path)]
+    out = run_script("peft_megatron.py", *args)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "--rdzv-endpoint $MASTER_ADDR:29500" in out.stdout and "head_node_ip_var" not in out.stdout
+    assert [line for line in out.stdout.splitlines() if line.startswith("  not checked here: ")] == [
+        "  not checked here: --hf_model_id Qwen/Qwen3-8B: the hub is asked at the import (offline, give a local "
+        "directory)",
+        "  not checked here: the rendezvous host: set MASTER_ADDR (node 0's address) and MASTER_PORT on every node",
+        "  not checked here: the validation split against one global batch: the data is not prepared yet",
+    ]
+    out = run_script("peft_megatron.py", *args, env={"MASTER_ADDR": "10.1.2.3"})
+    assert "--rdzv-endpoint 10.1.2.3:29500" in out.stdout and "the rendezvous host" not in out.stdout
+
+
+def test_a_dry_run_refuses_context_parallelism_that_the_launch_would_refuse():
+    with pytest.raises(ConfigError, match="--context_parallel_size 2 needs Transformer Engine's attention"):
+        validate_config(parse("--dry_run --context_parallel_size 2 --tensor_parallel_size 4"))
+    slurm = "--dry_run --executor slurm --slurm_account a --container_image nvcr.io/nvidia/nemo:25.09"
+    validate_config(parse(f"{slurm} --context_parallel_size 2 --tensor_parallel_size 4"))  # nodes with TE
