@@ -41,7 +41,7 @@ from pathlib import Path
 from dataset_module import HFDatasetConfig
 from nemo_finetune import compat, demo
 from nemo_finetune.checks import validate_config
-from nemo_finetune.choices import CORE_ATTENTION, EXECUTORS, LOG_LEVELS, PEFT_SCHEMES
+from nemo_finetune.choices import CORE_ATTENTION, EXECUTORS, LOG_LEVELS, LORA_TARGETS, PEFT_SCHEMES
 from nemo_finetune.cli import int_or_auto, parse_dataclass_args, run_cli
 from nemo_finetune.console import log_to_file, phase, setup_logging
 from nemo_finetune.data import prepare_data
@@ -134,6 +134,17 @@ class TrainingSettings:
         },
     )
     learning_rate: float | None = field(default=None, metadata={"help": "peak learning rate (default: recipe's)"})
+    min_learning_rate: float | None = field(
+        default=None, metadata={"help": "learning rate at the end of the cosine schedule (default: recipe's, 0)"}
+    )
+    warmup_steps: int | None = field(
+        default=None, metadata={"help": "linear learning-rate warm-up, in optimizer steps (default: recipe's, 50)"}
+    )
+    weight_decay: float | None = field(default=None, metadata={"help": "AdamW weight decay (default: recipe's, 0.1)"})
+    max_grad_norm: float | None = field(
+        default=None,
+        metadata={"help": "gradient clipping by global norm; 0 turns clipping off (default: recipe's, 1.0)"},
+    )
     early_stopping_threshold: float = field(default=0.001, metadata={"help": "minimum val_loss improvement"})
     early_stopping_patience: int = field(default=3, metadata={"help": "validation checks without improvement"})
     core_attention: str = field(
@@ -164,6 +175,17 @@ class PeftSettings:
     full_ft: bool = field(default=False, metadata={"help": "full fine-tuning instead of PEFT"})
     lora_dim: int | None = field(default=None, metadata={"help": "LoRA rank (default: NeMo's, 32)"})
     lora_alpha: int | None = field(default=None, metadata={"help": "LoRA alpha (default: NeMo's, 32)"})
+    lora_dropout: float | None = field(
+        default=None, metadata={"help": "dropout on the adapters' input (default: NeMo's, 0.0)"}
+    )
+    lora_target_modules: str | None = field(
+        default=None,
+        metadata={
+            "help": "comma-separated layers that get adapters, of "
+            f"{', '.join(LORA_TARGETS)}, or Megatron module patterns such as '*.layers.0.*.linear_qkv' "
+            "(default: NeMo's, all four)"
+        },
+    )
 
 
 @dataclass

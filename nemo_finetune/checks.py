@@ -13,7 +13,7 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
-from nemo_finetune.choices import PEFT_SCHEMES, PROFILER_FLAGS
+from nemo_finetune.choices import LORA_TARGETS, PEFT_SCHEMES, PROFILER_FLAGS, lora_targets
 from nemo_finetune.errors import ConfigError
 from nemo_finetune.resolve import attention_heads, available_recipes, is_local_model, torchrun_of_this_python
 
@@ -26,6 +26,10 @@ UPPER_BOUNDS = {
     "accumulate_grad_batches": (65536, "global batches are rarely over a few thousand sequences"),
     "max_seq_length": (1 << 20, "no supported model has a context over 1,048,576 tokens"),
     "lora_dim": (65536, "a LoRA rank is at most the model's hidden size"),
+    "min_learning_rate": (1.0, "fine-tuning learning rates are around 1e-6 to 1e-3"),
+    "warmup_steps": (10**9, "more steps than any run takes"),
+    "weight_decay": (1.0, "AdamW's decay is a fraction of the weight per step, usually 0 to 0.1"),
+    "max_grad_norm": (1e6, "clipping norms are around 0.1 to 10"),
     "wait_timeout_s": (7 * 24 * 3600.0, "a week"),
 }
 
@@ -108,6 +112,22 @@ def _range_problems(config) -> list[str]:
     for name in ("lora_dim", "lora_alpha", "learning_rate"):
         if getattr(config, name) is not None and getattr(config, name) <= 0:
             problems.append(f"--{name} {getattr(config, name)} must be positive")
+    for name in ("min_learning_rate", "warmup_steps", "weight_decay", "max_grad_norm", "lora_dropout"):
+        if getattr(config, name) is not None and getattr(config, name) < 0:
+            problems.append(f"--{name} {getattr(config, name)} must be >= 0")
+    if config.lora_dropout is not None and config.lora_dropout >= 1:
+        problems.append(f"--lora_dropout {config.lora_dropout} must be below 1 (it is the fraction of inputs dropped)")
+    lr, min_lr = config.learning_rate, config.min_learning_rate
+    if lr is not None and min_lr is not None and min_lr > lr:
+        problems.append(f"--min_learning_rate {min_lr:g} is above --learning_rate {lr:g}; the schedule decays to it")
+    targets = lora_targets(config.lora_target_modules)
+    if targets is not None:
+        unknown = [t for t in targets if t not in LORA_TARGETS and not ("*" in t and t.endswith(LORA_TARGETS))]
+        if unknown or not targets:
+            problems.append(
+                f"--lora_target_modules {config.lora_target_modules!r}: {', '.join(unknown) or 'no layer'} is not one "
+                f"of {', '.join(LORA_TARGETS)} (or a pattern ending in one, such as '*.layers.0.*.linear_qkv')"
+            )
     if config.early_stopping_threshold < 0:
         problems.append(f"--early_stopping_threshold {config.early_stopping_threshold} must be >= 0")
     if config.save_top_k == 0 or config.save_top_k < -1:
@@ -157,7 +177,8 @@ def _layout_problems(config, environ: Mapping[str, str]) -> list[str]:
 def _mode_problems(config) -> list[str]:
     """What to train, which recipe, and which one phase or profiler a run selects."""
     problems = []
-    lora_flags = [f"--{n} {getattr(config, n)}" for n in ("lora_dim", "lora_alpha") if getattr(config, n) is not None]
+    lora = ("lora_dim", "lora_alpha", "lora_dropout", "lora_target_modules")
+    lora_flags = [f"--{n} {getattr(config, n)}" for n in lora if getattr(config, n) is not None]
     if config.full_ft and lora_flags:
         problems.append(f"{' and '.join(lora_flags)} set LoRA, which --full_ft does not train; drop one or the other")
     if config.peft_scheme.lower() not in PEFT_SCHEMES and not config.full_ft:

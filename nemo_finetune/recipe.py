@@ -8,6 +8,7 @@ import logging
 import os
 
 from nemo_finetune.checkpoints import is_nemo_checkpoint
+from nemo_finetune.choices import lora_targets
 from nemo_finetune.layout import RUN_NAME
 from nemo_finetune.resolve import tokenizer_source
 
@@ -36,6 +37,11 @@ def _accepted_params(target) -> set[str]:
         if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
             break
     return names
+
+
+def given(**values) -> dict:
+    """The settings the user gave (None: the recipe's own value stays)."""
+    return {name: value for name, value in values.items() if value is not None}
 
 
 def assign(cfg, **values) -> None:
@@ -103,10 +109,14 @@ def configure_recipe(config, env=None):
     assign(recipe.resume, resume_if_exists=True, resume_ignore_no_checkpoint=True)
     assign(recipe.resume.restore_config, path=str(config.nemo_ckpt_path.resolve()))
 
-    optim = {"lr": config.learning_rate} if config.learning_rate else {}
+    optim = given(lr=config.learning_rate, weight_decay=config.weight_decay, clip_grad=config.max_grad_norm)
     assign(recipe.optim.config, **optim, **compat.optimizer_config_overrides(env))
+    schedule = given(warmup_steps=config.warmup_steps, min_lr=config.min_learning_rate)
+    if schedule:
+        assign(recipe.optim.lr_scheduler, **schedule)
     if not config.full_ft:
-        lora = {k: v for k, v in (("dim", config.lora_dim), ("alpha", config.lora_alpha)) if v is not None}
+        targets = lora_targets(config.lora_target_modules)
+        lora = given(dim=config.lora_dim, alpha=config.lora_alpha, dropout=config.lora_dropout, target_modules=targets)
         assign(recipe.peft, **lora)
     recipe.tokenizer = "data"
     return recipe

@@ -137,6 +137,13 @@ VALIDATION_CASES = [
     ("--max_seq_length 4194304", "--max_seq_length 4194304 is above 1.04858e+06"),
     ("--lora_dim 1000000", "--lora_dim 1000000 is above 65536"),
     ("--full_ft --lora_dim 8", "--lora_dim 8 set LoRA, which --full_ft does not train"),
+    ("--full_ft --lora_dropout 0.1", "--lora_dropout 0.1 set LoRA, which --full_ft does not train"),
+    ("--lora_dropout 1", "--lora_dropout 1.0 must be below 1"),
+    ("--warmup_steps -1", "--warmup_steps -1 must be >= 0"),
+    ("--weight_decay 2", "--weight_decay 2.0 is above 1 (AdamW's decay"),
+    ("--learning_rate 1e-4 --min_learning_rate 1e-3", "--min_learning_rate 0.001 is above --learning_rate 0.0001"),
+    ("--lora_target_modules linear_qkv,q_proj", "--lora_target_modules 'linear_qkv,q_proj': q_proj is not one of"),
+    ("--lora_target_modules ,", "--lora_target_modules ',': no layer is not one of"),
     ("--wait_timeout_s 1e9", "--wait_timeout_s 1000000000.0 is above 604800"),
     ("--save_top_k 0", "--save_top_k 0 must be a positive integer, or -1 to keep every checkpoint"),
     ("--save_top_k -2", "--save_top_k -2 must be a positive integer, or -1 to keep every checkpoint"),
@@ -688,10 +695,10 @@ HELP_SECTIONS = {
     "training": [
         "max_steps", "val_check_interval", "log_every_n_steps", "micro_batch_size", "accumulate_grad_batches",
         "limit_val_batches", "max_seq_length", "packed_sequence", "cuda_graphs", "learning_rate",
-        "early_stopping_threshold",
+        "min_learning_rate", "warmup_steps", "weight_decay", "max_grad_norm", "early_stopping_threshold",
         "early_stopping_patience", "core_attention", "save_weights_only", "save_top_k",
     ],
-    "PEFT": ["peft_scheme", "full_ft", "lora_dim", "lora_alpha"],
+    "PEFT": ["peft_scheme", "full_ft", "lora_dim", "lora_alpha", "lora_dropout", "lora_target_modules"],
     "monitoring": [
         "enable_megatron_progress_bar", "enable_memory_monitor", "enable_speed_monitor", "enable_runtime_estimator",
         "enable_memory_profile", "enable_pytorch_profiler", "enable_nsys_callback", "use_wandb", "wandb_project",
@@ -779,3 +786,32 @@ def test_a_dry_run_refuses_context_parallelism_that_the_launch_would_refuse():
         validate_config(parse("--dry_run --context_parallel_size 2 --tensor_parallel_size 4"))
     slurm = "--dry_run --executor slurm --slurm_account a --container_image nvcr.io/nvidia/nemo:25.09"
     validate_config(parse(f"{slurm} --context_parallel_size 2 --tensor_parallel_size 4"))  # nodes with TE
+
+
+def test_the_optimizer_schedule_and_lora_knobs_reach_the_recipe_and_the_plan(tmp_path, no_te):
+    flags = (
+        "--learning_rate 3e-4 --min_learning_rate 3e-5 --warmup_steps 7 --weight_decay 0.01 --max_grad_norm 0 "
+        "--lora_dim 8 --lora_alpha 16 --lora_dropout 0.05 --lora_target_modules linear_qkv,*.layers.1.*.linear_fc2 "
+        f"--max_steps 100 --val_check_interval 50 --output_dir {tmp_path}"
+    )
+    config = parse(flags)
+    recipe = configure_recipe(config, no_te)
+    optim, schedule, lora = recipe.optim.config, recipe.optim.lr_scheduler, recipe.peft
+    assert (optim.lr, optim.weight_decay, optim.clip_grad) == (3e-4, 0.01, 0)
+    assert (schedule.warmup_steps, schedule.min_lr) == (7, 3e-5)
+    assert (lora.dim, lora.alpha, lora.dropout) == (8, 16, 0.05)
+    assert lora.target_modules == ["linear_qkv", "*.layers.1.*.linear_fc2"]
+    untouched = configure_recipe(parse(f"--output_dir {tmp_path}"), no_te)  # unset flags keep the recipe's values
+    assert (untouched.optim.config.weight_decay, untouched.optim.config.clip_grad) == (0.1, 1.0)
+    assert untouched.optim.lr_scheduler.warmup_steps == 50 and untouched.peft.dropout == 0.0
+    out = run_script("peft_megatron.py", "--dry_run", *shlex.split(flags))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert (
+        "  optimizer: adam (peak lr 0.0003, betas 0.9/0.98, eps 1e-05, weight decay 0.01, gradient clip 0)"
+        in out.stdout
+    )
+    assert "  learning rate: CosineAnnealingScheduler over 100 steps, 7 warm-up steps, down to 3e-05" in out.stdout
+    assert (
+        "  trained: LoRA adapters, rank 8, alpha 16 (scale 2), dropout 0.05, on linear_qkv, *.layers.1.*.linear_fc2"
+        in out.stdout
+    )
