@@ -331,9 +331,27 @@ def _local_model_problems(config) -> list[str]:
                 "the model repository (auto_map); pass --trust_remote_code if you trust that code"
             )
     problems.extend(_weight_file_problems(model_dir, flag))
+    if config.data.chat and not has_chat_template(model_dir):
+        problems.append(
+            f"--chat: the tokenizer of {flag} has no chat template (no chat_template in tokenizer_config.json, no "
+            "chat_template.jinja), so chat rows cannot be formatted; use a chat or instruct model, or drop --chat "
+            "and give --input_column / --output_column"
+        )
     if not (config.import_only or config.prepare_data_only):
         problems.extend(_model_shape_problems(config, hf))
     return problems
+
+
+def has_chat_template(model_dir: Path) -> bool:
+    """Whether a saved tokenizer carries a chat template (transformers keeps it in tokenizer_config.json or, since
+    4.4x, in chat_template.jinja / chat_template.json beside it)."""
+    if any((model_dir / name).is_file() for name in ("chat_template.jinja", "chat_template.json")):
+        return True
+    try:
+        tokenizer_config = json.loads((model_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(tokenizer_config, dict) and bool(tokenizer_config.get("chat_template"))
 
 
 def _weight_file_problems(model_dir: Path, flag: str) -> list[str]:

@@ -133,6 +133,8 @@ def unchecked_lines(config) -> list[str]:
         lines.append(
             f"--hf_model_id {config.hf_model_id}: the hub is asked at the import (offline, give a local directory)"
         )
+    if config.data.chat and not is_local_model(config.hf_model_id):
+        lines.append(f"--chat: whether {config.hf_model_id}'s tokenizer has a chat template (read at the import)")
     if config.executor == "local" and config.num_nodes > 1 and "MASTER_ADDR" not in os.environ:
         lines.append("the rendezvous host: set MASTER_ADDR (node 0's address) and MASTER_PORT on every node")
     if config.packed_sequence:

@@ -815,3 +815,28 @@ def test_the_optimizer_schedule_and_lora_knobs_reach_the_recipe_and_the_plan(tmp
         "  trained: LoRA adapters, rank 8, alpha 16 (scale 2), dropout 0.05, on linear_qkv, *.layers.1.*.linear_fc2"
         in out.stdout
     )
+
+
+def test_chat_data_with_a_tokenizer_without_a_chat_template_is_refused_by_the_dry_run_and_the_launch(assets, tmp_path):
+    import shutil
+
+    model = tmp_path / "base-model"
+    shutil.copytree(assets["qwen3"], model)
+    (model / "chat_template.jinja").unlink(missing_ok=True)
+    config_file = model / "tokenizer_config.json"
+    config_file.write_text(
+        json.dumps({k: v for k, v in json.loads(config_file.read_text()).items() if k != "chat_template"})
+    )
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text(
+        json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]})
+    )
+    job = ["--hf_model_id", str(model), "--recipe_cls_name", "qwen3_600m", "--dataset_name", str(chats), "--chat"]
+    for mode in ("--dry_run", "--prepare_data_only"):
+        out = run_script("peft_megatron.py", mode, *job, "--output_dir", str(tmp_path / "run"))
+        assert out.returncode == 2, out.stderr[-2000:]
+        assert f"--chat: the tokenizer of --hf_model_id {model} has no chat template" in out.stderr
+        assert "Traceback" not in out.stderr and not (tmp_path / "run").exists()
+    job[1] = str(assets["qwen3"])  # the same model with its chat template
+    out = run_script("peft_megatron.py", "--dry_run", *job, "--output_dir", str(tmp_path / "run"))
+    assert out.returncode == 0, out.stderr[-2000:]
