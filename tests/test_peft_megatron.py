@@ -265,7 +265,7 @@ def test_flags_are_never_taken_by_prefix_and_a_mistake_gets_one_line():
         "error: unknown flag --max_step (did you mean --max_steps?); unknown flag --bogus_flag; see --help\n"
     )
     help_text = " ".join(run_script("peft_megatron.py", "--help").stdout.split())
-    assert "peak learning rate (default: recipe's) --early" in help_text  # one default, not two
+    assert "peak learning rate (default: recipe's) --min_learning_rate" in help_text  # one default, not two
     assert "--core_attention {sdpa,unfused}" in help_text and "--log_level {DEBUG,INFO,WARNING,ERROR}" in help_text
 
 
