@@ -31,14 +31,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from nemo_finetune.checkpoints import (
-    attention_head_dim,
     checkpoint_damage,
     find_checkpoint,
     is_nemo_checkpoint,
     warn_damaged_adapters,
 )
 from nemo_finetune.cli import parse_dataclass_args, run_cli
-from nemo_finetune.compat import fixes
 from nemo_finetune.console import setup_logging
 from nemo_finetune.errors import ConfigError, PipelineError
 from nemo_finetune.files import atomic_write_jsonl, atomic_write_text, iter_jsonl
@@ -246,49 +244,12 @@ def evaluate(cfg: EvalConfig, predictions: Path, extra: dict | None = None) -> d
 # --------------------------------------------------------------------------------------------------------------------
 # Generation
 # --------------------------------------------------------------------------------------------------------------------
-class GenerationLoop:
-    """Feeds requests to a dynamic engine and collects finished ones in input order.
-
-    The engine interface is three calls: add_request(request_id, prompt_tokens, num_tokens_to_generate),
-    has_unfinished_requests() and step_modern(sampling_params) -> {"finished_requests": [...]}; Megatron-Core
-    0.15.3 queues requests the paged KV cache cannot hold yet and admits them as others finish, so everything can be
-    submitted up front. Prompts that cannot fit with the requested generation are truncated from the left."""
-
-    def __init__(self, engine, sampling_params, max_sequence_length: int, num_tokens_to_generate: int):
-        self.engine = engine
-        self.sampling_params = sampling_params
-        self.max_prompt = max_sequence_length - num_tokens_to_generate
-        self.num_tokens_to_generate = num_tokens_to_generate
-        self.truncated = 0
-        self.step_seconds: list[float] = []  # wall time of each engine step (each ends in a host sync)
-
-    def run(self, prompts_tokens: list[list[int]], progress=None) -> list:
-        results: list = [None] * len(prompts_tokens)
-        for i, tokens in enumerate(prompts_tokens):
-            if len(tokens) > self.max_prompt:
-                tokens = tokens[-self.max_prompt :]
-                self.truncated += 1
-            self.engine.add_request(i, tokens, self.num_tokens_to_generate)
-        while self.engine.has_unfinished_requests():
-            start = time.perf_counter()
-            finished = self.engine.step_modern(self.sampling_params)["finished_requests"]
-            self.step_seconds.append(time.perf_counter() - start)
-            for request in finished:
-                results[request.request_id] = request
-            if progress is not None and finished:
-                progress.update(len(finished))
-        missing = [i for i, r in enumerate(results) if r is None]
-        if missing:
-            raise PipelineError(f"{len(missing)} requests never finished (first ids {missing[:5]})")
-        return results
-
-
 def load_model_and_tokenizer(ckpt: Path, cfg: EvalConfig):
     """Restore a NeMo checkpoint for inference: (Megatron GPT model in eval mode, its InferenceWrapperConfig, the
     NeMo tokenizer)."""
     import torch
 
-    from nemo_finetune import compat
+    from nemo_finetune import compat, generation
 
     env = compat.prepare_process()
     if not env.has_cuda:
@@ -307,7 +268,7 @@ def load_model_and_tokenizer(ckpt: Path, cfg: EvalConfig):
     )
     overrides = compat.model_config_overrides(env)
     if cfg.num_cuda_graphs:
-        overrides.update(cuda_graph_model_overrides())
+        overrides.update(generation.cuda_graph_model_overrides())
     wrapped, tokenizer = setup_model_and_tokenizer(
         ckpt, trainer, params_dtype=torch.bfloat16, inference_max_seq_length=cfg.inference_max_seq_length, **overrides
     )
@@ -316,64 +277,9 @@ def load_model_and_tokenizer(ckpt: Path, cfg: EvalConfig):
     return model, wrapped.inference_wrapper_config, tokenizer
 
 
-def cuda_graph_model_overrides() -> dict:
-    """Model-config overrides that let the dynamic engine replay decode steps from CUDA graphs; call before the
-    model is built. Megatron's CudaGraphManager, made in every transformer layer, asserts a graph-safe RNG tracker,
-    and Megatron keeps the first tracker a process makes, so the inference tracker (no forks: nothing is random in
-    an eval-mode forward) is made here, before NeMo's restore seeds the default one."""
-    from megatron.core.tensor_parallel.random import initialize_rng_tracker
-
-    initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
-    return {"cuda_graph_impl": "local", "recompute_granularity": None}  # Megatron refuses graphs with recompute
-
-
-def build_engine(model, inference_wrapper_config, tokenizer, cfg: EvalConfig, termination_id: int):
-    """Megatron-Core's DynamicInferenceEngine over `model` (paged KV cache of --buffer_size_gb, up to
-    --max_batch_size requests in flight). Without flash-attn, its attention runs on paged_attention.py's kernel.
-    `termination_id` -1 never stops early (benchmarks). For a model built with cuda_graph_model_overrides(), the
-    engine captures decode-step graphs for --num_cuda_graphs batch sizes here and replays them; prefill and mixed
-    steps run eagerly."""
-    import torch
-    from megatron.core.inference.contexts.dynamic_context import DynamicInferenceContext
-    from megatron.core.inference.engines.dynamic_engine import DynamicInferenceEngine
-    from megatron.core.inference.model_inference_wrappers.gpt.gpt_inference_wrapper import GPTInferenceWrapper
-    from megatron.core.inference.text_generation_controllers.text_generation_controller import TextGenerationController
-
-    from nemo_finetune import compat
-
-    compat.install_paged_attention_fallback()
-    mcfg = model.config
-    graphs = getattr(mcfg, "cuda_graph_impl", "none") == "local"
-    if graphs and not cfg.num_cuda_graphs:
-        raise ValueError("a model built with cuda_graph_model_overrides() needs num_cuda_graphs > 0")
-    context = DynamicInferenceContext(
-        params_dtype=torch.bfloat16,
-        num_layers=mcfg.num_layers,
-        kv_channels=attention_head_dim(mcfg),
-        num_attention_heads=mcfg.num_query_groups or mcfg.num_attention_heads,  # the KV cache holds KV heads
-        max_sequence_length=cfg.inference_max_seq_length,
-        buffer_size_gb=cfg.buffer_size_gb,
-        buffer_guaranteed_fraction=0.1,
-        block_size_tokens=cfg.block_size_tokens,
-        max_requests_override=cfg.max_batch_size,
-        tensor_model_parallel_size=cfg.tensor_parallel_size,
-        unified_memory_level=0,
-        num_cuda_graphs=fixes.decode_graph_count(cfg.num_cuda_graphs, cfg.max_batch_size, cfg.tensor_parallel_size)
-        if graphs
-        else None,
-        use_cuda_graphs_for_non_decode_steps=False,
-    )
-    wrapper = GPTInferenceWrapper(model, inference_wrapper_config, inference_context=context)
-    controller = TextGenerationController(inference_wrapped_model=wrapper, tokenizer=tokenizer)
-    return DynamicInferenceEngine(controller, context, termination_id=termination_id, random_seed=cfg.random_seed)
-
-
-def sampling_params(cfg: EvalConfig):
-    from megatron.core.inference.sampling_params import SamplingParams
-
-    return SamplingParams(
-        temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, num_tokens_to_generate=cfg.num_tokens_to_generate
-    )
+def settings_of(cls, cfg: EvalConfig, **overrides):
+    """The generation settings `cls` (a dataclass of nemo_finetune.generation) from the flags of the same names."""
+    return cls(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls)} | overrides)
 
 
 def generate_predictions(cfg: EvalConfig, ckpt: Path, data_dir: Path) -> tuple[list[dict], dict]:
@@ -381,13 +287,15 @@ def generate_predictions(cfg: EvalConfig, ckpt: Path, data_dir: Path) -> tuple[l
     import torch
     from tqdm import tqdm
 
+    from nemo_finetune import generation
+
     model, wrapper_config, tokenizer = load_model_and_tokenizer(ckpt, cfg)
     examples = load_test_examples(data_dir, tokenizer.tokenizer.tokenizer, cfg.max_samples)
     prompts = [tokenizer.tokenize(e["input"]) for e in examples]
     # No more requests in flight than there are prompts: fewer CUDA graphs to capture for a small test split.
-    engine_cfg = dataclasses.replace(cfg, max_batch_size=min(cfg.max_batch_size, len(prompts)))
-    engine = build_engine(model, wrapper_config, tokenizer, engine_cfg, termination_id=int(tokenizer.eod))
-    loop = GenerationLoop(engine, sampling_params(cfg), cfg.inference_max_seq_length, cfg.num_tokens_to_generate)
+    settings = settings_of(generation.EngineSettings, cfg, max_batch_size=min(cfg.max_batch_size, len(prompts)))
+    engine = generation.build_engine(model, wrapper_config, tokenizer, settings, termination_id=int(tokenizer.eod))
+    loop = generation.GenerationLoop(engine, settings_of(generation.Sampling, cfg), cfg.inference_max_seq_length)
     torch.cuda.synchronize()
     start = time.perf_counter()
     with tqdm(total=len(prompts), desc="generating", unit="req") as bar:

@@ -1,5 +1,5 @@
 """Generation throughput on one GPU: Megatron-Core's DynamicInferenceEngine, built and driven by the same code as
-test_checkpoint.py (build_engine, GenerationLoop), against Hugging Face `generate` (SDPA) in the same job.
+test_checkpoint.py (`nemo_finetune.generation`), against Hugging Face `generate` (SDPA) in the same job.
 
     python benchmarks/generation_throughput.py --profile_batch 64      # Qwen3-8B shape, batches 1 16 64 128
     python benchmarks/generation_throughput.py --shape qwen3_1p7b --batch_sizes 64 --modes eager --out /tmp/g.json
@@ -128,7 +128,7 @@ def build_megatron_model(shape: str, cuda_graphs: bool):
     from nemo.collections.llm.gpt.model import qwen3
 
     from nemo_finetune import compat
-    from test_checkpoint import cuda_graph_model_overrides
+    from nemo_finetune.generation import cuda_graph_model_overrides
 
     env = compat.detect_environment()
     overrides = compat.model_config_overrides(env)
@@ -158,17 +158,21 @@ def timed(fn):
     return result, time.perf_counter() - start, torch.cuda.max_memory_allocated() / 2**30
 
 
-def engine_config(args, num_cuda_graphs: int, new_tokens: int):
-    from test_checkpoint import EvalConfig
+def engine_settings(args, num_cuda_graphs: int):
+    from nemo_finetune.generation import EngineSettings
 
-    return EvalConfig(
-        num_tokens_to_generate=new_tokens,
+    return EngineSettings(
         max_batch_size=max(args.batch_sizes),
         inference_max_seq_length=args.prompt_tokens + args.new_tokens + 1,
         buffer_size_gb=args.buffer_size_gb,
-        top_k=1,
         num_cuda_graphs=num_cuda_graphs,
     )
+
+
+def greedy(new_tokens: int):
+    from nemo_finetune.generation import Sampling
+
+    return Sampling(num_tokens_to_generate=new_tokens, top_k=1)
 
 
 def measure_dynamic_engine(args, all_prompts, mode: str) -> dict:
@@ -176,12 +180,14 @@ def measure_dynamic_engine(args, all_prompts, mode: str) -> dict:
     engine for every batch size, as test_checkpoint.py builds and drives them (the engine is built for the largest
     batch; with graphs, it captures them once, for 8 batch sizes up to the largest). Each batch is measured on its
     second run; the first is its warm-up."""
-    from test_checkpoint import GenerationLoop, build_engine, sampling_params
+    from nemo_finetune.generation import GenerationLoop, build_engine
 
     num_cuda_graphs = MODES[mode]
     model, wrapper_config = build_megatron_model(args.shape, cuda_graphs=bool(num_cuda_graphs))
-    cfg = engine_config(args, num_cuda_graphs, args.new_tokens)
-    engine, build_seconds, _ = timed(lambda: build_engine(model, wrapper_config, TokenIds(), cfg, termination_id=-1))
+    settings = engine_settings(args, num_cuda_graphs)
+    engine, build_seconds, _ = timed(
+        lambda: build_engine(model, wrapper_config, TokenIds(), settings, termination_id=-1)
+    )
     print(
         f"{mode}: engine built in {build_seconds:.1f}s, decode graphs for "
         f"{engine.context.cuda_graph_token_counts or 'no'} batch sizes",
@@ -190,9 +196,7 @@ def measure_dynamic_engine(args, all_prompts, mode: str) -> dict:
     results = {}
     for batch in args.batch_sizes:
         for _attempt in ("warm-up", "measured"):
-            loop = GenerationLoop(
-                engine, sampling_params(cfg), cfg.inference_max_seq_length, cfg.num_tokens_to_generate
-            )
+            loop = GenerationLoop(engine, greedy(args.new_tokens), settings.inference_max_seq_length)
             finished, seconds, peak = timed(functools.partial(loop.run, all_prompts[:batch]))
         results[batch] = {
             "seconds": seconds,
@@ -208,8 +212,9 @@ def measure_dynamic_engine(args, all_prompts, mode: str) -> dict:
             flush=True,
         )
     if args.profile_batch:
-        profile_cfg = engine_config(args, num_cuda_graphs, args.profile_tokens)
-        results["profile"] = profile_engine(engine, model, profile_cfg, all_prompts[: args.profile_batch], mode)
+        results["profile"] = profile_engine(
+            engine, model, settings, greedy(args.profile_tokens), all_prompts[: args.profile_batch], mode
+        )
     return results
 
 
@@ -219,14 +224,14 @@ KERNEL_KINDS = (
 )
 
 
-def time_model_forward(engine, model, cfg, prompts) -> dict:
+def time_model_forward(engine, model, settings, sampling, prompts) -> dict:
     """Median per decode step, without a profiler's overhead: the step's wall time, the host time spent inside the
     model's forward call (Python and kernel launches; with graphs, replays) and the GPU time of that forward (CUDA
     events, no sync). Step minus forward host time is the engine's own host work (scheduling, sampling, request
     bookkeeping) plus waiting for the GPU."""
     import torch
 
-    from test_checkpoint import GenerationLoop, sampling_params
+    from nemo_finetune.generation import GenerationLoop
 
     pending, host, events = [], [], []
 
@@ -247,7 +252,7 @@ def time_model_forward(engine, model, cfg, prompts) -> dict:
         model.register_forward_hook(after, with_kwargs=True),
     ]
     try:
-        loop = GenerationLoop(engine, sampling_params(cfg), cfg.inference_max_seq_length, cfg.num_tokens_to_generate)
+        loop = GenerationLoop(engine, sampling, settings.inference_max_seq_length)
         loop.run(prompts)
         torch.cuda.synchronize()
     finally:
@@ -263,22 +268,22 @@ def time_model_forward(engine, model, cfg, prompts) -> dict:
     }
 
 
-def profile_engine(engine, model, cfg, prompts, mode: str) -> dict:
+def profile_engine(engine, model, settings, sampling, prompts, mode: str) -> dict:
     """Where a run's wall time goes: the model forward's host and GPU time per decode step (time_model_forward);
     then, under torch.profiler, GPU kernel time by kind, the rest (host work the GPU waits for), and the host-side
     operators that take the most CPU time."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from test_checkpoint import GenerationLoop, sampling_params
+    from nemo_finetune.generation import GenerationLoop
 
-    forward = time_model_forward(engine, model, cfg, prompts)
+    forward = time_model_forward(engine, model, settings, sampling, prompts)
     print(
         f"\n{mode}, batch {len(prompts)}, per decode step (median): step {forward['median_decode_step_ms']:.1f} ms, "
         f"model forward {forward['median_forward_host_ms']:.1f} ms on the host, "
         f"{forward['median_forward_gpu_ms']:.1f} ms on the GPU; prefill step {forward['prefill_step_ms']:.1f} ms"
     )
-    loop = GenerationLoop(engine, sampling_params(cfg), cfg.inference_max_seq_length, cfg.num_tokens_to_generate)
+    loop = GenerationLoop(engine, sampling, settings.inference_max_seq_length)
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         loop.run(prompts)

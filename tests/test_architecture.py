@@ -95,6 +95,40 @@ def test_no_module_imports_an_entry_script():
     assert not offenders, sorted(offenders)
 
 
+def test_benchmarks_and_examples_take_the_machinery_from_the_package():
+    """They may read the training script's `Config` and its docstring (the settings a job is built from and their
+    help, kept where the reader of the pipeline sees them; docs/ARCHITECTURE.md) and nothing else of an entry
+    script."""
+    modules = project_modules()
+    offenders = []
+    for path in sorted([*REPO.glob("benchmarks/*.py"), *REPO.glob("examples/*.py")]):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for target in imports_of(path, path.stem, modules) & ENTRY_SCRIPTS - {"peft_megatron"}:
+            offenders.append(f"{path.relative_to(REPO)} imports {target}")
+        names = {
+            alias.asname or alias.name
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Import)
+            for alias in node.names
+            if alias.name == "peft_megatron"
+        }
+        used = {
+            node.attr
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in names
+        }
+        used |= {
+            alias.name
+            for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom) and node.module == "peft_megatron"
+            for alias in node.names
+        }
+        offenders += [
+            f"{path.relative_to(REPO)} uses peft_megatron.{name}" for name in sorted(used - {"Config", "__doc__"})
+        ]
+    assert not offenders, offenders
+
+
 @pytest.mark.parametrize(
     "graph, cycle",
     [

@@ -10,6 +10,7 @@ import pytest
 
 import test_checkpoint as tc
 from conftest import fake_checkpoint, lora_tensors, run_script, start_script
+from nemo_finetune import generation
 from nemo_finetune.compat import fixes
 from nemo_finetune.records import output_files
 
@@ -184,10 +185,10 @@ class StandInEngine:
     """The three calls GenerationLoop uses, with Megatron-Core 0.15.3's semantics: requests beyond the context's
     capacity wait in a queue, each step admits what fits, and requests finish out of order. (The real
     DynamicInferenceEngine allocates CUDA events and KV memory in its constructor, so it cannot be built on CPU;
-    the real engine is exercised on the H100, see docs/gpu-validation.md.)"""
+    the real engine is exercised on a GPU, see docs/gpu-validation.md.)"""
 
     def __init__(self, capacity: int):
-        self.capacity, self.waiting, self.active, self.added = capacity, [], {}, []
+        self.capacity, self.waiting, self.active, self.added, self.sampling = capacity, [], {}, [], []
 
     def add_request(self, request_id, tokens, num_tokens_to_generate):
         self.added.append((request_id, list(tokens)))
@@ -197,6 +198,7 @@ class StandInEngine:
         return bool(self.waiting or self.active)
 
     def step_modern(self, sampling_params):
+        self.sampling.append(sampling_params)
         assert len(self.active) <= self.capacity
         while self.waiting and len(self.active) < self.capacity:
             rid, steps, n = self.waiting.pop(0)
@@ -212,12 +214,31 @@ class StandInEngine:
 
 def test_generation_loop_keeps_input_order_and_truncates_long_prompts():
     engine = StandInEngine(capacity=3)
-    loop = tc.GenerationLoop(engine, sampling_params=None, max_sequence_length=10, num_tokens_to_generate=4)
+    loop = generation.GenerationLoop(engine, generation.Sampling(num_tokens_to_generate=4), max_sequence_length=10)
     prompts = [[1] * n for n in (2, 9, 4, 1, 6, 3, 12, 5)]
     results = loop.run(prompts)
     assert [r.request_id for r in results] == list(range(8))
     assert loop.truncated == 2  # prompts of 9 and 12 tokens exceed 10 - 4
     assert [len(t) for _, t in engine.added] == [2, 6, 4, 1, 6, 3, 6, 5]
+    greedy = engine.sampling[0]  # Megatron's own SamplingParams, one object for every step
+    assert all(p is greedy for p in engine.sampling)
+    assert (greedy.top_k, greedy.num_tokens_to_generate) == (1, 4)
+
+
+def test_generation_settings_take_the_flags_and_defaults_of_test_checkpoint():
+    """benchmarks/generation_throughput.py builds the engine from nemo_finetune.generation's settings; their
+    defaults are test_checkpoint.py's, so the benchmark measures what an evaluation runs."""
+    import dataclasses
+
+    defaults = tc.EvalConfig()
+    for cls in (generation.EngineSettings, generation.Sampling):
+        for f in dataclasses.fields(cls):
+            assert f.default == getattr(defaults, f.name), (cls.__name__, f.name)
+    cfg = tc.EvalConfig(max_batch_size=32, buffer_size_gb=2.0, top_k=5, temperature=0.7, num_cuda_graphs=0)
+    assert tc.settings_of(generation.EngineSettings, cfg, max_batch_size=3) == generation.EngineSettings(
+        max_batch_size=3, buffer_size_gb=2.0, num_cuda_graphs=0
+    )
+    assert tc.settings_of(generation.Sampling, cfg) == generation.Sampling(top_k=5, temperature=0.7)
 
 
 @pytest.mark.parametrize(
