@@ -84,7 +84,13 @@ class HFDatasetConfig:
     chat: bool = field(default=False, metadata={"help": "rows carry a 'messages' list rendered by the chat template"})
     val_fraction: float = field(default=0.05, metadata={"help": "validation share when the source has no such split"})
     test_fraction: float = field(default=0.05, metadata={"help": "test share when the source has no test split"})
-    seed: int = field(default=1234, metadata={"help": "seed for the shuffle and the split"})
+    seed: int = field(
+        default=1234,
+        metadata={
+            "help": "seed of the split, the packing and the order rows are trained in (the model's initialisation "
+            "keeps NeMo's seed, 1234)"
+        },
+    )
     max_samples: int | None = field(default=None, metadata={"help": "keep at most this many rows per split"})
     overwrite_data: bool = field(
         default=False, metadata={"help": "re-prepare --data_dir even if it holds data prepared with other settings"}

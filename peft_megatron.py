@@ -31,6 +31,7 @@ settings unless a flag is given explicitly.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -44,7 +45,7 @@ from nemo_finetune.checks import validate_config
 from nemo_finetune.choices import CORE_ATTENTION, EXECUTORS, LOG_LEVELS, LORA_TARGETS, PEFT_SCHEMES
 from nemo_finetune.cli import int_or_auto, parse_dataclass_args, run_cli
 from nemo_finetune.console import log_to_file, phase, setup_logging
-from nemo_finetune.data import prepare_data
+from nemo_finetune.data import prepare_data, with_epoch_steps
 from nemo_finetune.importer import import_hf_checkpoint
 from nemo_finetune.launch import configure_executor, launch_training, submit_training, target_environment
 from nemo_finetune.layout import RunLayout
@@ -109,7 +110,16 @@ class TrainingSettings:
 
     GROUP = "training"  # the --help section of these flags
 
-    max_steps: int = field(default=10000, metadata={"help": "optimizer steps"})
+    max_steps: int | None = field(
+        default=10000, metadata={"help": "optimizer steps (left out with --num_train_epochs, which sets them)"}
+    )
+    num_train_epochs: float | None = field(
+        default=None,
+        metadata={
+            "help": "passes over the training split instead of --max_steps: the steps become ceil(epochs x training "
+            "rows / global batch size) once the data is prepared (packed rows with --packed_sequence)"
+        },
+    )
     val_check_interval: int = field(default=800, metadata={"help": "validate (and checkpoint) every N steps"})
     log_every_n_steps: int = field(default=10, metadata={"help": "logging interval in steps"})
     micro_batch_size: int = field(default=8, metadata={"help": "sequences per GPU per forward pass"})
@@ -162,6 +172,20 @@ class TrainingSettings:
     save_top_k: int = field(
         default=1,
         metadata={"help": "checkpoints kept by lowest val_loss, besides the last one; -1 keeps every checkpoint"},
+    )
+    resume_from: str | None = field(
+        default=None,
+        metadata={
+            "help": "continue training from this NeMo checkpoint (a directory under <output_dir>/nemo_logs/"
+            "checkpoints) instead of the run's last one; by default a run resumes from its -last checkpoint if any"
+        },
+    )
+    no_resume: bool = field(
+        default=False,
+        metadata={
+            "help": "start from the imported model even where the run has checkpoints; refused while "
+            "<output_dir>/nemo_logs/checkpoints holds any (give a new --output_dir)"
+        },
     )
 
 
@@ -350,6 +374,8 @@ def parse_config(
     """Flags, then SageMaker's environment, then `auto` resolved for this machine (`visible_gpus` counts its GPUs)."""
     config, explicit = parse_dataclass_args(Config, argv, __doc__)
     config = apply_sagemaker_env(config, explicit, os.environ if environ is None else environ)
+    if config.num_train_epochs is not None and "max_steps" not in explicit:
+        config = dataclasses.replace(config, max_steps=None)  # set from the prepared data (steps_for_epochs)
     return apply_machine_defaults(config, visible_gpus or visible_gpu_count)
 
 
@@ -367,10 +393,11 @@ def import_model(config: Config) -> Path:
         return import_hf_checkpoint(config)
 
 
-def prepare(config: Config) -> dict:
-    """Train / validation / test JSONL (and packed rows) in --data_dir: global rank 0 writes, the others wait."""
+def prepare(config: Config) -> Config:
+    """Train / validation / test JSONL (and packed rows) in --data_dir: global rank 0 writes, the others wait.
+    With --num_train_epochs, the steps follow from the rows prepared."""
     with phase("data preparation"):
-        return prepare_data(config)
+        return with_epoch_steps(config, prepare_data(config))
 
 
 def build_job(config: Config) -> tuple:
@@ -409,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
     if config.demo:
         return demo.run_demo(config)
     import_model(config)
-    prepare(config)
+    config = prepare(config)
     recipe, executor = build_job(config)
     if config.executor == "slurm":
         submit_training(config, recipe, executor)

@@ -31,6 +31,7 @@ UPPER_BOUNDS = {
     "weight_decay": (1.0, "AdamW's decay is a fraction of the weight per step, usually 0 to 0.1"),
     "max_grad_norm": (1e6, "clipping norms are around 0.1 to 10"),
     "wait_timeout_s": (7 * 24 * 3600.0, "a week"),
+    "num_train_epochs": (1e6, "fine-tuning takes a few passes over its data"),
 }
 
 
@@ -65,6 +66,7 @@ def validate_config(config, visible_gpus: int | None = None, environ: Mapping[st
         *_attention_problems(config),
         *(_local_model_problems(config) if is_local_model(config.hf_model_id) and not config.demo else []),
         *_path_problems(config),
+        *_resume_problems(config),
         *_slurm_problems(config),
         *config.data.problems(),
     ]
@@ -73,7 +75,7 @@ def validate_config(config, visible_gpus: int | None = None, environ: Mapping[st
 
 
 def _non_positive(config) -> list[str]:
-    return [n for n in POSITIVE if getattr(config, n) <= 0]
+    return [n for n in POSITIVE if getattr(config, n) is not None and getattr(config, n) <= 0]
 
 
 def _machine_problems(config, visible_gpus: int | None, environ: Mapping[str, str]) -> list[str]:
@@ -154,7 +156,15 @@ def _layout_problems(config, environ: Mapping[str, str]) -> list[str]:
             )
         if not 0 <= config.node_rank < config.num_nodes:
             problems.append(f"--node_rank {config.node_rank} must be in [0, --num_nodes {config.num_nodes})")
-    if not bad & {"val_check_interval", "max_steps"} and config.val_check_interval > config.max_steps:
+    if config.max_steps is not None and config.num_train_epochs is not None:
+        problems.append(
+            f"--max_steps {config.max_steps} and --num_train_epochs {config.num_train_epochs:g} both set the length "
+            "of the run; give one of them"
+        )
+    if config.num_train_epochs is not None and config.num_train_epochs <= 0:
+        problems.append(f"--num_train_epochs {config.num_train_epochs:g} must be positive")
+    steps = config.max_steps
+    if not bad & {"val_check_interval", "max_steps"} and steps is not None and config.val_check_interval > steps:
         problems.append(
             f"--val_check_interval {config.val_check_interval} > --max_steps {config.max_steps}: validation "
             "(and so checkpointing and early stopping) would never run; lower it"
@@ -246,6 +256,35 @@ def _path_problems(config) -> list[str]:
             problems.append(
                 f"{flag} {path}: {blocking} is not writable by this user; choose another {flag} or fix its permissions"
             )
+    return problems
+
+
+def _resume_problems(config) -> list[str]:
+    """--resume_from names a checkpoint of the same kind of run; --no_resume never writes beside checkpoints."""
+    from nemo_finetune.checkpoints import is_lora_checkpoint, is_nemo_checkpoint
+
+    problems = []
+    if config.resume_from is not None and config.no_resume:
+        problems.append("--resume_from and --no_resume contradict each other; give one of them")
+    if config.resume_from is not None:
+        ckpt = Path(config.resume_from).expanduser()
+        if not is_nemo_checkpoint(ckpt):
+            problems.append(
+                f"--resume_from {ckpt}: not a complete NeMo checkpoint (context/ and weights/ with metadata.json); "
+                f"give one of the directories under {config.layout.checkpoints}"
+            )
+        elif is_lora_checkpoint(ckpt) == config.full_ft:
+            kind, run = ("a LoRA", "a --full_ft") if config.full_ft else ("a full fine-tuning", "a LoRA")
+            problems.append(
+                f"--resume_from {ckpt} is {kind} checkpoint and this is {run} run; resume it with the settings "
+                "that wrote it"
+            )
+    checkpoints = config.layout.checkpoints
+    if config.no_resume and checkpoints.is_dir() and any(checkpoints.iterdir()):
+        problems.append(
+            f"--no_resume: {checkpoints} holds checkpoints of an earlier run, which a new run would mix with its "
+            "own; give a new --output_dir (or drop --no_resume to continue from the last one)"
+        )
     return problems
 
 

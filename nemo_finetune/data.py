@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 
 from dataset_module import DataTarget, fingerprint, format_summary, prepare_dataset
-from nemo_finetune.errors import PipelineError
+from nemo_finetune.errors import ConfigError, PipelineError
 from nemo_finetune.recipe import configure_data
 from nemo_finetune.records import data_files
 from nemo_finetune.resolve import tokenizer_source
@@ -64,3 +66,33 @@ def validation_problem(config, summary: dict) -> str | None:
         "validation would run no batch, so no val_loss and no checkpoint. Raise --val_fraction or lower "
         "--micro_batch_size/--accumulate_grad_batches"
     )
+
+
+def training_rows(config, summary: dict) -> int:
+    """The rows one epoch trains on: the training split's samples, or its packed rows with --packed_sequence."""
+    return summary["packed"]["train"]["packs"] if config.packed_sequence else summary["rows"].get("train", 0)
+
+
+def with_epoch_steps(config, summary: dict):
+    """`config` with --max_steps from --num_train_epochs over the prepared rows (unchanged without epochs): enough
+    global batches to show every training row `num_train_epochs` times."""
+    if config.num_train_epochs is None or config.max_steps is not None:
+        return config
+    rows = training_rows(config, summary)
+    steps = max(1, math.ceil(config.num_train_epochs * rows / config.global_batch_size))
+    log.info(
+        "--num_train_epochs %g over %d training rows at %d rows per step: %d steps",
+        config.num_train_epochs,
+        rows,
+        config.global_batch_size,
+        steps,
+    )
+    if config.val_check_interval > steps:
+        raise ConfigError(
+            [
+                f"--num_train_epochs {config.num_train_epochs:g} is {steps} steps over {rows} training rows, fewer "
+                f"than --val_check_interval {config.val_check_interval}: validation (and so checkpointing) would "
+                f"never run; give --val_check_interval {steps} or less"
+            ]
+        )
+    return dataclasses.replace(config, max_steps=steps)

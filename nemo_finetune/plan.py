@@ -7,7 +7,7 @@ import logging
 import os
 
 from nemo_finetune.checkpoints import is_nemo_checkpoint
-from nemo_finetune.data import prepared_summary, validation_problem
+from nemo_finetune.data import prepared_summary, validation_problem, with_epoch_steps
 from nemo_finetune.errors import ConfigError
 from nemo_finetune.launch import configure_executor, launch_command, slurm_script, target_environment
 from nemo_finetune.recipe import configure_recipe
@@ -31,8 +31,9 @@ def plan_lines(config) -> list[str]:
         f"micro_batch_size: {config.micro_batch_size}",
         f"accumulate_grad_batches: {config.accumulate_grad_batches}",
         f"global_batch_size: {config.global_batch_size}",
-        f"max_steps: {config.max_steps} "
-        f"(validate every {config.val_check_interval}, {config.limit_val_batches} batches)",
+        f"max_steps: {_steps(config)} (validate every {config.val_check_interval}, {config.limit_val_batches} batches)",
+        f"resume: {_resume(config)}",
+        f"seed: {config.data.seed} (the split and the training order; NeMo seeds the model's initialisation with 1234)",
         f"max_seq_length: {config.max_seq_length}" + (" (samples packed into rows)" if config.packed_sequence else ""),
         *(["CUDA graphs: every transformer layer, captured after the first step"] if config.cuda_graphs else []),
         f"imported checkpoint: {config.nemo_ckpt_path} "
@@ -59,11 +60,11 @@ def recipe_lines(config, recipe) -> list[str]:
         sched = fdl.ordered_arguments(schedule, include_defaults=True)
         warmup = sched.get("warmup_steps", 0)
         lines.append(
-            f"learning rate: {schedule.__fn_or_cls__.__name__} over {config.max_steps} steps, {warmup} warm-up "
+            f"learning rate: {schedule.__fn_or_cls__.__name__} over {_steps(config)} steps, {warmup} warm-up "
             f"steps, down to {sched.get('min_lr', 0):g}"
             + (
                 "; the warm-up is longer than the run, so the peak is never reached"
-                if warmup >= config.max_steps
+                if config.max_steps is not None and warmup >= config.max_steps
                 else ""
             )
         )
@@ -84,9 +85,27 @@ def recipe_lines(config, recipe) -> list[str]:
     return lines
 
 
+def _steps(config) -> str:
+    if config.max_steps is not None:
+        return str(config.max_steps)
+    return f"from --num_train_epochs {config.num_train_epochs:g} once the data is prepared" + (
+        " and packed" if config.packed_sequence else " (--prepare_data_only, then this plan shows them)"
+    )
+
+
+def _resume(config) -> str:
+    if config.resume_from is not None:
+        return f"from {config.resume_from}"
+    if config.no_resume:
+        return "never (a fresh run from the imported model)"
+    return f"from the last checkpoint in {config.layout.checkpoints} if there is one, else from the imported model"
+
+
 def _epochs(config) -> str:
     """The steps as passes over the training split, from the prepared data's record (or its packed rows)."""
     rows = (prepared_summary(config) or {}).get("rows", {}).get("train")
+    if config.max_steps is None:
+        return f"{config.num_train_epochs:g} (--num_train_epochs)"
     if not isinstance(rows, int) or rows <= 0:
         return "known once the data is prepared (--prepare_data_only prints the split sizes)"
     if config.packed_sequence:
@@ -102,6 +121,8 @@ def dry_run(config) -> int:
     summary = prepared_summary(config)
     if summary and not config.packed_sequence and validation_problem(config, summary):
         raise ConfigError([f"--data_dir {config.data_path}: {validation_problem(config, summary)}"])
+    if summary and not config.packed_sequence:
+        config = with_epoch_steps(config, summary)
     local = compat.prepare_process()
     env = target_environment(config, local)
     recipe = configure_recipe(config, env)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+from pathlib import Path
 
 from nemo_finetune.checkpoints import is_nemo_checkpoint
 from nemo_finetune.choices import lora_targets
@@ -91,7 +92,8 @@ def configure_recipe(config, env=None):
     )
     assign(
         recipe.trainer,
-        max_steps=config.max_steps,
+        # None only in a plan whose steps come from --num_train_epochs over data not prepared yet (-1: unbounded).
+        max_steps=-1 if config.max_steps is None else config.max_steps,
         # Megatron's local CUDA graphs capture whichever layer calls come first. NeMo's LoRA set-up puts the model
         # back in train mode after Lightning's eval() for the sanity check, so those no-grad calls would be captured
         # as forward-only graphs that training steps then replay and cannot run backward through.
@@ -106,7 +108,10 @@ def configure_recipe(config, env=None):
     recipe.trainer.callbacks = list(recipe.trainer.callbacks or []) + configure_callbacks(config)
     recipe.log = configure_logger(config)
 
-    assign(recipe.resume, resume_if_exists=True, resume_ignore_no_checkpoint=True)
+    # By default a run continues from its -last checkpoint where there is one (a restarted job loses nothing).
+    if config.resume_from is not None:
+        assign(recipe.resume, resume_from_path=str(Path(config.resume_from).expanduser().resolve()))
+    assign(recipe.resume, resume_if_exists=not config.no_resume, resume_ignore_no_checkpoint=True)
     assign(recipe.resume.restore_config, path=str(config.nemo_ckpt_path.resolve()))
 
     optim = given(lr=config.learning_rate, weight_decay=config.weight_decay, clip_grad=config.max_grad_norm)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shlex
 import sys
@@ -12,9 +13,10 @@ from pathlib import Path
 import pytest
 
 import peft_megatron as pm
-from conftest import REPO, qa_flags, qa_job, run_script
+from conftest import REPO, fake_checkpoint, qa_flags, qa_job, run_script
 from nemo_finetune.checks import validate_config
 from nemo_finetune.cli import flag_names
+from nemo_finetune.data import with_epoch_steps
 from nemo_finetune.errors import ConfigError
 from nemo_finetune.launch import configure_executor
 from nemo_finetune.plan import plan_lines
@@ -693,10 +695,11 @@ HELP_SECTIONS = {
         "num_nodes", "gpus_per_node", "tensor_parallel_size", "pipeline_parallel_size", "context_parallel_size",
     ],
     "training": [
-        "max_steps", "val_check_interval", "log_every_n_steps", "micro_batch_size", "accumulate_grad_batches",
-        "limit_val_batches", "max_seq_length", "packed_sequence", "cuda_graphs", "learning_rate",
-        "min_learning_rate", "warmup_steps", "weight_decay", "max_grad_norm", "early_stopping_threshold",
-        "early_stopping_patience", "core_attention", "save_weights_only", "save_top_k",
+        "max_steps", "num_train_epochs", "val_check_interval", "log_every_n_steps", "micro_batch_size",
+        "accumulate_grad_batches", "limit_val_batches", "max_seq_length", "packed_sequence", "cuda_graphs",
+        "learning_rate", "min_learning_rate", "warmup_steps", "weight_decay", "max_grad_norm",
+        "early_stopping_threshold", "early_stopping_patience", "core_attention", "save_weights_only", "save_top_k",
+        "resume_from", "no_resume",
     ],
     "PEFT": ["peft_scheme", "full_ft", "lora_dim", "lora_alpha", "lora_dropout", "lora_target_modules"],
     "monitoring": [
@@ -815,6 +818,66 @@ def test_the_optimizer_schedule_and_lora_knobs_reach_the_recipe_and_the_plan(tmp
         "  trained: LoRA adapters, rank 8, alpha 16 (scale 2), dropout 0.05, on linear_qkv, *.layers.1.*.linear_fc2"
         in out.stdout
     )
+
+
+def test_num_train_epochs_sets_the_steps_from_the_prepared_rows(assets, tmp_path, no_te):
+    job = qa_job(
+        assets["qwen3"],
+        tmp_path / "run",
+        *("--recipe_cls_name", "qwen3_600m", "--num_train_epochs", "2.5", "--val_check_interval", "5"),
+        *("--micro_batch_size", "2", "--accumulate_grad_batches", "2", "--max_seq_length", "64"),
+        *("--val_fraction", "0.2", "--test_fraction", "0.1"),
+        dataset=assets["data"],
+    )
+    before = run_script("peft_megatron.py", "--dry_run", *job)
+    assert before.returncode == 0, before.stderr[-3000:]
+    assert (
+        "  max_steps: from --num_train_epochs 2.5 once the data is prepared (--prepare_data_only, then this plan "
+        "shows them) (validate every 5, 80 batches)" in before.stdout
+    )
+    assert run_script("peft_megatron.py", "--prepare_data_only", *job).returncode == 0
+    rows = json.loads((tmp_path / "run" / "data" / ".data_ready.json").read_text())["summary"]["rows"]["train"]
+    steps = math.ceil(2.5 * rows / 4)  # 4 rows per step
+    plan = run_script("peft_megatron.py", "--dry_run", *job)
+    assert plan.returncode == 0, plan.stderr[-3000:]
+    assert f"  max_steps: {steps} (validate every 5, 80 batches)" in plan.stdout
+    assert f"  epochs: {steps * 4 / rows:,.1f} over {rows:,} training rows ({steps} steps x 4 rows)" in plan.stdout
+    # what the launch builds after its data phase: the trainer and the schedule run for those steps
+    config = with_epoch_steps(parse(shlex.join(job)), {"rows": {"train": rows}})
+    assert configure_recipe(config, no_te).trainer.max_steps == steps
+    # a run too short to validate once, and both lengths at once, are refused by the plan as by the launch
+    short = run_script("peft_megatron.py", "--dry_run", *job, "--val_check_interval", str(steps + 1))
+    assert short.returncode == 2 and "Traceback" not in short.stderr
+    assert f"is {steps} steps over {rows} training rows, fewer than --val_check_interval {steps + 1}" in short.stderr
+    both = run_script("peft_megatron.py", "--dry_run", *job, "--max_steps", "40")
+    assert both.returncode == 2
+    assert "--max_steps 40 and --num_train_epochs 2.5 both set the length of the run; give one of them" in both.stderr
+
+
+def test_resume_control_reaches_the_recipe_and_refuses_what_would_mix_runs(tmp_path, no_te):
+    out = tmp_path / "run"
+    default = configure_recipe(parse(f"--output_dir {out}"), no_te).resume
+    assert (default.resume_if_exists, default.resume_from_path) == (True, None)
+    fresh = configure_recipe(parse(f"--output_dir {out} --no_resume"), no_te).resume
+    assert fresh.resume_if_exists is False
+    ckpt = out / "nemo_logs" / "checkpoints" / "nemo_logs--val_loss=1.0-step=9-consumed_samples=80"
+    fake_checkpoint(ckpt, adapter=True)
+    chosen = parse(f"--output_dir {tmp_path / 'next'} --resume_from {ckpt}")
+    validate_config(chosen)
+    assert configure_recipe(chosen, no_te).resume.resume_from_path == str(ckpt.resolve())
+    problems = {
+        f"--output_dir {out} --no_resume": f"--no_resume: {out / 'nemo_logs' / 'checkpoints'} holds checkpoints",
+        f"--resume_from {tmp_path}": f"--resume_from {tmp_path}: not a complete NeMo checkpoint",
+        f"--resume_from {ckpt} --full_ft": "is a LoRA checkpoint and this is a --full_ft run",
+        f"--resume_from {ckpt} --no_resume": "--resume_from and --no_resume contradict each other",
+    }
+    for flags, problem in problems.items():
+        result = run_script("peft_megatron.py", "--dry_run", *shlex.split(flags))
+        assert result.returncode == 2 and problem in result.stderr, (flags, result.stderr[-2000:])
+    plan = run_script(
+        "peft_megatron.py", "--dry_run", "--output_dir", str(tmp_path / "next"), "--resume_from", str(ckpt)
+    )
+    assert f"  resume: from {ckpt}" in plan.stdout
 
 
 def test_chat_data_with_a_tokenizer_without_a_chat_template_is_refused_by_the_dry_run_and_the_launch(assets, tmp_path):
