@@ -35,6 +35,7 @@ import dataclasses
 import functools
 import logging
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,9 +44,10 @@ from dataset_module import HFDatasetConfig
 from nemo_finetune import compat, demo
 from nemo_finetune.checks import validate_config
 from nemo_finetune.choices import CORE_ATTENTION, EXECUTORS, LOG_LEVELS, LORA_TARGETS, PEFT_SCHEMES
-from nemo_finetune.cli import int_or_auto, parse_dataclass_args, run_cli
+from nemo_finetune.cli import int_or_auto, parse_dataclass_args, run_cli, settings_yaml, with_config_file
 from nemo_finetune.console import log_to_file, phase, setup_logging
 from nemo_finetune.data import prepare_data, with_epoch_steps
+from nemo_finetune.files import atomic_write_text
 from nemo_finetune.importer import import_hf_checkpoint
 from nemo_finetune.launch import configure_executor, launch_training, submit_training, target_environment
 from nemo_finetune.layout import RunLayout
@@ -268,6 +270,18 @@ class RunControlSettings:
     wait_timeout_s: float = field(
         default=3600.0, metadata={"help": "how long other nodes wait for rank 0's import or data preparation"}
     )
+    config: str | None = field(
+        default=None,
+        metadata={
+            "help": "YAML file of settings, keys = flag names (e.g. learning_rate: 1e-4); flags given override it"
+        },
+    )
+    write_config: str | None = field(
+        default=None,
+        metadata={
+            "help": "write the resolved settings to this YAML file, which --config reads back (with --dry_run too)"
+        },
+    )
     dry_run: bool = field(default=False, metadata={"help": "validate and print the plan; touch no GPU"})
     import_only: bool = field(default=False, metadata={"help": "only import the HF checkpoint to NeMo"})
     prepare_data_only: bool = field(default=False, metadata={"help": "only prepare the JSONL data"})
@@ -371,7 +385,9 @@ class Config(
 def parse_config(
     argv: list[str] | None = None, environ: dict | None = None, visible_gpus: Callable[[], int] | None = None
 ) -> Config:
-    """Flags, then SageMaker's environment, then `auto` resolved for this machine (`visible_gpus` counts its GPUs)."""
+    """--config's file, then the flags, then SageMaker's environment, then `auto` resolved for this machine
+    (`visible_gpus` counts its GPUs)."""
+    argv = with_config_file(Config, sys.argv[1:] if argv is None else list(argv))
     config, explicit = parse_dataclass_args(Config, argv, __doc__)
     config = apply_sagemaker_env(config, explicit, os.environ if environ is None else environ)
     if config.num_train_epochs is not None and "max_steps" not in explicit:
@@ -385,6 +401,13 @@ def check(config: Config, machine_gpus: Callable[[], int]) -> None:
     phase_only = config.dry_run or config.import_only or config.prepare_data_only or config.demo
     launches = config.executor == "local" and not phase_only
     validate_config(config, machine_gpus() if launches else None, os.environ)
+
+
+def write_settings(config: Config) -> None:
+    """--write_config: the settings as resolved here, as YAML that --config reads back."""
+    leave_out = ("config", "write_config", "dry_run", "import_only", "prepare_data_only", "demo")
+    atomic_write_text(Path(config.write_config).expanduser(), settings_yaml(config, leave_out))
+    log.info("settings written to %s (read back with --config)", config.write_config)
 
 
 def import_model(config: Config) -> Path:
@@ -424,6 +447,8 @@ def main(argv: list[str] | None = None) -> int:
     if config.demo:
         config = demo.demo_config(config)
     check(config, machine_gpus)
+    if config.write_config:
+        write_settings(config)
     if config.dry_run:
         return dry_run(config)
     if config.import_only:

@@ -256,6 +256,11 @@ def _path_problems(config) -> list[str]:
             problems.append(
                 f"{flag} {path}: {blocking} is not writable by this user; choose another {flag} or fix its permissions"
             )
+    if config.write_config is not None:
+        target = Path(config.write_config).expanduser()
+        blocking = next((p for p in target.parents if p.exists()), None)
+        if target.is_dir() or (blocking is not None and not blocking.is_dir()):
+            problems.append(f"--write_config {target}: not a file path (a directory is in the way); give a file name")
     return problems
 
 

@@ -11,6 +11,7 @@ import sys
 import types
 import typing
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any, NoReturn
 
 from nemo_finetune.errors import USAGE_ERROR, ConfigError, PipelineError
@@ -67,11 +68,13 @@ def int_or_auto(text: str) -> int | None:
 
 
 class _BoolAction(argparse.Action):
-    """`--flag`, `--no-flag`, and `--flag true|false` (the form SageMaker uses for hyperparameters)."""
+    """`--flag`, `--no-flag`, and `--flag true|false` (the form SageMaker uses for hyperparameters). A flag that is
+    itself a negation (`--no_merge`) gets no `--no-` twin."""
 
     def __init__(self, option_strings, dest, default=None, help=None, **kwargs):
         name = option_strings[0][2:]
-        super().__init__([f"--{name}", f"--no-{name}"], dest, nargs="?", default=default, help=help, metavar="BOOL")
+        options = [f"--{name}"] if name.startswith("no_") else [f"--{name}", f"--no-{name}"]
+        super().__init__(options, dest, nargs="?", default=default, help=help, metavar="BOOL")
 
     def __call__(self, parser, namespace, values, option_string=None):
         if option_string.startswith("--no-"):
@@ -209,6 +212,61 @@ def parse_dataclass_args(cls: type, argv: list[str] | None, description: str) ->
     add_dataclass_arguments(parser, cls)
     ns = parser.parse_args(argv)
     return dataclass_from_namespace(cls, ns), set(vars(ns))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Settings files: `--config FILE` (YAML, keys = flag names) under the flags given, and the settings written back.
+# --------------------------------------------------------------------------------------------------------------------
+def with_config_file(cls: type, argv: list[str], flag: str = "config") -> list[str]:
+    """argv with the settings of `--<flag> FILE` placed before the flags given on the command line, which therefore
+    override them (argparse keeps the last value). Every problem with the file is a ConfigError naming it."""
+    path = None
+    for i, arg in enumerate(argv):
+        if arg == f"--{flag}" and i + 1 < len(argv):
+            path = argv[i + 1]
+        elif arg.startswith(f"--{flag}="):
+            path = arg.split("=", 1)[1]
+    if path is None:
+        return argv
+    import yaml
+
+    try:
+        settings = yaml.safe_load(Path(path).expanduser().read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
+        raise ConfigError([f"--{flag} {path}: cannot read it as YAML ({reason})"]) from None
+    if settings is None:
+        return argv
+    if not isinstance(settings, dict):
+        raise ConfigError(
+            [f"--{flag} {path}: expected a mapping of flag names to values, found {type(settings).__name__}"]
+        )
+    known = [name for name in flag_names(cls) if name != flag]
+    problems, file_argv = [], []
+    for key, value in settings.items():
+        name = str(key).removeprefix("--")
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+            problems.append(f"--{flag} {path}: unknown key {key!r}" + (f" (did you mean {close[0]}?)" if close else ""))
+        elif isinstance(value, (list, dict)):
+            problems.append(f"--{flag} {path}: {name} must be one value, as its flag takes, not {value!r}")
+        elif value is not None:  # null: the flag's default
+            file_argv += [f"--{name}", str(value).lower() if isinstance(value, bool) else str(value)]
+    if problems:
+        raise ConfigError(problems)
+    return file_argv + argv
+
+
+def settings_yaml(config: Any, leave_out: tuple[str, ...] = ()) -> str:
+    """The settings of `config` as YAML that with_config_file reads back (unset values left out: their default)."""
+    import yaml
+
+    values = {}
+    for f, _, parent in iter_fields(type(config)):
+        value = getattr(getattr(config, parent) if parent else config, f.name)
+        if f.name not in leave_out and value is not None:
+            values[f.name] = value
+    return yaml.safe_dump(values, sort_keys=False, allow_unicode=True)
 
 
 def flag_names(cls: type) -> list[str]:

@@ -711,7 +711,10 @@ HELP_SECTIONS = {
         "dataset_name", "dataset_subset", "dataset_revision", "input_column", "output_column", "system_column",
         "prompt_template", "chat", "val_fraction", "test_fraction", "seed", "max_samples", "overwrite_data",
     ],
-    "run control": ["log_level", "node_rank", "wait_timeout_s", "dry_run", "import_only", "prepare_data_only", "demo"],
+    "run control": [
+        "log_level", "node_rank", "wait_timeout_s", "config", "write_config", "dry_run", "import_only",
+        "prepare_data_only", "demo",
+    ],
     "cluster": [
         "executor", "slurm_account", "slurm_partition", "slurm_time", "container_image", "container_mounts",
     ],
@@ -878,6 +881,53 @@ def test_resume_control_reaches_the_recipe_and_refuses_what_would_mix_runs(tmp_p
         "peft_megatron.py", "--dry_run", "--output_dir", str(tmp_path / "next"), "--resume_from", str(ckpt)
     )
     assert f"  resume: from {ckpt}" in plan.stdout
+
+
+def test_a_settings_file_gives_the_plan_its_flags_and_the_flags_given_override_it(tmp_path):
+    flags = [
+        *("--output_dir", str(tmp_path / "run"), "--learning_rate", "3e-4", "--lora_dim", "8", "--num_nodes", "2"),
+        *("--packed_sequence", "--micro_batch_size", "1", "--num_train_epochs", "2", "--input_column", "prompt"),
+    ]
+    settings = tmp_path / "run.yaml"
+    first = run_script("peft_megatron.py", "--dry_run", *flags, "--write_config", str(settings))
+    assert first.returncode == 0, first.stderr[-3000:]
+    import yaml
+
+    written = yaml.safe_load(settings.read_text())
+    assert {k: written[k] for k in ("learning_rate", "lora_dim", "num_nodes", "packed_sequence", "input_column")} == {
+        "learning_rate": 3e-4,
+        "lora_dim": 8,
+        "num_nodes": 2,
+        "packed_sequence": True,
+        "input_column": "prompt",
+    }
+    assert written["gpus_per_node"] == 8 and "max_steps" not in written  # resolved here; the epochs set the steps
+    assert not {"dry_run", "write_config", "config"} & set(written)
+    again = run_script("peft_megatron.py", "--dry_run", "--config", str(settings))
+    assert again.returncode == 0, again.stderr[-3000:]
+    plan = [line for line in first.stdout.splitlines() if line.startswith("  ")]
+    assert [line for line in again.stdout.splitlines() if line.startswith("  ")] == plan
+    override = run_script("peft_megatron.py", "--dry_run", "--config", str(settings), "--learning_rate", "1e-4")
+    assert "  optimizer: adam (peak lr 0.0001," in override.stdout
+    bad = {
+        "learnin_rate: 1e-4\n": "unknown key 'learnin_rate' (did you mean learning_rate?)",
+        "lora_target_modules: [linear_qkv]\n": "lora_target_modules must be one value, as its flag takes",
+        "- 1\n- 2\n": "expected a mapping of flag names to values, found list",
+        "learning_rate: [\n": "cannot read it as YAML",
+    }
+    for text, problem in bad.items():
+        settings.write_text(text)
+        out = run_script("peft_megatron.py", "--dry_run", "--config", str(settings))
+        assert out.returncode == 2 and f"--config {settings}: {problem}" in out.stderr, out.stderr[-2000:]
+        assert "Traceback" not in out.stderr
+    missing = run_script("peft_megatron.py", "--dry_run", "--config", str(tmp_path / "none.yaml"))
+    assert missing.returncode == 2 and "cannot read it as YAML (No such file or directory)" in missing.stderr
+
+
+def test_a_flag_that_is_a_negation_has_no_double_negative_twin(tmp_path):
+    assert parse("--no_resume").no_resume and not parse("--no-full_ft").full_ft
+    out = run_script("peft_megatron.py", "--dry_run", "--no-no_resume", "--output_dir", str(tmp_path))
+    assert out.returncode == 2 and "unknown flag --no-no_resume (did you mean --no_resume?)" in out.stderr
 
 
 def test_chat_data_with_a_tokenizer_without_a_chat_template_is_refused_by_the_dry_run_and_the_launch(assets, tmp_path):
