@@ -390,7 +390,8 @@ def build_splits(source: dict[str, list[dict]], cfg: HFDatasetConfig) -> tuple[d
 # Token statistics
 # --------------------------------------------------------------------------------------------------------------------
 def token_stats(rows: list[dict], tokenizer, max_seq_length: int, limit: int = 20000) -> dict:
-    """p50/p95/max of prompt+answer tokens over (up to `limit`) rows, and the share longer than max_seq_length."""
+    """p50/p95/max of prompt+answer tokens over (up to `limit`) rows, their mean after truncation to max_seq_length
+    (what a row gives the model), and the share longer than max_seq_length."""
     sample = rows[:limit]
     if not sample:
         return {}
@@ -404,7 +405,15 @@ def token_stats(rows: list[dict], tokenizer, max_seq_length: int, limit: int = 2
         return lengths[min(len(lengths) - 1, int(q * (len(lengths) - 1) + 0.5))]
 
     over = sum(1 for x in lengths if x > max_seq_length)
-    return {"p50": pct(0.5), "p95": pct(0.95), "max": lengths[-1], "over_max_seq_length": over, "counted": len(lengths)}
+    mean = sum(min(x, max_seq_length) for x in lengths) / len(lengths)
+    return {
+        "p50": pct(0.5),
+        "p95": pct(0.95),
+        "max": lengths[-1],
+        "mean": round(mean, 2),
+        "over_max_seq_length": over,
+        "counted": len(lengths),
+    }
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -416,11 +416,12 @@ def import_model(config: Config) -> Path:
         return import_hf_checkpoint(config)
 
 
-def prepare(config: Config) -> Config:
+def prepare(config: Config) -> tuple[Config, dict]:
     """Train / validation / test JSONL (and packed rows) in --data_dir: global rank 0 writes, the others wait.
-    With --num_train_epochs, the steps follow from the rows prepared."""
+    With --num_train_epochs, the steps follow from the rows prepared. Returns the data's summary too."""
     with phase("data preparation"):
-        return with_epoch_steps(config, prepare_data(config))
+        summary = prepare_data(config)
+        return with_epoch_steps(config, summary), summary
 
 
 def build_job(config: Config) -> tuple:
@@ -435,9 +436,9 @@ def train(config: Config, recipe, executor) -> float:
         return launch_training(config, recipe, executor)
 
 
-def report(config: Config, wall_time_s: float) -> dict:
-    """<output_dir>/report/: summary.json and loss_curve.png, and the gist printed."""
-    return write_report(config, wall_time_s)
+def report(config: Config, data: dict, wall_time_s: float) -> dict:
+    """<output_dir>/report/: summary.json and loss_curve.png, and the gist printed (real tokens/s from `data`)."""
+    return write_report(config, data, wall_time_s)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -461,12 +462,12 @@ def main(argv: list[str] | None = None) -> int:
     if config.demo:
         return demo.run_demo(config)
     import_model(config)
-    config = prepare(config)
+    config, data = prepare(config)
     recipe, executor = build_job(config)
     if config.executor == "slurm":
         submit_training(config, recipe, executor)
         return 0
-    report(config, train(config, recipe, executor))
+    report(config, data, train(config, recipe, executor))
     return 0
 
 

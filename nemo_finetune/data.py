@@ -96,3 +96,12 @@ def with_epoch_steps(config, summary: dict):
             ]
         )
     return dataclasses.replace(config, max_steps=steps)
+
+
+def tokens_per_row(config, summary: dict) -> float | None:
+    """The real (non-padding) tokens a training row holds on average: a packed row's filled share of
+    --max_seq_length, or the training split's mean prompt+answer length after truncation; None when the data's
+    record predates the mean."""
+    if config.packed_sequence:
+        return summary["packed"]["train"]["fill"] * config.max_seq_length
+    return (summary.get("tokens") or {}).get("mean")

@@ -104,7 +104,7 @@ def run_demo(config) -> int:
     except BaseException:
         before_eval.stop()
         raise
-    write_report(config, wall_time_s)
+    write_report(config, summary, wall_time_s)
     before_eval.wait()
     before = _demo_metrics(config, "before")
     from nemo_finetune import report as run_report

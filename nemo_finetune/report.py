@@ -1,6 +1,7 @@
 """The run report: what a finished run did, in one file and one picture, under <output_dir>/report/.
 
-    summary.json     steps, tokens seen, best val_loss and its checkpoint, the last checkpoint, wall time, tokens/s,
+    summary.json     steps, tokens seen (real tokens, and the padded slots beside them), best val_loss and its
+                     checkpoint, the last checkpoint, wall time, tokens/s,
                      peak GPU memory, early-stopped or not, the exact command; `evaluations` from test_checkpoint.py
     loss_curve.png   training and validation loss against step, the best checkpoint marked
 
@@ -80,16 +81,24 @@ def _consumed(path: Path) -> int | None:
 
 def summarize_training(output_dir: Path, run: dict, scalars: dict[str, dict[int, float]]) -> dict:
     """The training part of summary.json. `run` holds what only the launcher knows: model, mode, max_steps,
-    global_batch_size, max_seq_length, world_size, wall_time_s and command."""
+    global_batch_size, max_seq_length, tokens_per_row (the real tokens a training row holds on average, None when
+    unknown), world_size, wall_time_s and command. Real tokens are what the model reads; token slots count every
+    row as --max_seq_length long (rows are padded to their batch's longest, so slots bound what was computed)."""
     ckpts = run_checkpoints(output_dir)
     train, val = scalars.get(TRAIN_LOSS, {}), scalars.get(VAL_LOSS, {})
     consumed = (ckpts["last"] or {}).get("consumed_samples")
     # Megatron counts consumed samples exactly; the logged steps are only every --log_every_n_steps.
     steps = consumed // run["global_batch_size"] if consumed is not None else (max(train) + 1 if train else 0)
-    tokens_per_step = run["global_batch_size"] * run["max_seq_length"]
+    slots_per_step = run["global_batch_size"] * run["max_seq_length"]
+    per_row = round(run["tokens_per_row"], 2) if run.get("tokens_per_row") else None
+    tokens_per_step = run["global_batch_size"] * per_row if per_row else None
     step_times = sorted(scalars.get(STEP_TIME, {}).items())[1:]  # the first logged step includes start-up
     median_step_s = statistics.median(v for _, v in step_times) if step_times else None
     peak = scalars.get(PEAK_MEMORY)
+
+    def per_s(count, gpus=1):
+        return count / median_step_s / gpus if count and median_step_s else None
+
     return {
         "model": run["model"],
         "mode": run["mode"],
@@ -99,16 +108,18 @@ def summarize_training(output_dir: Path, run: dict, scalars: dict[str, dict[int,
         "world_size": run["world_size"],
         "global_batch_size": run["global_batch_size"],
         "max_seq_length": run["max_seq_length"],
-        # Rows are padded to their batch's longest sample, so this counts token slots, an upper bound on real tokens.
-        "tokens_seen": steps * tokens_per_step,
+        "tokens_per_row": per_row,
+        "tokens_seen": round(steps * tokens_per_step) if tokens_per_step else None,
+        "token_slots_seen": steps * slots_per_step,
         "train_loss": {"first": train[min(train)], "last": train[max(train)]} if train else None,
         "val_loss": {str(step): value for step, value in sorted(val.items())},
         "best_checkpoint": ckpts["best"],
         "last_checkpoint": ckpts["last"],
         "wall_time_s": round(run["wall_time_s"], 1),
         "median_step_time_s": median_step_s,
-        "tokens_per_s": tokens_per_step / median_step_s if median_step_s else None,
-        "tokens_per_s_per_gpu": tokens_per_step / median_step_s / run["world_size"] if median_step_s else None,
+        "tokens_per_s": per_s(tokens_per_step),
+        "tokens_per_s_per_gpu": per_s(tokens_per_step, run["world_size"]),
+        "token_slots_per_s": per_s(slots_per_step),
         "peak_gpu_mem_gib": max(peak.values()) * 1e9 / 2**30 if peak else None,
         "command": run["command"],
         "loss_curve": "loss_curve.png" if train else None,
@@ -193,16 +204,26 @@ def summary_lines(summary: dict) -> list[str]:
     ]
     if summary["tokens_per_s"]:
         lines.append(
-            f"speed: {summary['median_step_time_s'] * 1000:.0f} ms/step, {summary['tokens_per_s']:,.0f} "
-            f"tokens/s ({summary['tokens_per_s_per_gpu']:,.0f} per GPU, padded token slots)"
+            f"speed: {summary['median_step_time_s'] * 1000:.0f} ms/step, {summary['tokens_per_s']:,.0f} tokens/s "
+            f"({summary['tokens_per_s_per_gpu']:,.0f} per GPU; rows of {summary['tokens_per_row']:,.1f} tokens on "
+            f"average, {summary['token_slots_per_s']:,.0f} token slots/s at --max_seq_length "
+            f"{summary['max_seq_length']})"
+        )
+    elif summary["token_slots_per_s"]:
+        lines.append(
+            f"speed: {summary['median_step_time_s'] * 1000:.0f} ms/step, at most {summary['token_slots_per_s']:,.0f} "
+            "tokens/s (token slots at --max_seq_length; the rows' real length is not recorded with this data)"
         )
     if summary["peak_gpu_mem_gib"]:
         lines.append(f"peak GPU memory (global rank 0): {summary['peak_gpu_mem_gib']:.1f} GiB")
     return lines
 
 
-def write_report(config, wall_time_s: float) -> dict:
-    """<output_dir>/report/: summary.json and loss_curve.png of the finished run; prints the gist."""
+def write_report(config, data: dict, wall_time_s: float) -> dict:
+    """<output_dir>/report/: summary.json and loss_curve.png of the finished run (`data`: the data phase's summary);
+    prints the gist."""
+    from nemo_finetune.data import tokens_per_row
+
     summary = write_training_report(
         config.output_path,
         {
@@ -212,6 +233,7 @@ def write_report(config, wall_time_s: float) -> dict:
             "world_size": config.world_size,
             "global_batch_size": config.global_batch_size,
             "max_seq_length": config.max_seq_length,
+            "tokens_per_row": tokens_per_row(config, data),
             "wall_time_s": wall_time_s,
             "command": shlex.join(sys.orig_argv),
         },

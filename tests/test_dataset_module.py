@@ -279,6 +279,23 @@ def test_summary_warns_about_truncation(tmp_path, assets):
     assert "p50" in text and "WARNING: 100.0% of rows exceed --max_seq_length 4" in text
 
 
+def test_the_summary_gives_the_mean_tokens_a_training_row_holds_after_truncation(tmp_path, assets):
+    """What the run report turns into real tokens/s: prompt + answer + end-of-text, cut at --max_seq_length."""
+    from transformers import AutoTokenizer
+
+    src = write_jsonl(tmp_path / "src.jsonl", ROWS)
+    tokenizer = AutoTokenizer.from_pretrained(assets["tokenizer"])
+    for max_seq_length in (4, 4096):
+        summary = prepare(config(src), tmp_path / f"out{max_seq_length}", assets["tokenizer"], max_seq_length)
+        train = [json.loads(line) for line in (tmp_path / f"out{max_seq_length}" / "training.jsonl").open()]
+        lengths = [
+            len(tokenizer(f"{r['input']} {r['output']}", add_special_tokens=False)["input_ids"]) + 1 for r in train
+        ]
+        expected = sum(min(n, max_seq_length) for n in lengths) / len(lengths)
+        assert summary["tokens"]["mean"] == round(expected, 2) and summary["tokens"]["counted"] == len(train)
+    assert summary["tokens"]["mean"] > 4  # untruncated rows are longer than the 4-token cut
+
+
 def test_prepare_data_only_cli(tmp_path, assets):
     job = qa_job(assets["qwen3"], tmp_path, *"--val_fraction 0.25 --micro_batch_size 4".split(), dataset=assets["data"])
     out = run_script("peft_megatron.py", "--prepare_data_only", *job, "--accumulate_grad_batches", "1")

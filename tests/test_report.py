@@ -14,7 +14,7 @@ from conftest import fake_checkpoint
 from nemo_finetune import report as run_report
 from nemo_finetune.layout import RunLayout
 
-GBS, SEQ = 16, 64
+GBS, SEQ, ROW = 16, 64, 20.5  # global batch, --max_seq_length, real tokens per row
 TRAIN = {s: 4.0 - 0.03 * s for s in range(0, 100, 10)}  # logged every 10 steps
 VAL = {49: 2.5, 99: 1.25}
 STEP_TIMES = {0: 9.0, 10: 0.2, 20: 0.25, 30: 0.3, 40: 0.22}  # the first includes start-up
@@ -61,6 +61,7 @@ def training_run(**overrides) -> dict:
         "world_size": 2,
         "global_batch_size": GBS,
         "max_seq_length": SEQ,
+        "tokens_per_row": ROW,
         "wall_time_s": 123.456,
         "command": "python peft_megatron.py --max_steps 200",
         **overrides,
@@ -74,7 +75,7 @@ def test_summary_counts_steps_tokens_speed_memory_and_names_the_best_and_last_ch
     ckpts = run_dir / "nemo_logs" / "checkpoints"
     median = statistics.median([0.2, 0.25, 0.3, 0.22])
     assert summary["steps"] == 100 and summary["early_stopped"] is True
-    assert summary["tokens_seen"] == 100 * GBS * SEQ
+    assert summary["tokens_seen"] == round(100 * GBS * ROW) and summary["token_slots_seen"] == 100 * GBS * SEQ
     assert summary["train_loss"] == {"first": pytest.approx(4.0), "last": pytest.approx(4.0 - 0.03 * 90)}
     assert summary["val_loss"] == {"49": 2.5, "99": 1.25}
     assert summary["best_checkpoint"] == {
@@ -84,11 +85,22 @@ def test_summary_counts_steps_tokens_speed_memory_and_names_the_best_and_last_ch
     }
     assert summary["last_checkpoint"]["path"] == str(ckpts / (NAME.format(1.25, 99, 1600) + "-last"))
     assert summary["median_step_time_s"] == pytest.approx(median)
-    assert summary["tokens_per_s"] == pytest.approx(GBS * SEQ / median)
-    assert summary["tokens_per_s_per_gpu"] == pytest.approx(GBS * SEQ / median / 2)
+    assert summary["tokens_per_s"] == pytest.approx(GBS * ROW / median)  # real tokens, not padding
+    assert summary["tokens_per_s_per_gpu"] == pytest.approx(GBS * ROW / median / 2)
+    assert summary["token_slots_per_s"] == pytest.approx(GBS * SEQ / median)
     assert summary["peak_gpu_mem_gib"] == pytest.approx(3.2214e9 / 2**30, rel=1e-6)
     assert summary["wall_time_s"] == 123.5 and summary["command"] == "python peft_megatron.py --max_steps 200"
     assert summary["evaluations"] == {}
+
+
+def test_data_prepared_before_the_mean_row_length_was_recorded_gives_token_slots_only(run_dir):
+    summary = run_report.write_training_report(run_dir, training_run(tokens_per_row=None))
+    assert (summary["tokens_seen"], summary["tokens_per_s"]) == (None, None)
+    assert summary["token_slots_seen"] == 100 * GBS * SEQ
+    assert run_report.summary_lines(summary)[3] == (
+        "speed: 235 ms/step, at most 4,357 tokens/s (token slots at --max_seq_length; the rows' real length is not "
+        "recorded with this data)"
+    )
 
 
 def test_a_run_that_reached_max_steps_is_not_early_stopped(run_dir):
@@ -142,7 +154,11 @@ def test_summary_lines_print_the_essentials(run_dir):
     assert lines[1].startswith("best: val_loss 1.2500 at step 99: ")
     assert lines[1].endswith("-step=99-consumed_samples=1600")
     assert lines[2] == "wall time: 124 s"  # 123.456 s recorded as 123.5
-    assert lines[3] == "speed: 235 ms/step, 4,357 tokens/s (2,179 per GPU, padded token slots)"  # 1,024 / 0.235
+    # 16 rows of 20.5 real tokens per step: 328 tokens in 0.235 s; 1,024 token slots at --max_seq_length 64
+    assert lines[3] == (
+        "speed: 235 ms/step, 1,396 tokens/s (698 per GPU; rows of 20.5 tokens on average, 4,357 token slots/s at "
+        "--max_seq_length 64)"
+    )
     assert lines[4] == "peak GPU memory (global rank 0): 3.0 GiB"
 
 

@@ -79,7 +79,12 @@ def test_lora_trains_checkpoints_logs_and_profiles(lora_run):
     missing = [s for s in compat.OPTIONAL_WORKER_SHIMS if f"compat: {s} (" not in logged]
     assert missing == [], missing
     summary = json.loads((out / "report" / "summary.json").read_text())
-    assert (summary["steps"], summary["early_stopped"], summary["tokens_seen"]) == (30, False, 30 * 8 * 64)
+    assert (summary["steps"], summary["early_stopped"], summary["token_slots_seen"]) == (30, False, 30 * 8 * 64)
+    # real tokens: the training rows' mean length from the data record, not the padded slots
+    mean = json.loads((out / "data" / ".data_ready.json").read_text())["summary"]["tokens"]["mean"]
+    assert summary["tokens_per_row"] == mean and mean < 64
+    assert summary["tokens_seen"] == round(30 * 8 * summary["tokens_per_row"])
+    assert summary["tokens_per_s"] == pytest.approx(summary["token_slots_per_s"] * mean / 64, rel=1e-3)
     assert summary["best_checkpoint"]["val_loss"] == pytest.approx(min(val.values()), abs=5e-5)
     assert summary["last_checkpoint"]["path"].endswith("-last") and summary["tokens_per_s"] > 0
     assert 0 < summary["peak_gpu_mem_gib"] < 80 and (out / "report" / "loss_curve.png").stat().st_size > 10_000
