@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+from pathlib import Path
 
 from nemo_finetune.checkpoints import is_nemo_checkpoint
 from nemo_finetune.data import prepared_summary, validation_problem, with_epoch_steps
@@ -82,7 +83,65 @@ def recipe_lines(config, recipe) -> list[str]:
         + ("packing fills the rows" if config.packed_sequence else "padding to each batch's longest row is not trained")
     )
     lines.append(f"epochs: {_epochs(config)}")
-    return lines
+    return lines + size_lines(config, recipe)
+
+
+def size_lines(config, recipe) -> list[str]:
+    """Parameters, what is trained, and a rough memory budget per GPU, from the model's config (no model built):
+    the imported checkpoint's, a local model's config.json, or the recipe's defaults."""
+    import json
+
+    import fiddle as fdl
+
+    from nemo_finetune import estimate
+
+    args = fdl.ordered_arguments(recipe.model.config, include_defaults=True)
+    shape = estimate.Shape.of(args)
+    if shape is None:
+        return ["parameters and memory: not estimated for a mixture-of-experts model"]
+    if is_nemo_checkpoint(config.nemo_ckpt_path):
+        source = "the imported checkpoint's config"
+    elif is_local_model(config.hf_model_id):
+        try:
+            hf = json.loads((Path(config.hf_model_id).expanduser() / "config.json").read_text("utf-8"))
+            shape, source = estimate.Shape.of_hf(hf, shape), "the model's config.json"
+        except (OSError, ValueError, KeyError, TypeError):
+            source = f"recipe {config.recipe_cls_name}'s defaults"
+    else:
+        source = f"recipe {config.recipe_cls_name}'s defaults; the import reads the model's own"
+    vocab = estimate.padded_vocab(
+        shape.vocab_size, args.get("make_vocab_size_divisible_by") or 128, config.tensor_parallel_size
+    )
+    parameters = shape.parameters(vocab)
+    vocab_note = (
+        f"vocabulary {shape.vocab_size:,} padded to {vocab:,}"
+        if vocab
+        else "without the embeddings (vocabulary set by the tokenizer)"
+    )
+    if recipe.peft is None:
+        trained = parameters
+    else:
+        peft = fdl.build(copy.deepcopy(recipe.peft))
+        trained = estimate.adapter_parameters(shape, list(peft.target_modules), peft.dim, type(peft).__name__ == "DoRA")
+        parameters += trained
+    memory = estimate.memory_per_gpu(
+        shape,
+        parameters,
+        trained,
+        vocab,
+        config.micro_batch_size,
+        config.max_seq_length,
+        config.tensor_parallel_size,
+        config.pipeline_parallel_size,
+        config.data_parallel_size,
+    )
+    return [
+        f"parameters: {parameters:,} ({source}; {vocab_note})",
+        f"trainable parameters: {trained:,} ({100 * trained / parameters:.2f}%)",
+        f"memory per GPU, rough: {memory.line()} (micro-batch {config.micro_batch_size} x {config.max_seq_length} "
+        "tokens; bf16 weights, fp32 gradients, fp32 master weights + Adam moments sharded over data parallelism, "
+        "activations s*b*h*L*(10 + 24/TP) bytes without recomputation; CUDA and NCCL buffers come on top)",
+    ]
 
 
 def _steps(config) -> str:
