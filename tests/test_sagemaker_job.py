@@ -144,6 +144,70 @@ def test_cli_dry_run_prints_the_instance_command_and_never_a_forwarded_secret():
     assert "hf_s3cr3t_value" not in out.stdout + out.stderr
 
 
+# A shell with no AWS configuration at all (no files, no variables, no instance metadata to ask).
+NO_AWS = {
+    "AWS_CONFIG_FILE": "/nonexistent/aws-config",
+    "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent/aws-credentials",
+    "AWS_EC2_METADATA_DISABLED": "true",
+    "SAGEMAKER_SUPPRESS_V2_WARNING": "1",
+}
+FSX = [
+    *("--file_system_id", "fs-0123456789abcdef0", "--file_system_path", "/abcdefgh/runs"),
+    *("--subnets", "subnet-0abc,subnet-0def", "--security_group_ids", "sg-0abc"),
+]
+
+
+def test_a_dry_run_needs_no_aws_configuration_and_attaches_the_file_system_for_output_dir():
+    out = run_script("examples/sagemaker_job.py", *JOB, *FSX, "--dry_run", "--", *TRAIN[:4], env=NO_AWS)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert (
+        "channels: fsx -> FSxLustre fs-0123456789abcdef0:/abcdefgh/runs (read-write, at /opt/ml/input/data/fsx; "
+        "subnets subnet-0abc,subnet-0def, security groups sg-0abc)"
+    ) in out.stdout
+    assert (
+        "each instance runs: python peft_megatron.py --hf_model_id Qwen/Qwen3-8B --output_dir /opt/ml/input/data/fsx "
+        "--recipe_cls_name qwen3_8b"
+    ) in out.stdout
+    assert "Traceback" not in out.stderr
+
+
+def test_a_submission_without_aws_configuration_is_refused_in_one_message():
+    out = run_script("examples/sagemaker_job.py", *JOB, "--", *TRAIN[:4], "--output_dir", "/fsx/run", env=NO_AWS)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "no AWS region: give --region, set AWS_DEFAULT_REGION, or run `aws configure`" in out.stderr
+    assert "--dry_run prints the job without any AWS configuration" in out.stderr
+
+
+def test_a_file_system_needs_its_vpc_and_holds_output_dir():
+    hyperparameters = sj.training_hyperparameters([*TRAIN[:4], "--output_dir", "/fsx/run"])
+    job, _ = sj.parse_dataclass_args(sj.JobConfig, [*JOB, "--file_system_id", "fs-1"], "")
+    with pytest.raises(sj.ConfigError) as refused:
+        sj.validate_job(job, hyperparameters)
+    assert [str(p) for p in refused.value.problems] == [
+        "--file_system_id fs-1: a file system is reached from your VPC; give --subnets and --security_group_ids "
+        "that can reach it",
+        "--output_dir /fsx/run (after --) is not on the file system; give a directory under /opt/ml/input/data/fsx, "
+        "where every instance mounts it, or leave it out",
+    ]
+
+
+def test_the_file_system_channel_and_vpc_reach_the_estimator(session, tmp_path):
+    job, _ = sj.parse_dataclass_args(sj.JobConfig, [*JOB, *FSX, "--file_system_type", "EFS"], "")
+    estimator = sj.build_estimator(job, sj.training_hyperparameters(TRAIN[:4]), sj.stage_source(tmp_path), session)
+    assert (estimator.subnets, estimator.security_group_ids) == (["subnet-0abc", "subnet-0def"], ["sg-0abc"])
+    assert json.loads(estimator.hyperparameters()["output_dir"]) == "/opt/ml/input/data/fsx"
+    assert sj.job_inputs(job)["fsx"].config == {
+        "DataSource": {
+            "FileSystemDataSource": {
+                "FileSystemId": "fs-0123456789abcdef0",
+                "FileSystemType": "EFS",
+                "DirectoryPath": "/abcdefgh/runs",
+                "FileSystemAccessMode": "rw",
+            }
+        }
+    }
+
+
 def test_cli_refuses_a_misspelled_training_flag_before_building_anything():
     out = run_script("examples/sagemaker_job.py", *JOB, "--", "--max_stepz", "3", env=FAKE_AWS)
     assert out.returncode == 2 and "unknown flag --max_stepz (did you mean --max_steps?)" in out.stderr
