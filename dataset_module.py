@@ -1,6 +1,11 @@
-"""Any Hugging Face or local dataset -> clean, reproducible train/val/test JSONL -> NeMo fine-tuning batches.
+r"""Any Hugging Face or local dataset -> clean, reproducible train/val/test JSONL -> NeMo fine-tuning batches.
 
-    # prepare only (no GPU): local JSONL + a local model directory for its tokenizer
+    # prepare a dataset on its own (no GPU, no model import; the tokenizer counts tokens and renders --chat)
+    python dataset_module.py --data_dir runs/q8b/data --tokenizer Qwen/Qwen3-8B --dataset_name data/train.jsonl \
+        --input_column question --output_column answer --prompt_template $'Q: {question}\nA:'
+
+    # the same as a phase of a training job (--hf_model_id's tokenizer); either way a later run with the same
+    # settings and --hf_model_id reuses the data
     python peft_megatron.py --prepare_data_only --hf_model_id ./my-model --dataset_name data/train.jsonl \
         --input_column question --output_column answer --prompt_template $'Q: {question}\nA:' --data_dir out/data
 
@@ -869,9 +874,70 @@ def _build_data_module_class():
     return GeneralizedHFDataModule
 
 
+# --------------------------------------------------------------------------------------------------------------------
+# Command line: prepare a dataset without a training job
+# --------------------------------------------------------------------------------------------------------------------
+@dataclass
+class PrepareSettings:
+    """Where the JSONL goes and which tokenizer it is prepared for (the dataset flags follow)."""
+
+    GROUP = "target"  # the --help section of these flags
+
+    data_dir: str | None = field(
+        default=None, metadata={"help": "directory for training/validation/test JSONL (required)"}
+    )
+    tokenizer: str | None = field(
+        default=None,
+        metadata={
+            "help": "hub id or local directory of the model whose tokenizer counts tokens and renders --chat; give "
+            "the training's --hf_model_id so that its run reuses the data (required)"
+        },
+    )
+    max_seq_length: int = field(
+        default=2048, metadata={"help": "the training's --max_seq_length: the summary counts the rows beyond it"}
+    )
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "allow custom code from the tokenizer's repository"}
+    )
+    log_level: str = field(default="INFO", metadata={"help": "console level", "choices": ("DEBUG", "INFO", "WARNING")})
+    data: HFDatasetConfig = field(default_factory=HFDatasetConfig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from nemo_finetune.cli import parse_dataclass_args
+    from nemo_finetune.console import setup_logging
+    from nemo_finetune.errors import ConfigError
+
+    settings, _ = parse_dataclass_args(PrepareSettings, argv, __doc__)
+    setup_logging(settings.log_level)
+    problems = [f"--{name} is required" for name in ("data_dir", "tokenizer") if not getattr(settings, name)]
+    if settings.max_seq_length <= 0:
+        problems.append(f"--max_seq_length {settings.max_seq_length} must be a positive integer")
+    if settings.data_dir and Path(settings.data_dir).exists() and not Path(settings.data_dir).is_dir():
+        problems.append(f"--data_dir {settings.data_dir} is a file; give a directory")
+    problems += settings.data.problems()
+    if problems:
+        raise ConfigError(problems)
+    target = DataTarget(
+        Path(settings.data_dir),
+        settings.tokenizer,
+        settings.max_seq_length,
+        tokenizer_identity=settings.tokenizer,
+        trust_remote_code=settings.trust_remote_code,
+    )
+    print(format_summary(prepare_dataset(settings.data, target)), flush=True)
+    return 0
+
+
 def __getattr__(name: str):
     if name == "GeneralizedHFDataModule":
         cls = _build_data_module_class()
         globals()[name] = cls
         return cls
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+if __name__ == "__main__":
+    from nemo_finetune.cli import run_cli
+
+    run_cli(main)

@@ -1,4 +1,4 @@
-"""Fine-tune a Hugging Face model with NeMo 2.0 / Megatron-Core: LoRA or full, TP/PP/CP, one GPU to many nodes.
+r"""Fine-tune a Hugging Face model with NeMo 2.0 / Megatron-Core: LoRA or full, TP/PP/CP, one GPU to many nodes.
 
     # the bundled demo: tiny Qwen3 model + recall task -> import, LoRA, evaluate, export (1 GPU, a few minutes)
     python peft_megatron.py --demo

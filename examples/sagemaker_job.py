@@ -1,4 +1,4 @@
-"""Run peft_megatron.py as an Amazon SageMaker training job: a `sagemaker.pytorch.PyTorch` estimator whose
+r"""Run peft_megatron.py as an Amazon SageMaker training job: a `sagemaker.pytorch.PyTorch` estimator whose
 hyperparameters come from peft_megatron.py's own Config.
 
     pip install "sagemaker>=2.250,<3"   # SDK v2 (v3 replaced the framework estimators with ModelTrainer)

@@ -296,6 +296,31 @@ def test_the_summary_gives_the_mean_tokens_a_training_row_holds_after_truncation
     assert summary["tokens"]["mean"] > 4  # untruncated rows are longer than the 4-token cut
 
 
+def test_the_dataset_cli_prepares_data_that_a_training_run_reuses(tmp_path, assets):
+    help_text = run_script("dataset_module.py", "--help")
+    assert help_text.returncode == 0 and "--tokenizer TOKENIZER" in help_text.stdout
+    assert (
+        "--input_column INPUT_COLUMN" in help_text.stdout and "python dataset_module.py --data_dir" in help_text.stdout
+    )
+    data_dir = tmp_path / "run" / "data"
+    flags = ["--dataset_name", str(assets["data"]), "--input_column", "question", "--output_column", "answer"]
+    out = run_script("dataset_module.py", "--data_dir", str(data_dir), "--tokenizer", str(assets["qwen3"]), *flags)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = json.loads((data_dir / ".data_ready.json").read_text())["summary"]["rows"]
+    assert dm.format_summary(json.loads((data_dir / ".data_ready.json").read_text())["summary"]) in out.stdout
+    assert rows["train"] > 0
+    before = {p.name: p.read_bytes() for p in data_dir.glob("*.jsonl")}
+    job = qa_job(assets["qwen3"], tmp_path / "run", "--micro_batch_size", "1", "--accumulate_grad_batches", "1")
+    job += ["--dataset_name", str(assets["data"])]
+    reused = run_script("peft_megatron.py", "--prepare_data_only", *job)
+    assert reused.returncode == 0, reused.stderr[-2000:]
+    assert "already prepared with these settings" in reused.stdout + reused.stderr
+    assert {p.name: p.read_bytes() for p in data_dir.glob("*.jsonl")} == before
+    refused = run_script("dataset_module.py", "--dataset_name", str(assets["data"]))
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert "--data_dir is required" in refused.stderr and "--tokenizer is required" in refused.stderr
+
+
 def test_prepare_data_only_cli(tmp_path, assets):
     job = qa_job(assets["qwen3"], tmp_path, *"--val_fraction 0.25 --micro_batch_size 4".split(), dataset=assets["data"])
     out = run_script("peft_megatron.py", "--prepare_data_only", *job, "--accumulate_grad_batches", "1")
