@@ -17,9 +17,13 @@ log = logging.getLogger("peft_megatron")
 LOG_FORMAT = "[%(asctime)s %(levelname)s %(name)s] %(message)s"  # our console, log file and workers' lines
 
 
+SHIM_LOGGER = "peft_megatron.compat"
+
+
 class _ConsolePolicy(logging.Filter):
-    """What the console shows: our records from the chosen level up; other libraries' (NeMo, Megatron, Lightning,
-    OneLogger, Python warnings) only from ERROR up, unless the level is DEBUG, which shows everything."""
+    """What the console shows: our records from the chosen level up, but the shims' application lines only at DEBUG
+    (the log file has them; a plan lists them); other libraries' (NeMo, Megatron, Lightning, OneLogger, Python
+    warnings) only from ERROR up, unless the level is DEBUG, which shows everything."""
 
     def __init__(self, level: int):
         super().__init__()
@@ -28,6 +32,8 @@ class _ConsolePolicy(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if self.level <= logging.DEBUG:
             return True
+        if record.name == SHIM_LOGGER:  # which shims a process applied: the log file's, and the plan says it
+            return record.levelno >= max(self.level, logging.WARNING)
         ours = record.name == log.name or record.name.startswith(log.name + ".")
         return record.levelno >= (self.level if ours else logging.ERROR)
 

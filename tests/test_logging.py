@@ -53,6 +53,20 @@ def test_console_keeps_our_lines_and_errors_and_the_file_keeps_everything(isolat
     assert all(line in kept for line in [*CHATTER[:3], "prepared 19 test rows", "shard 3 is truncated", "pynvml"])
 
 
+@pytest.mark.parametrize("level, shown", [("INFO", False), ("DEBUG", True)])
+def test_the_shims_lines_go_to_the_log_file_and_reach_the_console_at_debug(
+    isolated_logging, tmp_path, capsys, level, shown
+):
+    setup_logging(level)
+    log_file = log_to_file(tmp_path / "run.log")
+    shim = logging.getLogger("peft_megatron.compat")
+    shim.info("compat: peft-te-guards (LoRA wraps Megatron's local linears)")
+    shim.warning("compat: megatron-core 0.16.0 is newer than the version these shims were written for")
+    console = capsys.readouterr().out
+    assert ("compat: peft-te-guards" in console) is shown and "compat: megatron-core 0.16.0" in console
+    assert "compat: peft-te-guards" in log_file.read_text()
+
+
 def test_library_prints_go_to_the_log_file_and_stay_on_the_console_without_one(isolated_logging, tmp_path, capsys):
     setup_logging("INFO")
     with prints_to_log_file("nemo.import_ckpt", "INFO"):  # --import_only writes no log file: nothing is lost
