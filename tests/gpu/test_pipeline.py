@@ -90,6 +90,49 @@ def test_lora_trains_checkpoints_logs_and_profiles(lora_run):
     assert 0 < summary["peak_gpu_mem_gib"] < 80 and (out / "report" / "loss_curve.png").stat().st_size > 10_000
 
 
+def test_a_settings_file_with_epochs_warmup_and_dropout_reaches_the_checkpoints_saved_config(assets, tmp_path):
+    """A LoRA run from --config (keys = flag names) with --num_train_epochs, --warmup_steps and --lora_dropout, one
+    of its values overridden by a flag: the steps are the epochs' over the prepared rows, and the values are in the
+    config NeMo saves with every checkpoint (context/)."""
+    import math
+
+    settings = tmp_path / "run.yaml"
+    settings.write_text("num_train_epochs: 2\nwarmup_steps: 7\nlora_dropout: 0.07\nlearning_rate: 0.01\n")
+    out = tmp_path / "epochs"
+    job = tiny_job(assets, out, "--val_check_interval", "5", "--learning_rate", "5e-3")
+    result = run_script("peft_megatron.py", "--config", str(settings), *job)
+    assert result.returncode == 0, failure(result)
+    rows = json.loads((out / "data" / ".data_ready.json").read_text())["summary"]["rows"]["train"]
+    steps = math.ceil(2 * rows / 8)  # 8 rows per step
+    summary = json.loads((out / "report" / "summary.json").read_text())
+    assert summary["max_steps"] == steps and 0 < summary["steps"] <= steps
+    for ckpt in checkpoints(out):
+        saved = saved_settings(ckpt / "context" / "io.json")
+        for name, value in (("max_steps", steps), ("warmup_steps", 7), ("dropout", 0.07), ("lr", 0.005)):
+            assert value in saved.get(name, set()), (ckpt.name, name, value, saved.get(name))
+
+
+def saved_settings(io_json: Path) -> dict[str, set]:
+    """{attribute: the values it has anywhere} in NeMo's saved context (fiddle's JSON: each argument an
+    ["Attr(name='lr')", {"value": 0.005, ...}] pair)."""
+    found: dict[str, set] = {}
+
+    def walk(node) -> None:
+        if isinstance(node, list):
+            if len(node) == 2 and isinstance(node[0], str) and isinstance(node[1], dict) and "value" in node[1]:
+                name = re.fullmatch(r"Attr\(name='(\w+)'\)", node[0])
+                if name and isinstance(node[1]["value"], (int, float, str)):
+                    found.setdefault(name.group(1), set()).add(node[1]["value"])
+            for item in node:
+                walk(item)
+        elif isinstance(node, dict):
+            for item in node.values():
+                walk(item)
+
+    walk(json.loads(io_json.read_text()))
+    return found
+
+
 def test_every_checkpoint_written_while_training_goes_on_is_intact(assets, tmp_path):
     """NeMo writes checkpoints asynchronously while training goes on, and Megatron-Core 0.15.3 let torch reuse their
     staged copies before the writer had read them (GPU runs 51 and 53 lost an adapter;
