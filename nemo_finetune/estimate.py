@@ -3,6 +3,7 @@ counts and the memory estimate of the plan (--dry_run)."""
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import math
 from dataclasses import dataclass
@@ -55,18 +56,14 @@ class Shape:
     def of_hf(cls, hf: dict, template: Shape) -> Shape:
         """A local Hugging Face model's sizes (config.json) in the architecture of its recipe's `template`."""
         hidden, heads = hf["hidden_size"], hf["num_attention_heads"]
-        return cls(
+        return dataclasses.replace(
+            template,
             num_layers=hf["num_hidden_layers"],
             hidden_size=hidden,
             ffn_hidden_size=hf.get("intermediate_size") or 4 * hidden,
             num_attention_heads=heads,
             num_query_groups=hf.get("num_key_value_heads") or heads,
             kv_channels=hf.get("head_dim") or hidden // heads,
-            gated_linear_unit=template.gated_linear_unit,
-            qk_layernorm=template.qk_layernorm,
-            add_bias_linear=template.add_bias_linear,
-            add_qkv_bias=template.add_qkv_bias,
-            layer_norm=template.layer_norm,
             vocab_size=hf.get("vocab_size"),
             tied_embeddings=bool(hf.get("tie_word_embeddings", template.tied_embeddings)),
         )
