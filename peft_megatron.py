@@ -54,7 +54,13 @@ from nemo_finetune.layout import RunLayout
 from nemo_finetune.plan import dry_run
 from nemo_finetune.recipe import configure_recipe
 from nemo_finetune.report import write_report
-from nemo_finetune.resolve import SEED_GPUS_PER_NODE, apply_machine_defaults, apply_sagemaker_env, visible_gpu_count
+from nemo_finetune.resolve import (
+    SEED_GPUS_PER_NODE,
+    apply_global_batch,
+    apply_machine_defaults,
+    apply_sagemaker_env,
+    visible_gpu_count,
+)
 
 log = logging.getLogger("peft_megatron")
 
@@ -126,6 +132,14 @@ class TrainingSettings:
     log_every_n_steps: int = field(default=10, metadata={"help": "logging interval in steps"})
     micro_batch_size: int = field(default=8, metadata={"help": "sequences per GPU per forward pass"})
     accumulate_grad_batches: int = field(default=8, metadata={"help": "micro-batches accumulated per step"})
+    requested_global_batch_size: int | None = field(
+        default=None,
+        metadata={
+            "flag": "global_batch_size",
+            "help": "rows per optimizer step over all GPUs, instead of --accumulate_grad_batches, which becomes it / "
+            "(--micro_batch_size x data-parallel size); given both, they must agree",
+        },
+    )
     limit_val_batches: int = field(default=80, metadata={"help": "validation batches per check"})
     max_seq_length: int = field(default=2048, metadata={"help": "tokens per sequence (longer prompts are truncated)"})
     packed_sequence: bool = field(
@@ -392,7 +406,8 @@ def parse_config(
     config = apply_sagemaker_env(config, explicit, os.environ if environ is None else environ)
     if config.num_train_epochs is not None and "max_steps" not in explicit:
         config = dataclasses.replace(config, max_steps=None)  # set from the prepared data (steps_for_epochs)
-    return apply_machine_defaults(config, visible_gpus or visible_gpu_count)
+    config = apply_machine_defaults(config, visible_gpus or visible_gpu_count)
+    return apply_global_batch(config, explicit)
 
 
 def check(config: Config, machine_gpus: Callable[[], int]) -> None:

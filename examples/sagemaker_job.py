@@ -47,7 +47,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import peft_megatron as pm  # noqa: E402  (the repository root is not a package)
-from nemo_finetune.cli import iter_fields, parse_dataclass_args, run_cli  # noqa: E402
+from nemo_finetune.cli import flags_of, iter_fields, parse_dataclass_args, run_cli, with_config_file  # noqa: E402
 from nemo_finetune.console import setup_logging  # noqa: E402
 from nemo_finetune.errors import ConfigError  # noqa: E402
 
@@ -104,12 +104,15 @@ def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
 def training_hyperparameters(train_argv: list[str]) -> dict:
     """peft_megatron.py's explicitly given flags as {name: value}, parsed by its own parser (argparse exits 2 on a
     bad flag). `auto` stays `auto`: it is resolved on the instance, for the instance's GPUs."""
-    config, explicit = parse_dataclass_args(pm.Config, train_argv, pm.__doc__)
+    # A --config file's settings travel as flags (the instances do not have the file).
+    config, explicit = parse_dataclass_args(pm.Config, with_config_file(pm.Config, train_argv), pm.__doc__)
+    explicit -= {"config", "write_config"}
     owners = {f.name: parent for f, _, parent in iter_fields(pm.Config)}
+    flags = flags_of(pm.Config)
     values = {}
     for name in sorted(explicit):
         value = getattr(getattr(config, owners[name]) if owners[name] else config, name)
-        values[name] = "auto" if value is None else value
+        values[flags[name]] = "auto" if value is None else value
     return values
 
 

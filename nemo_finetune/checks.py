@@ -169,6 +169,18 @@ def _layout_problems(config, environ: Mapping[str, str]) -> list[str]:
             f"--val_check_interval {config.val_check_interval} > --max_steps {config.max_steps}: validation "
             "(and so checkpointing and early stopping) would never run; lower it"
         )
+    wanted = config.requested_global_batch_size
+    if wanted is not None and wanted <= 0:
+        problems.append(f"--global_batch_size {wanted} must be a positive integer")
+    elif wanted is not None and not bad & {*PARALLEL, "micro_batch_size", "accumulate_grad_batches"}:
+        per_step = config.micro_batch_size * config.data_parallel_size
+        if config.global_batch_size != wanted:
+            problems.append(
+                f"--global_batch_size {wanted} is not --micro_batch_size {config.micro_batch_size} x "
+                f"--accumulate_grad_batches {config.accumulate_grad_batches} x data-parallel size "
+                f"{config.data_parallel_size} = {config.global_batch_size}; give a multiple of {per_step} and leave "
+                "out --accumulate_grad_batches"
+            )
     cp = config.context_parallel_size
     if not bad & {"context_parallel_size", "max_seq_length"} and cp > 1 and config.max_seq_length % (2 * cp):
         problems.append(

@@ -174,13 +174,14 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         base, optional = _unwrap_optional(tp)
         kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS}
+        flag = flag_name(f)
         if base is bool:
-            target.add_argument(f"--{f.name}", action=_BoolAction, help=f"{help_text} (default: {default})", **kwargs)
+            target.add_argument(f"--{flag}", action=_BoolAction, help=f"{help_text} (default: {default})", **kwargs)
             continue
         if "choices" in f.metadata:
             kwargs["choices"] = f.metadata["choices"]
         else:
-            kwargs["metavar"] = f.name.upper()  # with choices, argparse shows them: {sdpa,unfused}
+            kwargs["metavar"] = flag.upper()  # with choices, argparse shows them: {sdpa,unfused}
         if "type" in f.metadata:
             kwargs["type"] = f.metadata["type"]
         elif base in (int, float, str):
@@ -190,7 +191,7 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         shown = f.metadata.get("shown", "unset" if default is None and optional else default)
         if "(default:" not in help_text:  # a help text that says its own default keeps it
             help_text = f"{help_text} (default: {shown})"
-        target.add_argument(f"--{f.name}", help=help_text, **kwargs)
+        target.add_argument(f"--{flag}", help=help_text, **kwargs)
 
 
 def dataclass_from_namespace(cls: type, ns: argparse.Namespace | dict) -> Any:
@@ -264,10 +265,21 @@ def settings_yaml(config: Any, leave_out: tuple[str, ...] = ()) -> str:
     values = {}
     for f, _, parent in iter_fields(type(config)):
         value = getattr(getattr(config, parent) if parent else config, f.name)
-        if f.name not in leave_out and value is not None:
-            values[f.name] = value
+        if flag_name(f) not in leave_out and value is not None:
+            values[flag_name(f)] = value
     return yaml.safe_dump(values, sort_keys=False, allow_unicode=True)
 
 
+def flag_name(f: dataclasses.Field) -> str:
+    """A field's flag: its name, or `metadata["flag"]` where the name is taken by a derived value of the class
+    (Config.global_batch_size is the resolved batch; the flag asks for one)."""
+    return f.metadata.get("flag", f.name)
+
+
 def flag_names(cls: type) -> list[str]:
-    return [f.name for f, _, _ in iter_fields(cls)]
+    return [flag_name(f) for f, _, _ in iter_fields(cls)]
+
+
+def flags_of(cls: type) -> dict[str, str]:
+    """{field name: flag name} of every (flattened) field."""
+    return {f.name: flag_name(f) for f, _, _ in iter_fields(cls)}

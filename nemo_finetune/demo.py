@@ -62,6 +62,7 @@ def demo_config(config):
         log_every_n_steps=10,
         micro_batch_size=16,
         accumulate_grad_batches=1,
+        requested_global_batch_size=None,  # the demo sets its batch itself
         limit_val_batches=2,
         max_seq_length=64,
         learning_rate=5e-3,

@@ -59,6 +59,19 @@ def apply_machine_defaults(config, visible_gpus: Callable[[], int]):
     return dataclasses.replace(config, gpus_per_node=gpus, tensor_parallel_size=tp)
 
 
+def apply_global_batch(config, explicit: set[str]):
+    """--global_batch_size sets --accumulate_grad_batches to it / (micro-batch x data-parallel size) unless that flag
+    is given too; a size that does not divide is left for validation to name."""
+    wanted = config.requested_global_batch_size
+    parallel = (config.tensor_parallel_size, config.pipeline_parallel_size, config.context_parallel_size)
+    if wanted is None or "accumulate_grad_batches" in explicit or min(*parallel, config.micro_batch_size) <= 0:
+        return config
+    per_step = config.micro_batch_size * config.data_parallel_size
+    if per_step <= 0 or wanted <= 0 or wanted % per_step:
+        return config
+    return dataclasses.replace(config, accumulate_grad_batches=wanted // per_step)
+
+
 def local_model_heads(hf_model_id: str) -> tuple[int, ...]:
     """A local model's attention and KV head counts (tensor parallelism must divide both); () when unknown."""
     try:

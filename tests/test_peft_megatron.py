@@ -696,8 +696,8 @@ HELP_SECTIONS = {
     ],
     "training": [
         "max_steps", "num_train_epochs", "val_check_interval", "log_every_n_steps", "micro_batch_size",
-        "accumulate_grad_batches", "limit_val_batches", "max_seq_length", "packed_sequence", "cuda_graphs",
-        "learning_rate", "min_learning_rate", "warmup_steps", "weight_decay", "max_grad_norm",
+        "accumulate_grad_batches", "global_batch_size", "limit_val_batches", "max_seq_length", "packed_sequence",
+        "cuda_graphs", "learning_rate", "min_learning_rate", "warmup_steps", "weight_decay", "max_grad_norm",
         "early_stopping_threshold", "early_stopping_patience", "core_attention", "save_weights_only", "save_top_k",
         "resume_from", "no_resume",
     ],
@@ -922,6 +922,31 @@ def test_a_settings_file_gives_the_plan_its_flags_and_the_flags_given_override_i
         assert "Traceback" not in out.stderr
     missing = run_script("peft_megatron.py", "--dry_run", "--config", str(tmp_path / "none.yaml"))
     assert missing.returncode == 2 and "cannot read it as YAML (No such file or directory)" in missing.stderr
+
+
+def test_global_batch_size_sets_the_accumulation_and_must_agree_with_it(tmp_path, no_te):
+    layout = f"--gpus_per_node 8 --tensor_parallel_size 2 --micro_batch_size 2 --output_dir {tmp_path}"  # DP 4
+    config = parse(f"{layout} --global_batch_size 64")
+    assert (config.accumulate_grad_batches, config.global_batch_size) == (8, 64)
+    assert configure_recipe(config, no_te).data.global_batch_size == 64
+    validate_config(parse(f"{layout} --global_batch_size 64 --accumulate_grad_batches 8"))  # both, agreeing
+    refused = {
+        "--global_batch_size 60": "2 x --accumulate_grad_batches 8 x data-parallel size 4 = 64",
+        "--global_batch_size 64 --accumulate_grad_batches 2": "x data-parallel size 4 = 16",
+    }
+    for flags, product in refused.items():
+        out = run_script("peft_megatron.py", "--dry_run", *shlex.split(f"{layout} {flags}"))
+        assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+        assert f"--global_batch_size {flags.split()[1]} is not --micro_batch_size " in out.stderr
+        assert product in out.stderr and "give a multiple of 8 and leave out --accumulate_grad_batches" in out.stderr
+    settings = tmp_path / "run.yaml"
+    flags = shlex.split(f"{layout} --global_batch_size 32")
+    plan = run_script("peft_megatron.py", "--dry_run", *flags, "--write_config", str(settings))
+    assert plan.returncode == 0, plan.stderr[-2000:]
+    assert "  global_batch_size: 32" in plan.stdout and "  accumulate_grad_batches: 4" in plan.stdout
+    assert "global_batch_size: 32\n" in settings.read_text()
+    again = run_script("peft_megatron.py", "--dry_run", "--config", str(settings))
+    assert again.returncode == 0 and "  global_batch_size: 32" in again.stdout, again.stderr[-2000:]
 
 
 def test_a_flag_that_is_a_negation_has_no_double_negative_twin(tmp_path):

@@ -107,6 +107,13 @@ def test_only_the_given_flags_travel_so_sagemakers_environment_fills_the_rest():
     }
 
 
+def test_hyperparameters_carry_flag_names_and_a_settings_files_values(tmp_path):
+    settings = tmp_path / "run.yaml"
+    settings.write_text("learning_rate: 1.0e-5\nglobal_batch_size: 64\n")
+    given = sj.training_hyperparameters(["--config", str(settings), "--max_steps", "20"])
+    assert given == {"learning_rate": 1e-5, "global_batch_size": 64, "max_steps": 20}  # no file path travels
+
+
 def test_flags_sagemaker_owns_or_a_node_count_that_disagrees_are_refused():
     job, _ = sj.parse_dataclass_args(sj.JobConfig, JOB, "")
     with pytest.raises(sj.ConfigError) as err:
