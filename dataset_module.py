@@ -937,7 +937,12 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The console entry point of an installed copy (pyproject.toml), the same as running this file."""
     from nemo_finetune.cli import run_cli
 
     run_cli(main)
+
+
+if __name__ == "__main__":
+    cli()

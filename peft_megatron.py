@@ -486,5 +486,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The console entry point of an installed copy (pyproject.toml), the same as running this file."""
     run_cli(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -395,5 +395,10 @@ def report_evaluation(ckpt: Path, predictions: Path, metrics: dict) -> None:
         print(f"metrics added to {run.report / 'summary.json'}")
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The console entry point of an installed copy (pyproject.toml), the same as running this file."""
     run_cli(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -470,7 +470,7 @@ def run_ours(args, case: Case, variant: Variant) -> dict:
     from nemo_finetune import compat
 
     env = compat.prepare_process()
-    # as startup/sitecustomize.py does in the workers
+    # as nemo_finetune/startup/sitecustomize.py does in the workers
     compat.install_worker_hooks(skip=variant.skip_shims, trial=variant.trial_shims, cuda_graphs=graphed(variant))
     recorder = StepRecorder()
 

@@ -167,8 +167,7 @@ def stage_source(target: Path) -> Path:
     and all."""
     for path in REPO.glob("*.py"):
         shutil.copy2(path, target / path.name)
-    for package in ("nemo_finetune", "startup"):
-        shutil.copytree(REPO / package, target / package, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(REPO / "nemo_finetune", target / "nemo_finetune", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy2(REPO / "requirements.txt", target / "requirements.txt")
     return target
 

@@ -29,7 +29,8 @@ from nemo_finetune.report import write_report
 
 log = logging.getLogger("peft_megatron")
 
-DEMO_DIR = REPO_DIR / "demo"
+# ./demo: the repository's own from a checkout (README runs it there), the current directory's for an installed copy.
+DEMO_DIR = Path.cwd() / "demo"
 
 
 def demo_config(config):

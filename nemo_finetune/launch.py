@@ -11,7 +11,7 @@ from pathlib import Path
 from nemo_finetune.compat.fixes import experiment
 from nemo_finetune.console import quiet_workers
 from nemo_finetune.errors import PipelineError
-from nemo_finetune.layout import REPO_DIR
+from nemo_finetune.layout import REPO_DIR, STARTUP_DIR
 from nemo_finetune.rendezvous import rendezvous_environ, scoped_environ
 from nemo_finetune.resolve import torchrun_of_this_python
 
@@ -29,8 +29,8 @@ def configure_executor(config, env=None):
         "PYTHONPATH": pythonpath,  # the workers import dataset_module and nemo_finetune from this repository
         "TOKENIZERS_PARALLELISM": "false",
     }
-    # startup/sitecustomize.py applies the workers' shims before NeMo loads (compat.apply says which).
-    env_vars["PYTHONPATH"] = os.pathsep.join([str(REPO_DIR / "startup"), pythonpath])
+    # nemo_finetune/startup/sitecustomize.py applies the workers' shims before NeMo loads (compat.apply says which).
+    env_vars["PYTHONPATH"] = os.pathsep.join([str(STARTUP_DIR), pythonpath])
     if not (config.executor == "slurm" and config.container_image):  # a container brings its own torchrun
         # NeMo-Run starts `torchrun` by name: this Python's own, whether or not its environment is activated.
         env_vars["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])

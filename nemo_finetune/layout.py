@@ -6,6 +6,7 @@ import dataclasses
 from pathlib import Path
 
 REPO_DIR = Path(__file__).resolve().parents[1]  # the four scripts; the workers import from here
+STARTUP_DIR = Path(__file__).resolve().parent / "startup"  # the training workers' sitecustomize.py
 RUN_NAME = "nemo_logs"  # NeMoLogger's name: <output_dir>/nemo_logs/checkpoints/nemo_logs--val_loss=...-step=...
 
 

@@ -77,7 +77,7 @@ def test_worker_startup_hook_applies_guards_before_nemo_runs():
         " getattr(rope_utils._apply_rotary_pos_emb_thd, '_nemo_compat', False),"
         " getattr(lora.LoRALinear.forward, '_nemo_compat', False))"
     )
-    worker = {"PYTHONPATH": f"{REPO / 'startup'}:{REPO}", compat.WORKER_ENV_FLAG: "1"}
+    worker = {"PYTHONPATH": f"{REPO / 'nemo_finetune' / 'startup'}:{REPO}", compat.WORKER_ENV_FLAG: "1"}
     out = run_python(probe, worker)
     assert out == "SimpleNamespace True True True True"
     # Each shim a `compat:` line on the worker's stderr
@@ -90,7 +90,7 @@ def test_worker_startup_hook_applies_guards_before_nemo_runs():
     assert "compat: async-save-staged-buffers (" in stderr
     assert "compat: torch-optimizer-kernels (" in stderr
     # Without the launcher's flag (test_checkpoint.py, conversions: CUDA-graph inference) RoPE and LoRA stay upstream's.
-    out = run_python(probe, {"PYTHONPATH": f"{REPO / 'startup'}:{REPO}", compat.WORKER_ENV_FLAG: "0"})
+    out = run_python(probe, {"PYTHONPATH": f"{REPO / 'nemo_finetune' / 'startup'}:{REPO}", compat.WORKER_ENV_FLAG: "0"})
     assert out.endswith(" False False False")
 
 
@@ -286,7 +286,7 @@ def test_an_optional_worker_shim_is_left_out_when_skipped():
         "from megatron.core import optimizer; from megatron.core.dist_checkpointing.strategies import async_utils\n"
         "print(hasattr(async_utils.TemporalAsyncCaller.schedule_async_call, '_nemo_compat'))"
     )
-    worker = {"PYTHONPATH": f"{REPO / 'startup'}:{REPO}", compat.WORKER_ENV_FLAG: "1"}
+    worker = {"PYTHONPATH": f"{REPO / 'nemo_finetune' / 'startup'}:{REPO}", compat.WORKER_ENV_FLAG: "1"}
     skip = {**worker, compat.WORKER_SKIP_ENV: " torch-optimizer-kernels,async-save-staged-buffers "}
     out = subprocess.run(
         [sys.executable, "-c", load], capture_output=True, text=True, cwd=REPO, env={**os.environ, **skip}
@@ -318,7 +318,10 @@ def test_with_te_and_cuda_the_workers_get_only_the_checkpoint_fix():
         "print(sorted(compat.applied()), 'stub' in (sys.modules['megatron.core.inference.unified_memory'].__doc__"
         " or ''))"
     )
-    worker = {"PYTHONPATH": f"{REPO / 'startup'}:{REPO}", compat.WORKER_ENV_FLAG: compat.CHECKPOINT_ONLY}
+    worker = {
+        "PYTHONPATH": f"{REPO / 'nemo_finetune' / 'startup'}:{REPO}",
+        compat.WORKER_ENV_FLAG: compat.CHECKPOINT_ONLY,
+    }
     assert run_python(probe, worker) == "['async-save-staged-buffers'] False"
 
 

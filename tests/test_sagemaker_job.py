@@ -95,8 +95,9 @@ def test_hyperparameters_round_trip_through_sagemakers_command_line_to_the_same_
         "ml.p5.48xlarge",
     )
     staged = sorted(p.name for p in tmp_path.iterdir())
-    assert {"peft_megatron.py", "dataset_module.py", "nemo_finetune", "requirements.txt", "startup"} <= set(staged)
+    assert {"peft_megatron.py", "dataset_module.py", "nemo_finetune", "requirements.txt"} <= set(staged)
     assert (tmp_path / "nemo_finetune" / "compat" / "apply.py").is_file()
+    assert (tmp_path / "nemo_finetune" / "startup" / "sitecustomize.py").is_file()
     assert not {"tests", ".venv", ".git", "examples"} & set(staged)
 
 
