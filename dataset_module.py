@@ -230,6 +230,7 @@ def load_splits(cfg: HFDatasetConfig) -> dict[str, list[dict]]:
     """Load the source into {split name in the source: rows}."""
     import datasets
 
+    datasets.disable_progress_bars()  # "Generating train split" bars: not log lines; the summary gives the counts
     spec = cfg.dataset_name
     files = _local_files(spec)
     try:

@@ -111,6 +111,8 @@ def test_the_demo_on_a_machine_without_gpu_prints_our_plan_not_the_libraries_cha
     assert "demo: prepared" in console and "plan:" in console
     assert "full log, every library's messages:" in console
     assert not [line for line in CHATTER if line in console], console[-3000:]
+    assert out.stdout.splitlines()[0].strip(), out.stdout[:500]  # no blank lines before our first one
+    assert "Generating train split" not in console and "compat: " not in console
     kept = (REPO / "demo" / "run" / "peft_megatron.log").read_text()
     assert [line for line in CHATTER if line in kept]  # the chatter is in the log file, not lost
 
