@@ -949,6 +949,29 @@ def test_global_batch_size_sets_the_accumulation_and_must_agree_with_it(tmp_path
     assert again.returncode == 0 and "  global_batch_size: 32" in again.stdout, again.stderr[-2000:]
 
 
+def test_an_unreachable_hub_fails_the_import_in_seconds_with_the_fix(tmp_path):
+    offline_shell = {
+        "HF_HUB_OFFLINE": "0",
+        "TRANSFORMERS_OFFLINE": "0",
+        "HF_ENDPOINT": "http://127.0.0.1:9",  # nothing listens there: what a machine without network meets
+        "HF_HOME": str(tmp_path / "hf"),  # an empty cache
+    }
+    started = time.monotonic()
+    out = run_script(
+        "peft_megatron.py",
+        *("--import_only", "--hf_model_id", "someorg/somemodel", "--output_dir", str(tmp_path / "run")),
+        env=offline_shell,
+    )
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert time.monotonic() - started < 60
+    assert (
+        "--hf_model_id someorg/somemodel: the Hugging Face hub (http://127.0.0.1:9) could not be reached "
+        "(ConnectionError" in out.stderr
+    )
+    assert "point --hf_model_id at a local directory (save_pretrained output) or set HF_HUB_OFFLINE=1" in out.stderr
+    assert not (tmp_path / "run" / "imported_hf_ckpt").exists()
+
+
 def test_a_flag_that_is_a_negation_has_no_double_negative_twin(tmp_path):
     assert parse("--no_resume").no_resume and not parse("--no-full_ft").full_ft
     out = run_script("peft_megatron.py", "--dry_run", "--no-no_resume", "--output_dir", str(tmp_path))
