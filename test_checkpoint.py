@@ -40,6 +40,7 @@ from nemo_finetune.cli import parse_dataclass_args, run_cli
 from nemo_finetune.console import setup_logging
 from nemo_finetune.errors import ConfigError, PipelineError
 from nemo_finetune.files import atomic_write_jsonl, atomic_write_text, iter_jsonl
+from nemo_finetune.hub import hub_problem
 from nemo_finetune.layout import RunLayout
 from nemo_finetune.records import output_files
 
@@ -117,6 +118,9 @@ def validate(cfg: EvalConfig) -> None:
         problems.append(f"--bertscore_num_layers {cfg.bertscore_num_layers} must be a layer number, 1 or more")
     if cfg.bertscore_model != "none" and Path(cfg.bertscore_model).is_dir():
         problems.extend(_local_bertscore_problems(Path(cfg.bertscore_model), cfg.bertscore_num_layers))
+    elif cfg.bertscore_model != "none" and not problems:  # asked before generation, not after it
+        fix = "pass a local directory with --bertscore_model DIR --bertscore_num_layers N (or none)"
+        problems.extend(p for p in [hub_problem("--bertscore_model", cfg.bertscore_model, fix)] if p)
     if problems:
         raise ConfigError(problems)
 

@@ -18,6 +18,7 @@ from nemo_finetune.files import (
     file_heads,
     remove_leftovers,
 )
+from nemo_finetune.hub import hub_problem
 from nemo_finetune.recipe import assign, recipe_module
 from nemo_finetune.records import IMPORT_RECORD, import_files
 from nemo_finetune.resolve import is_local_model, model_location
@@ -86,45 +87,15 @@ def check_import_source(target: Path, source: dict) -> None:
         )
 
 
-HUB_TIMEOUT_S = 10.0
-
-
-def check_hub_reachable(model_id: str) -> None:
-    """A hub id that is not in the local cache must answer within seconds, or the import stops with the fix (the
-    libraries behind NeMo's importer would retry for the better part of a minute and end in a traceback)."""
-    import huggingface_hub
-    import requests
-    from huggingface_hub import constants
-    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
-
-    if constants.HF_HUB_OFFLINE or isinstance(huggingface_hub.try_to_load_from_cache(model_id, "config.json"), str):
-        return  # the cache is read (and a miss is named by the loader)
-    try:
-        huggingface_hub.HfApi().model_info(model_id, timeout=HUB_TIMEOUT_S)
-    except (requests.ConnectionError, requests.Timeout) as e:
-        raise PipelineError(
-            f"--hf_model_id {model_id}: the Hugging Face hub ({constants.ENDPOINT}) could not be reached "
-            f"({type(e).__name__}, waited at most {HUB_TIMEOUT_S:.0f} s); without network access, point --hf_model_id "
-            "at a local directory (save_pretrained output) or set HF_HUB_OFFLINE=1 to use the local cache"
-        ) from None
-    except GatedRepoError:
-        raise PipelineError(
-            f"--hf_model_id {model_id} is gated: accept its licence on the hub and log in (HF_TOKEN)"
-        ) from None
-    except RepositoryNotFoundError:
-        raise PipelineError(
-            f"--hf_model_id {model_id}: no such model on the hub (or it is private: log in with HF_TOKEN); check "
-            "the id, or give a local directory"
-        ) from None
-    except HfHubHTTPError as e:
-        raise PipelineError(f"--hf_model_id {model_id}: the hub answered {str(e).splitlines()[0]}") from None
-
-
 def _run_import(config, target: Path, identity: dict) -> None:
     from nemo_finetune import compat
 
-    if not is_local_model(config.hf_model_id):
-        check_hub_reachable(config.hf_model_id)  # before NeMo loads: seconds, not a minute of retries
+    if not is_local_model(config.hf_model_id):  # before NeMo loads: seconds, not a minute of retries
+        problem = hub_problem(
+            "--hf_model_id", config.hf_model_id, "point --hf_model_id at a local directory (save_pretrained output)"
+        )
+        if problem:
+            raise PipelineError(problem)
     env = compat.prepare_process()
     import fiddle as fdl
     from nemo.collections import llm

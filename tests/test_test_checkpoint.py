@@ -136,6 +136,18 @@ def test_offline_bertscore_hub_name_says_how_to_fix(tmp_path):
     )
 
 
+def test_an_unreachable_hub_for_bertscore_is_refused_before_any_work(tmp_path):
+    preds = write_predictions(tmp_path / "preds.jsonl")
+    no_network = {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path / "hf")}
+    out = run_script("test_checkpoint.py", "--evaluate_only", "--predictions_file", str(preds), env=no_network)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert "--bertscore_model roberta-large: the Hugging Face hub (http://127.0.0.1:9) could not be reached" in (
+        out.stderr
+    )
+    assert "pass a local directory with --bertscore_model DIR --bertscore_num_layers N (or none)" in out.stderr
+    assert not (tmp_path / "preds.metrics.json").exists()
+
+
 def test_generation_refuses_without_a_gpu_after_naming_adapters_that_change_nothing(tmp_path):
     fake_checkpoint(tmp_path / "ckpt", adapter=True, tensors=lora_tensors(untrained_layer=1, damaged_layer=0))
     out = run_script(
