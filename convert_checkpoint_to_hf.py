@@ -42,7 +42,7 @@ from nemo_finetune.checkpoints import (
     warn_damaged_adapters,
 )
 from nemo_finetune.cli import parse_dataclass_args, run_cli
-from nemo_finetune.console import setup_logging
+from nemo_finetune.console import library_logs_through_ours, prints_as_library_records, setup_logging
 from nemo_finetune.errors import ConfigError, PipelineError
 from nemo_finetune.files import atomic_dir, file_heads, remove_leftovers
 from nemo_finetune.layout import RunLayout
@@ -202,7 +202,7 @@ def export_hf(nemo_ckpt: Path, out: Path, env) -> None:
 
     from nemo_finetune import compat
 
-    with compat.cpu_checkpoint_io(env):
+    with compat.cpu_checkpoint_io(env), prints_as_library_records("nemo.export_ckpt"):  # "✓ exported to <tmp>"
         llm.export_ckpt(path=nemo_ckpt, target="hf", output_path=out, overwrite=True)
     fix_special_token_ids(nemo_ckpt, out)
 
@@ -238,7 +238,7 @@ def merge_in_hf(base_hf: Path, adapter_dir: Path, out: Path) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     dtype = getattr(AutoConfig.from_pretrained(base_hf), "torch_dtype", None) or torch.float32
-    model = AutoModelForCausalLM.from_pretrained(base_hf, torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(base_hf, dtype=torch.float32)
     merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
     merged.to(dtype).save_pretrained(out, safe_serialization=True)
     AutoTokenizer.from_pretrained(base_hf).save_pretrained(out)
@@ -354,7 +354,7 @@ def reference_logits(model_dir: Path, adapter_dir: Path | None = None):
     from nemo_finetune.compat.fixes import without_module_name_warning
 
     with without_module_name_warning():  # a checkpoint's directory name is no Python identifier; nothing is imported
-        model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     if adapter_dir is not None:
         from peft import PeftModel
 
@@ -488,6 +488,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg, _ = parse_dataclass_args(ExportConfig, argv, __doc__)
     setup_logging(cfg.log_level)
     validate(cfg)
+    library_logs_through_ours()
     export(cfg)
     return 0
 

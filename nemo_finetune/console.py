@@ -147,6 +147,38 @@ def prints_to_log_file(source: str, level: str) -> Iterator[None]:
             writer.close()
 
 
+class _PrintsAsRecords(_LineWriter):
+    def __init__(self, console, logger: logging.Logger):
+        super().__init__(console)
+        self.logger = logger
+
+    def route(self, line: str) -> None:
+        if line.strip():
+            self.logger.info("%s", re.sub(ANSI_CODE, "", line))
+
+
+@contextlib.contextmanager
+def prints_as_library_records(source: str) -> Iterator[None]:
+    """Inside the block, stdout prints become INFO records of the library logger `source`: kept by the log file when
+    there is one, shown on the console only at --log_level DEBUG, as every library's INFO lines (NeMo's export
+    prints the temporary directory it wrote)."""
+    writer = _PrintsAsRecords(sys.stdout, logging.getLogger(source))
+    with contextlib.redirect_stdout(writer):
+        try:
+            yield
+        finally:
+            writer.close()
+
+
+def library_logs_through_ours() -> None:
+    """transformers prints its warnings (`torch_dtype is deprecated`) through a handler of its own; hand them to the
+    root logger instead, where the console policy and the log file decide. Call where transformers is imported."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_default_handler()
+    hf_logging.enable_propagation()
+
+
 class WorkerConsole(_LineWriter):
     """Stands in for sys.stdout while NeMo-Run tails the training workers' output, which it prints there, each line
     prefixed with the role and replica (`qwen3_8b/0 [default0]:...`). Every worker line goes to our log file; the

@@ -50,12 +50,15 @@ def qwen3_head_dim_64(assets):
 
 def import_and_export(model_dir: Path, recipe: str, tmp: Path) -> Path:
     nemo = tmp / "nemo"
-    out = run_import(model_dir, nemo, recipe)
+    out = run_script("peft_megatron.py", *import_args(model_dir, nemo, recipe), "--log_level", "DEBUG")
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "compat: local-spec-norm-mapping" in out.stdout
+    assert "compat: local-spec-norm-mapping" in out.stdout  # the shims' lines: on the console at DEBUG
     hf = tmp / "hf"
     out = run_script("convert_checkpoint_to_hf.py", "--nemo_checkpoint_path", str(nemo), "--output_dir", str(hf))
     assert out.returncode == 0, out.stderr[-3000:]
+    console = out.stdout + out.stderr  # our lines only: not NeMo's temporary path, not transformers' warnings
+    assert "Checkpoint exported to" not in console and "torch_dtype" not in console and "compat:" not in console
+    assert f"exported {nemo} -> {hf}" in console or str(hf) in console
     again = run_script("convert_checkpoint_to_hf.py", "--nemo_checkpoint_path", str(nemo), "--output_dir", str(hf))
     assert again.returncode == 0 and f"export already present: {hf}" in again.stdout  # re-runnable, keeps it
     return hf
