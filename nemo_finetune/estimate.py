@@ -32,8 +32,9 @@ class Shape:
     @classmethod
     def of(cls, args: dict, vocab_size: int | None = None) -> Shape | None:
         """From a model config's arguments (fiddle's ordered_arguments with defaults); None for a mixture of
-        experts, which this estimate does not cover."""
-        if args.get("num_moe_experts"):
+        experts or a config that is not a dense GPT's, which this estimate does not cover."""
+        sizes = [args.get(k) for k in ("num_layers", "hidden_size", "num_attention_heads")]
+        if args.get("num_moe_experts") or not all(isinstance(v, int) and v > 0 for v in sizes):
             return None
         hidden, heads = args["hidden_size"], args["num_attention_heads"]
         return cls(

@@ -98,7 +98,7 @@ def size_lines(config, recipe) -> list[str]:
     args = fdl.ordered_arguments(recipe.model.config, include_defaults=True)
     shape = estimate.Shape.of(args)
     if shape is None:
-        return ["parameters and memory: not estimated for a mixture-of-experts model"]
+        return ["parameters and memory: not estimated for this model (a mixture of experts, or not a dense GPT)"]
     if is_nemo_checkpoint(config.nemo_ckpt_path):
         source = "the imported checkpoint's config"
     elif is_local_model(config.hf_model_id):

@@ -53,6 +53,13 @@ def test_counts_equal_megatrons_gpt_with_nemos_lora(model_parallel, targets):
         assert trained > 0 and estimate.adapter_parameters(shape, targets, rank=4) == trained
 
 
+def test_configs_it_does_not_cover_give_no_estimate():
+    assert (
+        estimate.Shape.of({"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "num_moe_experts": 8}) is None
+    )
+    assert estimate.Shape.of({"num_layers": 2, "hidden_size": 64}) is None  # not a GPT's config
+
+
 def test_memory_budget_follows_its_formula():
     shape = tiny_shape(vocab_size=128)
     memory = estimate.memory_per_gpu(shape, 1000, 100, 128, 2, 16, 2, 1, 4)
