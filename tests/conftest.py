@@ -132,11 +132,18 @@ def fake_checkpoint(path: Path, adapter: bool = False, tensors: dict | None = No
 
 
 def kill_when(proc: subprocess.Popen, seen, timeout_s: float = 300) -> None:
-    """SIGKILL `proc` as soon as `seen()` is true (polled, no fixed sleeps); fail if it ends first."""
+    """SIGKILL `proc` as soon as `seen()` is true (polled, no fixed sleeps); fail if it ends first. A directory that
+    vanishes while `seen()` globs it (NeMo's export removes and remakes its output directory) counts as not yet."""
     import time
 
+    def looked() -> bool:
+        try:
+            return seen()
+        except FileNotFoundError:
+            return False
+
     deadline = time.monotonic() + timeout_s
-    while not seen():
+    while not looked():
         assert proc.poll() is None, "the script ended before the moment to kill it:\n" + proc.stdout.read()[-2000:]
         assert time.monotonic() < deadline, "timed out waiting for the moment to kill"
         time.sleep(0.01)
