@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from nemo_finetune.checkpoints import hf_load_error
+from nemo_finetune.choices import LOG_LEVELS
 from nemo_finetune.compat import fixes
 from nemo_finetune.errors import PipelineError
 from nemo_finetune.files import (
@@ -900,7 +901,7 @@ class PrepareSettings:
     trust_remote_code: bool = field(
         default=False, metadata={"help": "allow custom code from the tokenizer's repository"}
     )
-    log_level: str = field(default="INFO", metadata={"help": "console level", "choices": ("DEBUG", "INFO", "WARNING")})
+    log_level: str = field(default="INFO", metadata={"help": "console level", "choices": LOG_LEVELS})
     data: HFDatasetConfig = field(default_factory=HFDatasetConfig)
 
 
