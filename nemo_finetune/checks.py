@@ -15,7 +15,7 @@ from pathlib import Path
 
 from nemo_finetune.choices import LORA_TARGETS, PEFT_SCHEMES, PROFILER_FLAGS, lora_targets
 from nemo_finetune.errors import ConfigError
-from nemo_finetune.resolve import attention_heads, available_recipes, is_local_model, torchrun_of_this_python
+from nemo_finetune.resolve import attention_heads, available_recipes, is_local_model
 
 log = logging.getLogger("peft_megatron")
 
@@ -67,7 +67,7 @@ def validate_config(config, visible_gpus: int | None = None, environ: Mapping[st
         *(_local_model_problems(config) if is_local_model(config.hf_model_id) and not config.demo else []),
         *_path_problems(config),
         *_resume_problems(config),
-        *_slurm_problems(config),
+        *_slurm_problems(config, environ),
         *config.data.problems(),
     ]
     if problems:
@@ -87,11 +87,11 @@ def _machine_problems(config, visible_gpus: int | None, environ: Mapping[str, st
     except ValueError as e:
         problems.append(str(e))
     launches_here = config.executor == "local" and not (config.import_only or config.prepare_data_only)
-    if launches_here and torchrun_of_this_python() is None:  # a --dry_run prints the command, so checks it too
+    if launches_here and importlib.util.find_spec("torch") is None:  # the workers run this Python's torch
         problems.append(
-            f"torchrun is not installed beside this Python ({sys.executable}), which launches the training workers: "
-            "install torch into this environment (README's install command), or run the script with the Python "
-            "that has it"
+            f"torch is not installed for this Python ({sys.executable}), which launches the training workers: "
+            "install it into this environment (README's install command), or run the script with the Python that "
+            "has it"
         )
     if visible_gpus == 0:
         visible = environ.get("CUDA_VISIBLE_DEVICES")
@@ -308,7 +308,7 @@ def _resume_problems(config) -> list[str]:
 SLURM_TIME = re.compile(r"^(\d+-)?\d{1,2}:\d{2}:\d{2}$")
 
 
-def _slurm_problems(config) -> list[str]:
+def _slurm_problems(config, environ: Mapping[str, str]) -> list[str]:
     if config.executor != "slurm":
         given = [f"--{n}" for n in ("slurm_account", "slurm_partition", "container_image") if getattr(config, n)]
         return [f"{', '.join(given)} apply to --executor slurm only; add it or drop them"] if given else []
@@ -322,6 +322,20 @@ def _slurm_problems(config) -> list[str]:
     bad_mounts = [m for m in config.container_mounts.split(",") if m.strip() and ":" not in m]
     if bad_mounts:
         problems.append(f"--container_mounts {', '.join(bad_mounts)}: each mount is host_path:container_path")
+    if not config.container_image:
+        # NeMo-Run 0.11 replaces every "/nemo_run" in the sbatch script of a job without a container image with the
+        # job's directory (its name for the directory mounted in containers): paths holding it would break.
+        from nemo_finetune.layout import REPO_DIR
+
+        written = [str(config.output_path.resolve()), str(REPO_DIR), *environ.get("PATH", "").split(os.pathsep)]
+        written += environ.get("PYTHONPATH", "").split(os.pathsep)
+        broken = [p for p in written if "/nemo_run" in p]
+        if broken:
+            problems.append(
+                f"--executor slurm without --container_image: NeMo-Run rewrites every '/nemo_run' in the job script, "
+                f"which would break {', '.join(broken)} (--output_dir, this repository, PATH, PYTHONPATH); move them "
+                "to a path without it, or give --container_image"
+            )
     return problems
 
 

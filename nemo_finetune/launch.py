@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -11,9 +12,9 @@ from pathlib import Path
 from nemo_finetune.compat.fixes import experiment
 from nemo_finetune.console import quiet_workers
 from nemo_finetune.errors import PipelineError
+from nemo_finetune.files import atomic_write_text
 from nemo_finetune.layout import REPO_DIR, STARTUP_DIR
 from nemo_finetune.rendezvous import rendezvous_environ, scoped_environ
-from nemo_finetune.resolve import torchrun_of_this_python
 
 log = logging.getLogger("peft_megatron")
 
@@ -31,15 +32,36 @@ def configure_executor(config, env=None):
     }
     # nemo_finetune/startup/sitecustomize.py applies the workers' shims before NeMo loads (compat.apply says which).
     env_vars["PYTHONPATH"] = os.pathsep.join([str(STARTUP_DIR), pythonpath])
-    if not (config.executor == "slurm" and config.container_image):  # a container brings its own torchrun
-        # NeMo-Run starts `torchrun` by name: this Python's own, whether or not its environment is activated.
-        env_vars["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    if runs_own_torchrun(config):
+        # NeMo-Run starts `torchrun` by name: the first on the workers' PATH is install_torchrun's.
+        env_vars["PATH"] = os.pathsep.join([str(config.layout.launcher.resolve()), os.environ.get("PATH", "")])
     env_vars.update(compat.worker_environment(env, cuda_graphs=config.cuda_graphs))
     if config.executor == "slurm":
         return _slurm_executor(config, env_vars)
     return run.LocalExecutor(
         ntasks_per_node=config.gpus_per_node, nodes=config.num_nodes, launcher="torchrun", env_vars=env_vars
     )
+
+
+def runs_own_torchrun(config) -> bool:
+    """Whether the workers start with this Python's torch; a Slurm job's container image brings its own torchrun."""
+    return not (config.executor == "slurm" and config.container_image)
+
+
+def own_torchrun_command() -> str:
+    """torchrun of the Python that runs this script, whether or not its environment is activated or has a
+    `torchrun` script (a venv that sees a system torch has none); another environment's torchrun would train with
+    other packages."""
+    return f"{shlex.quote(sys.executable)} -m torch.distributed.run"
+
+
+def install_torchrun(config) -> None:
+    """Write the `torchrun` that configure_executor puts first on the workers' PATH (under the run's directory, so a
+    Slurm job's nodes see it on the shared file system)."""
+    script = config.layout.launcher / "torchrun"
+    script.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(script, f'#!/bin/sh\nexec {own_torchrun_command()} "$@"\n')
+    script.chmod(0o755)
 
 
 def target_environment(config, local):
@@ -72,7 +94,7 @@ def _slurm_executor(config, env_vars: dict):
         container_image=config.container_image,
         container_mounts=mounts,
         env_vars=env_vars,
-        tunnel=run.LocalTunnel(job_dir=str(config.layout.nemo_run.resolve())),
+        tunnel=run.LocalTunnel(job_dir=str(config.layout.jobs.resolve())),
     )
     executor.launcher = "torchrun"  # one torchrun per node, rendezvous at the first node (NeMo-Run's sbatch script)
     return executor
@@ -80,17 +102,19 @@ def _slurm_executor(config, env_vars: dict):
 
 def submit_training(config, recipe, executor) -> None:
     """--executor slurm: submit the job and return; the job's logs and checkpoints appear under --output_dir."""
+    if runs_own_torchrun(config):
+        install_torchrun(config)
     with experiment(
         config.experiment_title,
         executor=executor,
         log_level=config.log_level,
-        base_dir=str(config.layout.nemo_run.resolve()),
+        base_dir=str(config.layout.jobs.resolve()),
     ) as exp:
         exp.add(recipe, tail_logs=False, name=config.recipe_cls_name)
         exp.run(detach=True)
     for job in exp.jobs:
         print(
-            f"submitted Slurm job {job.id} ({job.state}); logs under {config.layout.nemo_run}, checkpoints "
+            f"submitted Slurm job {job.id} ({job.state}); logs under {config.layout.jobs}, checkpoints "
             f"under {config.layout.checkpoints}",
             flush=True,
         )
@@ -104,6 +128,7 @@ def launch_training(config, recipe, executor) -> float:
     if config.enable_pytorch_profiler or config.enable_memory_profile:
         config.layout.profiles.mkdir(parents=True, exist_ok=True)  # the callbacks require it to exist
     log.info("training workers' output: in full in %s; here, what matters", config.layout.log_file)
+    install_torchrun(config)
     # A single job's workers are waited for (and their output tailed) when the experiment's context exits.
     with (
         quiet_workers(config.recipe_cls_name, config.log_level, config.log_every_n_steps),
@@ -112,7 +137,7 @@ def launch_training(config, recipe, executor) -> float:
             config.experiment_title,
             executor=executor,
             log_level=config.log_level,
-            base_dir=str(config.layout.nemo_run.resolve()),
+            base_dir=str(config.layout.jobs.resolve()),
         ) as exp,
     ):
         exp.add(recipe, tail_logs=True, name=config.recipe_cls_name)
@@ -121,7 +146,7 @@ def launch_training(config, recipe, executor) -> float:
     failed = {jid: str(state) for jid, state in states.items() if state != AppState.SUCCEEDED}
     if failed:
         raise PipelineError(
-            f"training failed (job states {failed}); the worker logs are under {config.layout.nemo_run} "
+            f"training failed (job states {failed}); the worker logs are under {config.layout.jobs} "
             "(the error is printed above)"
         )
     log.info("fine-tuning finished; checkpoints under %s", config.layout.checkpoints)
@@ -129,15 +154,15 @@ def launch_training(config, recipe, executor) -> float:
 
 
 def launch_command(config, recipe, executor) -> str:
-    """The torchrun command NeMo-Run would run on this node (the serialized recipe argument abbreviated), with the
-    torchrun it finds: the one beside this Python, whose directory the executor puts first on the workers' PATH."""
+    """The torchrun command NeMo-Run would run on this node (the serialized recipe argument abbreviated), as the
+    `torchrun` first on the workers' PATH runs it: with this Python's torch."""
     from nemo_run.run.torchx_backend.packaging import package
 
     role = package(config.recipe_cls_name, recipe, executor, serialize_to_file=False).roles[0]
     args = [a if len(a) < 200 else f"<serialized recipe, {len(a)} chars>" for a in role.args]
     entrypoint = role.entrypoint
-    if entrypoint == "torchrun" and config.executor == "local":
-        entrypoint = str(torchrun_of_this_python() or entrypoint)
+    if entrypoint == "torchrun" and runs_own_torchrun(config):
+        entrypoint = own_torchrun_command()
     return " ".join([entrypoint, *args])
 
 
@@ -145,7 +170,7 @@ def slurm_script(config, recipe, executor) -> str:
     """The sbatch script NeMo-Run would submit, from NeMo-Run's own dry run; the files it writes are removed."""
     import shutil
 
-    base = config.layout.nemo_run.resolve()
+    base = config.layout.jobs.resolve()
     created = [p for p in (base, *base.parents) if not p.exists()]
     exp = None
     try:

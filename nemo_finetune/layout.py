@@ -24,7 +24,10 @@ class RunLayout:
     tensorboard = property(lambda self: self.root / "tb_logs")
     report = property(lambda self: self.root / "report")  # summary.json, loss_curve.png
     log_file = property(lambda self: self.root / "peft_megatron.log")
-    nemo_run = property(lambda self: self.root / "nemo_run")  # NeMo-Run's experiments and the workers' logs
+    # NeMo-Run's experiments and the workers' logs. Not "nemo_run": NeMo-Run 0.11 rewrites every "/nemo_run" in the
+    # sbatch script of a job without a container image (checks.py refuses such paths).
+    jobs = property(lambda self: self.root / "jobs")
+    launcher = property(lambda self: self.jobs / "bin")  # the `torchrun` NeMo-Run starts (launch.py)
     profiles = property(lambda self: self.root / "profiles")
 
     @classmethod

@@ -8,9 +8,7 @@ import importlib.util
 import json
 import logging
 import os
-import shutil
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -161,27 +159,3 @@ def tokenizer_source(config) -> str:
     """The imported checkpoint's own tokenizer once it exists (always local), else the HF model's."""
     nemo_tokenizer = config.nemo_ckpt_path / "context" / "nemo_tokenizer"
     return str(nemo_tokenizer.resolve()) if nemo_tokenizer.is_dir() else model_location(config)
-
-
-def torchrun_of_this_python() -> Path | None:
-    """The torchrun that launches this Python's torch: the one beside the interpreter (a virtual environment's bin/,
-    activated or not), else the first on PATH whose script runs an interpreter of the same directory (a system
-    Python's torchrun may live in /usr/local/bin); None when there is none (another environment's torchrun does not
-    count: it would train with other packages)."""
-    own = Path(sys.executable).parent
-    search = os.pathsep.join([str(own), os.environ.get("PATH", "")])
-    found = shutil.which("torchrun", path=search)
-    if found is None:
-        return None
-    try:
-        with open(found, "rb") as script:
-            first = script.readline(512).decode("utf-8", "replace")
-    except OSError:
-        return None
-    words = first[2:].split() if first.startswith("#!") else []
-    if len(words) > 1 and Path(words[0]).name == "env":  # #!/usr/bin/env python3: the python3 on that PATH
-        words = [shutil.which(words[1], path=search) or words[1]]
-    interpreter = words[0] if words else ""
-    if Path(found).parent == own or (interpreter and Path(interpreter).parent.resolve() == own.resolve()):
-        return Path(found)
-    return None

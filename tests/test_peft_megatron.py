@@ -6,6 +6,7 @@ import json
 import math
 import os
 import shlex
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -18,11 +19,11 @@ from nemo_finetune.checks import validate_config
 from nemo_finetune.cli import flag_names
 from nemo_finetune.data import with_epoch_steps
 from nemo_finetune.errors import ConfigError
-from nemo_finetune.launch import configure_executor
+from nemo_finetune.launch import configure_executor, install_torchrun
 from nemo_finetune.plan import plan_lines
 from nemo_finetune.recipe import assign, configure_recipe
 from nemo_finetune.rendezvous import rendezvous_environ, scoped_environ
-from nemo_finetune.resolve import torchrun_of_this_python, visible_gpu_count
+from nemo_finetune.resolve import visible_gpu_count
 
 SEED_EXAMPLES = [
     "",
@@ -216,46 +217,51 @@ def test_a_launch_on_a_machine_without_gpus_stops_before_any_work_with_one_line(
     assert not (tmp_path / "out").exists()  # no import, no data: nothing written
 
 
-def test_the_launch_uses_this_pythons_torchrun_whether_or_not_its_environment_is_activated(tmp_path):
+def test_the_launch_runs_this_pythons_torch_whether_or_not_its_environment_is_activated(tmp_path):
     own_bin = Path(sys.executable).parent
-    bare_path = os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if Path(p) != own_bin)
-    out = run_script("peft_megatron.py", "--dry_run", "--output_dir", str(tmp_path), env={"PATH": bare_path})
+    decoy = tmp_path / "other-env" / "bin"  # another environment's torchrun, first on the user's PATH
+    decoy.mkdir(parents=True)
+    (decoy / "torchrun").write_text("#!/bin/sh\necho another environment >&2; exit 9\n")
+    (decoy / "torchrun").chmod(0o755)
+    bare_path = os.pathsep.join([str(decoy), *(p for p in os.environ["PATH"].split(os.pathsep) if Path(p) != own_bin)])
+    out = run_script("peft_megatron.py", "--dry_run", "--output_dir", str(tmp_path / "run"), env={"PATH": bare_path})
     assert out.returncode == 0, out.stderr[-3000:]
     launch = next(line for line in out.stdout.splitlines() if line.startswith("  launch: "))
-    assert launch.startswith(f"  launch: {own_bin / 'torchrun'} --rdzv-backend c10d") and "--nproc-per-node 8" in launch
+    assert launch.startswith(f"  launch: {sys.executable} -m torch.distributed.run --rdzv-backend c10d")
+    assert "--nproc-per-node 8" in launch
+    assert not (tmp_path / "run").exists()  # the dry run wrote nothing
+
+    # The launch: NeMo-Run starts `torchrun` by name with the executor's PATH; the one it finds runs this Python.
     from nemo_finetune import compat
 
-    executor = configure_executor(parse(f"--output_dir {tmp_path}"), compat.Environment(has_te=False, has_cuda=True))
-    assert executor.env_vars["PATH"].split(os.pathsep)[0] == str(own_bin)  # the workers' torchrun, first on PATH
+    config = parse(f"--output_dir {tmp_path / 'run'}")
+    executor = configure_executor(config, compat.Environment(has_te=False, has_cuda=True))
+    install_torchrun(config)
+    worker = tmp_path / "worker.py"
+    worker.write_text(
+        "import os, sys, torch\n"
+        "open(os.path.join(sys.argv[1], os.environ['RANK']), 'w').write(sys.executable + ' ' + torch.__file__)\n"
+    )
+    workers_path = os.pathsep.join([executor.env_vars["PATH"], bare_path])
+    ran = subprocess.run(
+        ["torchrun", "--standalone", "--nproc-per-node", "2", str(worker), str(tmp_path)],
+        env={**os.environ, "PATH": workers_path},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    import torch
+
+    for rank in ("0", "1"):
+        assert (tmp_path / rank).read_text() == f"{sys.executable} {torch.__file__}"
 
 
-def test_another_environments_torchrun_is_not_this_pythons(tmp_path, monkeypatch):
-    def environment(name: str, torchrun_runs: str | None) -> Path:
-        bin_dir = tmp_path / name / "bin"
-        bin_dir.mkdir(parents=True)
-        (bin_dir / "python").symlink_to(sys.executable)
-        if torchrun_runs is not None:
-            (bin_dir / "torchrun").write_text(f"#!{torchrun_runs}\nimport sys\n")
-            (bin_dir / "torchrun").chmod(0o755)
-        return bin_dir
-
-    ours, other = environment("ours", None), environment("other", str(tmp_path / "other/bin/python"))
-    system = environment("system", str(ours / "python"))  # e.g. /usr/local/bin/torchrun of /usr/bin/python3
-    monkeypatch.setattr(sys, "executable", str(ours / "python"))
-    monkeypatch.setenv("PATH", str(other))
-    assert torchrun_of_this_python() is None
-    with pytest.raises(ConfigError, match=r"torchrun is not installed beside this Python \(.*ours/bin/python\)"):
+def test_a_python_without_torch_is_refused_before_the_launch(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch", None)  # what `import torch` meets in an environment without it
+    with pytest.raises(ConfigError, match=r"torch is not installed for this Python \(.*\), which launches"):
         validate_config(parse(f"--output_dir {tmp_path}"))
-    monkeypatch.setenv("PATH", os.pathsep.join([str(other), str(system)]))
-    assert torchrun_of_this_python() is None  # the first torchrun on PATH is the one that would run
-    monkeypatch.setenv("PATH", str(system))
-    assert torchrun_of_this_python() == system / "torchrun"
-    (system / "torchrun").write_text("#!/usr/bin/env python\n")  # the python on PATH: ours comes first
-    assert torchrun_of_this_python() == system / "torchrun"
-    (ours / "torchrun").write_text(f"#!{ours / 'python'}\n")
-    (ours / "torchrun").chmod(0o755)
-    monkeypatch.setenv("PATH", str(other))
-    assert torchrun_of_this_python() == ours / "torchrun"  # beside the interpreter wins, activated or not
+    validate_config(parse(f"--output_dir {tmp_path} --prepare_data_only"))  # the CPU phases need no torchrun
 
 
 def test_flags_are_never_taken_by_prefix_and_a_mistake_gets_one_line():
@@ -474,6 +480,45 @@ def test_slurm_dry_run_prints_nemo_runs_sbatch_script(tmp_path, nodes):
     assert not (tmp_path / "shared").exists()  # NeMo-Run's dry-run files are removed: a dry run touches nothing
 
 
+def test_a_slurm_job_without_a_container_starts_this_pythons_torch_on_its_nodes(tmp_path):
+    out_dir = tmp_path / "shared" / "run"
+    flags = f"--dry_run --executor slurm --slurm_account llm --num_nodes 2 --gpus_per_node 8 --output_dir {out_dir}"
+    out = run_script("peft_megatron.py", *flags.split())
+    assert out.returncode == 0, out.stderr[-3000:]
+    exports = [line for line in out.stdout.splitlines() if line.startswith("export PATH=")]
+    assert len(exports) == 1 and exports[0].startswith(f"export PATH={out_dir / 'jobs' / 'bin'}:"), exports
+    assert not (tmp_path / "shared").exists()
+    # The job writes that torchrun (on the shared --output_dir) before it is submitted; a container brings its own.
+    config = parse(f"--executor slurm --slurm_account llm --output_dir {out_dir}")
+    install_torchrun(config)
+    script = (out_dir / "jobs" / "bin" / "torchrun").read_text()
+    assert script == f'#!/bin/sh\nexec {shlex.quote(sys.executable)} -m torch.distributed.run "$@"\n'
+    from nemo_finetune import compat
+
+    with_image = parse(f"--executor slurm --slurm_account llm --container_image img --output_dir {out_dir}")
+    assert "PATH" not in configure_executor(with_image, compat.Environment(has_te=True, has_cuda=True)).env_vars
+
+
+def test_a_slurm_job_script_keeps_its_paths_or_the_plan_is_refused(tmp_path):
+    """NeMo-Run rewrites every '/nemo_run' of a container-less job script: the run's job directory is not named so,
+    and an --output_dir holding it is refused before anything is written."""
+    out_dir = tmp_path / "shared" / "run"
+    flags = f"--dry_run --executor slurm --slurm_account llm --output_dir {out_dir}"
+    out = run_script("peft_megatron.py", *flags.split())
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"#SBATCH --output={out_dir / 'jobs'}/" in out.stdout
+    assert f"--chdir {out_dir / 'jobs'}/" in out.stdout
+    bad = tmp_path / "nemo_runs" / "a"
+    out = run_script("peft_megatron.py", *flags.replace(str(out_dir), str(bad)).split())
+    assert out.returncode == 2 and out.stderr.splitlines()[1:] == [
+        f"  - --executor slurm without --container_image: NeMo-Run rewrites every '/nemo_run' in the job script, "
+        f"which would break {bad} (--output_dir, this repository, PATH, PYTHONPATH); move them to a path without "
+        "it, or give --container_image"
+    ]
+    assert not (tmp_path / "nemo_runs").exists()
+    validate_config(parse(f"--executor slurm --slurm_account llm --container_image img --output_dir {bad}"))
+
+
 def test_slurm_settings_are_validated_together():
     with pytest.raises(ConfigError) as err:
         validate_config(parse("--executor slurm --slurm_time 4h --container_mounts /data --num_nodes 2"))
@@ -634,7 +679,7 @@ def test_dry_run_of_the_seed_multi_node_example_prints_the_plan(tmp_path):
     assert "global_batch_size: 128" in out.stdout
     assert "parallelism: TP 8 | PP 2 | CP 1 | DP 2" in out.stdout
     assert (
-        f"launch: {Path(sys.executable).parent / 'torchrun'} " in out.stdout
+        f"launch: {sys.executable} -m torch.distributed.run " in out.stdout
         and "--nnodes 4 --nproc-per-node 8" in out.stdout
     )
     assert not (tmp_path / "imported_hf_ckpt").exists()  # a dry run touches nothing

@@ -298,6 +298,31 @@ def test_lora_resumes_from_last_with_its_optimizer_and_data_position(assets, lor
     assert abs(train_after[30] - train[29]) < 0.25 * train[29] and train_after[30] < train[min(train)]
 
 
+def test_resume_from_a_chosen_checkpoint_continues_at_its_step_with_the_global_batch_given(assets, tmp_path):
+    """--global_batch_size 16 over micro-batches of 8 (accumulation 2) is what trains and what the checkpoints
+    hold; --resume_from an earlier checkpoint, into a new --output_dir, continues at that checkpoint's step with its
+    weights, optimizer and data position: its first step repeats the first run's."""
+    job = tiny_job(assets, tmp_path / "first", "--max_steps", "12", "--val_check_interval", "4", "--save_top_k", "-1")
+    at = job.index("--accumulate_grad_batches")
+    job[at : at + 2] = ["--global_batch_size", "16", "--learning_rate", "5e-3", "--log_every_n_steps", "1"]
+    first = run_script("peft_megatron.py", *job)
+    assert first.returncode == 0, failure(first)
+    summary = json.loads((tmp_path / "first" / "report" / "summary.json").read_text())
+    assert (summary["steps"], summary["token_slots_seen"]) == (12, 12 * 16 * 64)
+    saved = saved_settings(checkpoints(tmp_path / "first")[0] / "context" / "io.json")
+    assert 16 in saved["global_batch_size"] and 8 in saved["micro_batch_size"], saved.get("global_batch_size")
+    train = scalars(tmp_path / "first", "reduced_train_loss")
+
+    chosen = next(p for p in checkpoints(tmp_path / "first") if "step=3" in p.name and not p.name.endswith("-last"))
+    job = [a if a != str(tmp_path / "first") else str(tmp_path / "second") for a in job]
+    resumed = run_script("peft_megatron.py", *job, "--resume_from", str(chosen))
+    assert resumed.returncode == 0, failure(resumed)
+    assert "Restoring states from the checkpoint path" in resumed.stdout
+    train_after = scalars(tmp_path / "second", "reduced_train_loss")
+    assert min(train_after) == 4 and max(train_after) == 11, sorted(train_after)  # not 0 (base), not 12 (-last)
+    assert train_after[4] == pytest.approx(train[4], rel=0.02), (train_after[4], train[4])
+
+
 def test_full_fine_tuning_reduces_val_loss_and_exports(assets, tmp_path):
     out = tmp_path / "full"
     result = run_script(
