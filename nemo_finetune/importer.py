@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from nemo_finetune.checkpoints import attention_head_dim, checkpoint_damage, hf_load_error, is_nemo_checkpoint
-from nemo_finetune.console import prints_to_log_file
+from nemo_finetune.console import library_logs_through_ours, prints_to_log_file
 from nemo_finetune.errors import PipelineError
 from nemo_finetune.files import (
     atomic_dir,
@@ -100,6 +100,7 @@ def _run_import(config, target: Path, identity: dict) -> None:
     import fiddle as fdl
     from nemo.collections import llm
 
+    library_logs_through_ours()  # NeMo's importer passes transformers the deprecated torch_dtype=
     recipe = recipe_module(config.recipe_cls_name).finetune_recipe(num_nodes=1, num_gpus_per_node=1)
     assign(recipe.model.config, **compat.model_config_overrides(env))  # e.g. RoPE fusion needs TE
     model = fdl.build(recipe.model)  # picks the importer; the sizes come from the HF config

@@ -393,6 +393,7 @@ def test_import_is_reused_only_for_its_own_model_and_cleans_killed_imports(asset
     first = import_only(model, "qwen3_600m")
     assert first.returncode == 0, first.stderr[-3000:]
     assert "removed 1 unfinished import(s) left by killed runs: .nemo.k1ll3d.partial" in first.stdout
+    assert "torch_dtype" not in first.stdout + first.stderr  # transformers' warnings: not on the default console
     assert not orphan.exists()
     record = json.loads((nemo / IMPORT_RECORD).read_text())
     assert record["model"] == str(model.resolve()) and record["recipe"] == "qwen3_600m"

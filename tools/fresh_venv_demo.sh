@@ -9,7 +9,7 @@
 #   bash tools/fresh_venv_demo.sh [LOG_DIR]
 set -uo pipefail
 log_dir=${1:-/tmp/out}; mkdir -p "$log_dir"
-unset PYTHONPATH VIRTUAL_ENV
+unset PYTHONPATH VIRTUAL_ENV WANDB_MODE HF_HUB_OFFLINE TRANSFORMERS_OFFLINE  # a new user's environment
 image_site=$(python3 -c 'import site; print(site.getsitepackages()[0])')
 rm -rf .venv
 # --without-pip where the base Python lacks ensurepip; pip then comes from the image's site-packages.

@@ -300,8 +300,8 @@ def test_lora_resumes_from_last_with_its_optimizer_and_data_position(assets, lor
 
 def test_resume_from_a_chosen_checkpoint_continues_at_its_step_with_the_global_batch_given(assets, tmp_path):
     """--global_batch_size 16 over micro-batches of 8 (accumulation 2) is what trains and what the checkpoints
-    hold; --resume_from an earlier checkpoint, into a new --output_dir, continues at that checkpoint's step with its
-    weights, optimizer and data position: its first step repeats the first run's."""
+    count (consumed samples); --resume_from an earlier checkpoint, into a new --output_dir, continues at that
+    checkpoint's step with its weights, optimizer and data position: its first step repeats the first run's."""
     job = tiny_job(assets, tmp_path / "first", "--max_steps", "12", "--val_check_interval", "4", "--save_top_k", "-1")
     at = job.index("--accumulate_grad_batches")
     job[at : at + 2] = ["--global_batch_size", "16", "--learning_rate", "5e-3", "--log_every_n_steps", "1"]
@@ -309,8 +309,10 @@ def test_resume_from_a_chosen_checkpoint_continues_at_its_step_with_the_global_b
     assert first.returncode == 0, failure(first)
     summary = json.loads((tmp_path / "first" / "report" / "summary.json").read_text())
     assert (summary["steps"], summary["token_slots_seen"]) == (12, 12 * 16 * 64)
-    saved = saved_settings(checkpoints(tmp_path / "first")[0] / "context" / "io.json")
-    assert 16 in saved["global_batch_size"] and 8 in saved["micro_batch_size"], saved.get("global_batch_size")
+    names = [p.name for p in checkpoints(tmp_path / "first")]
+    consumed = {int(m[1]): float(m[2]) for m in (re.search(r"step=(\d+)-consumed_samples=([\d.]+)", n) for n in names)}
+    assert consumed == {step: (step + 1) * 16.0 for step in (3, 7, 11)}, names  # 16 rows a step, in the checkpoints
+    assert "global_batch_size: 16 |" in (tmp_path / "first" / "peft_megatron.log").read_text()
     train = scalars(tmp_path / "first", "reduced_train_loss")
 
     chosen = next(p for p in checkpoints(tmp_path / "first") if "step=3" in p.name and not p.name.endswith("-last"))
