@@ -183,7 +183,8 @@ class WorkerConsole(_LineWriter):
     """Stands in for sys.stdout while NeMo-Run tails the training workers' output, which it prints there, each line
     prefixed with the role and replica (`qwen3_8b/0 [default0]:...`). Every worker line goes to our log file; the
     console shows the workers' lines of ours, every `every_n_steps`-th progress line, resuming, checkpoint and
-    stopping decisions, and, from a worker's first traceback or error on, everything. Other text passes unchanged."""
+    stopping decisions, and, from a worker's first traceback or error on, everything. NeMo-Run's own lines (its
+    experiment banner and status) go to the log file, unless they report an error."""
 
     _ANSI = rf"(?:{ANSI_CODE})?"
     FAILURE = re.compile(
@@ -206,8 +207,11 @@ class WorkerConsole(_LineWriter):
 
     def route(self, line: str) -> None:
         start = self.worker_line.match(line)
-        if start is None:
-            self.console.write(line + "\n")
+        if start is None:  # NeMo-Run's own: the experiment's banner, status and how-to-inspect blocks
+            if self.FAILURE.search(line) or not self.log_files:
+                self.console.write(line + "\n")
+            elif line.strip():
+                self.to_log_files("nemo_run", line)
             return
         self.to_log_files("workers", line)
         if self.shows(self.RANK.sub("", line[start.end() :])):

@@ -153,8 +153,9 @@ print("states", states)
 """
 
 
-def launch_worker(tmp_path, level: str) -> list[str]:
-    """The worker's lines on the console of a real NeMo-Run launch (torchrun), without their role/rank prefix."""
+def launch_worker(tmp_path, level: str) -> tuple[list[str], list[str]]:
+    """The worker's lines on the console of a real NeMo-Run launch (torchrun), without their role/rank prefix, and
+    the console's other lines."""
     import os
     import re
     import subprocess
@@ -180,11 +181,19 @@ def launch_worker(tmp_path, level: str) -> list[str]:
     assert re.search(r"^\[[\d:]+ INFO peft_megatron\] after the launch$", out.stdout, re.M), out.stdout[-2000:]
     assert "INFO peft_megatron] after the launch" in (tmp_path / "peft_megatron.log").read_text()
     worker = re.compile(r"^(?:\x1b\[[0-9;:]*m)?qwen3_600m/0(?:\x1b\[[0-9;:]*m)? (?:\[default0\]:)?")
-    return [worker.sub("", line) for line in out.stdout.splitlines() if worker.match(line)]
+    lines = out.stdout.splitlines()
+    others = [line for line in lines if not worker.match(line)]
+    return [worker.sub("", line) for line in lines if worker.match(line)], others
+
+
+NEMO_RUN_CHATTER = ("Entering Experiment", "Waiting for Experiment", "Experiment Status", "Experiment.from_id")
 
 
 def test_console_shows_workers_progress_checkpoints_and_errors_and_the_file_has_all(tmp_path):
-    shown = launch_worker(tmp_path, "INFO")
+    shown, others = launch_worker(tmp_path, "INFO")
+    for chatter in NEMO_RUN_CHATTER:  # NeMo-Run's banner and status blocks: in the log file only
+        assert not any(chatter in line for line in others), (chatter, others)
+    assert not any(line.strip() == "" for line in others), others
     progress = [line.split(" |")[0] for line in shown if line.startswith("Training epoch")]
     assert progress == [f"Training epoch 0, iteration {i}/24" for i in (0, 10, 20, 24)]  # every 10th, and the last
     decisions = ("Restoring states from the checkpoint path", "'val_loss' reached 1.52945", "`max_steps=24` reached")
@@ -203,11 +212,13 @@ def test_console_shows_workers_progress_checkpoints_and_errors_and_the_file_has_
         "finalized successfully",
         "iteration 7/24",
         "RuntimeError: CUDA out of memory",
+        *NEMO_RUN_CHATTER,
     ):
         assert line in logged, line
 
 
 def test_debug_console_shows_every_worker_line(tmp_path):
-    shown = launch_worker(tmp_path, "DEBUG")
+    shown, others = launch_worker(tmp_path, "DEBUG")
+    assert all(any(chatter in line for line in others) for chatter in NEMO_RUN_CHATTER), others
     assert sum(line.startswith("Training epoch") for line in shown) == 25
     assert any("fused_indices_to_multihot" in line for line in shown)
