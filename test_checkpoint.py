@@ -302,7 +302,7 @@ def generate_predictions(cfg: EvalConfig, ckpt: Path, data_dir: Path) -> tuple[l
     loop = generation.GenerationLoop(engine, settings_of(generation.Sampling, cfg), cfg.inference_max_seq_length)
     torch.cuda.synchronize()
     start = time.perf_counter()
-    with tqdm(total=len(prompts), desc="generating", unit="req") as bar:
+    with tqdm(total=len(prompts), desc="generating", unit="req", disable=None) as bar:  # none without a terminal
         finished = loop.run(prompts, bar)
     torch.cuda.synchronize()
     seconds = time.perf_counter() - start
