@@ -93,8 +93,8 @@ class HFDatasetConfig:
     seed: int = field(
         default=1234,
         metadata={
-            "help": "seed of the split, the packing and the order rows are trained in (the model's initialisation "
-            "keeps NeMo's seed, 1234)"
+            "help": "seed of the split, the packing and the order rows are trained in; in training also of the "
+            "initialisation of LoRA adapters and of dropout (1 to 4294967295)"
         },
     )
     max_samples: int | None = field(default=None, metadata={"help": "keep at most this many rows per split"})
@@ -114,6 +114,8 @@ class HFDatasetConfig:
                 f"--val_fraction + --test_fraction = {self.val_fraction + self.test_fraction:g} leaves no "
                 "training rows; make their sum below 1"
             )
+        if not 1 <= self.seed <= 2**32 - 1:  # numpy's generators and Megatron's take no other
+            out.append(f"--seed {self.seed} must be between 1 and {2**32 - 1}")
         if self.max_samples is not None and self.max_samples <= 0:
             out.append(f"--max_samples {self.max_samples} must be positive (or unset for all rows)")
         if self.prompt_template is not None and not self.chat:

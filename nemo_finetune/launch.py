@@ -35,7 +35,7 @@ def configure_executor(config, env=None):
     if runs_own_torchrun(config):
         # NeMo-Run starts `torchrun` by name: the first on the workers' PATH is install_torchrun's.
         env_vars["PATH"] = os.pathsep.join([str(config.layout.launcher.resolve()), os.environ.get("PATH", "")])
-    env_vars.update(compat.worker_environment(env, cuda_graphs=config.cuda_graphs))
+    env_vars.update(compat.worker_environment(env, cuda_graphs=config.cuda_graphs, seed=config.data.seed))
     if config.executor == "slurm":
         return _slurm_executor(config, env_vars)
     return run.LocalExecutor(

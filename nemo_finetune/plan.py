@@ -34,7 +34,7 @@ def plan_lines(config) -> list[str]:
         f"global_batch_size: {config.global_batch_size}",
         f"max_steps: {_steps(config)} (validate every {config.val_check_interval}, {config.limit_val_batches} batches)",
         f"resume: {_resume(config)}",
-        f"seed: {config.data.seed} (the split and the training order; NeMo seeds the model's initialisation with 1234)",
+        f"seed: {config.data.seed} (the split, the training order, the adapters' initialisation and dropout)",
         f"max_seq_length: {config.max_seq_length}" + (" (samples packed into rows)" if config.packed_sequence else ""),
         *(["CUDA graphs: every transformer layer, captured after the first step"] if config.cuda_graphs else []),
         f"imported checkpoint: {config.nemo_ckpt_path} "

@@ -308,6 +308,37 @@ def test_an_optional_worker_shim_is_left_out_when_skipped():
         compat.skipped_in_workers({compat.WORKER_SKIP_ENV: "peft-te-guards"})
 
 
+SEEDED_DRAWS = (
+    "import random, types\nimport numpy as np, torch\n"
+    "from lightning.pytorch.plugins.environments import LightningEnvironment\n"
+    "from megatron.core.model_parallel_config import ModelParallelConfig\n"
+    "from nemo.lightning.pytorch.strategies.utils import setup_parallel_ranks\n"
+    "setup_parallel_ranks(types.SimpleNamespace(cluster_environment=LightningEnvironment(), "
+    "parallelism=ModelParallelConfig()))\n"
+    "print(torch.rand(2).tolist(), random.random(), float(np.random.rand()))"
+)
+
+
+def draws_after_seeding(seed: int) -> str:
+    import random
+
+    import numpy as np
+
+    torch.manual_seed(seed), random.seed(seed), np.random.seed(seed)
+    return f"{torch.rand(2).tolist()} {random.random()} {float(np.random.rand())}"
+
+
+@pytest.mark.parametrize("flag", ["1", compat.CHECKPOINT_ONLY])
+def test_the_workers_seed_megatrons_generators_with_the_runs_seed(flag):
+    """NeMo's strategy sets the generators up (the adapters' initialisation, dropout) with 1234 whatever the run's
+    --seed; in the workers, with or without TE, it is the run's."""
+    environment = compat.worker_environment(compat.Environment(has_te=flag != "1", has_cuda=True), seed=77)
+    assert environment == {compat.WORKER_ENV_FLAG: flag, compat.SEED_ENV: "77"}
+    worker = {"PYTHONPATH": f"{REPO / 'nemo_finetune' / 'startup'}:{REPO}", **environment}
+    assert run_python(SEEDED_DRAWS, worker) == draws_after_seeding(77)
+    assert run_python(SEEDED_DRAWS, {"PYTHONPATH": str(REPO)}) == draws_after_seeding(1234)  # NeMo's own
+
+
 def test_with_te_and_cuda_the_workers_get_only_the_checkpoint_fix():
     te = compat.Environment(has_te=True, has_cuda=True)
     assert compat.worker_flag(te) == compat.CHECKPOINT_ONLY

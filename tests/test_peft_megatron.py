@@ -264,6 +264,12 @@ def test_a_python_without_torch_is_refused_before_the_launch(tmp_path, monkeypat
     validate_config(parse(f"--output_dir {tmp_path} --prepare_data_only"))  # the CPU phases need no torchrun
 
 
+@pytest.mark.parametrize("seed", ["0", "-1", "4294967296"])
+def test_a_seed_the_generators_cannot_take_is_refused(seed, tmp_path):
+    with pytest.raises(ConfigError, match=rf"--seed {seed} must be between 1 and 4294967295"):
+        validate_config(parse(f"--output_dir {tmp_path} --seed {seed}"))
+
+
 def test_flags_are_never_taken_by_prefix_and_a_mistake_gets_one_line():
     out = run_script("peft_megatron.py", "--learning_rat", "1e-4")
     assert (out.returncode, out.stdout) == (2, "")

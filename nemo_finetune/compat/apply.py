@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.abc
 import importlib.util
@@ -28,7 +29,13 @@ from nemo_finetune.compat.cuda_graphs import (
     graph_layers_as_the_model_is_built,
     make_rng_tracker_graph_safe,
 )
-from nemo_finetune.compat.fixes import ASYNC_SAVE_MODULE, STAGED_BUFFERS_DROPPED_IN, hold_async_save_buffers
+from nemo_finetune.compat.fixes import (
+    ASYNC_SAVE_MODULE,
+    STAGED_BUFFERS_DROPPED_IN,
+    STRATEGY_LIB_MODULE,
+    hold_async_save_buffers,
+    seed_model_init,
+)
 from nemo_finetune.compat.moved import alias_moved_modules
 from nemo_finetune.compat.no_te import (
     NO_TE_MODEL_OVERRIDES,
@@ -84,6 +91,9 @@ WORKER_SKIP_ENV = "PEFT_MEGATRON_WORKER_SKIP"
 # "1" when the run trains with CUDA graphs (--cuda_graphs): the workers graph their model's layers, with Megatron's
 # graph-safe RNG tracker.
 CUDA_GRAPHS_ENV = "PEFT_MEGATRON_CUDA_GRAPHS"
+
+# The run's --seed: the workers seed Megatron's generators with it (model and adapter initialisation, dropout).
+SEED_ENV = "PEFT_MEGATRON_SEED"
 
 
 def worker_flag(env: Environment) -> str:
@@ -149,6 +159,7 @@ def install_worker_hooks(
     checkpoint_only: bool = False,
     trial: frozenset[str] = frozenset(),
     cuda_graphs: bool = False,
+    seed: int | None = None,
 ) -> None:
     """For the training workers (startup/sitecustomize.py; benchmarks/train_throughput.py in its own process): stub
     the allocator build now; apply the PEFT guards, the compiled RoPE and the fused LoRA output as soon as their
@@ -156,7 +167,7 @@ def install_worker_hooks(
     NeMo import of our own (torchrun's launcher process runs this too). `skip` names OPTIONAL_WORKER_SHIMS to leave
     out; the benchmark measures each against its absence. `trial` names TRIAL_WORKER_SHIMS to apply as well.
     `cuda_graphs` (a --cuda_graphs run, with or without TE): Megatron's local CUDA graphs on the model NeMo builds
-    here, and its graph-safe RNG tracker.
+    here, and its graph-safe RNG tracker. `seed`: the run's, for Megatron's generators (NeMo's 1234 otherwise).
     `checkpoint_only` (TE and CUDA present): the checkpoint fix (and the tracker) alone."""
     unknown = set(skip) - set(OPTIONAL_WORKER_SHIMS)
     if unknown:
@@ -172,6 +183,8 @@ def install_worker_hooks(
     if cuda_graphs:
         after_import(RNG_MODULE, make_rng_tracker_graph_safe)
         after_import(GPT_MODEL_MODULE, graph_layers_as_the_model_is_built)
+    if seed is not None:
+        after_import(STRATEGY_LIB_MODULE, functools.partial(seed_model_init, seed))
     if checkpoint_only:
         return
     skip_unified_memory_build()
@@ -192,13 +205,16 @@ def install_worker_hooks(
             after_import(NORM_MODULE, fuse_rmsnorm_with_liger)
 
 
-def worker_environment(env: Environment, cuda_graphs: bool = False) -> dict[str, str]:
+def worker_environment(env: Environment, cuda_graphs: bool = False, seed: int | None = None) -> dict[str, str]:
     """What the launcher puts in the training workers' environment so that startup/sitecustomize.py applies their
     shims (install_from_environment reads it back): all of them without TE or CUDA, with both only the checkpoint fix;
-    CUDA graphs for a --cuda_graphs run. WORKER_SKIP_ENV, when the user sets it, is inherited as it is."""
+    CUDA graphs for a --cuda_graphs run; the run's seed. WORKER_SKIP_ENV, when the user sets it, is inherited as it
+    is."""
     values = {WORKER_ENV_FLAG: worker_flag(env)}
     if cuda_graphs:
         values[CUDA_GRAPHS_ENV] = "1"
+    if seed is not None:
+        values[SEED_ENV] = str(seed)
     return values
 
 
@@ -213,5 +229,6 @@ def install_from_environment(environ) -> bool:
         skip=skipped_in_workers(environ),
         checkpoint_only=flag == CHECKPOINT_ONLY,
         cuda_graphs=environ.get(CUDA_GRAPHS_ENV) == "1",
+        seed=int(environ[SEED_ENV]) if environ.get(SEED_ENV) else None,
     )
     return True

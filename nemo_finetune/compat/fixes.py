@@ -25,6 +25,12 @@ SHIMS = register(
             "of the checkpoint's tensors once its writer is forked; torch reuses them while the writer reads them",
             "Megatron-Core >= 0.17.0 (Megatron-LM #2288 holds them until the writer is joined)",
         ),
+        "model-init-seed": Shim(
+            "training workers (with or without TE) on NeMo 2.7.3",
+            "MegatronStrategy sets up Megatron's generators through init_parallel_ranks without a seed, which then "
+            "defaults to 1234: the initialisation of LoRA adapters (and of any new weight) and dropout ignore --seed",
+            "NeMo's strategy passes a configurable seed to init_parallel_ranks",
+        ),
         "nemo-run-root-logger": Shim(
             "the launching process (peft_megatron.py), around each NeMo-Run Experiment",
             "NeMo-Run 0.11.1 replaces the root logger's handlers when an Experiment is built and removes the first "
@@ -104,6 +110,32 @@ def hold_async_save_buffers() -> None:
     replace_attribute("async-save-staged-buffers", caller, "schedule_async_call", schedule_async_call)
     replace_attribute("async-save-staged-buffers", caller, "close", close_after_writer)
     mark("async-save-staged-buffers", "asynchronous checkpoint saves keep their pinned copies until written")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The model's initialisation seed (training workers, with or without TE)
+# --------------------------------------------------------------------------------------------------------------------
+STRATEGY_LIB_MODULE = "nemo.lightning._strategy_lib"
+
+
+def seed_model_init(seed: int) -> None:
+    """init_parallel_ranks seeds Python's, numpy's, torch's and Megatron's CUDA generators (the tensor-parallel RNG
+    tracker) before the model and its adapters are built; NeMo's strategies call it without a seed. A call that
+    gives none now gets the run's. Remove when NeMo's MegatronStrategy passes a seed of its own."""
+    lib = importlib.import_module(STRATEGY_LIB_MODULE)
+    init = lib.init_parallel_ranks
+    if getattr(init, "_nemo_compat", False):
+        return
+
+    @functools.wraps(init)
+    def init_parallel_ranks(*args, **kwargs):
+        if len(args) < 5 and "seed" not in kwargs:  # (world_size, global_rank, local_rank, parallel_config, seed)
+            kwargs["seed"] = seed
+        return init(*args, **kwargs)
+
+    init_parallel_ranks._nemo_compat = True
+    replace_attribute("model-init-seed", lib, "init_parallel_ranks", init_parallel_ranks)
+    mark("model-init-seed", f"Megatron's generators seeded with --seed {seed}")
 
 
 # --------------------------------------------------------------------------------------------------------------------
