@@ -325,6 +325,26 @@ def test_resume_from_a_chosen_checkpoint_continues_at_its_step_with_the_global_b
     assert train_after[4] == pytest.approx(train[4], rel=0.02), (train_after[4], train[4])
 
 
+def test_the_seed_reaches_the_adapters_initialisation(assets, tmp_path):
+    """LoRA's A matrices come from Megatron's generators, which the workers seed with --seed (NeMo's strategy alone
+    uses 1234); B starts at zero, so after one step A is still its initialisation but for weight decay: two runs
+    that differ only in --seed start from different adapters."""
+    import torch
+
+    adapters = {}
+    for seed in (7, 8):
+        out = tmp_path / f"seed{seed}"
+        job = tiny_job(assets, out, "--max_steps", "1", "--val_check_interval", "1", "--seed", str(seed))
+        result = run_script("peft_megatron.py", *job)
+        assert result.returncode == 0, failure(result)
+        logged = (out / "peft_megatron.log").read_text()
+        assert f"compat: model-init-seed (Megatron's generators seeded with --seed {seed})" in logged
+        tensors = read_adapter_tensors(checkpoints(out)[-1])
+        adapters[seed] = {k: v for k, v in tensors.items() if k.endswith("linear_in.weight")}
+    assert adapters[7] and adapters[7].keys() == adapters[8].keys()
+    assert not [k for k in adapters[7] if torch.equal(adapters[7][k], adapters[8][k])]
+
+
 def test_full_fine_tuning_reduces_val_loss_and_exports(assets, tmp_path):
     out = tmp_path / "full"
     result = run_script(
