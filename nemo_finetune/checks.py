@@ -15,6 +15,7 @@ from pathlib import Path
 
 from nemo_finetune.choices import LORA_TARGETS, PEFT_SCHEMES, PROFILER_FLAGS, lora_targets
 from nemo_finetune.errors import ConfigError
+from nemo_finetune.layout import REPO_DIR
 from nemo_finetune.resolve import attention_heads, available_recipes, is_local_model
 
 log = logging.getLogger("peft_megatron")
@@ -325,8 +326,6 @@ def _slurm_problems(config, environ: Mapping[str, str]) -> list[str]:
     if not config.container_image:
         # NeMo-Run 0.11 replaces every "/nemo_run" in the sbatch script of a job without a container image with the
         # job's directory (its name for the directory mounted in containers): paths holding it would break.
-        from nemo_finetune.layout import REPO_DIR
-
         written = [str(config.output_path.resolve()), str(REPO_DIR), *environ.get("PATH", "").split(os.pathsep)]
         written += environ.get("PYTHONPATH", "").split(os.pathsep)
         broken = [p for p in written if "/nemo_run" in p]

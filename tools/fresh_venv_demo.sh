@@ -5,7 +5,7 @@
 # Two stand-ins, because the node has no package index: the image's site-packages join the venv through a .pth
 # file (what --system-site-packages gives where torch is the system Python's), and pip installs from the offline
 # bundle (.whl) — with its resolver when the bundle and the image satisfy requirements.txt, else wheel by wheel.
-# Usage (from the repository root, after tools/gpu_session.sh installed nothing into this venv):
+# Usage, from the repository root with the offline bundle in .whl (tools/gpu_session.sh runs it as one command):
 #   bash tools/fresh_venv_demo.sh [LOG_DIR]
 set -uo pipefail
 log_dir=${1:-/tmp/out}; mkdir -p "$log_dir"
