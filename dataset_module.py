@@ -398,6 +398,15 @@ def build_splits(source: dict[str, list[dict]], cfg: HFDatasetConfig) -> tuple[d
 # --------------------------------------------------------------------------------------------------------------------
 # Token statistics
 # --------------------------------------------------------------------------------------------------------------------
+def adds_bos(tokenizer) -> bool:
+    """Whether a Hugging Face tokenizer starts text with its BOS token by default (Llama 3 and Mistral do, Qwen has
+    none). Plain prompt/answer rows then start with it in training and evaluation, as they do for HF and TRL users:
+    NeMo's own default leaves it out, so the model would be fine-tuned on text unlike what it was trained on and what
+    HF's generate() gives it."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    return bos is not None and tokenizer("x")["input_ids"][:1] == [bos]
+
+
 def token_stats(rows: list[dict], tokenizer, max_seq_length: int, limit: int = 20000) -> dict:
     """p50/p95/max of prompt+answer tokens over (up to `limit`) rows, their mean after truncation to max_seq_length
     (what a row gives the model), and the share longer than max_seq_length."""
@@ -408,7 +417,8 @@ def token_stats(rows: list[dict], tokenizer, max_seq_length: int, limit: int = 2
         texts = [tokenizer.apply_chat_template(r["messages"], tokenize=False) for r in sample]
     else:
         texts = [f"{r['input']} {r['output']}" for r in sample]
-    lengths = sorted(len(ids) + 1 for ids in tokenizer(texts, add_special_tokens=False)["input_ids"])
+    added = 1 + ("messages" not in sample[0] and adds_bos(tokenizer))  # EOS, and BOS where training adds it
+    lengths = sorted(len(ids) + added for ids in tokenizer(texts, add_special_tokens=False)["input_ids"])
 
     def pct(q: float) -> int:
         return lengths[min(len(lengths) - 1, int(q * (len(lengths) - 1) + 0.5))]
@@ -783,9 +793,12 @@ def _build_data_module_class():
             self.trust_remote_code = trust_remote_code
             self.wait_timeout_s = wait_timeout_s
             dataset_kwargs = dict(kwargs.pop("dataset_kwargs", None) or {})
-            if config.chat:
-                dataset_kwargs.update(chat=True, use_hf_tokenizer_chat_template=True)
             tokenizer = AutoTokenizer(self.tokenizer_name_or_path, trust_remote_code=trust_remote_code)
+            if config.chat:  # the chat template writes any BOS itself
+                dataset_kwargs.update(chat=True, use_hf_tokenizer_chat_template=True)
+                fixes.chat_eos_for_id_zero()
+            elif adds_bos(tokenizer.tokenizer):
+                dataset_kwargs.setdefault("add_bos", True)
             if packed_sequence:
                 from nemo.collections.llm.gpt.data.packed_sequence import PackedSequenceSpecs
 

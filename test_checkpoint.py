@@ -158,7 +158,7 @@ def load_test_examples(data_dir: Path, tokenizer, max_samples: int) -> list[dict
         if "messages" in row:
             messages = row["messages"]
             prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
-            examples.append({"input": prompt, "label": messages[-1]["content"]})
+            examples.append({"input": prompt, "label": messages[-1]["content"], "chat": True})
         elif "input" in row and "output" in row:
             examples.append({"input": row["input"], "label": row["output"]})
         else:
@@ -166,6 +166,16 @@ def load_test_examples(data_dir: Path, tokenizer, max_samples: int) -> list[dict
     if not examples:
         raise PipelineError(f"{path} has no rows")
     return examples
+
+
+def prompt_ids(example: dict, tokenizer) -> list[int]:
+    """The prompt's token ids as training saw them: a plain prompt starts with BOS where the tokenizer adds one
+    (dataset_module.adds_bos); a chat prompt's template writes its own."""
+    from dataset_module import adds_bos
+
+    ids = tokenizer.tokenize(example["input"])
+    hf = tokenizer.tokenizer.tokenizer
+    return [hf.bos_token_id, *ids] if not example.get("chat") and adds_bos(hf) else ids
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -295,7 +305,7 @@ def generate_predictions(cfg: EvalConfig, ckpt: Path, data_dir: Path) -> tuple[l
 
     model, wrapper_config, tokenizer = load_model_and_tokenizer(ckpt, cfg)
     examples = load_test_examples(data_dir, tokenizer.tokenizer.tokenizer, cfg.max_samples)
-    prompts = [tokenizer.tokenize(e["input"]) for e in examples]
+    prompts = [prompt_ids(e, tokenizer) for e in examples]
     # No more requests in flight than there are prompts: fewer CUDA graphs to capture for a small test split.
     settings = settings_of(generation.EngineSettings, cfg, max_batch_size=min(cfg.max_batch_size, len(prompts)))
     engine = generation.build_engine(model, wrapper_config, tokenizer, settings, termination_id=int(tokenizer.eod))
@@ -314,7 +324,8 @@ def generate_predictions(cfg: EvalConfig, ckpt: Path, data_dir: Path) -> tuple[l
         generated += len(all_tokens)
         rows.append(
             {
-                **example,
+                "input": example["input"],
+                "label": example["label"],
                 "prediction": tokenizer.detokenize(tokens).strip(),
                 "prompt_tokens": len(prompt),
                 "generated_tokens": len(all_tokens),

@@ -43,6 +43,12 @@ SHIMS = register(
             "two runs of one command pack different rows",
             "NeMo seeds the packing shuffle (prepare_packed_sequence_data's seed reaches it)",
         ),
+        "chat-eos-id-zero": Shim(
+            "the data module with --chat (training workers, packing) on NeMo 2.7.3",
+            "_chat_preprocess appends EOS to a conversation only `if tokenizer.eos_id`: with a tokenizer whose EOS id "
+            "is 0 (GPT-NeoX's, Pythia's, the demo's) chat rows train without it, so the model never learns to stop",
+            "NeMo tests `tokenizer.eos_id is not None`",
+        ),
         "stale-memmap-index": Shim(
             "data preparation",
             "NeMo's JSONL reader reuses the newline index beside a file (<file>.idx.npy) without checking it against "
@@ -189,6 +195,32 @@ def seeded_numpy(seed: int) -> Iterator[None]:
         yield
     finally:
         np.random.set_state(state)
+
+
+def chat_eos_for_id_zero() -> None:
+    """Chat rows end with EOS whatever its id: NeMo's _chat_preprocess skips the EOS it appends when the id is 0
+    (a false value); the wrapper appends it there as NeMo does for any other id (loss on it, answer extended)."""
+    import torch
+
+    core = importlib.import_module("nemo.collections.llm.gpt.data.core")
+    preprocess = core._chat_preprocess
+    if getattr(preprocess, "_nemo_compat", False):
+        return
+
+    @functools.wraps(preprocess)
+    def _chat_preprocess(source, tokenizer, tool_schemas=None):
+        result = preprocess(source, tokenizer, tool_schemas)
+        if tokenizer.eos_id == 0 and int(result["input_ids"][-1]) != 0:
+            eos = torch.zeros(1, dtype=torch.long)
+            part = "context_ids" if bool(result["loss_mask"].all()) else "answer_ids"  # NeMo's split of the row
+            result["input_ids"] = torch.cat([result["input_ids"], eos])
+            result["loss_mask"] = torch.cat([result["loss_mask"], torch.ones(1, dtype=torch.bool)])
+            result[part] = torch.cat([result[part], eos])
+        return result
+
+    _chat_preprocess._nemo_compat = True
+    replace_attribute("chat-eos-id-zero", core, "_chat_preprocess", _chat_preprocess)
+    mark("chat-eos-id-zero", "chat rows end with EOS whatever its id")
 
 
 def remove_memmap_indexes(paths: list[Path]) -> None:

@@ -1,0 +1,123 @@
+"""Forward parity with HF + TRL's conventions (benchmarks/parity.py): the loss of a job's first micro-batch, before
+any update, equals the reference's on the same rows, for Qwen3 and a Llama-3-style tokenizer (BOS by default),
+plain and chat rows, unpacked and packed. CPU, fp32, the real scripts."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, run_script
+from nemo_finetune.demo_assets import build_hf_model
+
+pytest.importorskip("nemo")
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import parity  # noqa: E402
+
+BOS = "<|begin_of_text|>"
+
+
+def with_bos(tokenizer_dir: Path, out: Path) -> Path:
+    """A copy of a tokenizer that starts text with a BOS token, as Llama 3's does (its chat template writes it too)."""
+    from tokenizers import processors
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tokenizer.add_special_tokens({"bos_token": BOS})
+    tokenizer._tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, tokenizer.bos_token_id)]
+    )
+    tokenizer.chat_template = "{{ bos_token }}" + tokenizer.chat_template
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def jobs(assets, tmp_path_factory) -> dict:
+    """For each family, the HF model, the project's import of it and the prepared plain and chat data."""
+    root = tmp_path_factory.mktemp("parity")
+    chats = root / "chat.jsonl"
+    chats.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "messages": [
+                        {"role": "user", "content": r["question"]},
+                        {"role": "assistant", "content": r["answer"]},
+                    ]
+                }
+            )
+            + "\n"
+            for r in assets["rows"]
+        )
+    )
+    llama_tokenizer = with_bos(assets["tokenizer"], root / "llama_tokenizer")
+    models = {
+        "qwen3": assets["qwen3"],
+        "llama": build_hf_model(root / "llama", llama_tokenizer, "llama", num_layers=2, hidden_size=128, seed=2),
+    }
+    out = {}
+    for family, model in models.items():
+        nemo = root / f"{family}_nemo"
+        imported = run_script(
+            "peft_megatron.py", "--import_only", "--hf_model_id", str(model),
+            "--recipe_cls_name", parity.RECIPES[family], "--nemo_ckpt_dir", str(nemo),
+        )  # fmt: skip
+        assert imported.returncode == 0, imported.stderr[-3000:]
+        data = {}
+        for kind, source in (("plain", ["--dataset_name", str(assets["data"]), "--input_column", "question",
+                                        "--output_column", "answer"]),
+                             ("chat", ["--dataset_name", str(chats), "--chat"])):  # fmt: skip
+            data[kind] = root / f"{family}_{kind}"
+            prepared = run_script(
+                "dataset_module.py", *source, "--data_dir", str(data[kind]), "--tokenizer", str(model)
+            )
+            assert prepared.returncode == 0, prepared.stderr[-3000:]
+        out[family] = {"model": model, "nemo": nemo, "data": data}
+    return out
+
+
+def forward(job: dict, family: str, chat: bool, packed: bool, out: Path) -> dict:
+    data = job["data"]["chat" if chat else "plain"]
+    args = ["forward", "--hf_model", str(job["model"]), "--nemo_ckpt", str(job["nemo"]),
+            "--recipe", parity.RECIPES[family], "--data_dir", str(data), "--out", str(out)]  # fmt: skip
+    result = run_script("benchmarks/parity.py", *args, *(["--chat"] if chat else []), *(["--packed"] if packed else []))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["unpacked", "packed"])
+@pytest.mark.parametrize("chat", [False, True], ids=["plain", "chat"])
+@pytest.mark.parametrize("family", ["qwen3", "llama"])
+def test_the_first_micro_batch_loss_equals_the_references(jobs, family, chat, packed, tmp_path):
+    result = forward(jobs[family], family, chat, packed, tmp_path / "parity.json")
+    assert result["loss_tokens"]["ours"] == result["loss_tokens"]["reference"]  # the same tokens carry the loss
+    # One micro-batch of 8 rows, or one packed row of many samples, each matched to a prepared row by its tokens.
+    assert result["rows"] > 8 if packed else result["rows"] == 8
+    assert result["relative_difference"] < 1e-4, result
+    assert 4 < result["ours"] < 8  # a random model's loss over a vocabulary of a few hundred tokens
+
+
+def test_plain_rows_start_with_bos_in_training_and_evaluation_where_the_tokenizer_adds_one(jobs):
+    """Llama 3's tokenizer adds BOS, Qwen's has none: a job's rows and test_checkpoint.py's prompts follow it."""
+    from nemo.collections.common.tokenizers import AutoTokenizer
+    from nemo.collections.llm.inference.base import MCoreTokenizerWrappper
+
+    import dataset_module
+    import test_checkpoint
+
+    for family, first in (("llama", "bos"), ("qwen3", "text")):
+        job = jobs[family]
+        config = parity.job_config(job["model"], job["nemo"], job["data"]["plain"], parity.RECIPES[family])
+        batch, rows = parity.first_micro_batch(config)
+        tokenizer = AutoTokenizer(str(job["model"]))
+        hf = tokenizer.tokenizer
+        assert dataset_module.adds_bos(hf) == (first == "bos")
+        starts = batch["tokens"][:, 0].tolist()
+        assert (starts == [hf.bos_token_id] * 8) == (first == "bos"), starts
+        prompt = test_checkpoint.prompt_ids({"input": "What is the code for x?"}, MCoreTokenizerWrappper(tokenizer))
+        assert prompt == hf("What is the code for x?")["input_ids"]  # what HF's generate() would be given
