@@ -21,9 +21,11 @@ Conventions that differ on purpose (docs/PARITY.md gives their effect on the los
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from unittest import mock
 
@@ -212,6 +214,272 @@ def forward_parity(config) -> dict:
     }
 
 
+# --------------------------------------------------------------------------------------------------------------------
+# Training-curve parity (GPU, bf16): our training run against HF + PEFT / HF, step for step
+# --------------------------------------------------------------------------------------------------------------------
+# Qwen3-0.6B's layer (16 query heads, 8 KV heads of 128, FFN 3072) in 16 layers: 252M parameters, random weights.
+CURVE_SHAPE = dict(num_layers=16, hidden_size=1024, num_heads=16, num_kv_heads=8, intermediate_size=3072)
+BATCH = 8  # rows per step: one micro-batch, so NeMo's per-micro-batch mean and HF's token mean are one value
+OPTIMIZER = dict(weight_decay=0.1, betas=(0.9, 0.98), eps=1e-5)  # NeMo's fine-tuning recipe's Adam
+MAX_GRAD_NORM = 1.0
+LORA_DIM, LORA_ALPHA = 32, 64
+VAL_BATCHES = 4
+
+
+@dataclass(frozen=True)
+class CurveCase:
+    mode: str  # "lora" or "full"
+    steps: int
+    learning_rate: float
+    warmup_steps: int
+
+
+CURVES = {"lora": CurveCase("lora", 100, 1e-3, 10), "full": CurveCase("full", 30, 1e-5, 5)}
+
+
+def nemo_lr(step: int, case: CurveCase, min_lr: float = 0.0) -> float:
+    """NeMo's CosineAnnealing with linear warm-up at optimizer step `step` (0-based): max x (s+1)/(w+1) up to step
+    w, then a cosine from max to min_lr over the remaining steps (nemo/core/optim/lr_scheduler.py)."""
+    if case.warmup_steps > 0 and step <= case.warmup_steps:
+        return case.learning_rate * (step + 1) / (case.warmup_steps + 1)
+    progress = (step - case.warmup_steps) / (case.steps - case.warmup_steps)
+    return (case.learning_rate - min_lr) * 0.5 * (1 + math.cos(math.pi * progress)) + min_lr
+
+
+def curve_workspace(root: Path, family: str) -> dict:
+    """The tokenizer (with a Llama-3-style BOS for llama), the random-init model and the recall dataset."""
+    from nemo_finetune.demo_assets import build_hf_model, build_tokenizer, recall_rows
+
+    rows = recall_rows(num_keys=96)
+    tokenizer = build_tokenizer(root / "tokenizer", [f"{r['question']} {r['answer']}" for r in rows] * 4)
+    if family == "llama":
+        tokenizer = with_bos(tokenizer, root / "tokenizer_bos")
+    model = build_hf_model(root / f"{family}_model", tokenizer, family, seed=3, **CURVE_SHAPE)
+    data = root / "recall.jsonl"
+    if not data.exists():
+        data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return {"root": root, "model": model, "data": data}
+
+
+def with_bos(tokenizer_dir: Path, out: Path, bos: str = "<|begin_of_text|>") -> Path:
+    """A copy of a tokenizer that starts text with a BOS token, as Llama 3's does (its chat template writes it too)."""
+    if (out / "tokenizer_config.json").exists():
+        return out
+    from tokenizers import processors
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tokenizer.add_special_tokens({"bos_token": bos})
+    tokenizer._tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tokenizer.bos_token_id)]
+    )
+    tokenizer.chat_template = "{{ bos_token }}" + tokenizer.chat_template
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def job_flags(ws: dict, family: str, case: CurveCase, out: Path, steps: int, seed: int) -> list[str]:
+    """peft_megatron.py's flags for the case: one GPU, `steps` steps of 8 rows, validation (and a checkpoint) at
+    the end, the loss and learning rate of every step in TensorBoard."""
+    flags = [
+        "--hf_model_id", str(ws["model"]), "--recipe_cls_name", RECIPES[family],
+        "--dataset_name", str(ws["data"]), "--input_column", "question", "--output_column", "answer",
+        "--val_fraction", "0.1", "--seed", str(seed),
+        "--output_dir", str(out), "--data_dir", str(ws["root"] / f"{family}_data"),
+        "--nemo_ckpt_dir", str(ws["root"] / f"{family}_nemo"),
+        "--gpus_per_node", "1", "--tensor_parallel_size", "1",
+        "--max_steps", str(steps), "--val_check_interval", str(steps), "--limit_val_batches", str(VAL_BATCHES),
+        "--log_every_n_steps", "1", "--micro_batch_size", str(BATCH), "--global_batch_size", str(BATCH),
+        "--max_seq_length", "64", "--learning_rate", str(case.learning_rate),
+        "--warmup_steps", str(min(case.warmup_steps, steps)), "--weight_decay", str(OPTIMIZER["weight_decay"]),
+        "--max_grad_norm", str(MAX_GRAD_NORM), "--save_weights_only", "--no_resume",
+    ]  # fmt: skip
+    if case.mode == "full":
+        return flags + ["--full_ft"]
+    return flags + ["--lora_dim", str(LORA_DIM), "--lora_alpha", str(LORA_ALPHA)]
+
+
+def run_script(*args: str, log: Path) -> None:
+    """A project script as a user runs it; its output goes to `log`, a failure stops the comparison."""
+    import subprocess
+
+    with open(log, "w") as fh:
+        result = subprocess.run([sys.executable, *args], stdout=fh, stderr=subprocess.STDOUT, cwd=REPO)
+    if result.returncode != 0:
+        raise SystemExit(f"{' '.join(args[:2])} failed (exit {result.returncode}); see {log}")
+
+
+def our_curve(flags: list[str], out: Path) -> dict:
+    """Train with peft_megatron.py and read back its per-step loss and learning rate and its final val_loss."""
+    from nemo_finetune.report import read_scalars
+
+    run_script(str(REPO / "peft_megatron.py"), *flags, log=out.with_suffix(".log"))
+    scalars = read_scalars(out)
+    val = scalars["val_loss"]
+    return {
+        "loss": [scalars["reduced_train_loss"][s] for s in sorted(scalars["reduced_train_loss"])],
+        "lr": [scalars["lr"][s] for s in sorted(scalars["lr"])],
+        "val_loss": val[max(val)],
+    }
+
+
+def initial_adapter(ws: dict, family: str, case: CurveCase, seed: int) -> Path:
+    """The LoRA adapters our run starts from, in HF PEFT format: a one-step run with the same seed builds the same
+    adapters (A random, B zero); its step leaves A unchanged but for weight decay's 1 - lr x 0.1 (B = 0 gives A no
+    gradient), which bf16 cannot hold, and the project's adapter export writes them out. B is zeroed on load."""
+    out = ws["root"] / f"{family}_init"
+    run_script(str(REPO / "peft_megatron.py"), *job_flags(ws, family, case, out, 1, seed), log=out.with_suffix(".log"))
+    adapter = ws["root"] / f"{family}_init_adapter"
+    export = [str(REPO / "convert_checkpoint_to_hf.py"), "--nemo_logs_dir", str(out / "nemo_logs"), "--no_merge"]
+    run_script(*export, "--output_dir", str(adapter), log=adapter.with_suffix(".log"))
+    return adapter
+
+
+def training_order(flags: list[str]) -> tuple[object, list[int]]:
+    """The job's Config and the prepared training rows its steps take, in order (NeMo's sample order)."""
+    import peft_megatron
+
+    config = peft_megatron.parse_config(flags)
+    module, dataset = train_dataset(config)
+    rows = config.global_batch_size * config.max_steps
+    return config, [int(dataset.samples_mapping[i][0]) for i in range(rows)]
+
+
+def train_dataset(config):
+    import fiddle as fdl
+
+    from nemo_finetune.recipe import configure_data
+
+    module = fdl.build(configure_data(config))
+    dataset = module._create_dataset(
+        module.train_path,
+        max_num_samples=int(math.ceil(config.global_batch_size * config.max_steps * 1.005)),
+        sanity_check_dist_workers=False,
+        **module.dataset_kwargs,
+    )
+    return module, dataset
+
+
+def reference_model(ws: dict, case: CurveCase, adapter: Path | None):
+    """HF + PEFT with our initial adapters (bf16 base, fp32 adapters, PEFT's default), one A shared by q/k/v and by
+    gate/up as in NeMo's fused linear layers; or, for full fine-tuning, the HF model in fp32 under bf16 autocast."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if case.mode == "full":
+        return AutoModelForCausalLM.from_pretrained(ws["model"], dtype=torch.float32).to(device)
+    from peft import PeftModel
+
+    base = AutoModelForCausalLM.from_pretrained(ws["model"], dtype=torch.bfloat16).to(device)
+    model = PeftModel.from_pretrained(base, adapter, is_trainable=True)
+    for layer in model.base_model.model.model.layers:
+        fused = ((layer.self_attn, "q_proj", ("k_proj", "v_proj")), (layer.mlp, "gate_proj", ("up_proj",)))
+        for owner, first, others in fused:
+            shared = getattr(owner, first).lora_A["default"]
+            for name in others:
+                if not torch.equal(getattr(owner, name).lora_A["default"].weight, shared.weight):
+                    raise AssertionError(f"the exported adapter's {name} A differs from {first}'s")
+                getattr(owner, name).lora_A["default"] = shared
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.zero_()
+    return model
+
+
+def reference_curve(ws: dict, case: CurveCase, config, order: list[int], adapter: Path | None) -> dict:
+    """Train the reference on our rows in our order with our optimizer settings and NeMo's schedule."""
+    import torch
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(ws["model"])
+    rows = [json.loads(line) for line in open(config.data_path / "training.jsonl", encoding="utf-8")]
+    val_rows = [json.loads(line) for line in open(config.data_path / "validation.jsonl", encoding="utf-8")]
+    model = reference_model(ws, case, adapter)
+    params = [p for p in model.parameters() if p.requires_grad]  # a shared A once
+    groups = [
+        {"params": [p for p in params if p.ndim > 1], "weight_decay": OPTIMIZER["weight_decay"]},
+        {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},  # NeMo: no decay on norms and biases
+    ]
+    optimizer = torch.optim.AdamW(
+        groups, lr=case.learning_rate, betas=OPTIMIZER["betas"], eps=OPTIMIZER["eps"], fused=True
+    )
+    device = next(model.parameters()).device
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=case.mode == "full")
+    losses, lrs = [], []
+    model.train()
+    for step in range(config.max_steps):
+        batch = reference_batch([rows[i] for i in order[step * BATCH : (step + 1) * BATCH]], tokenizer)
+        with autocast:
+            loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
+        lr = nemo_lr(step, dataclasses.replace(case, steps=config.max_steps))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(float(loss))
+        lrs.append(lr)
+    model.eval()
+    val = []
+    with torch.no_grad(), autocast:
+        batches = min(VAL_BATCHES, len(val_rows) // BATCH)  # whole batches only, as NeMo's validation takes them
+        for start in range(0, batches * BATCH, BATCH):  # NeMo: each validation batch's token mean, averaged
+            batch = reference_batch(val_rows[start : start + BATCH], tokenizer)
+            val.append(float(model(**{k: v.to(device) for k, v in batch.items()}).loss))
+    return {"loss": losses, "lr": lrs, "val_loss": sum(val) / len(val) if val else None}
+
+
+def compare_curves(ours: dict, reference: dict) -> dict:
+    relative = [abs(a - b) / abs(b) for a, b in zip(ours["loss"], reference["loss"], strict=True)]
+    return {
+        "steps": len(relative),
+        "max_step_relative_difference": max(relative),
+        "mean_step_relative_difference": sum(relative) / len(relative),
+        "val_loss_relative_difference": abs(ours["val_loss"] - reference["val_loss"]) / reference["val_loss"],
+        "max_lr_difference": max(abs(a - b) for a, b in zip(ours["lr"], reference["lr"], strict=True)),
+    }
+
+
+def curve_parity(root: Path, family: str, mode: str, seed: int = 1234) -> dict:
+    """One family and mode: our run and the reference's, with the comparison."""
+    case = CURVES[mode]
+    ws = curve_workspace(root, family)
+    adapter = initial_adapter(ws, family, case, seed) if mode == "lora" else None
+    out = root / f"{family}_{mode}"
+    flags = job_flags(ws, family, case, out, case.steps, seed)
+    ours = our_curve(flags, out)
+    config, order = training_order(flags)
+    reference = reference_curve(ws, case, config, order, adapter)
+    return {"family": family, "mode": mode, "case": dataclasses.asdict(case), "shape": CURVE_SHAPE, "ours": ours,
+            "reference": reference, "comparison": compare_curves(ours, reference)}  # fmt: skip
+
+
+def plot_curves(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 3.6), squeeze=False)
+    for ax, r in zip(axes[0], results, strict=True):
+        name = "HF + PEFT" if r["mode"] == "lora" else "HF (fp32 + autocast)"
+        ax.plot(r["ours"]["loss"], label="ours (NeMo)", lw=1.4)
+        ax.plot(r["reference"]["loss"], label=name, lw=1.0, ls="--")
+        c = r["comparison"]
+        ax.set_title(
+            f"{r['family']} 252M, {r['mode']}: max step diff {c['max_step_relative_difference']:.2%}", fontsize=9
+        )
+        ax.set_xlabel("step")
+        ax.set_ylabel("training loss")
+        ax.legend(fontsize=8)
+    fig.suptitle("Training loss, ours vs the reference: same weights, rows, order and optimizer (bf16, one H200)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -224,11 +492,27 @@ def parse_args(argv=None):
     forward.add_argument("--packed", action="store_true")
     forward.add_argument("--micro_batch_size", type=int, default=8)
     forward.add_argument("--out", type=Path, help="also write the result here (JSON)")
+    curves = sub.add_parser("curves", help="training curves, ours vs HF + PEFT / HF, on one GPU in bf16")
+    curves.add_argument("--families", nargs="+", default=["qwen3", "llama"], choices=sorted(RECIPES))
+    curves.add_argument("--modes", nargs="+", default=["lora", "full"], choices=sorted(CURVES))
+    curves.add_argument("--work_dir", type=Path, required=True, help="models, data, runs and logs go here")
+    curves.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "parity.json")
+    curves.add_argument("--plot", type=Path, default=REPO / "docs" / "images" / "parity_curves.png")
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.command == "curves":
+        args.work_dir.mkdir(parents=True, exist_ok=True)
+        results = []
+        for family in args.families:
+            for mode in args.modes:
+                results.append(curve_parity(args.work_dir, family, mode))
+                print(json.dumps({k: results[-1][k] for k in ("family", "mode", "comparison")}), flush=True)
+                args.out.write_text(json.dumps(results, indent=1) + "\n")  # what is done so far
+        plot_curves(results, args.plot)
+        return 0
     flags = dict(micro_batch_size=1 if args.packed else args.micro_batch_size, accumulate_grad_batches=1)
     config = job_config(args.hf_model, args.nemo_ckpt, args.data_dir, args.recipe, **flags)
     config.data.chat = args.chat

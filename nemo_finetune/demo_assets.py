@@ -80,6 +80,9 @@ def build_hf_model(
     seed: int = 0,
     tie_word_embeddings: bool = False,
     head_dim: int = 128,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    intermediate_size: int | None = None,
 ) -> Path:
     """Save a randomly initialised causal LM of `family` ("qwen3" or "llama") with the tokenizer beside it.
 
@@ -101,10 +104,10 @@ def build_hf_model(
     common = dict(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
-        intermediate_size=2 * hidden_size,
+        intermediate_size=intermediate_size or 2 * hidden_size,
         num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
         head_dim=head_dim,
         max_position_embeddings=1024,
         rms_norm_eps=1e-6,

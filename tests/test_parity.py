@@ -18,23 +18,6 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 import parity  # noqa: E402
 
-BOS = "<|begin_of_text|>"
-
-
-def with_bos(tokenizer_dir: Path, out: Path) -> Path:
-    """A copy of a tokenizer that starts text with a BOS token, as Llama 3's does (its chat template writes it too)."""
-    from tokenizers import processors
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    tokenizer.add_special_tokens({"bos_token": BOS})
-    tokenizer._tokenizer.post_processor = processors.TemplateProcessing(
-        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, tokenizer.bos_token_id)]
-    )
-    tokenizer.chat_template = "{{ bos_token }}" + tokenizer.chat_template
-    tokenizer.save_pretrained(out)
-    return out
-
 
 @pytest.fixture(scope="module")
 def jobs(assets, tmp_path_factory) -> dict:
@@ -55,7 +38,7 @@ def jobs(assets, tmp_path_factory) -> dict:
             for r in assets["rows"]
         )
     )
-    llama_tokenizer = with_bos(assets["tokenizer"], root / "llama_tokenizer")
+    llama_tokenizer = parity.with_bos(assets["tokenizer"], root / "llama_tokenizer")
     models = {
         "qwen3": assets["qwen3"],
         "llama": build_hf_model(root / "llama", llama_tokenizer, "llama", num_layers=2, hidden_size=128, seed=2),
@@ -121,3 +104,72 @@ def test_plain_rows_start_with_bos_in_training_and_evaluation_where_the_tokenize
         assert (starts == [hf.bos_token_id] * 8) == (first == "bos"), starts
         prompt = test_checkpoint.prompt_ids({"input": "What is the code for x?"}, MCoreTokenizerWrappper(tokenizer))
         assert prompt == hf("What is the code for x?")["input_ids"]  # what HF's generate() would be given
+
+
+def test_the_references_schedule_is_nemos_cosine_with_warmup():
+    import torch
+    from nemo.core.optim.lr_scheduler import CosineAnnealing
+
+    case = parity.CURVES["lora"]
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=case.learning_rate)
+    scheduler = CosineAnnealing(optimizer, max_steps=case.steps, warmup_steps=case.warmup_steps, min_lr=0.0)
+    nemo = []
+    for _ in range(case.steps):
+        nemo.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    ours = [parity.nemo_lr(step, case) for step in range(case.steps)]
+    assert ours == pytest.approx(nemo, rel=1e-12)
+    assert ours[0] == pytest.approx(case.learning_rate / (case.warmup_steps + 1))  # not 0 as HF's warm-up starts
+
+
+def test_the_reference_lora_model_shares_one_a_where_nemo_fuses_and_starts_from_b_zero(jobs, tmp_path):
+    """An adapter as the project's export writes it (the fused layers' A repeated for q/k/v and gate/up) loads into
+    HF + PEFT with one A Parameter per fused layer, so its gradient is the sum NeMo's fused A gets."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = jobs["llama"]["model"]
+    peft = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(model),
+        LoraConfig(
+            r=4,
+            lora_alpha=8,
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        ),
+    )
+    with torch.no_grad():
+        for layer in peft.base_model.model.model.layers:
+            for name in ("k_proj", "v_proj"):
+                getattr(layer.self_attn, name).lora_A["default"].weight.copy_(
+                    layer.self_attn.q_proj.lora_A["default"].weight
+                )
+            layer.mlp.up_proj.lora_A["default"].weight.copy_(layer.mlp.gate_proj.lora_A["default"].weight)
+            layer.self_attn.o_proj.lora_B["default"].weight.fill_(1.0)
+    peft.save_pretrained(tmp_path / "adapter")
+
+    reference = parity.reference_model({"model": model}, parity.CURVES["lora"], tmp_path / "adapter")
+    layer = reference.base_model.model.model.layers[0]
+    shared = layer.self_attn.q_proj.lora_A["default"].weight
+    assert (
+        layer.self_attn.k_proj.lora_A["default"].weight is shared
+        and layer.self_attn.v_proj.lora_A["default"].weight is shared
+    )
+    assert layer.mlp.up_proj.lora_A["default"].weight is layer.mlp.gate_proj.lora_A["default"].weight
+    assert shared.dtype == torch.float32  # PEFT's adapters in fp32 over the bf16 base
+    trainable = dict(reference.named_parameters())
+    assert all(not p.any() for n, p in trainable.items() if "lora_B" in n)
+    assert sum("lora_A" in n for n in trainable) == 2 * 4  # per layer: q/k/v, o, gate/up, down: each A once
+
+
+def test_a_reference_whose_adapter_a_differs_across_a_fused_layer_is_refused(jobs, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = jobs["qwen3"]["model"]
+    get_peft_model(
+        AutoModelForCausalLM.from_pretrained(model), LoraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj"])
+    ).save_pretrained(tmp_path / "adapter")
+    with pytest.raises(AssertionError, match="k_proj A differs from q_proj's"):
+        parity.reference_model({"model": model}, parity.CURVES["lora"], tmp_path / "adapter")
