@@ -100,31 +100,33 @@ def job_config(hf_model: Path, nemo_ckpt: Path, data_dir: Path, recipe: str, **f
 
 def first_micro_batch(config) -> tuple[dict, list[int] | None]:
     """NeMo's first training micro-batch of the job (one GPU) and the prepared training rows it holds, in order
-    (None when packed: a packed row's samples are found by their tokens).
+    (None when packed: a packed row's samples are found by their tokens). Megatron's sampler gives the first
+    micro-batch the positions 0..micro_batch_size-1 of the training dataset's order."""
+    dataset = train_dataset(config)
+    positions = range(config.micro_batch_size)
+    batch = dataset.collate_fn([dataset[i] for i in positions])
+    rows = None if config.packed_sequence else [int(dataset.samples_mapping[i][0]) for i in positions]
+    return batch, rows
 
-    The dataset is the one the job's train dataloader builds (the project's data module, max_num_samples =
-    ceil(global batch x max_steps x 1.005), NeMo's seeded sample order); Megatron's sampler gives the first
-    micro-batch positions 0..micro_batch_size-1 of that order."""
+
+def train_dataset(config):
+    """The dataset the job's train dataloader builds: the project's data module, max_num_samples = ceil(global
+    batch x max_steps x 1.005), NeMo's seeded sample order (packed rows with --packed_sequence)."""
     import fiddle as fdl
 
     from nemo_finetune.recipe import configure_data
 
     module = fdl.build(configure_data(config))
-    max_samples = int(math.ceil(config.global_batch_size * config.max_steps * 1.005))
     packed = config.packed_sequence
     if packed:
         module.prepare_packed()
-    dataset = module._create_dataset(
+    return module._create_dataset(
         module.train_path_packed if packed else module.train_path,
         pack_metadata_path=module.pack_metadata if packed else None,
-        max_num_samples=max_samples,
+        max_num_samples=int(math.ceil(config.global_batch_size * config.max_steps * 1.005)),
         sanity_check_dist_workers=False,  # a CUDA all-reduce that checks the ranks agree; one process here
         **module.dataset_kwargs,
     )
-    positions = range(config.micro_batch_size)
-    batch = dataset.collate_fn([dataset[i] for i in positions])
-    rows = None if packed else [int(dataset.samples_mapping[i][0]) for i in positions]
-    return batch, rows
 
 
 def packed_samples(batch: dict) -> list[list[int]]:
@@ -340,24 +342,9 @@ def training_order(flags: list[str]) -> tuple[object, list[int]]:
     import peft_megatron
 
     config = peft_megatron.parse_config(flags)
-    module, dataset = train_dataset(config)
+    dataset = train_dataset(config)
     rows = config.global_batch_size * config.max_steps
     return config, [int(dataset.samples_mapping[i][0]) for i in range(rows)]
-
-
-def train_dataset(config):
-    import fiddle as fdl
-
-    from nemo_finetune.recipe import configure_data
-
-    module = fdl.build(configure_data(config))
-    dataset = module._create_dataset(
-        module.train_path,
-        max_num_samples=int(math.ceil(config.global_batch_size * config.max_steps * 1.005)),
-        sanity_check_dist_workers=False,
-        **module.dataset_kwargs,
-    )
-    return module, dataset
 
 
 def reference_model(ws: dict, case: CurveCase, adapter: Path | None):
@@ -420,7 +407,7 @@ def reference_curve(ws: dict, case: CurveCase, config, order: list[int], adapter
             group["lr"] = lr
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         lrs.append(lr)
     model.eval()
     val = []

@@ -123,44 +123,61 @@ def test_the_references_schedule_is_nemos_cosine_with_warmup():
     assert ours[0] == pytest.approx(case.learning_rate / (case.warmup_steps + 1))  # not 0 as HF's warm-up starts
 
 
-def test_the_reference_lora_model_shares_one_a_where_nemo_fuses_and_starts_from_b_zero(jobs, tmp_path):
-    """An adapter as the project's export writes it (the fused layers' A repeated for q/k/v and gate/up) loads into
-    HF + PEFT with one A Parameter per fused layer, so its gradient is the sum NeMo's fused A gets."""
+def exported_style_adapter(model: Path, out: Path) -> Path:
+    """An HF PEFT adapter as the project's export writes one: the fused layers' A repeated for q/k/v and gate/up,
+    B not zero."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    model = jobs["llama"]["model"]
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     peft = get_peft_model(
-        AutoModelForCausalLM.from_pretrained(model),
-        LoraConfig(
-            r=4,
-            lora_alpha=8,
-            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        ),
+        AutoModelForCausalLM.from_pretrained(model), LoraConfig(r=4, lora_alpha=8, target_modules=targets)
     )
     with torch.no_grad():
         for layer in peft.base_model.model.model.layers:
+            attention, mlp = layer.self_attn, layer.mlp
             for name in ("k_proj", "v_proj"):
-                getattr(layer.self_attn, name).lora_A["default"].weight.copy_(
-                    layer.self_attn.q_proj.lora_A["default"].weight
-                )
-            layer.mlp.up_proj.lora_A["default"].weight.copy_(layer.mlp.gate_proj.lora_A["default"].weight)
-            layer.self_attn.o_proj.lora_B["default"].weight.fill_(1.0)
-    peft.save_pretrained(tmp_path / "adapter")
+                getattr(attention, name).lora_A["default"].weight.copy_(attention.q_proj.lora_A["default"].weight)
+            mlp.up_proj.lora_A["default"].weight.copy_(mlp.gate_proj.lora_A["default"].weight)
+            attention.o_proj.lora_B["default"].weight.fill_(1.0)
+    peft.save_pretrained(out)
+    return out
 
-    reference = parity.reference_model({"model": model}, parity.CURVES["lora"], tmp_path / "adapter")
+
+def test_the_reference_lora_model_shares_one_a_where_nemo_fuses_and_starts_from_b_zero(jobs, tmp_path):
+    """Loaded into HF + PEFT, each fused layer has one A Parameter, so its gradient is the sum NeMo's fused A gets."""
+    import torch
+
+    model = jobs["llama"]["model"]
+    adapter = exported_style_adapter(model, tmp_path / "adapter")
+    reference = parity.reference_model({"model": model}, parity.CURVES["lora"], adapter)
     layer = reference.base_model.model.model.layers[0]
     shared = layer.self_attn.q_proj.lora_A["default"].weight
-    assert (
-        layer.self_attn.k_proj.lora_A["default"].weight is shared
-        and layer.self_attn.v_proj.lora_A["default"].weight is shared
-    )
+    assert layer.self_attn.k_proj.lora_A["default"].weight is shared
+    assert layer.self_attn.v_proj.lora_A["default"].weight is shared
     assert layer.mlp.up_proj.lora_A["default"].weight is layer.mlp.gate_proj.lora_A["default"].weight
     assert shared.dtype == torch.float32  # PEFT's adapters in fp32 over the bf16 base
     trainable = dict(reference.named_parameters())
     assert all(not p.any() for n, p in trainable.items() if "lora_B" in n)
     assert sum("lora_A" in n for n in trainable) == 2 * 4  # per layer: q/k/v, o, gate/up, down: each A once
+
+
+def test_the_reference_trains_on_the_jobs_rows_in_the_jobs_order_with_nemos_schedule(jobs, tmp_path):
+    job = jobs["llama"]
+    ws = {"root": tmp_path, "model": job["model"], "data": tmp_path / "unused.jsonl"}
+    case = parity.CurveCase("lora", 6, 1e-3, 2)
+    flags = parity.job_flags(ws, "llama", case, tmp_path / "run", case.steps, seed=1234)
+    flags[flags.index("--data_dir") + 1] = str(job["data"]["plain"])
+    config, order = parity.training_order(flags)
+    assert len(order) == case.steps * parity.BATCH
+    first = parity.job_config(job["model"], job["nemo"], job["data"]["plain"], "llama32_1b", max_steps=case.steps,
+                              micro_batch_size=parity.BATCH, accumulate_grad_batches=1)  # fmt: skip
+    assert order[: parity.BATCH] == parity.first_micro_batch(first)[1]  # the forward test's batch: the first step's
+    curve = parity.reference_curve(ws, case, config, order, exported_style_adapter(job["model"], tmp_path / "a"))
+    assert curve["lr"] == [parity.nemo_lr(step, case) for step in range(case.steps)]
+    assert curve["loss"][-1] < curve["loss"][0]  # it trains
+    assert curve["val_loss"] is None  # the tiny validation split holds no whole batch of 8
 
 
 def test_a_reference_whose_adapter_a_differs_across_a_fused_layer_is_refused(jobs, tmp_path):
