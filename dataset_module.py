@@ -10,8 +10,9 @@ r"""Any Hugging Face or local dataset -> clean, reproducible train/val/test JSON
         --input_column question --output_column answer --prompt_template $'Q: {question}\nA:' --data_dir out/data
 
 The JSONL rows are what NeMo 2.7.3's FineTuningDataModule reads: `{"input": prompt, "output": answer}` (loss on the
-answer only; NeMo joins them as "{input} {output}") or, with --chat, `{"messages": [...]}` rendered with the
-tokenizer's chat template. Preparation is deterministic for a seed, idempotent (a fingerprint of everything that
+answer and EOS; NeMo joins them as "{input} {output}", after a BOS where the tokenizer adds one, as HF does) or,
+with --chat, `{"messages": [...]}` rendered with the tokenizer's chat template (loss on every token, EOS appended
+unless the template ends with it). docs/PARITY.md compares both with HF + TRL. Preparation is deterministic for a seed, idempotent (a fingerprint of everything that
 shapes the output is kept in `.data_ready.json`), atomic (files are renamed into place, marker last), and done by
 global rank 0 only while other ranks wait with a timeout.
 """
