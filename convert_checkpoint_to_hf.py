@@ -44,7 +44,7 @@ from nemo_finetune.checkpoints import (
 from nemo_finetune.cli import parse_dataclass_args, run_cli
 from nemo_finetune.console import library_logs_through_ours, prints_as_library_records, setup_logging
 from nemo_finetune.errors import ConfigError, PipelineError
-from nemo_finetune.files import atomic_dir, file_heads, remove_leftovers
+from nemo_finetune.files import atomic_dir, file_heads, overlap_problems, remove_leftovers
 from nemo_finetune.layout import RunLayout
 from nemo_finetune.records import output_files
 
@@ -164,6 +164,19 @@ def write_export_record(out: Path, source: dict) -> None:
     (out / EXPORT_RECORD).write_text(json.dumps({**source, "files": files}, indent=2) + "\n")
 
 
+def not_an_export(out: Path) -> bool:
+    """True when `out` holds files but no export record of this script (a directory it must never replace)."""
+    if not out.is_dir() or not any(out.iterdir()):
+        return False
+    try:
+        record = json.loads((out / EXPORT_RECORD).read_text())
+    except (OSError, ValueError):
+        return True
+    return not (
+        isinstance(record, dict) and isinstance(record.get("files"), dict) and {"kind", "fingerprint"} <= set(record)
+    )
+
+
 def is_current_export(out: Path, source: dict) -> bool:
     """True when the directory `out` is a complete export of `source`; False when nothing is there to keep (absent,
     or empty, which is removed); a PipelineError naming the fix for anything else."""
@@ -173,13 +186,13 @@ def is_current_export(out: Path, source: dict) -> bool:
         out.rmdir()
         return False
     overwrite = "pass --overwrite to replace it, or choose another --output_dir"
-    try:
-        record = json.loads((out / EXPORT_RECORD).read_text())
-        files, kind, fingerprint = dict(record["files"]), record["kind"], record["fingerprint"]
-    except (OSError, ValueError, KeyError, TypeError):
+    if not_an_export(out):
         raise PipelineError(
-            f"{out} exists but holds no export record ({EXPORT_RECORD}) that this script can read; {overwrite}"
-        ) from None
+            f"--output_dir {out} holds files this script did not write (no readable {EXPORT_RECORD}), which it "
+            "leaves alone: choose another --output_dir"
+        )
+    record = json.loads((out / EXPORT_RECORD).read_text())
+    files, kind, fingerprint = dict(record["files"]), record["kind"], record["fingerprint"]
     damaged = [
         name for name, size in files.items() if not (out / name).is_file() or (out / name).stat().st_size != size
     ]
@@ -413,10 +426,19 @@ def export(cfg: ExportConfig) -> Path:
     kind = export_kind(ckpt, cfg.no_merge)
     out = Path(cfg.output_dir) if cfg.output_dir else default_export_path(ckpt, EXPORT_SUFFIX[kind])
     base = None if kind == "full" else base_checkpoint(ckpt)
+    inputs = [("the checkpoint", ckpt)] + ([("its base checkpoint", base)] if base else [])
+    problems = overlap_problems([("--output_dir", out)], inputs, "the export would replace or change it")
+    if problems:
+        raise ConfigError(problems)
     source = export_source(ckpt, base, kind)
     out.parent.mkdir(parents=True, exist_ok=True)
     # Two exports into one --output_dir take turns; the second then finds the first one's export.
     with output_files(out).locked(EXPORT_LOCK_TIMEOUT_S, "export"):
+        if cfg.overwrite and not_an_export(out):
+            raise PipelineError(
+                f"--output_dir {out} holds files this script did not write (no readable {EXPORT_RECORD}); "
+                "--overwrite replaces only an export: move them away yourself, or choose another --output_dir"
+            )
         if not cfg.overwrite and is_current_export(out, source):
             log.info("%s already holds this export; keeping it (pass --overwrite to replace it)", out)
             print(f"export already present: {out}")

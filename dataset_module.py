@@ -12,9 +12,10 @@ r"""Any Hugging Face or local dataset -> clean, reproducible train/val/test JSON
 The JSONL rows are what NeMo 2.7.3's FineTuningDataModule reads: `{"input": prompt, "output": answer}` (loss on the
 answer and EOS; NeMo joins them as "{input} {output}", after a BOS where the tokenizer adds one, as HF does) or,
 with --chat, `{"messages": [...]}` rendered with the tokenizer's chat template (loss on every token, EOS appended
-unless the template ends with it). docs/PARITY.md compares both with HF + TRL. Preparation is deterministic for a seed, idempotent (a fingerprint of everything that
-shapes the output is kept in `.data_ready.json`), atomic (files are renamed into place, marker last), and done by
-global rank 0 only while other ranks wait with a timeout.
+unless the template ends with it). docs/PARITY.md compares both with HF + TRL. Preparation is deterministic for
+a seed, idempotent (a fingerprint of everything that shapes the output is kept in `.data_ready.json`), atomic
+(files are renamed into place, marker last), and done by global rank 0 only while other ranks wait with a timeout.
+--data_dir never overlaps the dataset or the model it is prepared from.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from nemo_finetune.files import (
     atomic_write_text,
     file_digest,
     iter_jsonl,
+    overlap_problems,
 )
 from nemo_finetune.records import DATA_RECORD, PACKED_RECORD, data_files, packing_files
 
@@ -160,6 +162,26 @@ class HFDatasetConfig:
                 f"--output_column/--system_column/--prompt_template); its columns are {sorted(columns)}"
             )
         return out
+
+
+def local_sources(cfg: HFDatasetConfig, tokenizer: str | None = None) -> list[tuple[str, Path]]:
+    """What data is prepared from on this machine: the local dataset's files or directory, and the directory of a
+    local tokenizer (a model directory)."""
+    sources = []
+    for part in (cfg.dataset_name or "").split(","):
+        path = Path(part.strip()).expanduser()
+        if part.strip() and path.exists():
+            sources.append((f"the dataset {'directory' if path.is_dir() else 'file'}", path))
+    if tokenizer and Path(tokenizer).expanduser().is_dir():
+        sources.append(("the model directory", Path(tokenizer)))
+    return sources
+
+
+def data_dir_problems(cfg: HFDatasetConfig, data_dir: Path, tokenizer: str | None) -> list[str]:
+    """--data_dir apart from what the data is prepared from: preparation writes training/validation/test.jsonl and
+    packs there, and --overwrite_data replaces them, so a source inside it (or it inside a source) could be lost."""
+    consequence = "preparation writes and replaces files there, so the source could be overwritten"
+    return overlap_problems([("--data_dir", data_dir)], local_sources(cfg, tokenizer), consequence)
 
 
 def _template_fields(template: str) -> list[str]:
@@ -489,6 +511,9 @@ def prepare_dataset(cfg: HFDatasetConfig, target: DataTarget) -> dict:
     trust_remote_code, global_rank, wait_timeout_s = target.trust_remote_code, target.global_rank, target.wait_timeout_s
     if cfg.dataset_name is None:
         return _use_existing_jsonl(data_dir, cfg)
+    problems = data_dir_problems(cfg, data_dir, tokenizer_name)
+    if problems:  # checked with the flags already; this guards the data module's own calls
+        raise PipelineError("; ".join(problems))
     fp = fingerprint(cfg, target.tokenizer_identity or tokenizer_name)
     if global_rank != 0:
         data_files(data_dir).wait(
@@ -933,6 +958,8 @@ def main(argv: list[str] | None = None) -> int:
         problems.append(f"--max_seq_length {settings.max_seq_length} must be a positive integer")
     if settings.data_dir and Path(settings.data_dir).exists() and not Path(settings.data_dir).is_dir():
         problems.append(f"--data_dir {settings.data_dir} is a file; give a directory")
+    if settings.data_dir:
+        problems += data_dir_problems(settings.data, Path(settings.data_dir), settings.tokenizer)
     problems += settings.data.problems()
     if problems:
         raise ConfigError(problems)

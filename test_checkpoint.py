@@ -39,7 +39,7 @@ from nemo_finetune.checkpoints import (
 from nemo_finetune.cli import parse_dataclass_args, run_cli
 from nemo_finetune.console import setup_logging
 from nemo_finetune.errors import ConfigError, PipelineError
-from nemo_finetune.files import atomic_write_jsonl, atomic_write_text, iter_jsonl
+from nemo_finetune.files import atomic_write_jsonl, atomic_write_text, iter_jsonl, overlap, overlap_problems
 from nemo_finetune.hub import hub_problem
 from nemo_finetune.layout import RunLayout
 from nemo_finetune.records import output_files
@@ -114,6 +114,15 @@ def validate(cfg: EvalConfig) -> None:
     for flag in ("predictions_file", "metrics_file"):
         if getattr(cfg, flag) and Path(getattr(cfg, flag)).is_dir():
             problems.append(f"--{flag} {getattr(cfg, flag)} is a directory; give a file path")
+    if cfg.predictions_file:
+        predictions = Path(cfg.predictions_file)
+        metrics = metrics_path(cfg, predictions)
+        if overlap(metrics, predictions) == "is":
+            flag = "--metrics_file" if cfg.metrics_file else "--predictions_file (its default metrics file)"
+            problems.append(
+                f"{flag} {metrics} is the predictions file: the metrics would replace the predictions; give a "
+                "--metrics_file of its own"
+            )
     if cfg.bertscore_num_layers is not None and cfg.bertscore_num_layers < 1:
         problems.append(f"--bertscore_num_layers {cfg.bertscore_num_layers} must be a layer number, 1 or more")
     if cfg.bertscore_model != "none" and Path(cfg.bertscore_model).is_dir():
@@ -384,6 +393,11 @@ def main(argv: list[str] | None = None) -> int:
         )
     data_dir = Path(cfg.data_dir) if cfg.data_dir else run.data
     out = Path(cfg.predictions_file) if cfg.predictions_file else ckpt.with_name(ckpt.name + ".predictions.jsonl")
+    outputs = [("--predictions_file", out), ("--metrics_file", metrics_path(cfg, out))]
+    inputs = [("the checkpoint", ckpt), ("the test split", data_dir / "test.jsonl")]
+    problems = overlap_problems(outputs, inputs, "writing there would change or replace it")
+    if problems:
+        raise ConfigError(problems)
     damaged = warn_damaged_adapters(
         ckpt,
         log,

@@ -13,8 +13,10 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
+from dataset_module import data_dir_problems, local_sources
 from nemo_finetune.choices import LORA_TARGETS, PEFT_SCHEMES, PROFILER_FLAGS, lora_targets
 from nemo_finetune.errors import ConfigError
+from nemo_finetune.files import overlap_problems
 from nemo_finetune.layout import REPO_DIR
 from nemo_finetune.resolve import attention_heads, available_recipes, is_local_model
 
@@ -67,6 +69,7 @@ def validate_config(config, visible_gpus: int | None = None, environ: Mapping[st
         *_attention_problems(config),
         *(_local_model_problems(config) if is_local_model(config.hf_model_id) and not config.demo else []),
         *_path_problems(config),
+        *_overlap_problems(config),
         *_resume_problems(config),
         *_slurm_problems(config, environ),
         *config.data.problems(),
@@ -274,6 +277,19 @@ def _path_problems(config) -> list[str]:
         blocking = next((p for p in target.parents if p.exists()), None)
         if target.is_dir() or (blocking is not None and not blocking.is_dir()):
             problems.append(f"--write_config {target}: not a file path (a directory is in the way); give a file name")
+    return problems
+
+
+def _overlap_problems(config) -> list[str]:
+    """What the run writes apart from what it reads: the data and the import never where the dataset or the HF model
+    is (either could be replaced); the run's directory never the model's or the dataset's, nor inside them."""
+    model = config.hf_model_id if is_local_model(config.hf_model_id) and not config.demo else None
+    sources = local_sources(config.data, model)
+    problems = data_dir_problems(config.data, config.data_path, model) if config.data.dataset_name else []
+    consequence = "the import writes the NeMo checkpoint there and replaces a damaged one"
+    problems += overlap_problems([("--nemo_ckpt_dir", config.nemo_ckpt_path)], sources, consequence)
+    consequence = "the run writes its data, checkpoints and logs there"
+    problems += overlap_problems([("--output_dir", config.output_path)], sources, consequence, allow_containing=True)
     return problems
 
 

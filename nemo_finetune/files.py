@@ -127,6 +127,33 @@ def rank_zero_attempt(lock: Path, failed: Path, timeout_s: float, what: str) -> 
             raise
 
 
+def overlap(written: Path, other: Path) -> str | None:
+    """How a path a command writes meets another path: "is", "lies inside" or "contains" (both resolved, so relative
+    paths and symlinks count), or None when neither holds the other."""
+    a, b = Path(written).expanduser().resolve(), Path(other).expanduser().resolve()
+    if a == b:
+        return "is"
+    if a.is_relative_to(b):
+        return "lies inside"
+    if b.is_relative_to(a):
+        return "contains"
+    return None
+
+
+def overlap_problems(
+    written: list[tuple[str, Path]], inputs: list[tuple[str, Path]], consequence: str, allow_containing: bool = False
+) -> list[str]:
+    """One problem for each output (named by its flag) that is, lies inside or (unless `allow_containing`) contains
+    an input (named by what it is), with the consequence and the fix."""
+    problems = []
+    for flag, path in written:
+        for what, source in inputs:
+            how = overlap(path, source)
+            if how and not (allow_containing and how == "contains"):
+                problems.append(f"{flag} {path} {how} {what} {source}: {consequence}; give a {flag} outside it")
+    return problems
+
+
 def file_heads(root: Path, recursive: bool = True) -> dict[str, list]:
     """{relative path: [size, sha256 of the first MiB]} of every file under `root`: an identity of model and
     checkpoint directories that is cheap at any size (small files are hashed whole; large ones by their headers and
