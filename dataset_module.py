@@ -48,6 +48,7 @@ from nemo_finetune.records import DATA_RECORD, PACKED_RECORD, data_files, packin
 log = logging.getLogger("peft_megatron.data")
 
 SPLIT_FILES = {"train": "training.jsonl", "val": "validation.jsonl", "test": "test.jsonl"}
+MAX_ROWS = 10**12  # far beyond any dataset: catches typos and stray exponents
 MARKER = DATA_RECORD  # written last: the settings' fingerprint, the summary, and each file's size and hash
 PREPARING_MARKER = ".data_preparing"  # written first and removed last: present afterwards = interrupted
 FORMAT_VERSION = 1
@@ -119,8 +120,8 @@ class HFDatasetConfig:
             )
         if not 1 <= self.seed <= 2**32 - 1:  # numpy's generators and Megatron's take no other
             out.append(f"--seed {self.seed} must be between 1 and {2**32 - 1}")
-        if self.max_samples is not None and self.max_samples <= 0:
-            out.append(f"--max_samples {self.max_samples} must be positive (or unset for all rows)")
+        if self.max_samples is not None and not 0 < self.max_samples <= MAX_ROWS:
+            out.append(f"--max_samples {self.max_samples} must be 1 to {MAX_ROWS:g} (or unset for all rows)")
         if self.prompt_template is not None and not self.chat:
             try:
                 _template_fields(self.prompt_template)

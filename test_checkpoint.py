@@ -48,6 +48,20 @@ log = logging.getLogger("peft_megatron.eval")
 
 BERTSCORE_DEFAULT = "roberta-large"  # bert_score's default model for lang="en"
 PREDICTION_FIELDS = ("input", "label", "prediction")
+# Far beyond any real setting: they catch typos and stray exponents (1e21) before a model is loaded.
+UPPER_BOUNDS = {
+    "max_samples": (10**12, "more rows than any test split holds"),
+    "temperature": (100.0, "sampling temperatures are around 0.1 to 2"),
+    "top_k": (1 << 24, "more tokens than any vocabulary holds"),
+    "num_tokens_to_generate": (1 << 20, "no supported model has a context over 1,048,576 tokens"),
+    "inference_max_seq_length": (1 << 20, "no supported model has a context over 1,048,576 tokens"),
+    "tensor_parallel_size": (1024, "GPUs of one evaluation"),
+    "buffer_size_gb": (1e4, "more memory than any GPU has"),
+    "block_size_tokens": (1 << 16, "KV cache blocks hold tens to hundreds of tokens"),
+    "max_batch_size": (1 << 16, "requests in flight on one engine"),
+    "num_cuda_graphs": (1024, "batch sizes with a graph of their own"),
+    "bertscore_num_layers": (1024, "layers of an encoder"),
+}
 OUTPUT_LOCK_TIMEOUT_S = 3600.0  # BERTScore over a large split takes minutes; a second evaluation waits
 
 
@@ -107,6 +121,11 @@ def validate(cfg: EvalConfig) -> None:
         problems.append(f"--num_cuda_graphs {cfg.num_cuda_graphs} must be 0 (eager) or positive")
     if cfg.buffer_size_gb <= 0:
         problems.append(f"--buffer_size_gb {cfg.buffer_size_gb} must be positive")
+    for name, (bound, why) in UPPER_BOUNDS.items():
+        if getattr(cfg, name) is not None and getattr(cfg, name) > bound:
+            problems.append(f"--{name} {getattr(cfg, name)} is above {bound:,} ({why}); check the value")
+    if not 0 <= cfg.random_seed <= 2**32 - 1:
+        problems.append(f"--random_seed {cfg.random_seed} must be 0 to {2**32 - 1}")
     if cfg.num_tokens_to_generate >= cfg.inference_max_seq_length:
         problems.append("--num_tokens_to_generate must be smaller than --inference_max_seq_length")
     if cfg.temperature <= 0 or cfg.top_k < 0 or not 0 <= cfg.top_p <= 1:

@@ -23,6 +23,7 @@ from nemo_finetune.resolve import attention_heads, available_recipes, is_local_m
 log = logging.getLogger("peft_megatron")
 
 
+# Far beyond any real setting: they catch typos and stray exponents (1e21) before any heavy work.
 UPPER_BOUNDS = {
     "learning_rate": (1.0, "fine-tuning learning rates are around 1e-6 to 1e-3"),
     "micro_batch_size": (65536, "a micro-batch is what one GPU holds"),
@@ -35,6 +36,19 @@ UPPER_BOUNDS = {
     "max_grad_norm": (1e6, "clipping norms are around 0.1 to 10"),
     "wait_timeout_s": (7 * 24 * 3600.0, "a week"),
     "num_train_epochs": (1e6, "fine-tuning takes a few passes over its data"),
+    "max_steps": (10**9, "more steps than any run takes"),
+    "val_check_interval": (10**9, "more steps than any run takes"),
+    "log_every_n_steps": (10**9, "more steps than any run takes"),
+    "limit_val_batches": (10**9, "more batches than any validation split holds"),
+    "early_stopping_patience": (10**6, "validation checks of one run"),
+    "early_stopping_threshold": (100.0, "the least val_loss improvement that counts, usually 0 to 0.01"),
+    "save_top_k": (10**6, "checkpoints of one run"),
+    "lora_alpha": (10**6, "alpha / rank scales the adapters, usually 1 to 4"),
+    "num_nodes": (10**5, "nodes of one job"),
+    "gpus_per_node": (1024, "GPUs of one node"),
+    "tensor_parallel_size": (10**5, "GPUs of one job"),
+    "pipeline_parallel_size": (10**5, "GPUs of one job"),
+    "context_parallel_size": (10**5, "GPUs of one job"),
 }
 
 
@@ -143,7 +157,7 @@ def _range_problems(config) -> list[str]:
     for name, (bound, why) in UPPER_BOUNDS.items():
         value = getattr(config, name)
         if value is not None and value > bound:
-            problems.append(f"--{name} {value} is above {bound:g} ({why}); check the value")
+            problems.append(f"--{name} {value} is above {bound:,} ({why}); check the value")
     return problems
 
 
@@ -191,6 +205,9 @@ def _layout_problems(config, environ: Mapping[str, str]) -> list[str]:
             f"--max_seq_length {config.max_seq_length} must be divisible by 2 x --context_parallel_size "
             f"= {2 * cp} (Megatron splits each sequence into 2 x CP chunks)"
         )
+    port = environ.get("MASTER_PORT")
+    if port is not None and not (port.isdigit() and 1 <= int(port) <= 65535):
+        problems.append(f"MASTER_PORT={port!r} in the environment is not a TCP port; set it to a number 1 to 65535")
     rendezvous = environ.get("MASTER_ADDR") or "SM_HOSTS" in environ
     if config.num_nodes > 1 and config.executor == "local" and not config.dry_run and not rendezvous:
         problems.append(

@@ -143,9 +143,6 @@ def is_local_model(hf_model_id: str) -> bool:
     return hf_model_id.startswith(("/", ".", "~")) or Path(hf_model_id).is_dir()
 
 
-# Far beyond any real setting: they catch typos and stray exponents (1e21) before any heavy work.
-
-
 def model_location(config) -> str:
     """`hf_model_id` as an absolute path when it is a local directory (workers may run elsewhere), else the hub id."""
     return (

@@ -135,23 +135,41 @@ VALIDATION_CASES = [
     ),
     ("--val_fraction 0.6 --test_fraction 0.5", "leaves no training rows"),
     ("--node_rank 3", "--node_rank 3 must be in [0, --num_nodes 1)"),
-    ("--learning_rate 1e21", "--learning_rate 1e+21 is above 1 (fine-tuning learning rates"),
-    ("--micro_batch_size 100000000000000000000000", "--micro_batch_size 100000000000000000000000 is above 65536"),
-    ("--max_seq_length 4194304", "--max_seq_length 4194304 is above 1.04858e+06"),
-    ("--lora_dim 1000000", "--lora_dim 1000000 is above 65536"),
+    ("--learning_rate 1e21", "--learning_rate 1e+21 is above 1.0 (fine-tuning learning rates"),
+    ("--micro_batch_size 100000000000000000000000", "--micro_batch_size 100000000000000000000000 is above 65,536"),
+    ("--max_seq_length 4194304", "--max_seq_length 4194304 is above 1,048,576"),
+    ("--lora_dim 1000000", "--lora_dim 1000000 is above 65,536"),
     ("--full_ft --lora_dim 8", "--lora_dim 8 set LoRA, which --full_ft does not train"),
     ("--full_ft --lora_dropout 0.1", "--lora_dropout 0.1 set LoRA, which --full_ft does not train"),
     ("--lora_dropout 1", "--lora_dropout 1.0 must be below 1"),
     ("--warmup_steps -1", "--warmup_steps -1 must be >= 0"),
-    ("--weight_decay 2", "--weight_decay 2.0 is above 1 (AdamW's decay"),
+    ("--weight_decay 2", "--weight_decay 2.0 is above 1.0 (AdamW's decay"),
     ("--learning_rate 1e-4 --min_learning_rate 1e-3", "--min_learning_rate 0.001 is above --learning_rate 0.0001"),
     ("--lora_target_modules linear_qkv,q_proj", "--lora_target_modules 'linear_qkv,q_proj': q_proj is not one of"),
     ("--lora_target_modules ,", "--lora_target_modules ',': no layer is not one of"),
-    ("--wait_timeout_s 1e9", "--wait_timeout_s 1000000000.0 is above 604800"),
+    ("--wait_timeout_s 1e9", "--wait_timeout_s 1000000000.0 is above 604,800.0"),
     ("--save_top_k 0", "--save_top_k 0 must be a positive integer, or -1 to keep every checkpoint"),
     ("--save_top_k -2", "--save_top_k -2 must be a positive integer, or -1 to keep every checkpoint"),
     ("--cuda_graphs", "--cuda_graphs without --packed_sequence: Megatron's CUDA graphs replay the shapes"),
+    ("--max_steps 1000000000000000000000", "--max_steps 1000000000000000000000 is above 1,000,000,000 (more steps"),
+    ("--early_stopping_threshold 1e21", "--early_stopping_threshold 1e+21 is above 100.0 (the least val_loss"),
+    ("--early_stopping_patience 1000000000000000000000", "--early_stopping_patience 1000000000000000000000 is above"),
+    ("--log_every_n_steps 1000000000000000000000", "--log_every_n_steps 1000000000000000000000 is above"),
+    ("--limit_val_batches 1000000000000000000000", "--limit_val_batches 1000000000000000000000 is above"),
+    ("--save_top_k 1000000000000000000000", "--save_top_k 1000000000000000000000 is above 1,000,000 (checkpoints"),
+    ("--lora_alpha 1000000000000000000000", "--lora_alpha 1000000000000000000000 is above 1,000,000 (alpha / rank"),
+    ("--max_samples 1000000000000000000000", "--max_samples 1000000000000000000000 must be 1 to 1e+12"),
+    ("--gpus_per_node 100000", "--gpus_per_node 100000 is above 1,024 (GPUs of one node)"),
+    ("--seed -1", "--seed -1 must be between 1 and 4294967295"),
 ]
+
+
+@pytest.mark.parametrize("port", ["notaport", "99999", "0", "-1"])
+def test_a_rendezvous_port_that_is_no_port_is_refused_by_the_plan(port):
+    with pytest.raises(ConfigError) as err:
+        validate_config(parse("--dry_run --num_nodes 2 --gpus_per_node 8"), environ={"MASTER_PORT": port})
+    assert f"MASTER_PORT={port!r} in the environment is not a TCP port; set it to a number 1 to 65535" in str(err.value)
+    validate_config(parse("--dry_run --num_nodes 2 --gpus_per_node 8"), environ={"MASTER_PORT": "29500"})
 
 
 @pytest.mark.parametrize(

@@ -303,3 +303,17 @@ def test_a_local_bertscore_model_is_checked_before_scoring(tmp_path, tiny_bert):
         out = evaluate_only(preds, model, layers)
         assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, out.stderr[-2000:]
     assert not (tmp_path / "preds.metrics.json").exists()
+
+
+def test_absurd_numbers_are_refused_together_before_any_work(tmp_path):
+    huge = "1000000000000000000000"
+    args = ["--evaluate_only", "--predictions_file", str(tmp_path / "p.jsonl"), "--bertscore_model", "none"]
+    for flag in ("temperature", "buffer_size_gb", "max_samples", "top_k", "max_batch_size", "num_cuda_graphs"):
+        args += [f"--{flag}", "1e21" if flag in ("temperature", "buffer_size_gb") else huge]
+    out = run_script("test_checkpoint.py", *args, "--random_seed", "-1")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "--temperature 1e+21 is above 100.0 (sampling temperatures" in out.stderr
+    assert "--buffer_size_gb 1e+21 is above 10,000.0 (more memory than any GPU has)" in out.stderr
+    for flag in ("max_samples", "top_k", "max_batch_size", "num_cuda_graphs"):
+        assert f"--{flag} {huge} is above" in out.stderr
+    assert "--random_seed -1 must be 0 to 4294967295" in out.stderr
