@@ -333,6 +333,13 @@ class ClusterSettings:
             "mounted at their own paths (they must be on a filesystem every node shares)"
         },
     )
+    detach: bool = field(
+        default=False,
+        metadata={
+            "help": "--executor slurm: return once the job is queued, printing its id and how to follow and cancel "
+            "it (default: wait for the job to end and exit with its outcome, as a local run does)"
+        },
+    )
 
 
 @dataclass
@@ -451,6 +458,13 @@ def train(config: Config, recipe, executor) -> float:
         return launch_training(config, recipe, executor)
 
 
+def submit(config: Config, recipe, executor) -> float | None:
+    """--executor slurm: an sbatch job through NeMo-Run, waited for to its end (its wall time in seconds), or with
+    --detach left queued (None)."""
+    with phase("training (Slurm)"):
+        return submit_training(config, recipe, executor)
+
+
 def report(config: Config, data: dict, wall_time_s: float) -> dict:
     """<output_dir>/report/: summary.json and loss_curve.png, and the gist printed (real tokens/s from `data`)."""
     return write_report(config, data, wall_time_s)
@@ -479,10 +493,9 @@ def main(argv: list[str] | None = None) -> int:
     import_model(config)
     config, data = prepare(config)
     recipe, executor = build_job(config)
-    if config.executor == "slurm":
-        submit_training(config, recipe, executor)
-        return 0
-    report(config, data, train(config, recipe, executor))
+    wall_time_s = (submit if config.executor == "slurm" else train)(config, recipe, executor)
+    if wall_time_s is not None:  # None: a detached Slurm job, still queued or running
+        report(config, data, wall_time_s)
     return 0
 
 

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from dataset_module import data_dir_problems, local_sources
+from nemo_finetune import slurm
 from nemo_finetune.choices import LORA_TARGETS, PEFT_SCHEMES, PROFILER_FLAGS, lora_targets
 from nemo_finetune.errors import ConfigError
 from nemo_finetune.files import overlap_problems
@@ -344,9 +345,17 @@ SLURM_TIME = re.compile(r"^(\d+-)?\d{1,2}:\d{2}:\d{2}$")
 
 def _slurm_problems(config, environ: Mapping[str, str]) -> list[str]:
     if config.executor != "slurm":
-        given = [f"--{n}" for n in ("slurm_account", "slurm_partition", "container_image") if getattr(config, n)]
+        names = ("slurm_account", "slurm_partition", "container_image", "detach")
+        given = [f"--{n}" for n in names if getattr(config, n)]
         return [f"{', '.join(given)} apply to --executor slurm only; add it or drop them"] if given else []
     problems = []
+    previous = slurm.read_record(config.layout.jobs)
+    if previous and not (config.import_only or config.prepare_data_only) and slurm.is_active(previous["job_id"]):
+        job_id = previous["job_id"]
+        problems.append(
+            f"Slurm job {job_id} of this run ({config.output_path}) is still {slurm.state(job_id)}: wait for it to "
+            f"end (squeue -j {job_id}) or cancel it (scancel {job_id}), or give another --output_dir"
+        )
     if not config.slurm_account:
         problems.append("--executor slurm needs --slurm_account (the account sbatch charges)")
     if not SLURM_TIME.match(config.slurm_time):

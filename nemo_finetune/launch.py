@@ -9,8 +9,9 @@ import sys
 import time
 from pathlib import Path
 
+from nemo_finetune import slurm
 from nemo_finetune.compat.fixes import experiment
-from nemo_finetune.console import quiet_workers
+from nemo_finetune.console import prints_to_log_file, quiet_workers
 from nemo_finetune.errors import PipelineError
 from nemo_finetune.files import atomic_write_text
 from nemo_finetune.layout import REPO_DIR, STARTUP_DIR
@@ -94,30 +95,50 @@ def _slurm_executor(config, env_vars: dict):
         container_image=config.container_image,
         container_mounts=mounts,
         env_vars=env_vars,
-        tunnel=run.LocalTunnel(job_dir=str(config.layout.jobs.resolve())),
+        # Where the experiment writes the job's files (NeMo-Run's <base_dir>/experiments): sbatch reads the script
+        # and the job writes its logs there, on the file system it shares with this node.
+        tunnel=run.LocalTunnel(job_dir=str(config.layout.jobs.resolve() / "experiments")),
     )
     executor.launcher = "torchrun"  # one torchrun per node, rendezvous at the first node (NeMo-Run's sbatch script)
     return executor
 
 
-def submit_training(config, recipe, executor) -> None:
-    """--executor slurm: submit the job and return; the job's logs and checkpoints appear under --output_dir."""
+def submit_training(config, recipe, executor) -> float | None:
+    """--executor slurm: submit the job, record its id in the run directory (checks.py refuses a second one while it
+    is queued or running), then wait for its end (its wall time in seconds) or, with --detach, return None."""
+    from torchx.specs.api import parse_app_handle
+
     if runs_own_torchrun(config):
         install_torchrun(config)
-    with experiment(
-        config.experiment_title,
-        executor=executor,
-        log_level=config.log_level,
-        base_dir=str(config.layout.jobs.resolve()),
-    ) as exp:
+    started = time.monotonic()
+    with (
+        prints_to_log_file("nemo_run", config.log_level),  # NeMo-Run's experiment banner and how-to-inspect block
+        experiment(
+            config.experiment_title,
+            executor=executor,
+            log_level=config.log_level,
+            base_dir=str(config.layout.jobs.resolve()),
+        ) as exp,
+    ):
         exp.add(recipe, tail_logs=False, name=config.recipe_cls_name)
         exp.run(detach=True)
-    for job in exp.jobs:
-        print(
-            f"submitted Slurm job {job.id} ({job.state}); logs under {config.layout.jobs}, checkpoints "
-            f"under {config.layout.checkpoints}",
-            flush=True,
-        )
+    (job,) = exp.jobs
+    job_id = parse_app_handle(job.handle).app_id
+    experiment_dir = Path(exp._exp_dir)  # NeMo-Run names no public accessor
+    slurm.write_record(config.layout.jobs, job_id, experiment_dir)
+    log_file = slurm.worker_log(experiment_dir, job_id) or slurm.expected_log(experiment_dir, job_id)
+    print(f"submitted Slurm job {job_id}; its log: {log_file}", flush=True)
+    if config.detach:
+        print(slurm.how_to_follow(job_id, log_file), flush=True)
+        return None
+    log.info("waiting for Slurm job %s to end (%s)", job_id, slurm.how_to_follow(job_id, log_file))
+    final = slurm.wait(job_id)
+    log_file = slurm.worker_log(experiment_dir, job_id) or log_file
+    if final != "COMPLETED":
+        reason = slurm.failure_reason(log_file) or "no error line in the log"
+        raise PipelineError(f"Slurm job {job_id} ended {final}: {reason}; the job's log: {log_file}")
+    log.info("Slurm job %s completed; checkpoints under %s", job_id, config.layout.checkpoints)
+    return time.monotonic() - started
 
 
 def launch_training(config, recipe, executor) -> float:

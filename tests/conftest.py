@@ -117,6 +117,28 @@ def assets(tmp_path_factory) -> dict:
     return {"root": root, "tokenizer": tokenizer, "qwen3": qwen3, "llama": llama, "data": data, "rows": rows}
 
 
+@pytest.fixture(scope="session")
+def slurm_cluster() -> dict:
+    """A live one-node Slurm cluster (tools/local_slurm_cluster.sh: munge, accounting, slurmctld, slurmd) for the
+    session; the environment a shell needs to reach it."""
+    import shutil
+
+    missing = [b for b in ("munged", "mariadbd", "slurmdbd", "slurmctld", "slurmd") if shutil.which(b) is None]
+    if missing or os.geteuid() != 0:
+        why = f"{', '.join(missing)} not installed" if missing else "not root"
+        pytest.skip(f"no local Slurm cluster ({why}): `bash tools/local_slurm_cluster.sh install` as root (Debian)")
+    import tempfile
+
+    root = Path(tempfile.mkdtemp(prefix="slurm-"))  # not under pytest's 0700 directory: the mysql user reads it
+    root.chmod(0o755)
+    script = REPO / "tools" / "local_slurm_cluster.sh"
+    started = subprocess.run(["bash", str(script), "start", str(root)], capture_output=True, text=True, timeout=300)
+    assert started.returncode == 0, started.stdout + started.stderr
+    yield {"SLURM_CONF": str(root / "slurm.conf")}
+    subprocess.run(["bash", str(script), "stop", str(root)], capture_output=True, timeout=120)
+    shutil.rmtree(root, ignore_errors=True)
+
+
 def fake_checkpoint(path: Path, adapter: bool = False, tensors: dict | None = None) -> Path:
     """A NeMo checkpoint's layout with intact torch-dist weight files (`tensors`, else one tiny tensor) and no model
     behind them."""

@@ -1,0 +1,97 @@
+"""A run's Slurm job once NeMo-Run has submitted it: its record in the run directory, its state as Slurm's own
+commands report it (squeue while it is known there, sacct after), the wait for its end and the worker's reason when
+it failed."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import subprocess
+import time
+from pathlib import Path
+
+from nemo_finetune.files import atomic_write_text
+
+log = logging.getLogger("peft_megatron")
+
+RECORD = "slurm_job.json"  # in the run's jobs/ directory: the last job submitted for it
+ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL",
+         "DEADLINE"}  # fmt: skip
+WORKER_ERROR = re.compile(r"^(?:\[\w+\]:)?\s*(?:[\w.]+\.)?(\w+(?:Error|Exception)\b.*)$")
+
+
+def record_path(jobs_dir: Path) -> Path:
+    return Path(jobs_dir) / RECORD
+
+
+def write_record(jobs_dir: Path, job_id: str, experiment_dir: Path) -> None:
+    record = {"job_id": job_id, "experiment_dir": str(experiment_dir), "submitted": time.time()}
+    atomic_write_text(record_path(jobs_dir), json.dumps(record, indent=2) + "\n")
+
+
+def read_record(jobs_dir: Path) -> dict | None:
+    try:
+        record = json.loads(record_path(jobs_dir).read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("job_id"), str) else None
+
+
+def _run(command: list[str]) -> str:
+    try:
+        return subprocess.run(command, capture_output=True, text=True, timeout=60, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def state(job_id: str) -> str | None:
+    """The job's state (PENDING, RUNNING, COMPLETED, FAILED, CANCELLED, ...), or None when Slurm knows no such job:
+    squeue's while the job is queued or running there, else sacct's (its accounting keeps ended jobs)."""
+    queued = _run(["squeue", "-h", "-j", job_id, "-o", "%T"]).split()
+    if queued:
+        return queued[0]
+    accounted = _run(["sacct", "-n", "-P", "-X", "-j", job_id, "-o", "State"]).split()
+    return accounted[0].rstrip("+") if accounted else None  # "CANCELLED by 0" -> CANCELLED
+
+
+def is_active(job_id: str) -> bool:
+    current = state(job_id)
+    return current is not None and current not in ENDED
+
+
+def wait(job_id: str, poll_s: float = 5.0) -> str:
+    """Poll until the job has ended; its final state."""
+    while True:
+        current = state(job_id)
+        if current in ENDED:
+            return current
+        time.sleep(poll_s)
+
+
+def worker_log(experiment_dir: Path, job_id: str) -> Path | None:
+    """The training workers' log of the job (srun writes it beside the job's files), if written."""
+    logs = sorted(Path(experiment_dir).glob(f"*/log-*_{job_id}_*.out"))
+    return logs[-1] if logs else None
+
+
+def expected_log(experiment_dir: Path, job_id: str) -> str:
+    """Where the workers' log will be, as a shell pattern (srun names it after the job's name and id)."""
+    return f"{experiment_dir}/*/log-*_{job_id}_0.out"
+
+
+def failure_reason(log_file: Path | None) -> str | None:
+    """The workers' last exception line (`MisconfigurationException: No supported gpu backend found!`)."""
+    if log_file is None or not log_file.is_file():
+        return None
+    found = None
+    with open(log_file, encoding="utf-8", errors="replace") as fh:
+        for line in fh:
+            match = WORKER_ERROR.match(line.strip())
+            if match and not match[1].startswith("ChildFailedError"):
+                found = match[1]
+    return found
+
+
+def how_to_follow(job_id: str, log_file: Path | str) -> str:
+    return f"follow it: squeue -j {job_id}; tail -f {log_file}; cancel it: scancel {job_id}"
