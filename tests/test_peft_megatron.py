@@ -161,6 +161,7 @@ VALIDATION_CASES = [
     ("--max_samples 1000000000000000000000", "--max_samples 1000000000000000000000 must be 1 to 1e+12"),
     ("--gpus_per_node 100000", "--gpus_per_node 100000 is above 1,024 (GPUs of one node)"),
     ("--seed -1", "--seed -1 must be between 1 and 4294967295"),
+    ("--detach", "--detach apply to --executor slurm only; add it or drop them"),
 ]
 
 
