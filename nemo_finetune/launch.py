@@ -103,6 +103,16 @@ def _slurm_executor(config, env_vars: dict):
     return executor
 
 
+def run_experiment(config, executor):
+    """The run's NeMo-Run experiment (entered with `with`), its files under the run's jobs/ directory."""
+    return experiment(
+        config.experiment_title,
+        executor=executor,
+        log_level=config.log_level,
+        base_dir=str(config.layout.jobs.resolve()),
+    )
+
+
 def submit_training(config, recipe, executor) -> float | None:
     """--executor slurm: submit the job, record its id in the run directory (checks.py refuses a second one while it
     is queued or running), then wait for its end (its wall time in seconds) or, with --detach, return None."""
@@ -113,12 +123,7 @@ def submit_training(config, recipe, executor) -> float | None:
     started = time.monotonic()
     with (
         prints_to_log_file("nemo_run", config.log_level),  # NeMo-Run's experiment banner and how-to-inspect block
-        experiment(
-            config.experiment_title,
-            executor=executor,
-            log_level=config.log_level,
-            base_dir=str(config.layout.jobs.resolve()),
-        ) as exp,
+        run_experiment(config, executor) as exp,
     ):
         exp.add(recipe, tail_logs=False, name=config.recipe_cls_name)
         exp.run(detach=True)
@@ -154,12 +159,7 @@ def launch_training(config, recipe, executor) -> float:
     with (
         quiet_workers(config.recipe_cls_name, config.log_level, config.log_every_n_steps),
         scoped_environ(rendezvous_environ(config, os.environ)),  # NeMo-Run reads them while it builds the launch
-        experiment(
-            config.experiment_title,
-            executor=executor,
-            log_level=config.log_level,
-            base_dir=str(config.layout.jobs.resolve()),
-        ) as exp,
+        run_experiment(config, executor) as exp,
     ):
         exp.add(recipe, tail_logs=True, name=config.recipe_cls_name)
         exp.run(detach=False)
