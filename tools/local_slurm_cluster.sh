@@ -34,7 +34,7 @@ start)
   gpus=${GPUS_PER_NODE:-8}
   cat > "$dir/slurm.conf" <<EOF
 ClusterName=local
-SlurmctldHost=$host
+SlurmctldHost=$host(127.0.0.1)
 SlurmctldPort=$base
 SlurmdPort=$((base + 1))
 SlurmUser=root
