@@ -344,6 +344,21 @@ def _to_row(raw: dict, cfg: HFDatasetConfig) -> tuple[dict | None, str | None]:
     return {"input": prompt, "output": str(answer)}, None
 
 
+def _nested_text(raw: dict, cfg: HFDatasetConfig) -> tuple[str, Any] | None:
+    """The first column the prompt or answer is built from that holds a list or a mapping instead of text."""
+    if cfg.chat:
+        return None
+    for column in _required_columns(cfg):
+        value = raw.get(column)
+        if isinstance(value, (list, dict, tuple)):
+            return column, value
+    return None
+
+
+def _shorten(text: str, width: int = 60) -> str:
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
 def _required_columns(cfg: HFDatasetConfig) -> list[str]:
     if cfg.chat:
         return ["messages"]
@@ -384,7 +399,15 @@ def build_splits(source: dict[str, list[dict]], cfg: HFDatasetConfig) -> tuple[d
             continue
         _check_columns(name, source[name], cfg)
         rows = []
-        for raw in source[name]:
+        for index, raw in enumerate(source[name]):
+            nested = _nested_text(raw, cfg)
+            if nested:
+                column, value = nested
+                raise PipelineError(
+                    f"split {name!r} row {index}: column {column!r} holds a {type(value).__name__} "
+                    f"({_shorten(repr(value))}), not text; name a column that holds the text itself, or flatten the "
+                    "data first (its Python repr would be trained on)"
+                )
             row, reason = _to_row(raw, cfg)
             if row is None:
                 dropped[f"{ours}: {reason}"] = dropped.get(f"{ours}: {reason}", 0) + 1
@@ -549,10 +572,11 @@ def _prepare_on_rank0(
             f"{data_dir} holds data prepared with other settings ({'; '.join(why)}); pass --overwrite_data to "
             "replace it, or choose another --data_dir"
         )
+    tokenizer, splits, info = _read_source(cfg, tokenizer_name, trust_remote_code)
     atomic_write_text(data_dir / PREPARING_MARKER, json.dumps({"pid": os.getpid(), "started": time.time()}) + "\n")
     (data_dir / MARKER).unlink(missing_ok=True)  # an interrupted re-prepare must not leave the old marker behind
     fixes.remove_memmap_indexes([data_dir / name for name in SPLIT_FILES.values()])
-    summary = _prepare(cfg, data_dir, tokenizer_name, max_seq_length, trust_remote_code)
+    summary = _write_splits(data_dir, tokenizer, splits, info, max_seq_length)
     files = {name: file_digest(data_dir / name) for name in SPLIT_FILES.values()}
     data_files(data_dir).write({"fingerprint": fp, "summary": summary, "files": files})
     (data_dir / PREPARING_MARKER).unlink()
@@ -589,16 +613,20 @@ def _remove_interrupted_preparation(data_dir: Path) -> bool:
     return True
 
 
-def _prepare(
-    cfg: HFDatasetConfig, data_dir: Path, tokenizer_name: str, max_seq_length: int, trust_remote_code: bool
-) -> dict:
+def _read_source(cfg: HFDatasetConfig, tokenizer_name: str, trust_remote_code: bool) -> tuple[Any, dict, dict]:
+    """The tokenizer and the converted splits, before anything is written: a source or tokenizer that cannot be
+    used leaves the directory as it was."""
     from transformers import AutoTokenizer
 
-    try:  # before any file is written: a tokenizer that cannot load must not leave a half-prepared directory
+    try:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_name, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise PipelineError(hf_load_error(tokenizer_name, e)) from None
     splits, info = build_splits(load_splits(cfg), cfg)
+    return tokenizer, splits, info
+
+
+def _write_splits(data_dir: Path, tokenizer, splits: dict, info: dict, max_seq_length: int) -> dict:
     summary: dict[str, Any] = {"rows": {}, "dropped": info["dropped"], "sources": info["sources"], "files": {}}
     for split, filename in SPLIT_FILES.items():
         rows = splits.get(split, [])

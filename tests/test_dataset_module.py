@@ -757,3 +757,16 @@ def test_a_re_prepared_split_is_never_read_through_nemos_old_index(tmp_path, ass
     longer = config(src, prompt_template="A longer question, to move every offset: {question}\nA:", overwrite_data=True)
     prepare(longer, tmp_path / "out", assets["tokenizer"])
     assert first_prompt(longer).startswith("A longer question, to move every offset: What is")
+
+
+@pytest.mark.parametrize("value", [{"text": "q83", "lang": "en"}, ["q83", "q84"]])
+def test_a_nested_prompt_or_answer_is_refused_naming_column_and_row_and_nothing_is_written(tmp_path, assets, value):
+    rows = [dict(r) for r in ROWS]
+    rows[3]["question"] = value
+    src = write_jsonl(tmp_path / "src.jsonl", rows)
+    with pytest.raises(PipelineError) as err:
+        prepare(config(src), tmp_path / "out", assets["tokenizer"])
+    kind = type(value).__name__
+    assert f"split 'train' row 3: column 'question' holds a {kind} ({value!r}), not text" in str(err.value)
+    leftovers = sorted(p.name for p in (tmp_path / "out").iterdir()) if (tmp_path / "out").exists() else []
+    assert not [n for n in leftovers if n.endswith(".jsonl") or n in (dm.PREPARING_MARKER, dm.MARKER)], leftovers
