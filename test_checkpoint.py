@@ -62,6 +62,9 @@ UPPER_BOUNDS = {
     "num_cuda_graphs": (1024, "batch sizes with a graph of their own"),
     "bertscore_num_layers": (1024, "layers of an encoder"),
 }
+# ROUGE-L's cost grows with the product of two texts' lengths (a 21 MB prediction took 24 GB); generated answers
+# are at most --num_tokens_to_generate tokens, so a longer label or prediction is no evaluation's.
+MAX_SCORED = 1 << 16  # characters of one label or prediction
 OUTPUT_LOCK_TIMEOUT_S = 3600.0  # BERTScore over a large split takes minutes; a second evaluation waits
 
 
@@ -268,7 +271,7 @@ def metrics_path(cfg: EvalConfig, predictions: Path) -> Path:
 
 
 def evaluate(cfg: EvalConfig, predictions: Path, extra: dict | None = None) -> dict:
-    rows = list(iter_jsonl(predictions, PREDICTION_FIELDS, text=("label", "prediction")))
+    rows = list(iter_jsonl(predictions, PREDICTION_FIELDS, text=("label", "prediction"), max_text_chars=MAX_SCORED))
     if not rows:
         raise PipelineError(f"{predictions} holds no predictions")
     metrics = {**compute_metrics(rows, cfg), **(extra or {})}

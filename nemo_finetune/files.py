@@ -233,11 +233,29 @@ def wait_for_file(
         time.sleep(poll_s)
 
 
-def iter_jsonl(path: Path, required: Iterable[str] = (), text: Iterable[str] = ()) -> Iterator[dict]:
-    """Rows of a JSON-lines file; a malformed line, a non-object, a missing field or a `text` field that is not a
-    string names the file and line."""
+MAX_LINE_CHARS = 64 << 20  # one JSON line: far beyond any row, and a bound on what reading one may take
+
+
+def iter_jsonl(
+    path: Path, required: Iterable[str] = (), text: Iterable[str] = (), max_text_chars: int | None = None
+) -> Iterator[dict]:
+    """Rows of a JSON-lines file; a file that is not UTF-8, a line over MAX_LINE_CHARS, a malformed line, a
+    non-object, a missing field, a `text` field that is not a string or is longer than `max_text_chars` names the
+    file (and line)."""
     with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
+        lineno = 0
+        while True:
+            try:
+                line = fh.readline(MAX_LINE_CHARS + 1)
+            except UnicodeDecodeError as e:
+                raise PipelineError(
+                    f"{path} is not UTF-8 text ({e.reason} after line {lineno}); give JSON lines saved as UTF-8"
+                ) from None
+            if not line:
+                return
+            lineno += 1
+            if len(line) > MAX_LINE_CHARS:
+                raise PipelineError(f"{path}:{lineno}: a line over {MAX_LINE_CHARS:,} characters; no row is this long")
             if not line.strip():
                 continue
             try:
@@ -252,6 +270,11 @@ def iter_jsonl(path: Path, required: Iterable[str] = (), text: Iterable[str] = (
             for key in text:
                 if not isinstance(row[key], str):
                     raise PipelineError(f"{path}:{lineno}: field {key!r} is {json.dumps(row[key])[:40]}, not text")
+                if max_text_chars is not None and len(row[key]) > max_text_chars:
+                    raise PipelineError(
+                        f"{path}:{lineno}: field {key!r} holds {len(row[key]):,} characters, over the "
+                        f"{max_text_chars:,} scored per row"
+                    )
             yield row
 
 

@@ -317,3 +317,22 @@ def test_absurd_numbers_are_refused_together_before_any_work(tmp_path):
     for flag in ("max_samples", "top_k", "max_batch_size", "num_cuda_graphs"):
         assert f"--{flag} {huge} is above" in out.stderr
     assert "--random_seed -1 must be 0 to 4294967295" in out.stderr
+
+
+@pytest.mark.parametrize("content", ["huge", "binary"])
+def test_a_predictions_file_no_evaluation_wrote_is_refused_in_one_line_without_scoring(tmp_path, content):
+    """A row whose label or prediction is longer than any generation (ROUGE-L's cost is quadratic in it), or bytes
+    that are not UTF-8: named with the file (and line), exit 1, no metrics file, bounded memory."""
+    preds = tmp_path / "p.jsonl"
+    if content == "huge":
+        ok = json.dumps({"input": "q", "label": "a", "prediction": "a"})
+        preds.write_text(ok + "\n" + json.dumps({"input": "q", "label": "a", "prediction": "x " * 1_000_000}) + "\n")
+        message = f"{preds}:2: field 'prediction' holds 2,000,000 characters, over the 65,536 scored per row"
+    else:
+        preds.write_bytes(b"\x80\x81\xff\xfe" * 100)
+        message = f"{preds} is not UTF-8 text"
+    out = run_script(
+        "test_checkpoint.py", "--evaluate_only", "--predictions_file", str(preds), "--bertscore_model", "none"
+    )
+    assert out.returncode == 1 and message in out.stderr, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr and not list(tmp_path.glob("*.metrics.json"))
