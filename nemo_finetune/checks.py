@@ -210,7 +210,8 @@ def _layout_problems(config, environ: Mapping[str, str]) -> list[str]:
     if port is not None and not (port.isdigit() and 1 <= int(port) <= 65535):
         problems.append(f"MASTER_PORT={port!r} in the environment is not a TCP port; set it to a number 1 to 65535")
     rendezvous = environ.get("MASTER_ADDR") or "SM_HOSTS" in environ
-    if config.num_nodes > 1 and config.executor == "local" and not config.dry_run and not rendezvous:
+    launches = not (config.dry_run or config.import_only or config.prepare_data_only)  # the phases meet no one
+    if config.num_nodes > 1 and config.executor == "local" and launches and not rendezvous:
         problems.append(
             f"--num_nodes {config.num_nodes}: set MASTER_ADDR (node 0's address) and MASTER_PORT in every node's "
             "environment for the torchrun rendezvous"

@@ -32,7 +32,7 @@ def import_hf_checkpoint(config) -> Path:
     files = import_files(target)
     if config.node_rank != 0:
         files.wait(config.wait_timeout_s, "the HF -> NeMo import", is_done=lambda: is_nemo_checkpoint(target))
-        check_import_source(target, import_source(config))  # every node refuses a stale import, not only rank 0
+        check_existing_import(target, import_source(config))  # every node reaches rank 0's verdict on it
         return target
     with files.attempt(config.wait_timeout_s, "HF -> NeMo import"):
         _import_on_rank0(config, target)
@@ -42,10 +42,7 @@ def import_hf_checkpoint(config) -> Path:
 def _import_on_rank0(config, target: Path) -> None:
     source = import_source(config)
     if is_nemo_checkpoint(target):
-        check_import_source(target, source)
-        damage = checkpoint_damage(target)
-        if damage:
-            raise PipelineError(f"--nemo_ckpt_dir {target} holds a damaged import: {damage}; remove it to import again")
+        check_existing_import(target, source)
         log.info("imported checkpoint already present: %s", target)
         return
     if target.exists() and any(target.iterdir()):
@@ -64,6 +61,15 @@ def import_source(config) -> dict:
     if is_local_model(config.hf_model_id) and model_dir.is_dir():
         identity["files"] = file_heads(model_dir, recursive=False)
     return identity
+
+
+def check_existing_import(target: Path, source: dict) -> None:
+    """The verdict on a complete checkpoint in --nemo_ckpt_dir, the same on every node: an import of this model as
+    it is now, and undamaged."""
+    check_import_source(target, source)
+    damage = checkpoint_damage(target)
+    if damage:
+        raise PipelineError(f"--nemo_ckpt_dir {target} holds a damaged import: {damage}; remove it to import again")
 
 
 def check_import_source(target: Path, source: dict) -> None:

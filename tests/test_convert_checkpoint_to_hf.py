@@ -458,6 +458,11 @@ def test_damaged_checkpoints_are_named_before_any_loading(assets, tmp_path):
     assert not (tmp_path / "hf").exists()
     reuse = run_import(assets["qwen3"], damaged["dot_metadata"])
     assert reuse.returncode == 1 and "holds a damaged import: weights/.metadata is unreadable" in reuse.stderr
+    for node in ("0", "1"):  # one verdict on every node: another node never accepts what global rank 0 refuses
+        other = run_script(
+            "peft_megatron.py", *import_args(assets["qwen3"], damaged["shard"]), "--num_nodes", "2", "--node_rank", node
+        )
+        assert other.returncode == 1 and "holds a damaged import: weights/" in other.stderr, (node, other.stderr)
 
 
 def test_killed_import_and_export_leave_nothing_that_looks_complete_and_rerun_cleanly(assets, tmp_path):
