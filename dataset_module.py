@@ -562,6 +562,7 @@ def _prepare_on_rank0(
         log.info(
             "data in %s already prepared with these settings (fingerprint %s); skipping", data_dir, fp["sha256"][:12]
         )
+        _clear_finished_preparation(data_dir)
         return marker["summary"]
     interrupted = _remove_interrupted_preparation(data_dir)
     if same:
@@ -593,6 +594,14 @@ def _damaged_files(data_dir: Path, marker: dict) -> list[str]:
         for name in SPLIT_FILES.values()
         if not (data_dir / name).is_file() or file_digest(data_dir / name) != recorded.get(name)
     ]
+
+
+def _clear_finished_preparation(data_dir: Path) -> None:
+    """A preparation killed after its marker and before it removed PREPARING_MARKER finished its data (the marker
+    records every file, and they match it): only the stale PREPARING_MARKER is left to remove."""
+    if (data_dir / PREPARING_MARKER).exists():
+        (data_dir / PREPARING_MARKER).unlink(missing_ok=True)
+        log.info("%s: removed %s left by a preparation that had finished its files", data_dir, PREPARING_MARKER)
 
 
 def _remove_interrupted_preparation(data_dir: Path) -> bool:
@@ -641,13 +650,15 @@ def _write_splits(data_dir: Path, tokenizer, splits: dict, info: dict, max_seq_l
 
 def _use_existing_jsonl(data_dir: Path, cfg: HFDatasetConfig) -> dict:
     """No --dataset_name: the JSONL files must already be there (e.g. a SageMaker channel); check their rows."""
-    if (data_dir / PREPARING_MARKER).exists():
-        raise PipelineError(
-            f"--data_dir {data_dir} holds what an interrupted preparation left ({PREPARING_MARKER}); pass "
-            "--dataset_name to prepare the data again"
-        )
     marker = _read_marker(data_dir)
     damaged = _damaged_files(data_dir, marker) if marker and "files" in marker else []
+    if (data_dir / PREPARING_MARKER).exists():
+        if not (marker and "files" in marker and not damaged):
+            raise PipelineError(
+                f"--data_dir {data_dir} holds what an interrupted preparation left ({PREPARING_MARKER}); pass "
+                "--dataset_name to prepare the data again"
+            )
+        _clear_finished_preparation(data_dir)
     if damaged:
         raise PipelineError(
             f"--data_dir {data_dir}: {', '.join(damaged)} differ(s) from what {MARKER} records (changed or truncated "

@@ -770,3 +770,21 @@ def test_a_nested_prompt_or_answer_is_refused_naming_column_and_row_and_nothing_
     assert f"split 'train' row 3: column 'question' holds a {kind} ({value!r}), not text" in str(err.value)
     leftovers = sorted(p.name for p in (tmp_path / "out").iterdir()) if (tmp_path / "out").exists() else []
     assert not [n for n in leftovers if n.endswith(".jsonl") or n in (dm.PREPARING_MARKER, dm.MARKER)], leftovers
+
+
+def test_a_preparation_killed_after_its_marker_leaves_data_that_both_kinds_of_run_use_and_clear(tmp_path, assets):
+    """Killed between writing the marker and removing PREPARING_MARKER: the files are complete and match the marker,
+    so a run with --dataset_name reuses them and a run without it reads them, and either clears the stale file."""
+    src = write_jsonl(tmp_path / "src.jsonl", ROWS)
+    out = tmp_path / "out"
+    prepare(config(src), out, assets["tokenizer"])
+    for again in (config(src), config(src, dataset_name=None)):
+        (out / dm.PREPARING_MARKER).write_text('{"pid": 1, "started": 0}\n')  # as the killed run left it
+        before = {p.name: p.read_bytes() for p in out.glob("*.jsonl")}
+        summary = prepare(again, out, assets["tokenizer"])
+        assert summary["rows"]["train"] == 32 and not (out / dm.PREPARING_MARKER).exists()
+        assert {p.name: p.read_bytes() for p in out.glob("*.jsonl")} == before  # reused, not rewritten
+    (out / dm.PREPARING_MARKER).write_text('{"pid": 1, "started": 0}\n')
+    (out / "validation.jsonl").write_text("")  # now the files do not match: an interrupted preparation
+    with pytest.raises(PipelineError, match="holds what an interrupted preparation left"):
+        prepare(config(src, dataset_name=None), out, assets["tokenizer"])
