@@ -786,7 +786,7 @@ HELP_SECTIONS = {
         "prepare_data_only", "demo",
     ],
     "cluster": [
-        "executor", "slurm_account", "slurm_partition", "slurm_time", "container_image", "container_mounts",
+        "executor", "slurm_account", "slurm_partition", "slurm_time", "container_image", "container_mounts", "detach",
     ],
 }  # fmt: skip
 
