@@ -137,7 +137,10 @@ def submit_training(config, recipe, executor) -> float | None:
         print(slurm.how_to_follow(job_id, log_file), flush=True)
         return None
     log.info("waiting for Slurm job %s to end (%s)", job_id, slurm.how_to_follow(job_id, log_file))
-    final = slurm.wait(job_id)
+    try:
+        final = slurm.wait(job_id)
+    except PipelineError as e:
+        raise PipelineError(f"{e}: {log_file}") from None
     log_file = slurm.worker_log(experiment_dir, job_id) or log_file
     if final != "COMPLETED":
         reason = slurm.failure_reason(log_file) or "no error line in the log"

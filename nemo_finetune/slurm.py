@@ -11,6 +11,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from nemo_finetune.errors import PipelineError
 from nemo_finetune.files import atomic_write_text
 
 log = logging.getLogger("peft_megatron")
@@ -60,12 +61,20 @@ def is_active(job_id: str) -> bool:
     return current is not None and current not in ENDED
 
 
-def wait(job_id: str, poll_s: float = 5.0) -> str:
-    """Poll until the job has ended; its final state."""
+def wait(job_id: str, poll_s: float = 5.0, unknown_polls: int = 24) -> str:
+    """Poll until the job has ended; its final state. A job neither squeue nor sacct knows for `unknown_polls` polls
+    in a row (no accounting on the cluster, or the job purged) is an error, not a wait without end."""
+    unknown = 0
     while True:
         current = state(job_id)
         if current in ENDED:
             return current
+        unknown = unknown + 1 if current is None else 0
+        if unknown >= unknown_polls:
+            raise PipelineError(
+                f"Slurm knows no job {job_id} (squeue lists it no longer and sacct has no record: is accounting on "
+                "for this cluster?); its outcome is in its log"
+            )
         time.sleep(poll_s)
 
 

@@ -78,3 +78,13 @@ def test_detach_returns_with_the_job_and_its_cancel_command_and_one_run_has_one_
         assert job_state(job_id, slurm_cluster) == "CANCELLED"
     finally:
         slurm(f"scancel {blocker}", slurm_cluster)
+
+
+def test_waiting_for_a_job_slurm_does_not_know_ends_with_a_message_not_a_hang():
+    """squeue and sacct both silent (no such job, or a cluster without accounting): the wait stops with the reason.
+    Runs anywhere: without Slurm's commands, Slurm knows no job either."""
+    from nemo_finetune import slurm
+    from nemo_finetune.errors import PipelineError
+
+    with pytest.raises(PipelineError, match="Slurm knows no job 999999999 .*is accounting on"):
+        slurm.wait("999999999", poll_s=0.01, unknown_polls=3)
