@@ -467,6 +467,193 @@ def plot_curves(results: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+# --------------------------------------------------------------------------------------------------------------------
+# Quality parity on the demo task (GPU): exact match of our LoRA run and of HF + PEFT trained the same way, per seed
+# --------------------------------------------------------------------------------------------------------------------
+QUALITY_SEEDS = (1234, 1235, 1236)
+SETTINGS_LEFT_OUT = ("config", "write_config", "dry_run", "import_only", "prepare_data_only", "demo")
+
+
+def demo_job(root: Path, seed: int):
+    """The demo's job (`demo.demo_config`: its model, data, steps, batch, LoRA and learning rate) with this seed, which
+    also shapes the split; the run, its data and the shared import under `root`."""
+    import peft_megatron
+    from nemo_finetune import demo
+
+    with mock.patch.object(demo, "DEMO_DIR", root / "demo"):
+        config = demo.demo_config(peft_megatron.parse_config(["--demo"]))
+    return dataclasses.replace(
+        config,
+        demo=False,
+        output_dir=str(root / f"ours_{seed}"),
+        data_dir=str(root / f"data_{seed}"),
+        nemo_ckpt_dir=str(root / "imported"),
+        data=dataclasses.replace(config.data, seed=seed),
+    )
+
+
+def our_quality(config) -> dict:
+    """peft_megatron.py with the job's settings (`--config`), then the demo's evaluation by test_checkpoint.py of
+    the checkpoint it picks (lowest val_loss)."""
+    from nemo_finetune.cli import settings_yaml
+    from nemo_finetune.demo import _demo_evaluation_args
+
+    settings = config.output_path.with_suffix(".yaml")
+    settings.write_text(settings_yaml(config, SETTINGS_LEFT_OUT))
+    run_script(str(REPO / "peft_megatron.py"), "--config", str(settings), log=config.output_path.with_suffix(".log"))
+    evaluation = [str(REPO / "test_checkpoint.py"), *_demo_evaluation_args(config, None, "after")]
+    run_script(*evaluation, log=config.output_path.with_suffix(".evaluate.log"))
+    metrics = json.loads((config.output_path / "predictions_after.metrics.json").read_text())
+    return {"exact_match": metrics["exact_match"], "rouge_l": metrics["rouge_l"], "num_samples": metrics["num_samples"]}
+
+
+def recipe_training(config) -> dict:
+    """The optimizer, schedule and LoRA settings the job's NeMo recipe trains with (the reference takes them)."""
+    from nemo_finetune.recipe import configure_recipe
+
+    recipe = configure_recipe(config)
+    optim, schedule, lora = recipe.optim.config, recipe.optim.lr_scheduler, recipe.peft
+    return {
+        "learning_rate": optim.lr, "weight_decay": optim.weight_decay, "betas": (optim.adam_beta1, optim.adam_beta2),
+        "eps": optim.adam_eps, "max_grad_norm": optim.clip_grad, "warmup_steps": schedule.warmup_steps,
+        "min_lr": schedule.min_lr, "lora_dim": lora.dim, "lora_alpha": lora.alpha, "lora_dropout": lora.dropout,
+    }  # fmt: skip
+
+
+def reference_quality(config, seed: int) -> dict:
+    """HF + PEFT trained as the job trains: its rows, steps, micro-batch, LoRA rank/alpha/dropout on every projection,
+    AdamW, schedule and clipping, a validation every --val_check_interval steps whose best adapters are kept (as
+    test_checkpoint.py takes the lowest-val_loss checkpoint). What an HF + PEFT user gets otherwise: PEFT's own
+    initialisation under `seed`, a new shuffle of the rows each epoch, a bf16 base with fp32 adapters. Then greedy
+    generation on the test split, scored by test_checkpoint.py's metrics."""
+    import random
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import test_checkpoint
+
+    hp = recipe_training(config)
+    case = CurveCase("lora", config.max_steps, hp["learning_rate"], hp["warmup_steps"])
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(config.hf_model_id)
+    base = AutoModelForCausalLM.from_pretrained(config.hf_model_id, dtype=torch.bfloat16).to(device)
+    lora = LoraConfig(
+        r=hp["lora_dim"], lora_alpha=hp["lora_alpha"], lora_dropout=hp["lora_dropout"], task_type="CAUSAL_LM",
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    )  # fmt: skip
+    model = get_peft_model(base, lora)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        [{"params": [p for p in params if p.ndim > 1], "weight_decay": hp["weight_decay"]},
+         {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}],
+        lr=hp["learning_rate"], betas=hp["betas"], eps=hp["eps"], fused=device == "cuda",
+    )  # fmt: skip
+    rows = [json.loads(line) for line in open(config.data_path / "training.jsonl", encoding="utf-8")]
+    val_rows = [json.loads(line) for line in open(config.data_path / "validation.jsonl", encoding="utf-8")]
+    batch_size, shuffle = config.micro_batch_size, random.Random(seed)
+    order: list[int] = []
+    while len(order) < config.max_steps * batch_size:
+        order += shuffle.sample(range(len(rows)), len(rows))
+
+    def val_loss() -> float:
+        model.eval()
+        with torch.no_grad():
+            starts = range(0, min(config.limit_val_batches * batch_size, len(val_rows)), batch_size)
+            losses = [float(model(**_on(reference_batch(val_rows[s : s + batch_size], tokenizer), device)).loss)
+                      for s in starts]  # fmt: skip
+        model.train()
+        return sum(losses) / len(losses)
+
+    best, lrs = (math.inf, 0, None), []  # (val_loss, step, adapters)
+    model.train()
+    for step in range(config.max_steps):
+        batch = reference_batch([rows[i] for i in order[step * batch_size : (step + 1) * batch_size]], tokenizer)
+        model(**_on(batch, device)).loss.backward()
+        if hp["max_grad_norm"]:
+            torch.nn.utils.clip_grad_norm_(params, hp["max_grad_norm"])
+        lrs.append(nemo_lr(step, case, hp["min_lr"]))
+        for group in optimizer.param_groups:
+            group["lr"] = lrs[-1]
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if (step + 1) % config.val_check_interval == 0 or step + 1 == config.max_steps:
+            loss = val_loss()
+            if loss < best[0]:
+                best = (loss, step + 1, {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+    model.load_state_dict(best[2], strict=False)
+    predictions, labels = reference_predictions(model, tokenizer, config, device)
+    return {
+        "exact_match": test_checkpoint.exact_match(predictions, labels),
+        "rouge_l": test_checkpoint.rouge_l(predictions, labels),
+        "num_samples": len(labels), "best_val_loss": best[0], "best_step": best[1], "lr": lrs,
+        "predictions": predictions,
+    }  # fmt: skip
+
+
+def _on(batch: dict, device) -> dict:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def reference_predictions(model, tokenizer, config, device) -> tuple[list[str], list[str]]:
+    """Greedy answers to the test split's prompts, tokenized as test_checkpoint.py tokenizes them (a BOS before a
+    plain prompt where the tokenizer adds one; a chat prompt's template writes its own), as many new tokens as the
+    demo's evaluation generates, up to EOS."""
+    import torch
+
+    import test_checkpoint
+    from nemo_finetune.demo import _demo_evaluation_args
+
+    args = _demo_evaluation_args(config, None, "reference")
+    new_tokens = int(args[args.index("--num_tokens_to_generate") + 1])
+    examples = test_checkpoint.load_test_examples(config.data_path, tokenizer, 10**12)  # every row
+    prompts = [tokenizer(e["input"], add_special_tokens=not e.get("chat"))["input_ids"] for e in examples]
+    width, pad = max(map(len, prompts)), tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)  # left padding
+    attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    model.eval()
+    with torch.no_grad():
+        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=new_tokens,
+                             do_sample=False, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad)  # fmt: skip
+    predictions = []
+    for row in out[:, width:].tolist():
+        tokens = row[: row.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in row else row
+        predictions.append(tokenizer.decode(tokens, skip_special_tokens=True).strip())
+    return predictions, [e["label"] for e in examples]
+
+
+def quality_summary(results: dict) -> dict:
+    """Mean, lowest and highest exact match of each side over the seeds both sides ran, and the means' difference."""
+    seeds = sorted(set(results["ours"]) & set(results["reference"]))
+    side = {}
+    for name in ("ours", "reference"):
+        values = [results[name][s]["exact_match"] for s in seeds]
+        side[name] = {"mean": sum(values) / len(values), "min": min(values), "max": max(values)} if values else None
+    difference = side["ours"]["mean"] - side["reference"]["mean"] if seeds else None
+    return {"seeds": seeds, **side, "mean_difference": difference}
+
+
+def quality_parity(root: Path, seeds: list[int], previous: dict | None, out: Path) -> dict:
+    """Our run and the reference's for each seed (a seed already in `previous` is kept, not run again); `out` holds
+    what is done so far."""
+    results = previous or {"task": "the demo's key -> code recall (python peft_megatron.py --demo)", "ours": {},
+                           "reference": {}}  # fmt: skip
+    for seed in seeds:
+        key = str(seed)
+        if key in results["ours"] and key in results["reference"]:
+            continue
+        config = demo_job(root, seed)
+        results["ours"][key] = our_quality(config)
+        results["reference"][key] = reference_quality(config, seed)
+        results["summary"] = quality_summary(results)
+        out.write_text(json.dumps(results, indent=1) + "\n")
+        print(json.dumps({"seed": seed, "ours": results["ours"][key]["exact_match"],
+                          "reference": results["reference"][key]["exact_match"]}), flush=True)  # fmt: skip
+    return results
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -485,11 +672,22 @@ def parse_args(argv=None):
     curves.add_argument("--work_dir", type=Path, required=True, help="models, data, runs and logs go here")
     curves.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "parity.json")
     curves.add_argument("--plot", type=Path, default=REPO / "docs" / "images" / "parity_curves.png")
+    quality = sub.add_parser("quality", help="the demo task's exact match, ours vs HF + PEFT, per seed, on one GPU")
+    quality.add_argument("--work_dir", type=Path, required=True, help="models, data, runs and logs go here")
+    quality.add_argument("--seeds", nargs="+", type=int, default=list(QUALITY_SEEDS))
+    quality.add_argument("--previous", type=Path, help="results of seeds run before (kept; their seeds are skipped)")
+    quality.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "parity_quality.json")
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.command == "quality":
+        args.work_dir.mkdir(parents=True, exist_ok=True)
+        previous = json.loads(args.previous.read_text()) if args.previous else None
+        results = quality_parity(args.work_dir, args.seeds, previous, args.out)
+        print(json.dumps(results.get("summary")))
+        return 0
     if args.command == "curves":
         args.work_dir.mkdir(parents=True, exist_ok=True)
         results = []
