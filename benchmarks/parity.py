@@ -567,7 +567,7 @@ def reference_quality(config, seed: int) -> dict:
         model.train()
         return sum(losses) / len(losses)
 
-    best, lrs = (math.inf, 0, None), []  # (val_loss, step, adapters)
+    best, lrs, val_losses = (math.inf, 0, None), [], {}  # best: (val_loss, step, adapters)
     model.train()
     for step in range(config.max_steps):
         batch = reference_batch([rows[i] for i in order[step * batch_size : (step + 1) * batch_size]], tokenizer)
@@ -580,7 +580,7 @@ def reference_quality(config, seed: int) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if (step + 1) % config.val_check_interval == 0 or step + 1 == config.max_steps:
-            loss = val_loss()
+            loss = val_losses[step + 1] = val_loss()
             if loss < best[0]:
                 best = (loss, step + 1, {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
     model.load_state_dict(best[2], strict=False)
@@ -588,7 +588,7 @@ def reference_quality(config, seed: int) -> dict:
     return {
         "exact_match": test_checkpoint.exact_match(predictions, labels),
         "rouge_l": test_checkpoint.rouge_l(predictions, labels),
-        "num_samples": len(labels), "best_val_loss": best[0], "best_step": best[1], "lr": lrs,
+        "num_samples": len(labels), "best_val_loss": best[0], "best_step": best[1], "val_loss": val_losses, "lr": lrs,
         "predictions": predictions,
     }  # fmt: skip
 

@@ -4,9 +4,11 @@ plain and chat rows, unpacked and packed. CPU, fp32, the real scripts."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
@@ -190,3 +192,80 @@ def test_a_reference_whose_adapter_a_differs_across_a_fused_layer_is_refused(job
     ).save_pretrained(tmp_path / "adapter")
     with pytest.raises(AssertionError, match="k_proj A differs from q_proj's"):
         parity.reference_model({"model": model}, parity.CURVES["lora"], tmp_path / "adapter")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Quality parity on the demo task (its GPU runs: docs/PARITY.md): the job and the reference's training, on the CPU
+# --------------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def demo_job(tmp_path_factory):
+    """The quality comparison's job for one seed, its data prepared by peft_megatron.py from the settings file our
+    side runs with."""
+    from nemo_finetune.cli import settings_yaml
+
+    root = tmp_path_factory.mktemp("quality")
+    config = parity.demo_job(root, 77)
+    settings = root / "job.yaml"
+    settings.write_text(settings_yaml(config, parity.SETTINGS_LEFT_OUT))
+    prepared = run_script("peft_megatron.py", "--config", str(settings), "--prepare_data_only")
+    assert prepared.returncode == 0, prepared.stderr[-3000:]
+    return config, settings
+
+
+def test_the_quality_job_is_the_demos_with_its_seed_and_runs_from_its_settings_file(demo_job, tmp_path):
+    import peft_megatron
+    from nemo_finetune import demo
+
+    config, settings = demo_job
+    assert peft_megatron.parse_config(["--config", str(settings)]) == dataclasses.replace(config, config=str(settings))
+    with mock.patch.object(demo, "DEMO_DIR", tmp_path / "demo"):
+        demos = demo.demo_config(peft_megatron.parse_config(["--demo"]))
+    paths = ("output_dir", "data_dir", "nemo_ckpt_dir", "hf_model_id", "demo", "data")
+    assert {k: v for k, v in vars(config).items() if k not in paths} == {
+        k: v for k, v in vars(demos).items() if k not in paths
+    }
+    assert config.data.seed == 77 and not config.demo
+    assert len((config.data_path / "test.jsonl").read_text().splitlines()) == 19
+
+
+def test_the_quality_reference_trains_with_the_recipes_settings_and_keeps_its_best_validation(demo_job):
+    config, _ = demo_job
+    hp = parity.recipe_training(config)
+    assert (hp["learning_rate"], hp["lora_dim"], hp["lora_alpha"]) == (5e-3, 32, 64)  # the demo's flags reach it
+    short = dataclasses.replace(config, max_steps=6, val_check_interval=2)
+    result = parity.reference_quality(short, seed=77)
+    case = parity.CurveCase("lora", 6, hp["learning_rate"], hp["warmup_steps"])
+    assert result["lr"] == [parity.nemo_lr(step, case, hp["min_lr"]) for step in range(6)]
+    assert sorted(result["val_loss"]) == [2, 4, 6]
+    assert result["best_step"] == min(result["val_loss"], key=result["val_loss"].get)
+    assert result["num_samples"] == len(result["predictions"]) == 19
+
+
+def test_the_references_batched_greedy_answers_are_each_prompts_own(demo_job):
+    """Left padding changes no answer: each prompt alone gives what it gives in the batch."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import test_checkpoint
+
+    config, _ = demo_job
+    tokenizer = AutoTokenizer.from_pretrained(config.hf_model_id)
+    model = AutoModelForCausalLM.from_pretrained(config.hf_model_id, dtype=torch.float32)
+    predictions, labels = parity.reference_predictions(model, tokenizer, config, "cpu")
+    examples = test_checkpoint.load_test_examples(config.data_path, tokenizer, 19)
+    assert labels == [e["label"] for e in examples]
+    for example, batched in list(zip(examples, predictions, strict=True))[:6]:
+        ids = torch.tensor([tokenizer(example["input"])["input_ids"]])
+        out = model.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=tokenizer.eos_token_id,
+                             pad_token_id=tokenizer.eos_token_id)[0, ids.shape[1]:].tolist()  # fmt: skip
+        out = out[: out.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in out else out
+        assert tokenizer.decode(out, skip_special_tokens=True).strip() == batched
+
+
+def test_the_quality_summary_counts_only_seeds_both_sides_ran():
+    results = {"ours": {"1": {"exact_match": 0.9}, "2": {"exact_match": 0.7}, "3": {"exact_match": 0.1}},
+               "reference": {"1": {"exact_match": 0.8}, "2": {"exact_match": 0.6}}}  # fmt: skip
+    summary = parity.quality_summary(results)
+    assert summary["seeds"] == ["1", "2"]
+    assert summary["ours"] == {"mean": pytest.approx(0.8), "min": 0.7, "max": 0.9}
+    assert summary["mean_difference"] == pytest.approx(0.1)
