@@ -269,3 +269,13 @@ def test_the_quality_summary_counts_only_seeds_both_sides_ran():
     assert summary["seeds"] == ["1", "2"]
     assert summary["ours"] == {"mean": pytest.approx(0.8), "min": 0.7, "max": 0.9}
     assert summary["mean_difference"] == pytest.approx(0.1)
+
+
+def test_the_full_fine_tuning_reference_starts_from_the_bf16_weights_our_import_trains_from(jobs):
+    """fp32 master weights on bf16's grid, as Megatron's main params copied from the bf16 model are."""
+    import torch
+
+    reference = parity.reference_model({"model": jobs["qwen3"]["model"]}, parity.CURVES["full"], None)
+    weight = reference.model.layers[0].mlp.down_proj.weight
+    assert weight.dtype == torch.float32
+    assert torch.equal(weight, weight.bfloat16().float())
