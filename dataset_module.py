@@ -88,7 +88,7 @@ class HFDatasetConfig:
         default=None,
         metadata={
             "help": "Python format string over column names that builds the prompt, e.g. "
-            "'### Question:\\n{question}\\n\\n### Answer:'. Default: the --input_column value"
+            "'### Question:\\n{question}\\n\\n### Answer:'; the values go in as text. Default: the --input_column value"
         },
     )
     chat: bool = field(default=False, metadata={"help": "rows carry a 'messages' list rendered by the chat template"})
@@ -122,18 +122,23 @@ class HFDatasetConfig:
             out.append(f"--seed {self.seed} must be between 1 and {2**32 - 1}")
         if self.max_samples is not None and not 0 < self.max_samples <= MAX_ROWS:
             out.append(f"--max_samples {self.max_samples} must be 1 to {MAX_ROWS:g} (or unset for all rows)")
+        template_ok = True
         if self.prompt_template is not None and not self.chat:
             try:
                 _template_fields(self.prompt_template)
             except ValueError as e:
-                out.append(f"--prompt_template is not a valid format string ({e}); escape literal braces as {{{{ }}}}")
+                template_ok = False
+                out.append(
+                    f"--prompt_template {self.prompt_template!r} is not a format string over column names ({e}); "
+                    "write columns as {name} (their values go in as text) and literal braces as {{ }}"
+                )
         if self.dataset_name:
             for part in self.dataset_name.split(","):
                 p = Path(part.strip())
                 if p.suffix.lower() in LOCAL_SUFFIXES and not p.exists():
                     out.append(f"--dataset_name file {p} does not exist")
         files = _local_files(self.dataset_name) if self.dataset_name else None
-        if files and all(p.is_file() for p in files):
+        if files and all(p.is_file() for p in files) and template_ok:
             out.extend(self._local_file_problems(files))
         return out
 
@@ -186,12 +191,18 @@ def data_dir_problems(cfg: HFDatasetConfig, data_dir: Path, tokenizer: str | Non
 
 
 def _template_fields(template: str) -> list[str]:
+    """The column names --prompt_template formats; ValueError where it is no format string over column names whose
+    values are text (a bad field, conversion or format spec)."""
     import string
 
     names = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
     for name in names:
         if not name or not name.isidentifier():
             raise ValueError(f"field {{{name}}} is not a column name")
+    try:
+        template.format(**{name: "text" for name in names})
+    except (ValueError, KeyError, IndexError) as e:
+        raise ValueError(str(e) if not isinstance(e, KeyError) else f"{{{e.args[0]}}} in a format spec") from None
     return names
 
 
@@ -331,7 +342,7 @@ def _to_row(raw: dict, cfg: HFDatasetConfig) -> tuple[dict | None, str | None]:
         values = {k: raw.get(k) for k in _template_fields(cfg.prompt_template)}
         if any(_is_empty(v) for v in values.values()):
             return None, "empty prompt"
-        prompt = cfg.prompt_template.format(**values)
+        prompt = cfg.prompt_template.format(**{k: str(v) for k, v in values.items()})
     else:
         prompt = raw.get(cfg.input_column)
         if _is_empty(prompt):

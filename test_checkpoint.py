@@ -239,7 +239,7 @@ def bertscore(predictions: list[str], labels: list[str], model: str, num_layers:
             f"could not load BERTScore model {model!r} ({e}); offline, pass a local directory with "
             "--bertscore_model DIR --bertscore_num_layers N, or --bertscore_model none"
         ) from None
-    except (ValueError, KeyError, TypeError, AttributeError, IndexError) as e:  # a model bert_score cannot use
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError, OverflowError) as e:  # a model it cannot use
         raise PipelineError(
             f"--bertscore_model {model}: bert_score cannot score with this model ({type(e).__name__}: {e}); give "
             "an encoder such as roberta-large or bert-base-uncased, or --bertscore_model none"

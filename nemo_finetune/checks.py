@@ -7,6 +7,7 @@ import difflib
 import importlib.util
 import json
 import logging
+import math
 import os
 import re
 import sys
@@ -17,9 +18,9 @@ from dataset_module import data_dir_problems, local_sources
 from nemo_finetune import slurm
 from nemo_finetune.choices import LORA_TARGETS, PEFT_SCHEMES, PROFILER_FLAGS, lora_targets
 from nemo_finetune.errors import ConfigError
-from nemo_finetune.files import overlap_problems
+from nemo_finetune.files import overlap_problems, path_problem, space_problem
 from nemo_finetune.layout import REPO_DIR
-from nemo_finetune.resolve import attention_heads, available_recipes, is_local_model
+from nemo_finetune.resolve import attention_heads, available_recipes, is_local_model, recipe_parameters
 
 log = logging.getLogger("peft_megatron")
 
@@ -76,6 +77,9 @@ def validate_config(config, visible_gpus: int | None = None, environ: Mapping[st
     concern, each a function of the config (and of the machine where it must be). `visible_gpus`: the GPUs of this
     machine when it is about to launch training (None: not launching, nothing to check)."""
     environ = os.environ if environ is None else environ
+    unresolvable = _unresolvable_paths(config)
+    if unresolvable:  # every later check resolves paths
+        raise ConfigError(unresolvable)
     problems = [
         *_machine_problems(config, visible_gpus, environ),
         *_range_problems(config),
@@ -235,6 +239,12 @@ def _mode_problems(config) -> list[str]:
         close = difflib.get_close_matches(config.recipe_cls_name, recipes, n=5, cutoff=0.5)
         hint = f"close matches: {', '.join(close)}" if close else f"available: {', '.join(recipes)}"
         problems.append(f"--recipe_cls_name {config.recipe_cls_name!r} is not a NeMo fine-tuning recipe ({hint})")
+    elif not {"peft_scheme", "packed_sequence"} <= recipe_parameters(config.recipe_cls_name):
+        problems.append(
+            f"--recipe_cls_name {config.recipe_cls_name}: NeMo's recipe is not a GPT-style decoder's fine-tuning "
+            "recipe (its finetune_recipe takes no packed_sequence or peft_scheme: T5, Mamba, Nemotron-H, ...), "
+            "which this toolkit trains; choose the recipe of a Llama, Qwen, Mistral, Gemma or similar model"
+        )
     enabled = [f"--{p}" for p in PROFILER_FLAGS if getattr(config, p)]
     if len(enabled) > 1:
         problems.append(f"{' and '.join(enabled)} are mutually exclusive profilers; enable one per run")
@@ -277,6 +287,24 @@ def _attention_problems(config) -> list[str]:
     return problems
 
 
+def _unresolvable_paths(config) -> list[str]:
+    """Path flags behind a symbolic link loop."""
+    datasets = [part.strip() for part in (config.data.dataset_name or "").split(",") if part.strip()]
+    paths = [("--output_dir", config.output_path), ("--data_dir", config.data_dir),  # unset: under --output_dir
+             ("--nemo_ckpt_dir", config.nemo_ckpt_dir), ("--hf_model_id", config.hf_model_id),
+             ("--write_config", config.write_config), ("--resume_from", config.resume_from),
+             *(("--dataset_name", part) for part in datasets)]  # fmt: skip
+    problems = []
+    for flag, path in paths:
+        if path is None:
+            continue
+        try:
+            Path(path).expanduser().resolve()
+        except (RuntimeError, OSError):  # Python 3.11 raises RuntimeError for a loop, 3.13 OSError
+            problems.append(f"{flag} {path}: a symbolic link on the way loops; fix the link or give another path")
+    return problems
+
+
 def _path_problems(config) -> list[str]:
     problems = []
     for flag, path in (
@@ -284,13 +312,9 @@ def _path_problems(config) -> list[str]:
         ("--data_dir", config.data_path),
         ("--nemo_ckpt_dir", config.nemo_ckpt_path),
     ):
-        blocking = next((p for p in (path, *path.parents) if p.exists()), None)
-        if blocking is not None and not blocking.is_dir():
-            problems.append(f"{flag} {path}: {blocking} is a file, not a directory; choose another {flag}")
-        elif flag == "--output_dir" and blocking is not None and not os.access(blocking, os.W_OK | os.X_OK):
-            problems.append(
-                f"{flag} {path}: {blocking} is not writable by this user; choose another {flag} or fix its permissions"
-            )
+        problem = path_problem(flag, path)
+        if problem:
+            problems.append(problem)
     if config.write_config is not None:
         target = Path(config.write_config).expanduser()
         blocking = next((p for p in target.parents if p.exists()), None)
@@ -397,7 +421,21 @@ RECIPE_MODEL_TYPES = {
     "gemma_": ("gemma",),
     "gemma2_": ("gemma2",),
     "gemma3_": ("gemma3", "gemma3_text"),
+    "phi3_": ("phi3",),
+    "baichuan2_": ("baichuan",),
+    "chatglm3_": ("chatglm",),
+    "deepseek_v": ("deepseek_v2", "deepseek_v3"),
+    "gpt_oss_": ("gpt_oss",),
+    "starcoder2_": ("starcoder2",),
+    "nemotron3_": ("nemotron",),
+    "nemotron4_": ("nemotron",),
+    "llama4_": ("llama4",),
 }
+# Sizes the import builds the model from; where config.json gives one, it is a whole number above 0.
+MODEL_SIZES = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+               "intermediate_size", "vocab_size")  # fmt: skip
+WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
 
 
 def _local_model_problems(config) -> list[str]:
@@ -442,7 +480,27 @@ def _local_model_problems(config) -> list[str]:
                 f"{flag}: config.json points model_type {model_type!r}, which transformers does not know, to code in "
                 "the model repository (auto_map); pass --trust_remote_code if you trust that code"
             )
+    from nemo_finetune.checkpoints import is_nemo_checkpoint
+
+    imported = is_nemo_checkpoint(config.nemo_ckpt_path)  # training reads the import, data its tokenizer
+    if not imported and not config.prepare_data_only and not any(any(model_dir.glob(p)) for p in WEIGHT_FILES):
+        problems.append(
+            f"{flag}: no weights in that directory (no *.safetensors or pytorch_model*.bin); copy the model's weight "
+            "files there (save_pretrained writes them) or give the directory that holds them"
+        )
+    if not imported and not any((model_dir / name).is_file() for name in TOKENIZER_FILES):
+        problems.append(
+            f"{flag}: no tokenizer in that directory (none of {', '.join(TOKENIZER_FILES)}); save the tokenizer "
+            "beside the model (tokenizer.save_pretrained(DIR))"
+        )
     problems.extend(_weight_file_problems(model_dir, flag))
+    if not imported and not config.prepare_data_only:
+        needed = import_size(model_dir)
+        problem = space_problem("--nemo_ckpt_dir", config.nemo_ckpt_path, needed, "the import") if needed else None
+        problems.extend([problem] if problem else [])
+    sizes = _model_size_problems(hf, model_dir / "config.json")
+    if sizes:
+        return problems + sizes  # the shape checks below read these sizes
     if config.data.chat and not has_chat_template(model_dir):
         problems.append(
             f"--chat: the tokenizer of {flag} has no chat template (no chat_template in tokenizer_config.json, no "
@@ -452,6 +510,49 @@ def _local_model_problems(config) -> list[str]:
     if not (config.import_only or config.prepare_data_only):
         problems.extend(_model_shape_problems(config, hf))
     return problems
+
+
+def import_size(model_dir: Path) -> int:
+    """Bytes the NeMo import of a local model writes, about: its weights in bf16 (the recipes' params_dtype) read
+    from the safetensors headers (pytorch_model*.bin: their size), and 1% + 16 MB for the context and metadata."""
+    from safetensors import SafetensorError, safe_open
+
+    elements = 0
+    for path in model_dir.glob("*.safetensors"):
+        try:
+            with safe_open(str(path), framework="numpy") as f:
+                for name in f.keys():
+                    shape = f.get_slice(name).get_shape()
+                    elements += math.prod(shape)
+        except (SafetensorError, OSError):
+            return 0  # _weight_file_problems names it
+    other = sum(p.stat().st_size for p in model_dir.glob("pytorch_model*.bin"))
+    weights = 2 * elements + other
+    return int(weights * 1.01) + (16 << 20) if weights else 0
+
+
+def _model_size_problems(hf: dict, config_file: Path) -> list[str]:
+    """Sizes in config.json the import cannot build a model from: not a whole number above 0, or heads that do not
+    divide the hidden size (without head_dim) or into the KV heads."""
+    bad = [key for key in MODEL_SIZES if key in hf and hf[key] is not None and not _positive_int(hf[key])]
+    if bad:
+        given = ", ".join(f"{key} {hf[key]!r}" for key in bad)
+        return [
+            f"{config_file}: {given}: a model's sizes are whole numbers above 0; fix config.json or re-save the model"
+        ]
+    heads, kv_heads, hidden = hf.get("num_attention_heads"), hf.get("num_key_value_heads"), hf.get("hidden_size")
+    problems = []
+    if heads and hidden and hf.get("head_dim") is None and hidden % heads:
+        problems.append(f"{config_file}: hidden_size {hidden} is not a multiple of num_attention_heads {heads} (and "
+                        "no head_dim is given); fix config.json or re-save the model")  # fmt: skip
+    if heads and kv_heads and heads % kv_heads:
+        problems.append(f"{config_file}: num_attention_heads {heads} is not a multiple of num_key_value_heads "
+                        f"{kv_heads}; fix config.json or re-save the model")  # fmt: skip
+    return problems
+
+
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 def has_chat_template(model_dir: Path) -> bool:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import errno
 import math
 import sys
 import types
@@ -18,7 +19,8 @@ from nemo_finetune.errors import USAGE_ERROR, ConfigError, PipelineError
 
 
 def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> None:
-    """Exit codes: 0 ok, 1 pipeline failure, 2 usage error. Messages go to stderr without a traceback."""
+    """Exit codes: 0 ok, 1 pipeline failure (or a full disk), 2 usage error. Messages go to stderr without a
+    traceback."""
     try:
         code = main(argv)
     except ConfigError as e:
@@ -26,6 +28,13 @@ def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = No
         code = USAGE_ERROR
     except PipelineError as e:
         print(f"error: {e}", file=sys.stderr)
+        code = 1
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = f" writing {e.filename}" if e.filename else ""
+        print(f"error: the disk is full ({e.strerror}{where}); free space there or choose another output directory, "
+              "then run the same command again", file=sys.stderr)  # fmt: skip
         code = 1
     sys.exit(code)
 

@@ -140,6 +140,81 @@ def overlap(written: Path, other: Path) -> str | None:
     return None
 
 
+# Kernel filesystems that hold no files a program can create: an output path there fails only when it is written.
+KERNEL_FILESYSTEMS = set(
+    "proc sysfs devtmpfs devpts cgroup cgroup2 securityfs debugfs tracefs configfs bpf pstore mqueue binfmt_misc "
+    "fusectl efivarfs".split()
+)
+
+
+def path_problem(flag: str, path: Path) -> str | None:
+    """Why `path` cannot be a directory this command creates and writes, found without writing: a symbolic link
+    loop, a file in the way, a kernel or read-only filesystem, no write permission; None where it can."""
+    path = Path(path).expanduser()
+    try:
+        resolved = path.resolve()
+    except (RuntimeError, OSError):  # Python 3.11 raises RuntimeError for a loop, 3.13 OSError
+        return f"{flag} {path}: a symbolic link on the way loops; fix the link or choose another {flag}"
+    blocking = next((p for p in (resolved, *resolved.parents) if p.exists()), None)
+    if blocking is None:
+        return None
+    if not blocking.is_dir():
+        return f"{flag} {path}: {blocking} is a file, not a directory; choose another {flag}"
+    mount = filesystem_of(blocking)
+    if mount and mount[0] in KERNEL_FILESYSTEMS:
+        return f"{flag} {path}: {blocking} is on the kernel's {mount[0]} filesystem; choose a directory on disk"
+    if mount and "ro" in mount[1]:
+        return f"{flag} {path}: {blocking} is on a read-only filesystem; choose a writable directory"
+    if not os.access(blocking, os.W_OK | os.X_OK):
+        return f"{flag} {path}: {blocking} is not writable by this user; choose another {flag} or fix its permissions"
+    return None
+
+
+def space_problem(flag: str, directory: Path, needed: int, what: str) -> str | None:
+    """Why `directory` cannot take `needed` more bytes: its filesystem has less free (a write that runs out of space
+    fails deep inside a library, after the work); None where it can."""
+    try:
+        resolved = Path(directory).expanduser().resolve()
+    except (RuntimeError, OSError):
+        return None  # path_problem names the loop
+    existing = next((p for p in (resolved, *resolved.parents) if p.is_dir()), None)
+    if existing is None:
+        return None
+    free = shutil.disk_usage(existing).free
+    if free >= needed:
+        return None
+    return (
+        f"{flag} {directory}: {what} needs about {_size(needed)} and the filesystem of {existing} has {_size(free)} "
+        f"free; free space there or choose another {flag}"
+    )
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"
+
+
+def filesystem_of(path: Path) -> tuple[str, set[str]] | None:
+    """(type, mount options) of the filesystem holding the existing, resolved `path` (Linux: /proc/self/mounts, the
+    longest mount point above it); None where the mount table cannot be read."""
+    try:
+        lines = Path("/proc/self/mounts").read_text().splitlines()
+    except OSError:
+        return None
+    best: tuple[int, str, set[str]] | None = None
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 4:
+            continue
+        point = fields[1].encode().decode("unicode_escape")  # the table writes a space as \\040
+        if (path == Path(point) or Path(point) in path.parents) and (best is None or len(point) > best[0]):
+            best = (len(point), fields[2], set(fields[3].split(",")))
+    return (best[1], best[2]) if best else None
+
+
 def overlap_problems(
     written: list[tuple[str, Path]], inputs: list[tuple[str, Path]], consequence: str, allow_containing: bool = False
 ) -> list[str]:

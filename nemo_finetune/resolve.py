@@ -139,6 +139,27 @@ def available_recipes() -> list[str]:
     return sorted(p.stem for p in recipes.glob("*.py") if "def finetune_recipe" in p.read_text(errors="replace"))
 
 
+def recipe_parameters(name: str) -> set[str]:
+    """The parameters of an installed recipe's finetune_recipe, read from its source without importing NeMo (every
+    name where it takes **kwargs; none where it has no finetune_recipe)."""
+    import ast
+
+    spec = importlib.util.find_spec("nemo")
+    if spec is None or not spec.submodule_search_locations:
+        return set()
+    source = Path(list(spec.submodule_search_locations)[0]) / "collections" / "llm" / "recipes" / f"{name}.py"
+    try:
+        tree = ast.parse(source.read_text(errors="replace"))
+    except (OSError, SyntaxError):
+        return set()
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef) and node.name == "finetune_recipe":
+            if node.args.kwarg is not None:
+                return {"peft_scheme", "packed_sequence", "**"}
+            return {a.arg for a in node.args.posonlyargs + node.args.args + node.args.kwonlyargs}
+    return set()
+
+
 def is_local_model(hf_model_id: str) -> bool:
     return hf_model_id.startswith(("/", ".", "~")) or Path(hf_model_id).is_dir()
 

@@ -252,10 +252,36 @@ def test_bad_input_is_a_clear_error(tmp_path, assets, case, message, monkeypatch
     assert case == "hub_offline" or "network" not in str(err.value)  # local files get no network hint
 
 
-@pytest.mark.parametrize("template", ["{row.question}", "{question[0]}", "{}"])
-def test_templates_with_nested_or_positional_fields_are_refused_before_loading(template):
-    problems = dm.HFDatasetConfig(prompt_template=template).problems()
-    assert len(problems) == 1 and "--prompt_template is not a valid format string" in problems[0]
+@pytest.mark.parametrize(
+    "template, reason",
+    [
+        ("{row.question}", "field {row.question} is not a column name"),
+        ("{question[0]}", "field {question[0]} is not a column name"),
+        ("{}", "field {} is not a column name"),
+        ("{question:d}", "Unknown format code 'd' for object of type 'str'"),
+        ("{question!x}", "Unknown conversion specifier x"),
+        ("{question:{width}}", "{width} in a format spec"),
+    ],
+)
+def test_templates_that_are_no_format_string_over_text_columns_are_refused_before_loading(tmp_path, template, reason):
+    src = write_jsonl(tmp_path / "src.jsonl", ROWS)  # a local file: its columns are checked against the template too
+    problems = config(src, prompt_template=template).problems()
+    assert problems == [
+        f"--prompt_template {template!r} is not a format string over column names ({reason}); write columns as "
+        "{name} (their values go in as text) and literal braces as {{ }}"
+    ]
+    out = run_script("dataset_module.py", "--dataset_name", str(src), "--prompt_template", template, "--output_column",
+                     "answer", "--data_dir", str(tmp_path / "out"), "--tokenizer", "unused")  # fmt: skip
+    assert out.returncode == 2 and "Traceback" not in out.stderr and reason in out.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_template_values_go_in_as_text_whatever_their_json_type(tmp_path, assets):
+    rows = [{"n": i, "ok": i % 2 == 0, "answer": f"a{i}"} for i in range(40)]
+    src = write_jsonl(tmp_path / "src.jsonl", rows)
+    prepare(config(src, prompt_template="{n:>3}|{ok}", output_column="answer"), tmp_path / "out", assets["tokenizer"])
+    prepared = read(tmp_path / "out" / "training.jsonl")
+    assert {r["input"] for r in prepared} <= {f"{i:>3}|{i % 2 == 0}" for i in range(40)} and len(prepared) == 32
 
 
 def test_config_problems_name_the_flags():
@@ -266,7 +292,7 @@ def test_config_problems_name_the_flags():
     for fragment in (
         "leaves no training rows",
         "--max_samples 0",
-        "--prompt_template is not a valid format string",
+        "--prompt_template '{0} {x y}' is not a format string over column names",
         "nope.jsonl does not exist",
     ):
         assert fragment in joined

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -353,9 +354,11 @@ def test_local_model_directory_problems_are_named_before_any_import(assets, tmp_
             "--tensor_parallel_size 1 --import_only"
         )
     )
-    validate_config(parse(f"--hf_model_id {custom} --recipe_cls_name nemotron3_8b --trust_remote_code --dry_run"))
-    known = tmp_path / "known"
-    known.mkdir()
+    for name in ("model.safetensors", "tokenizer.json"):  # a complete directory from here on
+        shutil.copy(assets["qwen3"] / name, custom)
+    recipe = "llama31_nemotron_nano_8b"  # a recipe whose family the checks do not map
+    validate_config(parse(f"--hf_model_id {custom} --recipe_cls_name {recipe} --trust_remote_code --dry_run"))
+    known = shutil.copytree(custom, tmp_path / "known")
     (known / "config.json").write_text(json.dumps({"model_type": "qwen3", "auto_map": {"AutoConfig": "x.C"}}))
     validate_config(parse(f"--hf_model_id {known} --dry_run"))  # transformers' own Qwen3 code runs: no flag needed
 
@@ -720,26 +723,83 @@ def test_output_paths_that_are_files_are_refused_naming_the_flag(tmp_path):
     assert a_file.read_text() == "mine"
 
 
-def unwritable_directory(tmp_path: Path) -> Path:
-    """A directory this user cannot write: a read-only tmp directory, or for root (who ignores permission bits) a
-    kernel directory that refuses writes to everyone."""
-    import os
-
+def test_an_output_directory_this_user_cannot_write_is_refused_before_any_work(tmp_path):
+    """A read-only directory (root ignores permission bits, so only where the tests do not run as root) and a kernel
+    filesystem (where root's access check says yes and the first write fails)."""
+    cases = {Path("/proc/sys"): "is on the kernel's proc filesystem; choose a directory on disk"}
     if os.geteuid() != 0:
         locked = tmp_path / "locked"
         locked.mkdir(mode=0o500)
-        return locked
-    for candidate in (Path("/proc/sys"), Path("/sys/kernel")):
-        if candidate.is_dir() and not os.access(candidate, os.W_OK):
-            return candidate
-    pytest.skip("running as root with no read-only directory to point --output_dir at")
+        cases[locked] = "is not writable by this user"
+    for directory, message in cases.items():
+        out = run_script("peft_megatron.py", "--dry_run", "--output_dir", str(directory / "run"))
+        assert out.returncode == 2 and "Traceback" not in out.stderr
+        assert f"--output_dir {directory / 'run'}: {directory} {message}" in out.stderr
 
 
-def test_an_output_directory_this_user_cannot_write_is_refused_before_any_work(tmp_path):
-    locked = unwritable_directory(tmp_path)
-    out = run_script("peft_megatron.py", "--dry_run", "--output_dir", str(locked / "run"))
-    assert out.returncode == 2 and "Traceback" not in out.stderr
-    assert f"--output_dir {locked / 'run'}: {locked} is not writable by this user" in out.stderr
+def test_a_symbolic_link_loop_on_a_path_flag_is_named_before_anything_resolves_it(assets, tmp_path):
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    for flag in ("--output_dir", "--data_dir", "--nemo_ckpt_dir", "--hf_model_id", "--dataset_name"):
+        with pytest.raises(ConfigError) as err:
+            validate_config(parse(f"--dry_run {flag} {tmp_path / 'a' / 'x'}"))
+        assert err.value.problems == [
+            f"{flag} {tmp_path / 'a' / 'x'}: a symbolic link on the way loops; fix the link or give another path"
+        ]
+    out = run_script("peft_megatron.py", *qa_job(assets["qwen3"], tmp_path / "a"), "--dataset_name",
+                     str(assets["data"]), "--prepare_data_only")  # fmt: skip
+    assert out.returncode == 2 and "Traceback" not in out.stderr + out.stdout
+    assert "a symbolic link on the way loops" in out.stderr
+
+
+def test_model_directories_without_weights_or_tokenizer_or_with_impossible_sizes_are_refused(assets, tmp_path):
+    import shutil
+
+    def variant(name: str, drop: tuple[str, ...] = (), **sizes) -> Path:
+        model = shutil.copytree(assets["qwen3"], tmp_path / name)
+        for file in drop:
+            (model / file).unlink()
+        config = json.loads((model / "config.json").read_text())
+        (model / "config.json").write_text(json.dumps({**config, **sizes}))
+        return model
+
+    expected = {
+        variant("no_weights", ("model.safetensors",)): r"no weights in that directory \(no \*.safetensors or "
+        r"pytorch_model\*.bin\); copy the model's weight files there",
+        variant("no_tokenizer", ("tokenizer.json",)): r"no tokenizer in that directory \(none of tokenizer.json, "
+        r"tokenizer.model, vocab.json, vocab.txt, spiece.model\); save the tokenizer beside the model",
+        variant("zero_heads", num_attention_heads=0): r"config.json: num_attention_heads 0: a model's sizes are whole "
+        r"numbers above 0; fix config.json",
+        variant("text_sizes", num_hidden_layers="two", vocab_size=1.5): r"config.json: num_hidden_layers 'two', "
+        r"vocab_size 1.5: a model's sizes",
+        variant(
+            "uneven_kv", num_key_value_heads=3
+        ): r"num_attention_heads 4 is not a multiple of num_key_value_heads 3",
+    }
+    for model, message in expected.items():
+        for phase in ("--dry_run", "--import_only"):
+            with pytest.raises(ConfigError, match=message):
+                validate_config(parse(f"--hf_model_id {model} --recipe_cls_name qwen3_600m {phase}"))
+    data_only = f"--prepare_data_only --dataset_name {assets['data']} {' '.join(qa_flags(tmp_path / 'o'))}"
+    validate_config(parse(f"--hf_model_id {tmp_path / 'no_weights'} --recipe_cls_name qwen3_600m {data_only}"))
+    out = run_script("peft_megatron.py", *qa_job(tmp_path / "zero_heads", tmp_path / "run"), "--dataset_name",
+                     str(assets["data"]), "--recipe_cls_name", "qwen3_600m", "--import_only")  # fmt: skip
+    assert out.returncode == 2 and "Traceback" not in out.stderr + out.stdout
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("recipe", ["t5_220m", "mamba2_130m", "nemotron_nano_9b_v2"])
+def test_recipes_that_are_not_a_gpt_decoders_fine_tuning_are_refused_by_the_dry_run(assets, tmp_path, recipe):
+    out = run_script("peft_megatron.py", *qa_job(assets["qwen3"], tmp_path / "run"), "--dataset_name",
+                     str(assets["data"]), "--recipe_cls_name", recipe, "--dry_run")  # fmt: skip
+    assert out.returncode == 2 and "Traceback" not in out.stderr + out.stdout
+    assert f"--recipe_cls_name {recipe}: NeMo's recipe is not a GPT-style decoder's fine-tuning recipe" in out.stderr
+
+
+def test_a_recipe_of_another_decoder_family_is_refused_for_the_model(assets):
+    with pytest.raises(ConfigError, match=r"--recipe_cls_name phi3_mini_4k_instruct imports phi3 models but .* says "
+                                          r"model_type 'qwen3'"):  # fmt: skip
+        validate_config(parse(f"--hf_model_id {assets['qwen3']} --recipe_cls_name phi3_mini_4k_instruct --dry_run"))
 
 
 def test_the_multi_node_rendezvous_is_returned_and_set_only_around_the_launch(monkeypatch):
@@ -1071,3 +1131,37 @@ def test_chat_data_with_a_tokenizer_without_a_chat_template_is_refused_by_the_dr
     job[1] = str(assets["qwen3"])  # the same model with its chat template
     out = run_script("peft_megatron.py", "--dry_run", *job, "--output_dir", str(tmp_path / "run"))
     assert out.returncode == 0, out.stderr[-2000:]
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 2 MB filesystem (tmpfs): mounting needs root."""
+    import shutil
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a small filesystem needs root")
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2M", "tmpfs", str(disk)]).returncode:
+        pytest.skip("this machine cannot mount a tmpfs")
+    yield disk
+    subprocess.run(["umount", str(disk)])
+
+
+def test_a_disk_too_small_for_the_import_is_refused_before_it_and_a_full_one_named_without_a_traceback(
+    assets, tmp_path, small_disk
+):
+    job = [*qa_job(assets["qwen3"], tmp_path / "run"), "--dataset_name", str(assets["data"])]
+    out = run_script("peft_megatron.py", *job, "--nemo_ckpt_dir", str(small_disk / "imported"), "--import_only")
+    assert out.returncode == 2 and "Traceback" not in out.stderr + out.stdout
+    assert f"--nemo_ckpt_dir {small_disk / 'imported'}: the import needs about" in out.stderr
+    assert f"the filesystem of {small_disk} has 2.1 MB free; free space there or choose another" in out.stderr
+    with open(small_disk / "filler", "wb", buffering=0) as fh:  # fill it to the last byte
+        with contextlib.suppress(OSError):
+            while True:
+                fh.write(b"\0" * 4096)
+    before = assets["data"].read_bytes()
+    out = run_script("peft_megatron.py", *job, "--data_dir", str(small_disk / "data"), "--prepare_data_only")
+    assert out.returncode == 1 and "Traceback" not in out.stderr + out.stdout
+    assert "error: the disk is full (No space left on device); free space there or choose another output" in out.stderr
+    assert assets["data"].read_bytes() == before

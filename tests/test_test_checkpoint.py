@@ -305,6 +305,16 @@ def test_a_local_bertscore_model_is_checked_before_scoring(tmp_path, tiny_bert):
     assert not (tmp_path / "preds.metrics.json").exists()
 
 
+def test_a_decoder_given_as_the_bertscore_model_gets_one_line_naming_the_flag(tmp_path, assets):
+    """A causal LM (its tokenizer's model_max_length is "no limit") is no encoder bert_score can use."""
+    preds = write_predictions(tmp_path / "preds.jsonl")
+    out = evaluate_only(preds, assets["qwen3"], "2")
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert f"--bertscore_model {assets['qwen3']}: bert_score cannot score with this model" in out.stderr
+    assert "give an encoder such as roberta-large or bert-base-uncased, or --bertscore_model none" in out.stderr
+    assert not (tmp_path / "preds.metrics.json").exists()
+
+
 def test_absurd_numbers_are_refused_together_before_any_work(tmp_path):
     huge = "1000000000000000000000"
     args = ["--evaluate_only", "--predictions_file", str(tmp_path / "p.jsonl"), "--bertscore_model", "none"]
