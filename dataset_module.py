@@ -42,6 +42,7 @@ from nemo_finetune.files import (
     file_digest,
     iter_jsonl,
     overlap_problems,
+    remove_temporaries,
 )
 from nemo_finetune.records import DATA_RECORD, PACKED_RECORD, data_files, packing_files
 
@@ -566,6 +567,7 @@ def prepare_dataset(cfg: HFDatasetConfig, target: DataTarget) -> dict:
 def _prepare_on_rank0(
     cfg: HFDatasetConfig, data_dir: Path, fp: dict, tokenizer_name: str, max_seq_length: int, trust_remote_code: bool
 ) -> dict:
+    remove_temporaries(data_dir, "data file", (".*.tmp",))  # atomic writes of a killed preparation
     marker = _read_marker(data_dir)
     damaged = _damaged_files(data_dir, marker) if marker else []
     same = bool(marker) and marker.get("fingerprint", {}).get("sha256") == fp["sha256"]
@@ -736,6 +738,7 @@ def pack_dataset(
         files.wait(wait_timeout_s, "sequence packing")
         return files.read()["summary"]
     with files.attempt(wait_timeout_s, "sequence packing"):
+        remove_temporaries(data_dir / PACKED_DIR, "sequence packing", (".*.partial",))  # of killed packing runs
         marker = _read_packed_marker(location)
         if marker is not None and marker.get("key", {}).get("sha256") == key["sha256"]:
             log.info("packed data in %s already made with these settings; reusing it", location)

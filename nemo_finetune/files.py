@@ -356,10 +356,13 @@ def iter_jsonl(
 def remove_leftovers(target: Path, what: str, patterns: tuple[str, ...] = ("*.partial",)) -> None:
     """Remove the temporary siblings `.<target name>.<pattern>` that killed runs writing `target` left (atomic_dir's
     `.partial` directories and the like), saying so in one line. Call under the lock that guards `target`."""
-    parent = target.parent
-    leftovers = (
-        sorted({p for pattern in patterns for p in parent.glob(f".{target.name}.{pattern}")}) if parent.is_dir() else []
-    )
+    remove_temporaries(target.parent, what, tuple(f".{target.name}.{pattern}" for pattern in patterns))
+
+
+def remove_temporaries(directory: Path, what: str, globs: tuple[str, ...]) -> None:
+    """Remove what matches `globs` in `directory` (temporaries of killed runs), saying so in one line. Call under the
+    lock that guards the directory's writers."""
+    leftovers = sorted({p for pattern in globs for p in directory.glob(pattern)}) if directory.is_dir() else []
     for path in leftovers:
         if path.is_dir():
             shutil.rmtree(path, ignore_errors=True)

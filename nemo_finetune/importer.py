@@ -50,7 +50,8 @@ def _import_on_rank0(config, target: Path) -> None:
             f"--nemo_ckpt_dir {target} exists but is not a complete NeMo checkpoint (no context/ + weights/"
             "metadata.json); remove it or choose another --nemo_ckpt_dir"
         )
-    remove_leftovers(target, "import")
+    # atomic_dir's temporary directory, and the lock NeMo's import_ckpt holds beside it (`<tmp>.lock`)
+    remove_leftovers(target, "import", ("*.partial", "*.partial.lock"))
     _run_import(config, target, source)
 
 

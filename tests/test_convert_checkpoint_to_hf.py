@@ -387,6 +387,8 @@ def test_import_is_reused_only_for_its_own_model_and_cleans_killed_imports(asset
     nemo = tmp_path / "nemo"
     orphan = tmp_path / ".nemo.k1ll3d.partial"  # what atomic_dir leaves when an import is killed
     (orphan / "weights").mkdir(parents=True)
+    orphan_lock = tmp_path / ".nemo.k1ll3d.partial.lock"  # and NeMo's import_ckpt beside it
+    orphan_lock.touch()
     model = shutil.copytree(assets["qwen3"], tmp_path / "model")
 
     def import_only(model_dir: Path, recipe: str):
@@ -394,9 +396,12 @@ def test_import_is_reused_only_for_its_own_model_and_cleans_killed_imports(asset
 
     first = import_only(model, "qwen3_600m")
     assert first.returncode == 0, first.stderr[-3000:]
-    assert "removed 1 unfinished import(s) left by killed runs: .nemo.k1ll3d.partial" in first.stdout
+    assert (
+        "removed 2 unfinished import(s) left by killed runs: .nemo.k1ll3d.partial, .nemo.k1ll3d.partial.lock"
+        in first.stdout
+    )
     assert "torch_dtype" not in first.stdout + first.stderr  # transformers' warnings: not on the default console
-    assert not orphan.exists()
+    assert not orphan.exists() and not orphan_lock.exists()
     record = json.loads((nemo / IMPORT_RECORD).read_text())
     assert record["model"] == str(model.resolve()) and record["recipe"] == "qwen3_600m"
     again = import_only(model, "qwen3_600m")
@@ -473,8 +478,8 @@ def test_killed_import_and_export_leave_nothing_that_looks_complete_and_rerun_cl
     assert not nemo.exists() and list(tmp_path.glob(".nemo.*.partial"))
     rerun = run_script(*command)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert "removed 1 unfinished import(s) left by killed runs" in rerun.stdout
-    assert is_nemo_checkpoint(nemo) and not list(tmp_path.glob(".nemo.*.partial"))
+    assert "unfinished import(s) left by killed runs: .nemo." in rerun.stdout
+    assert is_nemo_checkpoint(nemo) and not list(tmp_path.glob(".nemo.*.partial*"))  # nor NeMo's lock beside it
 
     export_args = ("convert_checkpoint_to_hf.py", "--nemo_checkpoint_path", str(nemo), "--output_dir", str(hf))
     proc = start_script(*export_args)

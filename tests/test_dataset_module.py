@@ -700,12 +700,21 @@ def test_packing_is_reused_while_nothing_changes_and_replaced_when_the_data_does
         == json.loads((location / dm.PACKED_MARKER).read_text())["files"]["training.npy"]
     )
 
+    killed_pack = location.parent / f".{location.name}.99999.partial"  # a packing killed mid-way leaves its work
+    (killed_pack / "training.npy").parent.mkdir()
+    (killed_pack / "training.npy").write_bytes(b"half")
+    killed_write = tmp_path / "out" / ".training.jsonl.k1ll3d.tmp"  # and a preparation its atomic write's temporary
+    killed_write.write_text('{"input": "half')
     changed = config(src, prompt_template="Question: {question}\nAnswer:", overwrite_data=True)
-    prepare(changed, tmp_path / "out", assets["tokenizer"])
-    second = packed_module(changed, tmp_path / "out", assets["qwen3"])
-    assert second.packed_dir() != location  # the JSONL changed, so the pack's key did
-    second.prepare_packed()
+    with caplog.at_level(logging.WARNING, logger="peft_megatron"):
+        prepare(changed, tmp_path / "out", assets["tokenizer"])
+        second = packed_module(changed, tmp_path / "out", assets["qwen3"])
+        assert second.packed_dir() != location  # the JSONL changed, so the pack's key did
+        second.prepare_packed()
     assert [p.name for p in (tmp_path / "out" / dm.PACKED_DIR).iterdir()] == [second.packed_dir().name]
+    assert not killed_write.exists()
+    assert "removed 1 unfinished data file(s) left by killed runs: .training.jsonl.k1ll3d.tmp" in caplog.text
+    assert f"removed 1 unfinished sequence packing(s) left by killed runs: {killed_pack.name}" in caplog.text
 
 
 def test_a_failed_packing_leaves_nothing_that_looks_packed(tmp_path, assets, monkeypatch):
