@@ -8,6 +8,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -189,12 +190,12 @@ def space_problem(flag: str, directory: Path, needed: int, what: str) -> str | N
     )
 
 
-def _size(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} GB"
+def _size(n: float) -> str:
+    units = ("B", "KB", "MB", "GB", "TB")
+    step = 0
+    while n >= 1000 and step < len(units) - 1:
+        n, step = n / 1000, step + 1
+    return f"{n:.0f} B" if step == 0 else f"{n:.1f} {units[step]}"
 
 
 def filesystem_of(path: Path) -> tuple[str, set[str]] | None:
@@ -209,7 +210,7 @@ def filesystem_of(path: Path) -> tuple[str, set[str]] | None:
         fields = line.split()
         if len(fields) < 4:
             continue
-        point = fields[1].encode().decode("unicode_escape")  # the table writes a space as \\040
+        point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[1])  # octal escapes (a space: 040)
         if (path == Path(point) or Path(point) in path.parents) and (best is None or len(point) > best[0]):
             best = (len(point), fields[2], set(fields[3].split(",")))
     return (best[1], best[2]) if best else None
