@@ -691,6 +691,16 @@ def _use_existing_jsonl(data_dir: Path, cfg: HFDatasetConfig) -> dict:
     return {"rows": rows, "dropped": {}, "sources": {s: "existing JSONL" for s in rows}, "files": {}}
 
 
+def tokenizer_digest(tokenizer) -> str:
+    """A digest of what a tokenizer's ids depend on: a fast tokenizer's canonical serialization (its model, merges,
+    normalizer, pre-tokenizer, post-processor and added tokens), else its vocabulary; with the special tokens."""
+    hf = getattr(tokenizer, "tokenizer", tokenizer)  # NeMo's AutoTokenizer holds the HF one
+    backend = getattr(hf, "backend_tokenizer", None)
+    content = backend.to_str() if backend is not None else json.dumps(sorted(hf.get_vocab().items()))
+    special = json.dumps([hf.bos_token_id, hf.eos_token_id, hf.pad_token_id, hf.unk_token_id])
+    return hashlib.sha256((content + special).encode()).hexdigest()[:16]
+
+
 def packed_location(
     data_dir: Path, tokenizer_identity: str, pack_size: int, seed: int, dataset_kwargs: dict | None
 ) -> tuple[Path, dict]:
@@ -933,7 +943,9 @@ def _build_data_module_class():
             )
 
         def _tokenizer_key(self) -> str:
-            return self.tokenizer_identity or self.tokenizer_name_or_path
+            """The tokenizer's name and its content (tokenizer_digest): a new tokenizer saved under the same name
+            never reuses the packs of the old one."""
+            return f"{self.tokenizer_identity or self.tokenizer_name_or_path}#{tokenizer_digest(self.tokenizer)}"
 
         def _packing_kwargs(self) -> dict:
             """The dataset settings packing depends on: padding rows to one shape happens when batches are collated,

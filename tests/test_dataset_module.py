@@ -823,3 +823,26 @@ def test_a_preparation_killed_after_its_marker_leaves_data_that_both_kinds_of_ru
     (out / "validation.jsonl").write_text("")  # now the files do not match: an interrupted preparation
     with pytest.raises(PipelineError, match="holds what an interrupted preparation left"):
         prepare(config(src, dataset_name=None), out, assets["tokenizer"])
+
+
+def test_a_new_tokenizer_saved_under_the_same_name_never_reuses_the_old_ones_packs(tmp_path, assets):
+    """Packs hold token ids: a tokenizer with another vocabulary at the same path gets packs of its own."""
+    import shutil
+
+    from nemo_finetune.demo_assets import build_tokenizer
+
+    model = shutil.copytree(assets["qwen3"], tmp_path / "model")
+    src = write_jsonl(tmp_path / "src.jsonl", ROWS)
+    cfg = config(src)
+    prepare(cfg, tmp_path / "out", model)
+    first = packed_module(cfg, tmp_path / "out", model)
+    first.prepare_packed()
+    again = packed_module(cfg, tmp_path / "out", model)
+    assert again.packed_dir() == first.packed_dir()  # the same tokenizer: its packs are reused
+    other = build_tokenizer(tmp_path / "other", [f"{r['question']} {r['answer']}" for r in ROWS], vocab_size=300)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(other / name, model / name)
+    replaced = packed_module(cfg, tmp_path / "out", model)
+    assert replaced.packed_dir() != first.packed_dir()
+    replaced.prepare_packed()
+    assert [p.name for p in (tmp_path / "out" / dm.PACKED_DIR).iterdir()] == [replaced.packed_dir().name]
