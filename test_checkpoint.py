@@ -26,7 +26,6 @@ import dataclasses
 import json
 import logging
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,6 +42,7 @@ from nemo_finetune.files import atomic_write_jsonl, atomic_write_text, iter_json
 from nemo_finetune.hub import hub_problem
 from nemo_finetune.layout import RunLayout
 from nemo_finetune.records import output_files
+from nemo_finetune.scoring import exact_match, load_test_examples, rouge_l
 
 log = logging.getLogger("peft_megatron.eval")
 
@@ -175,30 +175,6 @@ def _local_bertscore_problems(model_dir: Path, num_layers: int | None) -> list[s
 # --------------------------------------------------------------------------------------------------------------------
 # Test rows and predictions files
 # --------------------------------------------------------------------------------------------------------------------
-def read_jsonl(path: Path, required: Iterable[str]) -> list[dict]:
-    return list(iter_jsonl(path, required))
-
-
-def load_test_examples(data_dir: Path, tokenizer, max_samples: int) -> list[dict]:
-    """(prompt, label) pairs from test.jsonl, formatted exactly as training saw them."""
-    path = data_dir / "test.jsonl"
-    if not path.exists():
-        raise PipelineError(f"{path} does not exist; prepare data with `peft_megatron.py --prepare_data_only` first")
-    examples = []
-    for row in read_jsonl(path, ())[:max_samples]:
-        if "messages" in row:
-            messages = row["messages"]
-            prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
-            examples.append({"input": prompt, "label": messages[-1]["content"], "chat": True})
-        elif "input" in row and "output" in row:
-            examples.append({"input": row["input"], "label": row["output"]})
-        else:
-            raise PipelineError(f"{path}: rows need input/output or messages")
-    if not examples:
-        raise PipelineError(f"{path} has no rows")
-    return examples
-
-
 def prompt_ids(example: dict, tokenizer) -> list[int]:
     """The prompt's token ids as training saw them: a plain prompt starts with BOS where the tokenizer adds one
     (dataset_module.adds_bos); a chat prompt's template writes its own."""
@@ -212,22 +188,6 @@ def prompt_ids(example: dict, tokenizer) -> list[int]:
 # --------------------------------------------------------------------------------------------------------------------
 # Metrics
 # --------------------------------------------------------------------------------------------------------------------
-def normalize(text: str) -> str:
-    return " ".join(text.strip().split()).lower()
-
-
-def exact_match(predictions: list[str], labels: list[str]) -> float:
-    return sum(normalize(p) == normalize(t) for p, t in zip(predictions, labels, strict=True)) / max(1, len(labels))
-
-
-def rouge_l(predictions: list[str], labels: list[str]) -> float:
-    from rouge_score import rouge_scorer
-
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
-    scores = [scorer.score(t, p)["rougeL"].fmeasure for p, t in zip(predictions, labels, strict=True)]
-    return sum(scores) / max(1, len(scores))
-
-
 def bertscore(predictions: list[str], labels: list[str], model: str, num_layers: int | None) -> dict:
     from bert_score import score
 

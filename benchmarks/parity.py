@@ -578,7 +578,7 @@ def reference_quality(config, seed: int) -> dict:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import test_checkpoint
+    from nemo_finetune import scoring
 
     hp = recipe_training(config)
     case = CurveCase("lora", config.max_steps, hp["learning_rate"], hp["warmup_steps"])
@@ -632,8 +632,8 @@ def reference_quality(config, seed: int) -> dict:
     model.load_state_dict(best[2], strict=False)
     predictions, labels = reference_predictions(model, tokenizer, config, device)
     return {
-        "exact_match": test_checkpoint.exact_match(predictions, labels),
-        "rouge_l": test_checkpoint.rouge_l(predictions, labels),
+        "exact_match": scoring.exact_match(predictions, labels),
+        "rouge_l": scoring.rouge_l(predictions, labels),
         "num_samples": len(labels), "best_val_loss": best[0], "best_step": best[1], "val_loss": val_losses, "lr": lrs,
         "predictions": predictions,
     }  # fmt: skip
@@ -649,12 +649,12 @@ def reference_predictions(model, tokenizer, config, device) -> tuple[list[str], 
     demo's evaluation generates, up to EOS."""
     import torch
 
-    import test_checkpoint
+    from nemo_finetune import scoring
     from nemo_finetune.demo import _demo_evaluation_args
 
     args = _demo_evaluation_args(config, None, "reference")
     new_tokens = int(args[args.index("--num_tokens_to_generate") + 1])
-    examples = test_checkpoint.load_test_examples(config.data_path, tokenizer, 10**12)  # every row
+    examples = scoring.load_test_examples(config.data_path, tokenizer, 10**12)  # every row
     prompts = [tokenizer(e["input"], add_special_tokens=not e.get("chat"))["input_ids"] for e in examples]
     width, pad = max(map(len, prompts)), tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)  # left padding

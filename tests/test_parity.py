@@ -246,13 +246,13 @@ def test_the_references_batched_greedy_answers_are_each_prompts_own(demo_job):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import test_checkpoint
+    from nemo_finetune import scoring
 
     config, _ = demo_job
     tokenizer = AutoTokenizer.from_pretrained(config.hf_model_id)
     model = AutoModelForCausalLM.from_pretrained(config.hf_model_id, dtype=torch.float32)
     predictions, labels = parity.reference_predictions(model, tokenizer, config, "cpu")
-    examples = test_checkpoint.load_test_examples(config.data_path, tokenizer, 19)
+    examples = scoring.load_test_examples(config.data_path, tokenizer, 19)
     assert labels == [e["label"] for e in examples]
     for example, batched in list(zip(examples, predictions, strict=True))[:6]:
         ids = torch.tensor([tokenizer(example["input"])["input_ids"]])
