@@ -12,13 +12,15 @@
     python convert_checkpoint_to_hf.py --nemo_checkpoint_path outputs/x/imported_hf_ckpt --output_dir base_hf/
 
 Re-runnable: an existing export of the same checkpoint is kept (pass --overwrite to replace it); every export
-records what it was made from (.peft_megatron_export.json: checkpoint, content fingerprint, files and sizes), so
-an export of another or since-changed checkpoint, an incomplete one, or a directory that holds something else is
-refused, never reused. Outputs are written to a temporary directory and renamed, so an interrupted export never
-looks complete. `--verify` (default on for models under
-2B parameters) reloads the export with transformers; for LoRA it checks that the merged model and
-peft.PeftModel(base, adapter) give the same logits. The adapter mapping itself is tested against NeMo's own
-exporter on NeMo-layout LoRA weights (tests/test_convert_checkpoint_to_hf.py). Runs on CPU or GPU.
+records what it was made from (.peft_megatron_export.json: the checkpoint and a fingerprint of its files' content,
+and each exported file's sha256), so an export of another or since-changed checkpoint, an incomplete or damaged one,
+or a directory that holds something else is refused, never reused. Large files' digests are cached by inode, size
+and times (~/.cache/nemo_finetune), so a re-run reads an unchanged checkpoint once. The free disk space is checked
+before the export starts. Outputs are written to a temporary directory and renamed, so an interrupted export never
+looks complete. `--verify` (default on for models under 2B parameters) reloads the export with transformers; for
+LoRA it checks that the merged model and peft.PeftModel(base, adapter) give the same logits. The adapter mapping
+itself is tested against NeMo's own exporter on NeMo-layout LoRA weights (tests/test_convert_checkpoint_to_hf.py).
+Runs on CPU or GPU.
 Exit codes: 0 ok, 1 failure, 2 invalid arguments.
 """
 
@@ -27,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,7 +47,8 @@ from nemo_finetune.checkpoints import (
 from nemo_finetune.cli import parse_dataclass_args, run_cli
 from nemo_finetune.console import library_logs_through_ours, prints_as_library_records, setup_logging
 from nemo_finetune.errors import ConfigError, PipelineError
-from nemo_finetune.files import atomic_dir, file_heads, overlap_problems, remove_leftovers
+from nemo_finetune.files import atomic_dir, atomic_write_text, overlap_problems, remove_leftovers, space_problem
+from nemo_finetune.fingerprints import digest, digests, legacy_heads
 from nemo_finetune.layout import RunLayout
 from nemo_finetune.records import output_files
 
@@ -150,8 +154,8 @@ EXPORT_RECORD = ".peft_megatron_export.json"  # written last into every export
 
 
 def export_source(ckpt: Path, base: Path | None, kind: str) -> dict:
-    """What an export is made from: the checkpoint (and a LoRA checkpoint's base), by content (file_heads)."""
-    content = {"checkpoint": file_heads(ckpt), "base": file_heads(base) if base else None}
+    """What an export is made from: the checkpoint (and a LoRA checkpoint's base), by the content of every file."""
+    content = {"checkpoint": digests(ckpt), "base": digests(base) if base else None}
     return {
         "checkpoint": str(ckpt.resolve()),
         "kind": kind,
@@ -159,9 +163,18 @@ def export_source(ckpt: Path, base: Path | None, kind: str) -> dict:
     }
 
 
+def legacy_fingerprint(ckpt: Path, base: Path | None) -> str:
+    """The fingerprint records written before whole-file digests hold (each file's size and first MiB)."""
+    content = {"checkpoint": legacy_heads(ckpt), "base": legacy_heads(base) if base else None}
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+
+
 def write_export_record(out: Path, source: dict) -> None:
-    files = {str(p.relative_to(out)): p.stat().st_size for p in sorted(out.rglob("*")) if p.is_file()}
-    (out / EXPORT_RECORD).write_text(json.dumps({**source, "files": files}, indent=2) + "\n")
+    """Written last: what the export was made from and the content digest of each file it holds."""
+    files = {
+        str(p.relative_to(out)): digest(p) for p in sorted(out.rglob("*")) if p.is_file() and p.name != EXPORT_RECORD
+    }
+    atomic_write_text(out / EXPORT_RECORD, json.dumps({**source, "files": files}, indent=2) + "\n")
 
 
 def not_an_export(out: Path) -> bool:
@@ -177,9 +190,9 @@ def not_an_export(out: Path) -> bool:
     )
 
 
-def is_current_export(out: Path, source: dict) -> bool:
-    """True when the directory `out` is a complete export of `source`; False when nothing is there to keep (absent,
-    or empty, which is removed); a PipelineError naming the fix for anything else."""
+def is_current_export(out: Path, source: dict, ckpt: Path, base: Path | None) -> bool:
+    """True when the directory `out` is a complete, unchanged export of `source`; False when nothing is there to keep
+    (absent, or empty, which is removed); a PipelineError naming the fix for anything else."""
     if not out.exists():
         return False
     if not any(out.iterdir()):
@@ -193,17 +206,29 @@ def is_current_export(out: Path, source: dict) -> bool:
         )
     record = json.loads((out / EXPORT_RECORD).read_text())
     files, kind, fingerprint = dict(record["files"]), record["kind"], record["fingerprint"]
-    damaged = [
-        name for name, size in files.items() if not (out / name).is_file() or (out / name).stat().st_size != size
-    ]
-    if damaged:
-        raise PipelineError(f"{out} is an incomplete export ({damaged[0]} is missing or has changed size); {overwrite}")
+    legacy = all(isinstance(recorded, int) for recorded in files.values())  # sizes alone: an older record
+    changed = next((name for name, recorded in files.items() if _file_changed(out / name, recorded)), None)
+    if changed:
+        raise PipelineError(f"{out} is a damaged export ({changed} is missing or its content has changed); {overwrite}")
+    if legacy and kind == source["kind"] and fingerprint == legacy_fingerprint(ckpt, base):
+        log.info("%s: recording the content digests of the export and its checkpoint (an older record)", out)
+        write_export_record(out, {**{k: v for k, v in record.items() if k != "files"}, **source})
+        return True
     if (kind, fingerprint) != (source["kind"], source["fingerprint"]):
         raise PipelineError(
             f"{out} holds a {kind} export of {record.get('checkpoint')}, not a {source['kind']} export "
             f"of {source['checkpoint']} as it is now; {overwrite}"
         )
     return True
+
+
+def _file_changed(path: Path, recorded) -> bool:
+    """Whether an export's file differs from its record: a digest, or (records before digests) a size."""
+    if not path.is_file():
+        return True
+    if isinstance(recorded, int):
+        return path.stat().st_size != recorded
+    return digest(path) != recorded
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -391,19 +416,36 @@ def verify_pair(merged_dir: Path, base_dir: Path, adapter_dir: Path) -> float:
     return diff
 
 
-def parameter_count(nemo_ckpt: Path) -> float:
+def model_tensors(nemo_ckpt: Path) -> list[tuple[int, int]]:
+    """(elements, bytes per element) of each of the model's own tensors in a checkpoint, from its metadata alone: the
+    `module.` entries, not the optimizer state a training checkpoint also holds."""
     from torch.distributed.checkpoint import FileSystemReader
 
     md = FileSystemReader(str(nemo_ckpt / "weights")).read_metadata()
-    total = 0
-    for meta in md.state_dict_metadata.values():
-        size = getattr(meta, "size", None)
-        if size is not None:
-            n = 1
-            for d in size:
-                n *= d
-            total += n
-    return float(total)
+    tensors = []
+    for key, meta in md.state_dict_metadata.items():
+        size, dtype = getattr(meta, "size", None), getattr(getattr(meta, "properties", None), "dtype", None)
+        if key.startswith("module.") and size is not None and dtype is not None:
+            tensors.append((math.prod(size), dtype.itemsize))
+    return tensors
+
+
+def parameter_count(nemo_ckpt: Path) -> int:
+    return sum(n for n, _ in model_tensors(nemo_ckpt))
+
+
+def export_size(kind: str, ckpt: Path, base: Path | None, verify: bool) -> int:
+    """Bytes an export writes beside --output_dir at its peak, about: the HF weights in the checkpoint's dtype (a
+    merge also exports its base into a scratch directory first; an adapter's check merges one), and 1% + 16 MB for
+    the tokenizer and configuration files."""
+
+    def weights(c: Path) -> int:
+        return sum(n * itemsize for n, itemsize in model_tensors(c))
+
+    own = weights(ckpt)
+    if kind == "merged" or (kind == "adapter" and verify):
+        own += 2 * weights(base)
+    return int(own * 1.01) + (16 << 20)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -439,7 +481,7 @@ def export(cfg: ExportConfig) -> Path:
                 f"--output_dir {out} holds files this script did not write (no readable {EXPORT_RECORD}); "
                 "--overwrite replaces only an export: move them away yourself, or choose another --output_dir"
             )
-        if not cfg.overwrite and is_current_export(out, source):
+        if not cfg.overwrite and is_current_export(out, source, ckpt, base):
             log.info("%s already holds this export; keeping it (pass --overwrite to replace it)", out)
             print(f"export already present: {out}")
             return out
@@ -463,8 +505,11 @@ def export_kind(ckpt: Path, no_merge: bool) -> str:
 def _write_export(cfg: ExportConfig, kind: str, ckpt: Path, base: Path | None, source: dict, out: Path) -> None:
     from nemo_finetune import compat
 
-    env = compat.prepare_process()
     verify = cfg.verify if cfg.verify is not None else parameter_count(base or ckpt) < VERIFY_MAX_PARAMS
+    problem = space_problem("--output_dir", out, export_size(kind, ckpt, base, verify), f"the {kind} export")
+    if problem:  # before the minutes of work a full disk would end with
+        raise PipelineError(problem)
+    env = compat.prepare_process()
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.work.") as work:
         with atomic_dir(out, overwrite=cfg.overwrite) as tmp:
             WRITERS[kind](ckpt, base, tmp, Path(work), env, verify)

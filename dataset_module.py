@@ -13,7 +13,8 @@ The JSONL rows are what NeMo 2.7.3's FineTuningDataModule reads: `{"input": prom
 answer and EOS; NeMo joins them as "{input} {output}", after a BOS where the tokenizer adds one, as HF does) or,
 with --chat, `{"messages": [...]}` rendered with the tokenizer's chat template (loss on every token, EOS appended
 unless the template ends with it). docs/PARITY.md compares both with HF + TRL. Preparation is deterministic for
-a seed, idempotent (a fingerprint of everything that shapes the output is kept in `.data_ready.json`), atomic
+a seed, idempotent (a fingerprint of everything that shapes the output, the source files' content included, is
+kept in `.data_ready.json`), atomic
 (files are renamed into place, marker last), and done by global rank 0 only while other ranks wait with a timeout.
 --data_dir never overlaps the dataset or the model it is prepared from.
 """
@@ -27,6 +28,7 @@ import logging
 import os
 import random
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,11 +41,11 @@ from nemo_finetune.errors import PipelineError
 from nemo_finetune.files import (
     atomic_write_jsonl,
     atomic_write_text,
-    file_digest,
     iter_jsonl,
     overlap_problems,
     remove_temporaries,
 )
+from nemo_finetune.fingerprints import digest
 from nemo_finetune.records import DATA_RECORD, PACKED_RECORD, data_files, packing_files
 
 log = logging.getLogger("peft_megatron.data")
@@ -52,7 +54,7 @@ SPLIT_FILES = {"train": "training.jsonl", "val": "validation.jsonl", "test": "te
 MAX_ROWS = 10**12  # far beyond any dataset: catches typos and stray exponents
 MARKER = DATA_RECORD  # written last: the settings' fingerprint, the summary, and each file's size and hash
 PREPARING_MARKER = ".data_preparing"  # written first and removed last: present afterwards = interrupted
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: source files identified by content (1: by size and modification time)
 COLLATE_ONLY_KWARGS = ("pad_to_max_length",)  # NeMo dataset settings that change batches, not packed files
 PACKED_DIR = "packed"  # <data_dir>/packed/<pack size>-<key>/: training.npy, validation.npy, metadata.jsonl
 PACKED_MARKER = PACKED_RECORD  # written last inside a packed directory renamed into place whole
@@ -260,13 +262,18 @@ def _source_fingerprint(spec: str) -> dict:
         files = sorted(p for p in Path(spec).rglob("*") if p.is_file())
     if files is None:
         return {"hub": spec}
-    return {
-        "files": [{"path": str(p.resolve()), "size": p.stat().st_size, "mtime_ns": p.stat().st_mtime_ns} for p in files]
-    }
+    return {"files": [{"path": str(p.resolve()), **digest(p)} for p in files]}  # content, not modification times
 
 
 def load_splits(cfg: HFDatasetConfig) -> dict[str, list[dict]]:
     """Load the source into {split name in the source: rows}."""
+    # Local files are read through a scratch cache, never the datasets library's own: it keys a local file on its path
+    # and modification time, so a file rewritten with its time put back would give the old rows.
+    with tempfile.TemporaryDirectory(prefix="nemo_finetune_datasets.") as scratch:
+        return _load_splits(cfg, scratch)
+
+
+def _load_splits(cfg: HFDatasetConfig, scratch: str) -> dict[str, list[dict]]:
     import datasets
 
     datasets.disable_progress_bars()  # "Generating train split" bars: not log lines; the summary gives the counts
@@ -285,13 +292,13 @@ def load_splits(cfg: HFDatasetConfig) -> dict[str, list[dict]]:
             builders = {LOCAL_SUFFIXES[p.suffix.lower()] for p in files}
             if len(builders) > 1:
                 raise PipelineError(f"--dataset_name mixes file types {sorted(builders)}; use one format")
-            ds = datasets.load_dataset(builders.pop(), data_files={"train": [str(p) for p in files]})
+            ds = datasets.load_dataset(builders.pop(), data_files={"train": [str(p) for p in files]}, cache_dir=scratch)
         elif Path(spec).is_dir() and any((Path(spec) / n).exists() for n in ("dataset_dict.json", "state.json")):
             ds = datasets.load_from_disk(spec)
         elif Path(spec).is_dir():
             for p in Path(spec).rglob("*.jsonl"):
                 _check_jsonl(p)
-            ds = datasets.load_dataset(spec, cfg.dataset_subset)
+            ds = datasets.load_dataset(spec, cfg.dataset_subset, cache_dir=scratch)
         else:
             ds = datasets.load_dataset(spec, cfg.dataset_subset, revision=cfg.dataset_revision)
     except PipelineError:
@@ -512,6 +519,22 @@ def _read_marker(root: Path) -> dict | None:
     return data_files(root).read()
 
 
+def _recorded_fingerprint(marker: dict | None) -> dict:
+    """The fingerprint a marker records; {} (matching nothing) for no marker or a damaged one."""
+    recorded = (marker or {}).get("fingerprint")
+    return recorded if isinstance(recorded, dict) else {}
+
+
+def _older_format_same_settings(recorded: dict, fp: dict) -> bool:
+    """Data an earlier version of this script prepared with the same settings and tokenizer: its marker cannot say
+    whether the source changed since (older formats identified it otherwise), so it is prepared again, not refused."""
+    return (
+        bool(recorded)
+        and recorded.get("format") != fp["format"]
+        and (recorded.get("config"), recorded.get("tokenizer")) == (fp["config"], fp["tokenizer"])
+    )
+
+
 def _files_present(root: Path) -> bool:
     return all((root / f).exists() for f in SPLIT_FILES.values())
 
@@ -520,7 +543,7 @@ def _diff(old: dict, new: dict) -> list[str]:
     a, b = old.get("config", {}), new.get("config", {})
     changed = [f"--{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
     if old.get("source") != new.get("source"):
-        changed.append("the source files changed (size or modification time)")
+        changed.append("the source files changed (their content, or which files)")
     if old.get("tokenizer") != new.get("tokenizer"):
         changed.append(f"tokenizer: {old.get('tokenizer')} -> {new.get('tokenizer')}")
     return changed or ["format version"]
@@ -555,7 +578,7 @@ def prepare_dataset(cfg: HFDatasetConfig, target: DataTarget) -> dict:
         data_files(data_dir).wait(
             wait_timeout_s,
             "data preparation",
-            is_done=lambda: (_read_marker(data_dir) or {}).get("fingerprint", {}).get("sha256") == fp["sha256"],
+            is_done=lambda: _recorded_fingerprint(_read_marker(data_dir)).get("sha256") == fp["sha256"],
         )
         return _read_marker(data_dir)["summary"]
     # One preparation at a time per directory: a second job waits, then finds the first one's data (and reuses it
@@ -570,7 +593,8 @@ def _prepare_on_rank0(
     remove_temporaries(data_dir, "data file", (".*.tmp",))  # atomic writes of a killed preparation
     marker = _read_marker(data_dir)
     damaged = _damaged_files(data_dir, marker) if marker else []
-    same = bool(marker) and marker.get("fingerprint", {}).get("sha256") == fp["sha256"]
+    recorded = _recorded_fingerprint(marker)
+    same = recorded.get("sha256") == fp["sha256"]
     if same and not damaged:
         log.info(
             "data in %s already prepared with these settings (fingerprint %s); skipping", data_dir, fp["sha256"][:12]
@@ -580,8 +604,10 @@ def _prepare_on_rank0(
     interrupted = _remove_interrupted_preparation(data_dir)
     if same:
         log.info("%s: %s no longer match(es) what %s records; preparing again", data_dir, damaged, MARKER)
+    elif _older_format_same_settings(recorded, fp):
+        log.info("%s: prepared with these settings by an earlier version of this script; preparing again", data_dir)
     elif (marker or _files_present(data_dir)) and not interrupted and not cfg.overwrite_data:
-        why = _diff(marker["fingerprint"], fp) if marker else ["files without a .data_ready.json marker"]
+        why = _diff(recorded, fp) if marker else ["files without a .data_ready.json marker"]
         raise PipelineError(
             f"{data_dir} holds data prepared with other settings ({'; '.join(why)}); pass --overwrite_data to "
             "replace it, or choose another --data_dir"
@@ -591,7 +617,7 @@ def _prepare_on_rank0(
     (data_dir / MARKER).unlink(missing_ok=True)  # an interrupted re-prepare must not leave the old marker behind
     fixes.remove_memmap_indexes([data_dir / name for name in SPLIT_FILES.values()])
     summary = _write_splits(data_dir, tokenizer, splits, info, max_seq_length)
-    files = {name: file_digest(data_dir / name) for name in SPLIT_FILES.values()}
+    files = {name: digest(data_dir / name) for name in SPLIT_FILES.values()}
     data_files(data_dir).write({"fingerprint": fp, "summary": summary, "files": files})
     (data_dir / PREPARING_MARKER).unlink()
     return summary
@@ -605,7 +631,7 @@ def _damaged_files(data_dir: Path, marker: dict) -> list[str]:
     return [
         name
         for name in SPLIT_FILES.values()
-        if not (data_dir / name).is_file() or file_digest(data_dir / name) != recorded.get(name)
+        if not (data_dir / name).is_file() or digest(data_dir / name) != recorded.get(name)
     ]
 
 
@@ -712,7 +738,7 @@ def packed_location(
     files = {}
     for split in PACKED_FILES:
         name = SPLIT_FILES[split]
-        files[name] = recorded.get(name) or file_digest(data_dir / name)
+        files[name] = recorded.get(name) or digest(data_dir / name)
     body = {
         "format": PACK_FORMAT_VERSION,
         "files": files,
@@ -768,7 +794,7 @@ def _read_packed_marker(location: Path) -> dict | None:
         return None
     files = marker.get("files", {})
     if set(files) != set(PACKED_FILES.values()) or any(
-        not (location / name).is_file() or file_digest(location / name) != digest for name, digest in files.items()
+        not (location / name).is_file() or digest(location / name) != recorded for name, recorded in files.items()
     ):
         log.warning("%s: packed files differ from what %s records; packing again", location, PACKED_MARKER)
         return None
@@ -808,7 +834,7 @@ def _pack_into_place(
                 "packs": len(packs),
                 "fill": round(tokens / max(1, len(packs) * pack_size), 4),
             }
-        files = {name: file_digest(work / name) for name in PACKED_FILES.values()}
+        files = {name: digest(work / name) for name in PACKED_FILES.values()}
         atomic_write_text(
             work / PACKED_MARKER, json.dumps({"key": key, "summary": summary, "files": files}, indent=2) + "\n"
         )

@@ -24,6 +24,9 @@ goes through them (check -> import -> data -> job -> train -> report), then main
 test_checkpoint.py and convert_checkpoint_to_hf.py. The machinery lives in the nemo_finetune package
 (docs/ARCHITECTURE.md): where a run's files go, nemo_finetune/layout.py and records.py; every runtime shim of NeMo /
 Megatron-Core, nemo_finetune/compat; the demo, nemo_finetune/demo.py.
+A re-run reuses an earlier run's import and data only where their records prove them equal to what it would write
+(file contents by sha256; large files' digests cached by inode, size and times in ~/.cache/nemo_finetune, so an
+unchanged model is read once); anything else is refused with the difference, never reused.
 Exit codes: 0 success, 1 pipeline failure, 2 invalid arguments, 3 demo prepared but no CUDA GPU to train on.
 On SageMaker, SM_CHANNEL_TRAINING, SM_MODEL_DIR, SM_HOSTS, SM_CURRENT_HOST and SM_NUM_GPUS fill the matching
 settings unless a flag is given explicitly.
@@ -254,9 +257,19 @@ class PathSettings:
     output_dir: str | None = field(
         default=None, metadata={"help": "logs and checkpoints (default: outputs/<hf_model_id>)"}
     )
-    data_dir: str | None = field(default=None, metadata={"help": "prepared JSONL (default: <output_dir>/data)"})
+    data_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "prepared JSONL (default: <output_dir>/data); a re-run reuses it while the settings, the "
+            "tokenizer and the source files' content are unchanged"
+        },
+    )
     nemo_ckpt_dir: str | None = field(
-        default=None, metadata={"help": "imported NeMo checkpoint (default: <output_dir>/imported_hf_ckpt)"}
+        default=None,
+        metadata={
+            "help": "imported NeMo checkpoint (default: <output_dir>/imported_hf_ckpt); a re-run reuses it while "
+            "the model files' content (sha256) and the recipe are unchanged"
+        },
     )
 
 

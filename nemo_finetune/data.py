@@ -50,8 +50,9 @@ def prepared_summary(config) -> dict | None:
         return None
     if config.data.dataset_name is None:  # the JSONL there is the data, whatever made it
         return summary
-    recorded = (record.get("fingerprint") or {}).get("sha256")
-    return summary if recorded == fingerprint(config.data, config.hf_model_id)["sha256"] else None
+    recorded = record.get("fingerprint")
+    expected = fingerprint(config.data, config.hf_model_id)["sha256"]
+    return summary if isinstance(recorded, dict) and recorded.get("sha256") == expected else None
 
 
 def validation_problem(config, summary: dict) -> str | None:

@@ -1,10 +1,9 @@
 """Filesystem primitives: atomic outputs (a crash never leaves a file that looks complete), locks, rank-0
-attempts and the other nodes' waits, content fingerprints, JSON-lines reading. Standard library only."""
+attempts and the other nodes' waits, JSON-lines reading. Standard library only."""
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -228,26 +227,6 @@ def overlap_problems(
             if how and not (allow_containing and how == "contains"):
                 problems.append(f"{flag} {path} {how} {what} {source}: {consequence}; give a {flag} outside it")
     return problems
-
-
-def file_heads(root: Path, recursive: bool = True) -> dict[str, list]:
-    """{relative path: [size, sha256 of the first MiB]} of every file under `root`: an identity of model and
-    checkpoint directories that is cheap at any size (small files are hashed whole; large ones by their headers and
-    leading tensors) and the same on every node's copy (no modification times)."""
-    heads = {}
-    for path in sorted(p for p in (root.rglob("*") if recursive else root.iterdir()) if p.is_file()):
-        with open(path, "rb") as fh:
-            heads[str(path.relative_to(root))] = [path.stat().st_size, hashlib.sha256(fh.read(1 << 20)).hexdigest()]
-    return heads
-
-
-def file_digest(path: Path) -> dict:
-    """Size and sha256 of a file: what a done marker records so that reading it back can check the file."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
 
 
 STALE_FAILURE_GRACE_S = 120.0

@@ -3,6 +3,7 @@ atomically and under a lock; the other nodes wait for it and check what it impor
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import logging
@@ -12,12 +13,8 @@ from typing import Any
 from nemo_finetune.checkpoints import attention_head_dim, checkpoint_damage, hf_load_error, is_nemo_checkpoint
 from nemo_finetune.console import library_logs_through_ours, prints_to_log_file
 from nemo_finetune.errors import PipelineError
-from nemo_finetune.files import (
-    atomic_dir,
-    atomic_write_text,
-    file_heads,
-    remove_leftovers,
-)
+from nemo_finetune.files import atomic_dir, atomic_write_text, remove_leftovers
+from nemo_finetune.fingerprints import digests, legacy_heads
 from nemo_finetune.hub import hub_problem
 from nemo_finetune.recipe import assign, recipe_module
 from nemo_finetune.records import IMPORT_RECORD, import_files
@@ -56,11 +53,12 @@ def _import_on_rank0(config, target: Path) -> None:
 
 
 def import_source(config) -> dict:
-    """What an import is made from: the recipe and the model, a hub id or a local directory (file_heads)."""
+    """What an import is made from: the recipe and the model, a hub id or a local directory (every file's content
+    digest: new weights saved over the old ones are a new model, whatever their size)."""
     identity: dict[str, Any] = {"model": model_location(config), "recipe": config.recipe_cls_name}
     model_dir = Path(identity["model"])
     if is_local_model(config.hf_model_id) and model_dir.is_dir():
-        identity["files"] = file_heads(model_dir, recursive=False)
+        identity["files"] = digests(model_dir, recursive=False)
     return identity
 
 
@@ -85,6 +83,11 @@ def check_import_source(target: Path, source: dict) -> None:
         )
         return
     recorded = files.read() or {}  # a damaged record matches no model
+    if recorded != source and _legacy_record_matches(recorded, source):
+        log.info("%s: recording the model files' content digests (its record held their first MiB's)", target)
+        with contextlib.suppress(OSError):  # a read-only copy keeps the older record: it is checked the same way
+            files.write(source)
+        return
     if recorded != source:
         changed = sorted(k for k in set(recorded) | set(source) if recorded.get(k) != source.get(k))
         raise PipelineError(
@@ -92,6 +95,17 @@ def check_import_source(target: Path, source: dict) -> None:
             f"not of {source['model']} (recipe {source['recipe']}) as it is now (differs in: {', '.join(changed)}); "
             "choose another --nemo_ckpt_dir, or remove it to import again"
         )
+
+
+def _legacy_record_matches(recorded: dict, source: dict) -> bool:
+    """A record written before whole-file digests ({name: [size, sha256 of the first MiB]}) of this model and recipe
+    whose files still match it."""
+    files = recorded.get("files")
+    if not isinstance(files, dict) or not files or not all(isinstance(v, list) for v in files.values()):
+        return False
+    if set(recorded) != set(source) or any(recorded[k] != source[k] for k in source if k != "files"):
+        return False
+    return legacy_heads(Path(source["model"]), recursive=False) == files
 
 
 def _run_import(config, target: Path, identity: dict) -> None:

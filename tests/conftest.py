@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -24,6 +26,12 @@ def pytest_configure(config):
 
     if not torch.cuda.is_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")
+    # The scripts cache large files' digests per user (nemo_finetune/fingerprints.py): the suite's stay in its own.
+    os.environ["NEMO_FINETUNE_CACHE"] = tempfile.mkdtemp(prefix="nemo_finetune_cache.")
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(os.environ.get("NEMO_FINETUNE_CACHE", ""), ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -151,6 +159,33 @@ def fake_checkpoint(path: Path, adapter: bool = False, tensors: dict | None = No
     if adapter:
         (path / "weights" / "adapter_metadata.json").write_text('{"model_ckpt_path": "/nowhere/base"}')
     return path
+
+
+def edit_in_place(path: Path, offset: int, byte: bytes | None = None) -> bytes:
+    """Change one byte of `path` in place at `offset` (negative: from the end; to `byte`, else its bits flipped) and
+    put its modification time back, as a same-size rewrite by a tool that keeps times would: only the content
+    differs. Returns the original bytes."""
+    original, stat = path.read_bytes(), path.stat()
+    offset %= len(original)
+    with open(path, "r+b") as fh:
+        fh.seek(offset)
+        fh.write(byte or bytes([original[offset] ^ 0xFF]))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert path.stat().st_size == stat.st_size and path.stat().st_mtime_ns == stat.st_mtime_ns
+    return original
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 2 MB filesystem (tmpfs): mounting needs root."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a small filesystem needs root")
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2M", "tmpfs", str(disk)]).returncode:
+        pytest.skip("this machine cannot mount a tmpfs")
+    yield disk
+    subprocess.run(["umount", str(disk)])
 
 
 def kill_when(proc: subprocess.Popen, seen, timeout_s: float = 300) -> None:

@@ -13,10 +13,12 @@ import torch
 
 import convert_checkpoint_to_hf as conv
 import peft_megatron as pm
-from conftest import REPO, fake_checkpoint, kill_when, lora_tensors, run_script, start_script
+from conftest import REPO, edit_in_place, fake_checkpoint, kill_when, lora_tensors, run_script, start_script
 from nemo_finetune.checkpoints import find_checkpoint, is_nemo_checkpoint
 from nemo_finetune.demo_assets import build_hf_model
 from nemo_finetune.errors import PipelineError
+from nemo_finetune.files import _size
+from nemo_finetune.fingerprints import legacy_heads
 from nemo_finetune.importer import import_hf_checkpoint
 from nemo_finetune.records import IMPORT_RECORD, import_files, output_files
 from nemo_finetune.rendezvous import environ_without_rendezvous
@@ -344,7 +346,11 @@ def test_export_keeps_only_its_own_current_export_and_refuses_anything_else(asse
     shutil.copytree(nested, truncated)
     with open(truncated / "model.safetensors", "r+b") as f:
         f.truncate(100)
-    refused["a truncated export"] = (truncated, "incomplete export (model.safetensors is missing or has changed size)")
+    refused["a truncated export"] = (truncated, "damaged export (model.safetensors is missing or its content has")
+    damaged = tmp_path / "damaged"  # the same size and modification time, other bytes past the first MiB
+    shutil.copytree(nested, damaged)
+    edit_in_place(damaged / "model.safetensors", -1)
+    refused["an export damaged in place"] = (damaged, "damaged export (model.safetensors is missing or its content")
     for what, (target, message) in refused.items():
         result = export(nemo, target)
         assert result.returncode == 1 and message in result.stderr, what
@@ -352,13 +358,28 @@ def test_export_keeps_only_its_own_current_export_and_refuses_anything_else(asse
         assert ("--overwrite" in result.stderr) == (target != junk), what
     assert a_file.read_text() == "not an export" and (junk / "notes.txt").read_text() == "mine"  # nothing lost
 
-    changed = tmp_path / "nemo_changed"  # the same path's checkpoint replaced by another, as a re-import would
-    shutil.copytree(nemo, changed)
-    (changed / "context" / "model.yaml").write_text((changed / "context" / "model.yaml").read_text() + "\n")
-    stale = export(changed, nested)
+    older = tmp_path / "older"  # an export whose record an earlier version wrote (sizes, first MiB of the inputs)
+    shutil.copytree(nested, older)
+    record = json.loads((older / conv.EXPORT_RECORD).read_text())
+    sizes = {name: (older / name).stat().st_size for name in record["files"]}
+    legacy = {**record, "files": sizes, "fingerprint": conv.legacy_fingerprint(nemo, None)}
+    (older / conv.EXPORT_RECORD).write_text(json.dumps(legacy))
+    upgraded = export(nemo, older)
+    assert upgraded.returncode == 0 and f"export already present: {older}" in upgraded.stdout, upgraded.stderr[-2000:]
+    assert json.loads((older / conv.EXPORT_RECORD).read_text()) == record  # its digests recorded
+
+    # The checkpoint's weights rewritten in place (same sizes and times, other bytes past the first MiB): another
+    # checkpoint, whose export the old one is not.
+    shard = max((nemo / "weights").glob("*.distcp"), key=lambda p: p.stat().st_size)
+    assert shard.stat().st_size > 1 << 20
+    original = edit_in_place(shard, -4096)
+    stale = export(nemo, nested)
     assert stale.returncode == 1
-    assert f"holds a full export of {nemo.resolve()}, not a full export of {changed.resolve()}" in stale.stderr
+    assert (
+        f"holds a full export of {nemo.resolve()}, not a full export of {nemo.resolve()} as it is now" in stale.stderr
+    )
     assert (nested / "config.json").is_file()  # kept, untouched
+    shard.write_bytes(original)
 
     # A killed export's leftovers are removed by the next one; two exports into one directory take turns.
 
@@ -413,9 +434,41 @@ def test_import_is_reused_only_for_its_own_model_and_cleans_killed_imports(asset
         f"{assets['llama'].resolve()} (recipe llama32_1b)"
     ) in other.stderr
     assert "remove it to import again" in other.stderr and is_nemo_checkpoint(nemo)  # refused, and nothing lost
+    # New weights of the same size saved over the old ones (bytes past the first MiB, times put back): another model
+    weights = model / "model.safetensors"
+    assert weights.stat().st_size > 1 << 20
+    original = edit_in_place(weights, -8)
+    changed = import_only(model, "qwen3_600m")
+    assert changed.returncode == 1 and "as it is now (differs in: files)" in changed.stderr
+    weights.write_bytes(original)
+    # A record an earlier version wrote ({file: [size, sha256 of its first MiB]}) of this model is kept, and its
+    # files' digests recorded; of a since-changed model it is refused.
+    (nemo / IMPORT_RECORD).write_text(json.dumps({**record, "files": legacy_heads(model, recursive=False)}))
+    upgraded = import_only(model, "qwen3_600m")
+    assert upgraded.returncode == 0 and "recording the model files' content digests" in upgraded.stdout
+    assert json.loads((nemo / IMPORT_RECORD).read_text()) == record
     (model / "config.json").write_text((model / "config.json").read_text() + "\n")  # the same path, another model
     changed = import_only(model, "qwen3_600m")
     assert changed.returncode == 1 and "as it is now (differs in: files)" in changed.stderr
+
+
+def test_an_export_larger_than_the_free_space_is_refused_before_it_starts(assets, tmp_path, small_disk):
+    from safetensors.torch import load_file
+
+    nemo = tmp_path / "nemo"
+    assert run_import(assets["qwen3"], nemo).returncode == 0
+    hf_weights = load_file(assets["qwen3"] / "model.safetensors").values()
+    assert sum(n * size for n, size in conv.model_tensors(nemo)) == sum(
+        t.numel() * t.element_size() for t in hf_weights
+    )
+    needed = _size(conv.export_size("full", nemo, None, verify=True))
+    hf = small_disk / "hf"
+    out = run_script("convert_checkpoint_to_hf.py", "--nemo_checkpoint_path", str(nemo), "--output_dir", str(hf))
+    assert out.returncode == 1 and "Traceback" not in out.stderr + out.stdout
+    assert (
+        f"--output_dir {hf}: the full export needs about {needed} and the filesystem of {small_disk} has" in out.stderr
+    )
+    assert not hf.exists() and not list(small_disk.glob(".hf.*partial")) and not list(small_disk.glob(".hf.work*"))
 
 
 def test_an_unreachable_hub_model_is_one_message_naming_the_flag(tmp_path):

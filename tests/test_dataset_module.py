@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import dataset_module as dm
-from conftest import qa_flags, qa_job, run_script
+from conftest import edit_in_place, qa_flags, qa_job, run_script
 from nemo_finetune.errors import PipelineError
 from nemo_finetune.records import data_files, packing_files
 
@@ -127,6 +127,37 @@ def test_fingerprint_skips_same_settings_and_refuses_changed_ones(tmp_path, asse
     assert sum(summary["rows"].values()) == 30
     marker = json.loads((out / dm.MARKER).read_text())
     assert marker["fingerprint"]["config"]["val_fraction"] == 0.1 and marker["summary"]["rows"]["train"] == 24
+
+
+def test_a_same_size_edit_of_the_source_with_its_time_put_back_is_a_change(tmp_path, assets):
+    src = write_jsonl(tmp_path / "src.jsonl", ROWS)
+    out = tmp_path / "out"
+    prepare(config(src), out, assets["tokenizer"])
+    edit_in_place(src, src.read_bytes().index(b'"answer": "4"') + len('"answer": "'), b"K")
+    with pytest.raises(PipelineError, match=r"the source files changed \(their content, or which files\)"):
+        prepare(config(src), out, assets["tokenizer"])
+    prepare(config(src, overwrite_data=True), out, assets["tokenizer"])
+    rows = [r for split in dm.SPLIT_FILES.values() for r in read(out / split)]
+    assert [r["output"] for r in rows if r["input"].startswith("What is 3 plus")] == ["K"]
+
+
+def test_data_an_earlier_version_prepared_with_the_same_settings_is_prepared_again_not_refused(
+    tmp_path, assets, caplog
+):
+    src = write_jsonl(tmp_path / "src.jsonl", ROWS)
+    out = tmp_path / "out"
+    prepare(config(src), out, assets["tokenizer"])
+    marker = json.loads((out / dm.MARKER).read_text())
+    older = {**marker["fingerprint"], "format": 1, "sha256": "0" * 64}  # as version 1 wrote it: times, not content
+    older["source"] = {"files": [{"path": str(src.resolve()), "size": src.stat().st_size, "mtime_ns": 1}]}
+    data_files(out).write({**marker, "fingerprint": older})
+    with caplog.at_level("INFO"):
+        prepare(config(src), out, assets["tokenizer"])
+    assert "prepared with these settings by an earlier version of this script; preparing again" in caplog.text
+    assert json.loads((out / dm.MARKER).read_text())["fingerprint"] == marker["fingerprint"]
+    data_files(out).write({**marker, "fingerprint": {**older, "config": {**older["config"], "val_fraction": 0.2}}})
+    with pytest.raises(PipelineError, match=r"--val_fraction: 0.2 -> 0.1.*--overwrite_data"):  # other settings
+        prepare(config(src), out, assets["tokenizer"])
 
 
 def test_interrupted_write_leaves_no_marker_and_no_half_file(tmp_path, assets, monkeypatch):
@@ -421,7 +452,7 @@ def test_nemo_datamodule_batches_mask_the_prompt(tmp_path, assets):
 
 def files_match_marker(out: Path) -> bool:
     marker = json.loads((out / dm.MARKER).read_text())
-    return all(dm.file_digest(out / name) == marker["files"][name] for name in dm.SPLIT_FILES.values())
+    return all(dm.digest(out / name) == marker["files"][name] for name in dm.SPLIT_FILES.values())
 
 
 def test_changed_files_under_a_valid_marker_are_never_taken_for_prepared_data(tmp_path, assets, caplog):
@@ -696,7 +727,7 @@ def test_packing_is_reused_while_nothing_changes_and_replaced_when_the_data_does
     (location / "training.npy").write_bytes(b"damaged")  # a marker must prove its files: packed again
     assert packed_module(cfg, tmp_path / "out", assets["qwen3"]).prepare_packed() == first
     assert (
-        dm.file_digest(location / "training.npy")
+        dm.digest(location / "training.npy")
         == json.loads((location / dm.PACKED_MARKER).read_text())["files"]["training.npy"]
     )
 

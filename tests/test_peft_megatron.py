@@ -1133,21 +1133,6 @@ def test_chat_data_with_a_tokenizer_without_a_chat_template_is_refused_by_the_dr
     assert out.returncode == 0, out.stderr[-2000:]
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 2 MB filesystem (tmpfs): mounting needs root."""
-    import shutil
-
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("mounting a small filesystem needs root")
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2M", "tmpfs", str(disk)]).returncode:
-        pytest.skip("this machine cannot mount a tmpfs")
-    yield disk
-    subprocess.run(["umount", str(disk)])
-
-
 def test_a_disk_too_small_for_the_import_is_refused_before_it_and_a_full_one_named_without_a_traceback(
     assets, tmp_path, small_disk
 ):
