@@ -607,7 +607,10 @@ def _prepare_on_rank0(
     elif _older_format_same_settings(recorded, fp):
         log.info("%s: prepared with these settings by an earlier version of this script; preparing again", data_dir)
     elif (marker or _files_present(data_dir)) and not interrupted and not cfg.overwrite_data:
-        why = _diff(recorded, fp) if marker else ["files without a .data_ready.json marker"]
+        if recorded:
+            why = _diff(recorded, fp)
+        else:
+            why = [f"its {MARKER} is damaged" if (data_dir / MARKER).exists() else f"files without a {MARKER} marker"]
         raise PipelineError(
             f"{data_dir} holds data prepared with other settings ({'; '.join(why)}); pass --overwrite_data to "
             "replace it, or choose another --data_dir"

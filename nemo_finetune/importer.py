@@ -82,7 +82,12 @@ def check_import_source(target: Path, source: dict) -> None:
             source["model"],
         )
         return
-    recorded = files.read() or {}  # a damaged record matches no model
+    recorded = files.read()
+    if recorded is None:
+        raise PipelineError(
+            f"--nemo_ckpt_dir {target}: its {IMPORT_RECORD} is damaged (not a JSON object), so what it was imported "
+            "from is unknown; remove the directory to import again, or choose another --nemo_ckpt_dir"
+        )
     if recorded != source and _legacy_record_matches(recorded, source):
         log.info("%s: recording the model files' content digests (its record held their first MiB's)", target)
         with contextlib.suppress(OSError):  # a read-only copy keeps the older record: it is checked the same way

@@ -447,6 +447,11 @@ def test_import_is_reused_only_for_its_own_model_and_cleans_killed_imports(asset
     upgraded = import_only(model, "qwen3_600m")
     assert upgraded.returncode == 0 and "recording the model files' content digests" in upgraded.stdout
     assert json.loads((nemo / IMPORT_RECORD).read_text()) == record
+    for damaged in ("[1, 2]", "{not json"):
+        (nemo / IMPORT_RECORD).write_text(damaged)
+        refused = import_only(model, "qwen3_600m")
+        assert refused.returncode == 1 and f"{IMPORT_RECORD} is damaged (not a JSON object)" in refused.stderr
+    (nemo / IMPORT_RECORD).write_text(json.dumps(record))
     (model / "config.json").write_text((model / "config.json").read_text() + "\n")  # the same path, another model
     changed = import_only(model, "qwen3_600m")
     assert changed.returncode == 1 and "as it is now (differs in: files)" in changed.stderr

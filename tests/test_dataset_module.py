@@ -155,6 +155,10 @@ def test_data_an_earlier_version_prepared_with_the_same_settings_is_prepared_aga
         prepare(config(src), out, assets["tokenizer"])
     assert "prepared with these settings by an earlier version of this script; preparing again" in caplog.text
     assert json.loads((out / dm.MARKER).read_text())["fingerprint"] == marker["fingerprint"]
+    for damaged in ("[1, 2]", "{not json", json.dumps({**marker, "fingerprint": "?"})):
+        (out / dm.MARKER).write_text(damaged)
+        with pytest.raises(PipelineError, match=r"its .data_ready.json is damaged\); pass --overwrite_data"):
+            prepare(config(src), out, assets["tokenizer"])
     data_files(out).write({**marker, "fingerprint": {**older, "config": {**older["config"], "val_fraction": 0.2}}})
     with pytest.raises(PipelineError, match=r"--val_fraction: 0.2 -> 0.1.*--overwrite_data"):  # other settings
         prepare(config(src), out, assets["tokenizer"])
