@@ -542,12 +542,12 @@ def our_quality(config) -> dict:
     """peft_megatron.py with the job's settings (`--config`), then the demo's evaluation by test_checkpoint.py of
     the checkpoint it picks (lowest val_loss)."""
     from nemo_finetune.cli import settings_yaml
-    from nemo_finetune.demo import _demo_evaluation_args
+    from nemo_finetune.demo import demo_evaluation_args
 
     settings = config.output_path.with_suffix(".yaml")
     settings.write_text(settings_yaml(config, SETTINGS_LEFT_OUT))
     run_script(str(REPO / "peft_megatron.py"), "--config", str(settings), log=config.output_path.with_suffix(".log"))
-    evaluation = [str(REPO / "test_checkpoint.py"), *_demo_evaluation_args(config, None, "after")]
+    evaluation = [str(REPO / "test_checkpoint.py"), *demo_evaluation_args(config, None, "after")]
     run_script(*evaluation, log=config.output_path.with_suffix(".evaluate.log"))
     metrics = json.loads((config.output_path / "predictions_after.metrics.json").read_text())
     return {"exact_match": metrics["exact_match"], "rouge_l": metrics["rouge_l"], "num_samples": metrics["num_samples"]}
@@ -650,9 +650,9 @@ def reference_predictions(model, tokenizer, config, device) -> tuple[list[str], 
     import torch
 
     from nemo_finetune import scoring
-    from nemo_finetune.demo import _demo_evaluation_args
+    from nemo_finetune.demo import demo_evaluation_args
 
-    args = _demo_evaluation_args(config, None, "reference")
+    args = demo_evaluation_args(config, None, "reference")
     new_tokens = int(args[args.index("--num_tokens_to_generate") + 1])
     examples = scoring.load_test_examples(config.data_path, tokenizer, 10**12)  # every row
     prompts = [tokenizer(e["input"], add_special_tokens=not e.get("chat"))["input_ids"] for e in examples]

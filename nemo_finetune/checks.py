@@ -375,10 +375,12 @@ def _slurm_problems(config, environ: Mapping[str, str]) -> list[str]:
         return [f"{', '.join(given)} apply to --executor slurm only; add it or drop them"] if given else []
     problems = []
     previous = slurm.read_record(config.layout.jobs)
-    if previous and not (config.import_only or config.prepare_data_only) and slurm.is_active(previous["job_id"]):
+    checked = previous and not (config.import_only or config.prepare_data_only)
+    current = slurm.active_state(previous["job_id"]) if checked else None
+    if current is not None:
         job_id = previous["job_id"]
         problems.append(
-            f"Slurm job {job_id} of this run ({config.output_path}) is still {slurm.state(job_id)}: wait for it to "
+            f"Slurm job {job_id} of this run ({config.output_path}) is still {current}: wait for it to "
             f"end (squeue -j {job_id}) or cancel it (scancel {job_id}), or give another --output_dir"
         )
     if not config.slurm_account:

@@ -98,7 +98,7 @@ def run_demo(config) -> int:
     before_eval = BackgroundScript.start(
         config.output_path / "evaluate_before.log",
         "test_checkpoint.py",
-        *_demo_evaluation_args(config, config.nemo_ckpt_path, "before"),
+        *demo_evaluation_args(config, config.nemo_ckpt_path, "before"),
     )
     try:
         with phase("training (the base model's evaluation runs beside it)"):
@@ -120,7 +120,7 @@ def run_demo(config) -> int:
         f"demo: before fine-tuning, exact match {before['exact_match']:.3f} (log: {before_eval.log_file})", flush=True
     )
     with phase("evaluation of the fine-tuned checkpoint"):
-        _run_script("test_checkpoint.py", *_demo_evaluation_args(config, None, "after"))
+        _run_script("test_checkpoint.py", *demo_evaluation_args(config, None, "after"))
     after = _demo_metrics(config, "after")
     with phase("export to Hugging Face format"):
         _run_script("convert_checkpoint_to_hf.py", "--nemo_logs_dir", str(config.layout.logs), "--overwrite")
@@ -153,7 +153,7 @@ def demo_failure(before: dict, after: dict) -> str | None:
     return None
 
 
-def _demo_evaluation_args(config, checkpoint: Path | None, tag: str) -> list[str]:
+def demo_evaluation_args(config, checkpoint: Path | None, tag: str) -> list[str]:
     """test_checkpoint.py on the demo's 19 test questions: 8 new tokens each, a 1 GB KV cache, and no CUDA graphs
     (capturing them takes longer than generating all 19 answers eagerly)."""
     predictions = config.output_path / f"predictions_{tag}.jsonl"

@@ -56,9 +56,10 @@ def state(job_id: str) -> str | None:
     return accounted[0].rstrip("+") if accounted else None  # "CANCELLED by 0" -> CANCELLED
 
 
-def is_active(job_id: str) -> bool:
+def active_state(job_id: str) -> str | None:
+    """The state of a job still queued or running (PENDING, RUNNING, ...); None once it has ended or is unknown."""
     current = state(job_id)
-    return current is not None and current not in ENDED
+    return current if current is not None and current not in ENDED else None
 
 
 def wait(job_id: str, poll_s: float = 5.0, unknown_polls: int = 24) -> str:
