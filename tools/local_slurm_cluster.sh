@@ -30,7 +30,20 @@ start)
   mkdir -p "$dir"/{state,spool,db} /run/munge
   chown munge:munge /run/munge
   host=$(hostname -s)
-  base=$((20000 + RANDOM % 20000))  # four ports from here: slurmctld, slurmd, slurmdbd, MariaDB
+  # Four ports from here (slurmctld, slurmd, slurmdbd, MariaDB), all free now and below Linux's ephemeral range
+  # (32768-60999), where an outgoing connection could take one before the daemon binds it.
+  base=$(python3 -c '
+import random, socket
+while True:
+    base = random.randrange(20000, 32760)
+    try:
+        for port in range(base, base + 4):
+            with socket.socket() as s:
+                s.bind(("", port))
+    except OSError:
+        continue
+    print(base)
+    break')
   gpus=${GPUS_PER_NODE:-8}
   cat > "$dir/slurm.conf" <<EOF
 ClusterName=local
