@@ -41,7 +41,8 @@ def digest(path: Path) -> dict:
     before = os.stat(path)
     if before.st_size < CACHED_FROM_BYTES:
         return _hash(path, before.st_size)
-    entry = cache_dir() / (hashlib.sha256(f"{path.resolve()}\0{before.st_dev}\0{before.st_ino}".encode()).hexdigest())
+    resolved = path.resolve()
+    entry = cache_dir() / hashlib.sha256(f"{resolved}\0{before.st_dev}\0{before.st_ino}".encode()).hexdigest()
     key = _stat_key(before)
     cached = _read_entry(entry)
     if cached is not None and cached.get("key") == key and isinstance(cached.get("sha256"), str):
@@ -53,7 +54,7 @@ def digest(path: Path) -> dict:
     if settled and _stat_key(os.stat(path)) == key:  # unchanged while it was read
         try:
             entry.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(entry, json.dumps({"path": str(path.resolve()), "key": key, "sha256": result["sha256"]}))
+            atomic_write_text(entry, json.dumps({"path": str(resolved), "key": key, "sha256": result["sha256"]}))
         except OSError as e:  # a read-only home: every run reads the file again, nothing worse
             log.debug("digest cache %s not written: %s", entry, e)
     return result
@@ -62,18 +63,21 @@ def digest(path: Path) -> dict:
 def digests(root: Path, recursive: bool = True) -> dict[str, dict]:
     """{relative path: digest()} of every file under `root` (sorted; the same on every node's copy)."""
     root = Path(root)
-    paths = sorted(p for p in (root.rglob("*") if recursive else root.iterdir()) if p.is_file())
-    return {str(p.relative_to(root)): digest(p) for p in paths}
+    return {str(p.relative_to(root)): digest(p) for p in _files(root, recursive)}
 
 
 def legacy_heads(root: Path, recursive: bool = True) -> dict[str, list]:
     """{relative path: [size, sha256 of the first MiB]}: how records written before whole-file digests identified
     files; read only to recognise such a record's files (and then record their digests)."""
     heads = {}
-    for path in sorted(p for p in (root.rglob("*") if recursive else root.iterdir()) if p.is_file()):
+    for path in _files(root, recursive):
         with open(path, "rb") as fh:
             heads[str(path.relative_to(root))] = [path.stat().st_size, hashlib.sha256(fh.read(1 << 20)).hexdigest()]
     return heads
+
+
+def _files(root: Path, recursive: bool) -> list[Path]:
+    return sorted(p for p in (root.rglob("*") if recursive else root.iterdir()) if p.is_file())
 
 
 def _hash(path: Path, size: int) -> dict:
