@@ -714,3 +714,83 @@ def test_checkpoints_of_earlier_versions_find_the_moved_kernels_under_their_old_
         " 'applied': 'moved-modules' in compat.applied()}))"
     )
     assert json.loads(run_python(probe)) == {"same": True, "spec": True, "applied": True}
+
+
+def validation_loss_as_lightning_logs_it(losses: list[float], rows: int, fix: bool) -> float:
+    """val_loss after one validation of len(losses) batches of `rows` rows, in a real Lightning Trainer whose strategy
+    logs each batch's loss as NeMo's MegatronStrategy.validation_step does (one pipeline stage), its step taking the
+    dataloader's iterator as NeMo's does; `fix`: that step wrapped by the val-loss-batch-weights shim."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.strategies import SingleDeviceStrategy
+    from torch.utils.data import DataLoader
+
+    class LogsLikeMegatronStrategy(SingleDeviceStrategy):
+        def validation_step(self, dataloader_iter, *args, **kwargs):
+            batch, _, _ = next(dataloader_iter)
+            out = batch["loss"]
+            self.lightning_module.log("val_loss", out, prog_bar=True, on_epoch=True)  # NeMo 2.7.3's call
+            return out
+
+    if fix:
+        LogsLikeMegatronStrategy.validation_step = compat.fixes.equal_batch_weights(
+            LogsLikeMegatronStrategy.validation_step
+        )
+
+    class Model(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(1))
+
+        def training_step(self, batch):
+            return (self.weight**2).sum()
+
+        def validation_step(self, dataloader_iter):  # never called: the strategy's step runs
+            raise AssertionError
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    batches = [{"tokens": torch.zeros(rows, 16), "loss": torch.tensor(loss)} for loss in losses]
+    trainer = pl.Trainer(
+        strategy=LogsLikeMegatronStrategy(device=torch.device("cpu")),
+        max_steps=1,
+        val_check_interval=1,
+        limit_val_batches=len(losses),
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(Model(), DataLoader(batches, batch_size=None), DataLoader(batches, batch_size=None))
+    return float(trainer.callback_metrics["val_loss"])
+
+
+def test_val_loss_is_the_plain_mean_of_its_validation_batches():
+    """Lightning weighs a logged value by a batch size it infers from the batch fetched before the step: none for the
+    first validation batch (1), the micro-batch size for the others. The shim counts each batch once."""
+    losses, rows = [4.0, 1.0, 1.0, 1.0], 8
+    assert validation_loss_as_lightning_logs_it(losses, rows, fix=False) == pytest.approx((4 + 8 * 3) / (1 + 8 * 3))
+    assert validation_loss_as_lightning_logs_it(losses, rows, fix=True) == pytest.approx(sum(losses) / len(losses))
+    assert validation_loss_as_lightning_logs_it(losses, 1, fix=False) == pytest.approx(1.75)  # micro-batch 1: no bias
+
+
+def test_the_val_loss_fix_wraps_nemos_strategy_in_every_training_worker(shims_in_scope):
+    from nemo.lightning.pytorch.strategies.megatron_strategy import MegatronStrategy
+
+    nemos = MegatronStrategy.validation_step
+    compat.fixes.weigh_validation_batches_equally()
+    compat.fixes.weigh_validation_batches_equally()  # idempotent
+    assert MegatronStrategy.validation_step.__wrapped__ is nemos and "val-loss-batch-weights" in compat.applied()
+    compat.undo("val-loss-batch-weights")
+    assert MegatronStrategy.validation_step is nemos
+    probe = (
+        "from nemo_finetune import compat\n"
+        "from nemo.lightning.pytorch.strategies.megatron_strategy import MegatronStrategy\n"
+        "print(getattr(MegatronStrategy.validation_step, '_nemo_compat', False),"
+        " 'val-loss-batch-weights' in compat.applied())"
+    )
+    for flag in ("1", compat.CHECKPOINT_ONLY):  # without TE, and with TE and CUDA
+        worker = {"PYTHONPATH": f"{REPO / 'nemo_finetune' / 'startup'}:{REPO}", compat.WORKER_ENV_FLAG: flag}
+        assert run_python(probe, worker) == "True True"
+    assert run_python(probe, {"PYTHONPATH": str(REPO)}) == "False False"  # the scripts validate nothing

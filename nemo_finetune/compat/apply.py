@@ -4,7 +4,7 @@
   for generation without flash-attn;
 - the training workers: the launcher sets worker_environment() in their environment and startup/sitecustomize.py
   calls install_from_environment() before NeMo loads (install_worker_hooks: the no-TE shims, the speed-ups a run
-  does not leave out, CUDA graphs for --cuda_graphs, the checkpoint fix with or without TE);
+  does not leave out, CUDA graphs for --cuda_graphs, the checkpoint and val_loss fixes with or without TE);
 - the recipe: model_config_overrides() and optimizer_config_overrides() name the fields a process must set."""
 
 from __future__ import annotations
@@ -33,8 +33,10 @@ from nemo_finetune.compat.fixes import (
     ASYNC_SAVE_MODULE,
     STAGED_BUFFERS_DROPPED_IN,
     STRATEGY_LIB_MODULE,
+    STRATEGY_MODULE,
     hold_async_save_buffers,
     seed_model_init,
+    weigh_validation_batches_equally,
 )
 from nemo_finetune.compat.moved import alias_moved_modules
 from nemo_finetune.compat.no_te import (
@@ -80,7 +82,7 @@ OPTIONAL_WORKER_SHIMS = (
 TRIAL_WORKER_SHIMS = ("liger-rmsnorm",)
 
 # Set by peft_megatron's executor, read by startup/sitecustomize.py: "1" applies every worker hook (no TE or no
-# CUDA), CHECKPOINT_ONLY only the asynchronous-checkpoint fix (TE and CUDA, where nothing else needs changing).
+# CUDA), CHECKPOINT_ONLY only the fixes needed with TE too (asynchronous checkpoints, val_loss; TE and CUDA).
 WORKER_ENV_FLAG = "PEFT_MEGATRON_WORKER_COMPAT"
 
 CHECKPOINT_ONLY = "checkpoint"
@@ -163,12 +165,13 @@ def install_worker_hooks(
 ) -> None:
     """For the training workers (startup/sitecustomize.py; benchmarks/train_throughput.py in its own process): stub
     the allocator build now; apply the PEFT guards, the compiled RoPE and the fused LoRA output as soon as their
-    modules load, and keep asynchronous checkpoint saves intact (hold_async_save_buffers, with or without TE), with no
+    modules load, keep asynchronous checkpoint saves intact (hold_async_save_buffers) and weigh val_loss's batches
+    equally (weigh_validation_batches_equally), both with or without TE, with no
     NeMo import of our own (torchrun's launcher process runs this too). `skip` names OPTIONAL_WORKER_SHIMS to leave
     out; the benchmark measures each against its absence. `trial` names TRIAL_WORKER_SHIMS to apply as well.
     `cuda_graphs` (a --cuda_graphs run, with or without TE): Megatron's local CUDA graphs on the model NeMo builds
     here, and its graph-safe RNG tracker. `seed`: the run's, for Megatron's generators (NeMo's 1234 otherwise).
-    `checkpoint_only` (TE and CUDA present): the checkpoint fix (and the tracker) alone."""
+    `checkpoint_only` (TE and CUDA present): the checkpoint and val_loss fixes (and the tracker) alone."""
     unknown = set(skip) - set(OPTIONAL_WORKER_SHIMS)
     if unknown:
         raise ValueError(f"no optional worker shims named {sorted(unknown)}; OPTIONAL_WORKER_SHIMS lists them")
@@ -185,6 +188,7 @@ def install_worker_hooks(
         after_import(GPT_MODEL_MODULE, graph_layers_as_the_model_is_built)
     if seed is not None:
         after_import(STRATEGY_LIB_MODULE, functools.partial(seed_model_init, seed))
+    after_import(STRATEGY_MODULE, weigh_validation_batches_equally)
     if checkpoint_only:
         return
     skip_unified_memory_build()
@@ -207,9 +211,9 @@ def install_worker_hooks(
 
 def worker_environment(env: Environment, cuda_graphs: bool = False, seed: int | None = None) -> dict[str, str]:
     """What the launcher puts in the training workers' environment so that startup/sitecustomize.py applies their
-    shims (install_from_environment reads it back): all of them without TE or CUDA, with both only the checkpoint fix;
-    CUDA graphs for a --cuda_graphs run; the run's seed. WORKER_SKIP_ENV, when the user sets it, is inherited as it
-    is."""
+    shims (install_from_environment reads it back): all of them without TE or CUDA, with both only the fixes TE needs
+    too; CUDA graphs for a --cuda_graphs run; the run's seed. WORKER_SKIP_ENV, when the user sets it, is inherited as
+    it is."""
     values = {WORKER_ENV_FLAG: worker_flag(env)}
     if cuda_graphs:
         values[CUDA_GRAPHS_ENV] = "1"

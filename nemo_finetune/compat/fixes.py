@@ -31,6 +31,13 @@ SHIMS = register(
             "defaults to 1234: the initialisation of LoRA adapters (and of any new weight) and dropout ignore --seed",
             "NeMo's strategy passes a configurable seed to init_parallel_ranks",
         ),
+        "val-loss-batch-weights": Shim(
+            "training workers (with or without TE) on NeMo 2.7.3 with Lightning 2.4",
+            "MegatronStrategy.validation_step logs val_loss without a batch size, and Lightning's mean over a "
+            "validation then weighs each batch by the size it infers from the batch fetched before it (the step takes "
+            "the dataloader's iterator): 1 for the first, the micro-batch size for the others",
+            "NeMo passes batch_size to that log call (an explicit one already wins over this shim's)",
+        ),
         "nemo-run-root-logger": Shim(
             "the launching process (peft_megatron.py), around each NeMo-Run Experiment",
             "NeMo-Run 0.11.1 replaces the root logger's handlers when an Experiment is built and removes the first "
@@ -142,6 +149,43 @@ def seed_model_init(seed: int) -> None:
     init_parallel_ranks._nemo_compat = True
     replace_attribute("model-init-seed", lib, "init_parallel_ranks", init_parallel_ranks)
     mark("model-init-seed", f"Megatron's generators seeded with --seed {seed}")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The validation loss (training workers, with or without TE)
+# --------------------------------------------------------------------------------------------------------------------
+STRATEGY_MODULE = "nemo.lightning.pytorch.strategies.megatron_strategy"
+
+
+def weigh_validation_batches_equally() -> None:
+    """val_loss, which picks the best checkpoint and stops early, is the mean of its validation batches' losses, each
+    batch counted once. NeMo's MegatronStrategy logs each batch's loss without a batch size, so Lightning infers one
+    from the batch its fetcher handed out before the step: none for the first batch (weight 1), the previous batch
+    for the others (weight --micro_batch_size); at the default 8 the first batch counted 1/8 as much as each other.
+    Remove when NeMo passes batch_size to that log call."""
+    strategy = importlib.import_module(STRATEGY_MODULE).MegatronStrategy
+    if getattr(strategy.validation_step, "_nemo_compat", False):
+        return
+    replace_attribute(
+        "val-loss-batch-weights", strategy, "validation_step", equal_batch_weights(strategy.validation_step)
+    )
+    mark("val-loss-batch-weights", "val_loss is the plain mean of its validation batches' losses")
+
+
+def equal_batch_weights(validation_step):
+    """`validation_step` (a Lightning strategy's) with every value it logs counted as one batch of weight 1."""
+
+    @functools.wraps(validation_step)
+    def step(self, *args, **kwargs):
+        module = self.lightning_module
+        module.log = functools.partial(module.log, batch_size=1)  # an instance attribute over the method, this step
+        try:
+            return validation_step(self, *args, **kwargs)
+        finally:
+            del module.log
+
+    step._nemo_compat = True
+    return step
 
 
 # --------------------------------------------------------------------------------------------------------------------
