@@ -506,7 +506,7 @@ def plot_curves(results: list[dict], path: Path) -> None:
         ax.legend(fontsize=8)
     fig.suptitle(
         "Training loss on the key -> code recall task, ours vs the reference:\n"
-        "the same weights, rows, order and optimizer (bf16, one H200)",
+        "the same weights, rows, order and optimizer (bf16, one GPU)",
         fontsize=10,
     )
     fig.tight_layout()
