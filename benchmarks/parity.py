@@ -301,14 +301,16 @@ def job_flags(ws: dict, family: str, case: CurveCase, out: Path, steps: int, see
     return flags + ["--lora_dim", str(LORA_DIM), "--lora_alpha", str(LORA_ALPHA)]
 
 
-def run_script(*args: str, log: Path) -> None:
-    """A project script as a user runs it; its output goes to `log`, a failure stops the comparison."""
+def run_script(*args: str, log: Path, tail_lines: int = 40) -> None:
+    """A project script as a user runs it; its output goes to `log`, a failure stops the comparison and shows the
+    log's last lines (a run on a remote machine may leave the file behind)."""
     import subprocess
 
     with open(log, "w") as fh:
         result = subprocess.run([sys.executable, *args], stdout=fh, stderr=subprocess.STDOUT, cwd=REPO)
     if result.returncode != 0:
-        raise SystemExit(f"{' '.join(args[:2])} failed (exit {result.returncode}); see {log}")
+        tail = "\n".join(log.read_text(errors="replace").splitlines()[-tail_lines:])
+        raise SystemExit(f"{' '.join(args[:2])} failed (exit {result.returncode}); the end of {log}:\n{tail}")
 
 
 def our_curve(flags: list[str], out: Path) -> dict:

@@ -87,8 +87,11 @@ def summarize_training(output_dir: Path, run: dict, scalars: dict[str, dict[int,
     ckpts = run_checkpoints(output_dir)
     train, val = scalars.get(TRAIN_LOSS, {}), scalars.get(VAL_LOSS, {})
     consumed = (ckpts["last"] or {}).get("consumed_samples")
-    # Megatron counts consumed samples exactly; the logged steps are only every --log_every_n_steps.
-    steps = consumed // run["global_batch_size"] if consumed is not None else (max(train) + 1 if train else 0)
+    # Megatron counts consumed samples exactly; the logged steps are only every --log_every_n_steps. A checkpoint
+    # saved by a validation after the first step still names consumed_samples=0 (NeMo logs it later), so the logged
+    # steps are a floor.
+    logged = max(train) + 1 if train else 0
+    steps = max(consumed // run["global_batch_size"], logged) if consumed is not None else logged
     slots_per_step = run["global_batch_size"] * run["max_seq_length"]
     per_row = round(run["tokens_per_row"], 2) if run.get("tokens_per_row") else None
     tokens_per_step = run["global_batch_size"] * per_row if per_row else None

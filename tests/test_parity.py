@@ -279,3 +279,10 @@ def test_the_full_fine_tuning_reference_starts_from_the_bf16_weights_our_import_
     weight = reference.model.layers[0].mlp.down_proj.weight
     assert weight.dtype == torch.float32
     assert torch.equal(weight, weight.bfloat16().float())
+
+
+def test_a_failing_script_stops_the_comparison_with_the_end_of_its_log(tmp_path):
+    log = tmp_path / "job.log"
+    expected = r"failed \(exit 2\); the end of .*job\.log:\n(.|\n)*--max_steps 0 must be a positive integer"
+    with pytest.raises(SystemExit, match=expected):
+        parity.run_script(str(REPO / "peft_megatron.py"), "--max_steps", "0", "--dry_run", log=log)

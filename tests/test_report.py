@@ -176,3 +176,15 @@ def test_evaluations_of_a_runs_checkpoint_land_in_its_report(run_dir, tmp_path):
     }
     imported = fake_checkpoint(tmp_path / "imported_hf_ckpt")
     assert RunLayout.of_checkpoint(imported) is None  # not a run's checkpoint: no report to add to
+
+
+def test_a_one_step_run_whose_checkpoint_names_no_consumed_samples_yet_ran_its_step(tmp_path):
+    """NeMo names the checkpoint a validation after the first step saves `step=0-consumed_samples=0`: the logged
+    training loss of step 0 says the step ran."""
+    log_scalars(tmp_path, 0, {"reduced_train_loss": {0: 6.7}, "val_loss": {0: 4.16}})
+    ckpts = tmp_path / "nemo_logs" / "checkpoints"
+    fake_checkpoint(ckpts / NAME.format(4.1555, 0, 0))
+    fake_checkpoint(ckpts / (NAME.format(4.1555, 0, 0) + "-last"))
+    summary = run_report.write_training_report(tmp_path, training_run(max_steps=1))
+    assert (summary["steps"], summary["early_stopped"]) == (1, False)
+    assert run_report.summary_lines(summary)[0] == "steps: 1 of 1"
