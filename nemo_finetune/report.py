@@ -88,7 +88,7 @@ def summarize_training(output_dir: Path, run: dict, scalars: dict[str, dict[int,
     train, val = scalars.get(TRAIN_LOSS, {}), scalars.get(VAL_LOSS, {})
     consumed = (ckpts["last"] or {}).get("consumed_samples")
     # Megatron counts consumed samples exactly; the logged steps are only every --log_every_n_steps. A checkpoint
-    # saved by a validation after the first step still names consumed_samples=0 (NeMo logs it later), so the logged
+    # saved by a validation right after the first step names consumed_samples=0 (seen on the GPU), so the logged
     # steps are a floor.
     logged = max(train) + 1 if train else 0
     steps = max(consumed // run["global_batch_size"], logged) if consumed is not None else logged
