@@ -483,7 +483,25 @@ def curve_parity(root: Path, family: str, mode: str, seed: int = 1234) -> dict:
     ours["exported_val_loss"] = exported_val_loss(out, case, config)
     return {"family": family, "mode": mode, "case": dataclasses.asdict(case), "shape": CURVE_SHAPE, "ours": ours,
             "reference": reference, "reference_eager": eager, "comparison": compare_curves(ours, reference),
-            "noise_floor": compare_curves(eager, reference)}  # fmt: skip
+            "noise_floor": compare_curves(eager, reference), "run": run_facts()}  # fmt: skip
+
+
+def run_facts() -> dict:
+    """Where and when a comparison ran (parity holds on any GPU; the record says which)."""
+    import datetime
+
+    import torch
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    return {"device": device, "date": datetime.date.today().isoformat()}
+
+
+def merge_curves(previous: list[dict], new: list[dict]) -> list[dict]:
+    """The earlier results with each family and mode run again replaced in place, the others' order kept, the new
+    ones after them."""
+    fresh = {(r["family"], r["mode"]): r for r in new}
+    kept = [fresh.pop((r["family"], r["mode"]), r) for r in previous]
+    return kept + [r for r in new if (r["family"], r["mode"]) in fresh]
 
 
 def plot_curves(results: list[dict], path: Path) -> None:
@@ -693,7 +711,7 @@ def quality_parity(root: Path, seeds: list[int], previous: dict | None, out: Pat
         if key in results["ours"] and key in results["reference"]:
             continue
         config = demo_job(root, seed)
-        results["ours"][key] = our_quality(config)
+        results["ours"][key] = {**our_quality(config), "run": run_facts()}
         results["reference"][key] = reference_quality(config, seed)
         results["summary"] = quality_summary(results)
         out.write_text(json.dumps(results, indent=1) + "\n")
@@ -718,6 +736,7 @@ def parse_args(argv=None):
     curves.add_argument("--families", nargs="+", default=["qwen3", "llama"], choices=sorted(RECIPES))
     curves.add_argument("--modes", nargs="+", default=["lora", "full"], choices=sorted(CURVES))
     curves.add_argument("--work_dir", type=Path, required=True, help="models, data, runs and logs go here")
+    curves.add_argument("--previous", type=Path, help="results of earlier runs: kept, those run again replaced")
     curves.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "parity.json")
     curves.add_argument("--plot", type=Path, default=REPO / "docs" / "images" / "parity_curves.png")
     quality = sub.add_parser("quality", help="the demo task's exact match, ours vs HF + PEFT, per seed, on one GPU")
@@ -738,6 +757,7 @@ def main(argv=None) -> int:
         return 0
     if args.command == "curves":
         args.work_dir.mkdir(parents=True, exist_ok=True)
+        previous = json.loads(args.previous.read_text()) if args.previous else []
         results = []
         for family in args.families:
             for mode in args.modes:
@@ -745,8 +765,9 @@ def main(argv=None) -> int:
                 print(
                     json.dumps({k: results[-1][k] for k in ("family", "mode", "comparison", "noise_floor")}), flush=True
                 )
-                args.out.write_text(json.dumps(results, indent=1) + "\n")  # what is done so far
-        plot_curves(results, args.plot)
+                merged = merge_curves(previous, results)
+                args.out.write_text(json.dumps(merged, indent=1) + "\n")  # what is done so far
+        plot_curves(merge_curves(previous, results), args.plot)
         return 0
     flags = dict(micro_batch_size=1 if args.packed else args.micro_batch_size, accumulate_grad_batches=1)
     config = job_config(args.hf_model, args.nemo_ckpt, args.data_dir, args.recipe, **flags)

@@ -271,6 +271,18 @@ def test_the_quality_summary_counts_only_seeds_both_sides_ran():
     assert summary["mean_difference"] == pytest.approx(0.1)
 
 
+def test_curves_run_again_replace_their_earlier_results_in_place_and_new_ones_follow():
+    def run(family, mode, tag):
+        return {"family": family, "mode": mode, "tag": tag}
+
+    previous = [run("qwen3", "lora", "old"), run("qwen3", "full", "old"), run("llama", "lora", "old")]
+    merged = parity.merge_curves(previous, [run("llama", "full", "new"), run("qwen3", "lora", "new")])
+    assert [(r["family"], r["mode"], r["tag"]) for r in merged] == [
+        ("qwen3", "lora", "new"), ("qwen3", "full", "old"), ("llama", "lora", "old"), ("llama", "full", "new")
+    ]  # fmt: skip
+    assert parity.merge_curves([], previous) == previous
+
+
 def test_the_full_fine_tuning_reference_starts_from_the_bf16_weights_our_import_trains_from(jobs):
     """fp32 master weights on bf16's grid, as Megatron's main params copied from the bf16 model are."""
     import torch
