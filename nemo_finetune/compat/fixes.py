@@ -33,9 +33,9 @@ SHIMS = register(
         ),
         "val-loss-batch-weights": Shim(
             "training workers (with or without TE) on NeMo 2.7.3 with Lightning 2.4",
-            "MegatronStrategy.validation_step logs val_loss without a batch size, and Lightning's mean over a "
-            "validation then weighs each batch by the size it infers from the batch fetched before it (the step takes "
-            "the dataloader's iterator): 1 for the first, the micro-batch size for the others",
+            "MegatronStrategy.validation_step logs val_loss without a batch size (its training step passes 1), and "
+            "Lightning's mean over a validation then weighs each batch by the size it infers from the batch fetched "
+            "before it (the step takes the dataloader's iterator): 1 for the first, the micro-batch size for the rest",
             "NeMo passes batch_size to that log call (an explicit one already wins over this shim's)",
         ),
         "nemo-run-root-logger": Shim(
