@@ -767,7 +767,7 @@ def main(argv=None) -> int:
                 )
                 merged = merge_curves(previous, results)
                 args.out.write_text(json.dumps(merged, indent=1) + "\n")  # what is done so far
-        plot_curves(merge_curves(previous, results), args.plot)
+        plot_curves(merged, args.plot)
         return 0
     flags = dict(micro_batch_size=1 if args.packed else args.micro_batch_size, accumulate_grad_batches=1)
     config = job_config(args.hf_model, args.nemo_ckpt, args.data_dir, args.recipe, **flags)
