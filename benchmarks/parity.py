@@ -24,6 +24,7 @@ import argparse
 import dataclasses
 import json
 import math
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -309,7 +310,10 @@ def run_script(*args: str, log: Path, tail_lines: int = 40) -> None:
     with open(log, "w") as fh:
         result = subprocess.run([sys.executable, *args], stdout=fh, stderr=subprocess.STDOUT, cwd=REPO)
     if result.returncode != 0:
-        tail = "\n".join(log.read_text(errors="replace").splitlines()[-tail_lines:])
+        lines = log.read_text(errors="replace").splitlines()
+        # A worker that aborts prints its reason well above the launcher's own report at the end.
+        causes = [line for line in lines[:-tail_lines] if re.search(r"terminate called|what\(\)|Error|error:", line)]
+        tail = "\n".join([*causes[-20:], "...", *lines[-tail_lines:]] if causes else lines[-tail_lines:])
         raise SystemExit(f"{' '.join(args[:2])} failed (exit {result.returncode}); the end of {log}:\n{tail}")
 
 
