@@ -11,6 +11,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from nemo_finetune.failures import KERNEL_ASSERTION
+
 log = logging.getLogger("peft_megatron")
 
 
@@ -183,8 +185,9 @@ class WorkerConsole(_LineWriter):
     """Stands in for sys.stdout while NeMo-Run tails the training workers' output, which it prints there, each line
     prefixed with the role and replica (`qwen3_8b/0 [default0]:...`). Every worker line goes to our log file; the
     console shows the workers' lines of ours, every `every_n_steps`-th progress line, resuming, checkpoint and
-    stopping decisions, and, from a worker's first traceback or error on, everything. NeMo-Run's own lines (its
-    experiment banner and status) go to the log file, unless they report an error."""
+    stopping decisions, the first CUDA kernel assertion (one line per failing GPU thread: the rest are counted),
+    and, from a worker's first traceback or error on, everything. NeMo-Run's own lines (its experiment banner and
+    status) go to the log file, unless they report an error."""
 
     _ANSI = rf"(?:{ANSI_CODE})?"
     FAILURE = re.compile(
@@ -204,6 +207,7 @@ class WorkerConsole(_LineWriter):
         self.every = max(1, every_n_steps)
         self.worker_line = re.compile(rf"^{self._ANSI}{re.escape(role[-10:])}/\d+{self._ANSI} ")
         self.failing = False
+        self.kernel_assertions = 0
 
     def route(self, line: str) -> None:
         start = self.worker_line.match(line)
@@ -218,6 +222,9 @@ class WorkerConsole(_LineWriter):
             self.console.write(line + "\n")
 
     def shows(self, body: str) -> bool:
+        if KERNEL_ASSERTION.search(body):
+            self.kernel_assertions += 1
+            return self.kernel_assertions == 1
         if self.failing or self.FAILURE.search(body):
             self.failing = True
             return True
@@ -228,6 +235,12 @@ class WorkerConsole(_LineWriter):
             step, last = int(progress[1]), int(progress[2])
             return step % self.every == 0 or step == last
         return self.DECISIONS.search(body) is not None
+
+    def close(self) -> None:
+        super().close()
+        if self.kernel_assertions > 1:
+            more = self.kernel_assertions - 1
+            self.console.write(f"({more} more kernel assertion lines like it, one per GPU thread, in the logs)\n")
 
 
 @contextlib.contextmanager

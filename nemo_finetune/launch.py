@@ -13,6 +13,7 @@ from nemo_finetune import slurm
 from nemo_finetune.compat.fixes import experiment
 from nemo_finetune.console import prints_to_log_file, quiet_workers
 from nemo_finetune.errors import PipelineError
+from nemo_finetune.failures import failure_reason, local_worker_log
 from nemo_finetune.files import atomic_write_text
 from nemo_finetune.layout import REPO_DIR, STARTUP_DIR
 from nemo_finetune.rendezvous import rendezvous_environ, scoped_environ
@@ -143,7 +144,7 @@ def submit_training(config, recipe, executor) -> float | None:
         raise PipelineError(f"{e}: {log_file}") from None
     log_file = slurm.worker_log(experiment_dir, job_id) or log_file
     if final != "COMPLETED":
-        reason = slurm.failure_reason(log_file) or "no error line in the log"
+        reason = failure_reason(log_file) or "no error line in the log"
         raise PipelineError(f"Slurm job {job_id} ended {final}: {reason}; the job's log: {log_file}")
     log.info("Slurm job %s completed; checkpoints under %s", job_id, config.layout.checkpoints)
     return time.monotonic() - started
@@ -153,7 +154,7 @@ def launch_training(config, recipe, executor) -> float:
     """Run the experiment to its end; returns its wall time in seconds."""
     from torchx.specs.api import AppState
 
-    started = time.monotonic()
+    started, launched = time.monotonic(), time.time()
     if config.enable_pytorch_profiler or config.enable_memory_profile:
         config.layout.profiles.mkdir(parents=True, exist_ok=True)  # the callbacks require it to exist
     log.info("training workers' output: in full in %s; here, what matters", config.layout.log_file)
@@ -169,10 +170,9 @@ def launch_training(config, recipe, executor) -> float:
     states = {job.id: job.state for job in exp.jobs}  # final only once the context has waited for the jobs
     failed = {jid: str(state) for jid, state in states.items() if state != AppState.SUCCEEDED}
     if failed:
-        raise PipelineError(
-            f"training failed (job states {failed}); the worker logs are under {config.layout.jobs} "
-            "(the error is printed above)"
-        )
+        worker_log = local_worker_log(config.layout.jobs, since=launched - 2)  # 2 s: file systems' time steps
+        reason = failure_reason(worker_log) or f"job states {failed}, no error line in the workers' log"
+        raise PipelineError(f"training failed: {reason}; the workers' log: {worker_log or config.layout.jobs}")
     log.info("fine-tuning finished; checkpoints under %s", config.layout.checkpoints)
     return time.monotonic() - started
 

@@ -1,12 +1,11 @@
 """A run's Slurm job once NeMo-Run has submitted it: its record in the run directory, its state as Slurm's own
-commands report it (squeue while it is known there, sacct after), the wait for its end and the worker's reason when
-it failed."""
+commands report it (squeue while it is known there, sacct after), the wait for its end, and where its workers' log
+is (failures.py reads the reason from it)."""
 
 from __future__ import annotations
 
 import json
 import logging
-import re
 import subprocess
 import time
 from pathlib import Path
@@ -19,7 +18,6 @@ log = logging.getLogger("peft_megatron")
 RECORD = "slurm_job.json"  # in the run's jobs/ directory: the last job submitted for it
 ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL",
          "DEADLINE"}  # fmt: skip
-WORKER_ERROR = re.compile(r"^(?:\[\w+\]:)?\s*(?:[\w.]+\.)?(\w+(?:Error|Exception)\b.*)$")
 
 
 def record_path(jobs_dir: Path) -> Path:
@@ -88,19 +86,6 @@ def worker_log(experiment_dir: Path, job_id: str) -> Path | None:
 def expected_log(experiment_dir: Path, job_id: str) -> str:
     """Where the workers' log will be, as a shell pattern (srun names it after the job's name and id)."""
     return f"{experiment_dir}/*/log-*_{job_id}_0.out"
-
-
-def failure_reason(log_file: Path | None) -> str | None:
-    """The workers' last exception line (`MisconfigurationException: No supported gpu backend found!`)."""
-    if log_file is None or not log_file.is_file():
-        return None
-    found = None
-    with open(log_file, encoding="utf-8", errors="replace") as fh:
-        for line in fh:
-            match = WORKER_ERROR.match(line.strip())
-            if match and not match[1].startswith("ChildFailedError"):
-                found = match[1]
-    return found
 
 
 def how_to_follow(job_id: str, log_file: Path | str) -> str:

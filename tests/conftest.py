@@ -80,6 +80,16 @@ def qa_job(model, output_dir: Path, *extra: str, dataset=None) -> list[str]:
     return [*qa_flags(output_dir, model, dataset), "--gpus_per_node", "1", "--tensor_parallel_size", "1", *extra]
 
 
+def fake_nvidia_smi(tmp_path: Path, gpus: int) -> dict:
+    """A PATH on which `nvidia-smi -L` lists `gpus` GPUs: the one machine fact a GPU-less CI cannot have."""
+    bin_dir = tmp_path / "fake-bin"
+    bin_dir.mkdir()
+    listing = "".join(f'echo "GPU {i}: NVIDIA H100 80GB HBM3 (UUID: GPU-{i:08d})"\n' for i in range(gpus))
+    (bin_dir / "nvidia-smi").write_text("#!/bin/sh\n" + listing)
+    (bin_dir / "nvidia-smi").chmod(0o755)
+    return {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+
+
 def run_script(script: str, *args: str, env: dict | None = None, timeout: int = 600, cwd: Path | None = None):
     """Run one of the repository's scripts as a user would; returns CompletedProcess (text)."""
     return subprocess.run(

@@ -131,7 +131,11 @@ print("INFO:pytorch_lightning.utilities.rank_zero:Epoch 0, global step 24: 'val_
       "saving model to '/run/nemo_logs/checkpoints/x.ckpt' as top 1")
 print("INFO:pytorch_lightning.utilities.rank_zero:`Trainer.fit` stopped: `max_steps=24` reached.")
 print("[NeMo I 2026-12-02 01:10:49 model_checkpoint:677] Async checkpoint save for step 25 finalized successfully.")
-raise RuntimeError("CUDA out of memory (as a worker reports it)")
+# A failed kernel assertion, as CUDA prints it: a line per GPU thread (docs/gpu-validation.md, run 93).
+for thread in range(29, 32):
+    print("/pytorch/aten/src/ATen/native/cuda/IndexKernelUtils.cu:16: vectorized_gather_kernel: block: [448,0,0], "
+          f"thread: [{thread},0,0] Assertion `ind >=0 && ind < ind_dim_size` failed.", file=sys.stderr)
+raise RuntimeError("CUDA error: device-side assert triggered")
 """
 LAUNCH = r"""
 import gc, logging, sys
@@ -200,7 +204,13 @@ def test_console_shows_workers_progress_checkpoints_and_errors_and_the_file_has_
     for decision in decisions:
         assert any(decision in line for line in shown), decision
     error = shown.index("Traceback (most recent call last):")  # the failing worker's traceback, whole
-    assert "RuntimeError: CUDA out of memory (as a worker reports it)" in shown[error:]
+    assert "RuntimeError: CUDA error: device-side assert triggered" in shown[error:]
+    assertions = [line for line in shown if "Assertion `" in line]  # the first; the other threads' are counted
+    assert assertions == [
+        "/pytorch/aten/src/ATen/native/cuda/IndexKernelUtils.cu:16: vectorized_gather_kernel: block: [448,0,0], "
+        "thread: [29,0,0] Assertion `ind >=0 && ind < ind_dim_size` failed."
+    ]
+    assert "(2 more kernel assertion lines like it, one per GPU thread, in the logs)" in others
     assert any("ChildFailedError" in line for line in shown[error:])
     for hidden in ("megatron_init", "fused_indices_to_multihot", "finalized successfully", "nproc_per_node", "compat:"):
         assert not any(hidden in line for line in shown), hidden
@@ -211,7 +221,8 @@ def test_console_shows_workers_progress_checkpoints_and_errors_and_the_file_has_
         "fused_indices_to_multihot",
         "finalized successfully",
         "iteration 7/24",
-        "RuntimeError: CUDA out of memory",
+        "RuntimeError: CUDA error: device-side assert triggered",
+        "thread: [31,0,0] Assertion",
         *NEMO_RUN_CHATTER,
     ):
         assert line in logged, line

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import peft_megatron as pm
-from conftest import REPO, fake_checkpoint, qa_flags, qa_job, run_script
+from conftest import REPO, fake_checkpoint, fake_nvidia_smi, qa_flags, qa_job, run_script
 from nemo_finetune.checks import validate_config
 from nemo_finetune.cli import flag_names
 from nemo_finetune.data import with_epoch_steps
@@ -41,16 +41,6 @@ SEED_EXAMPLES = [
 def parse(args: str = "", environ: dict | None = None, gpus: int = 0) -> pm.Config:
     """Parse as on a machine that shows `gpus` GPUs (0: a CPU machine such as CI's)."""
     return pm.parse_config(shlex.split(args), environ=environ or {}, visible_gpus=lambda: gpus)
-
-
-def fake_nvidia_smi(tmp_path: Path, gpus: int) -> dict:
-    """A PATH on which `nvidia-smi -L` lists `gpus` GPUs: the one machine fact a GPU-less CI cannot have."""
-    bin_dir = tmp_path / "fake-bin"
-    bin_dir.mkdir()
-    listing = "".join(f'echo "GPU {i}: NVIDIA H100 80GB HBM3 (UUID: GPU-{i:08d})"\n' for i in range(gpus))
-    (bin_dir / "nvidia-smi").write_text("#!/bin/sh\n" + listing)
-    (bin_dir / "nvidia-smi").chmod(0o755)
-    return {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
 
 
 @pytest.mark.parametrize("args", SEED_EXAMPLES)

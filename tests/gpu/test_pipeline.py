@@ -523,4 +523,4 @@ def test_training_failure_exits_non_zero_with_the_error(assets, tmp_path):
     assert any(e in output for e in ("OutOfMemoryError", "out of memory", "RuntimeError: DataLoader worker")), output[
         -6000:
     ]
-    assert "training failed (job states" in result.stderr
+    assert "error: training failed: " in result.stderr and "combined.log" in result.stderr
