@@ -302,9 +302,13 @@ def job_flags(ws: dict, family: str, case: CurveCase, out: Path, steps: int, see
     return flags + ["--lora_dim", str(LORA_DIM), "--lora_alpha", str(LORA_ALPHA)]
 
 
+class ScriptFailed(Exception):
+    """A project script exited non-zero; the message ends with its log's cause lines and last lines."""
+
+
 def run_script(*args: str, log: Path, tail_lines: int = 40) -> None:
-    """A project script as a user runs it; its output goes to `log`, a failure stops the comparison and shows the
-    log's last lines (a run on a remote machine may leave the file behind)."""
+    """A project script as a user runs it; its output goes to `log`. A failure raises ScriptFailed with the log's
+    last lines (a run on a remote machine may leave the file behind)."""
     import subprocess
 
     with open(log, "w") as fh:
@@ -314,7 +318,7 @@ def run_script(*args: str, log: Path, tail_lines: int = 40) -> None:
         # A worker that aborts prints its reason well above the launcher's own report at the end.
         causes = [line for line in lines[:-tail_lines] if re.search(r"terminate called|what\(\)|Error|error:", line)]
         tail = "\n".join([*causes[-20:], "...", *lines[-tail_lines:]] if causes else lines[-tail_lines:])
-        raise SystemExit(f"{' '.join(args[:2])} failed (exit {result.returncode}); the end of {log}:\n{tail}")
+        raise ScriptFailed(f"{' '.join(args[:2])} failed (exit {result.returncode}); the end of {log}:\n{tail}")
 
 
 def our_curve(flags: list[str], out: Path) -> dict:
@@ -706,8 +710,9 @@ def quality_summary(results: dict) -> dict:
 
 
 def quality_parity(root: Path, seeds: list[int], previous: dict | None, out: Path) -> dict:
-    """Our run and the reference's for each seed (a seed already in `previous` is kept, not run again); `out` holds
-    what is done so far."""
+    """Our run and the reference's for each seed (a side already in `previous` is kept, not run again); `out` holds
+    what is done so far. A failed run of ours is recorded under "failures" (each failure kept, with its GPU and
+    date) and the next seed goes on; a later call with `previous` runs that seed again."""
     results = previous or {"task": "the demo's key -> code recall (python peft_megatron.py --demo)", "ours": {},
                            "reference": {}}  # fmt: skip
     for seed in seeds:
@@ -715,8 +720,16 @@ def quality_parity(root: Path, seeds: list[int], previous: dict | None, out: Pat
         if key in results["ours"] and key in results["reference"]:
             continue
         config = demo_job(root, seed)
-        results["ours"][key] = {**our_quality(config), "run": run_facts()}
-        results["reference"][key] = reference_quality(config, seed)
+        if key not in results["ours"]:
+            try:
+                results["ours"][key] = {**our_quality(config), "run": run_facts()}
+            except ScriptFailed as failure:
+                results.setdefault("failures", {}).setdefault(key, []).append({"error": str(failure), **run_facts()})
+                out.write_text(json.dumps(results, indent=1) + "\n")
+                print(json.dumps({"seed": seed, "ours": "failed", "error": str(failure).splitlines()[:3]}), flush=True)
+                continue
+        if key not in results["reference"]:
+            results["reference"][key] = reference_quality(config, seed)
         results["summary"] = quality_summary(results)
         out.write_text(json.dumps(results, indent=1) + "\n")
         print(json.dumps({"seed": seed, "ours": results["ours"][key]["exact_match"],
@@ -753,6 +766,14 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    try:
+        return run(args)
+    except ScriptFailed as failure:
+        print(f"error: {failure}", file=sys.stderr)
+        return 1
+
+
+def run(args) -> int:
     if args.command == "quality":
         args.work_dir.mkdir(parents=True, exist_ok=True)
         previous = json.loads(args.previous.read_text()) if args.previous else None
