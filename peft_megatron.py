@@ -192,6 +192,13 @@ class TrainingSettings:
         default=1,
         metadata={"help": "checkpoints kept by lowest val_loss, besides the last one; -1 keeps every checkpoint"},
     )
+    sync_checkpoint_save: bool = field(
+        default=False,
+        metadata={
+            "help": "write each checkpoint before training goes on (NeMo's default writes it from a background "
+            "process forked from the training worker while the next steps run)"
+        },
+    )
     resume_from: str | None = field(
         default=None,
         metadata={

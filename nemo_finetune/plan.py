@@ -40,7 +40,8 @@ def plan_lines(config) -> list[str]:
         f"imported checkpoint: {config.nemo_ckpt_path} "
         f"({'present' if is_nemo_checkpoint(config.nemo_ckpt_path) else 'to be imported'})",
         f"data: {config.data.dataset_name or '(existing JSONL)'} -> {config.data_path}",
-        f"checkpoints: {config.layout.checkpoints} ({kept} + last)",
+        f"checkpoints: {config.layout.checkpoints} ({kept} + last)"
+        + ("; each written before training goes on" if config.sync_checkpoint_save else ""),
         f"tensorboard: {config.layout.tensorboard}",
     ]
 

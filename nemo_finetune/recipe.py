@@ -89,6 +89,7 @@ def configure_recipe(config, env=None):
         pipeline_model_parallel_size=config.pipeline_parallel_size,
         context_parallel_size=config.context_parallel_size,
         ckpt_load_strictness=False,  # LoRA adapters are absent from the base checkpoint
+        ckpt_async_save=not config.sync_checkpoint_save,
     )
     assign(
         recipe.trainer,

@@ -434,6 +434,8 @@ def test_the_plan_says_which_checkpoints_are_kept(tmp_path, top_k, kept):
     lines = plan_lines(parse(f"--save_top_k {top_k} --output_dir {tmp_path}"))
     checkpoints = tmp_path / "nemo_logs" / "checkpoints"
     assert [line for line in lines if line.startswith("checkpoints:")] == [f"checkpoints: {checkpoints} ({kept})"]
+    lines = plan_lines(parse(f"--save_top_k {top_k} --output_dir {tmp_path} --sync_checkpoint_save"))
+    assert f"checkpoints: {checkpoints} ({kept}); each written before training goes on" in lines
 
 
 def test_dry_run_on_a_gpu_machine_plans_the_gpus_it_shows(tmp_path):
@@ -574,6 +576,7 @@ def test_configure_recipe_lora(tmp_path, no_te):
     strategy, trainer = recipe.trainer.strategy, recipe.trainer
     assert (strategy.tensor_model_parallel_size, strategy.pipeline_model_parallel_size) == (4, 2)
     assert strategy.context_parallel_size == 1 and strategy.ckpt_load_strictness is False
+    assert strategy.ckpt_async_save is True  # NeMo's default: written by a forked process while training goes on
     assert (trainer.max_steps, trainer.val_check_interval, trainer.limit_val_batches) == (500, 50, 7)
     assert trainer.accumulate_grad_batches == 1  # accumulation lives in the global batch
     assert (trainer.num_nodes, trainer.devices) == (2, 8)
@@ -602,10 +605,11 @@ def test_configure_recipe_full_ft_and_optional_callbacks(tmp_path, no_te, monkey
     config = parse(
         f"--full_ft --gpus_per_node 8 --tensor_parallel_size 2 --context_parallel_size 2 --output_dir {tmp_path} "
         "--enable_megatron_progress_bar --enable_memory_monitor --enable_speed_monitor --enable_runtime_estimator "
-        "--enable_pytorch_profiler --use_wandb --save_top_k -1"
+        "--enable_pytorch_profiler --use_wandb --save_top_k -1 --sync_checkpoint_save"
     )
     recipe = configure_recipe(config, no_te)
     assert recipe.peft is None and recipe.log.ckpt.save_top_k == -1
+    assert recipe.trainer.strategy.ckpt_async_save is False
     assert recipe.trainer.strategy.context_parallel_size == 2
     assert _callback_targets(recipe) == [
         "TimingCallback",
@@ -819,7 +823,7 @@ HELP_SECTIONS = {
         "accumulate_grad_batches", "global_batch_size", "limit_val_batches", "max_seq_length", "packed_sequence",
         "cuda_graphs", "learning_rate", "min_learning_rate", "warmup_steps", "weight_decay", "max_grad_norm",
         "early_stopping_threshold", "early_stopping_patience", "core_attention", "save_weights_only", "save_top_k",
-        "resume_from", "no_resume",
+        "sync_checkpoint_save", "resume_from", "no_resume",
     ],
     "PEFT": ["peft_scheme", "full_ft", "lora_dim", "lora_alpha", "lora_dropout", "lora_target_modules"],
     "monitoring": [
