@@ -25,6 +25,7 @@ import dataclasses
 import json
 import math
 import re
+import shlex
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -566,15 +567,17 @@ def demo_job(root: Path, seed: int):
     )
 
 
-def our_quality(config) -> dict:
-    """peft_megatron.py with the job's settings (`--config`), then the demo's evaluation by test_checkpoint.py of
-    the checkpoint it picks (lowest val_loss)."""
+def our_quality(config, flags: tuple[str, ...] = ()) -> dict:
+    """peft_megatron.py with the job's settings (`--config`) and any further `flags`, then the demo's evaluation by
+    test_checkpoint.py of the checkpoint it picks (lowest val_loss)."""
     from nemo_finetune.cli import settings_yaml
     from nemo_finetune.demo import demo_evaluation_args
 
     settings = config.output_path.with_suffix(".yaml")
     settings.write_text(settings_yaml(config, SETTINGS_LEFT_OUT))
-    run_script(str(REPO / "peft_megatron.py"), "--config", str(settings), log=config.output_path.with_suffix(".log"))
+    run_script(
+        str(REPO / "peft_megatron.py"), "--config", str(settings), *flags, log=config.output_path.with_suffix(".log")
+    )
     evaluation = [str(REPO / "test_checkpoint.py"), *demo_evaluation_args(config, None, "after")]
     run_script(*evaluation, log=config.output_path.with_suffix(".evaluate.log"))
     metrics = json.loads((config.output_path / "predictions_after.metrics.json").read_text())
@@ -709,7 +712,9 @@ def quality_summary(results: dict) -> dict:
     return {"seeds": seeds, **side, "mean_difference": difference}
 
 
-def quality_parity(root: Path, seeds: list[int], previous: dict | None, out: Path) -> dict:
+def quality_parity(
+    root: Path, seeds: list[int], previous: dict | None, out: Path, our_flags: tuple[str, ...] = ()
+) -> dict:
     """Our run and the reference's for each seed (a side already in `previous` is kept, not run again); `out` holds
     what is done so far. A failed run of ours is recorded under "failures" (each failure kept, with its GPU and
     date) and the next seed goes on; a later call with `previous` runs that seed again."""
@@ -722,9 +727,10 @@ def quality_parity(root: Path, seeds: list[int], previous: dict | None, out: Pat
         config = demo_job(root, seed)
         if key not in results["ours"]:
             try:
-                results["ours"][key] = {**our_quality(config), "run": run_facts()}
+                results["ours"][key] = {**our_quality(config, our_flags), "run": run_facts(), "flags": list(our_flags)}
             except ScriptFailed as failure:
-                results.setdefault("failures", {}).setdefault(key, []).append({"error": str(failure), **run_facts()})
+                failed = {"error": str(failure), **run_facts(), "flags": list(our_flags)}
+                results.setdefault("failures", {}).setdefault(key, []).append(failed)
                 out.write_text(json.dumps(results, indent=1) + "\n")
                 print(json.dumps({"seed": seed, "ours": "failed", "error": str(failure).splitlines()[:3]}), flush=True)
                 continue
@@ -761,6 +767,7 @@ def parse_args(argv=None):
     quality.add_argument("--seeds", nargs="+", type=int, default=list(QUALITY_SEEDS))
     quality.add_argument("--previous", type=Path, help="results of seeds run before (kept; their seeds are skipped)")
     quality.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "parity_quality.json")
+    quality.add_argument("--our_flags", default="", help="more peft_megatron.py flags for our runs, one string")
     return parser.parse_args(argv)
 
 
@@ -777,7 +784,7 @@ def run(args) -> int:
     if args.command == "quality":
         args.work_dir.mkdir(parents=True, exist_ok=True)
         previous = json.loads(args.previous.read_text()) if args.previous else None
-        results = quality_parity(args.work_dir, args.seeds, previous, args.out)
+        results = quality_parity(args.work_dir, args.seeds, previous, args.out, tuple(shlex.split(args.our_flags)))
         print(json.dumps(results.get("summary")))
         return 0
     if args.command == "curves":

@@ -305,8 +305,9 @@ def test_a_failed_quality_run_of_ours_is_recorded_and_the_next_seed_goes_on(tmp_
     later call with it runs that seed again, keeping the side that had finished."""
     calls = []
 
-    def ours(config):
+    def ours(config, flags):
         calls.append(("ours", config.data.seed))
+        assert flags == ("--sync_checkpoint_save",)
         if config.data.seed == 1 and len(calls) == 1:
             raise parity.ScriptFailed("peft_megatron.py --config failed (exit 1); the end of job.log:\nCUDA error")
         return {"exact_match": 0.5}
@@ -318,12 +319,16 @@ def test_a_failed_quality_run_of_ours_is_recorded_and_the_next_seed_goes_on(tmp_
     monkeypatch.setattr(parity, "our_quality", ours)
     monkeypatch.setattr(parity, "reference_quality", reference)
     out = tmp_path / "quality.json"
-    first = parity.quality_parity(tmp_path / "runs", [1, 2], None, out)
+    flags = ("--sync_checkpoint_save",)
+    first = parity.quality_parity(tmp_path / "runs", [1, 2], None, out, flags)
     assert calls == [("ours", 1), ("ours", 2), ("reference", 2)]
     assert set(first["ours"]) == {"2"} and first["summary"]["seeds"] == ["2"]
     (failure,) = first["failures"]["1"]
     assert failure["error"].endswith("CUDA error") and {"device", "date"} <= set(failure)
+    assert failure["flags"] == first["ours"]["2"]["flags"] == ["--sync_checkpoint_save"]
     assert json.loads(out.read_text()) == first
-    again = parity.quality_parity(tmp_path / "runs", [1, 2], json.loads(out.read_text()), out)
+    again = parity.quality_parity(
+        tmp_path / "runs", [1, 2], json.loads(out.read_text()), out, ("--sync_checkpoint_save",)
+    )
     assert calls[3:] == [("ours", 1), ("reference", 1)]  # seed 2 is kept; seed 1 runs again
     assert again["summary"]["seeds"] == ["1", "2"] and len(again["failures"]["1"]) == 1
