@@ -767,7 +767,9 @@ def parse_args(argv=None):
     quality.add_argument("--seeds", nargs="+", type=int, default=list(QUALITY_SEEDS))
     quality.add_argument("--previous", type=Path, help="results of seeds run before (kept; their seeds are skipped)")
     quality.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "parity_quality.json")
-    quality.add_argument("--our_flags", default="", help="more peft_megatron.py flags for our runs, one string")
+    quality.add_argument(
+        "--our_flags", default="", help='more peft_megatron.py flags for our runs: --our_flags="--flag value"'
+    )
     return parser.parse_args(argv)
 
 
