@@ -307,7 +307,7 @@ def test_a_failed_quality_run_of_ours_is_recorded_and_the_next_seed_goes_on(tmp_
 
     def ours(config, flags):
         calls.append(("ours", config.data.seed))
-        assert flags == ("--sync_checkpoint_save",)
+        assert flags == ("--sync_checkpoint_save",)  # given to every run of ours
         if config.data.seed == 1 and len(calls) == 1:
             raise parity.ScriptFailed("peft_megatron.py --config failed (exit 1); the end of job.log:\nCUDA error")
         return {"exact_match": 0.5}
@@ -327,8 +327,6 @@ def test_a_failed_quality_run_of_ours_is_recorded_and_the_next_seed_goes_on(tmp_
     assert failure["error"].endswith("CUDA error") and {"device", "date"} <= set(failure)
     assert failure["flags"] == first["ours"]["2"]["flags"] == ["--sync_checkpoint_save"]
     assert json.loads(out.read_text()) == first
-    again = parity.quality_parity(
-        tmp_path / "runs", [1, 2], json.loads(out.read_text()), out, ("--sync_checkpoint_save",)
-    )
+    again = parity.quality_parity(tmp_path / "runs", [1, 2], json.loads(out.read_text()), out, flags)
     assert calls[3:] == [("ours", 1), ("reference", 1)]  # seed 2 is kept; seed 1 runs again
     assert again["summary"]["seeds"] == ["1", "2"] and len(again["failures"]["1"]) == 1
