@@ -29,7 +29,9 @@ def slurm(command: str, cluster: dict) -> str:
 
 
 def job_state(job_id: str, cluster: dict) -> str:
-    return slurm(f"sacct -n -P -X -j {job_id} -o State", cluster).split()[0]
+    """The job's state in Slurm's accounting; "" while sacct has no record of it yet (a cancelled job that never
+    started can reach the accounting a moment after scancel returns)."""
+    return (slurm(f"sacct -n -P -X -j {job_id} -o State", cluster).split() or [""])[0]
 
 
 def test_a_job_runs_under_slurm_and_its_failure_comes_back_as_a_local_runs_does(assets, slurm_cluster, tmp_path):
