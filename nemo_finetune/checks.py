@@ -105,10 +105,11 @@ def _machine_problems(config, visible_gpus: int | None, environ: Mapping[str, st
     from nemo_finetune import compat  # stdlib imports only
 
     problems = []
-    try:
-        compat.skipped_in_workers(environ)
-    except ValueError as e:
-        problems.append(str(e))
+    for named in (compat.skipped_in_workers, compat.trials_in_workers):
+        try:
+            named(environ)
+        except ValueError as e:
+            problems.append(str(e))
     launches_here = config.executor == "local" and not (config.import_only or config.prepare_data_only)
     if launches_here and importlib.util.find_spec("torch") is None:  # the workers run this Python's torch
         problems.append(

@@ -258,7 +258,7 @@ def test_shims_refuse_releases_they_were_not_written_for():
 def test_every_shim_is_listed_with_its_upstream_defect_and_when_it_can_go():
     import re
 
-    kinds = (compat.no_te, compat.speedups, compat.cuda_graphs, compat.fixes, compat.moved)
+    kinds = (compat.no_te, compat.speedups, compat.cuda_graphs, compat.fixes, compat.moved, compat.diagnostics)
     for kind in kinds:  # each kind's module lists exactly the shims it applies
         marked = set(re.findall(r'\bmark\(\s*"([\w-]+)"', Path(kind.__file__).read_text()))
         assert marked == set(kind.SHIMS), kind.__name__
@@ -581,6 +581,82 @@ def test_trial_worker_shims_are_applied_only_where_asked_for():
     assert not set(compat.TRIAL_WORKER_SHIMS) & set(compat.OPTIONAL_WORKER_SHIMS)
     with pytest.raises(ValueError, match="no trial worker shims named \\['compiled-rope'\\]"):
         compat.install_worker_hooks(trial=frozenset({"compiled-rope"}))
+    # A launched worker applies those its environment names
+    probe = (
+        "from megatron.core.models.common.embeddings import language_model_embedding as m\n"
+        "print(hasattr(m.LanguageModelEmbedding.forward, '_token_id_check'))"
+    )
+    worker = {"PYTHONPATH": f"{REPO / 'nemo_finetune' / 'startup'}:{REPO}", compat.WORKER_ENV_FLAG: "1"}
+    for trial, applied in ("", "False"), ("token-id-check", "True"):
+        environ = {**os.environ, **worker, compat.WORKER_TRIAL_ENV: trial}
+        out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO, env=environ)
+        assert out.stdout.strip() == applied, out.stderr[-2000:]
+
+
+def test_token_id_check_stops_the_next_lookup_naming_the_ids_and_the_data_loaders_row(
+    model_parallel, shims_in_scope, monkeypatch
+):
+    """A GPT's embedding lookup with an id outside the vocabulary (97 here) goes on with id 0 there, and the next
+    lookup stops, naming the id, the GPU's row and the row of the data loader's batch it matches. torch's pinning
+    needs CUDA: the pin thread's function is replaced by one that returns the batch as it is."""
+    import importlib
+
+    from conftest import tiny_gpt
+    from nemo_finetune.compat import diagnostics
+
+    pinning = importlib.import_module(diagnostics.PIN_MEMORY_MODULE)
+    monkeypatch.setattr(pinning, "pin_memory", lambda data, device=None: data)
+    compat.install_worker_hooks(trial=frozenset({"token-id-check"}))
+    model = tiny_gpt("cpu", torch.float32).train()
+    assert "token-id-check" in compat.applied()
+    tokens = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(2))
+    positions = torch.arange(16)[None].expand(2, -1)
+    for batch in (tokens + 1) % 97, tokens:
+        pinning.pin_memory({"tokens": batch, "labels": batch}, None)  # as the data loader's pin thread does
+    expected = model(tokens, positions, attention_mask=None)
+
+    changed = tokens.clone()
+    changed[1, 5] = 97  # one past the vocabulary
+    zeroed = tokens.clone()
+    zeroed[1, 5] = 0
+    with torch.no_grad():
+        with_zero = model(zeroed, positions, attention_mask=None)
+        assert torch.equal(model(changed, positions, attention_mask=None), with_zero)  # lookup 3: goes on
+    with pytest.raises(RuntimeError) as stopped:
+        model(tokens, positions, attention_mask=None)
+    assert str(stopped.value) == (
+        "token-id-check: embedding lookup 3 (training) got 1 of 32 token ids outside the vocabulary of 97: "
+        f"[1, 5] = 97. The GPU's row 1: {changed[1].tolist()}. The data loader made this batch (number 1 counting "
+        f"back from its newest) with row 1 = {tokens[1].tolist()}: 31 of 32 ids the same, id {int(tokens[1, 5])} at "
+        "[1, 5]; the ids changed between the data loader and the embedding."
+    )
+    assert torch.equal(model(tokens, positions, attention_mask=None), expected)  # reported once; the check goes on
+    unknown = {compat.WORKER_TRIAL_ENV: "token-id-check, liger-norm"}
+    with pytest.raises(ValueError, match="names \\['liger-norm'\\], which are no trial shims of the training"):
+        compat.trials_in_workers(unknown)
+
+
+def test_token_id_check_says_whether_the_data_loader_made_the_ids_outside_or_had_no_such_batch():
+    from nemo_finetune.compat.diagnostics import TokenIdCheck
+
+    check = TokenIdCheck()
+    ids = torch.tensor([[3, 4, 5], [6, -1, 8]])
+    assert torch.equal(check.before_lookup(ids, 9, training=False), torch.tensor([[3, 4, 5], [6, 0, 8]]))
+    with pytest.raises(
+        RuntimeError,
+        match="lookup 1 \\(validation\\) got 1 of 6 token ids outside the vocabulary of "
+        "9: \\[1, 1\\] = -1\\. .*No batch of the data loader's last 0 has this shape and rows\\.",
+    ):
+        check.before_lookup(ids.clamp(min=0), 9, training=False)
+    check.keep(torch.tensor([[1, 4, 5], [6, 9, 8]]))  # the data loader's own batch has an id outside
+    check.keep(torch.tensor([[1, 2], [3, 4], [5, 6]]))  # another shape
+    check.before_lookup(torch.tensor([[3, 4, 5], [6, 9, 8]]), 9, training=True)
+    with pytest.raises(
+        RuntimeError,
+        match="\\(number 2 counting back from its newest\\) with row 1 = \\[6, 9, 8\\]: 5 of "
+        "6 ids the same, id 9 at \\[1, 1\\]; the data loader made the ids outside the vocabulary\\.$",
+    ):
+        check.report()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal a worker without CUDA gives")

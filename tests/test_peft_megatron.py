@@ -190,14 +190,19 @@ def test_all_problems_reported_together_with_exit_code_2():
     assert "Traceback" not in out.stderr
 
 
-def test_a_worker_shim_skip_that_names_no_optional_shim_is_refused_before_launch():
-    environ = {"PEFT_MEGATRON_WORKER_SKIP": "torch-optimizer-kernels,peft-te-guards"}
+def test_worker_shims_named_in_the_environment_that_do_not_exist_are_refused_before_launch():
+    environ = {
+        "PEFT_MEGATRON_WORKER_SKIP": "torch-optimizer-kernels,peft-te-guards",
+        "PEFT_MEGATRON_WORKER_TRIAL": "token-id-check,token-check",
+    }
     with pytest.raises(ConfigError) as err:
         validate_config(parse(), None, environ)
     assert "PEFT_MEGATRON_WORKER_SKIP='torch-optimizer-kernels,peft-te-guards' names ['peft-te-guards']" in str(
         err.value
     )
+    assert "PEFT_MEGATRON_WORKER_TRIAL='token-id-check,token-check' names ['token-check']" in str(err.value)
     validate_config(parse(), None, {"PEFT_MEGATRON_WORKER_SKIP": " torch-optimizer-kernels "})
+    validate_config(parse(), None, {"PEFT_MEGATRON_WORKER_TRIAL": "token-id-check"})
 
 
 def test_a_launch_is_refused_where_no_gpu_will_run_it():

@@ -6,6 +6,7 @@ the upstream defect and when it can go (installed files are never edited; every 
     speedups     measured speed-ups of the training workers without TE or apex (each can be left out; some on trial)
     cuda_graphs  --cuda_graphs: Megatron's local CUDA graphs in NeMo's training workers
     fixes        upstream bugs that bite with or without TE
+    diagnostics  checks a training run asks for (PEFT_MEGATRON_WORKER_TRIAL) to find where a failure comes from
     moved        old module names that checkpoints of earlier versions of this project refer to
     apply        which process applies which set: prepare_process() in the scripts, install_worker_hooks() in the
                  training workers (startup/sitecustomize.py), model_config_overrides() for the recipe
@@ -15,7 +16,7 @@ Importing this package imports nothing heavy (NeMo, Megatron-Core and torch load
 
 from __future__ import annotations
 
-from nemo_finetune.compat import apply, base, cuda_graphs, fixes, moved, no_te, speedups
+from nemo_finetune.compat import apply, base, cuda_graphs, diagnostics, fixes, moved, no_te, speedups
 from nemo_finetune.compat.apply import (
     CHECKPOINT_ONLY,
     CUDA_GRAPHS_ENV,
@@ -24,12 +25,14 @@ from nemo_finetune.compat.apply import (
     TRIAL_WORKER_SHIMS,
     WORKER_ENV_FLAG,
     WORKER_SKIP_ENV,
+    WORKER_TRIAL_ENV,
     install_from_environment,
     install_worker_hooks,
     log_to_worker_output,
     model_config_overrides,
     prepare_process,
     skipped_in_workers,
+    trials_in_workers,
     worker_environment,
     worker_flag,
 )
@@ -51,6 +54,7 @@ __all__ = [
     "speedups",
     "cuda_graphs",
     "fixes",
+    "diagnostics",
     "moved",
     "apply",
     "SHIMS",
@@ -69,10 +73,12 @@ __all__ = [
     "WORKER_ENV_FLAG",
     "CHECKPOINT_ONLY",
     "WORKER_SKIP_ENV",
+    "WORKER_TRIAL_ENV",
     "CUDA_GRAPHS_ENV",
     "SEED_ENV",
     "worker_flag",
     "skipped_in_workers",
+    "trials_in_workers",
     "prepare_process",
     "model_config_overrides",
     "log_to_worker_output",

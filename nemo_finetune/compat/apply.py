@@ -29,6 +29,7 @@ from nemo_finetune.compat.cuda_graphs import (
     graph_layers_as_the_model_is_built,
     make_rng_tracker_graph_safe,
 )
+from nemo_finetune.compat.diagnostics import EMBEDDING_MODULE, check_token_ids
 from nemo_finetune.compat.fixes import (
     ASYNC_SAVE_MODULE,
     STAGED_BUFFERS_DROPPED_IN,
@@ -77,9 +78,10 @@ OPTIONAL_WORKER_SHIMS = (
     "async-save-staged-buffers",
 )
 
-# Training-worker shims on trial: applied only where a run asks for them (install_worker_hooks(trial=...); the training
-# benchmark's variants), until their gain is measured on the GPU and they join the defaults.
-TRIAL_WORKER_SHIMS = ("liger-rmsnorm",)
+# Training-worker shims on trial: applied only where a run asks for them (install_worker_hooks(trial=...): the training
+# benchmark's variants, or WORKER_TRIAL_ENV): speed-ups until their gain is measured on the GPU and they join the
+# defaults, and diagnostics.
+TRIAL_WORKER_SHIMS = ("liger-rmsnorm", "token-id-check")
 
 # Set by peft_megatron's executor, read by startup/sitecustomize.py: "1" applies every worker hook (no TE or no
 # CUDA), CHECKPOINT_ONLY only the fixes needed with TE too (asynchronous checkpoints, val_loss; TE and CUDA).
@@ -89,6 +91,9 @@ CHECKPOINT_ONLY = "checkpoint"
 
 # OPTIONAL_WORKER_SHIMS the training workers leave out, comma-separated (unset: none).
 WORKER_SKIP_ENV = "PEFT_MEGATRON_WORKER_SKIP"
+
+# TRIAL_WORKER_SHIMS the training workers apply as well, comma-separated (unset: none).
+WORKER_TRIAL_ENV = "PEFT_MEGATRON_WORKER_TRIAL"
 
 # "1" when the run trains with CUDA graphs (--cuda_graphs): the workers graph their model's layers, with Megatron's
 # graph-safe RNG tracker.
@@ -106,12 +111,21 @@ def worker_flag(env: Environment) -> str:
 def skipped_in_workers(environ) -> frozenset[str]:
     """The OPTIONAL_WORKER_SHIMS that `environ`'s WORKER_SKIP_ENV asks the training workers to leave out; ValueError
     for a name that is not one."""
-    names = frozenset(name.strip() for name in environ.get(WORKER_SKIP_ENV, "").split(",") if name.strip())
-    if names - set(OPTIONAL_WORKER_SHIMS):
+    return _named_in(environ, WORKER_SKIP_ENV, OPTIONAL_WORKER_SHIMS, "which the training workers cannot leave out")
+
+
+def trials_in_workers(environ) -> frozenset[str]:
+    """The TRIAL_WORKER_SHIMS that `environ`'s WORKER_TRIAL_ENV asks the training workers to apply; ValueError for a
+    name that is not one."""
+    return _named_in(environ, WORKER_TRIAL_ENV, TRIAL_WORKER_SHIMS, "which are no trial shims of the training workers")
+
+
+def _named_in(environ, variable: str, choices: tuple[str, ...], which: str) -> frozenset[str]:
+    names = frozenset(name.strip() for name in environ.get(variable, "").split(",") if name.strip())
+    if names - set(choices):
         raise ValueError(
-            f"{WORKER_SKIP_ENV}={environ[WORKER_SKIP_ENV]!r} names {sorted(names - set(OPTIONAL_WORKER_SHIMS))}, "
-            f"which the training workers cannot leave out; give a comma-separated list of "
-            f"{list(OPTIONAL_WORKER_SHIMS)}, or unset it"
+            f"{variable}={environ[variable]!r} names {sorted(names - set(choices))}, {which}; give a "
+            f"comma-separated list of {list(choices)}, or unset it"
         )
     return names
 
@@ -189,6 +203,8 @@ def install_worker_hooks(
     if seed is not None:
         after_import(STRATEGY_LIB_MODULE, functools.partial(seed_model_init, seed))
     after_import(STRATEGY_MODULE, weigh_validation_batches_equally)
+    if "token-id-check" in trial:
+        after_import(EMBEDDING_MODULE, check_token_ids)
     if checkpoint_only:
         return
     skip_unified_memory_build()
@@ -212,8 +228,8 @@ def install_worker_hooks(
 def worker_environment(env: Environment, cuda_graphs: bool = False, seed: int | None = None) -> dict[str, str]:
     """What the launcher puts in the training workers' environment so that startup/sitecustomize.py applies their
     shims (install_from_environment reads it back): all of them without TE or CUDA, with both only the fixes TE needs
-    too; CUDA graphs for a --cuda_graphs run; the run's seed. WORKER_SKIP_ENV, when the user sets it, is inherited as
-    it is."""
+    too; CUDA graphs for a --cuda_graphs run; the run's seed. WORKER_SKIP_ENV and WORKER_TRIAL_ENV, when the user
+    sets them, are inherited as they are."""
     values = {WORKER_ENV_FLAG: worker_flag(env)}
     if cuda_graphs:
         values[CUDA_GRAPHS_ENV] = "1"
@@ -231,6 +247,7 @@ def install_from_environment(environ) -> bool:
     log_to_worker_output()
     install_worker_hooks(
         skip=skipped_in_workers(environ),
+        trial=trials_in_workers(environ),
         checkpoint_only=flag == CHECKPOINT_ONLY,
         cuda_graphs=environ.get(CUDA_GRAPHS_ENV) == "1",
         seed=int(environ[SEED_ENV]) if environ.get(SEED_ENV) else None,
