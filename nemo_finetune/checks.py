@@ -504,6 +504,14 @@ def _local_model_problems(config) -> list[str]:
     sizes = _model_size_problems(hf, model_dir / "config.json")
     if sizes:
         return problems + sizes  # the shape checks below read these sizes
+    highest = tokenizer_highest_id(model_dir)
+    if hf.get("vocab_size") and highest is not None and highest >= hf["vocab_size"]:
+        problems.append(
+            f"{flag}: its tokenizer has token ids up to {highest:,}, past the model's {hf['vocab_size']:,} embedding "
+            "rows (config.json vocab_size); a row with such a token would stop training with a CUDA index error. "
+            "Resize the embeddings to the tokenizer (model.resize_token_embeddings(len(tokenizer)), then "
+            "save_pretrained), or save the model's own tokenizer beside it"
+        )
     if config.data.chat and not has_chat_template(model_dir):
         problems.append(
             f"--chat: the tokenizer of {flag} has no chat template (no chat_template in tokenizer_config.json, no "
@@ -556,6 +564,40 @@ def _model_size_problems(hf: dict, config_file: Path) -> list[str]:
 
 def _positive_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def tokenizer_highest_id(model_dir: Path) -> int | None:
+    """The highest token id a saved tokenizer can produce: its vocabulary (tokenizer.json's model, else vocab.json)
+    and its added tokens (tokenizer.json, added_tokens.json, tokenizer_config.json's added_tokens_decoder); None
+    where none of those is readable (a SentencePiece-only tokenizer)."""
+
+    def read(name: str):
+        try:
+            return json.loads((model_dir / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+
+    ids: list[int] = []
+    fast = read("tokenizer.json")
+    if isinstance(fast, dict):
+        vocab = (fast.get("model") or {}).get("vocab")
+        if isinstance(vocab, dict):
+            ids += [i for i in vocab.values() if isinstance(i, int)]
+        elif isinstance(vocab, list):  # Unigram: [token, score] pairs in id order
+            ids.append(len(vocab) - 1)
+        ids += [t["id"] for t in fast.get("added_tokens") or () if isinstance(t, dict) and isinstance(t.get("id"), int)]
+    else:
+        vocab = read("vocab.json")
+        if isinstance(vocab, dict):
+            ids += [i for i in vocab.values() if isinstance(i, int)]
+    added = read("added_tokens.json")
+    if isinstance(added, dict):
+        ids += [i for i in added.values() if isinstance(i, int)]
+    settings = read("tokenizer_config.json")
+    decoder = settings.get("added_tokens_decoder") if isinstance(settings, dict) else None
+    if isinstance(decoder, dict):
+        ids += [int(i) for i in decoder if str(i).isdigit()]
+    return max(ids) if ids else None
 
 
 def has_chat_template(model_dir: Path) -> bool:

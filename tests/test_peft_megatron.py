@@ -774,6 +774,9 @@ def test_model_directories_without_weights_or_tokenizer_or_with_impossible_sizes
         variant(
             "uneven_kv", num_key_value_heads=3
         ): r"num_attention_heads 4 is not a multiple of num_key_value_heads 3",
+        variant("short_embedding", vocab_size=400): r"its tokenizer has token ids up to 442, past the model's 400 "
+        r"embedding rows \(config.json vocab_size\); a row with such a token would stop training with a CUDA index "
+        r"error. Resize the embeddings to the tokenizer \(model.resize_token_embeddings\(len\(tokenizer\)\)",
     }
     for model, message in expected.items():
         for phase in ("--dry_run", "--import_only"):
@@ -785,6 +788,26 @@ def test_model_directories_without_weights_or_tokenizer_or_with_impossible_sizes
                      str(assets["data"]), "--recipe_cls_name", "qwen3_600m", "--import_only")  # fmt: skip
     assert out.returncode == 2 and "Traceback" not in out.stderr + out.stdout
     assert not (tmp_path / "run").exists()
+
+
+def test_a_tokenizers_highest_id_counts_its_added_tokens_wherever_they_are_saved(assets, tmp_path):
+    import shutil
+
+    from nemo_finetune.checks import tokenizer_highest_id
+
+    model = shutil.copytree(assets["qwen3"], tmp_path / "model")
+    assert tokenizer_highest_id(model) == 442  # the demo tokenizer's 443 ids, as config.json's vocab_size
+    settings = json.loads((model / "tokenizer_config.json").read_text())
+    settings["added_tokens_decoder"]["450"] = {"content": "<tool>", "special": True}
+    (model / "tokenizer_config.json").write_text(json.dumps(settings))
+    assert tokenizer_highest_id(model) == 450
+    (model / "added_tokens.json").write_text(json.dumps({"<call>": 451}))
+    assert tokenizer_highest_id(model) == 451
+    for name in ("tokenizer.json", "tokenizer_config.json", "added_tokens.json"):
+        (model / name).unlink()
+    assert tokenizer_highest_id(model) is None  # nothing readable: no check
+    (model / "vocab.json").write_text(json.dumps({"a": 0, "b": 7}))
+    assert tokenizer_highest_id(model) == 7
 
 
 @pytest.mark.parametrize("recipe", ["t5_220m", "mamba2_130m", "nemotron_nano_9b_v2"])
