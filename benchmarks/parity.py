@@ -24,6 +24,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import shlex
 import sys
 from dataclasses import dataclass
@@ -493,13 +494,18 @@ def curve_parity(root: Path, family: str, mode: str, seed: int = 1234) -> dict:
 
 
 def run_facts() -> dict:
-    """Where and when a comparison ran (parity holds on any GPU; the record says which)."""
+    """Where and when a comparison ran (parity holds on any GPU; the record says which), and the training workers'
+    shim settings where the environment changes them (PEFT_MEGATRON_WORKER_SKIP / _TRIAL)."""
     import datetime
 
     import torch
 
+    from nemo_finetune import compat
+
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    return {"device": device, "date": datetime.date.today().isoformat()}
+    settings = (compat.WORKER_SKIP_ENV, compat.WORKER_TRIAL_ENV)
+    shims = {name: os.environ[name] for name in settings if os.environ.get(name)}
+    return {"device": device, "date": datetime.date.today().isoformat(), **shims}
 
 
 def merge_curves(previous: list[dict], new: list[dict]) -> list[dict]:
@@ -710,16 +716,22 @@ def quality_summary(results: dict) -> dict:
 
 
 def quality_parity(
-    root: Path, seeds: list[int], previous: dict | None, out: Path, our_flags: tuple[str, ...] = ()
+    root: Path,
+    seeds: list[int],
+    previous: dict | None,
+    out: Path,
+    our_flags: tuple[str, ...] = (),
+    ours_only: bool = False,
 ) -> dict:
-    """Our run and the reference's for each seed (a side already in `previous` is kept, not run again); `out` holds
-    what is done so far. A failed run of ours is recorded under "failures" (each failure kept, with its GPU and
-    date) and the next seed goes on; a later call with `previous` runs that seed again."""
+    """Our run and the reference's for each seed (a side already in `previous` is kept, not run again; `ours_only`:
+    no reference, e.g. to count how often our runs fail); `out` holds what is done so far. A failed run of ours is
+    recorded under "failures" (each failure kept, with its GPU and date) and the next seed goes on; a later call with
+    `previous` runs that seed again."""
     results = previous or {"task": "the demo's key -> code recall (python peft_megatron.py --demo)", "ours": {},
                            "reference": {}}  # fmt: skip
     for seed in seeds:
         key = str(seed)
-        if key in results["ours"] and key in results["reference"]:
+        if key in results["ours"] and (key in results["reference"] or ours_only):
             continue
         config = demo_job(root, seed)
         if key not in results["ours"]:
@@ -731,12 +743,12 @@ def quality_parity(
                 out.write_text(json.dumps(results, indent=1) + "\n")
                 print(json.dumps({"seed": seed, "ours": "failed", "error": str(failure).splitlines()[:3]}), flush=True)
                 continue
-        if key not in results["reference"]:
+        if key not in results["reference"] and not ours_only:
             results["reference"][key] = reference_quality(config, seed)
         results["summary"] = quality_summary(results)
         out.write_text(json.dumps(results, indent=1) + "\n")
-        print(json.dumps({"seed": seed, "ours": results["ours"][key]["exact_match"],
-                          "reference": results["reference"][key]["exact_match"]}), flush=True)  # fmt: skip
+        scores = {name: results[name].get(key, {}).get("exact_match") for name in ("ours", "reference")}
+        print(json.dumps({"seed": seed, **scores}), flush=True)
     return results
 
 
@@ -767,6 +779,7 @@ def parse_args(argv=None):
     quality.add_argument(
         "--our_flags", default="", help='more peft_megatron.py flags for our runs: --our_flags="--flag value"'
     )
+    quality.add_argument("--ours_only", action="store_true", help="no reference runs (how often ours fail)")
     return parser.parse_args(argv)
 
 
@@ -783,7 +796,8 @@ def run(args) -> int:
     if args.command == "quality":
         args.work_dir.mkdir(parents=True, exist_ok=True)
         previous = json.loads(args.previous.read_text()) if args.previous else None
-        results = quality_parity(args.work_dir, args.seeds, previous, args.out, tuple(shlex.split(args.our_flags)))
+        flags = tuple(shlex.split(args.our_flags))
+        results = quality_parity(args.work_dir, args.seeds, previous, args.out, flags, args.ours_only)
         print(json.dumps(results.get("summary")))
         return 0
     if args.command == "curves":

@@ -330,3 +330,5 @@ def test_a_failed_quality_run_of_ours_is_recorded_and_the_next_seed_goes_on(tmp_
     again = parity.quality_parity(tmp_path / "runs", [1, 2], json.loads(out.read_text()), out, flags)
     assert calls[3:] == [("ours", 1), ("reference", 1)]  # seed 2 is kept; seed 1 runs again
     assert again["summary"]["seeds"] == ["1", "2"] and len(again["failures"]["1"]) == 1
+    alone = parity.quality_parity(tmp_path / "runs", [3, 3], None, tmp_path / "alone.json", flags, ours_only=True)
+    assert calls[5:] == [("ours", 3)] and alone["reference"] == {} and alone["summary"]["seeds"] == []
