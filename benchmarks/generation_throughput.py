@@ -7,7 +7,9 @@ test_checkpoint.py (`nemo_finetune.generation`), against Hugging Face `generate`
 Both models have the named shape, random weights (no download) and bf16 parameters; prompts are the same random
 token ids for both; greedy decoding; every request generates exactly --new_tokens tokens (no early stop: the
 dynamic engine gets no termination id, HF gets min_new_tokens). The dynamic engine runs in two modes:
-`cuda_graphs` (test_checkpoint.py's default: decode steps replay CUDA graphs) and `eager` (`--num_cuda_graphs 0`).
+`cuda_graphs` (test_checkpoint.py's default: decode steps replay CUDA graphs) and `eager` (`--num_cuda_graphs 0`);
+`cuda_graphs+fused_rope` is the first with the fused-decode-rope trial (its own run: one graph mode a process).
+Each row records a digest of the generated tokens per mode (`tokens_sha256`): a trial must generate the same.
 Each measurement follows a warm-up run of the same batch (Triton compilation, cuBLAS handles and allocator growth
 stay out of it). Reported per batch size: generated tokens/s, requests/s, median ms per engine step (decode steps
 dominate: 1 prefill step vs --new_tokens decode steps), peak GPU memory, and ours/HF. HF runs first, so its peak
@@ -22,6 +24,7 @@ import argparse
 import datetime
 import functools
 import gc
+import hashlib
 import json
 import statistics
 import sys
@@ -54,7 +57,9 @@ SHAPES = {
         ),
     ),
 }
-MODES = {"cuda_graphs": 8, "eager": 0}  # --num_cuda_graphs of test_checkpoint.py (whose default is 8)
+# mode -> (--num_cuda_graphs of test_checkpoint.py, whose default is 8; generation shims on trial it applies)
+MODES = {"cuda_graphs": (8, ()), "eager": (0, ()), "cuda_graphs+fused_rope": (8, ("fused-decode-rope",))}
+DEFAULT_MODES = ["cuda_graphs", "eager"]
 QWEN3_COMMON = dict(
     vocab_size=151936,
     head_dim=128,
@@ -77,8 +82,9 @@ def parse_args(argv=None):
         "--modes",
         nargs="+",
         choices=list(MODES),
-        default=list(MODES),
-        help="dynamic-engine modes to measure; the first gives the headline columns",
+        default=DEFAULT_MODES,
+        help="dynamic-engine modes to measure; the first gives the headline columns (cuda_graphs+fused_rope: "
+        "the fused-decode-rope trial; its tokens are compared with the first mode's)",
     )
     parser.add_argument(
         "--profile_batch",
@@ -92,6 +98,12 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if min(args.batch_sizes) <= 0 or args.prompt_tokens <= 0 or args.new_tokens <= 0:
         parser.error("--batch_sizes, --prompt_tokens and --new_tokens must be positive")
+    graphed = [m for m in args.modes if MODES[m][0]]
+    if len(graphed) > 1:
+        parser.error(
+            f"--modes {' '.join(graphed)}: one CUDA-graph mode per run (Megatron keeps a process's graphs and the "
+            "model they were captured from); run each in its own invocation and compare their tokens_sha256"
+        )
     if args.profile_batch and args.profile_batch not in args.batch_sizes:
         parser.error(f"--profile_batch {args.profile_batch} must be one of --batch_sizes {args.batch_sizes}")
     return args
@@ -180,9 +192,12 @@ def measure_dynamic_engine(args, all_prompts, mode: str) -> dict:
     engine for every batch size, as test_checkpoint.py builds and drives them (the engine is built for the largest
     batch; with graphs, it captures them once, for 8 batch sizes up to the largest). Each batch is measured on its
     second run; the first is its warm-up."""
+    from nemo_finetune.compat import speedups
     from nemo_finetune.generation import GenerationLoop, build_engine
 
-    num_cuda_graphs = MODES[mode]
+    num_cuda_graphs, trials = MODES[mode]
+    for trial in trials:
+        {"fused-decode-rope": speedups.fuse_decode_rope}[trial]()  # main() takes them back after the mode
     model, wrapper_config = build_megatron_model(args.shape, cuda_graphs=bool(num_cuda_graphs))
     settings = engine_settings(args, num_cuda_graphs)
     engine, build_seconds, _ = timed(
@@ -198,9 +213,11 @@ def measure_dynamic_engine(args, all_prompts, mode: str) -> dict:
         for _attempt in ("warm-up", "measured"):
             loop = GenerationLoop(engine, greedy(args.new_tokens), settings.inference_max_seq_length)
             finished, seconds, peak = timed(functools.partial(loop.run, all_prompts[:batch]))
+        tokens = [list(map(int, r.generated_tokens)) for r in finished]
         results[batch] = {
             "seconds": seconds,
-            "generated_tokens": sum(len(r.generated_tokens) for r in finished),
+            "generated_tokens": sum(len(t) for t in tokens),
+            "tokens_sha256": hashlib.sha256(json.dumps(tokens).encode()).hexdigest(),
             "peak_mem_gib": peak,
             "ms_per_step": 1000 * statistics.median(loop.step_seconds),
             "steps": len(loop.step_seconds),
@@ -417,6 +434,7 @@ def result_rows(args, engine: dict, hf: dict) -> list[dict]:
                     f"{mode}_ms_per_step": m["ms_per_step"],
                     f"{mode}_peak_mem_gib": m["peak_mem_gib"],
                     f"{mode}_engine_build_seconds": m["engine_build_seconds"],
+                    f"{mode}_tokens_sha256": m["tokens_sha256"],
                     f"{mode}_ratio_vs_baseline": tokens_per_s / row["baseline_tokens_per_s"] if h else None,
                 }
             )
@@ -474,7 +492,7 @@ def main(argv=None) -> int:
     init_megatron()
     engine = {}
     # Eager first: Megatron keeps the graphs' memory pool, and the model they were captured from, for the process.
-    for mode in sorted(args.modes, key=lambda m: m == "cuda_graphs"):
+    for mode in sorted(args.modes, key=lambda m: MODES[m][0] > 0):
         try:
             engine[mode] = measure_dynamic_engine(args, all_prompts, mode)
         except Exception as e:  # measured and reported, never hidden: the other mode's rows stand on their own
@@ -482,6 +500,8 @@ def main(argv=None) -> int:
 
             traceback.print_exc()
             engine[mode] = {"error": f"{type(e).__name__}: {e}"}
+        for trial in MODES[mode][1]:
+            compat.undo(trial)
         release_gpu_memory()
     rows = result_rows(args, engine, hf)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -45,6 +45,13 @@ SHIMS = register(
             "gradient is written in bf16 and then added to the fp32 main_grad by a separate kernel",
             "Megatron falls back to torch's GEMM with an fp32 output when apex is absent (> 0.15.3)",
         ),
+        "fused-decode-rope": Shim(
+            "generation (the dynamic inference engine) without TE, on trial: the generation benchmark's "
+            "cuda_graphs+fused_rope mode",
+            "DynamicInferenceContext rotates each layer's queries and keys with Megatron's unfused RoPE: a gather, "
+            "cos, sin, casts, chunk/neg/cat, multiplies and adds, ~24 kernels a layer of every decode step",
+            "Megatron fuses RoPE in inference without TE or FlashInfer",
+        ),
         "liger-rmsnorm": Shim(
             "training workers without TE, on trial (TRIAL_WORKER_SHIMS)",
             "without TE or apex the local layer spec normalises with torch.nn.RMSNorm: its weight gradient is a "
@@ -75,6 +82,8 @@ ROPE_MODULE = "megatron.core.models.common.embeddings.rope_utils"
 LORA_MODULE = "nemo.collections.llm.peft.lora"
 
 OPTIMIZER_MODULE = "megatron.core.optimizer"
+
+DYNAMIC_CONTEXT_MODULE = "megatron.core.inference.contexts.dynamic_context"
 
 LINEAR_MODULE = "megatron.core.tensor_parallel.layers"
 
@@ -172,6 +181,51 @@ def _packed_positions():
     from nemo_finetune.kernels.sdpa_attention import PerBatch  # imports torch: only in processes that train packed
 
     return PerBatch()
+
+
+def fuse_decode_rope() -> None:
+    """The dynamic inference engine's RoPE (`DynamicInferenceContext.apply_rotary_emb_query` / `_key`) through
+    kernels.rope.rope_in_place: one kernel a tensor, with Megatron's maths and roundings, cos and sin computed once
+    per angle table. Interleaved or multi-latent RoPE, packed queries (cu_seqlens), context parallelism and
+    tensors the kernel does not take go to Megatron's functions. On trial: the generation benchmark measures it
+    against Megatron's before it joins the defaults."""
+    import inspect
+
+    context = importlib.import_module(DYNAMIC_CONTEXT_MODULE).DynamicInferenceContext
+    query_rope, key_rope = context.apply_rotary_emb_query, context.apply_rotary_emb_key
+    if getattr(query_rope, "_nemo_compat", False):
+        return
+    expected = {
+        "apply_rotary_emb_query": ["self", "query", "query_emb", "config", "cu_seqlens_q", "cp_group", "mscale"],
+        "apply_rotary_emb_key": ["self", "key", "key_emb", "config", "cp_group", "mscale"],
+    }
+    if any(list(inspect.signature(getattr(context, n)).parameters) != p for n, p in expected.items()):
+        log.warning("compat: decode RoPE left as is: %s is not Megatron-Core 0.15's", DYNAMIC_CONTEXT_MODULE)
+        return
+    from nemo_finetune.kernels import rope
+
+    def fused(t, emb, config, cp_group) -> bool:
+        plain = not config.rotary_interleaved and not config.multi_latent_attention
+        return plain and (cp_group is None or cp_group.size() == 1) and rope.unsupported_reason(t, emb) is None
+
+    def apply_rotary_emb_query(self, query, query_emb, config, cu_seqlens_q, cp_group, mscale=1.0):
+        n = self.padded_active_token_count
+        if cu_seqlens_q is not None or not fused(query[:n], query_emb, config, cp_group):
+            return query_rope(self, query, query_emb, config, cu_seqlens_q, cp_group, mscale)
+        rope.rope_in_place(query[:n], query_emb, self.token_to_pos_ids[:n], mscale)
+        return query
+
+    def apply_rotary_emb_key(self, key, key_emb, config, cp_group, mscale=1.0):
+        n = self.padded_active_token_count
+        if not fused(key[:n], key_emb, config, cp_group):
+            return key_rope(self, key, key_emb, config, cp_group, mscale)
+        rotated = rope.rope_in_place(key[:n], key_emb, self.token_to_position_in_request[:n], mscale)
+        return rotated if self.is_decode_only() else key  # as Megatron's: its decode step returns key[:n]
+
+    apply_rotary_emb_query._nemo_compat = True
+    replace_attribute("fused-decode-rope", context, "apply_rotary_emb_query", apply_rotary_emb_query)
+    replace_attribute("fused-decode-rope", context, "apply_rotary_emb_key", apply_rotary_emb_key)
+    mark("fused-decode-rope", "the dynamic engine's RoPE in one Triton kernel per tensor (generation, on trial)")
 
 
 def fuse_lora_output() -> None:
