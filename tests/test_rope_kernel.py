@@ -69,6 +69,14 @@ def test_cos_and_sin_are_computed_once_per_angle_table(rope):
     freqs.mul_(2)  # changed in place: computed again
     assert torch.equal(rope.rope_tables(freqs, torch.float16, 1.0)[1], torch.sin(freqs).reshape(32, 16).half())
     assert rope.rope_tables(freqs, torch.float16, 0.5)[0] is not first[0]  # another mscale, another table
+    # Every live angle table keeps its own (graphs captured with them read them at each replay) until it is gone
+    kept = rope.rope_tables(freqs, torch.float16, 1.0)
+    other = angle_table(16, 16)
+    rope.rope_tables(other, torch.float16, 1.0)
+    assert rope.rope_tables(freqs, torch.float16, 1.0)[0] is kept[0]
+    entries = len(rope._tables)
+    del other
+    assert len(rope._tables) == entries - 1
 
 
 def test_tensors_the_kernel_does_not_take_are_named(rope):

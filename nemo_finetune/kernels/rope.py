@@ -77,23 +77,25 @@ def unsupported_reason(t: torch.Tensor, freqs: torch.Tensor) -> str | None:
     return None
 
 
-_tables: dict[tuple, tuple] = {}  # (dtype, mscale) -> (weakref to the angle table, its version, cos, sin)
+_tables: dict[tuple, tuple] = {}  # (id of an angle table, dtype, mscale) -> (its version, cos, sin)
 
 
 def rope_tables(freqs: torch.Tensor, dtype: torch.dtype, mscale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(cos(freqs) * mscale, sin(freqs) * mscale) in `dtype`, as `[positions, rotary dim]`; computed once per angle
-    table (the model hands every layer the same one), except inside a CUDA-graph capture, whose tensors are the
-    graph's own."""
+    table (the model hands every layer the same one) and kept while that table lives, since CUDA graphs captured
+    with them read them at every replay; inside a capture nothing new is kept (its tensors are the graph's own)."""
     from nemo_finetune.kernels.sdpa_attention import capturing
 
-    key = (dtype, float(mscale))
+    key = (id(freqs), dtype, float(mscale))
     kept = _tables.get(key)
-    if kept is not None and kept[0]() is freqs and kept[1] == freqs._version:
-        return kept[2], kept[3]
+    if kept is not None and kept[0] == freqs._version:
+        return kept[1], kept[2]
     angles = freqs.reshape(freqs.shape[0], freqs.shape[-1])
     cos, sin = (torch.cos(angles) * mscale).to(dtype), (torch.sin(angles) * mscale).to(dtype)
     if not capturing():
-        _tables[key] = (weakref.ref(freqs), freqs._version, cos, sin)
+        if key not in _tables:
+            weakref.finalize(freqs, _tables.pop, key, None)  # an id is reused only after its tensor is gone
+        _tables[key] = (freqs._version, cos, sin)
     return cos, sin
 
 
