@@ -8,7 +8,8 @@ Both models have the named shape, random weights (no download) and bf16 paramete
 token ids for both; greedy decoding; every request generates exactly --new_tokens tokens (no early stop: the
 dynamic engine gets no termination id, HF gets min_new_tokens). The dynamic engine runs in two modes:
 `cuda_graphs` (test_checkpoint.py's default: decode steps replay CUDA graphs) and `eager` (`--num_cuda_graphs 0`);
-`cuda_graphs+fused_rope` is the first with the fused-decode-rope trial (its own run: one graph mode a process).
+`cuda_graphs+fused_rope`, `+liger_norm` and `+fused_rope+liger_norm` are the first with generation trials (the
+fused-decode-rope shim, Liger-Kernel's RMSNorm), each in its own run (one graph mode a process).
 Each row records a digest of the generated tokens per mode (`tokens_sha256`): a trial must generate the same.
 Each measurement follows a warm-up run of the same batch (Triton compilation, cuBLAS handles and allocator growth
 stay out of it). Reported per batch size: generated tokens/s, requests/s, median ms per engine step (decode steps
@@ -58,7 +59,13 @@ SHAPES = {
     ),
 }
 # mode -> (--num_cuda_graphs of test_checkpoint.py, whose default is 8; generation shims on trial it applies)
-MODES = {"cuda_graphs": (8, ()), "eager": (0, ()), "cuda_graphs+fused_rope": (8, ("fused-decode-rope",))}
+MODES = {
+    "cuda_graphs": (8, ()),
+    "eager": (0, ()),
+    "cuda_graphs+fused_rope": (8, ("fused-decode-rope",)),
+    "cuda_graphs+liger_norm": (8, ("liger-rmsnorm",)),
+    "cuda_graphs+fused_rope+liger_norm": (8, ("fused-decode-rope", "liger-rmsnorm")),
+}
 DEFAULT_MODES = ["cuda_graphs", "eager"]
 QWEN3_COMMON = dict(
     vocab_size=151936,
@@ -83,8 +90,8 @@ def parse_args(argv=None):
         nargs="+",
         choices=list(MODES),
         default=DEFAULT_MODES,
-        help="dynamic-engine modes to measure; the first gives the headline columns (cuda_graphs+fused_rope: "
-        "the fused-decode-rope trial; its tokens are compared with the first mode's)",
+        help="dynamic-engine modes to measure; the first gives the headline columns (cuda_graphs+...: with "
+        "generation shims on trial, one CUDA-graph mode per run)",
     )
     parser.add_argument(
         "--profile_batch",
@@ -196,8 +203,9 @@ def measure_dynamic_engine(args, all_prompts, mode: str) -> dict:
     from nemo_finetune.generation import GenerationLoop, build_engine
 
     num_cuda_graphs, trials = MODES[mode]
+    shims = {"fused-decode-rope": speedups.fuse_decode_rope, "liger-rmsnorm": speedups.fuse_rmsnorm_with_liger}
     for trial in trials:
-        {"fused-decode-rope": speedups.fuse_decode_rope}[trial]()  # main() takes them back after the mode
+        shims[trial]()  # before the model is built; main() takes them back after the mode
     model, wrapper_config = build_megatron_model(args.shape, cuda_graphs=bool(num_cuda_graphs))
     settings = engine_settings(args, num_cuda_graphs)
     engine, build_seconds, _ = timed(

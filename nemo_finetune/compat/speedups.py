@@ -53,7 +53,7 @@ SHIMS = register(
             "Megatron fuses RoPE in inference without TE or FlashInfer",
         ),
         "liger-rmsnorm": Shim(
-            "training workers without TE, on trial (TRIAL_WORKER_SHIMS)",
+            "training workers without TE, on trial (TRIAL_WORKER_SHIMS); the generation benchmark's +liger_norm modes",
             "without TE or apex the local layer spec normalises with torch.nn.RMSNorm: its weight gradient is a "
             "separate reduction kernel (GammaBetaBackward)",
             "Megatron's local spec has a fused RMSNorm without TE or apex",
