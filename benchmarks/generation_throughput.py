@@ -9,7 +9,8 @@ token ids for both; greedy decoding; every request generates exactly --new_token
 dynamic engine gets no termination id, HF gets min_new_tokens). The dynamic engine runs in two modes:
 `cuda_graphs` (test_checkpoint.py's default: decode steps replay CUDA graphs) and `eager` (`--num_cuda_graphs 0`);
 `cuda_graphs+fused_rope`, `+liger_norm` and `+fused_rope+liger_norm` are the first with generation trials (the
-fused-decode-rope shim, Liger-Kernel's RMSNorm), each in its own run (one graph mode a process).
+fused-decode-rope shim, Liger-Kernel's RMSNorm), `cuda_graphs+full_iteration` with one graph of the whole block
+per decode step (Megatron's `cuda_graph_scope="full_iteration"`), each in its own run (one graph mode a process).
 Each row records a digest of the generated tokens per mode (`tokens_sha256`): a trial must generate the same.
 Each measurement follows a warm-up run of the same batch (Triton compilation, cuBLAS handles and allocator growth
 stay out of it). Reported per batch size: generated tokens/s, requests/s, median ms per engine step (decode steps
@@ -58,13 +59,16 @@ SHAPES = {
         ),
     ),
 }
-# mode -> (--num_cuda_graphs of test_checkpoint.py, whose default is 8; generation shims on trial it applies)
+# mode -> (--num_cuda_graphs of test_checkpoint.py, whose default is 8; generation shims on trial it applies;
+# model-config settings on trial)
 MODES = {
-    "cuda_graphs": (8, ()),
-    "eager": (0, ()),
-    "cuda_graphs+fused_rope": (8, ("fused-decode-rope",)),
-    "cuda_graphs+liger_norm": (8, ("liger-rmsnorm",)),
-    "cuda_graphs+fused_rope+liger_norm": (8, ("fused-decode-rope", "liger-rmsnorm")),
+    "cuda_graphs": (8, (), {}),
+    "eager": (0, (), {}),
+    "cuda_graphs+fused_rope": (8, ("fused-decode-rope",), {}),
+    "cuda_graphs+liger_norm": (8, ("liger-rmsnorm",), {}),
+    "cuda_graphs+fused_rope+liger_norm": (8, ("fused-decode-rope", "liger-rmsnorm"), {}),
+    # One graph of the whole transformer block per decode step instead of one per layer (Megatron's own scope)
+    "cuda_graphs+full_iteration": (8, (), {"cuda_graph_scope": "full_iteration"}),
 }
 DEFAULT_MODES = ["cuda_graphs", "eager"]
 QWEN3_COMMON = dict(
@@ -137,10 +141,10 @@ def init_megatron():
     parallel_state.initialize_model_parallel(1, 1)
 
 
-def build_megatron_model(shape: str, cuda_graphs: bool):
+def build_megatron_model(shape: str, cuda_graphs: bool, settings_on_trial: dict | None = None):
     """The Megatron GPT model NeMo builds for this recipe shape (same config class and no-TE overrides as a
-    restored checkpoint in test_checkpoint.py, and the same CUDA-graph overrides), random weights, bf16, on the
-    GPU."""
+    restored checkpoint in test_checkpoint.py, and the same CUDA-graph overrides, then `settings_on_trial`), random
+    weights, bf16, on the GPU."""
     import torch
     from megatron.core.inference.model_inference_wrappers.inference_wrapper_config import InferenceWrapperConfig
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
@@ -153,6 +157,7 @@ def build_megatron_model(shape: str, cuda_graphs: bool):
     overrides = compat.model_config_overrides(env)
     if cuda_graphs:
         overrides.update(cuda_graph_model_overrides())
+    overrides.update(settings_on_trial or {})
     model_parallel_cuda_manual_seed(1234)
     config = getattr(qwen3, SHAPES[shape][0])(bf16=True, params_dtype=torch.bfloat16, **overrides)
     model = config.configure_model(tokenizer=None).cuda().eval()
@@ -202,11 +207,11 @@ def measure_dynamic_engine(args, all_prompts, mode: str) -> dict:
     from nemo_finetune.compat import speedups
     from nemo_finetune.generation import GenerationLoop, build_engine
 
-    num_cuda_graphs, trials = MODES[mode]
+    num_cuda_graphs, trials, settings_on_trial = MODES[mode]
     shims = {"fused-decode-rope": speedups.fuse_decode_rope, "liger-rmsnorm": speedups.fuse_rmsnorm_with_liger}
     for trial in trials:
         shims[trial]()  # before the model is built; main() takes them back after the mode
-    model, wrapper_config = build_megatron_model(args.shape, cuda_graphs=bool(num_cuda_graphs))
+    model, wrapper_config = build_megatron_model(args.shape, bool(num_cuda_graphs), settings_on_trial)
     settings = engine_settings(args, num_cuda_graphs)
     engine, build_seconds, _ = timed(
         lambda: build_engine(model, wrapper_config, TokenIds(), settings, termination_id=-1)
