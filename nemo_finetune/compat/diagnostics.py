@@ -5,12 +5,9 @@ from __future__ import annotations
 
 import collections
 import importlib
-import logging
 import threading
 
 from nemo_finetune.compat.base import Shim, mark, register, replace_attribute
-
-log = logging.getLogger("peft_megatron.compat")
 
 SHIMS = register(
     {
@@ -18,7 +15,8 @@ SHIMS = register(
             "training workers that ask for it (PEFT_MEGATRON_WORKER_TRIAL=token-id-check)",
             "a token id outside the vocabulary stops a CUDA run with a device-side assertion of the embedding's "
             "gather kernel ('index out of bounds') and nothing of the batch, the step or where the id came from",
-            "the device-side assertion of docs/gpu-validation.md runs 91, 93 and 94 is explained",
+            "the intermittent device-side assertion of the demo task's parity runs (docs/gpu-validation.md) is "
+            "explained and fixed",
         ),
     }
 )
