@@ -13,6 +13,11 @@ WORKER_ERROR = re.compile(r"^(?:\[\w+\]:)*\s*(?:[\w.]+\.)?(\w+(?:Error|Exception
 # [29,0,0] Assertion `ind >=0 && ind < ind_dim_size && "vectorized gather kernel index out of bounds"` failed.`
 KERNEL_ASSERTION = re.compile(r"([\w./-]+\.cuh?:\d+): (\w+): block: .*Assertion `(.*)` failed")
 NOT_A_REASON = ("ChildFailedError",)  # torchrun's report that a worker failed, not why
+# An index gather out of range in a training worker: most often a token id the embedding has no row for.
+GATHER_HINT = (
+    "a token id outside the model's vocabulary does this; PEFT_MEGATRON_WORKER_TRIAL=token-id-check names the ids "
+    "that reached the GPU and where they came from: docs/GUIDE.md, Troubleshooting"
+)
 
 
 def failure_reason(log_file: Path | None) -> str | None:
@@ -35,7 +40,10 @@ def failure_reason(log_file: Path | None) -> str | None:
     if assertion:
         where, name, condition = assertion.groups()
         threads = f"{assertions} GPU threads" if assertions > 1 else "a GPU thread"
-        return f"a CUDA kernel's assertion failed in {threads}: {name} ({where}): {condition}"
+        reason = f"a CUDA kernel's assertion failed in {threads}: {name} ({where}): {condition}"
+        if "gather" in name and "out of bounds" in condition:
+            reason += f" ({GATHER_HINT})"
+        return reason
     return exception
 
 

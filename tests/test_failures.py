@@ -30,8 +30,12 @@ def test_a_kernel_assertion_is_the_reason_before_the_errors_it_causes(tmp_path):
     assert failure_reason(log) == (
         "a CUDA kernel's assertion failed in 3 GPU threads: vectorized_gather_kernel "
         "(/pytorch/aten/src/ATen/native/cuda/IndexKernelUtils.cu:16): "
-        'ind >=0 && ind < ind_dim_size && "vectorized gather kernel index out of bounds"'
+        'ind >=0 && ind < ind_dim_size && "vectorized gather kernel index out of bounds" (a token id outside the '
+        "model's vocabulary does this; PEFT_MEGATRON_WORKER_TRIAL=token-id-check names the ids that reached the GPU "
+        "and where they came from: docs/GUIDE.md, Troubleshooting)"
     )
+    log.write_text(KERNEL_ASSERT_LOG.replace("vectorized_gather_kernel", "scatter_kernel").replace("gather ", ""))
+    assert failure_reason(log).endswith('"vectorized kernel index out of bounds"')  # no hint for other kernels
 
 
 def test_otherwise_the_reason_is_the_workers_last_exception_not_torchruns_report(tmp_path):
