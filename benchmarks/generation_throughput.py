@@ -250,6 +250,7 @@ def measure_dynamic_engine(args, all_prompts, mode: str) -> dict:
 
 KERNEL_KINDS = (
     ("attention (paged_attention.py)", ("_paged_attention_kernel",)),
+    ("RoPE (rope.py, fused_rope modes)", ("_rope_in_place",)),
     ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "sm90_", "cublas")),
 )
 
