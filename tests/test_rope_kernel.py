@@ -136,7 +136,6 @@ def test_the_trial_gives_the_engines_rope_for_queries_and_keys(rope, decode_only
         DynamicInferenceContext.apply_rotary_emb_query(context, query.clone(), freqs, interleaved, None, cp)
         assert len(calls) == 1  # Megatron's own function rotates what the kernel does not take
     assert torch.equal(ours_query, megatron_query) and torch.equal(ours_key, megatron_key)
-    assert ours_key.shape == megatron_key.shape
     assert not getattr(DynamicInferenceContext.apply_rotary_emb_query, "_nemo_compat", False)  # taken back
 
 

@@ -107,9 +107,9 @@ class TokenIdCheck:
             batches = list(self.loader_batches)
         best = None
         for age, batch in enumerate(reversed(batches), start=1):
-            batch = batch.reshape(flat.shape[0], -1) if batch.numel() == flat.numel() else None
-            if batch is None:
+            if batch.numel() != flat.numel():
                 continue
+            batch = batch.reshape(flat.shape[0], -1)
             same = int((batch == flat).sum())
             if same * 2 > flat.numel() and (best is None or same > best[0]):
                 best = (same, age, batch)
