@@ -494,18 +494,21 @@ def curve_parity(root: Path, family: str, mode: str, seed: int = 1234) -> dict:
 
 
 def run_facts() -> dict:
-    """Where and when a comparison ran (parity holds on any GPU; the record says which), and the training workers'
-    shim settings where the environment changes them (PEFT_MEGATRON_WORKER_SKIP / _TRIAL)."""
+    """Where and when a comparison ran (parity holds on any GPU; the record says which, and the GPU's UUID tells
+    whether failed runs shared one card), and the training workers' shim settings where the environment changes
+    them (PEFT_MEGATRON_WORKER_SKIP / _TRIAL)."""
     import datetime
 
     import torch
 
     from nemo_finetune import compat
 
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    where = {"device": "cpu"}
+    if torch.cuda.is_available():
+        where = {"device": torch.cuda.get_device_name(), "gpu_uuid": str(torch.cuda.get_device_properties(0).uuid)}
     settings = (compat.WORKER_SKIP_ENV, compat.WORKER_TRIAL_ENV)
     shims = {name: os.environ[name] for name in settings if os.environ.get(name)}
-    return {"device": device, "date": datetime.date.today().isoformat(), **shims}
+    return {**where, "date": datetime.date.today().isoformat(), **shims}
 
 
 def merge_curves(previous: list[dict], new: list[dict]) -> list[dict]:

@@ -6,9 +6,14 @@
 set -uo pipefail
 START=$(date +%s); DEADLINE=${DEADLINE:-560}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+gpu_health() {
+  { nvidia-smi --query-gpu=uuid,serial,ecc.errors.uncorrected.volatile.total,ecc.errors.uncorrected.aggregate.total,remapped_rows.uncorrectable,remapped_rows.pending,remapped_rows.failure --format=csv \
+      || nvidia-smi --query-gpu=uuid --format=csv; } 2>&1 | sed 's/^/   gpu: /'
+}
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false WANDB_MODE=offline
 {
   echo "== host $(date -u +%FT%TZ)"; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  gpu_health  # which card, and its memory errors: a fault seen on one card only shows here
   t=$(date +%s)
   if [ -n "${EXTRA_WHEELS:-}" ]; then
     # A warm machine whose /tmp/site holds the bundle from an earlier call gets only these wheels (one call carries
@@ -39,4 +44,5 @@ for cmd in "$@"; do
   echo "== [$n] rc=$rc wall=$(( $(date +%s) - t ))s" | tee -a "$OUT/session.log"
   grep -E "RESULT|passed|failed|error|Error|demo:|exact match|STEP|val_loss|Traceback" "$OUT/$n.log" | grep -v -i "warn" | tail -25 | cut -c1-300 | tee -a "$OUT/session.log"
 done
+gpu_health | tee -a "$OUT/session.log"
 echo "== total $(( $(date +%s) - START ))s" | tee -a "$OUT/session.log"
