@@ -11,6 +11,11 @@ as token ids. This probe measures it on the machine it runs on, without NeMo:
     dataloader   a DataLoader (pin_memory, 2 workers) of known rows; each batch goes to the GPU as NeMo's data step
                  sends it and is compared with the batch as the host sees it; the main thread stages "checkpoint"
                  tensors into pinned memory and forks a reader of them every few batches, as Megatron's writer does
+    lagging      the same with the GPU behind the host, as in training (the two cases above wait for each copy):
+                 a sleep kernel before each copy, the pinned batch dropped as soon as its copy is queued, what
+                 arrived compared with the host's rows at the epoch's end; the demo's 154 rows in batches of 16,
+                 so a new iterator, with new worker processes, every 9 batches (NeMo's loaders keep no workers
+                 across epochs)
 
     python tools/pinned_fork_probe.py --seconds 20 --out probe.json
 
@@ -27,6 +32,8 @@ import time
 from pathlib import Path
 
 ROWS, ROW_TOKENS, BUFFERS, BUFFER_INTS = 4096, 64, 16, 1 << 17  # 1 MiB buffers
+DEMO_ROWS = 154  # the demo's training split
+LAG_CYCLES = 4_000_000  # GPU clock cycles of sleep before each batch's copy: about 2 ms
 
 
 def _sleep_and_exit(seconds: float, staged=None) -> None:
@@ -98,8 +105,11 @@ def raw_case(seconds: float, fork: bool) -> dict:
 class KnownRows:
     """Row i is ROW_TOKENS ids i*7+j mod 512 (a 512-token vocabulary), with its labels the same ids shifted."""
 
+    def __init__(self, rows: int = ROWS) -> None:
+        self.rows = rows
+
     def __len__(self) -> int:
-        return ROWS
+        return self.rows
 
     def __getitem__(self, i):
         import torch
@@ -145,6 +155,46 @@ def dataloader_case(seconds: float, fork: bool) -> dict:
     }
 
 
+def lagging_case(seconds: float, fork: bool) -> dict:
+    import torch
+
+    loader = torch.utils.data.DataLoader(
+        KnownRows(DEMO_ROWS), batch_size=16, shuffle=True, drop_last=True, num_workers=2, pin_memory=True
+    )
+    weights = [torch.randn(1 << 16, device="cuda") for _ in range(8)]
+    forks = Forks(every_s=0.25, child_s=0.5)
+    batches, epochs, ints_wrong, wrong = 0, 0, 0, []
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        epochs += 1
+        sent = []  # (what the GPU got, what the host held) for this epoch's batches, compared at its end
+        for batch in loader:  # a new iterator each epoch: new worker processes and a new pin thread
+            torch.cuda._sleep(LAG_CYCLES)  # the GPU still busy with the step before
+            sent.append((batch["tokens"].cuda(non_blocking=True), batch["tokens"].clone()))
+            del batch  # the data step keeps no host batch
+            batches += 1
+            if fork and forks.due():
+                staged = [w.to("cpu", non_blocking=True) for w in weights]
+                torch.cuda.synchronize()
+                forks.start(staged)
+                staged = None
+        for index, (arrived, host) in enumerate(sent):  # .cpu() waits for the copies queued behind the sleeps
+            bad = int((arrived.cpu() != host).sum())
+            if bad:
+                ints_wrong += bad
+                wrong.append({"epoch": epochs, "batch": index, "ints_wrong": bad})
+    forks.close()
+    return {
+        "case": "lagging",
+        "forks": forks.count,
+        "epochs": epochs,
+        "batches": batches,
+        "batches_wrong": len(wrong),
+        "ints_wrong": ints_wrong,
+        "first": wrong[:5],
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=20.0, help="per case")
@@ -156,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: the probe needs a CUDA GPU (it measures pinned host memory against what the GPU reads)")
         return 2
     results = []
-    for run in (raw_case, dataloader_case):
+    for run in (raw_case, dataloader_case, lagging_case):
         for fork in (False, True):
             result = {**run(args.seconds, fork), "fork": fork, "device": torch.cuda.get_device_name(0)}
             print(json.dumps(result), flush=True)
