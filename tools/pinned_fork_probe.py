@@ -206,9 +206,10 @@ def main(argv: list[str] | None = None) -> int:
         print("error: the probe needs a CUDA GPU (it measures pinned host memory against what the GPU reads)")
         return 2
     results = []
+    card = {"device": torch.cuda.get_device_name(0), "gpu_uuid": str(torch.cuda.get_device_properties(0).uuid)}
     for run in (raw_case, dataloader_case, lagging_case):
         for fork in (False, True):
-            result = {**run(args.seconds, fork), "fork": fork, "device": torch.cuda.get_device_name(0)}
+            result = {**run(args.seconds, fork), "fork": fork, **card}
             print(json.dumps(result), flush=True)
             results.append(result)
     if args.out:
