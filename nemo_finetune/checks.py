@@ -87,6 +87,7 @@ def validate_config(config, visible_gpus: int | None = None, environ: Mapping[st
         *_mode_problems(config),
         *_attention_problems(config),
         *(_local_model_problems(config) if is_local_model(config.hf_model_id) and not config.demo else []),
+        *(_hub_name_problems(config) if not is_local_model(config.hf_model_id) and not config.demo else []),
         *_path_problems(config),
         *_overlap_problems(config),
         *_resume_problems(config),
@@ -439,6 +440,41 @@ MODEL_SIZES = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_k
                "intermediate_size", "vocab_size")  # fmt: skip
 WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+
+
+# Model families as the names of NeMo's recipes and of hub ids spell them (a recipe's leading letters; Qwen's
+# generation too, whose importers differ: qwen2 for Qwen2 and Qwen2.5, qwen3 for Qwen3).
+HUB_NAME_FAMILIES = ("baichuan", "chatglm", "deepseek", "gemma", "llama", "mistral", "mixtral", "nemotron", "qwen")
+HUB_NAME_FAMILIES += ("starcoder",)
+
+
+def _name_families(name: str) -> set[str]:
+    """The families a recipe's or a hub id's name spells: {"llama"}, {"qwen", "qwen3"}, ..."""
+    name = name.lower()
+    families = {family for family in HUB_NAME_FAMILIES if family in name}
+    return families | {f"qwen{generation}" for generation in re.findall(r"qwen(\d)", name) if generation in "23"}
+
+
+def _hub_name_problems(config) -> list[str]:
+    """A hub id whose name says another family than the recipe's (meta-llama/Llama-3.1-8B or Qwen/Qwen2.5-7B with
+    the default qwen3_8b): the import would fail after the download. Judged from the name only where it names a
+    known family and not the recipe's, so fine-tunes named after their base (`...-Distill-Qwen-7B`) pass."""
+    recipe = _name_families(re.match(r"[a-z]+\d?", config.recipe_cls_name or "").group())
+    named = _name_families(config.hf_model_id)
+    if not recipe or not named or recipe <= named or not (named - recipe) - {"qwen"}:
+        return []
+    if "qwen" in recipe and "qwen" in named and not {"qwen2", "qwen3"} & named:
+        return []  # a Qwen of no stated generation
+    other = sorted(named - recipe)
+    plain = re.sub(r"[^a-z0-9]", "", config.hf_model_id.lower().rsplit("/", 1)[-1])
+    candidates = [r for r in available_recipes() if _name_families(re.match(r"[a-z]+\d?", r).group()) & set(other)]
+    ranked = sorted(candidates, key=lambda r: -difflib.SequenceMatcher(None, plain, r.replace("_", "")).ratio())[:5]
+    fix = f"e.g. --recipe_cls_name {ranked[0]} (or {', '.join(ranked[1:])})" if ranked else "if NeMo has one"
+    return [
+        f"--recipe_cls_name {config.recipe_cls_name} imports {max(recipe, key=len)} models but --hf_model_id "
+        f"{config.hf_model_id} names a {'/'.join(other)} model; pass the recipe of its family, {fix} (a local model "
+        "directory is judged by its config.json instead)"
+    ]
 
 
 def _local_model_problems(config) -> list[str]:

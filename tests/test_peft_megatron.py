@@ -205,6 +205,31 @@ def test_worker_shims_named_in_the_environment_that_do_not_exist_are_refused_bef
     validate_config(parse(), None, {"PEFT_MEGATRON_WORKER_TRIAL": "token-id-check"})
 
 
+@pytest.mark.parametrize(
+    "model, recipe, refused",
+    [
+        ("meta-llama/Llama-3.1-8B", "qwen3_8b", r"imports qwen3 models but .* names a llama model; .* e\.g\. "
+         r"--recipe_cls_name llama31_8b \(or "),
+        ("Qwen/Qwen2.5-7B", "qwen3_8b", r"imports qwen3 models but .* names a qwen2 model; .* qwen25_7b"),
+        ("Qwen/Qwen3-8B", "qwen25_7b", r"imports qwen2 models but .* names a qwen3 model; .* qwen3_8b"),
+        ("mistralai/Mistral-7B-v0.3", "mixtral_8x7b", r"imports mixtral models but .* names a mistral model; "
+         r".* mistral_7b"),
+        ("Qwen/Qwen3-0.6B", "qwen3_8b", None),
+        ("mistralai/Mixtral-8x7B-v0.1", "mixtral_8x7b", None),
+        ("deepseek-ai/DeepSeek-R1-Distill-Qwen-7B", "qwen25_7b", None),  # a fine-tune named after its base
+        ("nvidia/Llama-3.1-Nemotron-Nano-8B-v1", "llama31_nemotron_nano_8b", None),
+        ("myorg/support-bot", "qwen3_8b", None),  # a name that says no family
+    ],
+)  # fmt: skip
+def test_a_hub_id_whose_name_says_another_family_than_the_recipe_is_refused(model, recipe, refused):
+    config = parse(f"--hf_model_id {model} --recipe_cls_name {recipe} --dry_run")
+    if refused is None:
+        validate_config(config)
+    else:
+        with pytest.raises(ConfigError, match=f"--recipe_cls_name {recipe} {refused}"):
+            validate_config(config)
+
+
 def test_a_launch_is_refused_where_no_gpu_will_run_it():
     config = parse("--cuda_graphs --packed_sequence --micro_batch_size 1 --gpus_per_node 1")
     with pytest.raises(ConfigError, match="training needs CUDA GPUs and this machine shows none") as refused:
