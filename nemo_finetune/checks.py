@@ -442,34 +442,49 @@ WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
 
 
-# Model families as the names of NeMo's recipes and of hub ids spell them (a recipe's leading letters; Qwen's
-# generation too, whose importers differ: qwen2 for Qwen2 and Qwen2.5, qwen3 for Qwen3).
-HUB_NAME_FAMILIES = ("baichuan", "chatglm", "deepseek", "gemma", "llama", "mistral", "mixtral", "nemotron", "qwen")
-HUB_NAME_FAMILIES += ("starcoder",)
+# Model families as the names of NeMo's recipes and of hub ids spell them (a recipe's leading letters), and Qwen's
+# generations, whose importers differ (qwen2 for Qwen2 and Qwen2.5, qwen3 for Qwen3).
+HUB_NAME_FAMILIES = (
+    "baichuan", "chatglm", "deepseek", "gemma", "llama", "mistral", "mixtral", "nemotron", "qwen", "starcoder",
+)  # fmt: skip
+QWEN_GENERATIONS = {"qwen2", "qwen3"}
 
 
 def _name_families(name: str) -> set[str]:
-    """The families a recipe's or a hub id's name spells: {"llama"}, {"qwen", "qwen3"}, ..."""
+    """The families a hub id's name spells: {"llama"}, {"qwen", "qwen3"}, {"deepseek", "qwen"}, ..."""
     name = name.lower()
     families = {family for family in HUB_NAME_FAMILIES if family in name}
-    return families | {f"qwen{generation}" for generation in re.findall(r"qwen(\d)", name) if generation in "23"}
+    return families | {f"qwen{n}" for n in re.findall(r"qwen(\d)", name)} & QWEN_GENERATIONS
+
+
+def _recipe_families(recipe: str) -> set[str]:
+    """The families of a recipe, from its leading name (`llama31_nemotron_nano_8b` -> {"llama"})."""
+    lead = re.match(r"[a-z]+\d?", recipe.lower())
+    return _name_families(lead.group()) if lead else set()
 
 
 def _hub_name_problems(config) -> list[str]:
     """A hub id whose name says another family than the recipe's (meta-llama/Llama-3.1-8B or Qwen/Qwen2.5-7B with
-    the default qwen3_8b): the import would fail after the download. Judged from the name only where it names a
-    known family and not the recipe's, so fine-tunes named after their base (`...-Distill-Qwen-7B`) pass."""
-    recipe = _name_families(re.match(r"[a-z]+\d?", config.recipe_cls_name or "").group())
-    named = _name_families(config.hf_model_id)
-    if not recipe or not named or recipe <= named or not (named - recipe) - {"qwen"}:
+    the default qwen3_8b): the import would fail after the download. Judged from the name only where it says a
+    family other than the recipe's and not the recipe's, so fine-tunes named after their base pass
+    (`DeepSeek-R1-Distill-Qwen-7B` with a qwen2 recipe)."""
+    recipe, named = _recipe_families(config.recipe_cls_name), _name_families(config.hf_model_id)
+    if not recipe or not named:
         return []
-    if "qwen" in recipe and "qwen" in named and not {"qwen2", "qwen3"} & named:
-        return []  # a Qwen of no stated generation
-    other = sorted(named - recipe)
+    if recipe - QWEN_GENERATIONS <= named:  # the name says the recipe's family; a Qwen's generation must agree
+        stated = named & QWEN_GENERATIONS
+        if not stated or recipe & stated:
+            return []
+        other = stated
+    else:
+        other = named - recipe
+    other = sorted(other - {"qwen"} if other & QWEN_GENERATIONS else other)
     plain = re.sub(r"[^a-z0-9]", "", config.hf_model_id.lower().rsplit("/", 1)[-1])
-    candidates = [r for r in available_recipes() if _name_families(re.match(r"[a-z]+\d?", r).group()) & set(other)]
+    candidates = [r for r in available_recipes() if _recipe_families(r) & set(other)]
     ranked = sorted(candidates, key=lambda r: -difflib.SequenceMatcher(None, plain, r.replace("_", "")).ratio())[:5]
-    fix = f"e.g. --recipe_cls_name {ranked[0]} (or {', '.join(ranked[1:])})" if ranked else "if NeMo has one"
+    fix = "if NeMo has one"
+    if ranked:
+        fix = f"e.g. --recipe_cls_name {ranked[0]}" + (f" (or {', '.join(ranked[1:])})" if ranked[1:] else "")
     return [
         f"--recipe_cls_name {config.recipe_cls_name} imports {max(recipe, key=len)} models but --hf_model_id "
         f"{config.hf_model_id} names a {'/'.join(other)} model; pass the recipe of its family, {fix} (a local model "

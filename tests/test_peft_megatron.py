@@ -214,6 +214,7 @@ def test_worker_shims_named_in_the_environment_that_do_not_exist_are_refused_bef
         ("Qwen/Qwen3-8B", "qwen25_7b", r"imports qwen2 models but .* names a qwen3 model; .* qwen3_8b"),
         ("mistralai/Mistral-7B-v0.3", "mixtral_8x7b", r"imports mixtral models but .* names a mistral model; "
          r".* mistral_7b"),
+        ("Qwen/Qwen-7B", "llama31_8b", r"imports llama models but .* names a qwen model; .* qwen2_7b"),
         ("Qwen/Qwen3-0.6B", "qwen3_8b", None),
         ("mistralai/Mixtral-8x7B-v0.1", "mixtral_8x7b", None),
         ("deepseek-ai/DeepSeek-R1-Distill-Qwen-7B", "qwen25_7b", None),  # a fine-tune named after its base
