@@ -465,8 +465,8 @@ def _recipe_families(recipe: str) -> set[str]:
 
 def _hub_name_problems(config) -> list[str]:
     """A hub id whose name says another family than the recipe's (meta-llama/Llama-3.1-8B or Qwen/Qwen2.5-7B with
-    the default qwen3_8b): the import would fail after the download. Judged from the name only where it says a
-    family other than the recipe's and not the recipe's, so fine-tunes named after their base pass
+    the default qwen3_8b): the import would fail after the download. Refused only where the name says another
+    family and not the recipe's (or another Qwen generation), so fine-tunes named after their base pass
     (`DeepSeek-R1-Distill-Qwen-7B` with a qwen2 recipe)."""
     recipe, named = _recipe_families(config.recipe_cls_name), _name_families(config.hf_model_id)
     if not recipe or not named:

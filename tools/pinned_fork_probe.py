@@ -62,6 +62,15 @@ class Forks:
             self.children.remove(ended)
         self.children.append(child)
 
+    def write_checkpoint(self, weights) -> None:
+        """Stage `weights` into pinned memory and fork a reader of them, as Megatron's asynchronous save does; the
+        copies are dropped while the child may still read them (Megatron-Core 0.15's caller)."""
+        import torch
+
+        staged = [w.to("cpu", non_blocking=True) for w in weights]  # Megatron's preload_tensors
+        torch.cuda.synchronize()
+        self.start(staged)
+
     def close(self) -> None:
         for child in self.children:
             child.join()
@@ -138,10 +147,7 @@ def dataloader_case(seconds: float, fork: bool) -> dict:
             outside += int(((arrived < 0) | (arrived >= 512)).sum())
             del labels
             if fork and forks.due():
-                staged = [w.to("cpu", non_blocking=True) for w in weights]  # Megatron's preload_tensors
-                torch.cuda.synchronize()
-                forks.start(staged)
-                staged = None  # dropped while the writer may still read them (Megatron-Core 0.15's caller)
+                forks.write_checkpoint(weights)
             if time.monotonic() > end:
                 break
     forks.close()
@@ -174,10 +180,7 @@ def lagging_case(seconds: float, fork: bool) -> dict:
             del batch  # the data step keeps no host batch
             batches += 1
             if fork and forks.due():
-                staged = [w.to("cpu", non_blocking=True) for w in weights]
-                torch.cuda.synchronize()
-                forks.start(staged)
-                staged = None
+                forks.write_checkpoint(weights)
         for index, (arrived, host) in enumerate(sent):  # .cpu() waits for the copies queued behind the sleeps
             bad = int((arrived.cpu() != host).sum())
             if bad:
