@@ -740,6 +740,7 @@ def quality_parity(
         if key not in results["ours"]:
             try:
                 results["ours"][key] = {**our_quality(config, our_flags), "run": run_facts(), "flags": list(our_flags)}
+                out.write_text(json.dumps(results, indent=1) + "\n")  # kept if the reference's run is cut
             except ScriptFailed as failure:
                 failed = {"error": str(failure), **run_facts(), "flags": list(our_flags)}
                 results.setdefault("failures", {}).setdefault(key, []).append(failed)

@@ -332,3 +332,11 @@ def test_a_failed_quality_run_of_ours_is_recorded_and_the_next_seed_goes_on(tmp_
     assert again["summary"]["seeds"] == ["1", "2"] and len(again["failures"]["1"]) == 1
     alone = parity.quality_parity(tmp_path / "runs", [3, 3], None, tmp_path / "alone.json", flags, ours_only=True)
     assert calls[5:] == [("ours", 3)] and alone["reference"] == {} and alone["summary"]["seeds"] == []
+
+    def cut(config, seed):
+        raise KeyboardInterrupt  # the reference's run stopped by a time limit
+
+    monkeypatch.setattr(parity, "reference_quality", cut)
+    with pytest.raises(KeyboardInterrupt):
+        parity.quality_parity(tmp_path / "runs", [4], None, tmp_path / "cut.json", flags)
+    assert json.loads((tmp_path / "cut.json").read_text())["ours"]["4"]["exact_match"] == 0.5  # ours is kept
