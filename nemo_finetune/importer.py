@@ -115,6 +115,7 @@ def _legacy_record_matches(recorded: dict, source: dict) -> bool:
 
 def _run_import(config, target: Path, identity: dict) -> None:
     from nemo_finetune import compat
+    from nemo_finetune.compat import fixes
 
     if not is_local_model(config.hf_model_id):  # before NeMo loads: seconds, not a minute of retries
         problem = hub_problem(
@@ -136,7 +137,8 @@ def _run_import(config, target: Path, identity: dict) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     if target.exists():
         target.rmdir()  # empty (checked by the caller); import writes to a temporary sibling and renames
-    with atomic_dir(target) as tmp, compat.cpu_checkpoint_io(env):
+    tokenizer_assets = fixes.private_tokenizer_assets(config.trust_remote_code)  # not NeMo's /tmp/nemo_tokenizer
+    with atomic_dir(target) as tmp, compat.cpu_checkpoint_io(env), tokenizer_assets:
         # Some importers (Qwen3) take trust_remote_code, others (Llama) do not and never run remote code.
         accepts = "trust_remote_code" in inspect.signature(type(model.importer(source)).apply).parameters
         extra = {"trust_remote_code": config.trust_remote_code} if accepts else {}

@@ -528,6 +528,44 @@ def test_damaged_checkpoints_are_named_before_any_loading(assets, tmp_path):
         assert other.returncode == 1 and "holds a damaged import: weights/" in other.stderr, (node, other.stderr)
 
 
+def test_an_import_keeps_its_own_tokenizer_while_another_import_runs_on_the_machine(assets, tmp_path):
+    """NeMo's importers save the tokenizer into /tmp/nemo_tokenizer, shared by every import on the machine, and the
+    checkpoint copies it from there later: an import beside another took the other model's tokenizer (with the other
+    one's BOS token past this model's embedding rows: an index assertion on the GPU)."""
+    import inspect
+    import threading
+
+    from nemo.lightning.io.connector import ModelConnector
+    from transformers import AutoTokenizer
+
+    shared = inspect.signature(ModelConnector.save_hf_tokenizer_assets).parameters["save_path"].default
+    other = AutoTokenizer.from_pretrained(assets["tokenizer"])
+    other.add_special_tokens({"bos_token": "<|begin_of_text|>"})  # a Llama-3-style BOS: one id past the vocabulary
+    own = AutoTokenizer.from_pretrained(assets["qwen3"])
+    assert len(other) == len(own) + 1 and other.bos_token and not own.bos_token
+    importing = threading.Event()
+
+    def another_import() -> None:  # what a second job's import writes there, over and over
+        while importing.is_set():
+            other.save_pretrained(shared)
+
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    importing.set()
+    writer = threading.Thread(target=another_import)
+    writer.start()
+    try:
+        result = run_import(assets["qwen3"], tmp_path / "nemo", env={"TMPDIR": str(temp)})
+    finally:
+        importing.clear()
+        writer.join()
+    assert result.returncode == 0, result.stderr[-3000:]
+    imported = AutoTokenizer.from_pretrained(tmp_path / "nemo" / "context" / "nemo_tokenizer")
+    assert imported.get_vocab() == own.get_vocab() and imported.bos_token is None
+    assert imported.chat_template == own.chat_template
+    assert list(temp.iterdir()) == []  # the import's own tokenizer directory is gone with it
+
+
 def test_killed_import_and_export_leave_nothing_that_looks_complete_and_rerun_cleanly(assets, tmp_path):
     nemo, hf = tmp_path / "nemo", tmp_path / "hf"
     command = ("peft_megatron.py", *import_args(assets["qwen3"], nemo))

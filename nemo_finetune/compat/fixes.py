@@ -7,13 +7,16 @@ import functools
 import importlib
 import importlib.abc
 import importlib.util
+import inspect
+import itertools
 import logging
 import math
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from nemo_finetune.compat.base import Shim, mark, register, replace_attribute
+from nemo_finetune.compat.base import Shim, mark, register, replace_attribute, replacement_count, undo
 
 log = logging.getLogger("peft_megatron.compat")
 
@@ -37,6 +40,15 @@ SHIMS = register(
             "Lightning's mean over a validation then weighs each batch by the size it infers from the batch fetched "
             "before it (the step takes the dataloader's iterator): 1 for the first, the micro-batch size for the rest",
             "NeMo passes batch_size to that log call (an explicit one already wins over this shim's)",
+        ),
+        "private-tokenizer-assets": Shim(
+            "the HF -> NeMo import (global rank 0) on NeMo 2.7.3",
+            "the HF importers save the model's tokenizer into /tmp/nemo_tokenizer (ModelConnector."
+            "save_hf_tokenizer_assets' default), one directory for every import on the machine, and the checkpoint "
+            "copies it from there only when it is written, minutes later for a large model: an import running beside "
+            "another can take the other model's tokenizer, and files an earlier import left there join the next "
+            "one's; it also loads the tokenizer with trust_remote_code=True whatever --trust_remote_code says",
+            "NeMo saves the tokenizer into a directory of each import's own",
         ),
         "nemo-run-root-logger": Shim(
             "the launching process (peft_megatron.py), around each NeMo-Run Experiment",
@@ -186,6 +198,45 @@ def equal_batch_weights(validation_step):
 
     step._nemo_compat = True
     return step
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The HF -> NeMo import
+# --------------------------------------------------------------------------------------------------------------------
+CONNECTOR_MODULE = "nemo.lightning.io.connector"
+
+
+@contextlib.contextmanager
+def private_tokenizer_assets(trust_remote_code: bool) -> Iterator[None]:
+    """Inside the block each tokenizer NeMo's importers save goes into a new directory of this import's own (under
+    the system's temporary directory, removed at the end) instead of the machine-wide /tmp/nemo_tokenizer, and is
+    loaded with `trust_remote_code` as the user gave it."""
+    connector = importlib.import_module(CONNECTOR_MODULE).ModelConnector
+    save = connector.save_hf_tokenizer_assets
+    parameters = inspect.signature(save).parameters
+    if list(parameters) != ["self", "tokenizer_name_or_path", "save_path"]:
+        log.warning("compat: the import's tokenizer directory left as is: %s is not NeMo 2.7.3's", CONNECTOR_MODULE)
+        yield
+        return
+    since = replacement_count()
+    with tempfile.TemporaryDirectory(prefix="nemo_tokenizer_") as root:
+        saved = itertools.count()
+
+        def save_hf_tokenizer_assets(self, tokenizer_name_or_path, save_path=None):
+            from transformers import AutoTokenizer
+
+            if save_path is None:  # the checkpoint keeps the directory's name: context/nemo_tokenizer, as NeMo's
+                save_path = str(Path(root) / str(next(saved)) / "nemo_tokenizer")
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer_name_or_path, trust_remote_code=trust_remote_code)
+            tokenizer.save_pretrained(save_path)
+            return save_path
+
+        replace_attribute("private-tokenizer-assets", connector, "save_hf_tokenizer_assets", save_hf_tokenizer_assets)
+        mark("private-tokenizer-assets", "the imported tokenizer is saved into a directory of this import's own")
+        try:
+            yield
+        finally:
+            undo("private-tokenizer-assets", since=since)
 
 
 # --------------------------------------------------------------------------------------------------------------------
