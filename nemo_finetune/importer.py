@@ -146,8 +146,35 @@ def _run_import(config, target: Path, identity: dict) -> None:
             llm.import_ckpt(model=model, source=source, output_path=tmp, overwrite=True, **extra)
         if not is_nemo_checkpoint(tmp):
             raise PipelineError(f"llm.import_ckpt finished but {tmp} is not a complete checkpoint")
+        check_imported_tokenizer(tmp, model_location(config), config.trust_remote_code)
         atomic_write_text(tmp / IMPORT_RECORD, json.dumps(identity, indent=2) + "\n")  # written last
     log.info("imported checkpoint written to %s", target)
+
+
+def check_imported_tokenizer(checkpoint: Path, model: str, trust_remote_code: bool = False) -> None:
+    """The tokenizer the import keeps (context/nemo_tokenizer, which training and generation read) is the model's:
+    the same vocabulary, special tokens and chat template. Otherwise the import is discarded with one line."""
+    from transformers import AutoTokenizer
+
+    kept = checkpoint / "context" / "nemo_tokenizer"
+    if not kept.is_dir():
+        return  # an importer that keeps no Hugging Face tokenizer
+    ours, theirs = (AutoTokenizer.from_pretrained(p, trust_remote_code=trust_remote_code) for p in (kept, model))
+    differs = [
+        what
+        for what, a, b in (
+            ("vocabulary", ours.get_vocab(), theirs.get_vocab()),
+            ("special tokens", ours.special_tokens_map, theirs.special_tokens_map),
+            ("chat template", ours.chat_template, theirs.chat_template),
+        )
+        if a != b
+    ]
+    if differs:
+        raise PipelineError(
+            f"the import of {model} kept a tokenizer that differs from the model's in its {', '.join(differs)} "
+            "(another process wrote the importer's tokenizer directory meanwhile?); nothing was kept: run the import "
+            "again"
+        )
 
 
 def check_importer_head_dim(model, source: str, trust_remote_code: bool = False) -> None:

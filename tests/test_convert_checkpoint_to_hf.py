@@ -566,6 +566,26 @@ def test_an_import_keeps_its_own_tokenizer_while_another_import_runs_on_the_mach
     assert list(temp.iterdir()) == []  # the import's own tokenizer directory is gone with it
 
 
+def test_an_import_whose_kept_tokenizer_is_not_the_models_is_refused_naming_what_differs(assets, tmp_path):
+    from transformers import AutoTokenizer
+
+    from nemo_finetune.importer import check_imported_tokenizer
+
+    kept = tmp_path / "import" / "context" / "nemo_tokenizer"
+    AutoTokenizer.from_pretrained(assets["qwen3"]).save_pretrained(kept)
+    check_imported_tokenizer(tmp_path / "import", str(assets["qwen3"]))  # the model's own: accepted
+    other = AutoTokenizer.from_pretrained(assets["qwen3"])
+    other.add_special_tokens({"bos_token": "<|begin_of_text|>"})
+    other.save_pretrained(kept)
+    with pytest.raises(PipelineError) as refused:
+        check_imported_tokenizer(tmp_path / "import", str(assets["qwen3"]))
+    assert str(refused.value) == (
+        f"the import of {assets['qwen3']} kept a tokenizer that differs from the model's in its vocabulary, special "
+        "tokens (another process wrote the importer's tokenizer directory meanwhile?); nothing was kept: run the "
+        "import again"
+    )
+
+
 def test_killed_import_and_export_leave_nothing_that_looks_complete_and_rerun_cleanly(assets, tmp_path):
     nemo, hf = tmp_path / "nemo", tmp_path / "hf"
     command = ("peft_megatron.py", *import_args(assets["qwen3"], nemo))
