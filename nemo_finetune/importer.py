@@ -18,7 +18,7 @@ from nemo_finetune.fingerprints import digests, legacy_heads
 from nemo_finetune.hub import hub_problem
 from nemo_finetune.recipe import assign, recipe_module
 from nemo_finetune.records import IMPORT_RECORD, import_files
-from nemo_finetune.resolve import is_local_model, model_location
+from nemo_finetune.resolve import imported_tokenizer, is_local_model, model_location
 
 log = logging.getLogger("peft_megatron")
 
@@ -115,7 +115,6 @@ def _legacy_record_matches(recorded: dict, source: dict) -> bool:
 
 def _run_import(config, target: Path, identity: dict) -> None:
     from nemo_finetune import compat
-    from nemo_finetune.compat import fixes
 
     if not is_local_model(config.hf_model_id):  # before NeMo loads: seconds, not a minute of retries
         problem = hub_problem(
@@ -137,7 +136,7 @@ def _run_import(config, target: Path, identity: dict) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     if target.exists():
         target.rmdir()  # empty (checked by the caller); import writes to a temporary sibling and renames
-    tokenizer_assets = fixes.private_tokenizer_assets(config.trust_remote_code)  # not NeMo's /tmp/nemo_tokenizer
+    tokenizer_assets = compat.fixes.private_tokenizer_assets(config.trust_remote_code)  # not NeMo's /tmp/nemo_tokenizer
     with atomic_dir(target) as tmp, compat.cpu_checkpoint_io(env), tokenizer_assets:
         # Some importers (Qwen3) take trust_remote_code, others (Llama) do not and never run remote code.
         accepts = "trust_remote_code" in inspect.signature(type(model.importer(source)).apply).parameters
@@ -156,7 +155,7 @@ def check_imported_tokenizer(checkpoint: Path, model: str, trust_remote_code: bo
     the same vocabulary, special tokens and chat template. Otherwise the import is discarded with one line."""
     from transformers import AutoTokenizer
 
-    kept = checkpoint / "context" / "nemo_tokenizer"
+    kept = imported_tokenizer(checkpoint)
     if not kept.is_dir():
         return  # an importer that keeps no Hugging Face tokenizer
     ours, theirs = (AutoTokenizer.from_pretrained(p, trust_remote_code=trust_remote_code) for p in (kept, model))

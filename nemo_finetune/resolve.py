@@ -173,7 +173,12 @@ def model_location(config) -> str:
     )
 
 
+def imported_tokenizer(checkpoint: Path) -> Path:
+    """Where a NeMo checkpoint imported from HF keeps its copy of the model's tokenizer."""
+    return Path(checkpoint) / "context" / "nemo_tokenizer"
+
+
 def tokenizer_source(config) -> str:
     """The imported checkpoint's own tokenizer once it exists (always local), else the HF model's."""
-    nemo_tokenizer = config.nemo_ckpt_path / "context" / "nemo_tokenizer"
+    nemo_tokenizer = imported_tokenizer(config.nemo_ckpt_path)
     return str(nemo_tokenizer.resolve()) if nemo_tokenizer.is_dir() else model_location(config)

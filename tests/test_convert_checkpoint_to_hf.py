@@ -22,6 +22,7 @@ from nemo_finetune.fingerprints import legacy_heads
 from nemo_finetune.importer import import_hf_checkpoint
 from nemo_finetune.records import IMPORT_RECORD, import_files, output_files
 from nemo_finetune.rendezvous import environ_without_rendezvous
+from nemo_finetune.resolve import imported_tokenizer
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -560,7 +561,7 @@ def test_an_import_keeps_its_own_tokenizer_while_another_import_runs_on_the_mach
         importing.clear()
         writer.join()
     assert result.returncode == 0, result.stderr[-3000:]
-    imported = AutoTokenizer.from_pretrained(tmp_path / "nemo" / "context" / "nemo_tokenizer")
+    imported = AutoTokenizer.from_pretrained(imported_tokenizer(tmp_path / "nemo"))
     assert imported.get_vocab() == own.get_vocab() and imported.bos_token is None
     assert imported.chat_template == own.chat_template
     assert list(temp.iterdir()) == []  # the import's own tokenizer directory is gone with it
@@ -571,7 +572,7 @@ def test_an_import_whose_kept_tokenizer_is_not_the_models_is_refused_naming_what
 
     from nemo_finetune.importer import check_imported_tokenizer
 
-    kept = tmp_path / "import" / "context" / "nemo_tokenizer"
+    kept = imported_tokenizer(tmp_path / "import")
     AutoTokenizer.from_pretrained(assets["qwen3"]).save_pretrained(kept)
     check_imported_tokenizer(tmp_path / "import", str(assets["qwen3"]))  # the model's own: accepted
     other = AutoTokenizer.from_pretrained(assets["qwen3"])

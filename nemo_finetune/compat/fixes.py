@@ -212,9 +212,8 @@ def private_tokenizer_assets(trust_remote_code: bool) -> Iterator[None]:
     the system's temporary directory, removed at the end) instead of the machine-wide /tmp/nemo_tokenizer, and is
     loaded with `trust_remote_code` as the user gave it."""
     connector = importlib.import_module(CONNECTOR_MODULE).ModelConnector
-    save = connector.save_hf_tokenizer_assets
-    parameters = inspect.signature(save).parameters
-    if list(parameters) != ["self", "tokenizer_name_or_path", "save_path"]:
+    parameters = list(inspect.signature(connector.save_hf_tokenizer_assets).parameters)
+    if parameters != ["self", "tokenizer_name_or_path", "save_path"]:
         log.warning("compat: the import's tokenizer directory left as is: %s is not NeMo 2.7.3's", CONNECTOR_MODULE)
         yield
         return
