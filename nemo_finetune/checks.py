@@ -492,6 +492,32 @@ def _hub_name_problems(config) -> list[str]:
     ]
 
 
+def _remote_tokenizer_problems(model_dir: Path, hf: dict, trust_remote_code: bool, flag: str) -> list[str]:
+    """A tokenizer that transformers would build from code in the model directory (tokenizer_config.json's auto_map
+    for a tokenizer_class it does not know itself) needs --trust_remote_code, as the data preparation and the import
+    will say; said here too, so that --dry_run refuses it as well."""
+    if trust_remote_code or not (model_dir / "tokenizer_config.json").is_file():
+        return []
+    try:
+        tokenizer_config = json.loads((model_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (ValueError, OSError) as e:
+        return [f"{flag}: tokenizer_config.json is not readable JSON ({e}); re-save the tokenizer with save_pretrained"]
+    auto_map = tokenizer_config.get("auto_map") if isinstance(tokenizer_config, dict) else None
+    if isinstance(auto_map, dict):
+        auto_map = auto_map.get("AutoTokenizer")
+    if not auto_map:
+        return []
+    name = tokenizer_config.get("tokenizer_class") or hf.get("tokenizer_class")
+    from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
+
+    if name and (tokenizer_class_from_name(name) or tokenizer_class_from_name(name + "Fast")):
+        return []  # transformers' own class runs, as AutoTokenizer picks it without the flag
+    return [
+        f"{flag}: tokenizer_config.json points the tokenizer{f' {name!r}' if name else ''}, which transformers does "
+        "not know, to code in the model repository (auto_map); pass --trust_remote_code if you trust that code"
+    ]
+
+
 def _local_model_problems(config) -> list[str]:
     """What a local --hf_model_id directory says before any import: it exists, holds a readable config.json, its
     architecture is the recipe's family, and its shape fits the parallel layout."""
@@ -534,6 +560,7 @@ def _local_model_problems(config) -> list[str]:
                 f"{flag}: config.json points model_type {model_type!r}, which transformers does not know, to code in "
                 "the model repository (auto_map); pass --trust_remote_code if you trust that code"
             )
+    problems.extend(_remote_tokenizer_problems(model_dir, hf, config.trust_remote_code, flag))
     from nemo_finetune.checkpoints import is_nemo_checkpoint
 
     imported = is_nemo_checkpoint(config.nemo_ckpt_path)  # training reads the import, data its tokenizer

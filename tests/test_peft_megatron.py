@@ -382,6 +382,24 @@ def test_local_model_directory_problems_are_named_before_any_import(assets, tmp_
     known = shutil.copytree(custom, tmp_path / "known")
     (known / "config.json").write_text(json.dumps({"model_type": "qwen3", "auto_map": {"AutoConfig": "x.C"}}))
     validate_config(parse(f"--hf_model_id {known} --dry_run"))  # transformers' own Qwen3 code runs: no flag needed
+    tokenizer_config = json.loads((assets["qwen3"] / "tokenizer_config.json").read_text())
+    remote_tokenizer = shutil.copytree(assets["qwen3"], tmp_path / "remote_tokenizer")
+    auto_map = {"AutoTokenizer": ["tokenization_my.MyTokenizer", None]}
+    (remote_tokenizer / "tokenizer_config.json").write_text(
+        json.dumps({**tokenizer_config, "tokenizer_class": "MyTokenizer", "auto_map": auto_map})
+    )
+    with pytest.raises(ConfigError) as refused:
+        validate_config(parse(f"--hf_model_id {remote_tokenizer} --dry_run"))
+    assert refused.value.problems == [
+        f"--hf_model_id {remote_tokenizer}: tokenizer_config.json points the tokenizer 'MyTokenizer', which "
+        "transformers does not know, to code in the model repository (auto_map); pass --trust_remote_code if you "
+        "trust that code"
+    ]
+    validate_config(parse(f"--hf_model_id {remote_tokenizer} --trust_remote_code --dry_run"))
+    (remote_tokenizer / "tokenizer_config.json").write_text(
+        json.dumps({**tokenizer_config, "tokenizer_class": "Qwen2Tokenizer", "auto_map": auto_map})
+    )
+    validate_config(parse(f"--hf_model_id {remote_tokenizer} --dry_run"))  # transformers' own class: no flag needed
 
 
 def test_local_model_shape_must_fit_the_parallel_layout(assets):
