@@ -29,7 +29,7 @@ def import_hf_checkpoint(config) -> Path:
     files = import_files(target)
     if config.node_rank != 0:
         files.wait(config.wait_timeout_s, "the HF -> NeMo import", is_done=lambda: is_nemo_checkpoint(target))
-        check_existing_import(target, import_source(config))  # every node reaches rank 0's verdict on it
+        check_existing_import(target, import_source(config), config.trust_remote_code)  # rank 0's verdict
         return target
     with files.attempt(config.wait_timeout_s, "HF -> NeMo import"):
         _import_on_rank0(config, target)
@@ -39,7 +39,7 @@ def import_hf_checkpoint(config) -> Path:
 def _import_on_rank0(config, target: Path) -> None:
     source = import_source(config)
     if is_nemo_checkpoint(target):
-        check_existing_import(target, source)
+        check_existing_import(target, source, config.trust_remote_code)
         log.info("imported checkpoint already present: %s", target)
         return
     if target.exists() and any(target.iterdir()):
@@ -62,13 +62,21 @@ def import_source(config) -> dict:
     return identity
 
 
-def check_existing_import(target: Path, source: dict) -> None:
+def check_existing_import(target: Path, source: dict, trust_remote_code: bool = False) -> None:
     """The verdict on a complete checkpoint in --nemo_ckpt_dir, the same on every node: an import of this model as
-    it is now, and undamaged."""
+    it is now, undamaged, and (for a local model) keeping the model's own tokenizer."""
     check_import_source(target, source)
     damage = checkpoint_damage(target)
     if damage:
         raise PipelineError(f"--nemo_ckpt_dir {target} holds a damaged import: {damage}; remove it to import again")
+    if Path(source["model"]).is_dir():  # a hub id is not fetched again just for this
+        differs = tokenizer_differences(target, source["model"], trust_remote_code)
+        if differs:  # an import written beside another one before the private-tokenizer-assets fix
+            raise PipelineError(
+                f"--nemo_ckpt_dir {target} holds an import of {source['model']} whose tokenizer differs from the "
+                f"model's in its {', '.join(differs)} (imported while another import ran on the machine?); remove "
+                "it to import again"
+            )
 
 
 def check_import_source(target: Path, source: dict) -> None:
@@ -145,21 +153,28 @@ def _run_import(config, target: Path, identity: dict) -> None:
             llm.import_ckpt(model=model, source=source, output_path=tmp, overwrite=True, **extra)
         if not is_nemo_checkpoint(tmp):
             raise PipelineError(f"llm.import_ckpt finished but {tmp} is not a complete checkpoint")
-        check_imported_tokenizer(tmp, model_location(config), config.trust_remote_code)
+        differs = tokenizer_differences(tmp, identity["model"], config.trust_remote_code)
+        if differs:
+            raise PipelineError(
+                f"the import of {identity['model']} kept a tokenizer that differs from the model's in its "
+                f"{', '.join(differs)} (another process wrote the importer's tokenizer directory meanwhile?); "
+                "nothing was kept: run the import again"
+            )
         atomic_write_text(tmp / IMPORT_RECORD, json.dumps(identity, indent=2) + "\n")  # written last
     log.info("imported checkpoint written to %s", target)
 
 
-def check_imported_tokenizer(checkpoint: Path, model: str, trust_remote_code: bool = False) -> None:
-    """The tokenizer the import keeps (context/nemo_tokenizer, which training and generation read) is the model's:
-    the same vocabulary, special tokens and chat template. Otherwise the import is discarded with one line."""
+def tokenizer_differences(checkpoint: Path, model: str, trust_remote_code: bool = False) -> list[str]:
+    """What differs between the tokenizer an import keeps (context/nemo_tokenizer, which training and generation
+    read) and the model's: its vocabulary, special tokens, chat template. Empty when they agree, or when the
+    importer keeps no Hugging Face tokenizer."""
     from transformers import AutoTokenizer
 
     kept = imported_tokenizer(checkpoint)
     if not kept.is_dir():
-        return  # an importer that keeps no Hugging Face tokenizer
+        return []
     ours, theirs = (AutoTokenizer.from_pretrained(p, trust_remote_code=trust_remote_code) for p in (kept, model))
-    differs = [
+    return [
         what
         for what, a, b in (
             ("vocabulary", ours.get_vocab(), theirs.get_vocab()),
@@ -168,12 +183,6 @@ def check_imported_tokenizer(checkpoint: Path, model: str, trust_remote_code: bo
         )
         if a != b
     ]
-    if differs:
-        raise PipelineError(
-            f"the import of {model} kept a tokenizer that differs from the model's in its {', '.join(differs)} "
-            "(another process wrote the importer's tokenizer directory meanwhile?); nothing was kept: run the import "
-            "again"
-        )
 
 
 def check_importer_head_dim(model, source: str, trust_remote_code: bool = False) -> None:

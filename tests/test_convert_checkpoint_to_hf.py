@@ -13,7 +13,16 @@ import torch
 
 import convert_checkpoint_to_hf as conv
 import peft_megatron as pm
-from conftest import REPO, edit_in_place, fake_checkpoint, kill_when, lora_tensors, run_script, start_script
+from conftest import (
+    REPO,
+    edit_in_place,
+    fake_checkpoint,
+    kill_when,
+    lora_tensors,
+    run_script,
+    script_env,
+    start_script,
+)
 from nemo_finetune.checkpoints import find_checkpoint, is_nemo_checkpoint
 from nemo_finetune.demo_assets import build_hf_model
 from nemo_finetune.errors import PipelineError
@@ -453,6 +462,24 @@ def test_import_is_reused_only_for_its_own_model_and_cleans_killed_imports(asset
         refused = import_only(model, "qwen3_600m")
         assert refused.returncode == 1 and f"{IMPORT_RECORD} is damaged (not a JSON object)" in refused.stderr
     (nemo / IMPORT_RECORD).write_text(json.dumps(record))
+    # An import whose kept tokenizer is another's (written beside another import before private-tokenizer-assets)
+    from transformers import AutoTokenizer
+
+    kept = imported_tokenizer(nemo)
+    shutil.copytree(kept, tmp_path / "kept")
+    other = AutoTokenizer.from_pretrained(model)
+    other.add_special_tokens({"bos_token": "<|begin_of_text|>"})
+    other.save_pretrained(kept)
+    wrong = import_only(model, "qwen3_600m")
+    assert wrong.returncode == 1 and "Traceback" not in wrong.stderr
+    assert (
+        f"--nemo_ckpt_dir {nemo} holds an import of {model.resolve()} whose tokenizer differs from the model's in "
+        "its vocabulary, special tokens (imported while another import ran on the machine?); remove it to import "
+        "again"
+    ) in wrong.stderr
+    assert is_nemo_checkpoint(nemo) and AutoTokenizer.from_pretrained(kept).bos_token == "<|begin_of_text|>"
+    shutil.rmtree(kept)
+    shutil.copytree(tmp_path / "kept", kept)
     (model / "config.json").write_text((model / "config.json").read_text() + "\n")  # the same path, another model
     changed = import_only(model, "qwen3_600m")
     assert changed.returncode == 1 and "as it is now (differs in: files)" in changed.stderr
@@ -567,24 +594,69 @@ def test_an_import_keeps_its_own_tokenizer_while_another_import_runs_on_the_mach
     assert list(temp.iterdir()) == []  # the import's own tokenizer directory is gone with it
 
 
-def test_an_import_whose_kept_tokenizer_is_not_the_models_is_refused_naming_what_differs(assets, tmp_path):
+def test_an_import_that_kept_another_tokenizer_is_discarded_with_one_line(assets, tmp_path):
+    """The check behind the shim: the race decided against this import (NeMo's tokenizer save handed another
+    model's tokenizer), the real import runs, and nothing is kept."""
     from transformers import AutoTokenizer
 
-    from nemo_finetune.importer import check_imported_tokenizer
+    other = AutoTokenizer.from_pretrained(assets["qwen3"])
+    other.add_special_tokens({"bos_token": "<|begin_of_text|>"})
+    other.save_pretrained(tmp_path / "other")
+    nemo = tmp_path / "nemo"
+    another_writer_wins = f"""
+import contextlib, runpy, sys
+from nemo.lightning.io.connector import ModelConnector
+from nemo_finetune.compat import fixes
 
+private = fixes.private_tokenizer_assets
+
+@contextlib.contextmanager
+def another_writer_wins(trust_remote_code):
+    with private(trust_remote_code):
+        save = ModelConnector.save_hf_tokenizer_assets
+        other = {str(tmp_path / "other")!r}
+        ModelConnector.save_hf_tokenizer_assets = lambda self, name, save_path=None: save(self, other, save_path)
+        try:
+            yield
+        finally:
+            ModelConnector.save_hf_tokenizer_assets = save
+
+fixes.private_tokenizer_assets = another_writer_wins
+sys.argv = ["peft_megatron.py", *{import_args(assets["qwen3"], nemo)!r}]
+runpy.run_path("peft_megatron.py", run_name="__main__")
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", another_writer_wins], capture_output=True, text=True, env=script_env(None), cwd=REPO
+    )
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert (
+        f"the import of {assets['qwen3'].resolve()} kept a tokenizer that differs from the model's in its vocabulary, "
+        "special tokens (another process wrote the importer's tokenizer directory meanwhile?); nothing was kept: run "
+        "the import again"
+    ) in out.stderr
+    assert not nemo.exists() and not list(tmp_path.glob(".nemo.*.partial*"))  # no import, no partial one
+
+
+def test_the_tokenizer_an_import_keeps_is_compared_with_the_models(assets, tmp_path):
+    from transformers import AutoTokenizer
+
+    from nemo_finetune.importer import tokenizer_differences
+
+    assert tokenizer_differences(tmp_path / "import", str(assets["qwen3"])) == []  # keeps none: nothing to compare
     kept = imported_tokenizer(tmp_path / "import")
     AutoTokenizer.from_pretrained(assets["qwen3"]).save_pretrained(kept)
-    check_imported_tokenizer(tmp_path / "import", str(assets["qwen3"]))  # the model's own: accepted
+    assert tokenizer_differences(tmp_path / "import", str(assets["qwen3"])) == []  # the model's own
     other = AutoTokenizer.from_pretrained(assets["qwen3"])
     other.add_special_tokens({"bos_token": "<|begin_of_text|>"})
     other.save_pretrained(kept)
-    with pytest.raises(PipelineError) as refused:
-        check_imported_tokenizer(tmp_path / "import", str(assets["qwen3"]))
-    assert str(refused.value) == (
-        f"the import of {assets['qwen3']} kept a tokenizer that differs from the model's in its vocabulary, special "
-        "tokens (another process wrote the importer's tokenizer directory meanwhile?); nothing was kept: run the "
-        "import again"
-    )
+    assert tokenizer_differences(tmp_path / "import", str(assets["qwen3"])) == ["vocabulary", "special tokens"]
+    other.chat_template = "{{ messages }}"
+    other.save_pretrained(kept)
+    assert tokenizer_differences(tmp_path / "import", str(assets["qwen3"])) == [
+        "vocabulary",
+        "special tokens",
+        "chat template",
+    ]
 
 
 def test_killed_import_and_export_leave_nothing_that_looks_complete_and_rerun_cleanly(assets, tmp_path):
