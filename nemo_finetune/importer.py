@@ -70,7 +70,17 @@ def check_existing_import(target: Path, source: dict, trust_remote_code: bool = 
     if damage:
         raise PipelineError(f"--nemo_ckpt_dir {target} holds a damaged import: {damage}; remove it to import again")
     if Path(source["model"]).is_dir():  # a hub id is not fetched again just for this
-        differs = tokenizer_differences(target, source["model"], trust_remote_code)
+        try:
+            differs = tokenizer_differences(target, source["model"], trust_remote_code)
+        except Exception as e:  # the model's tokenizer gone since (transformers: a TypeError): use the import
+            first = (str(e).strip().splitlines() or [""])[0]
+            log.warning(
+                "%s: its tokenizer not compared with the model's, which does not load (%s: %s)",
+                target,
+                type(e).__name__,
+                first,
+            )
+            differs = []
         if differs:  # an import written beside another one before the private-tokenizer-assets fix
             raise PipelineError(
                 f"--nemo_ckpt_dir {target} holds an import of {source['model']} whose tokenizer differs from the "

@@ -480,6 +480,17 @@ def test_import_is_reused_only_for_its_own_model_and_cleans_killed_imports(asset
     assert is_nemo_checkpoint(nemo) and AutoTokenizer.from_pretrained(kept).bos_token == "<|begin_of_text|>"
     shutil.rmtree(kept)
     shutil.copytree(tmp_path / "kept", kept)
+    # An import from before the record, of a model directory whose tokenizer has gone since: used, with a warning
+    (nemo / IMPORT_RECORD).rename(tmp_path / "record")
+    tokenizer_files = [f for f in model.iterdir() if f.name.startswith(("tokenizer", "special_tokens", "chat_tem"))]
+    for f in tokenizer_files:
+        f.rename(tmp_path / f.name)
+    unchecked = import_only(model, "qwen3_600m")
+    assert unchecked.returncode == 0 and "imported checkpoint already present" in unchecked.stdout
+    assert f"{nemo}: its tokenizer not compared with the model's, which does not load (TypeError: " in unchecked.stdout
+    for f in tokenizer_files:
+        (tmp_path / f.name).rename(f)
+    (tmp_path / "record").rename(nemo / IMPORT_RECORD)
     (model / "config.json").write_text((model / "config.json").read_text() + "\n")  # the same path, another model
     changed = import_only(model, "qwen3_600m")
     assert changed.returncode == 1 and "as it is now (differs in: files)" in changed.stderr
