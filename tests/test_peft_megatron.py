@@ -400,6 +400,9 @@ def test_local_model_directory_problems_are_named_before_any_import(assets, tmp_
         json.dumps({**tokenizer_config, "tokenizer_class": "Qwen2Tokenizer", "auto_map": auto_map})
     )
     validate_config(parse(f"--hf_model_id {remote_tokenizer} --dry_run"))  # transformers' own class: no flag needed
+    (remote_tokenizer / "tokenizer_config.json").write_text('{"tokenizer_class": ')
+    with pytest.raises(ConfigError, match="tokenizer_config.json is not readable JSON .* re-save the tokenizer"):
+        validate_config(parse(f"--hf_model_id {remote_tokenizer} --dry_run"))
 
 
 def test_local_model_shape_must_fit_the_parallel_layout(assets):
